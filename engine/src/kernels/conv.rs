@@ -1,0 +1,115 @@
+//! im2col / col2im for 2-D convolution over one sample (CHW layout, zero padding).
+
+use crate::scalar::Scalar;
+
+/// Shape of a 2-D convolution over one sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    /// Input channels.
+    pub c_in: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride (both directions).
+    pub stride: usize,
+    /// Zero padding (both directions).
+    pub pad: usize,
+}
+
+impl ConvGeom {
+    /// Output height.
+    pub fn ho(&self) -> usize {
+        (self.h + 2 * self.pad - self.kh) / self.stride + 1
+    }
+    /// Output width.
+    pub fn wo(&self) -> usize {
+        (self.w + 2 * self.pad - self.kw) / self.stride + 1
+    }
+    /// Rows of the column matrix: `c_in * kh * kw`.
+    pub fn patch(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+    /// Output positions per channel: `ho * wo`.
+    pub fn positions(&self) -> usize {
+        self.ho() * self.wo()
+    }
+    /// Input elements per sample.
+    pub fn in_len(&self) -> usize {
+        self.c_in * self.h * self.w
+    }
+    /// Output elements per sample.
+    pub fn out_len(&self) -> usize {
+        self.c_out * self.positions()
+    }
+    /// True when the column matrix equals the input itself (1x1, stride 1, no padding).
+    pub fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+}
+
+/// Fills `cols` (`patch x positions`, row-major) from one CHW sample `x`.
+pub fn im2col<T: Scalar>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
+    let (ho, wo) = (g.ho(), g.wo());
+    let p = ho * wo;
+    for c in 0..g.c_in {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = (c * g.kh + ki) * g.kw + kj;
+                let dst = &mut cols[row * p..(row + 1) * p];
+                for oy in 0..ho {
+                    let iy = (oy * g.stride + ki) as isize - g.pad as isize;
+                    let d = &mut dst[oy * wo..(oy + 1) * wo];
+                    if iy < 0 || iy >= g.h as isize {
+                        d.fill(T::zero());
+                        continue;
+                    }
+                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    for (ox, v) in d.iter_mut().enumerate() {
+                        let ix = (ox * g.stride + kj) as isize - g.pad as isize;
+                        *v = if ix < 0 || ix >= g.w as isize {
+                            T::zero()
+                        } else {
+                            src[ix as usize]
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the column matrix `cols` back into the CHW sample gradient `dx` (adjoint of im2col).
+pub fn col2im_add<T: Scalar>(g: &ConvGeom, cols: &[T], dx: &mut [T]) {
+    let (ho, wo) = (g.ho(), g.wo());
+    let p = ho * wo;
+    for c in 0..g.c_in {
+        let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = (c * g.kh + ki) * g.kw + kj;
+                let src = &cols[row * p..(row + 1) * p];
+                for oy in 0..ho {
+                    let iy = (oy * g.stride + ki) as isize - g.pad as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    let drow = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    for ox in 0..wo {
+                        let ix = (ox * g.stride + kj) as isize - g.pad as isize;
+                        if ix >= 0 && ix < g.w as isize {
+                            drow[ix as usize] = drow[ix as usize] + src[oy * wo + ox];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

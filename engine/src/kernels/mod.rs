@@ -1,0 +1,10 @@
+//! Raw loops on slices: GEMM, im2col, pooling, reductions, parallel helpers.
+//!
+//! Nothing here knows about the tape. Every parallel split uses chunk boundaries that depend
+//! only on the problem's shape, never on the number of threads, so results are bit-identical
+//! for any thread count.
+
+pub mod conv;
+pub mod gemm;
+pub mod par;
+pub mod pool;

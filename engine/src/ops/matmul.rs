@@ -1,0 +1,241 @@
+//! Matrix products: `matmul` (y = A B) and `linear` (y = X Wᵀ + b, PyTorch layout).
+//!
+//! For y = A B' + 1 cᵀ with B' = B or Bᵀ (bilinear in (A, B), affine in c):
+//! - value: y = A B' + c
+//! - JVP: ẏ = Ȧ B' + A Ḃ' + ċ          (Ȧ for all K directions is one GEMM)
+//! - VJP: Ā = Ȳ B'ᵀ, B̄' = Aᵀ Ȳ, c̄ = Σ_rows Ȳ
+//! - tangent of VJP: Ā˙ = Ȳ˙ B'ᵀ + Ȳ Ḃ'ᵀ, B̄'˙ = Ȧᵀ Ȳ + Aᵀ Ȳ˙, c̄˙ = Σ_rows Ȳ˙
+
+use super::{tangent_shape, Op, Rule};
+use crate::error::{EngineError, Result};
+use crate::kernels::gemm::{gemm_par, MatRef};
+use crate::scalar::Scalar;
+use crate::tape::{Sink, Tape, Var};
+use crate::tensor::Tensor;
+
+pub(crate) struct Product {
+    a: usize,
+    b: usize,
+    bias: Option<usize>,
+    /// B is stored `[n, kd]` and used transposed (a Linear weight).
+    trans_b: bool,
+    m: usize,
+    kd: usize,
+    n: usize,
+}
+
+impl Product {
+    /// B' (`kd x n`) as a view of B's buffer.
+    fn bview<'a, T: Scalar>(&self, data: &'a [T]) -> MatRef<'a, T> {
+        if self.trans_b {
+            MatRef::new(data, self.n, self.kd).t()
+        } else {
+            MatRef::new(data, self.kd, self.n)
+        }
+    }
+
+    /// Writes (or with `beta = 1` adds) B̄ for `lhs` (`m x kd`) and `gy` (`m x n`) into `out`,
+    /// in B's own layout.
+    fn grad_b<T: Scalar>(&self, lhs: MatRef<T>, gy: MatRef<T>, beta: T, out: &mut [T]) {
+        if self.trans_b {
+            gemm_par(T::one(), gy.t(), lhs, beta, out);
+        } else {
+            gemm_par(T::one(), lhs.t(), gy, beta, out);
+        }
+    }
+}
+
+/// Adds each row of `bias` (`[n]`) to the rows of `y` (`[rows, n]`).
+fn add_rows<T: Scalar>(y: &mut [T], bias: &[T]) {
+    let n = bias.len();
+    crate::kernels::par::par_chunks(y, |off, c| {
+        for (j, v) in c.iter_mut().enumerate() {
+            *v = *v + bias[(off + j) % n];
+        }
+    });
+}
+
+/// Column sums of `g` (`[rows, n]`), in row order.
+fn col_sums<T: Scalar>(g: &[T], n: usize) -> Vec<T> {
+    let mut s = vec![T::zero(); n];
+    for row in g.chunks(n) {
+        for (a, &b) in s.iter_mut().zip(row) {
+            *a = *a + b;
+        }
+    }
+    s
+}
+
+impl<T: Scalar> Tape<T> {
+    fn product(&mut self, a: Var, b: Var, bias: Option<Var>, trans_b: bool) -> Result<Var> {
+        let op_name = if trans_b { "linear" } else { "matmul" };
+        self.check_var(a)?;
+        self.check_var(b)?;
+        let (sa, sb) = (self.value(a).shape(), self.value(b).shape());
+        let bad = |detail: String| EngineError::Shape { op: op_name, detail };
+        if sa.len() != 2 || sb.len() != 2 {
+            return Err(bad(format!("need 2-D operands, got {sa:?} and {sb:?}")));
+        }
+        let (m, kd) = (sa[0], sa[1]);
+        let (kb, n) = if trans_b { (sb[1], sb[0]) } else { (sb[0], sb[1]) };
+        if kb != kd {
+            return Err(bad(format!("inner dimensions differ: {sa:?} and {sb:?}")));
+        }
+        if let Some(c) = bias {
+            self.check_var(c)?;
+            if self.value(c).shape() != [n] {
+                return Err(bad(format!(
+                    "bias shape {:?}, want [{n}]",
+                    self.value(c).shape()
+                )));
+            }
+        }
+        let p = Product {
+            a: a.0,
+            b: b.0,
+            bias: bias.map(|c| c.0),
+            trans_b,
+            m,
+            kd,
+            n,
+        };
+        let (av, bv) = (self.value(a).data(), self.value(b).data());
+        let mut y = Tensor::zeros(&[m, n]);
+        gemm_par(
+            T::one(),
+            MatRef::new(av, m, kd),
+            p.bview(bv),
+            T::zero(),
+            y.data_mut(),
+        );
+        if let Some(c) = bias {
+            add_rows(y.data_mut(), self.value(c).data());
+        }
+        let k = self.directions();
+        let (at, bt) = (self.tangent(a), self.tangent(b));
+        let ct = bias.and_then(|c| self.tangent(c));
+        let tangent = if at.is_none() && bt.is_none() && ct.is_none() {
+            None
+        } else {
+            let mut t = Tensor::zeros(&[k, m, n]);
+            let td = t.data_mut();
+            if let Some(at) = at {
+                gemm_par(
+                    T::one(),
+                    MatRef::new(at.data(), k * m, kd),
+                    p.bview(bv),
+                    T::zero(),
+                    td,
+                );
+            }
+            if let Some(bt) = bt {
+                let bl = kd * n;
+                for (kk, out) in td.chunks_mut(m * n).enumerate() {
+                    gemm_par(
+                        T::one(),
+                        MatRef::new(av, m, kd),
+                        p.bview(&bt.data()[kk * bl..(kk + 1) * bl]),
+                        T::one(),
+                        out,
+                    );
+                }
+            }
+            if let Some(ct) = ct {
+                for (kk, out) in td.chunks_mut(m * n).enumerate() {
+                    add_rows(out, &ct.data()[kk * n..(kk + 1) * n]);
+                }
+            }
+            Some(t)
+        };
+        Ok(self.push(Op::Product(p), y, tangent, false))
+    }
+
+    /// Matrix product `a @ b` of `[m, k]` and `[k, n]`.
+    pub fn matmul(&mut self, a: Var, b: Var) -> Result<Var> {
+        self.product(a, b, None, false)
+    }
+
+    /// Affine layer `x Wᵀ + b` with `x: [n, in]`, `w: [out, in]`, `b: [out]` (PyTorch layout).
+    pub fn linear(&mut self, x: Var, w: Var, b: Option<Var>) -> Result<Var> {
+        self.product(x, w, b, true)
+    }
+}
+
+impl<T: Scalar> Rule<T> for Product {
+    fn inputs(&self) -> Vec<usize> {
+        let mut v = vec![self.a, self.b];
+        v.extend(self.bias);
+        v
+    }
+
+    fn backward(
+        &self,
+        tape: &Tape<T>,
+        _out: usize,
+        gy: &Tensor<T>,
+        gdot: Option<&Tensor<T>>,
+        sink: &mut Sink<T>,
+    ) {
+        let (m, kd, n) = (self.m, self.kd, self.n);
+        let k = tape.directions();
+        let (na, nb) = (tape.node(self.a), tape.node(self.b));
+        let (av, bv) = (na.value.data(), nb.value.data());
+        let (at, bt) = (na.tangent.as_ref(), nb.tangent.as_ref());
+        let g = MatRef::new(gy.data(), m, n);
+        let bl = bv.len();
+        if tape.needs_grad(self.a) {
+            let mut ga = Tensor::zeros(&[m, kd]);
+            gemm_par(T::one(), g, self.bview(bv).t(), T::zero(), ga.data_mut());
+            let dot = (gdot.is_some() || bt.is_some()).then(|| {
+                let mut d = Tensor::zeros(&tangent_shape(k, &[m, kd]));
+                let mut beta = T::zero();
+                if let Some(gd) = gdot {
+                    let gdm = MatRef::new(gd.data(), k * m, n);
+                    gemm_par(T::one(), gdm, self.bview(bv).t(), T::zero(), d.data_mut());
+                    beta = T::one();
+                }
+                if let Some(bt) = bt {
+                    for (kk, out) in d.data_mut().chunks_mut(m * kd).enumerate() {
+                        let btk = self.bview(&bt.data()[kk * bl..(kk + 1) * bl]);
+                        gemm_par(T::one(), g, btk.t(), beta, out);
+                    }
+                }
+                d
+            });
+            sink.add(self.a, ga, dot);
+        }
+        if tape.needs_grad(self.b) {
+            let a = MatRef::new(av, m, kd);
+            let mut gb = Tensor::zeros(nb.value.shape());
+            self.grad_b(a, g, T::zero(), gb.data_mut());
+            let dot = (gdot.is_some() || at.is_some()).then(|| {
+                let mut d = Tensor::zeros(&tangent_shape(k, nb.value.shape()));
+                for (kk, out) in d.data_mut().chunks_mut(bl).enumerate() {
+                    let mut beta = T::zero();
+                    if let Some(gd) = gdot {
+                        let gdk = MatRef::new(&gd.data()[kk * m * n..], m, n);
+                        self.grad_b(a, gdk, T::zero(), out);
+                        beta = T::one();
+                    }
+                    if let Some(at) = at {
+                        let atk = MatRef::new(&at.data()[kk * m * kd..], m, kd);
+                        self.grad_b(atk, g, beta, out);
+                    }
+                }
+                d
+            });
+            sink.add(self.b, gb, dot);
+        }
+        if let Some(c) = self.bias.filter(|&c| tape.needs_grad(c)) {
+            let gc = Tensor::from_vec(&[n], col_sums(gy.data(), n)).expect("bias shape");
+            let dot = gdot.map(|gd| {
+                let mut d = Vec::with_capacity(k * n);
+                for kk in 0..k {
+                    d.extend(col_sums(&gd.data()[kk * m * n..(kk + 1) * m * n], n));
+                }
+                Tensor::from_vec(&[k, n], d).expect("bias tangent shape")
+            });
+            sink.add(c, gc, dot);
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! `Tensor<T>`: a shape and a contiguous row-major buffer.
+
+use crate::error::{EngineError, Result};
+use crate::scalar::Scalar;
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// A dense, contiguous, row-major n-dimensional array.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor<T> {
+    shape: Vec<usize>,
+    data: Vec<T>,
+}
+
+/// Number of elements of a shape (1 for a scalar shape `[]`).
+pub fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+impl<T: Scalar> Tensor<T> {
+    /// Wraps `data` with `shape`; fails if the lengths disagree.
+    pub fn from_vec(shape: &[usize], data: Vec<T>) -> Result<Self> {
+        if numel(shape) != data.len() {
+            return Err(EngineError::DataLength {
+                shape: shape.to_vec(),
+                expected: numel(shape),
+                got: data.len(),
+            });
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: &[usize]) -> Self {
+        Tensor {
+            shape: shape.to_vec(),
+            data: vec![T::zero(); numel(shape)],
+        }
+    }
+
+    /// A tensor filled with `v`.
+    pub fn full(shape: &[usize], v: T) -> Self {
+        Tensor {
+            shape: shape.to_vec(),
+            data: vec![v; numel(shape)],
+        }
+    }
+
+    /// A scalar (shape `[]`).
+    pub fn scalar(v: T) -> Self {
+        Tensor {
+            shape: vec![],
+            data: vec![v],
+        }
+    }
+
+    /// Standard-normal entries drawn from `rng`.
+    pub fn randn<R: Rng + ?Sized>(shape: &[usize], rng: &mut R) -> Self {
+        let data = (0..numel(shape))
+            .map(|_| {
+                let z: f64 = StandardNormal.sample(rng);
+                T::c(z)
+            })
+            .collect();
+        Tensor {
+            shape: shape.to_vec(),
+            data,
+        }
+    }
+
+    /// Uniform entries in `[lo, hi)` drawn from `rng`.
+    pub fn uniform<R: Rng + ?Sized>(shape: &[usize], lo: f64, hi: f64, rng: &mut R) -> Self {
+        let data = (0..numel(shape))
+            .map(|_| T::c(rng.gen_range(lo..hi)))
+            .collect();
+        Tensor {
+            shape: shape.to_vec(),
+            data,
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The elements in row-major order.
+    pub fn data(&self) -> &[T] {
+        &self.data
+    }
+
+    /// Mutable elements in row-major order.
+    pub fn data_mut(&mut self) -> &mut [T] {
+        &mut self.data
+    }
+
+    /// Consumes the tensor, returning its buffer.
+    pub fn into_vec(self) -> Vec<T> {
+        self.data
+    }
+
+    /// The single element of a one-element tensor.
+    pub fn item(&self) -> Option<T> {
+        if self.data.len() == 1 {
+            Some(self.data[0])
+        } else {
+            None
+        }
+    }
+
+    /// The same data under another shape with the same element count.
+    pub fn reshape(self, shape: &[usize]) -> Result<Self> {
+        Tensor::from_vec(shape, self.data)
+    }
+
+    /// Converts every element to another float type.
+    pub fn cast<U: Scalar>(&self) -> Tensor<U> {
+        Tensor {
+            shape: self.shape.clone(),
+            data: self
+                .data
+                .iter()
+                .map(|&x| U::c(x.to_f64().unwrap_or(f64::NAN)))
+                .collect(),
+        }
+    }
+
+    /// Sum of elementwise products with `other` (same element count), accumulated in f64.
+    pub fn dot(&self, other: &Tensor<T>) -> f64 {
+        self.data
+            .iter()
+            .zip(&other.data)
+            .map(|(&a, &b)| a.to_f64().unwrap_or(f64::NAN) * b.to_f64().unwrap_or(f64::NAN))
+            .sum()
+    }
+
+    /// Largest absolute entry (0 for an empty tensor).
+    pub fn max_abs(&self) -> f64 {
+        self.data
+            .iter()
+            .map(|x| x.to_f64().unwrap_or(f64::NAN).abs())
+            .fold(0.0, f64::max)
+    }
+
+    /// True when every entry is finite.
+    pub fn all_finite(&self) -> bool {
+        self.data.iter().all(|x| x.is_finite())
+    }
+
+    /// `self += alpha * other` elementwise (same element count).
+    pub fn axpy(&mut self, alpha: T, other: &Tensor<T>) {
+        for (a, &b) in self.data.iter_mut().zip(&other.data) {
+            *a = *a + alpha * b;
+        }
+    }
+
+    /// Slice `i` along the leading dimension, as a new tensor.
+    pub fn index0(&self, i: usize) -> Tensor<T> {
+        let inner = numel(&self.shape[1..]);
+        Tensor {
+            shape: self.shape[1..].to_vec(),
+            data: self.data[i * inner..(i + 1) * inner].to_vec(),
+        }
+    }
+
+    /// Stacks equally shaped tensors along a new leading dimension.
+    pub fn stack(parts: &[Tensor<T>]) -> Result<Tensor<T>> {
+        let inner = parts.first().map(|p| p.shape.clone()).unwrap_or_default();
+        let mut data = Vec::with_capacity(parts.len() * numel(&inner));
+        for p in parts {
+            if p.shape != inner {
+                return Err(EngineError::Shape {
+                    op: "stack",
+                    detail: format!("{:?} vs {:?}", p.shape, inner),
+                });
+            }
+            data.extend_from_slice(&p.data);
+        }
+        let mut shape = vec![parts.len()];
+        shape.extend_from_slice(&inner);
+        Ok(Tensor { shape, data })
+    }
+}
