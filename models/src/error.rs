@@ -1,0 +1,83 @@
+//! Errors of model construction and state I/O; every variant names the offending file,
+//! tensor or model.
+
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// What can go wrong building a model or moving its state through files.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A file is not a valid safetensors file.
+    #[error("{path}: not a valid safetensors file: {detail}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A tensor the model needs is absent from the file.
+    #[error("{path}: missing tensor '{name}'")]
+    Missing {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+    },
+    /// The file holds a tensor the model does not have.
+    #[error("{path}: unexpected tensor '{name}' (not part of this model)")]
+    Unexpected {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("{path}: tensor '{name}' has shape {got:?}, expected {expected:?}")]
+    Shape {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The shape the model needs.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        got: Vec<usize>,
+    },
+    /// A tensor has an unsupported element type.
+    #[error("{path}: tensor '{name}' has dtype {dtype}, expected {expected}")]
+    Dtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The dtype in the file.
+        dtype: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
+    /// A tensor holds NaN or infinity where finite values are required.
+    #[error("{path}: tensor '{name}' contains non-finite values")]
+    NonFinite {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+    },
+    /// An unknown model name or malformed model spec.
+    #[error("unknown model '{0}' (presets: tiny-tanh, mlp-s, cnn-s, resnet20, resnet18; custom: mlp:W1,W2,...:ACT)")]
+    UnknownModel(String),
+    /// An engine error (shapes, labels).
+    #[error(transparent)]
+    Engine(#[from] flatmin_engine::EngineError),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, ModelError>;

@@ -1,0 +1,184 @@
+//! Safetensors files: reading (f32/f64/i64, validated) and atomic writing.
+
+use crate::error::{ModelError, Result};
+use safetensors::{Dtype, SafeTensors};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Element data of one tensor as read from or written to a file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RawData {
+    /// float32 elements.
+    F32(Vec<f32>),
+    /// float64 elements.
+    F64(Vec<f64>),
+    /// int64 elements (BatchNorm's `num_batches_tracked`).
+    I64(Vec<i64>),
+}
+
+impl RawData {
+    /// The float elements widened to f64, or `None` for integer data.
+    pub fn to_f64(&self) -> Option<Vec<f64>> {
+        match self {
+            RawData::F32(v) => Some(v.iter().map(|&x| x as f64).collect()),
+            RawData::F64(v) => Some(v.clone()),
+            RawData::I64(_) => None,
+        }
+    }
+
+    fn dtype(&self) -> Dtype {
+        match self {
+            RawData::F32(_) => Dtype::F32,
+            RawData::F64(_) => Dtype::F64,
+            RawData::I64(_) => Dtype::I64,
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        match self {
+            RawData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            RawData::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            RawData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// One named tensor of a safetensors file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawTensor {
+    /// Name in the file.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Elements.
+    pub data: RawData,
+}
+
+/// Largest file accepted (bytes); a guard against unbounded allocation.
+pub const MAX_FILE_BYTES: u64 = 16 << 30;
+
+/// Reads every tensor of a safetensors file, in the file's order of data offsets.
+/// Accepts F32, F64 and I64 tensors; anything else is an error naming the tensor.
+pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > MAX_FILE_BYTES {
+        return Err(format_err(path, format!("file of {len} bytes is larger than the {MAX_FILE_BYTES}-byte limit")));
+    }
+    let bytes = std::fs::read(path).map_err(io)?;
+    parse_safetensors(path, &bytes)
+}
+
+fn format_err(path: &Path, detail: String) -> ModelError {
+    ModelError::Format {
+        path: path.to_path_buf(),
+        detail,
+    }
+}
+
+/// Parses safetensors bytes (`path` is only used in error messages).
+pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<RawTensor>> {
+    if bytes.len() < 8 {
+        return Err(format_err(path, format!("{} bytes is too short for a header", bytes.len())));
+    }
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    if header_len > (bytes.len() as u64).saturating_sub(8) {
+        return Err(format_err(
+            path,
+            format!("header length {header_len} exceeds the file size {} (truncated?)", bytes.len()),
+        ));
+    }
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format_err(path, format!("{e:?}")))?;
+    let mut out = Vec::with_capacity(st.len());
+    let mut names: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+    names.sort_by_key(|(_, v)| v.data().as_ptr() as usize);
+    for (name, view) in names {
+        let raw = view.data();
+        let data = match view.dtype() {
+            Dtype::F32 => RawData::F32(
+                raw.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                    .collect(),
+            ),
+            Dtype::F64 => RawData::F64(
+                raw.chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
+            ),
+            Dtype::I64 => RawData::I64(
+                raw.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
+            ),
+            other => {
+                return Err(ModelError::Dtype {
+                    path: path.to_path_buf(),
+                    name,
+                    dtype: format!("{other:?}"),
+                    expected: "F32, F64 or I64",
+                })
+            }
+        };
+        out.push(RawTensor {
+            name,
+            shape: view.shape().to_vec(),
+            data,
+        });
+    }
+    Ok(out)
+}
+
+/// Writes tensors to `path` atomically: a temporary file in the same folder, fsync, rename,
+/// fsync of the folder. A crash at any point leaves either the old file or the new one.
+pub fn write_safetensors(path: &Path, tensors: &[RawTensor]) -> Result<()> {
+    let owned: Vec<(String, Vec<u8>, Dtype, Vec<usize>)> = tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.data.bytes(), t.data.dtype(), t.shape.clone()))
+        .collect();
+    let views = owned
+        .iter()
+        .map(|(n, b, d, s)| {
+            safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| format_err(path, format!("tensor '{n}': {e:?}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, &None).map_err(|e| format_err(path, format!("{e:?}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync folder).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| ModelError::Io { path: p, source }
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| format_err(path, "not a file path".into()))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(io(path))?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

@@ -1,0 +1,78 @@
+//! Preset shapes, parameter counts, forward shapes, and state round trips.
+
+use flatmin_models::{Arch, BnUse, Model, ModelError, PRESETS};
+use flatmin_engine::Tensor;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+#[test]
+fn parameter_counts_match_pytorch() {
+    let want = [("tiny-tanh", 6_506), ("mlp-s", 855_050), ("cnn-s", 545_098), ("resnet20", 272_474), ("resnet18", 11_173_962)];
+    for (name, n) in want {
+        let m = Model::<f32>::named(name, 0).unwrap();
+        assert_eq!(m.num_params(), n, "{name}");
+    }
+    assert_eq!(PRESETS.len(), 5);
+}
+
+#[test]
+fn state_names_follow_state_dict_order() {
+    let m = Model::<f32>::named("resnet20", 0).unwrap();
+    let names: Vec<&str> = m.entries().iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(&names[..7], ["conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked", "layer1.0.conv1.weight"]);
+    assert!(names.contains(&"layer2.0.shortcut.0.weight"));
+    assert!(names.contains(&"layer3.0.shortcut.1.num_batches_tracked"));
+    assert_eq!(names[names.len() - 2..], ["linear.weight", "linear.bias"]);
+}
+
+#[test]
+fn forward_shapes_for_every_preset() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let x = Tensor::<f32>::randn(&[2, 3, 32, 32], &mut rng);
+    for name in ["tiny-tanh", "mlp-s", "cnn-s", "resnet20"] {
+        let m = Model::<f32>::named(name, 0).unwrap();
+        let e = m.evaluate(&x, &[1, 2], &[], BnUse::Train, true).unwrap();
+        assert_eq!(e.logits.shape(), &[2, 10]);
+        assert!(e.loss.is_finite());
+        assert_eq!(e.grads.len(), m.params().len());
+    }
+}
+
+#[test]
+fn custom_mlp_parses_and_rejects_bad_specs() {
+    assert!(matches!(Arch::parse("mlp:3072,64,10:gelu").unwrap(), Arch::Mlp { .. }));
+    assert!(matches!(Arch::parse("mlp:48,16,10:softplus:pool8").unwrap(), Arch::Mlp { input_pool: 8, .. }));
+    for bad in ["mlp:3072,64,9:relu", "mlp:100,10:relu", "mlp:3072,10:swish", "resnet99", "mlp:3072,0,10:relu"] {
+        assert!(matches!(Arch::parse(bad), Err(ModelError::UnknownModel(_))), "{bad}");
+    }
+}
+
+#[test]
+fn save_load_round_trip_and_errors() {
+    let dir = std::env::temp_dir().join(format!("flatmin-models-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("r20.safetensors");
+    let mut a = Model::<f32>::named("resnet20", 3).unwrap();
+    let mut rng = StdRng::seed_from_u64(2);
+    let x = Tensor::<f32>::randn(&[4, 3, 32, 32], &mut rng);
+    let e = a.evaluate(&x, &[0, 1, 2, 3], &[], BnUse::Train, false).unwrap();
+    a.update_running_stats(&e.bn_stats);
+    a.save(&path).unwrap();
+    let mut b = Model::<f32>::named("resnet20", 99).unwrap();
+    b.load(&path).unwrap();
+    assert_eq!(a.entries(), b.entries());
+    // f64 model loads the f32 file.
+    let mut c = Model::<f64>::named("resnet20", 0).unwrap();
+    c.load(&path).unwrap();
+    // a different architecture reports a missing or unexpected tensor by name
+    let mut d = Model::<f32>::named("cnn-s", 0).unwrap();
+    let err = d.load(&path).unwrap_err().to_string();
+    assert!(err.contains("r20.safetensors") && err.contains("tensor"), "{err}");
+    // truncated file
+    let bytes = std::fs::read(&path).unwrap();
+    let trunc = dir.join("trunc.safetensors");
+    std::fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
+    let err = b.load(&trunc).unwrap_err().to_string();
+    assert!(err.contains("trunc.safetensors"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
