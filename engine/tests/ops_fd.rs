@@ -164,3 +164,14 @@ fn composite_network() {
         t.reshape(l, &[1])
     });
 }
+
+#[test]
+fn checker_rejects_a_wrong_derivative() {
+    // An "op" whose recorded derivative (with tangents) differs from the function that the
+    // finite differences see (without tangents): the checker must fail.
+    let err = check_op("wrong", &[randn(&[2, 3], 90)], TOL, |t, v| {
+        let c = if t.directions() == 0 { 2.0 } else { 2.001 };
+        t.mul_scalar(v[0], c)
+    });
+    assert!(err.is_err(), "the checker accepted a wrong JVP");
+}
