@@ -1,1 +1,41 @@
-fn main() {}
+//! `flatmin`: the command line of the flatmin stack.
+//!
+//! Each subcommand lives in its own module under `cmd/`. Every failure ends the process with
+//! one line on stderr, `error: <message>`, and a non-zero exit status (2 for a malformed
+//! command line, 1 for anything else); no user input makes it panic.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Flat-minima research on the CPU: exact Hessian-vector products, training, traces.
+#[derive(Debug, Parser)]
+#[command(name = "flatmin", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Loss, logits, gradient and one exact Hessian-vector product of a model on a batch.
+    Hvp(cmd::hvp::HvpArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cmd::report_clap_error(e),
+    };
+    let result = match cli.command {
+        Command::Hvp(args) => cmd::hvp::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            cmd::report_error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -31,6 +31,7 @@ pub mod curvature;
 pub mod error;
 pub mod kernels;
 mod ops;
+pub mod runtime;
 pub mod scalar;
 mod tape;
 pub mod tensor;

@@ -9,6 +9,7 @@ use rand::SeedableRng;
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    flatmin_engine::runtime::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
     let name = args.get(1).map(String::as_str).unwrap_or("mlp-s");
     let batch: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(128);

@@ -54,6 +54,14 @@ impl ConvGeom {
     }
 }
 
+/// For stride 1 and kernel column `kj`: the output columns `lo..hi` whose input column
+/// `ox + kj - pad` lies inside the image.
+fn valid_run(g: &ConvGeom, kj: usize, wo: usize) -> (usize, usize) {
+    let lo = g.pad.saturating_sub(kj).min(wo);
+    let hi = (g.w + g.pad).saturating_sub(kj).min(wo).max(lo);
+    (lo, hi)
+}
+
 /// Fills `cols` (`patch x positions`, row-major) from one CHW sample `x`.
 pub fn im2col<T: Scalar>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
     let (ho, wo) = (g.ho(), g.wo());
@@ -72,6 +80,14 @@ pub fn im2col<T: Scalar>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
                         continue;
                     }
                     let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    if g.stride == 1 {
+                        // ix = ox + kj - pad: one contiguous run, zeros at the edges.
+                        let (lo, hi) = valid_run(g, kj, wo);
+                        d[..lo].fill(T::zero());
+                        d[lo..hi].copy_from_slice(&src[lo + kj - g.pad..hi + kj - g.pad]);
+                        d[hi..].fill(T::zero());
+                        continue;
+                    }
                     for (ox, v) in d.iter_mut().enumerate() {
                         let ix = (ox * g.stride + kj) as isize - g.pad as isize;
                         *v = if ix < 0 || ix >= g.w as isize {
@@ -102,6 +118,15 @@ pub fn col2im_add<T: Scalar>(g: &ConvGeom, cols: &[T], dx: &mut [T]) {
                         continue;
                     }
                     let drow = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    if g.stride == 1 {
+                        let (lo, hi) = valid_run(g, kj, wo);
+                        let s_row = &src[oy * wo + lo..oy * wo + hi];
+                        for (d, &v) in drow[lo + kj - g.pad..hi + kj - g.pad].iter_mut().zip(s_row)
+                        {
+                            *d = *d + v;
+                        }
+                        continue;
+                    }
                     for ox in 0..wo {
                         let ix = (ox * g.stride + kj) as isize - g.pad as isize;
                         if ix >= 0 && ix < g.w as isize {

@@ -11,7 +11,7 @@
 
 use super::{tangent_shape, Rule};
 use crate::error::Result;
-use crate::kernels::par::{par_chunks, par_fill};
+use crate::kernels::par::par_chunks;
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
@@ -166,20 +166,75 @@ pub(crate) struct UnaryOp<T> {
     f: Unary<T>,
 }
 
+/// Which derivative of φ to tabulate.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Order {
+    Value,
+    First,
+    Second,
+}
+
+/// `out[i] = φ^(order)(x[i])`, in parallel fixed chunks, with the function chosen once per
+/// chunk so the inner loop is tight (ReLU, the common case, gets its own loops).
+fn tabulate<T: Scalar>(f: Unary<T>, order: Order, xs: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); xs.len()];
+    par_chunks(&mut out, |off, c| {
+        let x = &xs[off..off + c.len()];
+        match (f, order) {
+            (Unary::Relu, Order::Value) => {
+                for (o, &v) in c.iter_mut().zip(x) {
+                    *o = if v > T::zero() { v } else { T::zero() };
+                }
+            }
+            (Unary::Relu, Order::First) => {
+                for (o, &v) in c.iter_mut().zip(x) {
+                    *o = if v > T::zero() { T::one() } else { T::zero() };
+                }
+            }
+            (_, Order::Value) => c.iter_mut().zip(x).for_each(|(o, &v)| *o = f.f(v)),
+            (_, Order::First) => c.iter_mut().zip(x).for_each(|(o, &v)| *o = f.d1(v)),
+            (_, Order::Second) => c.iter_mut().zip(x).for_each(|(o, &v)| *o = f.d2(v)),
+        }
+    });
+    out
+}
+
+/// `out[k][i] = Σ_terms a_t[i] · b_t[k][i]` over `[K, m]` blocks, where each term pairs a
+/// per-element factor `a` (length m) with a `[K, m]` array `b`.
+pub(crate) fn scale_blocks<T: Scalar>(m: usize, k: usize, terms: &[(&[T], &[T])]) -> Vec<T> {
+    let mut out = vec![T::zero(); k * m];
+    for kk in 0..k {
+        par_chunks(&mut out[kk * m..(kk + 1) * m], |off, c| {
+            for (t, (a, b)) in terms.iter().enumerate() {
+                let a = &a[off..off + c.len()];
+                let b = &b[kk * m + off..kk * m + off + c.len()];
+                if t == 0 {
+                    for ((o, &ai), &bi) in c.iter_mut().zip(a).zip(b) {
+                        *o = ai * bi;
+                    }
+                } else {
+                    for ((o, &ai), &bi) in c.iter_mut().zip(a).zip(b) {
+                        *o = *o + ai * bi;
+                    }
+                }
+            }
+        });
+    }
+    out
+}
+
 impl<T: Scalar> Tape<T> {
     /// Applies the elementwise function `f`.
     pub fn unary(&mut self, x: Var, f: Unary<T>) -> Result<Var> {
         self.check_var(x)?;
         let xv = self.value(x);
         let xs = xv.data();
-        let mut y = Tensor::zeros(xv.shape());
-        par_fill(y.data_mut(), |i| f.f(xs[i]));
+        let y = Tensor::from_vec(xv.shape(), tabulate(f, Order::Value, xs))?;
+        let k = self.directions();
         let tangent = self.tangent(x).map(|xt| {
-            let m = xs.len();
-            let mut t = Tensor::zeros(xt.shape());
-            let xd = xt.data();
-            par_fill(t.data_mut(), |i| f.d1(xs[i % m]) * xd[i]);
-            t
+            let d1 = tabulate(f, Order::First, xs);
+            let t = scale_blocks(xs.len(), k, &[(&d1, xt.data())]);
+            Tensor::from_vec(xt.shape(), t).expect("tangent shape")
         });
         Ok(self.push(
             super::Op::Unary(UnaryOp { x: x.0, f }),
@@ -253,31 +308,36 @@ impl<T: Scalar> Rule<T> for UnaryOp<T> {
         let xs = node.value.data();
         let g = gy.data();
         let m = xs.len();
-        let mut gx = Tensor::zeros(node.value.shape());
-        par_fill(gx.data_mut(), |i| f.d1(xs[i]) * g[i]);
-        let curv = f.has_curvature();
-        let xt = node.tangent.as_ref().filter(|_| curv);
-        let dot = if gdot.is_none() && xt.is_none() {
-            None
-        } else {
-            let k = tape.directions();
-            let mut d = Tensor::zeros(&tangent_shape(k, node.value.shape()));
-            par_chunks(d.data_mut(), |off, c| {
-                for (j, o) in c.iter_mut().enumerate() {
-                    let i = off + j;
-                    let e = i % m;
-                    let mut v = T::zero();
-                    if let Some(gd) = gdot {
-                        v = f.d1(xs[e]) * gd.data()[i];
-                    }
-                    if let Some(xt) = xt {
-                        v = v + f.d2(xs[e]) * xt.data()[i] * g[e];
-                    }
-                    *o = v;
-                }
-            });
-            Some(d)
-        };
+        let k = tape.directions();
+        let d1 = tabulate(f, Order::First, xs);
+        let mut gx = vec![T::zero(); m];
+        par_chunks(&mut gx, |off, c| {
+            for ((o, &a), &b) in c.iter_mut().zip(&d1[off..]).zip(&g[off..]) {
+                *o = a * b;
+            }
+        });
+        let xt = node.tangent.as_ref().filter(|_| f.has_curvature());
+        // x̄˙ = φ'(x) ȳ˙ + (φ''(x) ȳ) ẋ
+        let curv: Option<Vec<T>> = xt.map(|_| {
+            let mut d2 = tabulate(f, Order::Second, xs);
+            d2.iter_mut().zip(g).for_each(|(a, &b)| *a = *a * b);
+            d2
+        });
+        let mut terms: Vec<(&[T], &[T])> = Vec::with_capacity(2);
+        if let Some(gd) = gdot {
+            terms.push((&d1, gd.data()));
+        }
+        if let (Some(c), Some(xt)) = (&curv, xt) {
+            terms.push((c, xt.data()));
+        }
+        let dot = (!terms.is_empty()).then(|| {
+            Tensor::from_vec(
+                &tangent_shape(k, node.value.shape()),
+                scale_blocks(m, k, &terms),
+            )
+            .expect("tangent shape")
+        });
+        let gx = Tensor::from_vec(node.value.shape(), gx).expect("grad shape");
         sink.add(self.x, gx, dot);
     }
 }

@@ -237,6 +237,19 @@ impl<T: Scalar> Rule<T> for BinaryOp {
             let pick = |p: &Partials<T>| if side == 0 { p.a } else { p.b };
             let mut grad = Tensor::zeros(node.value.shape());
             let mut dot = want_dot.then(|| Tensor::zeros(&tangent_shape(k, node.value.shape())));
+            if self.bc.same && matches!(self.op, Binary::Add | Binary::Sub) {
+                // Linear with unit coefficients: the adjoint (tangent) is ±ȳ (±ȳ˙).
+                let neg = side == 1 && self.op == Binary::Sub;
+                let signed = |t: &Tensor<T>| {
+                    let mut t = t.clone();
+                    if neg {
+                        t.data_mut().iter_mut().for_each(|v| *v = -*v);
+                    }
+                    t
+                };
+                sink.add(id, signed(gy), gdot.map(signed));
+                continue;
+            }
             if self.bc.same {
                 // One output element per input element: no reduction, so run in parallel.
                 par_fill(grad.data_mut(), |i| g[i] * pick(&self.op.partials(av[i], bv[i])));

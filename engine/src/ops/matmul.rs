@@ -47,10 +47,10 @@ impl Product {
 
 /// Adds each row of `bias` (`[n]`) to the rows of `y` (`[rows, n]`).
 fn add_rows<T: Scalar>(y: &mut [T], bias: &[T]) {
-    let n = bias.len();
-    crate::kernels::par::par_chunks(y, |off, c| {
-        for (j, v) in c.iter_mut().enumerate() {
-            *v = *v + bias[(off + j) % n];
+    use rayon::prelude::*;
+    y.par_chunks_mut(bias.len()).for_each(|row| {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            *v = *v + b;
         }
     });
 }

@@ -52,33 +52,27 @@ pub(crate) struct BatchNorm2d<T> {
     mu: Vec<T>,
     /// Inverse standard deviation per channel.
     s: Vec<T>,
-    /// Train mode with tangents: (mean(ẋ_k), mean(x̂ ẋ_k)) per (k, channel).
+    /// Train mode with input tangents: (mean(ẋ_k), a_k = mean(x̂ ẋ_k)) per (k, channel).
     tstats: Vec<(T, T)>,
     n: usize,
     c: usize,
     hw: usize,
 }
 
-/// Sum over samples of `f(plane)` for channel `ch` of a `[*, C, HW]` block starting at plane
-/// offset `base` (in planes); fixed order.
-fn channel_sum<T: Scalar>(
-    n: usize,
-    c: usize,
-    ch: usize,
-    base: usize,
-    mut f: impl FnMut(usize, usize) -> T,
-) -> T {
-    let mut acc = T::zero();
-    for s in 0..n {
-        acc = acc + f(s, base + s * c + ch);
-    }
-    acc
+/// Sums `f(plane of a, plane of b, …)` over the samples of one channel, in sample order.
+/// `planes(s)` gives the index of sample `s`'s plane in each array.
+fn channel_sum<T: Scalar>(n: usize, mut plane_sum: impl FnMut(usize) -> T) -> T {
+    (0..n).fold(T::zero(), |acc, s| acc + plane_sum(s))
 }
 
-impl<T: Scalar> BatchNorm2d<T> {
-    fn xhat(&self, x: T, ch: usize) -> T {
-        (x - self.mu[ch]) * self.s[ch]
-    }
+fn dot_centered<T: Scalar>(x: &[T], mu: T, w: &[T]) -> T {
+    x.iter()
+        .zip(w)
+        .fold(T::zero(), |a, (&xi, &wi)| a + (xi - mu) * wi)
+}
+
+fn total<T: Scalar>(x: &[T]) -> T {
+    x.iter().fold(T::zero(), |a, &b| a + b)
 }
 
 impl<T: Scalar> Tape<T> {
@@ -111,6 +105,7 @@ impl<T: Scalar> Tape<T> {
         }
         let m = n * hw;
         let xv = self.value(x).data();
+        let plane = |p: usize| &xv[p * hw..(p + 1) * hw];
         let eps = T::c(eps);
         let (train, mu, s, stats) = match mode {
             BnMode::Train => {
@@ -123,11 +118,11 @@ impl<T: Scalar> Tape<T> {
                 let per: Vec<(T, T)> = (0..c)
                     .into_par_iter()
                     .map(|ch| {
-                        let plane = |p: usize| &xv[p * hw..(p + 1) * hw];
-                        let sum = channel_sum(n, c, ch, 0, |_, p| plane(p).iter().fold(T::zero(), |a, &b| a + b));
-                        let mean = sum * inv_m;
-                        let ss = channel_sum(n, c, ch, 0, |_, p| {
-                            plane(p).iter().fold(T::zero(), |a, &b| a + (b - mean) * (b - mean))
+                        let mean = channel_sum(n, |s| total(plane(s * c + ch))) * inv_m;
+                        let ss = channel_sum(n, |s| {
+                            plane(s * c + ch)
+                                .iter()
+                                .fold(T::zero(), |a, &b| a + (b - mean) * (b - mean))
                         });
                         (mean, ss * inv_m)
                     })
@@ -156,13 +151,16 @@ impl<T: Scalar> Tape<T> {
         let gv = self.value(gamma).data();
         let bv = self.value(beta).data();
         let mut y = Tensor::zeros(&xs);
-        y.data_mut().par_chunks_mut(hw).enumerate().for_each(|(p, yo)| {
-            let ch = p % c;
-            let (sc, sh) = (gv[ch] * s[ch], bv[ch] - gv[ch] * s[ch] * mu[ch]);
-            for (o, &xi) in yo.iter_mut().zip(&xv[p * hw..(p + 1) * hw]) {
-                *o = sc * xi + sh;
-            }
-        });
+        y.data_mut()
+            .par_chunks_mut(hw)
+            .enumerate()
+            .for_each(|(p, yo)| {
+                let ch = p % c;
+                let (sc, sh) = (gv[ch] * s[ch], bv[ch] - gv[ch] * s[ch] * mu[ch]);
+                for (o, &xi) in yo.iter_mut().zip(plane(p)) {
+                    *o = sc * xi + sh;
+                }
+            });
         let mut op = BatchNorm2d {
             x: x.0,
             gamma: gamma.0,
@@ -183,48 +181,55 @@ impl<T: Scalar> Tape<T> {
             if let (true, Some(xt)) = (train, xt) {
                 let inv_m = T::one() / T::from_usize_lossy(m);
                 let xtd = xt.data();
-                op.tstats = (0..k * c)
+                let (mu, sd) = (&op.mu, &op.s);
+                let tstats = (0..k * c)
                     .into_par_iter()
                     .map(|j| {
                         let (kk, ch) = (j / c, j % c);
-                        let mut sd = T::zero();
-                        let mut sxd = T::zero();
-                        for s_ in 0..n {
-                            let vp = s_ * c + ch;
-                            let tp = kk * n * c + vp;
-                            for (&xi, &di) in xv[vp * hw..(vp + 1) * hw].iter().zip(&xtd[tp * hw..(tp + 1) * hw]) {
-                                sd = sd + di;
-                                sxd = sxd + op.xhat(xi, ch) * di;
-                            }
-                        }
-                        (sd * inv_m, sxd * inv_m)
+                        let tplane = |s: usize| &xtd[(kk * n * c + s * c + ch) * hw..][..hw];
+                        let md = channel_sum(n, |s| total(tplane(s))) * inv_m;
+                        let a =
+                            channel_sum(n, |s| dot_centered(plane(s * c + ch), mu[ch], tplane(s)));
+                        (md, a * inv_m * sd[ch])
                     })
                     .collect();
+                op.tstats = tstats;
             }
+            // ẏ = γ s ẋ + (γ̇ s − γ s² a) (x − μ) + (β̇ − γ s mean(ẋ)) per (k, channel).
             let mut t = Tensor::zeros(&tangent_shape(k, &xs));
             let op = &op;
-            t.data_mut().par_chunks_mut(hw).enumerate().for_each(|(tp, to)| {
-                let (kk, vp) = (tp / (n * c), tp % (n * c));
-                let ch = vp % c;
-                let xp = &xv[vp * hw..(vp + 1) * hw];
-                let gdot = gt.map_or(T::zero(), |g| g.data()[kk * c + ch]);
-                let bdot = bt.map_or(T::zero(), |b| b.data()[kk * c + ch]);
-                for (i, o) in to.iter_mut().enumerate() {
-                    let xh = op.xhat(xp[i], ch);
-                    let mut v = gdot * xh + bdot;
-                    if let Some(xt) = xt {
-                        let d = xt.data()[tp * hw + i];
-                        let xhd = if op.train {
-                            let (md, a) = op.tstats[kk * c + ch];
-                            op.s[ch] * (d - md - xh * a)
-                        } else {
-                            op.s[ch] * d
-                        };
-                        v = v + gv[ch] * xhd;
+            t.data_mut()
+                .par_chunks_mut(hw)
+                .enumerate()
+                .for_each(|(tp, to)| {
+                    let (kk, vp) = (tp / (n * c), tp % (n * c));
+                    let ch = vp % c;
+                    let s = op.s[ch];
+                    let gdot = gt.map_or(T::zero(), |g| g.data()[kk * c + ch]);
+                    let bdot = bt.map_or(T::zero(), |b| b.data()[kk * c + ch]);
+                    let (md, a) = op
+                        .tstats
+                        .get(kk * c + ch)
+                        .copied()
+                        .unwrap_or((T::zero(), T::zero()));
+                    let c_xc = gdot * s - gv[ch] * s * s * a;
+                    let c0 = bdot - gv[ch] * s * md;
+                    let mu = op.mu[ch];
+                    match xt {
+                        Some(xt) => {
+                            let c_xd = gv[ch] * s;
+                            let tpl = &xt.data()[tp * hw..(tp + 1) * hw];
+                            for ((o, &xi), &d) in to.iter_mut().zip(plane(vp)).zip(tpl) {
+                                *o = c_xd * d + c_xc * (xi - mu) + c0;
+                            }
+                        }
+                        None => {
+                            for (o, &xi) in to.iter_mut().zip(plane(vp)) {
+                                *o = c_xc * (xi - mu) + c0;
+                            }
+                        }
                     }
-                    *o = v;
-                }
-            });
+                });
             Some(t)
         };
         Ok((self.push(Op::BatchNorm2d(op), y, tangent, false), stats))
@@ -253,67 +258,61 @@ impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
         let gam = tape.node(self.gamma).value.data();
         let gt = tape.node(self.gamma).tangent.as_ref();
         let g = gy.data();
-        let plane = |buf: &'_ [T], p: usize| -> std::ops::Range<usize> {
-            let _ = buf;
+        let vplane = |buf: &'_ [T], p: usize| -> std::ops::Range<usize> {
+            debug_assert!(buf.len() >= (p + 1) * hw);
             p * hw..(p + 1) * hw
         };
 
-        // Per channel: Σȳ and Σȳx̂.
+        // Per channel: Sy = Σȳ and Syx = Σȳx̂ = s Σ ȳ (x − μ).
         let sums: Vec<(T, T)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let mut sy = T::zero();
-                let mut syx = T::zero();
-                for s in 0..n {
-                    let r = plane(g, s * c + ch);
-                    for (&gi, &xi) in g[r.clone()].iter().zip(&xv[r]) {
-                        sy = sy + gi;
-                        syx = syx + gi * self.xhat(xi, ch);
-                    }
-                }
-                (sy, syx)
+                let sy = channel_sum(n, |s| total(&g[vplane(g, s * c + ch)]));
+                let syx = channel_sum(n, |s| {
+                    let r = vplane(g, s * c + ch);
+                    dot_centered(&xv[r.clone()], self.mu[ch], &g[r])
+                });
+                (sy, syx * self.s[ch])
             })
             .collect();
 
-        // x̂˙ for direction kk at value-plane vp, element i.
-        let xhat_dot = |kk: usize, vp: usize, i: usize| -> T {
-            match xt {
-                None => T::zero(),
-                Some(xt) => {
-                    let ch = vp % c;
-                    let d = xt.data()[(kk * n * c + vp) * hw + i];
-                    if self.train {
-                        let (md, a) = self.tstats[kk * c + ch];
-                        self.s[ch] * (d - md - self.xhat(xv[vp * hw + i], ch) * a)
-                    } else {
-                        self.s[ch] * d
-                    }
-                }
-            }
-        };
-
-        // Per (k, channel): Σȳ˙, Σȳ˙x̂, Σȳx̂˙.
+        // Per (k, channel): Sd = Σȳ˙, Sdx = Σȳ˙x̂, Syxd = Σȳx̂˙.
         let want_dot = gdot.is_some() || xt.is_some() || gt.is_some();
         let dsums: Vec<(T, T, T)> = if want_dot {
             (0..k * c)
                 .into_par_iter()
                 .map(|j| {
                     let (kk, ch) = (j / c, j % c);
-                    let (mut sd, mut sdx, mut syxd) = (T::zero(), T::zero(), T::zero());
-                    for s in 0..n {
-                        let vp = s * c + ch;
-                        for i in 0..hw {
-                            let xh = self.xhat(xv[vp * hw + i], ch);
-                            if let Some(gd) = gdot {
-                                let d = gd.data()[(kk * n * c + vp) * hw + i];
-                                sd = sd + d;
-                                sdx = sdx + d * xh;
-                            }
-                            if xt.is_some() {
-                                syxd = syxd + g[vp * hw + i] * xhat_dot(kk, vp, i);
+                    let (mu, s) = (self.mu[ch], self.s[ch]);
+                    let tp = |s_: usize| {
+                        (kk * n * c + s_ * c + ch) * hw..(kk * n * c + s_ * c + ch + 1) * hw
+                    };
+                    let (mut sd, mut sdx) = (T::zero(), T::zero());
+                    if let Some(gd) = gdot {
+                        let gd = gd.data();
+                        sd = channel_sum(n, |s_| total(&gd[tp(s_)]));
+                        sdx = channel_sum(n, |s_| {
+                            dot_centered(&xv[vplane(xv, s_ * c + ch)], mu, &gd[tp(s_)])
+                        }) * s;
+                    }
+                    let syxd = match xt {
+                        None => T::zero(),
+                        Some(xt) => {
+                            let xd = xt.data();
+                            let sy_xd = channel_sum(n, |s_| {
+                                let r = vplane(g, s_ * c + ch);
+                                g[r].iter()
+                                    .zip(&xd[tp(s_)])
+                                    .fold(T::zero(), |a, (&u, &v)| a + u * v)
+                            });
+                            if self.train {
+                                let (md, a) = self.tstats[kk * c + ch];
+                                s * (sy_xd - md * sums[ch].0 - a * sums[ch].1)
+                            } else {
+                                s * sy_xd
                             }
                         }
-                    }
+                    };
                     (sd, sdx, syxd)
                 })
                 .collect()
@@ -322,22 +321,31 @@ impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
         };
 
         if tape.needs_grad(self.x) {
+            // train: x̄ = sγ ȳ − (s²γ Syx/m)(x − μ) − sγ Sy/m;  eval: x̄ = sγ ȳ.
             let mut gx = Tensor::zeros(nx.value.shape());
-            gx.data_mut().par_chunks_mut(hw).enumerate().for_each(|(vp, o)| {
-                let ch = vp % c;
-                let (sy, syx) = sums[ch];
-                let s = self.s[ch];
-                for (i, oi) in o.iter_mut().enumerate() {
-                    let gi = gam[ch] * g[vp * hw + i];
-                    *oi = if self.train {
-                        let xh = self.xhat(xv[vp * hw + i], ch);
-                        s * (gi - gam[ch] * sy * inv_m - xh * gam[ch] * syx * inv_m)
+            gx.data_mut()
+                .par_chunks_mut(hw)
+                .enumerate()
+                .for_each(|(vp, o)| {
+                    let ch = vp % c;
+                    let (sy, syx) = sums[ch];
+                    let (s, mu, ga) = (self.s[ch], self.mu[ch], gam[ch]);
+                    let r = vplane(g, vp);
+                    let c_y = s * ga;
+                    if self.train {
+                        let c_xc = -s * s * ga * syx * inv_m;
+                        let c0 = -s * ga * sy * inv_m;
+                        for ((oi, &gi), &xi) in o.iter_mut().zip(&g[r.clone()]).zip(&xv[r]) {
+                            *oi = c_y * gi + c_xc * (xi - mu) + c0;
+                        }
                     } else {
-                        s * gi
-                    };
-                }
-            });
+                        for (oi, &gi) in o.iter_mut().zip(&g[r]) {
+                            *oi = c_y * gi;
+                        }
+                    }
+                });
             let dot = want_dot.then(|| {
+                // x̄˙ = c_x̄ x̄ + c_y ȳ + c_dy ȳ˙ + c_xd ẋ + c_xc (x − μ) + c0, per (k, channel).
                 let mut d = Tensor::zeros(&tangent_shape(k, nx.value.shape()));
                 let gxd = gx.data();
                 let dp = SendPtr(d.data_mut().as_mut_ptr());
@@ -348,23 +356,38 @@ impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
                     let ch = vp % c;
                     let (sy, syx) = sums[ch];
                     let (sd, sdx, syxd) = dsums[kk * c + ch];
-                    let s = self.s[ch];
+                    let (s, mu, ga) = (self.s[ch], self.mu[ch], gam[ch]);
                     let gam_dot = gt.map_or(T::zero(), |t| t.data()[kk * c + ch]);
-                    for (i, oi) in o.iter_mut().enumerate() {
-                        let e = vp * hw + i;
-                        let gd = gdot.map_or(T::zero(), |t| t.data()[tp * hw + i]);
-                        let gdot_i = gam_dot * g[e] + gam[ch] * gd;
-                        *oi = if self.train {
-                            let xh = self.xhat(xv[e], ch);
-                            let xhd = xhat_dot(kk, vp, i);
-                            let a = if xt.is_some() { self.tstats[kk * c + ch].1 } else { T::zero() };
-                            let g2 = gam[ch] * syx * inv_m;
-                            let g1d = (gam_dot * sy + gam[ch] * sd) * inv_m;
-                            let g2d = (gam_dot * syx + gam[ch] * sdx + gam[ch] * syxd) * inv_m;
-                            -s * a * gxd[e] + s * (gdot_i - g1d - xhd * g2 - xh * g2d)
-                        } else {
-                            s * gdot_i
-                        };
+                    let (c_y, c_dy) = (s * gam_dot, s * ga);
+                    let (mut c_xbar, mut c_xd, mut c_xc, mut c0) =
+                        (T::zero(), T::zero(), T::zero(), T::zero());
+                    if self.train {
+                        let (md, a) = self
+                            .tstats
+                            .get(kk * c + ch)
+                            .copied()
+                            .unwrap_or((T::zero(), T::zero()));
+                        let g2 = ga * syx * inv_m;
+                        let g1d = (gam_dot * sy + ga * sd) * inv_m;
+                        let g2d = (gam_dot * syx + ga * sdx + ga * syxd) * inv_m;
+                        c_xbar = -s * a;
+                        c_xd = -s * s * g2;
+                        c_xc = s * s * s * g2 * a - s * s * g2d;
+                        c0 = -s * g1d + s * s * g2 * md;
+                    }
+                    let r = vplane(g, vp);
+                    let (xp, gp, gxp) = (&xv[r.clone()], &g[r.clone()], &gxd[r]);
+                    let gdp = gdot.map(|t| &t.data()[tp * hw..(tp + 1) * hw]);
+                    let xdp = xt.map(|t| &t.data()[tp * hw..(tp + 1) * hw]);
+                    for i in 0..hw {
+                        let mut v = c_xbar * gxp[i] + c_y * gp[i] + c_xc * (xp[i] - mu) + c0;
+                        if let Some(gdp) = gdp {
+                            v = v + c_dy * gdp[i];
+                        }
+                        if let Some(xdp) = xdp {
+                            v = v + c_xd * xdp[i];
+                        }
+                        o[i] = v;
                     }
                 });
                 d

@@ -1,0 +1,148 @@
+//! `flatmin hvp`: logits, loss, gradient and one exact Hessian-vector product `H v` of a
+//! model on one CIFAR-10 batch file, written to a safetensors file.
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use flatmin_datasets::{normalize_f64, read_batch_file};
+use flatmin_engine::{Scalar, Tensor};
+use flatmin_models::io::{write_safetensors, RawTensor};
+use flatmin_models::model::float_raw;
+use flatmin_models::{BnUse, Model};
+use std::path::PathBuf;
+
+/// Float type the computation runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    /// Single precision.
+    F32,
+    /// Double precision.
+    F64,
+}
+
+/// How BatchNorm layers normalize.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BnMode {
+    /// Batch statistics (running statistics are left untouched).
+    Train,
+    /// Running statistics from the weights file.
+    Eval,
+}
+
+impl BnMode {
+    fn bn_use(self) -> BnUse {
+        let name = match self {
+            BnMode::Train => "train",
+            BnMode::Eval => "eval",
+        };
+        BnUse::parse(name).expect("train and eval are BatchNorm modes")
+    }
+}
+
+/// Arguments of `flatmin hvp`.
+#[derive(Debug, Args)]
+pub struct HvpArgs {
+    /// Model preset (tiny-tanh, mlp-s, cnn-s, resnet20, resnet18) or custom `mlp:W0,...:ACT`.
+    #[arg(long)]
+    pub model: String,
+    /// Model state (safetensors, f32 or f64; a PyTorch state_dict is accepted).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// CIFAR-10 batch file; all its records form one batch.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Direction v (safetensors): one tensor per trainable parameter, under its name.
+    #[arg(long)]
+    pub vector: PathBuf,
+    /// Float type of the computation and of the output tensors.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
+    /// BatchNorm normalization: batch statistics (train) or running statistics (eval).
+    #[arg(long, value_enum, default_value_t = BnMode::Eval)]
+    pub bn_mode: BnMode,
+    /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
+    #[arg(long, value_name = "T", value_parser = parse_threads)]
+    pub threads: Option<usize>,
+    /// Output safetensors file: logits, loss, grad.NAME and hvp.NAME (written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn parse_threads(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("the thread count must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("expected a positive integer".into()),
+    }
+}
+
+/// Runs `flatmin hvp`.
+pub fn run(args: &HvpArgs) -> Result<()> {
+    match args.threads {
+        Some(threads) => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .with_context(|| format!("--threads {threads}: cannot start the thread pool"))?;
+            pool.install(|| dispatch(args))
+        }
+        None => dispatch(args),
+    }
+}
+
+fn dispatch(args: &HvpArgs) -> Result<()> {
+    let tensors = match args.dtype {
+        Dtype::F32 => compute::<f32>(args)?,
+        Dtype::F64 => compute::<f64>(args)?,
+    };
+    write_safetensors(&args.out, &tensors).with_context(|| format!("--out {}", args.out.display()))
+}
+
+/// Everything `flatmin hvp` writes, computed in `T`: `logits` `[N, 10]`, `loss` `[]`, and
+/// `grad.NAME` and `hvp.NAME` for every trainable parameter.
+pub fn compute<T: Scalar>(args: &HvpArgs) -> Result<Vec<RawTensor>> {
+    let mut model = Model::<T>::named(&args.model, 0).context("--model")?;
+    model.load(&args.weights).context("--weights")?;
+    let v = model.load_param_like(&args.vector).context("--vector")?;
+    let batch = read_batch_file(&args.data).context("--data")?;
+    let n = batch.len();
+    let data: Vec<T> = normalize_f64(&batch).into_iter().map(T::c).collect();
+    let x = Tensor::<T>::from_vec(&[n, 3, 32, 32], data).context("--data")?;
+    let labels = batch.labels_usize();
+    let eval = model
+        .evaluate(&x, &labels, &[v], args.bn_mode.bn_use(), true)
+        .with_context(|| format!("evaluating {} on {}", args.model, args.data.display()))?;
+
+    let names = model.param_names();
+    let hvps = eval
+        .hvps
+        .first()
+        .context("no Hessian-vector product computed")?;
+    anyhow::ensure!(
+        eval.grads.len() == names.len() && hvps.len() == names.len(),
+        "evaluation returned {} gradients and {} HVP blocks for {} parameters",
+        eval.grads.len(),
+        hvps.len(),
+        names.len()
+    );
+    let mut out = Vec::with_capacity(2 + 2 * names.len());
+    out.push(RawTensor {
+        name: "logits".into(),
+        shape: eval.logits.shape().to_vec(),
+        data: float_raw(&eval.logits),
+    });
+    out.push(RawTensor {
+        name: "loss".into(),
+        shape: vec![],
+        data: float_raw(&Tensor::scalar(eval.loss)),
+    });
+    for (prefix, blocks) in [("grad", &eval.grads), ("hvp", hvps)] {
+        for (name, t) in names.iter().zip(blocks.iter()) {
+            out.push(RawTensor {
+                name: format!("{prefix}.{name}"),
+                shape: t.shape().to_vec(),
+                data: float_raw(t),
+            });
+        }
+    }
+    Ok(out)
+}
