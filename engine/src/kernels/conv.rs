@@ -56,14 +56,16 @@ impl ConvGeom {
 
 /// For stride 1 and kernel column `kj`: the output columns `lo..hi` whose input column
 /// `ox + kj - pad` lies inside the image.
+#[inline]
 fn valid_run(g: &ConvGeom, kj: usize, wo: usize) -> (usize, usize) {
     let lo = g.pad.saturating_sub(kj).min(wo);
     let hi = (g.w + g.pad).saturating_sub(kj).min(wo).max(lo);
     (lo, hi)
 }
 
-/// Fills `cols` (`patch x positions`, row-major) from one CHW sample `x`.
-pub fn im2col<T: Scalar>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
+/// Fills the `patch x positions` block of `cols` that starts at column `col0` of a row-major
+/// matrix with row stride `ld`, from one CHW sample `x`.
+pub fn im2col<T: Scalar>(g: &ConvGeom, x: &[T], cols: &mut [T], ld: usize, col0: usize) {
     let (ho, wo) = (g.ho(), g.wo());
     let p = ho * wo;
     for c in 0..g.c_in {
@@ -71,7 +73,8 @@ pub fn im2col<T: Scalar>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
         for ki in 0..g.kh {
             for kj in 0..g.kw {
                 let row = (c * g.kh + ki) * g.kw + kj;
-                let dst = &mut cols[row * p..(row + 1) * p];
+                let dst = &mut cols[row * ld + col0..row * ld + col0 + p];
+                let (lo, hi) = valid_run(g, kj, wo);
                 for oy in 0..ho {
                     let iy = (oy * g.stride + ki) as isize - g.pad as isize;
                     let d = &mut dst[oy * wo..(oy + 1) * wo];
@@ -82,7 +85,6 @@ pub fn im2col<T: Scalar>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
                     let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
                     if g.stride == 1 {
                         // ix = ox + kj - pad: one contiguous run, zeros at the edges.
-                        let (lo, hi) = valid_run(g, kj, wo);
                         d[..lo].fill(T::zero());
                         d[lo..hi].copy_from_slice(&src[lo + kj - g.pad..hi + kj - g.pad]);
                         d[hi..].fill(T::zero());
@@ -102,8 +104,9 @@ pub fn im2col<T: Scalar>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
     }
 }
 
-/// Adds the column matrix `cols` back into the CHW sample gradient `dx` (adjoint of im2col).
-pub fn col2im_add<T: Scalar>(g: &ConvGeom, cols: &[T], dx: &mut [T]) {
+/// Adds the `patch x positions` block of `cols` (row stride `ld`, first column `col0`) back
+/// into the CHW sample gradient `dx` (the adjoint of [`im2col`]).
+pub fn col2im_add<T: Scalar>(g: &ConvGeom, cols: &[T], ld: usize, col0: usize, dx: &mut [T]) {
     let (ho, wo) = (g.ho(), g.wo());
     let p = ho * wo;
     for c in 0..g.c_in {
@@ -111,7 +114,8 @@ pub fn col2im_add<T: Scalar>(g: &ConvGeom, cols: &[T], dx: &mut [T]) {
         for ki in 0..g.kh {
             for kj in 0..g.kw {
                 let row = (c * g.kh + ki) * g.kw + kj;
-                let src = &cols[row * p..(row + 1) * p];
+                let src = &cols[row * ld + col0..row * ld + col0 + p];
+                let (lo, hi) = valid_run(g, kj, wo);
                 for oy in 0..ho {
                     let iy = (oy * g.stride + ki) as isize - g.pad as isize;
                     if iy < 0 || iy >= g.h as isize {
@@ -119,7 +123,6 @@ pub fn col2im_add<T: Scalar>(g: &ConvGeom, cols: &[T], dx: &mut [T]) {
                     }
                     let drow = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
                     if g.stride == 1 {
-                        let (lo, hi) = valid_run(g, kj, wo);
                         let s_row = &src[oy * wo + lo..oy * wo + hi];
                         for (d, &v) in drow[lo + kj - g.pad..hi + kj - g.pad].iter_mut().zip(s_row)
                         {

@@ -29,27 +29,74 @@ pub(crate) struct Conv2d {
     n: usize,
 }
 
-/// Element budget for the per-chunk partial weight gradients.
+/// Element budget for the per-group partial weight gradients.
 const PARTIAL_BUDGET: usize = 1 << 25;
-/// Most chunks a weight-gradient reduction is split into.
-const MAX_CHUNKS: usize = 16;
+/// Most groups a weight-gradient reduction is split into.
+const MAX_GROUPS: usize = 16;
+/// Target number of GEMM columns (samples x positions) per chunk, so that packing is amortized.
+const TARGET_COLS: usize = 512;
 
-/// The column matrix of one sample: the input itself for pointwise convs, else im2col into `buf`.
-fn cols<'a, T: Scalar>(g: &ConvGeom, x: &'a [T], buf: &'a mut Vec<T>) -> &'a [T] {
-    if g.is_pointwise() {
-        x
-    } else {
-        buf.resize(g.patch() * g.positions(), T::zero());
-        im2col(g, x, buf);
-        buf
+/// A run of consecutive samples lowered together: their column matrices sit side by side in
+/// one `patch x (len * positions)` matrix, so one GEMM serves them all.
+#[derive(Clone, Copy)]
+struct Chunk {
+    start: usize,
+    len: usize,
+}
+
+/// Splits the batch into chunks of a size that depends only on the shapes.
+fn chunks(g: &ConvGeom, n: usize) -> Vec<Chunk> {
+    let len = (TARGET_COLS / g.positions()).clamp(1, n.max(1));
+    (0..n)
+        .step_by(len)
+        .map(|start| Chunk {
+            start,
+            len: len.min(n - start),
+        })
+        .collect()
+}
+
+/// Column matrix (`patch x len·P`) of samples `ch` of the `[*, C_in, H, W]` buffer `x`,
+/// whose sample `s` starts at `base + s * in_len`.
+fn lower<T: Scalar>(g: &ConvGeom, x: &[T], base: usize, ch: Chunk, buf: &mut Vec<T>) {
+    let (il, pl) = (g.in_len(), g.positions());
+    let ld = ch.len * pl;
+    buf.resize(g.patch() * ld, T::zero());
+    for j in 0..ch.len {
+        let off = base + (ch.start + j) * il;
+        im2col(g, &x[off..off + il], buf, ld, j * pl);
     }
 }
 
-/// Adds `bias[c]` to every position of channel `c` of one sample's output.
-fn add_channel_bias<T: Scalar>(out: &mut [T], bias: &[T], positions: usize) {
-    for (row, &b) in out.chunks_mut(positions).zip(bias) {
-        for v in row {
-            *v = *v + b;
+/// Gathers samples `ch` of a `[*, C_out, P]` buffer (sample `s` at `base + s * out_len`) into
+/// a `C_out x len·P` matrix.
+fn gather<T: Scalar>(g: &ConvGeom, src: &[T], base: usize, ch: Chunk, buf: &mut Vec<T>) {
+    let pl = g.positions();
+    let ld = ch.len * pl;
+    buf.resize(g.c_out * ld, T::zero());
+    for j in 0..ch.len {
+        let off = base + (ch.start + j) * g.out_len();
+        for co in 0..g.c_out {
+            buf[co * ld + j * pl..co * ld + (j + 1) * pl]
+                .copy_from_slice(&src[off + co * pl..off + (co + 1) * pl]);
+        }
+    }
+}
+
+/// Scatters a `C_out x len·P` matrix to samples `ch` of the output at `dst` (sample `s` at
+/// `base + s * out_len`), adding `bias[c]` per channel when given.
+fn scatter<T: Scalar>(g: &ConvGeom, m: &[T], ch: Chunk, dst: SendPtr<T>, base: usize, bias: Option<&[T]>) {
+    let pl = g.positions();
+    let ld = ch.len * pl;
+    for j in 0..ch.len {
+        let off = base + (ch.start + j) * g.out_len();
+        // SAFETY: each chunk owns its samples' output blocks.
+        let out = unsafe { dst.slice(off, g.out_len()) };
+        for co in 0..g.c_out {
+            let b = bias.map_or(T::zero(), |b| b[co]);
+            for (o, &v) in out[co * pl..(co + 1) * pl].iter_mut().zip(&m[co * ld + j * pl..]) {
+                *o = v + b;
+            }
         }
     }
 }
@@ -112,18 +159,23 @@ impl<T: Scalar> Tape<T> {
         };
         let n = xs[0];
         let oshape = [n, g.c_out, g.ho(), g.wo()];
-        let (il, ol, pl) = (g.in_len(), g.out_len(), g.positions());
+        let patch = g.patch();
         let xv = self.value(x).data();
-        let wm = MatRef::new(self.value(w).data(), g.c_out, g.patch());
+        let wm = MatRef::new(self.value(w).data(), g.c_out, patch);
         let bias = b.map(|b| self.value(b).data());
+        let parts = chunks(&g, n);
         let mut y = Tensor::zeros(&oshape);
-        y.data_mut().par_chunks_mut(ol).enumerate().for_each_init(Vec::new, |buf, (s, yo)| {
-            let c = cols(&g, &xv[s * il..(s + 1) * il], buf);
-            gemm(T::one(), wm, MatRef::new(c, g.patch(), pl), T::zero(), yo);
-            if let Some(bias) = bias {
-                add_channel_bias(yo, bias, pl);
-            }
-        });
+        let yp = SendPtr(y.data_mut().as_mut_ptr());
+        parts.par_iter().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(cols, tmp), &ch| {
+                lower(&g, xv, 0, ch, cols);
+                let cols_len = ch.len * g.positions();
+                tmp.resize(g.c_out * cols_len, T::zero());
+                gemm(T::one(), wm, MatRef::new(cols, patch, cols_len), T::zero(), tmp);
+                scatter(&g, tmp, ch, yp, 0, bias);
+            },
+        );
 
         let k = self.directions();
         let (xt, wt) = (self.tangent(x), self.tangent(w));
@@ -133,28 +185,33 @@ impl<T: Scalar> Tape<T> {
         } else {
             let mut t = Tensor::zeros(&tangent_shape(k, &oshape));
             let tp = SendPtr(t.data_mut().as_mut_ptr());
-            let wl = g.c_out * g.patch();
-            (0..n).into_par_iter().for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(buf, dbuf), s| {
-                    let cx = wt.map(|_| cols(&g, &xv[s * il..(s + 1) * il], buf));
+            let (wl, in_all, out_all) = (g.c_out * patch, n * g.in_len(), n * g.out_len());
+            parts.par_iter().for_each_init(
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(cols, dcols, tmp), &ch| {
+                    let cols_len = ch.len * g.positions();
+                    if wt.is_some() {
+                        lower(&g, xv, 0, ch, cols);
+                    }
+                    tmp.resize(g.c_out * cols_len, T::zero());
                     for kk in 0..k {
-                        // SAFETY: (kk, s) blocks are disjoint; each sample s is one task.
-                        let out = unsafe { tp.slice((kk * n + s) * ol, ol) };
+                        // Ẏ_k = Ẇ_k cols(X) + W cols(Ẋ_k) + ḃ_k
                         let mut beta = T::zero();
-                        if let (Some(wt), Some(cx)) = (wt, cx) {
-                            let wk = MatRef::new(&wt.data()[kk * wl..(kk + 1) * wl], g.c_out, g.patch());
-                            gemm(T::one(), wk, MatRef::new(cx, g.patch(), pl), beta, out);
+                        if let Some(wt) = wt {
+                            let wk = MatRef::new(&wt.data()[kk * wl..(kk + 1) * wl], g.c_out, patch);
+                            gemm(T::one(), wk, MatRef::new(cols, patch, cols_len), beta, tmp);
                             beta = T::one();
                         }
                         if let Some(xt) = xt {
-                            let off = (kk * n + s) * il;
-                            let cd = cols(&g, &xt.data()[off..off + il], dbuf);
-                            gemm(T::one(), wm, MatRef::new(cd, g.patch(), pl), beta, out);
+                            lower(&g, xt.data(), kk * in_all, ch, dcols);
+                            gemm(T::one(), wm, MatRef::new(dcols, patch, cols_len), beta, tmp);
+                            beta = T::one();
                         }
-                        if let Some(bt) = bt {
-                            add_channel_bias(out, &bt.data()[kk * g.c_out..(kk + 1) * g.c_out], pl);
+                        if beta == T::zero() {
+                            tmp.fill(T::zero());
                         }
+                        let bk = bt.map(|bt| &bt.data()[kk * g.c_out..(kk + 1) * g.c_out]);
+                        scatter(&g, tmp, ch, tp, kk * out_all, bk);
                     }
                 },
             );
@@ -168,29 +225,6 @@ impl<T: Scalar> Tape<T> {
             n,
         };
         Ok(self.push(Op::Conv2d(op), y, tangent, false))
-    }
-}
-
-impl Conv2d {
-    /// `dst = col2im(Σ terms)` for one sample, where each term is `lhsᵀ` (`[C_out, patch]`)
-    /// times a `[C_out, P]` adjoint block.
-    fn data_grad<T: Scalar>(&self, terms: &[(MatRef<T>, &[T])], tmp: &mut Vec<T>, dst: &mut [T]) {
-        let g = &self.g;
-        let pl = g.positions();
-        if g.is_pointwise() {
-            for (i, (lhs, gy)) in terms.iter().enumerate() {
-                let beta = if i == 0 { T::zero() } else { T::one() };
-                gemm(T::one(), lhs.t(), MatRef::new(gy, g.c_out, pl), beta, dst);
-            }
-            return;
-        }
-        tmp.resize(g.patch() * pl, T::zero());
-        for (i, (lhs, gy)) in terms.iter().enumerate() {
-            let beta = if i == 0 { T::zero() } else { T::one() };
-            gemm(T::one(), lhs.t(), MatRef::new(gy, g.c_out, pl), beta, tmp);
-        }
-        dst.fill(T::zero());
-        col2im_add(g, tmp, dst);
     }
 }
 
@@ -212,63 +246,87 @@ impl<T: Scalar> Rule<T> for Conv2d {
         let g = self.g;
         let n = self.n;
         let k = tape.directions();
-        let (il, ol, pl, patch) = (g.in_len(), g.out_len(), g.positions(), g.patch());
+        let (il, pl, patch) = (g.in_len(), g.positions(), g.patch());
+        let (in_all, out_all) = (n * il, n * g.out_len());
         let (nx, nw) = (tape.node(self.x), tape.node(self.w));
         let (xv, wv) = (nx.value.data(), nw.value.data());
         let (xt, wt) = (nx.tangent.as_ref(), nw.tangent.as_ref());
         let wl = wv.len();
         let wm = MatRef::new(wv, g.c_out, patch);
         let gyd = gy.data();
+        let parts = chunks(&g, n);
 
         if tape.needs_grad(self.x) {
+            // X̄ = col2im(Wᵀ Ȳ); X̄˙_k = col2im(Ẇ_kᵀ Ȳ + Wᵀ Ȳ˙_k)
+            let want_dot = gdot.is_some() || wt.is_some();
             let mut gx = Tensor::zeros(nx.value.shape());
-            gx.data_mut().par_chunks_mut(il).enumerate().for_each_init(Vec::new, |tmp, (s, dst)| {
-                self.data_grad(&[(wm, &gyd[s * ol..(s + 1) * ol])], tmp, dst);
-            });
-            let dot = (gdot.is_some() || wt.is_some()).then(|| {
-                let mut d = Tensor::zeros(&tangent_shape(k, nx.value.shape()));
-                d.data_mut().par_chunks_mut(il).enumerate().for_each_init(Vec::new, |tmp, (j, dst)| {
-                    let (kk, s) = (j / n, j % n);
-                    let mut terms = Vec::with_capacity(2);
-                    if let Some(wt) = wt {
-                        let wk = MatRef::new(&wt.data()[kk * wl..(kk + 1) * wl], g.c_out, patch);
-                        terms.push((wk, &gyd[s * ol..(s + 1) * ol]));
+            let mut dot = want_dot.then(|| Tensor::zeros(&tangent_shape(k, nx.value.shape())));
+            let gxp = SendPtr(gx.data_mut().as_mut_ptr());
+            let dp = dot.as_mut().map(|d| SendPtr(d.data_mut().as_mut_ptr()));
+            parts.par_iter().for_each_init(
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(gyc, gdc, tmp), &ch| {
+                    let cols_len = ch.len * pl;
+                    let col2im_chunk = |tmp: &[T], dst: SendPtr<T>, base: usize| {
+                        for j in 0..ch.len {
+                            // SAFETY: each chunk owns its samples' input-gradient blocks.
+                            let out = unsafe { dst.slice(base + (ch.start + j) * il, il) };
+                            col2im_add(&g, tmp, cols_len, j * pl, out);
+                        }
+                    };
+                    gather(&g, gyd, 0, ch, gyc);
+                    let gym = MatRef::new(&gyc[..], g.c_out, cols_len);
+                    tmp.resize(patch * cols_len, T::zero());
+                    gemm(T::one(), wm.t(), gym, T::zero(), tmp);
+                    col2im_chunk(tmp, gxp, 0);
+                    if let Some(dp) = dp {
+                        for kk in 0..k {
+                            let mut beta = T::zero();
+                            if let Some(wt) = wt {
+                                let wk = MatRef::new(&wt.data()[kk * wl..(kk + 1) * wl], g.c_out, patch);
+                                gemm(T::one(), wk.t(), gym, beta, tmp);
+                                beta = T::one();
+                            }
+                            if let Some(gd) = gdot {
+                                gather(&g, gd.data(), kk * out_all, ch, gdc);
+                                gemm(T::one(), wm.t(), MatRef::new(gdc, g.c_out, cols_len), beta, tmp);
+                            }
+                            col2im_chunk(tmp, dp, kk * in_all);
+                        }
                     }
-                    if let Some(gd) = gdot {
-                        terms.push((wm, &gd.data()[j * ol..(j + 1) * ol]));
-                    }
-                    self.data_grad(&terms, tmp, dst);
-                });
-                d
-            });
+                },
+            );
             sink.add(self.x, gx, dot);
         }
 
         if tape.needs_grad(self.w) {
+            // W̄ = Σ Ȳ cols(X)ᵀ; W̄˙_k = Σ Ȳ˙_k cols(X)ᵀ + Ȳ cols(Ẋ_k)ᵀ, summed over chunks in
+            // fixed groups (order independent of the thread count).
             let want_dot = gdot.is_some() || xt.is_some();
             let kd = if want_dot { k } else { 0 };
-            let chunks = (PARTIAL_BUDGET / ((1 + kd) * wl).max(1)).clamp(1, MAX_CHUNKS);
-            let ranges = fixed_ranges(n, chunks);
+            let groups = (PARTIAL_BUDGET / ((1 + kd) * wl).max(1)).clamp(1, MAX_GROUPS);
+            let ranges = fixed_ranges(parts.len(), groups);
             let partials: Vec<Vec<T>> = ranges
                 .par_iter()
                 .map(|r| {
                     let mut acc = vec![T::zero(); (1 + kd) * wl];
-                    let (mut buf, mut dbuf) = (Vec::new(), Vec::new());
-                    for s in r.clone() {
-                        let c = MatRef::new(cols(&g, &xv[s * il..(s + 1) * il], &mut buf), patch, pl);
-                        let gys = MatRef::new(&gyd[s * ol..(s + 1) * ol], g.c_out, pl);
-                        gemm(T::one(), gys, c.t(), T::one(), &mut acc[..wl]);
+                    let (mut cols, mut dcols, mut gyc, mut gdc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                    for &ch in &parts[r.clone()] {
+                        let cols_len = ch.len * pl;
+                        lower(&g, xv, 0, ch, &mut cols);
+                        gather(&g, gyd, 0, ch, &mut gyc);
+                        let cm = MatRef::new(&cols[..], patch, cols_len);
+                        let gym = MatRef::new(&gyc[..], g.c_out, cols_len);
+                        gemm(T::one(), gym, cm.t(), T::one(), &mut acc[..wl]);
                         for kk in 0..kd {
                             let dst = &mut acc[(1 + kk) * wl..(2 + kk) * wl];
                             if let Some(gd) = gdot {
-                                let off = (kk * n + s) * ol;
-                                let gds = MatRef::new(&gd.data()[off..off + ol], g.c_out, pl);
-                                gemm(T::one(), gds, c.t(), T::one(), dst);
+                                gather(&g, gd.data(), kk * out_all, ch, &mut gdc);
+                                gemm(T::one(), MatRef::new(&gdc[..], g.c_out, cols_len), cm.t(), T::one(), dst);
                             }
                             if let Some(xt) = xt {
-                                let off = (kk * n + s) * il;
-                                let cd = cols(&g, &xt.data()[off..off + il], &mut dbuf);
-                                gemm(T::one(), gys, MatRef::new(cd, patch, pl).t(), T::one(), dst);
+                                lower(&g, xt.data(), kk * in_all, ch, &mut dcols);
+                                gemm(T::one(), gym, MatRef::new(&dcols[..], patch, cols_len).t(), T::one(), dst);
                             }
                         }
                     }
@@ -294,7 +352,7 @@ impl<T: Scalar> Rule<T> for Conv2d {
             let dot = gdot.map(|gd| {
                 let v: Vec<T> = gd
                     .data()
-                    .chunks(n * ol)
+                    .chunks(out_all)
                     .flat_map(|c| channel_sums(c, g.c_out, pl))
                     .collect();
                 Tensor::from_vec(&[k, g.c_out], v).expect("conv db tangent")
