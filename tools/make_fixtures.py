@@ -55,15 +55,17 @@ Cases (seed in parentheses):
                                  float64 from those float32 weights, eval and train mode.
 """
 
+import json
 import math
 import os
+import struct
 import sys
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.numpy import save_file as save_numpy
+from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
@@ -295,7 +297,27 @@ def put_stats(out, name, value):
 
 
 def write(path, tensors, meta):
-    save_numpy(tensors, path, metadata={k: str(v) for k, v in meta.items()})
+    """Writes a safetensors file byte-reproducibly: tensors and metadata keys in sorted order
+    (the safetensors library orders metadata by hash, so its files differ run to run).
+    The result is read back with the safetensors library and checked."""
+    dtypes = {np.dtype(np.float64): "F64", np.dtype(np.int64): "I64"}
+    header = {"__metadata__": {k: str(meta[k]) for k in sorted(meta)}}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": dtypes[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    back = load_numpy(path)
+    assert sorted(back) == sorted(tensors)
+    assert all(np.array_equal(back[k], tensors[k]) and back[k].shape == tensors[k].shape
+               for k in tensors), path
     size = os.path.getsize(path)
     print(f"  {os.path.relpath(path)}: {len(tensors)} tensors, {size / 1024:.0f} KiB")
     return size
@@ -400,7 +422,7 @@ def checkpoint_case(name, preset, seed):
             xb, _ = make_batch(seed + 1 + b, 8)
             model(torch.from_numpy(xb).float())
     ckpt = os.path.join(OUT, f"{name}.safetensors")
-    save_torch(model.state_dict(), ckpt, metadata={"generator": GENERATOR, "model": preset})
+    save_torch(model.state_dict(), ckpt)
     size = os.path.getsize(ckpt)
     print(f"  {os.path.relpath(ckpt)}: float32 state_dict, {size / 1024:.0f} KiB")
 
@@ -426,6 +448,7 @@ def checkpoint_case(name, preset, seed):
 
 def main():
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # fixed reduction order: regenerating gives the same bytes
     torch.use_deterministic_algorithms(True)
     os.makedirs(OUT, exist_ok=True)
     only = set(sys.argv[1:])
