@@ -56,35 +56,26 @@ fn as_f32(t: RawTensor) -> RawTensor {
     RawTensor { data, ..t }
 }
 
-/// Saves a model of `preset` (initialized from `seed`, BatchNorm buffers perturbed so that
-/// eval mode differs from train mode) in the given float type, PyTorch-style with
+/// Saves a model of `preset` (initialized from `seed`; with BatchNorm, its running
+/// statistics updated from a few train-mode batches so that eval mode differs from train
+/// mode) with `Model::save` in the given float type, PyTorch-style with
 /// `num_batches_tracked`.
 fn write_weights(path: &Path, preset: &str, seed: u64, dtype: DType) {
-    let model = Model::<f64>::named(preset, seed).unwrap();
-    let mut rng = Rng(seed.wrapping_mul(31) | 1);
-    let raw: Vec<RawTensor> = model
-        .to_raw()
-        .into_iter()
-        .map(|mut t| {
-            if let RawData::F64(v) = &mut t.data {
-                if t.name.ends_with("running_mean") {
-                    v.iter_mut().for_each(|x| *x = 0.3 * rng.uniform());
-                } else if t.name.ends_with("running_var") {
-                    v.iter_mut().for_each(|x| *x = 1.0 + 0.5 * rng.uniform());
-                }
-            }
-            if let RawData::I64(v) = &mut t.data {
-                v[0] = 17;
-            }
-            t
-        })
-        .collect();
-    if dtype == DType::F64 {
-        model.save(Path::new("/dev/null")).ok(); // `save` is exercised below; keep it simple
-        write_safetensors(path, &raw).unwrap();
-    } else {
-        let raw: Vec<RawTensor> = raw.into_iter().map(as_f32).collect();
-        write_safetensors(path, &raw).unwrap();
+    let mut model = Model::<f64>::named(preset, seed).unwrap();
+    if model.arch().has_batch_norm() {
+        let mut rng = Rng(seed.wrapping_mul(31) | 1);
+        for _ in 0..3 {
+            let x: Vec<f64> = (0..4 * 3072).map(|_| rng.uniform()).collect();
+            let x = Tensor::from_vec(&[4, 3, 32, 32], x).unwrap();
+            let e = model
+                .evaluate(&x, &[0, 1, 2, 3], &[], BnUse::Train, false)
+                .unwrap();
+            model.update_running_stats(&e.bn_stats);
+        }
+    }
+    match dtype {
+        DType::F64 => model.save(path).unwrap(),
+        DType::F32 => model.cast::<f32>().save(path).unwrap(),
     }
 }
 
@@ -360,18 +351,22 @@ fn bit_identical_across_thread_counts() {
         ("resnet20", &["--bn-mode", "train"][..]),
     ] {
         let inputs = Inputs::new(&format!("threads-{preset}"), preset, 8, DType::F32);
-        let runs: [(&str, &[(&str, &str)], &[&str]); 4] = [
-            ("env1", &[("RAYON_NUM_THREADS", "1")], &[]),
-            ("env2", &[("RAYON_NUM_THREADS", "2")], &[]),
-            ("flag1", &[("RAYON_NUM_THREADS", "2")], &["--threads", "1"]),
-            ("flag2", &[("RAYON_NUM_THREADS", "1")], &["--threads", "2"]),
+        // (tag, RAYON_NUM_THREADS, --threads)
+        let runs = [
+            ("env1", "1", None),
+            ("env2", "2", None),
+            ("env3", "3", None),
+            ("flag1", "2", Some("1")),
+            ("flag2", "1", Some("2")),
         ];
         let mut files = Vec::new();
-        for (tag, env, flags) in runs {
+        for (tag, env, threads) in runs {
             let out = inputs.dir.join(format!("{tag}.safetensors"));
             let mut f: Vec<&str> = extra.to_vec();
-            f.extend_from_slice(flags);
-            run_ok(&inputs.args(&out, &f), env);
+            if let Some(t) = threads {
+                f.extend(["--threads", t]);
+            }
+            run_ok(&inputs.args(&out, &f), &[("RAYON_NUM_THREADS", env)]);
             files.push((tag, std::fs::read(&out).unwrap()));
         }
         for (tag, bytes) in &files[1..] {
@@ -399,6 +394,7 @@ fn expect_error(inputs: &Inputs, case: &str, args: &[String], needles: &[&str]) 
     );
     assert!(!stderr.contains("panicked"), "{case}: panicked: {stderr}");
     let text = stderr.trim_end();
+    eprintln!("{case}: {text}");
     assert_eq!(text.lines().count(), 1, "{case}: not one line: {stderr:?}");
     assert!(text.starts_with("error: "), "{case}: {stderr:?}");
     for needle in needles {
@@ -605,7 +601,7 @@ fn bad_inputs_give_one_line_errors() {
         &inputs,
         "weights as vector",
         &r_args,
-        &["--vector", "r_weights.safetensors", "running_mean"],
+        &["--vector", "r_weights.safetensors", "unexpected tensor"],
     );
     run_ok(&with(&r_args, "--vector", &rv), &[]);
     std::fs::remove_file(&out).unwrap();
@@ -642,6 +638,26 @@ fn bad_inputs_give_one_line_errors() {
         &with(&args, "--out", &nowhere.display().to_string()),
         &["--out", "no_such_dir"],
     );
+
+    std::fs::create_dir_all(p("out_dir.safetensors")).unwrap();
+    expect_error(
+        &inputs,
+        "out is a folder",
+        &with(&args, "--out", &p("out_dir.safetensors")),
+        &["--out", "out_dir.safetensors", "a folder"],
+    );
+    let link = dir.join("link.safetensors");
+    std::os::unix::fs::symlink(dir.join("target.safetensors"), &link).unwrap();
+    expect_error(
+        &inputs,
+        "out is a symlink",
+        &with(&args, "--out", &link.display().to_string()),
+        &["--out", "link.safetensors", "symbolic link"],
+    );
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
 
     // Help and version are not errors.
     for flag in ["--help", "--version"] {

@@ -123,9 +123,9 @@ fn checked_record_count(path: &Path, size: u64) -> Result<usize> {
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
-    move |source| DataError::Io {
+    move |error| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -136,7 +136,7 @@ fn open_file(path: &Path) -> Result<(std::fs::File, u64)> {
     if meta.is_dir() {
         return Err(DataError::Io {
             path: path.to_path_buf(),
-            source: std::io::Error::other("is a directory, not a CIFAR-10 batch file"),
+            error: std::io::Error::other("is a directory, not a CIFAR-10 batch file"),
         });
     }
     Ok((file, meta.len()))

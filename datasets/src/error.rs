@@ -9,12 +9,15 @@ use crate::cifar10::RECORD_BYTES;
 #[derive(Debug, Error)]
 pub enum DataError {
     /// A file or folder could not be opened or read (missing, unreadable, not a file).
-    #[error("{path}: {source}")]
+    ///
+    /// The message includes the OS error, which is therefore not also returned by
+    /// `Error::source` (a reporter printing the chain would repeat it).
+    #[error("{path}: {error}")]
     Io {
         /// The file or folder.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A batch file holds no bytes at all.
     #[error("{path}: empty file (a CIFAR-10 batch holds {RECORD_BYTES}-byte records)")]

@@ -46,9 +46,9 @@ fn present(path: &Path) -> Result<bool> {
     match std::fs::metadata(path) {
         Ok(_) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(DataError::Io {
+        Err(error) => Err(DataError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         }),
     }
 }
@@ -60,14 +60,14 @@ impl Cifar10Files {
     /// whole number of records, or none of the six batch files present.
     pub fn scan(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        let meta = std::fs::metadata(dir).map_err(|source| DataError::Io {
+        let meta = std::fs::metadata(dir).map_err(|error| DataError::Io {
             path: dir.to_path_buf(),
-            source,
+            error,
         })?;
         if !meta.is_dir() {
             return Err(DataError::Io {
                 path: dir.to_path_buf(),
-                source: std::io::Error::other("not a directory"),
+                error: std::io::Error::other("not a directory"),
             });
         }
         let batch_file = |name: &str| -> Result<Option<BatchFile>> {
@@ -113,9 +113,9 @@ impl Cifar10Files {
 /// whitespace (and CR of CRLF line endings) is ignored, as are blank lines (the official
 /// file ends with some).
 pub fn read_class_names(path: &Path) -> Result<Vec<String>> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+    let bytes = std::fs::read(path).map_err(|error| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let meta_err = |detail: String| DataError::Meta {
         path: path.to_path_buf(),

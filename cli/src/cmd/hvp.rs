@@ -8,7 +8,7 @@ use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::io::{write_safetensors, RawTensor};
 use flatmin_models::model::float_raw;
 use flatmin_models::{BnUse, Model};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Float type the computation runs in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -60,7 +60,7 @@ pub struct HvpArgs {
     #[arg(long, value_enum, default_value_t = BnMode::Eval)]
     pub bn_mode: BnMode,
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
-    #[arg(long, value_name = "T", value_parser = parse_threads)]
+    #[arg(long, value_name = "T", value_parser = parse_threads, allow_hyphen_values = true)]
     pub threads: Option<usize>,
     /// Output safetensors file: logits, loss, grad.NAME and hvp.NAME (written atomically).
     #[arg(long)]
@@ -90,11 +90,34 @@ pub fn run(args: &HvpArgs) -> Result<()> {
 }
 
 fn dispatch(args: &HvpArgs) -> Result<()> {
+    check_out_path(&args.out)?;
     let tensors = match args.dtype {
         Dtype::F32 => compute::<f32>(args)?,
         Dtype::F64 => compute::<f64>(args)?,
     };
     write_safetensors(&args.out, &tensors).with_context(|| format!("--out {}", args.out.display()))
+}
+
+/// Refuses an output path that exists but is not a regular file: the atomic write renames a
+/// new file over the path, which would replace a symlink, a device such as `/dev/null`, or
+/// fail late on a folder.
+fn check_out_path(out: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(out) {
+        Ok(meta) if !meta.file_type().is_file() => {
+            let what = if meta.file_type().is_symlink() {
+                "a symbolic link"
+            } else if meta.is_dir() {
+                "a folder"
+            } else {
+                "not a regular file"
+            };
+            anyhow::bail!(
+                "--out {}: exists and is {what}; refusing to replace it",
+                out.display()
+            )
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Everything `flatmin hvp` writes, computed in `T`: `logits` `[N, 10]`, `loss` `[]`, and

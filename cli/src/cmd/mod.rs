@@ -10,14 +10,32 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Prints an error and its chain of causes on one line: `error: outer: inner: ...`.
-pub fn report_error(e: &anyhow::Error) {
-    eprintln!("error: {}", one_line(&format!("{e:#}")));
+/// An error and its chain of causes on one line, `outer: inner: ...`, leaving out a cause
+/// whose text the message already ends with (some library errors print their source in
+/// their own message and also return it as their source).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = one_line(&cause.to_string());
+        if msg.is_empty() {
+            msg = text;
+        } else if !text.is_empty() && !msg.ends_with(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+    }
+    msg
 }
 
-/// Handles a command-line parsing outcome of clap: help and version go to stdout with
-/// status 0; a usage error becomes one `error: ...` line on stderr (its first paragraph,
-/// which names the offending flag or value) with status 2.
+/// Prints `error: <message>` for an error and its causes, on one line of stderr.
+pub fn report_error(e: &anyhow::Error) {
+    eprintln!("error: {}", error_line(e));
+}
+
+/// Handles a command line that clap did not turn into arguments: help and version are
+/// printed as clap prints them, with clap's status; a usage error becomes one
+/// `error: ...` line on stderr (clap's first paragraph, which names the offending flag or
+/// value) with status 2.
 pub fn report_clap_error(e: clap::Error) -> ExitCode {
     match e.kind() {
         ErrorKind::DisplayHelp
@@ -35,5 +53,32 @@ pub fn report_clap_error(e: clap::Error) -> ExitCode {
             eprintln!("error: {msg} (see --help)");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Repeats(std::io::Error);
+    impl std::fmt::Display for Repeats {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a.bin: {}", self.0)
+        }
+    }
+    impl std::error::Error for Repeats {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn chain_on_one_line_without_repeats() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let e = anyhow::Error::new(Repeats(io)).context("--data");
+        assert_eq!(error_line(&e), "--data: a.bin: gone");
+        let e = anyhow::anyhow!("two\nlines   here").context("outer");
+        assert_eq!(error_line(&e), "outer: two lines here");
     }
 }
