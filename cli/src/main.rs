@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 /// Flat-minima research on the CPU: exact Hessian-vector products, training, traces.
 #[derive(Debug, Parser)]
-#[command(name = "flatmin", version, about, propagate_version = true)]
+#[command(name = "flatmin", version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
