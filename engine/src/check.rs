@@ -156,7 +156,7 @@ pub fn check_op(
     let (u, v) = (rand_dir(&mut rng), rand_dir(&mut rng));
     let mut report = CheckReport::default();
 
-    let (_, _, ydot, g, hv1) = probe.eval(theta, &[v.clone()]).map_err(|e| fail("eval", e))?;
+    let (_, _, ydot, g, hv1) = probe.eval(theta, std::slice::from_ref(&v)).map_err(|e| fail("eval", e))?;
     let (_, _, _, _, hv2) = probe
         .eval(theta, &[u.clone(), v.clone()])
         .map_err(|e| fail("eval", e))?;
@@ -217,7 +217,8 @@ pub fn check_op(
         ("batched HVP", report.batched),
     ];
     for (what, err) in checks {
-        if !(err <= tol) {
+        // NaN errors fail too.
+        if err.is_nan() || err > tol {
             return Err(format!("{name}: {what} error {err:.3e} exceeds {tol:.1e} ({report:?})"));
         }
     }

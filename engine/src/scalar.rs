@@ -113,6 +113,7 @@ impl Scalar for f64 {
 }
 
 /// erf(x) to double precision (W. J. Cody's rational Chebyshev approximations).
+#[allow(clippy::excessive_precision)]
 pub fn erf_f64(x: f64) -> f64 {
     if x.is_nan() {
         return x;

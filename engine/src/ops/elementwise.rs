@@ -276,6 +276,7 @@ impl<T: Scalar> Rule<T> for BinaryOp {
             }
             // Sequential accumulation: a fixed order, so broadcast reductions are deterministic.
             let gd = grad.data_mut();
+            #[allow(clippy::needless_range_loop)] // i indexes g, gdot and the broadcast map
             for i in 0..m {
                 let (ia, ib) = self.bc.map(i);
                 let p = self.op.partials(av[ia], bv[ib]);

@@ -3,6 +3,7 @@
 //! Max pooling, with the argmax index chosen at the value (ties: first in window order):
 //! - value: y = x[arg];  JVP: ẏ = ẋ[arg];  VJP: x̄[arg] += ȳ;  tangent of VJP: x̄˙[arg] += ȳ˙
 //!   (piecewise linear: no second-order term).
+//!
 //! Average pooling is linear (y = P x): JVP ẏ = P ẋ, VJP x̄ = Pᵀ ȳ, tangent of VJP x̄˙ = Pᵀ ȳ˙.
 
 use super::{tangent_shape, Op, Rule};
