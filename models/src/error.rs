@@ -8,12 +8,12 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ModelError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (part of the message, so a chain printer does not repeat it).
+        cause: std::io::Error,
     },
     /// A file is not a valid safetensors file.
     #[error("{path}: not a valid safetensors file: {detail}")]
@@ -71,6 +71,9 @@ pub enum ModelError {
         /// The tensor name.
         name: String,
     },
+    /// The destination exists but is not a regular file (a folder, link or device).
+    #[error("{0}: exists and is not a regular file; refusing to replace it")]
+    NotAFile(PathBuf),
     /// An unknown model name or malformed model spec.
     #[error("unknown model '{0}' (presets: tiny-tanh, mlp-s, cnn-s, resnet20, resnet18; custom: mlp:W1,W2,...:ACT)")]
     UnknownModel(String),

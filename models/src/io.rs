@@ -60,9 +60,9 @@ pub const MAX_FILE_BYTES: u64 = 16 << 30;
 /// Reads every tensor of a safetensors file, in the file's order of data offsets.
 /// Accepts F32, F64 and I64 tensors; anything else is an error naming the tensor.
 pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
-    let io = |source| ModelError::Io {
+    let io = |cause| ModelError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     let len = std::fs::metadata(path).map_err(io)?.len();
     if len > MAX_FILE_BYTES {
@@ -70,6 +70,24 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
     }
     let bytes = std::fs::read(path).map_err(io)?;
     parse_safetensors(path, &bytes)
+}
+
+/// A readable description of a safetensors parsing error.
+fn describe(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::InvalidHeader | E::InvalidHeaderStart => "the header is not valid UTF-8 JSON".into(),
+        E::InvalidHeaderDeserialization => "the header is not a valid tensor table (bad JSON or fields)".into(),
+        E::HeaderTooLarge => "the header is larger than the 100 MB limit".into(),
+        E::HeaderTooSmall => "the file is too short to hold a header".into(),
+        E::InvalidHeaderLength => "the header length field is out of range (not a safetensors file, or truncated)".into(),
+        E::TensorNotFound(n) => format!("tensor '{n}' not found"),
+        E::TensorInvalidInfo => "a tensor's shape and dtype do not match its byte range".into(),
+        E::InvalidOffset(n) => format!("tensor '{n}' has overlapping or out-of-order data offsets"),
+        E::MetadataIncompleteBuffer => "the data section is shorter than the header says (truncated file)".into(),
+        E::ValidationOverflow => "a tensor's size overflows".into(),
+        other => format!("{other:?}"),
+    }
 }
 
 fn format_err(path: &Path, detail: String) -> ModelError {
@@ -88,10 +106,14 @@ pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<RawTensor>> {
     if header_len > (bytes.len() as u64).saturating_sub(8) {
         return Err(format_err(
             path,
-            format!("header length {header_len} exceeds the file size {} (truncated?)", bytes.len()),
+            format!(
+                "the header length field ({header_len}) exceeds the file size ({} bytes): \
+                 not a safetensors file, or truncated",
+                bytes.len()
+            ),
         ));
     }
-    let st = SafeTensors::deserialize(bytes).map_err(|e| format_err(path, format!("{e:?}")))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format_err(path, describe(&e)))?;
     let mut out = Vec::with_capacity(st.len());
     let mut names: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
     names.sort_by_key(|(_, v)| v.data().as_ptr() as usize);
@@ -152,10 +174,16 @@ pub fn write_safetensors(path: &Path, tensors: &[RawTensor]) -> Result<()> {
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync folder).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| ModelError::Io { path: p, source }
+    // Errors name the destination the caller gave, not the temporary file.
+    let io = |_: &Path| {
+        let p = path.to_path_buf();
+        move |cause| ModelError::Io { path: p, cause }
     };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_file() {
+            return Err(ModelError::NotAFile(path.to_path_buf()));
+        }
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),

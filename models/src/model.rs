@@ -548,16 +548,28 @@ impl<T: Scalar> Model<T> {
 
     /// Like [`Model::load`], from tensors already read (`path` names them in errors).
     pub fn load_raw(&mut self, path: &Path, raw: Vec<RawTensor>) -> Result<()> {
-        let mut by_name = std::collections::HashMap::new();
-        for t in raw {
-            if !self.entries.iter().any(|e| e.name == t.name) {
-                return Err(ModelError::Unexpected {
-                    path: path.to_path_buf(),
-                    name: t.name,
-                });
-            }
-            by_name.insert(t.name.clone(), t);
+        // Report missing tensors first, then the alphabetically first unexpected one, so the
+        // message does not depend on the file's data order.
+        let mut unexpected: Vec<&str> = raw
+            .iter()
+            .filter(|t| !self.entries.iter().any(|e| e.name == t.name))
+            .map(|t| t.name.as_str())
+            .collect();
+        unexpected.sort_unstable();
+        if let Some(missing) = self.entries.iter().find(|e| !raw.iter().any(|t| t.name == e.name)) {
+            return Err(ModelError::Missing {
+                path: path.to_path_buf(),
+                name: missing.name.clone(),
+            });
         }
+        if let Some(name) = unexpected.first() {
+            return Err(ModelError::Unexpected {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+            });
+        }
+        let mut by_name: std::collections::HashMap<String, RawTensor> =
+            raw.into_iter().map(|t| (t.name.clone(), t)).collect();
         let mut new_values = Vec::with_capacity(self.entries.len());
         for e in &self.entries {
             let t = by_name.remove(&e.name).ok_or_else(|| ModelError::Missing {
@@ -628,12 +640,9 @@ impl<T: Scalar> Model<T> {
     pub fn load_param_like(&self, path: &Path) -> Result<Vec<Tensor<T>>> {
         let raw = read_safetensors(path)?;
         let names = self.param_names();
-        if let Some(extra) = raw.iter().find(|t| !names.contains(&t.name.as_str())) {
-            return Err(ModelError::Unexpected {
-                path: path.to_path_buf(),
-                name: extra.name.clone(),
-            });
-        }
+        let mut extra: Vec<&str> =
+            raw.iter().map(|t| t.name.as_str()).filter(|n| !names.contains(n)).collect();
+        extra.sort_unstable();
         let mut out = Vec::with_capacity(names.len());
         for (name, p) in names.iter().zip(self.params()) {
             let t = raw.iter().find(|t| t.name == *name).ok_or_else(|| ModelError::Missing {
@@ -661,6 +670,12 @@ impl<T: Scalar> Model<T> {
                 });
             }
             out.push(Tensor::from_vec(p.shape(), v.into_iter().map(T::c).collect())?);
+        }
+        if let Some(name) = extra.first() {
+            return Err(ModelError::Unexpected {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+            });
         }
         Ok(out)
     }

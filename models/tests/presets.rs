@@ -76,3 +76,23 @@ fn save_load_round_trip_and_errors() {
     assert!(err.contains("trunc.safetensors"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn save_refuses_to_replace_a_folder_or_link() {
+    let dir = std::env::temp_dir().join(format!("flatmin-models-dest-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    let m = Model::<f32>::named("tiny-tanh", 0).unwrap();
+    let err = m.save(&dir.join("sub")).unwrap_err();
+    assert!(matches!(err, ModelError::NotAFile(_)), "{err}");
+    let target = dir.join("real.safetensors");
+    m.save(&target).unwrap();
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(&target, dir.join("link.safetensors")).unwrap();
+        assert!(matches!(m.save(&dir.join("link.safetensors")), Err(ModelError::NotAFile(_))));
+    }
+    // no temporary files are left behind
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+    assert!(leftovers.is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
