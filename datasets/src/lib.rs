@@ -16,13 +16,19 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod augment;
 pub mod cifar10;
 pub mod error;
 pub mod folder;
+pub mod loader;
 pub mod normalize;
+mod seed;
+pub mod subset;
+pub mod synthetic;
 #[cfg(test)]
 mod test_util;
 
+pub use augment::{apply_draw, flip_horizontal, Augment, AugmentDraw};
 pub use cifar10::{
     read_batch_file, record_count, Batch, CLASSES, CLASS_NAMES, IMAGE_BYTES, RECORD_BYTES,
 };
@@ -30,7 +36,10 @@ pub use error::{DataError, Result};
 pub use folder::{
     read_class_names, BatchFile, Cifar10, Cifar10Files, META_FILE, TEST_FILE, TRAIN_FILES,
 };
+pub use loader::{Batches, Element, Loader, LoaderError, MiniBatch, DEFAULT_PREFETCH};
 pub use normalize::{
     normalize_f32, normalize_f64, normalize_pixel, normalize_pixels_f32, normalize_pixels_f64,
     MEAN, STD,
 };
+pub use subset::{balanced_indices, balanced_subset, class_counts, select, SubsetError};
+pub use synthetic::synthetic;
