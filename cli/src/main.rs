@@ -19,16 +19,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train a model on CIFAR-10 (or the built-in synthetic stand-in) into a run folder.
+    Train(cmd::train::TrainArgs),
     /// Loss, logits, gradient and one exact Hessian-vector product of a model on a batch.
     Hvp(cmd::hvp::HvpArgs),
 }
 
 fn main() -> ExitCode {
+    flatmin_engine::runtime::tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return cmd::report_clap_error(e),
     };
     let result = match cli.command {
+        Command::Train(args) => cmd::train::run(&args),
         Command::Hvp(args) => cmd::hvp::run(&args),
     };
     match result {

@@ -476,10 +476,32 @@ impl<T: Scalar> Model<T> {
         bn: BnUse,
         grad: bool,
     ) -> Result<Evaluation<T>> {
+        self.evaluate_at(&self.params(), x, labels, dirs, bn, grad)
+    }
+
+    /// Like [`Model::evaluate`], at other parameter values `params` (one tensor per trainable
+    /// parameter, in order; e.g. a perturbed point), with this model's BatchNorm buffers.
+    pub fn evaluate_at(
+        &self,
+        params: &[&Tensor<T>],
+        x: &Tensor<T>,
+        labels: &[usize],
+        dirs: &[Vec<Tensor<T>>],
+        bn: BnUse,
+        grad: bool,
+    ) -> Result<Evaluation<T>> {
+        if params.len() != self.params.len()
+            || params.iter().zip(self.params()).any(|(a, b)| a.shape() != b.shape())
+        {
+            return Err(ModelError::Engine(flatmin_engine::EngineError::Shape {
+                op: "evaluate_at",
+                detail: format!("{} parameter tensors do not match the model's {}", params.len(), self.params.len()),
+            }));
+        }
         let k = dirs.len();
         let mut tape = Tape::new(k);
         let mut vars = Vec::with_capacity(self.params.len());
-        for (i, p) in self.params().into_iter().enumerate() {
+        for (i, &p) in params.iter().enumerate() {
             let tangent = if k == 0 {
                 None
             } else {

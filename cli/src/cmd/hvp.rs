@@ -60,33 +60,16 @@ pub struct HvpArgs {
     #[arg(long, value_enum, default_value_t = BnMode::Eval)]
     pub bn_mode: BnMode,
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
-    #[arg(long, value_name = "T", value_parser = parse_threads, allow_hyphen_values = true)]
+    #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
     pub threads: Option<usize>,
     /// Output safetensors file: logits, loss, grad.NAME and hvp.NAME (written atomically).
     #[arg(long)]
     pub out: PathBuf,
 }
 
-fn parse_threads(s: &str) -> std::result::Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("the thread count must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err("expected a positive integer".into()),
-    }
-}
-
 /// Runs `flatmin hvp`.
 pub fn run(args: &HvpArgs) -> Result<()> {
-    match args.threads {
-        Some(threads) => {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .with_context(|| format!("--threads {threads}: cannot start the thread pool"))?;
-            pool.install(|| dispatch(args))
-        }
-        None => dispatch(args),
-    }
+    super::with_threads(args.threads, || dispatch(args))
 }
 
 fn dispatch(args: &HvpArgs) -> Result<()> {

@@ -1,9 +1,33 @@
 //! The subcommands, one module each, and the shared one-line error reporting.
 
 pub mod hvp;
+pub mod train;
 
 use clap::error::ErrorKind;
 use std::process::ExitCode;
+
+/// Parses `--threads`: a positive integer.
+pub fn parse_threads(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("the thread count must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("expected a positive integer".into()),
+    }
+}
+
+/// Runs `f` in a rayon pool of `threads` workers, or in the global pool (which honours
+/// RAYON_NUM_THREADS) when `None`.
+pub fn with_threads<R: Send>(threads: Option<usize>, f: impl FnOnce() -> anyhow::Result<R> + Send) -> anyhow::Result<R> {
+    use anyhow::Context;
+    match threads {
+        Some(t) => rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .with_context(|| format!("--threads {t}: cannot start the thread pool"))?
+            .install(f),
+        None => f(),
+    }
+}
 
 /// Joins the lines of a message into one, collapsing runs of whitespace.
 fn one_line(text: &str) -> String {

@@ -1,0 +1,327 @@
+//! `flatmin train`: train a preset on CIFAR-10 into a run folder, with a progress bar.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use flatmin::data::{auto_candidates, resolve};
+use flatmin::train::{Observer, Record, TrainConfig, Trainer};
+use flatmin_datasets::Element;
+use flatmin_engine::Scalar;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Arguments of `flatmin train`. Unset flags take the default recipe (see `TrainConfig`).
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Model preset (tiny-tanh, mlp-s, cnn-s, resnet20, resnet18) or `mlp:W0,...:ACT` [default: cnn-s].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Optimizer: sgd or adamw [default: sgd].
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    /// Base learning rate [default: 0.05].
+    #[arg(long, allow_hyphen_values = true)]
+    pub lr: Option<f64>,
+    /// SGD momentum [default: 0.9].
+    #[arg(long, allow_hyphen_values = true)]
+    pub momentum: Option<f64>,
+    /// Nesterov momentum on [default] / off.
+    #[arg(long, overrides_with = "no_nesterov")]
+    pub nesterov: bool,
+    /// Plain (heavy-ball) momentum.
+    #[arg(long)]
+    pub no_nesterov: bool,
+    /// Weight decay [default: 5e-4].
+    #[arg(long, allow_hyphen_values = true)]
+    pub weight_decay: Option<f64>,
+    /// Learning-rate schedule: constant, cosine or step [default: cosine].
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Step schedule: epochs between decays [default: 30].
+    #[arg(long)]
+    pub step_every: Option<usize>,
+    /// Step schedule: decay factor [default: 0.1].
+    #[arg(long, allow_hyphen_values = true)]
+    pub step_gamma: Option<f64>,
+    /// Epochs of linear warmup [default: 1].
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Number of epochs [default: 15].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Mini-batch size [default: 128].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Training images, a class-balanced subset (0: all) [default: 10000].
+    #[arg(long)]
+    pub train_size: Option<usize>,
+    /// Test images, a class-balanced subset (0: all) [default: 2000].
+    #[arg(long)]
+    pub test_size: Option<usize>,
+    /// Random crop and flip on [default].
+    #[arg(long, overrides_with = "no_augment")]
+    pub augment: bool,
+    /// No augmentation.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Seed of initialization, subsets, order and augmentation [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Float type: f32 or f64 [default: f32].
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Evaluate every this many epochs [default: 1].
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Keep a numbered checkpoint every this many epochs (0: only the latest) [default: 0].
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Data: auto, synthetic, or a cifar-10-batches-bin folder [default: auto].
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Run folder [default: runs/MODEL-OPTIMIZER-sSEED, numbered if taken].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Resume the run in this folder from its last checkpoint (its config.json is used).
+    #[arg(long, value_name = "RUN")]
+    pub resume: Option<PathBuf>,
+    /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
+    #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
+    pub threads: Option<usize>,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl TrainArgs {
+    /// The recipe: defaults overridden by the given flags.
+    pub fn config(&self) -> TrainConfig {
+        let mut c = TrainConfig::default();
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        set!(model, optimizer, lr, momentum, weight_decay, schedule, step_every, step_gamma, warmup, epochs, batch_size, train_size, test_size, seed, dtype, eval_every, checkpoint_every, data);
+        if self.no_nesterov {
+            c.nesterov = false;
+        }
+        if self.nesterov {
+            c.nesterov = true;
+        }
+        if self.no_augment {
+            c.augment = false;
+        }
+        if self.augment {
+            c.augment = true;
+        }
+        if self.optimizer.as_deref() == Some("adamw") && self.lr.is_none() {
+            c.lr = 1e-3;
+        }
+        if c.optimizer != "sgd" && !self.nesterov {
+            c.nesterov = false;
+        }
+        c
+    }
+
+    /// Recipe flags given together with `--resume` (which takes the recipe from the run).
+    fn recipe_flags(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        macro_rules! given {
+            ($($f:ident => $flag:expr),*) => { $( if self.$f.is_some() { v.push($flag); } )* };
+        }
+        given!(model => "--model", optimizer => "--optimizer", lr => "--lr", momentum => "--momentum",
+            weight_decay => "--weight-decay", schedule => "--schedule", step_every => "--step-every",
+            step_gamma => "--step-gamma", warmup => "--warmup", epochs => "--epochs",
+            batch_size => "--batch-size", train_size => "--train-size", test_size => "--test-size",
+            seed => "--seed", dtype => "--dtype", eval_every => "--eval-every",
+            checkpoint_every => "--checkpoint-every", out => "--out");
+        for (set, flag) in [(self.nesterov, "--nesterov"), (self.no_nesterov, "--no-nesterov"), (self.augment, "--augment"), (self.no_augment, "--no-augment")] {
+            if set {
+                v.push(flag);
+            }
+        }
+        v
+    }
+}
+
+/// A fresh default run folder name: `runs/MODEL-OPTIMIZER-sSEED`, numbered if taken.
+fn default_out(cfg: &TrainConfig) -> PathBuf {
+    let model: String = cfg.model.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    let base = Path::new("runs").join(format!("{model}-{}-s{}", cfg.optimizer, cfg.seed));
+    let mut p = base.clone();
+    let mut i = 2;
+    while p.exists() {
+        p = PathBuf::from(format!("{}-{i}", base.display()));
+        i += 1;
+    }
+    p
+}
+
+/// Runs `flatmin train`.
+pub fn run(args: &TrainArgs) -> Result<()> {
+    super::with_threads(args.threads, || dispatch(args))
+}
+
+fn dispatch(args: &TrainArgs) -> Result<()> {
+    let (cfg, resume) = match &args.resume {
+        Some(dir) => {
+            let flags = args.recipe_flags();
+            if !flags.is_empty() {
+                bail!("--resume takes the recipe from {}/config.json; drop {}", dir.display(), flags.join(", "));
+            }
+            let cfg = flatmin::train::RunDir::open(dir)?.config()?;
+            (cfg, Some(dir.clone()))
+        }
+        None => {
+            let cfg = args.config();
+            cfg.validate()?;
+            (cfg, None)
+        }
+    };
+    let data_spec = args.data.clone().unwrap_or_else(|| cfg.data.clone());
+    let data = resolve(&data_spec, cfg.seed)?;
+    if data.synthetic && data_spec != "synthetic" {
+        let looked: Vec<String> = auto_candidates().iter().map(|p| p.display().to_string()).collect();
+        eprintln!("warning: no CIFAR-10 found (looked in {}).", looked.join(", "));
+        eprintln!("warning: training on the built-in SYNTHETIC dataset instead; accuracies are not CIFAR-10 accuracies.");
+        eprintln!("warning: get CIFAR-10 with `flatmin data fetch cifar10`, or pass --data DIR / set FLATMIN_DATA.");
+    }
+    let origin = data.origin.clone();
+    match cfg.dtype.as_str() {
+        "f64" => train::<f64>(args, cfg, data, resume, &origin),
+        _ => train::<f32>(args, cfg, data, resume, &origin),
+    }
+}
+
+fn train<T: Scalar + Element>(
+    args: &TrainArgs,
+    cfg: TrainConfig,
+    data: flatmin::data::DataSource,
+    resume: Option<PathBuf>,
+    origin: &str,
+) -> Result<()> {
+    let mut trainer = match &resume {
+        Some(dir) => Trainer::<T>::resume(dir, data)?,
+        None => {
+            let out = args.out.clone().unwrap_or_else(|| default_out(&cfg));
+            Trainer::<T>::new(cfg, data, &out)?
+        }
+    };
+    let cfg = trainer.config().clone();
+    let dir = trainer.run_dir().path().to_path_buf();
+    if !args.quiet {
+        let threads = rayon::current_num_threads();
+        println!(
+            "{} {} on {} ({} train / {} test images), {} epochs, batch {}, {} params, {} threads, {} -> {}",
+            if resume.is_some() { "resuming" } else { "training" },
+            cfg.model,
+            origin,
+            cfg.train_size,
+            cfg.test_size,
+            cfg.epochs,
+            cfg.batch_size,
+            trainer.model().num_params(),
+            threads,
+            cfg.optimizer,
+            dir.display()
+        );
+    }
+    let mut progress = Progress::new(args.quiet);
+    trainer.run(&mut progress)?;
+    progress.finish();
+    let last = trainer.run_dir().records()?.into_iter().rev().find(|r| r.kind == "eval");
+    if let Some(r) = last {
+        println!(
+            "done: test accuracy {:.2}%, test loss {:.4}, train accuracy {:.2}% (epoch {}) — run folder {}",
+            100.0 * r.test_acc.unwrap_or(f64::NAN),
+            r.test_loss.unwrap_or(f64::NAN),
+            100.0 * r.train_acc.unwrap_or(f64::NAN),
+            r.epoch + 1,
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Progress output: a bar on a terminal, periodic plain lines otherwise, nothing when quiet.
+struct Progress {
+    bar: Option<ProgressBar>,
+    plain: bool,
+    steps_per_epoch: usize,
+    last_line: Instant,
+}
+
+impl Progress {
+    fn new(quiet: bool) -> Self {
+        Progress {
+            bar: None,
+            plain: !quiet && !std::io::stdout().is_terminal(),
+            steps_per_epoch: 1,
+            last_line: Instant::now(),
+        }
+        .with_bar(quiet)
+    }
+
+    fn with_bar(mut self, quiet: bool) -> Self {
+        if !quiet && std::io::stdout().is_terminal() {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            self.bar = Some(bar);
+        }
+        self
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+    }
+}
+
+impl Observer for Progress {
+    fn on_start(&mut self, step: usize, total: usize, steps_per_epoch: usize) {
+        self.steps_per_epoch = steps_per_epoch.max(1);
+        if let Some(b) = &self.bar {
+            b.set_length(total as u64);
+            b.set_position(step as u64);
+        }
+    }
+
+    fn on_step(&mut self, r: &Record) {
+        let msg = format!(
+            "loss {:.4} acc {:.1}% {:.0} img/s",
+            r.loss.unwrap_or(f64::NAN),
+            100.0 * r.acc.unwrap_or(f64::NAN),
+            r.images_per_s.unwrap_or(0.0)
+        );
+        if let Some(b) = &self.bar {
+            b.set_prefix(format!("epoch {} step {}", r.epoch + 1, r.step));
+            b.set_position(r.step as u64);
+            b.set_message(msg);
+        } else if self.plain && (self.last_line.elapsed().as_secs_f64() >= 10.0 || r.step % self.steps_per_epoch == 0) {
+            println!("epoch {} step {}: {msg}", r.epoch + 1, r.step);
+            self.last_line = Instant::now();
+        }
+    }
+
+    fn on_eval(&mut self, r: &Record) {
+        let line = format!(
+            "epoch {}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | {:.0}s",
+            r.epoch + 1,
+            r.train_loss.unwrap_or(f64::NAN),
+            100.0 * r.train_acc.unwrap_or(f64::NAN),
+            r.test_loss.unwrap_or(f64::NAN),
+            100.0 * r.test_acc.unwrap_or(f64::NAN),
+            r.wall_s
+        );
+        match &self.bar {
+            Some(b) => b.println(line),
+            None if self.plain => println!("{line}"),
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! Training runs: a [`Trainer`] owns the model, optimizer, data and run folder, and goes
+//! epoch by epoch, writing metrics and atomic checkpoints; a run can be resumed from its
+//! folder and continues bit for bit as if never interrupted.
+
+mod config;
+mod run_dir;
+
+pub use config::{TrainConfig, OPTIMIZERS};
+pub use run_dir::{Record, RunDir};
+
+use crate::data::DataSource;
+use anyhow::{bail, Context, Result};
+use flatmin_datasets::{balanced_subset, Augment, Batch, Element, Loader};
+use flatmin_engine::{Scalar, Tensor};
+use flatmin_models::io::{RawData, RawTensor};
+use flatmin_models::model::float_raw;
+use flatmin_models::{BnUse, Model};
+use flatmin_optim::{AdamW, LrSchedule, Optimizer, Schedule, Sgd};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Receives progress events (the command line draws a progress bar from them).
+pub trait Observer {
+    /// Training starts (or resumes) at `step` of `total` steps.
+    fn on_start(&mut self, _step: usize, _total: usize, _steps_per_epoch: usize) {}
+    /// One optimizer step finished.
+    fn on_step(&mut self, _record: &Record) {}
+    /// An evaluation finished.
+    fn on_eval(&mut self, _record: &Record) {}
+    /// A checkpoint was written.
+    fn on_checkpoint(&mut self, _path: &Path) {}
+}
+
+/// An observer that ignores everything.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// Model, optimizer, data and position of one training run.
+pub struct Trainer<T: Scalar + Element> {
+    cfg: TrainConfig,
+    model: Model<T>,
+    params: Vec<Tensor<T>>,
+    opt: Box<dyn Optimizer<T>>,
+    sched: LrSchedule,
+    loader: Loader,
+    test: Batch,
+    run: RunDir,
+    step: usize,
+    /// Running sums of the current epoch: loss, correct predictions, images seen.
+    epoch_sums: (f64, u64, u64),
+}
+
+/// Evaluation batch size (no gradients; memory only).
+const EVAL_BATCH: usize = 500;
+
+fn build_optimizer<T: Scalar>(cfg: &TrainConfig) -> Result<Box<dyn Optimizer<T>>> {
+    Ok(match cfg.optimizer.as_str() {
+        "sgd" => Box::new(Sgd::new(cfg.momentum, cfg.nesterov, cfg.weight_decay)?),
+        "adamw" => Box::new(AdamW::new(cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)?),
+        other => bail!("--optimizer: unknown optimizer '{other}'"),
+    })
+}
+
+/// Picks a class-balanced subset of `size` images (0 or at least the whole set: all).
+fn subset(data: Batch, size: usize, seed: u64, flag: &str) -> Result<Batch> {
+    if size == 0 || size == data.len() {
+        return Ok(data);
+    }
+    if size > data.len() {
+        bail!("{flag} {size} exceeds the {} images available", data.len());
+    }
+    balanced_subset(&data, size, seed).with_context(|| flag.to_string())
+}
+
+impl<T: Scalar + Element> Trainer<T> {
+    /// Starts a new run in `out` (which must not hold a run already).
+    pub fn new(cfg: TrainConfig, data: DataSource, out: &Path) -> Result<Self> {
+        cfg.validate()?;
+        let run = RunDir::create(out, &cfg)?;
+        Self::assemble(cfg, data, run)
+    }
+
+    /// Reopens the run in `dir` at its last checkpoint (the folder's config is used).
+    pub fn resume(dir: &Path, data: DataSource) -> Result<Self> {
+        let run = RunDir::open(dir)?;
+        let cfg = run.config()?;
+        cfg.validate().with_context(|| format!("{}: config.json", dir.display()))?;
+        let mut t = Self::assemble(cfg, data, run)?;
+        if let Some(ckpt) = t.run.last_checkpoint() {
+            t.load_checkpoint(&ckpt)?;
+        }
+        t.run.truncate_metrics(t.step)?;
+        Ok(t)
+    }
+
+    fn assemble(cfg: TrainConfig, data: DataSource, run: RunDir) -> Result<Self> {
+        let train = subset(data.train, cfg.train_size, cfg.seed, "--train-size")?;
+        let test = subset(data.test, cfg.test_size, cfg.seed ^ 0x7e57, "--test-size")?;
+        let augment = if cfg.augment { Augment::standard() } else { Augment::none() };
+        let loader = Loader::new(Arc::new(train), cfg.batch_size, true, false, augment, cfg.seed)
+            .context("--batch-size")?;
+        let model = Model::<T>::named(&cfg.model, cfg.seed)?;
+        let params = model.params_cloned();
+        let opt = build_optimizer(&cfg)?;
+        let bpe = loader.batches_per_epoch();
+        let kind = match cfg.schedule.as_str() {
+            "constant" => Schedule::Constant,
+            "cosine" => Schedule::Cosine,
+            _ => Schedule::Step {
+                every: cfg.step_every * bpe,
+                gamma: cfg.step_gamma,
+            },
+        };
+        let sched = LrSchedule::new(cfg.lr, kind, cfg.warmup * bpe, cfg.epochs * bpe)?;
+        Ok(Trainer {
+            cfg,
+            model,
+            params,
+            opt,
+            sched,
+            loader,
+            test,
+            run,
+            step: 0,
+            epoch_sums: (0.0, 0, 0),
+        })
+    }
+
+    /// The run's configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// Optimizer steps completed so far.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// Steps per epoch.
+    pub fn steps_per_epoch(&self) -> usize {
+        self.loader.batches_per_epoch()
+    }
+
+    /// The model with the current parameters.
+    pub fn model(&mut self) -> &Model<T> {
+        self.sync_model();
+        &self.model
+    }
+
+    /// The run folder.
+    pub fn run_dir(&self) -> &RunDir {
+        &self.run
+    }
+
+    fn sync_model(&mut self) {
+        self.model
+            .set_params(self.params.clone())
+            .expect("parameters keep the model's shapes");
+    }
+
+    /// Trains to the configured number of epochs (from wherever the run stands).
+    pub fn run(&mut self, obs: &mut dyn Observer) -> Result<()> {
+        let bpe = self.loader.batches_per_epoch();
+        let total = self.cfg.epochs * bpe;
+        obs.on_start(self.step, total, bpe);
+        let started = Instant::now();
+        while self.step < total {
+            let epoch = self.step / bpe;
+            let batches = self.loader.epoch_from::<T>(epoch, self.step % bpe);
+            for mb in batches {
+                let t0 = Instant::now();
+                let n = mb.len();
+                let x = Tensor::from_vec(&mb.shape(), mb.x)?;
+                let lr = self.sched.at(self.step);
+                let (info, correct) = self.train_step(&x, &mb.labels, lr)?;
+                self.step += 1;
+                let s = &mut self.epoch_sums;
+                s.0 += info.loss * n as f64;
+                s.1 += correct as u64;
+                s.2 += n as u64;
+                let rec = Record::train(
+                    epoch,
+                    self.step,
+                    lr,
+                    &info,
+                    correct as f64 / n as f64,
+                    n as f64 / t0.elapsed().as_secs_f64(),
+                    started.elapsed().as_secs_f64(),
+                );
+                self.run.append(&rec)?;
+                obs.on_step(&rec);
+            }
+            // End of epoch: evaluate, checkpoint.
+            let done = epoch + 1;
+            if done % self.cfg.eval_every == 0 || done == self.cfg.epochs {
+                let (test_loss, test_acc) = self.evaluate_test()?;
+                let s = self.epoch_sums;
+                let rec = Record::eval(
+                    epoch,
+                    self.step,
+                    s.0 / s.2.max(1) as f64,
+                    s.1 as f64 / s.2.max(1) as f64,
+                    test_loss,
+                    test_acc,
+                    started.elapsed().as_secs_f64(),
+                );
+                self.run.append(&rec)?;
+                obs.on_eval(&rec);
+            }
+            self.epoch_sums = (0.0, 0, 0);
+            let keep = self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0;
+            let path = self.checkpoint(keep.then_some(done))?;
+            obs.on_checkpoint(&path);
+        }
+        Ok(())
+    }
+
+    /// One optimizer step on one batch; returns the step info and the number of correct
+    /// predictions at the pre-step parameters.
+    ///
+    /// BatchNorm rule: the first gradient evaluation of a step (at the current parameters)
+    /// normalizes with batch statistics and updates the running statistics; any further
+    /// evaluation in the same step (e.g. at a perturbed point) uses batch statistics and
+    /// leaves the running statistics alone.
+    fn train_step(&mut self, x: &Tensor<T>, labels: &[usize], lr: f64) -> Result<(flatmin_optim::StepInfo, usize)> {
+        let model = &mut self.model;
+        let mut calls = 0usize;
+        let mut correct = 0usize;
+        let mut oracle = |p: &[Tensor<T>]| -> flatmin_optim::Result<(T, Vec<Tensor<T>>)> {
+            let refs: Vec<&Tensor<T>> = p.iter().collect();
+            let e = model
+                .evaluate_at(&refs, x, labels, &[], BnUse::Train, true)
+                .map_err(|e| flatmin_optim::OptimError::Oracle(e.to_string()))?;
+            if calls == 0 {
+                model.update_running_stats(&e.bn_stats);
+                correct = count_correct(&e.logits, labels);
+            }
+            calls += 1;
+            Ok((e.loss, e.grads))
+        };
+        let info = self.opt.step(&mut self.params, &mut oracle, lr)?;
+        Ok((info, correct))
+    }
+
+    /// Mean loss and accuracy on the test subset (BatchNorm in eval mode).
+    pub fn evaluate_test(&mut self) -> Result<(f64, f64)> {
+        self.sync_model();
+        evaluate(&self.model, &self.test)
+    }
+
+    /// Writes the checkpoint (atomically) and the plain model state; with `keep = Some(e)`
+    /// also a numbered copy for epoch `e`. Returns the checkpoint path.
+    pub fn checkpoint(&mut self, keep: Option<usize>) -> Result<std::path::PathBuf> {
+        self.sync_model();
+        let mut raw = self.model.to_raw();
+        for (name, t) in self.opt.state() {
+            raw.push(RawTensor {
+                name: format!("optimizer/{name}"),
+                shape: t.shape().to_vec(),
+                data: float_raw(&t),
+            });
+        }
+        let scalar_i64 = |name: &str, v: u64| RawTensor {
+            name: format!("trainer/{name}"),
+            shape: vec![],
+            data: RawData::I64(vec![v as i64]),
+        };
+        raw.push(scalar_i64("step", self.step as u64));
+        raw.push(scalar_i64("epoch_correct", self.epoch_sums.1));
+        raw.push(scalar_i64("epoch_seen", self.epoch_sums.2));
+        raw.push(RawTensor {
+            name: "trainer/epoch_loss_sum".into(),
+            shape: vec![],
+            data: RawData::F64(vec![self.epoch_sums.0]),
+        });
+        let path = self.run.write_checkpoint(&raw, keep)?;
+        self.run.write_model(&self.model)?;
+        Ok(path)
+    }
+
+    fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
+        let raw = flatmin_models::io::read_safetensors(path)?;
+        let (mut model_part, mut opt_part, mut trainer_part) = (Vec::new(), Vec::new(), Vec::new());
+        for t in raw {
+            if let Some(n) = t.name.strip_prefix("optimizer/") {
+                let v = t.data.to_f64().with_context(|| format!("{}: optimizer tensor '{n}' is not float", path.display()))?;
+                opt_part.push((n.to_string(), Tensor::from_vec(&t.shape, v.into_iter().map(T::c).collect())?));
+            } else if t.name.starts_with("trainer/") {
+                trainer_part.push(t);
+            } else {
+                model_part.push(t);
+            }
+        }
+        self.model.load_raw(path, model_part)?;
+        self.params = self.model.params_cloned();
+        self.opt
+            .load_state(opt_part)
+            .with_context(|| format!("{}: optimizer state", path.display()))?;
+        let get = |name: &str| -> Result<&RawData> {
+            trainer_part
+                .iter()
+                .find(|t| t.name == format!("trainer/{name}"))
+                .map(|t| &t.data)
+                .with_context(|| format!("{}: missing tensor 'trainer/{name}'", path.display()))
+        };
+        let int = |name: &str| -> Result<u64> {
+            match get(name)? {
+                RawData::I64(v) if v.len() == 1 && v[0] >= 0 => Ok(v[0] as u64),
+                _ => bail!("{}: tensor 'trainer/{name}' is not a non-negative int64 scalar", path.display()),
+            }
+        };
+        self.step = int("step")? as usize;
+        let loss_sum = match get("epoch_loss_sum")? {
+            RawData::F64(v) if v.len() == 1 => v[0],
+            _ => bail!("{}: tensor 'trainer/epoch_loss_sum' is not an f64 scalar", path.display()),
+        };
+        self.epoch_sums = (loss_sum, int("epoch_correct")?, int("epoch_seen")?);
+        Ok(())
+    }
+}
+
+/// Number of rows whose arg-max logit is the label.
+pub fn count_correct<T: Scalar>(logits: &Tensor<T>, labels: &[usize]) -> usize {
+    let c = logits.shape()[1];
+    logits
+        .data()
+        .chunks(c)
+        .zip(labels)
+        .filter(|(row, &l)| {
+            let mut best = 0;
+            for (i, v) in row.iter().enumerate() {
+                if *v > row[best] {
+                    best = i;
+                }
+            }
+            best == l
+        })
+        .count()
+}
+
+/// Mean cross-entropy and accuracy of `model` on `data` (BatchNorm in eval mode).
+pub fn evaluate<T: Scalar + Element>(model: &Model<T>, data: &Batch) -> Result<(f64, f64)> {
+    let (mut loss, mut correct) = (0.0, 0usize);
+    for start in (0..data.len()).step_by(EVAL_BATCH) {
+        let end = (start + EVAL_BATCH).min(data.len());
+        let pixels = data.pixels[start * 3072..end * 3072].to_vec();
+        let x = Tensor::from_vec(&[end - start, 3, 32, 32], T::from_pixels(pixels))?;
+        let labels: Vec<usize> = data.labels[start..end].iter().map(|&l| l as usize).collect();
+        let e = model.evaluate(&x, &labels, &[], BnUse::Eval, false)?;
+        loss += e.loss.to_f64().unwrap_or(f64::NAN) * (end - start) as f64;
+        correct += count_correct(&e.logits, &labels);
+    }
+    let n = data.len().max(1) as f64;
+    Ok((loss / n, correct as f64 / n))
+}

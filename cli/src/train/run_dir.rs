@@ -1,0 +1,251 @@
+//! The run folder: `config.json`, `metrics.jsonl` and `metrics.csv` (one record per step and
+//! per evaluation), `checkpoints/last.safetensors` (model, optimizer and trainer state, for
+//! resuming), numbered checkpoints, and `model.safetensors` (the plain state_dict, loadable
+//! by PyTorch).
+
+use super::config::TrainConfig;
+use anyhow::{bail, Context, Result};
+use flatmin_engine::Scalar;
+use flatmin_models::io::{write_atomic, write_safetensors, RawTensor};
+use flatmin_models::Model;
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+/// One line of `metrics.jsonl` (and one row of `metrics.csv`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// `train` (one optimizer step) or `eval` (end-of-epoch evaluation).
+    pub kind: String,
+    /// Epoch (from 0).
+    pub epoch: usize,
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// Learning rate of the step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Mini-batch loss before the step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// Mini-batch accuracy before the step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acc: Option<f64>,
+    /// Gradient norm at the current parameters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    /// Gradient evaluations the step used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_evals: Option<usize>,
+    /// Mean training loss over the epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_loss: Option<f64>,
+    /// Training accuracy over the epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_acc: Option<f64>,
+    /// Test loss.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_loss: Option<f64>,
+    /// Test accuracy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_acc: Option<f64>,
+    /// Training throughput of the step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub images_per_s: Option<f64>,
+    /// Seconds since this process started training (not part of reproducibility).
+    pub wall_s: f64,
+    /// Optimizer-specific figures (perturbation norm, gate hits, ...).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub extra: std::collections::BTreeMap<String, f64>,
+}
+
+const CSV_HEADER: &str = "kind,epoch,step,lr,loss,acc,grad_norm,grad_evals,train_loss,train_acc,test_loss,test_acc,images_per_s,wall_s";
+
+impl Record {
+    /// A training-step record.
+    pub fn train(
+        epoch: usize,
+        step: usize,
+        lr: f64,
+        info: &flatmin_optim::StepInfo,
+        acc: f64,
+        images_per_s: f64,
+        wall_s: f64,
+    ) -> Self {
+        Record {
+            kind: "train".into(),
+            epoch,
+            step,
+            lr: Some(lr),
+            loss: Some(info.loss),
+            acc: Some(acc),
+            grad_norm: Some(info.grad_norm),
+            grad_evals: Some(info.grad_evals),
+            images_per_s: Some(images_per_s),
+            wall_s,
+            extra: info.extra.iter().cloned().collect(),
+            ..Default::default()
+        }
+    }
+
+    /// An evaluation record.
+    pub fn eval(epoch: usize, step: usize, train_loss: f64, train_acc: f64, test_loss: f64, test_acc: f64, wall_s: f64) -> Self {
+        Record {
+            kind: "eval".into(),
+            epoch,
+            step,
+            train_loss: Some(train_loss),
+            train_acc: Some(train_acc),
+            test_loss: Some(test_loss),
+            test_acc: Some(test_acc),
+            wall_s,
+            ..Default::default()
+        }
+    }
+
+    fn csv_row(&self) -> String {
+        let f = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
+        format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            self.kind,
+            self.epoch,
+            self.step,
+            f(self.lr),
+            f(self.loss),
+            f(self.acc),
+            f(self.grad_norm),
+            self.grad_evals.map(|v| v.to_string()).unwrap_or_default(),
+            f(self.train_loss),
+            f(self.train_acc),
+            f(self.test_loss),
+            f(self.test_acc),
+            f(self.images_per_s),
+            self.wall_s
+        )
+    }
+}
+
+/// A run folder on disk.
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    /// Creates a new run folder (or adopts an empty existing one) and writes `config.json`.
+    /// Fails before any training if the folder holds a run already or is not writable.
+    pub fn create(root: &Path, cfg: &TrainConfig) -> Result<Self> {
+        if root.join("config.json").exists() {
+            bail!(
+                "--out {}: already holds a run (resume it with --resume {}, or pick another --out)",
+                root.display(),
+                root.display()
+            );
+        }
+        std::fs::create_dir_all(root.join("checkpoints"))
+            .with_context(|| format!("--out {}: cannot create the run folder", root.display()))?;
+        let run = RunDir { root: root.to_path_buf() };
+        let json = serde_json::to_string_pretty(cfg)?;
+        write_atomic(&run.root.join("config.json"), json.as_bytes())
+            .with_context(|| format!("--out {}", root.display()))?;
+        for name in ["metrics.jsonl", "metrics.csv"] {
+            File::create(run.root.join(name)).with_context(|| format!("--out {}: cannot write {name}", root.display()))?;
+        }
+        std::fs::write(run.root.join("metrics.csv"), format!("{CSV_HEADER}\n"))
+            .with_context(|| format!("--out {}: cannot write metrics.csv", root.display()))?;
+        Ok(run)
+    }
+
+    /// Opens an existing run folder.
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.join("config.json").is_file() {
+            bail!("--resume {}: not a run folder (no config.json)", root.display());
+        }
+        Ok(RunDir { root: root.to_path_buf() })
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// The run's configuration.
+    pub fn config(&self) -> Result<TrainConfig> {
+        let p = self.root.join("config.json");
+        let text = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid run configuration", p.display()))
+    }
+
+    /// Appends one record to `metrics.jsonl` and `metrics.csv`.
+    pub fn append(&self, r: &Record) -> Result<()> {
+        let open = |name: &str| {
+            OpenOptions::new()
+                .append(true)
+                .open(self.root.join(name))
+                .with_context(|| format!("{}", self.root.join(name).display()))
+        };
+        writeln!(open("metrics.jsonl")?, "{}", serde_json::to_string(r)?)?;
+        writeln!(open("metrics.csv")?, "{}", r.csv_row())?;
+        Ok(())
+    }
+
+    /// Every record of `metrics.jsonl`.
+    pub fn records(&self) -> Result<Vec<Record>> {
+        read_records(&self.root.join("metrics.jsonl"))
+    }
+
+    /// Keeps only the records up to `step` (those written before the checkpoint a resumed
+    /// run restarts from) in both metrics files.
+    pub fn truncate_metrics(&self, step: usize) -> Result<()> {
+        let kept: Vec<Record> = self.records()?.into_iter().filter(|r| r.step <= step).collect();
+        let mut jsonl = String::new();
+        let mut csv = format!("{CSV_HEADER}\n");
+        for r in &kept {
+            jsonl.push_str(&serde_json::to_string(r)?);
+            jsonl.push('\n');
+            csv.push_str(&r.csv_row());
+            csv.push('\n');
+        }
+        write_atomic(&self.root.join("metrics.jsonl"), jsonl.as_bytes())?;
+        write_atomic(&self.root.join("metrics.csv"), csv.as_bytes())?;
+        Ok(())
+    }
+
+    /// Writes `checkpoints/last.safetensors` atomically, and a numbered copy for `keep`.
+    pub fn write_checkpoint(&self, raw: &[RawTensor], keep: Option<usize>) -> Result<PathBuf> {
+        let last = self.root.join("checkpoints").join("last.safetensors");
+        write_safetensors(&last, raw)?;
+        if let Some(e) = keep {
+            write_safetensors(&self.root.join("checkpoints").join(format!("epoch-{e:04}.safetensors")), raw)?;
+        }
+        Ok(last)
+    }
+
+    /// The checkpoint a resumed run starts from, if any.
+    pub fn last_checkpoint(&self) -> Option<PathBuf> {
+        let p = self.root.join("checkpoints").join("last.safetensors");
+        p.is_file().then_some(p)
+    }
+
+    /// Writes `model.safetensors`: the model's state_dict alone (PyTorch-loadable).
+    pub fn write_model<T: Scalar>(&self, model: &Model<T>) -> Result<()> {
+        model.save(&self.root.join("model.safetensors"))?;
+        Ok(())
+    }
+}
+
+/// Reads a `metrics.jsonl` file; a malformed line is an error naming the file and line.
+pub fn read_records(path: &Path) -> Result<Vec<Record>> {
+    let f = File::open(path).with_context(|| path.display().to_string())?;
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.with_context(|| path.display().to_string())?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(
+            serde_json::from_str(&line)
+                .with_context(|| format!("{}: line {}: not a metrics record", path.display(), i + 1))?,
+        );
+    }
+    Ok(out)
+}
