@@ -51,6 +51,18 @@ pub struct Trainer<T: Scalar + Element> {
     epoch_sums: (f64, u64, u64),
 }
 
+/// How [`Trainer::run_until`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// All epochs done.
+    Finished,
+    /// Stopped on request after `step` steps, with a checkpoint written there.
+    Stopped {
+        /// Steps completed.
+        step: usize,
+    },
+}
+
 /// Evaluation batch size (no gradients; memory only).
 const EVAL_BATCH: usize = 500;
 
@@ -161,6 +173,12 @@ impl<T: Scalar + Element> Trainer<T> {
 
     /// Trains to the configured number of epochs (from wherever the run stands).
     pub fn run(&mut self, obs: &mut dyn Observer) -> Result<()> {
+        self.run_until(obs, &|_| false).map(|_| ())
+    }
+
+    /// Like [`Trainer::run`], but after each step asks `stop(step)`; when it says yes, writes
+    /// a checkpoint at that step (resumable mid-epoch) and returns `Stopped`.
+    pub fn run_until(&mut self, obs: &mut dyn Observer, stop: &dyn Fn(usize) -> bool) -> Result<Outcome> {
         let bpe = self.loader.batches_per_epoch();
         let total = self.cfg.epochs * bpe;
         obs.on_start(self.step, total, bpe);
@@ -190,6 +208,13 @@ impl<T: Scalar + Element> Trainer<T> {
                 );
                 self.run.append(&rec)?;
                 obs.on_step(&rec);
+                // A step that ends the epoch stops only after the epoch's evaluation and
+                // checkpoint (below), so a resumed run never skips them.
+                if self.step % bpe != 0 && stop(self.step) {
+                    let path = self.checkpoint(None)?;
+                    obs.on_checkpoint(&path);
+                    return Ok(Outcome::Stopped { step: self.step });
+                }
             }
             // End of epoch: evaluate, checkpoint.
             let done = epoch + 1;
@@ -212,8 +237,11 @@ impl<T: Scalar + Element> Trainer<T> {
             let keep = self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0;
             let path = self.checkpoint(keep.then_some(done))?;
             obs.on_checkpoint(&path);
+            if self.step < total && stop(self.step) {
+                return Ok(Outcome::Stopped { step: self.step });
+            }
         }
-        Ok(())
+        Ok(Outcome::Finished)
     }
 
     /// One optimizer step on one batch; returns the step info and the number of correct

@@ -1,0 +1,123 @@
+//! Training runs through the library: run folder contents, resume equivalence (bit for bit,
+//! from mid-epoch and epoch-boundary checkpoints), and thread-count independence.
+
+use flatmin::data::DataSource;
+use flatmin::train::{Outcome, Silent, TrainConfig, Trainer};
+use flatmin_datasets::synthetic;
+use std::path::{Path, PathBuf};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("train-{name}"));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn data() -> DataSource {
+    let (train, test) = synthetic(160, 60, 11);
+    DataSource { train, test, origin: "synthetic".into(), synthetic: true }
+}
+
+fn cfg(model: &str) -> TrainConfig {
+    TrainConfig {
+        model: model.into(),
+        epochs: 3,
+        batch_size: 32,
+        train_size: 0,
+        test_size: 0,
+        lr: 0.05,
+        warmup: 1,
+        seed: 5,
+        data: "synthetic".into(),
+        ..TrainConfig::default()
+    }
+}
+
+/// Final weights (bits) and metrics without wall-clock fields.
+fn outcome(dir: &Path) -> (Vec<u8>, Vec<String>) {
+    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let lines = metrics
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("wall_s");
+            o.remove("images_per_s");
+            v.to_string()
+        })
+        .collect();
+    (weights, lines)
+}
+
+#[test]
+fn run_folder_holds_config_metrics_and_checkpoints() {
+    let dir = tmp("folder");
+    let mut c = cfg("tiny-tanh");
+    c.checkpoint_every = 2;
+    let mut t = Trainer::<f32>::new(c.clone(), data(), &dir).unwrap();
+    t.run(&mut Silent).unwrap();
+    for f in ["config.json", "metrics.jsonl", "metrics.csv", "model.safetensors", "checkpoints/last.safetensors", "checkpoints/epoch-0002.safetensors"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let recs = t.run_dir().records().unwrap();
+    let steps = 3 * 5; // 160 / 32 = 5 batches per epoch
+    assert_eq!(recs.iter().filter(|r| r.kind == "train").count(), steps);
+    assert_eq!(recs.iter().filter(|r| r.kind == "eval").count(), 3);
+    let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + steps + 3);
+    // The run learns the synthetic task.
+    let last = recs.iter().rev().find(|r| r.kind == "eval").unwrap();
+    assert!(last.test_acc.unwrap() > 0.3, "test accuracy {:?}", last.test_acc);
+    // config.json round-trips, and the folder cannot be reused for a new run.
+    assert_eq!(t.run_dir().config().unwrap(), c);
+    let err = Trainer::<f32>::new(c, data(), &dir).err().unwrap().to_string();
+    assert!(err.contains("already holds a run"), "{err}");
+    // model.safetensors is a plain state_dict that loads into the model.
+    let mut m = flatmin_models::Model::<f32>::named("tiny-tanh", 0).unwrap();
+    m.load(&dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn resume_is_bit_identical_for_sgd_and_adamw_with_batchnorm() {
+    for (model, opt) in [("tiny-tanh", "sgd"), ("resnet20", "sgd"), ("tiny-tanh", "adamw")] {
+        let mut c = cfg(model);
+        c.optimizer = opt.into();
+        if model == "resnet20" {
+            c.epochs = 2;
+        }
+        let full = tmp(&format!("full-{model}-{opt}"));
+        Trainer::<f32>::new(c.clone(), data(), &full).unwrap().run(&mut Silent).unwrap();
+        let want = outcome(&full);
+        // Interrupt mid-epoch (step 3), then at an epoch boundary (step 5), resuming each time.
+        let part = tmp(&format!("part-{model}-{opt}"));
+        let mut t = Trainer::<f32>::new(c.clone(), data(), &part).unwrap();
+        assert_eq!(t.run_until(&mut Silent, &|s| s == 3).unwrap(), Outcome::Stopped { step: 3 });
+        drop(t);
+        let mut t = Trainer::<f32>::resume(&part, data()).unwrap();
+        assert_eq!(t.step(), 3);
+        assert_eq!(t.run_until(&mut Silent, &|s| s == 5).unwrap(), Outcome::Stopped { step: 5 });
+        drop(t);
+        let mut t = Trainer::<f32>::resume(&part, data()).unwrap();
+        assert_eq!(t.run_until(&mut Silent, &|_| false).unwrap(), Outcome::Finished);
+        let got = outcome(&part);
+        assert_eq!(got.1, want.1, "{model}/{opt}: metrics differ after resume");
+        assert!(got.0 == want.0, "{model}/{opt}: final weights differ after resume");
+    }
+}
+
+#[test]
+fn same_seed_same_bits_for_one_and_two_threads() {
+    let mut runs = Vec::new();
+    for threads in [1, 2] {
+        let dir = tmp(&format!("threads-{threads}"));
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut c = cfg("resnet20");
+            c.epochs = 1;
+            Trainer::<f32>::new(c, data(), &dir).unwrap().run(&mut Silent).unwrap()
+        });
+        runs.push(outcome(&dir));
+    }
+    assert_eq!(runs[0].1, runs[1].1, "metrics differ between 1 and 2 threads");
+    assert!(runs[0].0 == runs[1].0, "weights differ between 1 and 2 threads");
+}
