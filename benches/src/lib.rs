@@ -58,6 +58,52 @@ impl<T: Scalar> Workload<T> {
     }
 }
 
+/// Multiply-accumulates of each linear or conv layer of `arch` for a batch of `n`, in
+/// forward order.
+pub fn layer_macs(arch: &flatmin_models::Arch, n: usize) -> Vec<f64> {
+    use flatmin_models::Arch;
+    let n = n as f64;
+    match arch {
+        Arch::Mlp { widths, .. } => widths.windows(2).map(|w| n * (w[0] * w[1]) as f64).collect(),
+        Arch::Cnn => vec![n * 1024.0 * 32.0 * 27.0, n * 256.0 * 64.0 * 288.0, n * 4096.0 * 128.0, n * 128.0 * 10.0],
+        Arch::ResNet { blocks, widths } => {
+            let conv = |hw: usize, cin: usize, cout: usize, k: usize| n * (hw * hw * cout * cin * k * k) as f64;
+            let mut v = vec![conv(32, 3, widths[0], 3)];
+            let (mut hw, mut cin) = (32, widths[0]);
+            for (i, (&nb, &w)) in blocks.iter().zip(widths).enumerate() {
+                for j in 0..nb {
+                    let stride = if i > 0 && j == 0 { 2 } else { 1 };
+                    let out = hw / stride;
+                    v.push(conv(out, cin, w, 3));
+                    v.push(conv(out, w, w, 3));
+                    if stride != 1 || cin != w {
+                        v.push(conv(out, cin, w, 1));
+                    }
+                    hw = out;
+                    cin = w;
+                }
+            }
+            v.push(n * (cin * 10) as f64);
+            v
+        }
+    }
+}
+
+/// GEMM floating-point operations of one gradient: forward, weight gradients, and input
+/// gradients of every layer but the first (whose input is data).
+pub fn grad_flops(macs: &[f64]) -> f64 {
+    let total: f64 = macs.iter().sum();
+    2.0 * (3.0 * total - macs.first().copied().unwrap_or(0.0))
+}
+
+/// GEMM floating-point operations of `k` HVP directions on top of one gradient
+/// (forward-over-reverse: per direction, the first layer costs 2 products, every other 6).
+pub fn hvp_flops(macs: &[f64], k: usize) -> f64 {
+    let total: f64 = macs.iter().sum();
+    let first = macs.first().copied().unwrap_or(0.0);
+    grad_flops(macs) + 2.0 * k as f64 * (6.0 * total - 4.0 * first)
+}
+
 /// Square SGEMM/DGEMM operands of size `n` and the product, through the engine's parallel GEMM.
 pub struct GemmWorkload<T> {
     a: Vec<T>,

@@ -23,6 +23,8 @@ enum Command {
     Train(cmd::train::TrainArgs),
     /// Loss, logits, gradient and one exact Hessian-vector product of a model on a batch.
     Hvp(cmd::hvp::HvpArgs),
+    /// Time gradients, HVPs, batched HVPs and GEMM (last line: JSON).
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => cmd::train::run(&args),
         Command::Hvp(args) => cmd::hvp::run(&args),
+        Command::Bench(args) => cmd::bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

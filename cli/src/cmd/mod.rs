@@ -1,5 +1,6 @@
 //! The subcommands, one module each, and the shared one-line error reporting.
 
+pub mod bench;
 pub mod hvp;
 pub mod train;
 

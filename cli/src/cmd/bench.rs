@@ -1,0 +1,155 @@
+//! `flatmin bench`: time gradients, HVPs, batched HVPs and GEMM in this process, with warm-up
+//! and repetitions; prints a small table and, last, one JSON line.
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use flatmin_benches::{grad_flops, hvp_flops, layer_macs, GemmWorkload, Workload};
+use serde_json::json;
+use std::time::Instant;
+
+/// What to time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Task {
+    /// Loss and gradient.
+    Grad,
+    /// One Hessian-vector product (and the gradient, for the ratio).
+    Hvp,
+    /// K Hessian-vector products in one batched pass (and one single HVP, for the ratio).
+    HvpBatched,
+    /// SGEMM of size `--size` through the engine's parallel GEMM.
+    Gemm,
+}
+
+/// Arguments of `flatmin bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to time.
+    #[arg(value_enum)]
+    pub task: Task,
+    /// Model preset.
+    #[arg(long, default_value = "mlp-s")]
+    pub model: String,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Directions for hvp-batched.
+    #[arg(long, default_value_t = 16)]
+    pub vectors: usize,
+    /// Matrix size for gemm.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Timed repetitions (after one warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub reps: usize,
+    /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
+    #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
+    pub threads: Option<usize>,
+    /// Only the JSON line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Median and minimum of `reps` timed calls after one warm-up call, in milliseconds.
+fn time(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+    f();
+    let mut ms: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let median = if ms.len() % 2 == 1 { ms[ms.len() / 2] } else { 0.5 * (ms[ms.len() / 2 - 1] + ms[ms.len() / 2]) };
+    (median, ms[0])
+}
+
+/// Runs `flatmin bench`.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.reps == 0 || args.batch == 0 || args.vectors == 0 || args.size == 0 {
+        bail!("--reps, --batch, --vectors and --size must be at least 1");
+    }
+    super::with_threads(args.threads, || measure(args))
+}
+
+fn measure(args: &BenchArgs) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    let mut rows: Vec<(String, f64, f64)> = Vec::new();
+    let mut out = json!({
+        "task": match args.task { Task::Grad => "grad", Task::Hvp => "hvp", Task::HvpBatched => "hvp-batched", Task::Gemm => "gemm" },
+        "threads": threads,
+        "reps": args.reps,
+        "dtype": "f32",
+    });
+    match args.task {
+        Task::Gemm => {
+            let mut w = GemmWorkload::<f32>::new(args.size);
+            let (med, min) = time(args.reps, || w.run());
+            rows.push((format!("sgemm {}", args.size), med, min));
+            out["size"] = json!(args.size);
+            out["median_ms"] = json!(med);
+            out["min_ms"] = json!(min);
+            out["per_second"] = json!(1e3 / med);
+            out["gflops"] = json!(w.flops() / (med * 1e6));
+        }
+        task => {
+            let k = if task == Task::HvpBatched { args.vectors } else { 1 };
+            let w = Workload::<f32>::new(&args.model, args.batch, k)?;
+            let macs = layer_macs(w.model.arch(), args.batch);
+            let (g_med, g_min) = time(args.reps, || {
+                std::hint::black_box(w.grad());
+            });
+            rows.push(("gradient".into(), g_med, g_min));
+            out["model"] = json!(args.model);
+            out["batch"] = json!(args.batch);
+            out["vectors"] = json!(if task == Task::Grad { 0 } else { k });
+            out["grad_ms"] = json!(g_med);
+            let (med, min, flops) = match task {
+                Task::Grad => (g_med, g_min, grad_flops(&macs)),
+                Task::Hvp => {
+                    let (m, n) = time(args.reps, || {
+                        std::hint::black_box(w.hvp());
+                    });
+                    rows.push(("hvp".into(), m, n));
+                    (m, n, hvp_flops(&macs, 1))
+                }
+                _ => {
+                    let (h1, h1min) = time(args.reps, || {
+                        std::hint::black_box(w.hvp());
+                    });
+                    rows.push(("hvp (single)".into(), h1, h1min));
+                    let (m, n) = time(args.reps, || {
+                        std::hint::black_box(w.hvp_batched());
+                    });
+                    rows.push((format!("hvp x{k} batched"), m, n));
+                    out["single_hvp_ms"] = json!(h1);
+                    out["batched_over_singles"] = json!(m / (k as f64 * h1));
+                    (m, n, hvp_flops(&macs, k))
+                }
+            };
+            out["median_ms"] = json!(med);
+            out["min_ms"] = json!(min);
+            let items = if task == Task::HvpBatched { k as f64 } else { 1.0 };
+            out["per_second"] = json!(items * 1e3 / med);
+            out["gflops"] = json!(flops / (med * 1e6));
+            if task != Task::Grad {
+                out["hvp_over_grad"] = json!(med / g_med / items);
+            }
+        }
+    }
+    if !args.json {
+        println!("{:<22} {:>12} {:>12}", "workload", "median ms", "min ms");
+        for (name, med, min) in &rows {
+            println!("{name:<22} {med:>12.3} {min:>12.3}");
+        }
+        if let Some(r) = out.get("hvp_over_grad") {
+            println!("HVP / gradient (per direction): {:.3}", r.as_f64().unwrap_or(f64::NAN));
+        }
+        if let Some(r) = out.get("batched_over_singles") {
+            println!("batched / {} single HVPs: {:.3}", args.vectors, r.as_f64().unwrap_or(f64::NAN));
+        }
+        println!("GFLOP/s (GEMM work): {:.1}", out["gflops"].as_f64().unwrap_or(f64::NAN));
+    }
+    println!("{out}");
+    Ok(())
+}
