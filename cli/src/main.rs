@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Train a model on CIFAR-10 (or the built-in synthetic stand-in) into a run folder.
-    Train(cmd::train::TrainArgs),
+    Train(Box<cmd::train::TrainArgs>),
     /// Loss, logits, gradient and one exact Hessian-vector product of a model on a batch.
     Hvp(cmd::hvp::HvpArgs),
     /// Time gradients, HVPs, batched HVPs and GEMM (last line: JSON).

@@ -302,7 +302,7 @@ impl Observer for Progress {
             b.set_prefix(format!("epoch {} step {}", r.epoch + 1, r.step));
             b.set_position(r.step as u64);
             b.set_message(msg);
-        } else if self.plain && (self.last_line.elapsed().as_secs_f64() >= 10.0 || r.step % self.steps_per_epoch == 0) {
+        } else if self.plain && (self.last_line.elapsed().as_secs_f64() >= 10.0 || r.step.is_multiple_of(self.steps_per_epoch)) {
             println!("epoch {} step {}: {msg}", r.epoch + 1, r.step);
             self.last_line = Instant::now();
         }

@@ -210,7 +210,7 @@ impl<T: Scalar + Element> Trainer<T> {
                 obs.on_step(&rec);
                 // A step that ends the epoch stops only after the epoch's evaluation and
                 // checkpoint (below), so a resumed run never skips them.
-                if self.step % bpe != 0 && stop(self.step) {
+                if !self.step.is_multiple_of(bpe) && stop(self.step) {
                     let path = self.checkpoint(None)?;
                     obs.on_checkpoint(&path);
                     return Ok(Outcome::Stopped { step: self.step });
@@ -218,7 +218,7 @@ impl<T: Scalar + Element> Trainer<T> {
             }
             // End of epoch: evaluate, checkpoint.
             let done = epoch + 1;
-            if done % self.cfg.eval_every == 0 || done == self.cfg.epochs {
+            if done.is_multiple_of(self.cfg.eval_every) || done == self.cfg.epochs {
                 let (test_loss, test_acc) = self.evaluate_test()?;
                 let s = self.epoch_sums;
                 let rec = Record::eval(
@@ -234,7 +234,7 @@ impl<T: Scalar + Element> Trainer<T> {
                 obs.on_eval(&rec);
             }
             self.epoch_sums = (0.0, 0, 0);
-            let keep = self.cfg.checkpoint_every > 0 && done % self.cfg.checkpoint_every == 0;
+            let keep = self.cfg.checkpoint_every > 0 && done.is_multiple_of(self.cfg.checkpoint_every);
             let path = self.checkpoint(keep.then_some(done))?;
             obs.on_checkpoint(&path);
             if self.step < total && stop(self.step) {
