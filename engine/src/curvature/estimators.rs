@@ -1,0 +1,283 @@
+//! Stochastic trace estimators: Hutchinson with a confidence-interval stopping rule, and
+//! Hutch++ (Meyer, Musco, Musco & Woodruff 2021).
+
+use super::linalg::{dot, orthogonalize, orthonormal_columns, rademacher, Running};
+use super::operator::{BatchLoss, Hessian};
+use super::{invalid, CurvatureResult};
+use crate::scalar::Scalar;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+/// Options of [`hutchinson`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct HutchinsonOptions {
+    /// Seed of the `StdRng` that draws the Rademacher probes (the probe sequence depends on
+    /// the seed only, not on how probes are batched).
+    pub seed: u64,
+    /// Probes drawn before the stopping rule is consulted (at least 2).
+    pub min_probes: usize,
+    /// Hard cap on probes (at least `min_probes`).
+    pub max_probes: usize,
+    /// Stop once `z · se / |mean| <= rel_tol` (the relative half-width of the confidence
+    /// interval). 0 never stops early.
+    pub rel_tol: f64,
+    /// Normal quantile of the confidence interval (1.96 for 95 %).
+    pub z: f64,
+    /// Probes per round (the rule is checked after each round); `None`: `K` times the
+    /// concurrent passes, so that a round fills the passes.
+    pub probes_per_round: Option<usize>,
+}
+
+impl Default for HutchinsonOptions {
+    fn default() -> Self {
+        HutchinsonOptions {
+            seed: 0,
+            min_probes: 10,
+            max_probes: 1000,
+            rel_tol: 0.01,
+            z: 1.96,
+            probes_per_round: None,
+        }
+    }
+}
+
+/// Result of [`hutchinson`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct HutchinsonResult {
+    /// The trace estimate: the mean of `zᵀ H z` over the probes.
+    pub estimate: f64,
+    /// Sample standard error of the mean.
+    pub std_error: f64,
+    /// `z · std_error`: half-width of the confidence interval.
+    pub half_width: f64,
+    /// `half_width / |estimate|` (0 when the standard error is 0).
+    pub relative_half_width: f64,
+    /// Probes used (= HVPs).
+    pub probes: usize,
+    /// True when the stopping rule was met (false: stopped at `max_probes`).
+    pub converged: bool,
+    /// Number of trainable scalars `d`.
+    pub dim: usize,
+    /// `estimate / d`.
+    pub normalized_estimate: f64,
+    /// `std_error / d`.
+    pub normalized_std_error: f64,
+    /// Per-tensor trace estimates (the same probes restricted to each tensor's block).
+    pub block_estimates: Vec<f64>,
+    /// Standard errors of `block_estimates`.
+    pub block_std_errors: Vec<f64>,
+    /// The samples `zᵀ H z`, in probe order.
+    pub samples: Vec<f64>,
+    /// Hessian-vector products spent (= `probes`).
+    pub hvps: usize,
+    /// Forward-over-reverse passes run.
+    pub passes: usize,
+}
+
+/// Hutchinson's trace estimator with Rademacher probes `z`: `tr(H) ≈ mean(zᵀ H z)`.
+/// Probes go through the batched HVP a round at a time; after each round, once at least
+/// `min_probes` are in, it stops when the relative half-width of the confidence interval
+/// `z · se / |mean|` is at most `rel_tol`, or at `max_probes`.
+///
+/// Cost: one HVP per probe (`probes` in the result, between `min_probes` and `max_probes`,
+/// rounded up to whole rounds below the cap).
+pub fn hutchinson<T: Scalar, L: BatchLoss<T>>(
+    h: &Hessian<'_, T, L>,
+    opts: &HutchinsonOptions,
+) -> CurvatureResult<HutchinsonResult> {
+    if opts.min_probes < 2 {
+        return invalid(
+            "min_probes",
+            format!("must be at least 2, got {}", opts.min_probes),
+        );
+    }
+    if opts.max_probes < opts.min_probes {
+        return invalid(
+            "max_probes",
+            format!(
+                "{} is below min_probes {}",
+                opts.max_probes, opts.min_probes
+            ),
+        );
+    }
+    let tol_ok = opts.rel_tol >= 0.0;
+    if !tol_ok || !opts.z.is_finite() || opts.z <= 0.0 {
+        return invalid(
+            "rel_tol / z",
+            format!(
+                "need rel_tol >= 0 and z > 0, got {} and {}",
+                opts.rel_tol, opts.z
+            ),
+        );
+    }
+    let round = opts
+        .probes_per_round
+        .unwrap_or_else(|| h.config().directions_per_pass * h.config().concurrent_passes);
+    if round == 0 {
+        return invalid("probes_per_round", "must be at least 1, got 0");
+    }
+    let start = (h.hvps(), h.passes());
+    let layout = h.layout();
+    let d = layout.dim();
+    let nt = layout.num_tensors();
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let mut total = Running::default();
+    let mut blocks = vec![Running::default(); nt];
+    let mut samples = Vec::new();
+    let relative = |r: &Running| {
+        let se = r.std_error();
+        if se == 0.0 {
+            0.0
+        } else {
+            opts.z * se / r.mean().abs()
+        }
+    };
+    let converged = loop {
+        let n = total.count();
+        if n >= opts.min_probes && relative(&total) <= opts.rel_tol {
+            break true;
+        }
+        if n >= opts.max_probes {
+            break false;
+        }
+        let want = if n < opts.min_probes {
+            round.max(opts.min_probes - n)
+        } else {
+            round
+        };
+        let take = want.min(opts.max_probes - n);
+        let probes: Vec<Vec<f64>> = (0..take).map(|_| rademacher(&mut rng, d)).collect();
+        let hz = h.apply(&probes)?;
+        for (z, hz) in probes.iter().zip(&hz) {
+            let mut s = 0.0;
+            for (i, blk) in blocks.iter_mut().enumerate() {
+                let r = layout.range(i);
+                let v = dot(&z[r.clone()], &hz[r]);
+                blk.push(v);
+                s += v;
+            }
+            total.push(s);
+            samples.push(s);
+        }
+    };
+    let estimate = total.mean();
+    let se = total.std_error();
+    Ok(HutchinsonResult {
+        estimate,
+        std_error: se,
+        half_width: opts.z * se,
+        relative_half_width: relative(&total),
+        probes: total.count(),
+        converged,
+        dim: d,
+        normalized_estimate: estimate / d as f64,
+        normalized_std_error: se / d as f64,
+        block_estimates: blocks.iter().map(|b| b.mean()).collect(),
+        block_std_errors: blocks.iter().map(|b| b.std_error()).collect(),
+        samples,
+        hvps: h.hvps() - start.0,
+        passes: h.passes() - start.1,
+    })
+}
+
+/// Options of [`hutch_plus_plus`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HutchPlusPlusOptions {
+    /// Total Hessian-vector products `m` (at least 6): `m / 3` for the sketch, up to `m / 3`
+    /// for the exact trace on its range, the rest for Hutchinson on the deflated Hessian.
+    pub budget: usize,
+    /// Seed of the `StdRng` that draws the sketch and the probes.
+    pub seed: u64,
+}
+
+impl Default for HutchPlusPlusOptions {
+    fn default() -> Self {
+        HutchPlusPlusOptions {
+            budget: 99,
+            seed: 0,
+        }
+    }
+}
+
+/// Result of [`hutch_plus_plus`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct HutchPlusPlusResult {
+    /// The trace estimate `tr(Qᵀ H Q) + residual_estimate`.
+    pub estimate: f64,
+    /// Standard error of the estimate (that of the Hutchinson part; the rest is exact given
+    /// `Q`).
+    pub std_error: f64,
+    /// `tr(Qᵀ H Q)`, exact, over the sketched subspace.
+    pub top_trace: f64,
+    /// Hutchinson estimate of `tr((I − QQᵀ) H (I − QQᵀ))`.
+    pub residual_estimate: f64,
+    /// Columns of the sketch `S` (`m / 3`).
+    pub sketch_size: usize,
+    /// Rank of `Q` kept after orthonormalizing `H S` (at most `sketch_size`).
+    pub rank: usize,
+    /// Probes of the Hutchinson part (`m − sketch_size − rank`).
+    pub residual_probes: usize,
+    /// Number of trainable scalars `d`.
+    pub dim: usize,
+    /// `estimate / d`.
+    pub normalized_estimate: f64,
+    /// `std_error / d`.
+    pub normalized_std_error: f64,
+    /// Hessian-vector products spent (= `budget`).
+    pub hvps: usize,
+    /// Forward-over-reverse passes run.
+    pub passes: usize,
+}
+
+/// Hutch++: `Q = orth(H S)` for a Rademacher sketch `S` with `m / 3` columns (modified
+/// Gram-Schmidt with reorthogonalization), then `tr(Qᵀ H Q)` exactly, plus Hutchinson with
+/// the remaining probes `g` on `(I − QQᵀ) H (I − QQᵀ)`. Far lower variance than Hutchinson
+/// when a few large eigenvalues dominate the spectrum.
+///
+/// Cost: exactly `budget` HVPs, in two rounds: `m / 3` for `H S`, then `rank + g` together.
+pub fn hutch_plus_plus<T: Scalar, L: BatchLoss<T>>(
+    h: &Hessian<'_, T, L>,
+    opts: &HutchPlusPlusOptions,
+) -> CurvatureResult<HutchPlusPlusResult> {
+    let m = opts.budget;
+    if m < 6 {
+        return invalid("budget", format!("must be at least 6 HVPs, got {m}"));
+    }
+    let start = (h.hvps(), h.passes());
+    let d = h.dim();
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let s = m / 3;
+    let sketch: Vec<Vec<f64>> = (0..s).map(|_| rademacher(&mut rng, d)).collect();
+    let hs = h.apply(&sketch)?;
+    let q = orthonormal_columns(&hs);
+    let rank = q.len();
+    let g = m - s - rank;
+    let mut dirs = q.clone();
+    for _ in 0..g {
+        let mut z = rademacher(&mut rng, d);
+        orthogonalize(&mut z, &q);
+        dirs.push(z);
+    }
+    let hd = h.apply(&dirs)?;
+    let top_trace: f64 = q.iter().zip(&hd).map(|(qi, hqi)| dot(qi, hqi)).sum();
+    let mut resid = Running::default();
+    for (z, hz) in dirs[rank..].iter().zip(&hd[rank..]) {
+        resid.push(dot(z, hz));
+    }
+    let estimate = top_trace + resid.mean();
+    let se = resid.std_error();
+    Ok(HutchPlusPlusResult {
+        estimate,
+        std_error: se,
+        top_trace,
+        residual_estimate: resid.mean(),
+        sketch_size: s,
+        rank,
+        residual_probes: g,
+        dim: d,
+        normalized_estimate: estimate / d as f64,
+        normalized_std_error: se / d as f64,
+        hvps: h.hvps() - start.0,
+        passes: h.passes() - start.1,
+    })
+}
