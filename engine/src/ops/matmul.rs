@@ -55,6 +55,37 @@ fn add_rows<T: Scalar>(y: &mut [T], bias: &[T]) {
     });
 }
 
+/// `[K, rows, cols]` → `[rows, K, cols]` (direction-major to sample-major).
+fn sample_major<T: Scalar>(src: &[T], k: usize, rows: usize, cols: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); src.len()];
+    for kk in 0..k {
+        for r in 0..rows {
+            let from = &src[(kk * rows + r) * cols..][..cols];
+            out[(r * k + kk) * cols..][..cols].copy_from_slice(from);
+        }
+    }
+    out
+}
+
+/// `dst[k][r][c] (+)= src[r][k][c]`: adds (or with `accumulate = false`, writes) a
+/// sample-major `[rows, K, cols]` block into a direction-major `[K, rows, cols]` one.
+fn add_direction_major<T: Scalar>(dst: &mut [T], src: &[T], k: usize, rows: usize, cols: usize, accumulate: bool) {
+    use rayon::prelude::*;
+    dst.par_chunks_mut(rows * cols).enumerate().for_each(|(kk, block)| {
+        for r in 0..rows {
+            let from = &src[(r * k + kk) * cols..][..cols];
+            let to = &mut block[r * cols..(r + 1) * cols];
+            if accumulate {
+                for (t, &f) in to.iter_mut().zip(from) {
+                    *t = *t + f;
+                }
+            } else {
+                to.copy_from_slice(from);
+            }
+        }
+    });
+}
+
 /// Column sums of `g` (`[rows, n]`), in row order.
 fn col_sums<T: Scalar>(g: &[T], n: usize) -> Vec<T> {
     let mut s = vec![T::zero(); n];
@@ -129,15 +160,19 @@ impl<T: Scalar> Tape<T> {
                 );
             }
             if let Some(bt) = bt {
-                let bl = kd * n;
-                for (kk, out) in td.chunks_mut(m * n).enumerate() {
-                    gemm_par(
-                        T::one(),
-                        MatRef::new(av, m, kd),
-                        p.bview(&bt.data()[kk * bl..(kk + 1) * bl]),
-                        T::one(),
-                        out,
-                    );
+                if p.trans_b {
+                    // All K directions in one GEMM: A [m, kd] × [Ḃ_1; …; Ḃ_K]ᵀ → [m, K, n].
+                    let mut tmp = vec![T::zero(); m * k * n];
+                    let stacked = MatRef::new(bt.data(), k * n, kd).t();
+                    gemm_par(T::one(), MatRef::new(av, m, kd), stacked, T::zero(), &mut tmp);
+                    add_direction_major(td, &tmp, k, m, n, at.is_some());
+                } else {
+                    let bl = kd * n;
+                    for (kk, out) in td.chunks_mut(m * n).enumerate() {
+                        let beta = if at.is_some() { T::one() } else { T::zero() };
+                        let bk = p.bview(&bt.data()[kk * bl..(kk + 1) * bl]);
+                        gemm_par(T::one(), MatRef::new(av, m, kd), bk, beta, out);
+                    }
                 }
             }
             if let Some(ct) = ct {
@@ -208,21 +243,40 @@ impl<T: Scalar> Rule<T> for Product {
             let a = MatRef::new(av, m, kd);
             let mut gb = Tensor::zeros(nb.value.shape());
             self.grad_b(a, g, T::zero(), gb.data_mut());
+            // B̄'˙_k = Aᵀ Ȳ˙_k + Ȧ_kᵀ Ȳ for all k at once: the K directions are laid side by
+            // side (sample-major copies of Ȳ˙ and Ȧ), so each term is one GEMM.
             let dot = (gdot.is_some() || at.is_some()).then(|| {
-                let mut d = Tensor::zeros(&tangent_shape(k, nb.value.shape()));
-                for (kk, out) in d.data_mut().chunks_mut(bl).enumerate() {
-                    let mut beta = T::zero();
-                    if let Some(gd) = gdot {
-                        let gdk = MatRef::new(&gd.data()[kk * m * n..], m, n);
-                        self.grad_b(a, gdk, T::zero(), out);
-                        beta = T::one();
+                let mut d = vec![T::zero(); k * bl];
+                let mut filled = false;
+                if let Some(gd) = gdot {
+                    let gd_sm = sample_major(gd.data(), k, m, n);
+                    let gdm = MatRef::new(&gd_sm, m, k * n);
+                    if self.trans_b {
+                        // [K·n, m] × A → [K, n, kd] directly.
+                        gemm_par(T::one(), gdm.t(), a, T::zero(), &mut d);
+                    } else {
+                        // Aᵀ × [m, K·n] → [kd, K, n].
+                        let mut tmp = vec![T::zero(); kd * k * n];
+                        gemm_par(T::one(), a.t(), gdm, T::zero(), &mut tmp);
+                        add_direction_major(&mut d, &tmp, k, kd, n, false);
                     }
-                    if let Some(at) = at {
-                        let atk = MatRef::new(&at.data()[kk * m * kd..], m, kd);
-                        self.grad_b(atk, g, beta, out);
+                    filled = true;
+                }
+                if let Some(at) = at {
+                    let at_sm = sample_major(at.data(), k, m, kd);
+                    let atm = MatRef::new(&at_sm, m, k * kd);
+                    if self.trans_b {
+                        // Ȳᵀ × [m, K·kd] → [n, K, kd].
+                        let mut tmp = vec![T::zero(); n * k * kd];
+                        gemm_par(T::one(), g.t(), atm, T::zero(), &mut tmp);
+                        add_direction_major(&mut d, &tmp, k, n, kd, filled);
+                    } else {
+                        // [K·kd, m] × Ȳ → [K, kd, n] directly.
+                        let beta = if filled { T::one() } else { T::zero() };
+                        gemm_par(T::one(), atm.t(), g, beta, &mut d);
                     }
                 }
-                d
+                Tensor::from_vec(&tangent_shape(k, nb.value.shape()), d).expect("tangent shape")
             });
             sink.add(self.b, gb, dot);
         }
