@@ -1,0 +1,110 @@
+//! `flatmin train` through the binary: a short run, the synthetic fallback warning, real data,
+//! and one-line errors naming the flag for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("train-cli-{name}"));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn flatmin(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flatmin"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("FLATMIN_DATA")
+        .env("HOME", cwd)
+        .env("XDG_CACHE_HOME", cwd.join("cache"))
+        .output()
+        .unwrap()
+}
+
+const SMALL: [&str; 12] = ["--model", "tiny-tanh", "--epochs", "1", "--train-size", "200", "--test-size", "100", "--batch-size", "50", "--warmup", "0"];
+
+#[test]
+fn short_run_with_synthetic_fallback_warns_loudly() {
+    let dir = tmp("auto");
+    let mut args = vec!["train"];
+    args.extend(SMALL);
+    args.extend(["--out", "run", "--quiet"]);
+    let out = flatmin(&args, &dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("SYNTHETIC") && stderr.contains("flatmin data fetch cifar10"), "{stderr}");
+    for f in ["config.json", "metrics.jsonl", "metrics.csv", "model.safetensors", "checkpoints/last.safetensors"] {
+        assert!(dir.join("run").join(f).is_file(), "{f}");
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("test accuracy"), "{stdout}");
+    // Default run folder naming: runs/MODEL-OPTIMIZER-sSEED, numbered when taken.
+    let mut args = vec!["train"];
+    args.extend(SMALL);
+    args.extend(["--data", "synthetic", "--quiet"]);
+    for want in ["runs/tiny-tanh-sgd-s0", "runs/tiny-tanh-sgd-s0-2"] {
+        let out = flatmin(&args, &dir);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(dir.join(want).join("config.json").is_file(), "{want}");
+    }
+}
+
+#[test]
+fn trains_on_real_cifar10_subset() {
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/cifar10-subset");
+    assert!(Path::new(data).is_dir(), "the shared CIFAR-10 subset is missing at {data}");
+    let dir = tmp("real");
+    let out = flatmin(
+        &["train", "--model", "tiny-tanh", "--epochs", "2", "--train-size", "1000", "--test-size", "500", "--batch-size", "100", "--data", data, "--out", "run"],
+        &dir,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("SYNTHETIC"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("epoch 2:"), "plain progress lines expected when not on a terminal: {stdout}");
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let acc = last["test_acc"].as_f64().unwrap();
+    assert!(acc > 0.15, "tiny-tanh should beat chance on real CIFAR-10 after 2 epochs, got {acc}");
+}
+
+#[test]
+fn bad_flags_give_one_line_errors() {
+    let dir = tmp("errors");
+    let run = tmp("errors-run");
+    let mut args = vec!["train"];
+    args.extend(SMALL);
+    args.extend(["--data", "synthetic", "--out"]);
+    let run_s = run.join("r").display().to_string();
+    args.push(&run_s);
+    args.push("--quiet");
+    assert!(flatmin(&args, &dir).status.success());
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["train", "--epochs", "0"], "--epochs"),
+        (vec!["train", "--lr", "-1"], "--lr"),
+        (vec!["train", "--lr", "nan"], "--lr"),
+        (vec!["train", "--momentum", "1.5"], "--momentum"),
+        (vec!["train", "--batch-size", "0"], "--batch-size"),
+        (vec!["train", "--optimizer", "lion"], "--optimizer"),
+        (vec!["train", "--model", "resnet99"], "--model"),
+        (vec!["train", "--schedule", "linear"], "--schedule"),
+        (vec!["train", "--dtype", "f16"], "--dtype"),
+        (vec!["train", "--threads", "0"], "--threads"),
+        (vec!["train", "--data", "/nonexistent/cifar"], "/nonexistent/cifar"),
+        (vec!["train", "--data", "synthetic", "--train-size", "100000"], "--train-size"),
+        (vec!["train", "--resume", "/nonexistent/run"], "/nonexistent/run"),
+        (vec!["train", "--resume", &run_s, "--lr", "0.1"], "--lr"),
+        (vec!["train", "--data", "synthetic", "--out", &run_s], "already holds a run"),
+    ];
+    for (args, needle) in cases {
+        let out = flatmin(&args, &dir);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("warning:")).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
