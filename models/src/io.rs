@@ -72,6 +72,31 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
     parse_safetensors(path, &bytes)
 }
 
+/// The first key that appears twice in the header's top-level JSON object, if any (a JSON
+/// map would otherwise keep the last one silently). Malformed JSON is left to the parser.
+fn duplicate_name(header: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if !seen.insert(key.clone()) {
+                    return Ok(Some(key));
+                }
+            }
+            Ok(None)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(header);
+    de.deserialize_map(Keys).ok().flatten()
+}
+
 /// A readable description of a safetensors parsing error.
 fn describe(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
@@ -112,6 +137,9 @@ pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<RawTensor>> {
                 bytes.len()
             ),
         ));
+    }
+    if let Some(dup) = duplicate_name(&bytes[8..8 + header_len as usize]) {
+        return Err(format_err(path, format!("tensor name '{dup}' appears twice in the header")));
     }
     let st = SafeTensors::deserialize(bytes).map_err(|e| format_err(path, describe(&e)))?;
     let mut out = Vec::with_capacity(st.len());
