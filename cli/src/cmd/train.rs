@@ -26,10 +26,10 @@ pub struct TrainArgs {
     /// SGD momentum [default: 0.9].
     #[arg(long, allow_hyphen_values = true)]
     pub momentum: Option<f64>,
-    /// Nesterov momentum on [default] / off.
+    /// Nesterov momentum.
     #[arg(long, overrides_with = "no_nesterov")]
     pub nesterov: bool,
-    /// Plain (heavy-ball) momentum.
+    /// Plain (heavy-ball) momentum [default].
     #[arg(long)]
     pub no_nesterov: bool,
     /// Weight decay [default: 5e-4].
@@ -44,10 +44,10 @@ pub struct TrainArgs {
     /// Step schedule: decay factor [default: 0.1].
     #[arg(long, allow_hyphen_values = true)]
     pub step_gamma: Option<f64>,
-    /// Epochs of linear warmup [default: 1].
+    /// Epochs of linear warmup [default: 0].
     #[arg(long)]
     pub warmup: Option<usize>,
-    /// Number of epochs [default: 15].
+    /// Number of epochs [default: 10].
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Mini-batch size [default: 128].
