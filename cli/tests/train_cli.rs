@@ -108,3 +108,64 @@ fn bad_flags_give_one_line_errors() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+fn metrics_without_wall_time(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("wall_s");
+            o.remove("images_per_s");
+            v.to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn config_rerun_is_identical_and_overwrite_replaces() {
+    let dir = tmp("rerun");
+    let mut args = vec!["train"];
+    args.extend(SMALL);
+    args.extend(["--epochs", "2", "--data", "synthetic", "--seed", "3", "--out", "a", "--quiet"]);
+    assert!(flatmin(&args, &dir).status.success());
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("a/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["seed"], 3);
+    assert_eq!(cfg["flatmin_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(cfg["dataset"]["train_images"], 200);
+    assert_eq!(cfg["dataset"]["train_sha256"].as_str().unwrap().len(), 64);
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("a/summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 8);
+    assert!(summary["final"]["test_acc"].as_f64().is_some());
+    // Rerun the recorded experiment exactly.
+    let out = flatmin(&["train", "--config", "a/config.json", "--out", "b", "--quiet"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(metrics_without_wall_time(&dir.join("a/metrics.jsonl")), metrics_without_wall_time(&dir.join("b/metrics.jsonl")));
+    // Flags override the file.
+    let out = flatmin(&["train", "--config", "a/config.json", "--epochs", "1", "--out", "c", "--quiet"], &dir);
+    assert!(out.status.success());
+    assert_eq!(metrics_without_wall_time(&dir.join("c/metrics.jsonl")).len(), 4 + 1);
+    // --overwrite replaces an existing run; without it the folder is refused.
+    let out = flatmin(&["train", "--config", "a/config.json", "--epochs", "1", "--out", "b", "--quiet"], &dir);
+    assert!(!out.status.success());
+    let out = flatmin(&["train", "--config", "a/config.json", "--epochs", "1", "--out", "b", "--overwrite", "--quiet"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(metrics_without_wall_time(&dir.join("b/metrics.jsonl")).len(), 5);
+}
+
+#[test]
+fn unwritable_run_folder_fails_before_training() {
+    let dir = tmp("unwritable");
+    std::fs::write(dir.join("plain-file"), b"x").unwrap();
+    let mut args = vec!["train"];
+    args.extend(SMALL);
+    args.extend(["--data", "synthetic", "--out", "plain-file/run"]);
+    let out = flatmin(&args, &dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.starts_with("error: --out plain-file/run"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("epoch"), "training must not start");
+    let out = flatmin(&["train", "--config", "missing.json"], &dir);
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: --config missing.json"));
+}

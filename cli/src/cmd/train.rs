@@ -84,8 +84,14 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Resume the run in this folder from its last checkpoint (its config.json is used).
-    #[arg(long, value_name = "RUN")]
+    #[arg(long, value_name = "RUN", conflicts_with = "config")]
     pub resume: Option<PathBuf>,
+    /// Rerun a recorded experiment: take the recipe from this config.json (flags override it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Replace a run already in --out.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
     #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
     pub threads: Option<usize>,
@@ -95,9 +101,17 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// The recipe: defaults overridden by the given flags.
-    pub fn config(&self) -> TrainConfig {
-        let mut c = TrainConfig::default();
+    /// The recipe: `--config FILE` (or the defaults) overridden by the given flags.
+    pub fn config(&self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+                serde_json::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("--config {}: not a flatmin run configuration: {e}", path.display()))?
+            }
+            None => TrainConfig::default(),
+        };
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
         }
@@ -120,7 +134,7 @@ impl TrainArgs {
         if c.optimizer != "sgd" && !self.nesterov {
             c.nesterov = false;
         }
-        c
+        Ok(c)
     }
 
     /// Recipe flags given together with `--resume` (which takes the recipe from the run).
@@ -135,6 +149,9 @@ impl TrainArgs {
             batch_size => "--batch-size", train_size => "--train-size", test_size => "--test-size",
             seed => "--seed", dtype => "--dtype", eval_every => "--eval-every",
             checkpoint_every => "--checkpoint-every", out => "--out");
+        if self.overwrite {
+            v.push("--overwrite");
+        }
         for (set, flag) in [(self.nesterov, "--nesterov"), (self.no_nesterov, "--no-nesterov"), (self.augment, "--augment"), (self.no_augment, "--no-augment")] {
             if set {
                 v.push(flag);
@@ -173,7 +190,7 @@ fn dispatch(args: &TrainArgs) -> Result<()> {
             (cfg, Some(dir.clone()))
         }
         None => {
-            let cfg = args.config();
+            let cfg = args.config()?;
             cfg.validate()?;
             (cfg, None)
         }
@@ -204,7 +221,7 @@ fn train<T: Scalar + Element>(
         Some(dir) => Trainer::<T>::resume(dir, data)?,
         None => {
             let out = args.out.clone().unwrap_or_else(|| default_out(&cfg));
-            Trainer::<T>::new(cfg, data, &out)?
+            Trainer::<T>::create(cfg, data, &out, args.overwrite)?
         }
     };
     let cfg = trainer.config().clone();

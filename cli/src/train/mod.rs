@@ -6,7 +6,7 @@ mod config;
 mod run_dir;
 
 pub use config::{TrainConfig, OPTIMIZERS};
-pub use run_dir::{Record, RunDir};
+pub use run_dir::{batch_sha256, DatasetIdentity, Record, RunDir, RunMeta};
 
 use crate::data::DataSource;
 use anyhow::{bail, Context, Result};
@@ -88,9 +88,29 @@ fn subset(data: Batch, size: usize, seed: u64, flag: &str) -> Result<Batch> {
 impl<T: Scalar + Element> Trainer<T> {
     /// Starts a new run in `out` (which must not hold a run already).
     pub fn new(cfg: TrainConfig, data: DataSource, out: &Path) -> Result<Self> {
+        Self::create(cfg, data, out, false)
+    }
+
+    /// Starts a new run in `out`; with `overwrite`, a run already there is replaced.
+    pub fn create(cfg: TrainConfig, data: DataSource, out: &Path, overwrite: bool) -> Result<Self> {
         cfg.validate()?;
-        let run = RunDir::create(out, &cfg)?;
-        Self::assemble(cfg, data, run)
+        let (origin, synthetic) = (data.origin.clone(), data.synthetic);
+        let run = RunDir::create(out, &cfg, overwrite)?;
+        let t = Self::assemble(cfg, data, run)?;
+        let meta = RunMeta {
+            flatmin_version: env!("CARGO_PKG_VERSION").into(),
+            threads: rayon::current_num_threads(),
+            dataset: DatasetIdentity {
+                origin,
+                synthetic,
+                train_images: t.loader.records(),
+                test_images: t.test.len(),
+                train_sha256: batch_sha256(t.loader.data()),
+                test_sha256: batch_sha256(&t.test),
+            },
+        };
+        t.run.write_config(&t.cfg, &meta)?;
+        Ok(t)
     }
 
     /// Reopens the run in `dir` at its last checkpoint (the folder's config is used).
@@ -241,7 +261,31 @@ impl<T: Scalar + Element> Trainer<T> {
                 return Ok(Outcome::Stopped { step: self.step });
             }
         }
+        self.write_summary()?;
         Ok(Outcome::Finished)
+    }
+
+    /// Writes `summary.json`: steps, the last evaluation, the best test accuracy.
+    fn write_summary(&self) -> Result<()> {
+        let recs = self.run.records()?;
+        let evals: Vec<&Record> = recs.iter().filter(|r| r.kind == "eval").collect();
+        let best = evals
+            .iter()
+            .filter_map(|r| r.test_acc.map(|a| (a, r.epoch)))
+            .fold(None, |b: Option<(f64, usize)>, x| if b.is_none_or(|b| x.0 > b.0) { Some(x) } else { b });
+        let summary = serde_json::json!({
+            "model": self.cfg.model,
+            "optimizer": self.cfg.optimizer,
+            "seed": self.cfg.seed,
+            "epochs": self.cfg.epochs,
+            "steps": self.step,
+            "parameters": self.model.num_params(),
+            "final": evals.last(),
+            "best_test_acc": best.map(|b| b.0),
+            "best_epoch": best.map(|b| b.1),
+            "train_wall_s_last_process": recs.last().map(|r| r.wall_s),
+        });
+        self.run.write_summary(&summary)
     }
 
     /// One optimizer step on one batch; returns the step info and the number of correct

@@ -125,6 +125,43 @@ impl Record {
     }
 }
 
+/// Who ran a run and on what: written into `config.json` beside the recipe.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunMeta {
+    /// flatmin's version.
+    pub flatmin_version: String,
+    /// Worker threads of the run (results do not depend on it).
+    pub threads: usize,
+    /// The data the run saw.
+    pub dataset: DatasetIdentity,
+}
+
+/// What identifies the training and test images of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DatasetIdentity {
+    /// Folder of the CIFAR-10 release, or `synthetic`.
+    pub origin: String,
+    /// True for the built-in synthetic stand-in.
+    pub synthetic: bool,
+    /// Training images used (after subsetting).
+    pub train_images: usize,
+    /// Test images used (after subsetting).
+    pub test_images: usize,
+    /// SHA-256 of the training images used (labels, then pixels).
+    pub train_sha256: String,
+    /// SHA-256 of the test images used (labels, then pixels).
+    pub test_sha256: String,
+}
+
+/// SHA-256 (hex) of a batch's labels followed by its pixels.
+pub fn batch_sha256(b: &flatmin_datasets::Batch) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(&b.labels);
+    h.update(&b.pixels);
+    h.finalize().iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// A run folder on disk.
 pub struct RunDir {
     root: PathBuf,
@@ -133,13 +170,17 @@ pub struct RunDir {
 impl RunDir {
     /// Creates a new run folder (or adopts an empty existing one) and writes `config.json`.
     /// Fails before any training if the folder holds a run already or is not writable.
-    pub fn create(root: &Path, cfg: &TrainConfig) -> Result<Self> {
+    pub fn create(root: &Path, cfg: &TrainConfig, overwrite: bool) -> Result<Self> {
         if root.join("config.json").exists() {
-            bail!(
-                "--out {}: already holds a run (resume it with --resume {}, or pick another --out)",
-                root.display(),
-                root.display()
-            );
+            if !overwrite {
+                bail!(
+                    "--out {}: already holds a run (resume it with --resume {}, replace it with --overwrite, or pick another --out)",
+                    root.display(),
+                    root.display()
+                );
+            }
+            std::fs::remove_dir_all(root)
+                .with_context(|| format!("--overwrite: cannot remove {}", root.display()))?;
         }
         std::fs::create_dir_all(root.join("checkpoints"))
             .with_context(|| format!("--out {}: cannot create the run folder", root.display()))?;
@@ -166,6 +207,22 @@ impl RunDir {
     /// The folder.
     pub fn path(&self) -> &Path {
         &self.root
+    }
+
+    /// Rewrites `config.json` with the recipe and the run's metadata.
+    pub fn write_config(&self, cfg: &TrainConfig, meta: &RunMeta) -> Result<()> {
+        let mut v = serde_json::to_value(cfg)?;
+        if let (Some(o), serde_json::Value::Object(m)) = (v.as_object_mut(), serde_json::to_value(meta)?) {
+            o.extend(m);
+        }
+        write_atomic(&self.root.join("config.json"), serde_json::to_string_pretty(&v)?.as_bytes())?;
+        Ok(())
+    }
+
+    /// Writes `summary.json` (atomically).
+    pub fn write_summary(&self, summary: &serde_json::Value) -> Result<()> {
+        write_atomic(&self.root.join("summary.json"), serde_json::to_string_pretty(summary)?.as_bytes())?;
+        Ok(())
     }
 
     /// The run's configuration.
