@@ -4,4 +4,5 @@
 #![warn(missing_docs)]
 
 pub mod data;
+pub mod plot;
 pub mod train;

@@ -25,6 +25,10 @@ enum Command {
     Hvp(cmd::hvp::HvpArgs),
     /// Time gradients, HVPs, batched HVPs and GEMM (last line: JSON).
     Bench(cmd::bench::BenchArgs),
+    /// Compare runs in one figure: one panel per metric, one line per run (PNG or SVG).
+    Plot(cmd::plot::PlotArgs),
+    /// Loss and accuracy of a run's model (or a checkpoint) on the test or training split.
+    Eval(cmd::eval::EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +41,8 @@ fn main() -> ExitCode {
         Command::Train(args) => cmd::train::run(&args),
         Command::Hvp(args) => cmd::hvp::run(&args),
         Command::Bench(args) => cmd::bench::run(&args),
+        Command::Plot(args) => cmd::plot::run(&args),
+        Command::Eval(args) => cmd::eval::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

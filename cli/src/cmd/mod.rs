@@ -1,7 +1,9 @@
 //! The subcommands, one module each, and the shared one-line error reporting.
 
 pub mod bench;
+pub mod eval;
 pub mod hvp;
+pub mod plot;
 pub mod train;
 
 use clap::error::ErrorKind;

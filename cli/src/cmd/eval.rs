@@ -1,0 +1,280 @@
+//! `flatmin eval`: loss and accuracy of a trained model (a run folder's `model.safetensors`,
+//! or any safetensors checkpoint) on the test or training split.
+//!
+//! By default it evaluates exactly what the run evaluated: the run's data, seed, float type
+//! and class-balanced subset of the split (the test subset is drawn with the seed the
+//! trainer uses for it, `seed ^ 0x7e57`), with BatchNorm on its running statistics; the
+//! test accuracy then equals the run's last `eval` record.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use flatmin::data::{auto_candidates, resolve};
+use flatmin::train::{count_correct, evaluate, RunDir, TrainConfig};
+use flatmin_datasets::{balanced_subset, Batch, Element};
+use flatmin_engine::{Scalar, Tensor};
+use flatmin_models::{BnUse, Model};
+use std::path::{Path, PathBuf};
+
+/// Seed offset of the trainer's test subset (`TrainConfig::test_size`).
+const TEST_SUBSET_SEED: u64 = 0x7e57;
+/// Images per forward pass (with `--bn-mode train`, the BatchNorm statistics are those of
+/// each such chunk).
+const EVAL_BATCH: usize = 500;
+
+/// Arguments of `flatmin eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A run folder (its model.safetensors is evaluated) or a safetensors checkpoint.
+    #[arg(value_name = "RUN_OR_CHECKPOINT")]
+    pub target: PathBuf,
+    /// Model preset or `mlp:...` spec of a checkpoint outside a run folder [default: the
+    /// run's, from its config.json].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Data: auto, synthetic, or a cifar-10-batches-bin folder [default: the run's, else auto].
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Split to evaluate on.
+    #[arg(long, default_value = "test", value_parser = ["test", "train"])]
+    pub split: String,
+    /// Evaluate a class-balanced subset of N images of the split (0: all) [default: the
+    /// run's subset of that split, else all].
+    #[arg(long, value_name = "N")]
+    pub size: Option<usize>,
+    /// BatchNorm normalization: eval (running statistics) or train (batch statistics).
+    #[arg(long, default_value = "eval", value_parser = ["eval", "train"])]
+    pub bn_mode: String,
+    /// Float type [default: the run's, else f32].
+    #[arg(long, value_parser = ["f32", "f64"])]
+    pub dtype: Option<String>,
+    /// Seed of the subset and of synthetic data [default: the run's, else 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Also print one JSON line on stdout (the human line then goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
+    #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
+    pub threads: Option<usize>,
+}
+
+/// The weights to evaluate and the run they belong to, if any.
+struct Target {
+    weights: PathBuf,
+    run: Option<(PathBuf, TrainConfig)>,
+}
+
+/// The configuration of the run folder `dir`.
+fn run_config(dir: &Path) -> Result<(PathBuf, TrainConfig)> {
+    let cfg = RunDir::open(dir)?.config()?;
+    Ok((dir.join("config.json"), cfg))
+}
+
+/// Finds the weights of `target` and its run's configuration: a run folder, or a file
+/// inside one (`RUN/model.safetensors`, `RUN/checkpoints/*.safetensors`), or a lone file.
+fn locate(target: &Path) -> Result<Target> {
+    if target.is_dir() {
+        if !target.join("config.json").is_file() {
+            bail!("{}: not a run folder (no config.json)", target.display());
+        }
+        let weights = target.join("model.safetensors");
+        if !weights.is_file() {
+            bail!("{}: the run has no model.safetensors yet", target.display());
+        }
+        return Ok(Target {
+            weights,
+            run: Some(run_config(target)?),
+        });
+    }
+    if !target.is_file() {
+        bail!(
+            "{}: no such run folder or checkpoint file",
+            target.display()
+        );
+    }
+    let dir = target
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            }
+        })
+        .find(|d| d.join("config.json").is_file());
+    Ok(Target {
+        weights: target.to_path_buf(),
+        run: dir.map(run_config).transpose()?,
+    })
+}
+
+/// What one evaluation found.
+struct Outcome {
+    loss: f64,
+    acc: f64,
+}
+
+/// Runs `flatmin eval`.
+pub fn run(args: &EvalArgs) -> Result<()> {
+    super::with_threads(args.threads, || dispatch(args))
+}
+
+fn dispatch(args: &EvalArgs) -> Result<()> {
+    let target = locate(&args.target)?;
+    let cfg = target.run.as_ref().map(|(_, c)| c);
+    let model = match (&args.model, &target.run) {
+        (Some(m), Some((path, c))) if *m != c.model => bail!(
+            "--model {m}: {} belongs to a run of model {} ({}); drop --model",
+            args.target.display(),
+            c.model,
+            path.display()
+        ),
+        (Some(m), _) => m.clone(),
+        (None, Some((_, c))) => c.model.clone(),
+        (None, None) => bail!(
+            "--model is needed for {}: it is not inside a run folder (no config.json beside it)",
+            args.target.display()
+        ),
+    };
+    let dtype = args
+        .dtype
+        .clone()
+        .or_else(|| cfg.map(|c| c.dtype.clone()))
+        .unwrap_or_else(|| "f32".into());
+    let seed = args.seed.or(cfg.map(|c| c.seed)).unwrap_or(0);
+    let bn = BnUse::parse(&args.bn_mode).context("--bn-mode: expected eval or train")?;
+    match dtype.as_str() {
+        "f32" => eval_as::<f32>(args, &target, &model, seed, bn, &dtype),
+        "f64" => eval_as::<f64>(args, &target, &model, seed, bn, &dtype),
+        other => bail!("--dtype must be f32 or f64, got '{other}'"),
+    }
+}
+
+/// Loads the weights into a `model` in float type `T`, picks the data and evaluates.
+fn eval_as<T: Scalar + Element>(
+    args: &EvalArgs,
+    target: &Target,
+    model: &str,
+    seed: u64,
+    bn: BnUse,
+    dtype: &str,
+) -> Result<()> {
+    let mut net =
+        Model::<T>::named(model, seed).map_err(|e| anyhow::anyhow!("--model {model}: {e}"))?;
+    // A training checkpoint also holds optimizer and trainer state; only the model's
+    // tensors are loaded.
+    let raw: Vec<_> = flatmin_models::io::read_safetensors(&target.weights)?
+        .into_iter()
+        .filter(|t| !t.name.starts_with("optimizer/") && !t.name.starts_with("trainer/"))
+        .collect();
+    net.load_raw(&target.weights, raw)
+        .with_context(|| format!("the weights do not fit model {model}"))?;
+
+    let cfg = target.run.as_ref().map(|(_, c)| c);
+    let spec = args
+        .data
+        .clone()
+        .or_else(|| cfg.map(|c| c.data.clone()))
+        .unwrap_or_else(|| "auto".into());
+    let data = resolve(&spec, seed)?;
+    if data.synthetic && spec != "synthetic" {
+        let looked: Vec<String> = auto_candidates()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        eprintln!(
+            "warning: no CIFAR-10 found (looked in {}); evaluating on the built-in SYNTHETIC dataset",
+            looked.join(", ")
+        );
+    }
+    let (batch, run_size, subset_seed) = match args.split.as_str() {
+        "train" => (data.train, cfg.map(|c| c.train_size), seed),
+        _ => (data.test, cfg.map(|c| c.test_size), seed ^ TEST_SUBSET_SEED),
+    };
+    let size = args.size.or(run_size).unwrap_or(0);
+    let batch = subset(batch, size, subset_seed, &args.split)?;
+    let out = match bn {
+        BnUse::Eval => {
+            let (loss, acc) = evaluate(&net, &batch)?;
+            Outcome { loss, acc }
+        }
+        BnUse::Train => evaluate_batch_stats(&net, &batch)?,
+    };
+
+    let human = format!(
+        "{}: {} accuracy {:.2}%, loss {:.4} on {} {} images ({}; {}, {}, BatchNorm {})",
+        args.target.display(),
+        args.split,
+        100.0 * out.acc,
+        out.loss,
+        batch.len(),
+        args.split,
+        data.origin,
+        model,
+        dtype,
+        bn.name()
+    );
+    if args.json {
+        eprintln!("{human}");
+        let line = serde_json::json!({
+            "target": args.target.display().to_string(),
+            "weights": target.weights.display().to_string(),
+            "model": model,
+            "split": args.split,
+            "images": batch.len(),
+            "data": data.origin,
+            "synthetic": data.synthetic,
+            "bn_mode": bn.name(),
+            "dtype": dtype,
+            "seed": seed,
+            "loss": out.loss,
+            "acc": out.acc,
+        });
+        println!("{line}");
+    } else {
+        println!("{human}");
+    }
+    Ok(())
+}
+
+/// The class-balanced subset of `size` images (0 or the whole split: all of it).
+fn subset(batch: Batch, size: usize, seed: u64, split: &str) -> Result<Batch> {
+    if batch.is_empty() {
+        bail!("--split {split}: the data has no {split} images");
+    }
+    if size == 0 || size == batch.len() {
+        return Ok(batch);
+    }
+    if size > batch.len() {
+        bail!(
+            "--size {size} exceeds the {} {split} images available",
+            batch.len()
+        );
+    }
+    balanced_subset(&batch, size, seed).with_context(|| format!("--size {size}"))
+}
+
+/// Mean loss and accuracy with BatchNorm on the statistics of each chunk of
+/// [`EVAL_BATCH`] images.
+fn evaluate_batch_stats<T: Scalar + Element>(model: &Model<T>, data: &Batch) -> Result<Outcome> {
+    let (mut loss, mut correct) = (0.0, 0usize);
+    for start in (0..data.len()).step_by(EVAL_BATCH) {
+        let end = (start + EVAL_BATCH).min(data.len());
+        let pixels = data.pixels[start * 3072..end * 3072].to_vec();
+        let x = Tensor::from_vec(&[end - start, 3, 32, 32], T::from_pixels(pixels))?;
+        let labels: Vec<usize> = data.labels[start..end]
+            .iter()
+            .map(|&l| usize::from(l))
+            .collect();
+        let e = model.evaluate(&x, &labels, &[], BnUse::Train, false)?;
+        loss += e.loss.to_f64().unwrap_or(f64::NAN) * (end - start) as f64;
+        correct += count_correct(&e.logits, &labels);
+    }
+    let n = data.len().max(1) as f64;
+    Ok(Outcome {
+        loss: loss / n,
+        acc: correct as f64 / n,
+    })
+}

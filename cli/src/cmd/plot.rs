@@ -1,0 +1,55 @@
+//! `flatmin plot`: compare training runs in one figure (one panel per metric, one line per
+//! run), as PNG or SVG.
+
+use anyhow::Result;
+use clap::Args;
+use flatmin::plot::{plot_runs, PlotOptions, XAxis};
+use std::path::PathBuf;
+
+/// Arguments of `flatmin plot`.
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// Run folders written by `flatmin train` (one line per run, labelled by folder name).
+    #[arg(value_name = "RUN", required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Metric to draw, one panel each (repeatable): test_acc, test_loss, train_acc,
+    /// train_loss (per evaluation), loss, acc, lr, grad_norm, grad_evals, images_per_s
+    /// (per step), or an optimizer extra [default: test_acc and loss].
+    #[arg(long = "metric", value_name = "NAME")]
+    pub metrics: Vec<String>,
+    /// Horizontal axis: step or epoch.
+    #[arg(long, value_name = "AXIS", default_value = "step", value_parser = ["step", "epoch"])]
+    pub x: String,
+    /// Output image, .png or .svg [default: RUN/plot.png for one run, plot.png for several].
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Figure title.
+    #[arg(long, value_name = "T")]
+    pub title: Option<String>,
+    /// Logarithmic vertical axes.
+    #[arg(long)]
+    pub log_y: bool,
+    /// Moving-average window of per-step metrics, 1 for none [default: about 1/40 of the
+    /// steps, at most 50].
+    #[arg(long, value_name = "N")]
+    pub smooth: Option<usize>,
+}
+
+/// Runs `flatmin plot`.
+pub fn run(args: &PlotArgs) -> Result<()> {
+    let opts = PlotOptions {
+        metrics: args.metrics.clone(),
+        x: XAxis::parse(&args.x)?,
+        smooth: args.smooth,
+        title: args.title.clone(),
+        log_y: args.log_y,
+    };
+    let out = match (&args.out, args.runs.as_slice()) {
+        (Some(out), _) => out.clone(),
+        (None, [one]) => one.join("plot.png"),
+        (None, _) => PathBuf::from("plot.png"),
+    };
+    plot_runs(&args.runs, &opts, &out)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,977 @@
+//! Figures of training runs: reads the `metrics.jsonl` of one or more run folders, checks
+//! every input (missing folder, malformed line, unknown or absent metric) with a one-line
+//! error, and draws one panel per metric with one line per run, as PNG or SVG.
+//!
+//! Per-step metrics (`loss`, `acc`, `lr`, `grad_norm`, ... and optimizer extras) are drawn
+//! as lines, smoothed by a centred moving average over the raw values (drawn faintly
+//! behind); per-epoch evaluation metrics (`test_acc`, `test_loss`, `train_loss`,
+//! `train_acc`) as points joined by lines at the steps where they were measured. Text is
+//! drawn with an embedded DejaVu Sans, so no system font library is needed.
+
+use crate::train::Record;
+use anyhow::{anyhow, bail, Context, Result};
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// Metrics plotted when none is asked for: test accuracy and the mini-batch training loss.
+pub const DEFAULT_METRICS: [&str; 2] = ["test_acc", "loss"];
+
+/// Per-step metrics (from `train` records) and what they mean.
+const STEP_METRICS: [(&str, &str); 6] = [
+    ("loss", "training loss (mini-batch)"),
+    ("acc", "training accuracy (mini-batch)"),
+    ("lr", "learning rate"),
+    ("grad_norm", "gradient norm"),
+    ("grad_evals", "gradient evaluations per step"),
+    ("images_per_s", "throughput (images/s)"),
+];
+
+/// Per-evaluation metrics (from `eval` records) and what they mean.
+const EVAL_METRICS: [(&str, &str); 4] = [
+    ("test_acc", "test accuracy"),
+    ("test_loss", "test loss"),
+    ("train_acc", "training accuracy (epoch)"),
+    ("train_loss", "training loss (epoch mean)"),
+];
+
+/// Width and height in pixels of one panel.
+const PANEL: (u32, u32) = (760, 460);
+/// Height in pixels of the figure title band.
+const TITLE_BAND: u32 = 48;
+/// The line colours, one per run, in order (cycled beyond ten runs).
+const COLORS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// The font every figure's text is drawn with (see `cli/assets/fonts/LICENSE-DejaVu.txt`).
+static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+
+/// The metrics of one run folder.
+#[derive(Clone, Debug)]
+pub struct Run {
+    /// The name the run goes by in legends and errors (its folder name).
+    pub label: String,
+    /// The run folder as given.
+    pub dir: PathBuf,
+    /// Every record of its `metrics.jsonl`, in file order.
+    pub records: Vec<Record>,
+}
+
+impl Run {
+    /// The `metrics.jsonl` file of the run.
+    pub fn metrics_file(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+}
+
+/// Whether a metric is recorded at every optimizer step or at each evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A `train` record per optimizer step.
+    Step,
+    /// An `eval` record per evaluated epoch.
+    Eval,
+}
+
+/// A metric that can be plotted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Metric {
+    /// Its name in `metrics.jsonl` (an `extra` key for optimizer-specific figures).
+    pub name: String,
+    /// Where its values come from.
+    pub source: Source,
+    /// A short human description (the panel caption).
+    pub description: String,
+}
+
+impl Metric {
+    /// True for accuracies, which are drawn in percent.
+    pub fn is_accuracy(&self) -> bool {
+        matches!(self.name.as_str(), "acc" | "test_acc" | "train_acc")
+    }
+
+    /// The metric's value in a record of the right kind, if finite.
+    pub fn value(&self, r: &Record) -> Option<f64> {
+        let wanted = match self.source {
+            Source::Step => "train",
+            Source::Eval => "eval",
+        };
+        if r.kind != wanted {
+            return None;
+        }
+        let v = match self.name.as_str() {
+            "loss" => r.loss,
+            "acc" => r.acc,
+            "lr" => r.lr,
+            "grad_norm" => r.grad_norm,
+            "grad_evals" => r.grad_evals.map(|v| v as f64),
+            "images_per_s" => r.images_per_s,
+            "test_acc" => r.test_acc,
+            "test_loss" => r.test_loss,
+            "train_acc" => r.train_acc,
+            "train_loss" => r.train_loss,
+            other => r.extra.get(other).copied(),
+        };
+        v.filter(|v| v.is_finite())
+    }
+}
+
+/// The horizontal axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XAxis {
+    /// Optimizer steps completed.
+    Step,
+    /// Epochs completed (fractional between evaluations).
+    Epoch,
+}
+
+impl XAxis {
+    /// Parses `step` or `epoch`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "step" => Ok(XAxis::Step),
+            "epoch" => Ok(XAxis::Epoch),
+            other => bail!("--x: unknown axis '{other}' (step or epoch)"),
+        }
+    }
+
+    /// `"step"` or `"epoch"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            XAxis::Step => "step",
+            XAxis::Epoch => "epoch",
+        }
+    }
+}
+
+/// The image format of an output file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// A PNG bitmap.
+    Png,
+    /// An SVG drawing.
+    Svg,
+}
+
+impl Format {
+    /// The format named by the extension of `out` (`.png` or `.svg`, any case).
+    pub fn of(out: &Path) -> Result<Self> {
+        let ext = out
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match ext.as_deref() {
+            Some("png") => Ok(Format::Png),
+            Some("svg") => Ok(Format::Svg),
+            _ => bail!(
+                "--out {}: unknown image format (the file name must end in .png or .svg)",
+                out.display()
+            ),
+        }
+    }
+}
+
+/// What to draw.
+#[derive(Clone, Debug)]
+pub struct PlotOptions {
+    /// Metric names, one panel each; empty for [`DEFAULT_METRICS`].
+    pub metrics: Vec<String>,
+    /// The horizontal axis.
+    pub x: XAxis,
+    /// Moving-average window of per-step metrics (1: none); `None` picks one from the
+    /// number of steps (an odd number near 1/25 of them, at most 51).
+    pub smooth: Option<usize>,
+    /// Figure title; `None` for none.
+    pub title: Option<String>,
+    /// Logarithmic vertical axes (values that are not positive are left out).
+    pub log_y: bool,
+}
+
+impl Default for PlotOptions {
+    /// The default metrics against steps, automatic smoothing, no title, linear axes.
+    fn default() -> Self {
+        PlotOptions {
+            metrics: Vec::new(),
+            x: XAxis::Step,
+            smooth: None,
+            title: None,
+            log_y: false,
+        }
+    }
+}
+
+/// One line of a panel.
+#[derive(Clone, Debug)]
+pub struct Line {
+    /// The run's label.
+    pub label: String,
+    /// The points drawn (smoothed for per-step metrics).
+    pub points: Vec<(f64, f64)>,
+    /// The raw points behind a smoothed line, when smoothing changed anything.
+    pub raw: Option<Vec<(f64, f64)>>,
+    /// Marks each point (evaluation metrics).
+    pub markers: bool,
+}
+
+/// One panel of a figure: one metric, one line per run.
+#[derive(Clone, Debug)]
+pub struct Panel {
+    /// The metric.
+    pub metric: Metric,
+    /// Caption drawn above the panel.
+    pub caption: String,
+    /// Vertical axis label.
+    pub y_label: String,
+    /// The lines, in run order.
+    pub lines: Vec<Line>,
+}
+
+/// A figure ready to draw.
+#[derive(Clone, Debug)]
+pub struct Figure {
+    /// Title drawn above the panels.
+    pub title: Option<String>,
+    /// Horizontal axis label.
+    pub x_label: String,
+    /// Logarithmic vertical axes.
+    pub log_y: bool,
+    /// The panels, in the order asked for.
+    pub panels: Vec<Panel>,
+}
+
+/// Reads the metrics of the run folder `dir`. Errors (one line each): no such folder, not a
+/// folder, no `metrics.jsonl`, a line that is not a metrics record (naming file and line),
+/// no record at all.
+pub fn read_run(dir: &Path) -> Result<Run> {
+    if !dir.exists() {
+        bail!("{}: no such run folder", dir.display());
+    }
+    if !dir.is_dir() {
+        bail!(
+            "{}: not a folder (expected a run folder written by flatmin train)",
+            dir.display()
+        );
+    }
+    let file = dir.join("metrics.jsonl");
+    if !file.is_file() {
+        bail!("{}: not a run folder (no metrics.jsonl)", dir.display());
+    }
+    let f =
+        std::fs::File::open(&file).with_context(|| format!("{}: cannot open", file.display()))?;
+    let mut records = Vec::new();
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line =
+            line.with_context(|| format!("{}: line {}: cannot read", file.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: Record = serde_json::from_str(&line)
+            .with_context(|| format!("{}: line {}: not a metrics record", file.display(), i + 1))?;
+        if r.kind != "train" && r.kind != "eval" {
+            bail!(
+                "{}: line {}: unknown record kind '{}' (train or eval)",
+                file.display(),
+                i + 1,
+                r.kind
+            );
+        }
+        records.push(r);
+    }
+    if records.is_empty() {
+        bail!("{}: no records yet", file.display());
+    }
+    Ok(Run {
+        label: folder_name(dir),
+        dir: dir.to_path_buf(),
+        records,
+    })
+}
+
+/// The last component of `dir` (resolving `.` and `..`), else the path as given.
+fn folder_name(dir: &Path) -> String {
+    let named = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    dir.canonicalize()
+        .ok()
+        .and_then(|p| named(&p))
+        .or_else(|| named(dir))
+        .unwrap_or_else(|| dir.display().to_string())
+}
+
+/// Reads several run folders (see [`read_run`]); runs whose folder names coincide are
+/// labelled by their paths as given instead.
+pub fn read_runs(dirs: &[PathBuf]) -> Result<Vec<Run>> {
+    if dirs.is_empty() {
+        bail!("no run folder given");
+    }
+    let mut runs = dirs
+        .iter()
+        .map(|d| read_run(d))
+        .collect::<Result<Vec<_>>>()?;
+    let labels: Vec<String> = runs.iter().map(|r| r.label.clone()).collect();
+    for run in &mut runs {
+        if labels.iter().filter(|l| **l == run.label).count() > 1 {
+            run.label = run.dir.display().to_string();
+        }
+    }
+    Ok(runs)
+}
+
+/// Every metric that can be plotted for `runs`: the fixed ones, then the optimizer extras
+/// (`extra` keys of the step records) that any run has, alphabetically.
+pub fn available_metrics(runs: &[Run]) -> Vec<Metric> {
+    let mut out: Vec<Metric> = EVAL_METRICS
+        .iter()
+        .map(|(n, d)| (n, d, Source::Eval))
+        .chain(STEP_METRICS.iter().map(|(n, d)| (n, d, Source::Step)))
+        .map(|(n, d, source)| Metric {
+            name: n.to_string(),
+            source,
+            description: d.to_string(),
+        })
+        .collect();
+    let extras: BTreeSet<&String> = runs
+        .iter()
+        .flat_map(|r| &r.records)
+        .filter(|r| r.kind == "train")
+        .flat_map(|r| r.extra.keys())
+        .collect();
+    for name in extras {
+        if !out.iter().any(|m| &m.name == name) {
+            out.push(Metric {
+                name: name.clone(),
+                source: Source::Step,
+                description: name.replace('_', " "),
+            });
+        }
+    }
+    out
+}
+
+/// The metric called `name`, or an error listing the available ones.
+pub fn find_metric(name: &str, runs: &[Run]) -> Result<Metric> {
+    let all = available_metrics(runs);
+    if let Some(m) = all.iter().find(|m| m.name == name) {
+        return Ok(m.clone());
+    }
+    let names: Vec<&str> = all.iter().map(|m| m.name.as_str()).collect();
+    bail!(
+        "--metric {name}: unknown metric (available: {})",
+        names.join(", ")
+    )
+}
+
+/// Optimizer steps per epoch, from the step records (a step `s` of epoch `e` satisfies
+/// `e * n < s <= (e + 1) * n`); `None` without step records.
+fn steps_per_epoch(run: &Run) -> Option<f64> {
+    run.records
+        .iter()
+        .filter(|r| r.kind == "train" && r.step > 0)
+        .map(|r| r.step.div_ceil(r.epoch + 1))
+        .max()
+        .map(|n| n as f64)
+}
+
+/// The points `(x, value)` of `metric` in `run`, in record order; an error when the run has
+/// none.
+pub fn series(run: &Run, metric: &Metric, x: XAxis) -> Result<Vec<(f64, f64)>> {
+    let per_epoch = steps_per_epoch(run);
+    let scale = if metric.is_accuracy() { 100.0 } else { 1.0 };
+    let points: Vec<(f64, f64)> = run
+        .records
+        .iter()
+        .filter_map(|r| {
+            let v = metric.value(r)?;
+            let at = match (x, per_epoch) {
+                (XAxis::Step, _) => r.step as f64,
+                (XAxis::Epoch, Some(n)) => r.step as f64 / n,
+                (XAxis::Epoch, None) => (r.epoch + 1) as f64,
+            };
+            Some((at, v * scale))
+        })
+        .collect();
+    if points.is_empty() {
+        bail!(
+            "--metric {}: run {} has no values of it ({})",
+            metric.name,
+            run.label,
+            run.metrics_file().display()
+        );
+    }
+    Ok(points)
+}
+
+/// Centred moving average of the values over `window` points (fewer at the ends).
+pub fn moving_average(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    let n = points.len();
+    if window <= 1 || n == 0 {
+        return points.to_vec();
+    }
+    let mut prefix = Vec::with_capacity(n + 1);
+    prefix.push(0.0);
+    for (_, y) in points {
+        prefix.push(prefix.last().copied().unwrap_or(0.0) + y);
+    }
+    let (before, after) = ((window - 1) / 2, window / 2);
+    (0..n)
+        .map(|i| {
+            let lo = i.saturating_sub(before);
+            let hi = (i + after + 1).min(n);
+            (points[i].0, (prefix[hi] - prefix[lo]) / (hi - lo) as f64)
+        })
+        .collect()
+}
+
+/// The automatic smoothing window for series of up to `n` points: odd, about `n / 25`, at
+/// most 51 (none below 50 points).
+fn auto_window(n: usize) -> usize {
+    ((n / 25) | 1).clamp(1, 51)
+}
+
+/// Builds the figure of `opts` for `runs`. Errors: an unknown metric, a metric a run lacks
+/// (only for metrics asked for; a default metric that some run lacks is left out), a zero
+/// smoothing window, a log axis with no positive value.
+pub fn figure(runs: &[Run], opts: &PlotOptions) -> Result<Figure> {
+    if opts.smooth == Some(0) {
+        bail!("--smooth must be at least 1 (1: no smoothing)");
+    }
+    let defaults = opts.metrics.is_empty();
+    let names: Vec<String> = if defaults {
+        DEFAULT_METRICS.iter().map(|s| s.to_string()).collect()
+    } else {
+        opts.metrics.clone()
+    };
+    let mut panels = Vec::new();
+    let mut seen = BTreeSet::new();
+    for name in &names {
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        let metric = find_metric(name, runs)?;
+        let all: Result<Vec<_>> = runs.iter().map(|r| series(r, &metric, opts.x)).collect();
+        let all = match all {
+            Ok(all) => all,
+            Err(_) if defaults => continue,
+            Err(e) => return Err(e),
+        };
+        panels.push(panel(runs, metric, all, opts)?);
+    }
+    if panels.is_empty() {
+        let names = DEFAULT_METRICS.join(" and ");
+        bail!("the runs have no {names} values in common yet; pick metrics with --metric");
+    }
+    Ok(Figure {
+        title: opts.title.clone(),
+        x_label: opts.x.name().to_string(),
+        log_y: opts.log_y,
+        panels,
+    })
+}
+
+/// One panel from the points of every run.
+fn panel(
+    runs: &[Run],
+    metric: Metric,
+    all: Vec<Vec<(f64, f64)>>,
+    opts: &PlotOptions,
+) -> Result<Panel> {
+    let smoothable =
+        metric.source == Source::Step && metric.name != "lr" && metric.name != "grad_evals";
+    let longest = all.iter().map(Vec::len).max().unwrap_or(0);
+    let window = if smoothable {
+        opts.smooth.unwrap_or_else(|| auto_window(longest))
+    } else {
+        1
+    };
+    let mut lines = Vec::new();
+    for (run, mut points) in runs.iter().zip(all) {
+        if opts.log_y {
+            points.retain(|p| p.1 > 0.0);
+        }
+        let (points, raw) = if window > 1 && points.len() > 1 {
+            (moving_average(&points, window), Some(points))
+        } else {
+            (points, None)
+        };
+        lines.push(Line {
+            label: run.label.clone(),
+            points,
+            raw,
+            markers: metric.source == Source::Eval,
+        });
+    }
+    if opts.log_y && lines.iter().all(|l| l.points.is_empty()) {
+        bail!(
+            "--log-y: metric {} has no positive values to draw on a log axis",
+            metric.name
+        );
+    }
+    let mut caption = metric.description.clone();
+    if window > 1 {
+        caption.push_str(&format!(", moving average of {window}"));
+    }
+    let y_label = if metric.is_accuracy() {
+        format!("{} (%)", metric.name)
+    } else {
+        metric.name.clone()
+    };
+    Ok(Panel {
+        metric,
+        caption,
+        y_label,
+        lines,
+    })
+}
+
+/// Reads the run folders, builds the figure and writes it to `out` (PNG or SVG by its
+/// extension).
+pub fn plot_runs(dirs: &[PathBuf], opts: &PlotOptions, out: &Path) -> Result<()> {
+    let format = Format::of(out)?;
+    let runs = read_runs(dirs)?;
+    let fig = figure(&runs, opts)?;
+    render(&fig, out, format)
+}
+
+/// The pixel size of a figure: two panels a row (one when there is a single panel).
+pub fn figure_size(fig: &Figure) -> (u32, u32) {
+    let n = fig.panels.len().max(1) as u32;
+    let cols = n.min(2);
+    let rows = n.div_ceil(cols);
+    let title = if fig.title.is_some() { TITLE_BAND } else { 0 };
+    (cols * PANEL.0, rows * PANEL.1 + title)
+}
+
+/// Draws `fig` into `out` (written atomically).
+pub fn render(fig: &Figure, out: &Path, format: Format) -> Result<()> {
+    register_font()?;
+    let size = figure_size(fig);
+    let bytes = match format {
+        Format::Png => {
+            let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
+            {
+                let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
+                draw_figure(&root, fig)?;
+                root.present().map_err(draw_error)?;
+            }
+            encode_png(&rgb, size)?
+        }
+        Format::Svg => {
+            let mut svg = String::new();
+            {
+                let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+                draw_figure(&root, fig)?;
+                root.present().map_err(draw_error)?;
+            }
+            svg.into_bytes()
+        }
+    };
+    flatmin_models::io::write_atomic(out, &bytes)
+        .with_context(|| format!("--out {}: cannot write the figure", out.display()))?;
+    Ok(())
+}
+
+/// Registers the embedded font as `sans-serif` (once per process).
+fn register_font() -> Result<()> {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok()
+    });
+    if !ok {
+        bail!("the embedded font could not be loaded");
+    }
+    Ok(())
+}
+
+/// A drawing error as an `anyhow` error.
+fn draw_error<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow!("cannot draw the figure: {e}")
+}
+
+/// An 8-bit RGB buffer as PNG bytes.
+fn encode_png(rgb: &[u8], (w, h): (u32, u32)) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let mut enc = png::Encoder::new(&mut bytes, w, h);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header().context("cannot encode the PNG")?;
+    writer
+        .write_image_data(rgb)
+        .context("cannot encode the PNG")?;
+    writer.finish().context("cannot encode the PNG")?;
+    Ok(bytes)
+}
+
+/// Draws the title and every panel on `root`.
+fn draw_figure<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, fig: &Figure) -> Result<()> {
+    root.fill(&WHITE).map_err(draw_error)?;
+    let body = match &fig.title {
+        Some(t) => {
+            let (top, rest) = root.split_vertically(TITLE_BAND);
+            top.draw_text(
+                t,
+                &("sans-serif", 26)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(text_anchor_center()),
+                ((figure_size(fig).0 / 2) as i32, (TITLE_BAND / 2) as i32),
+            )
+            .map_err(draw_error)?;
+            rest
+        }
+        None => root.clone(),
+    };
+    let n = fig.panels.len().max(1);
+    let cols = n.min(2);
+    let rows = n.div_ceil(cols);
+    let areas = body.split_evenly((rows, cols));
+    for (panel, area) in fig.panels.iter().zip(&areas) {
+        draw_panel(area, fig, panel)?;
+    }
+    Ok(())
+}
+
+/// Centred text anchor (for the title).
+fn text_anchor_center() -> plotters::style::text_anchor::Pos {
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    Pos::new(HPos::Center, VPos::Center)
+}
+
+/// The extent of the points of a panel: `(x range, y range)`, padded a little.
+fn extent(panel: &Panel, log_y: bool) -> (Range<f64>, Range<f64>) {
+    let pts = panel
+        .lines
+        .iter()
+        .flat_map(|l| l.points.iter().chain(l.raw.iter().flatten()))
+        .filter(|p| !log_y || p.1 > 0.0);
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for &(x, y) in pts {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if !x0.is_finite() {
+        (x0, x1, y0, y1) = (0.0, 1.0, if log_y { 0.1 } else { 0.0 }, 1.0);
+    }
+    let x0 = x0.min(0.0);
+    let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
+    let y = if log_y {
+        let (lo, hi) = if y1 > y0 {
+            (y0, y1)
+        } else {
+            (y0 / 2.0, y0 * 2.0)
+        };
+        let pad = (hi / lo).powf(0.05);
+        lo / pad..hi * pad
+    } else {
+        let (lo, hi) = if y1 > y0 {
+            (y0, y1)
+        } else {
+            let d = if y0 == 0.0 { 1.0 } else { y0.abs() * 0.1 };
+            (y0 - d, y0 + d)
+        };
+        let pad = 0.05 * (hi - lo);
+        lo - pad..hi + pad
+    };
+    (x0..x1, y)
+}
+
+/// Draws one panel, on a linear or logarithmic vertical axis.
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    fig: &Figure,
+    panel: &Panel,
+) -> Result<()> {
+    let (x, y) = extent(panel, fig.log_y);
+    if fig.log_y {
+        draw_chart(
+            area,
+            fig,
+            panel,
+            x,
+            LogAxis {
+                lo: y.start,
+                hi: y.end,
+            },
+        )
+    } else {
+        draw_chart(area, fig, panel, x, y)
+    }
+}
+
+/// A logarithmic axis from `lo` to `hi` (both positive) whose ticks are 1, 2 and 5 times
+/// powers of ten, or every power of ten, or every digit, whichever fits the room; a range
+/// narrower than a digit step gets linear ticks.
+#[derive(Clone, Copy, Debug)]
+struct LogAxis {
+    lo: f64,
+    hi: f64,
+}
+
+impl LogAxis {
+    /// The values `m * 10^k` inside the axis for every mantissa `m` of `mantissas`, keeping
+    /// every `stride`-th power of ten.
+    fn ticks(&self, mantissas: &[f64], stride: i32) -> Vec<f64> {
+        let (first, last) = (
+            self.lo.log10().floor() as i32,
+            self.hi.log10().ceil() as i32,
+        );
+        let mut out = Vec::new();
+        for k in (first..=last).filter(|k| k.rem_euclid(stride) == 0) {
+            for m in mantissas {
+                let v = m * 10f64.powi(k);
+                if v >= self.lo && v <= self.hi {
+                    out.push(v);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Ranged for LogAxis {
+    type FormatOption = plotters::coord::ranged1d::DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        let t = (value.ln() - self.lo.ln()) / (self.hi.ln() - self.lo.ln());
+        limit.0 + (t * f64::from(limit.1 - limit.0)).round() as i32
+    }
+
+    fn key_points<Hint: plotters::coord::ranged1d::KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
+        let max = hint.max_num_points();
+        let digits: Vec<f64> = (1..10).map(f64::from).collect();
+        for set in [&digits[..], &[1.0, 2.0, 5.0], &[1.0]] {
+            let t = self.ticks(set, 1);
+            if t.len() <= max && t.len() >= 2 {
+                return t;
+            }
+            if t.len() < 2 {
+                // Too narrow for log ticks: plain linear ones.
+                let linear: RangedCoordf64 = (self.lo..self.hi).into();
+                return linear.key_points(max);
+            }
+        }
+        let mut stride = 2;
+        loop {
+            let t = self.ticks(&[1.0], stride);
+            if t.len() <= max.max(1) {
+                return t;
+            }
+            stride *= 2;
+        }
+    }
+
+    fn range(&self) -> Range<f64> {
+        self.lo..self.hi
+    }
+}
+
+/// A tick label: the value to six significant digits without trailing zeros (ticks are
+/// round numbers, so this shows them exactly and hides floating-point noise), in
+/// scientific notation below 0.001 and from 10^7 on.
+fn tick_label(v: f64) -> String {
+    fn trim(s: &str) -> &str {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.')
+        } else {
+            s
+        }
+    }
+    let a = v.abs();
+    if a == 0.0 {
+        return "0".into();
+    }
+    if !(1e-3..1e7).contains(&a) {
+        let sci = format!("{v:.5e}");
+        let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+        return format!("{}e{exp}", trim(mantissa));
+    }
+    let decimals = (5 - a.log10().floor() as i32).max(0) as usize;
+    trim(&format!("{v:.decimals$}")).to_string()
+}
+
+/// Draws the axes, lines and legend of one panel in the coordinates `x` by `y`.
+fn draw_chart<DB, Y>(
+    area: &DrawingArea<DB, Shift>,
+    fig: &Figure,
+    panel: &Panel,
+    x: Range<f64>,
+    y: Y,
+) -> Result<()>
+where
+    DB: DrawingBackend,
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(&panel.caption, ("sans-serif", 20))
+        .margin(14)
+        .x_label_area_size(46)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x, y)
+        .map_err(draw_error)?;
+    let fmt = |v: &f64| tick_label(*v);
+    chart
+        .configure_mesh()
+        .x_desc(&fig.x_label)
+        .y_desc(&panel.y_label)
+        .x_label_formatter(&fmt)
+        .y_label_formatter(&fmt)
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 16))
+        .light_line_style(BLACK.mix(0.05))
+        .bold_line_style(BLACK.mix(0.15))
+        .draw()
+        .map_err(draw_error)?;
+    for (i, line) in panel.lines.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        if let Some(raw) = &line.raw {
+            chart
+                .draw_series(LineSeries::new(
+                    raw.iter().copied(),
+                    color.mix(0.25).stroke_width(1),
+                ))
+                .map_err(draw_error)?;
+        }
+        chart
+            .draw_series(LineSeries::new(
+                line.points.iter().copied(),
+                color.stroke_width(2),
+            ))
+            .map_err(draw_error)?
+            .label(line.label.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+            });
+        if line.markers {
+            chart
+                .draw_series(
+                    line.points
+                        .iter()
+                        .map(|&p| Circle::new(p, 4, color.filled())),
+                )
+                .map_err(draw_error)?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(legend_position(panel))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .label_font(("sans-serif", 15))
+        .draw()
+        .map_err(draw_error)?;
+    Ok(())
+}
+
+/// Upper right for falling curves (losses), lower right for rising ones (accuracies),
+/// judged by the first and last points of the lines.
+fn legend_position(panel: &Panel) -> SeriesLabelPosition {
+    let rising: f64 = panel
+        .lines
+        .iter()
+        .filter_map(|l| Some(l.points.last()?.1 - l.points.first()?.1))
+        .sum();
+    if rising > 0.0 {
+        SeriesLabelPosition::LowerRight
+    } else {
+        SeriesLabelPosition::UpperRight
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moving_average_is_centred_and_keeps_length() {
+        let p: Vec<(f64, f64)> = (0..5).map(|i| (i as f64, i as f64)).collect();
+        let s = moving_average(&p, 3);
+        assert_eq!(s.len(), 5);
+        assert_eq!(s[0], (0.0, 0.5));
+        assert_eq!(s[2], (2.0, 2.0));
+        assert_eq!(s[4], (4.0, 3.5));
+        assert_eq!(moving_average(&p, 1), p);
+    }
+
+    #[test]
+    fn tick_labels_are_short() {
+        assert_eq!(tick_label(0.0), "0");
+        assert_eq!(tick_label(0.25), "0.25");
+        assert_eq!(tick_label(12.5), "12.5");
+        assert_eq!(tick_label(300.0), "300");
+        assert_eq!(tick_label(-0.7000000000000001), "-0.7");
+        assert_eq!(tick_label(2.2620000000000005), "2.262");
+        assert_eq!(tick_label(150000.0), "150000");
+        assert_eq!(tick_label(1e-5), "1e-5");
+        assert_eq!(tick_label(2.5e-4), "2.5e-4");
+        assert_eq!(tick_label(3e8), "3e8");
+    }
+
+    #[test]
+    fn log_axis_ticks() {
+        let close = |a: Vec<f64>, b: &[f64]| {
+            assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+            for (x, y) in a.iter().zip(b) {
+                assert!((x / y - 1.0).abs() < 1e-12, "{a:?} vs {b:?}");
+            }
+        };
+        let axis = LogAxis { lo: 0.6, hi: 1.9 };
+        close(axis.key_points(10), &[0.6, 0.7, 0.8, 0.9, 1.0]);
+        let wide = LogAxis { lo: 1e-5, hi: 0.05 };
+        close(wide.key_points(5), &[1e-5, 1e-4, 1e-3, 1e-2]);
+        close(wide.key_points(2), &[1e-4, 1e-2]);
+        close(
+            wide.key_points(13),
+            &[
+                1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
+            ],
+        );
+    }
+
+    #[test]
+    fn epochs_from_steps() {
+        let rec = |kind: &str, epoch, step| Record {
+            kind: kind.into(),
+            epoch,
+            step,
+            loss: Some(1.0),
+            test_acc: Some(0.5),
+            ..Record::default()
+        };
+        let run = Run {
+            label: "r".into(),
+            dir: PathBuf::from("r"),
+            records: vec![
+                rec("train", 0, 1),
+                rec("train", 0, 2),
+                rec("eval", 0, 2),
+                rec("train", 1, 3),
+            ],
+        };
+        let m = find_metric("test_acc", std::slice::from_ref(&run)).unwrap();
+        assert_eq!(series(&run, &m, XAxis::Epoch).unwrap(), vec![(1.0, 50.0)]);
+        let m = find_metric("loss", std::slice::from_ref(&run)).unwrap();
+        assert_eq!(series(&run, &m, XAxis::Epoch).unwrap()[2], (1.5, 1.0));
+    }
+}
