@@ -4,5 +4,6 @@
 #![warn(missing_docs)]
 
 pub mod data;
+pub mod fetch;
 pub mod plot;
 pub mod train;

@@ -25,6 +25,8 @@ enum Command {
     Hvp(cmd::hvp::HvpArgs),
     /// Time gradients, HVPs, batched HVPs and GEMM (last line: JSON).
     Bench(cmd::bench::BenchArgs),
+    /// Download and install datasets (`data fetch cifar10`).
+    Data(cmd::data::DataArgs),
     /// Compare runs in one figure: one panel per metric, one line per run (PNG or SVG).
     Plot(cmd::plot::PlotArgs),
     /// Loss and accuracy of a run's model (or a checkpoint) on the test or training split.
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         Command::Train(args) => cmd::train::run(&args),
         Command::Hvp(args) => cmd::hvp::run(&args),
         Command::Bench(args) => cmd::bench::run(&args),
+        Command::Data(args) => cmd::data::run(&args),
         Command::Plot(args) => cmd::plot::run(&args),
         Command::Eval(args) => cmd::eval::run(&args),
     };

@@ -1,6 +1,7 @@
 //! The subcommands, one module each, and the shared one-line error reporting.
 
 pub mod bench;
+pub mod data;
 pub mod eval;
 pub mod hvp;
 pub mod plot;

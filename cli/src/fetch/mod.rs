@@ -1,0 +1,280 @@
+//! Downloading and installing the official CIFAR-10 binary release (`flatmin data fetch`).
+//!
+//! The work is split so that everything but the transfer can be used and tested without a
+//! network:
+//!
+//! - [`md5`]: digests of streams and files (the archive is hashed while it downloads);
+//! - [`archive`]: extraction of the `.tar.gz` with safety checks: only the expected files
+//!   under `cifar-10-batches-bin/` are written, and a member whose path leaves the target
+//!   folder, a link, a device, or any unexpected file makes the whole extraction fail;
+//! - [`install`]: validation of a release folder and the atomic install (extract into a
+//!   temporary sibling folder, validate, rename into place; nothing is left behind on
+//!   failure);
+//! - [`http`]: the only network code, a streaming download with timeouts;
+//! - [`fetch_release`]: the whole command: skip when a valid release is already there,
+//!   download into a temporary file next to the destination, check the MD5, install.
+//!
+//! **What is kept from the archive.** The official archive holds the six batch files,
+//! `batches.meta.txt`, and `readme.html` (a page that only links to the dataset's web
+//! site). The six batch files and `batches.meta.txt` are installed; `readme.html` is
+//! accepted and skipped. An existing folder that also holds `readme.html` (an archive
+//! unpacked by hand) still counts as a valid release.
+//!
+//! **Overriding the expectations (tests, mirrors).** [`ReleaseSpec`] holds the expected MD5
+//! of the archive and the exact size of each batch file; [`ReleaseSpec::official`] is the
+//! published release. Tests build small archives of the same layout (a few records per
+//! batch) and pass their own spec; on the command line the hidden flags `--md5` and
+//! `--batch-bytes` do the same.
+
+pub mod archive;
+pub mod http;
+pub mod install;
+pub mod md5;
+
+pub use archive::extract_release;
+pub use http::{download, Downloaded, HttpOptions};
+pub use install::{install_archive, install_from, validate_release, ReleaseInfo};
+pub use md5::{HashingWriter, Md5Digest};
+
+use crate::data::RELEASE_DIR;
+use anyhow::{bail, Context, Result};
+use flatmin_datasets::{META_FILE, RECORD_BYTES, TEST_FILE, TRAIN_FILES};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// Where the official archive is published.
+pub const OFFICIAL_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
+/// The published MD5 of the official archive.
+pub const OFFICIAL_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
+/// Size in bytes of each of the six batch files of the official release (10,000 records).
+pub const OFFICIAL_BATCH_BYTES: u64 = 10_000 * RECORD_BYTES as u64;
+/// The one file of the archive that is accepted but not installed.
+pub const README_FILE: &str = "readme.html";
+/// Largest accepted `batches.meta.txt` (the official one is a few dozen bytes).
+pub const META_MAX_BYTES: u64 = 64 * 1024;
+
+/// The files an installed release holds, in a fixed order: the five training batches, the
+/// test batch, and `batches.meta.txt`.
+pub fn release_files() -> [&'static str; 7] {
+    let [a, b, c, d, e] = TRAIN_FILES;
+    [a, b, c, d, e, TEST_FILE, META_FILE]
+}
+
+/// What the downloaded archive must be: its MD5 and the exact size of each batch file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReleaseSpec {
+    /// MD5 of the `.tar.gz` archive as downloaded.
+    pub md5: Md5Digest,
+    /// Exact size in bytes of each of `data_batch_1.bin` ... `data_batch_5.bin` and
+    /// `test_batch.bin` (a positive multiple of the 3073-byte record).
+    pub batch_bytes: u64,
+}
+
+impl ReleaseSpec {
+    /// The published release: MD5 [`OFFICIAL_MD5`], batch files of [`OFFICIAL_BATCH_BYTES`].
+    pub fn official() -> Self {
+        ReleaseSpec {
+            md5: Md5Digest::parse(OFFICIAL_MD5).unwrap_or(Md5Digest([0; 16])),
+            batch_bytes: OFFICIAL_BATCH_BYTES,
+        }
+    }
+
+    /// Records per batch file.
+    pub fn records_per_batch(&self) -> usize {
+        (self.batch_bytes / RECORD_BYTES as u64) as usize
+    }
+
+    /// Errors unless `batch_bytes` is a positive multiple of the record size.
+    pub fn check(&self) -> Result<()> {
+        if !whole_records(self.batch_bytes) {
+            bail!(
+                "batch file size {} is not a positive multiple of the {RECORD_BYTES}-byte record",
+                self.batch_bytes
+            );
+        }
+        Ok(())
+    }
+}
+
+/// True when `bytes` is a positive whole number of 3073-byte records.
+pub fn whole_records(bytes: u64) -> bool {
+    let record = RECORD_BYTES as u64;
+    bytes > 0 && bytes / record * record == bytes
+}
+
+impl Default for ReleaseSpec {
+    fn default() -> Self {
+        ReleaseSpec::official()
+    }
+}
+
+/// Observes a fetch: the download's progress and the steps after it. Every method does
+/// nothing by default.
+pub trait Progress {
+    /// The server answered; `total` is the announced size (Content-Length), if any.
+    fn download_started(&mut self, _url: &str, _total: Option<u64>) {}
+    /// `bytes` have arrived so far.
+    fn downloaded(&mut self, _bytes: u64) {}
+    /// The body arrived completely: `bytes` in all.
+    fn download_finished(&mut self, _bytes: u64) {}
+    /// A step after the download begins (a short description such as "extracting").
+    fn step(&mut self, _what: &str) {}
+}
+
+/// A [`Progress`] that reports nothing.
+pub struct Silent;
+
+impl Progress for Silent {}
+
+/// What [`fetch_release`] should do.
+#[derive(Clone, Debug)]
+pub struct FetchOptions {
+    /// Where the archive is downloaded from.
+    pub url: String,
+    /// The release folder to create (its contents are the batch files themselves).
+    pub dest: PathBuf,
+    /// What the archive and its files must be.
+    pub spec: ReleaseSpec,
+    /// Download and replace `dest` even when it already holds a valid release (or something
+    /// else).
+    pub force: bool,
+    /// Connection and read timeouts.
+    pub http: HttpOptions,
+}
+
+impl FetchOptions {
+    /// The official release from [`OFFICIAL_URL`] into `dest`, without `force`, with the
+    /// default timeouts.
+    pub fn new(dest: impl Into<PathBuf>) -> Self {
+        FetchOptions {
+            url: OFFICIAL_URL.into(),
+            dest: dest.into(),
+            spec: ReleaseSpec::official(),
+            force: false,
+            http: HttpOptions::default(),
+        }
+    }
+}
+
+/// What [`fetch_release`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fetched {
+    /// The destination already held a valid release; nothing was downloaded.
+    AlreadyPresent(ReleaseInfo),
+    /// The archive was downloaded, verified and installed.
+    Installed {
+        /// The installed release.
+        info: ReleaseInfo,
+        /// Size of the downloaded archive.
+        bytes: u64,
+        /// Its MD5 (equal to the expected one).
+        md5: Md5Digest,
+    },
+}
+
+/// The default destination: `cifar-10-batches-bin` in the per-user cache folder, one of the
+/// folders `--data auto` looks in.
+pub fn default_dest() -> Option<PathBuf> {
+    crate::data::cache_dir().map(|c| c.join(RELEASE_DIR))
+}
+
+/// Downloads, verifies and installs the release described by `opts`.
+///
+/// Unless `opts.force` is set, a destination that already holds a valid release (see
+/// [`validate_release`]) is left alone ([`Fetched::AlreadyPresent`]), and one that holds
+/// anything else (except an empty folder) is an error. The archive is downloaded into a
+/// temporary file next to the destination and hashed on the way; an MD5 different from
+/// `opts.spec.md5` is an error naming both digests. The archive is then installed with
+/// [`install_from`]. On any error the destination is as it was and the temporary files are
+/// gone.
+pub fn fetch_release(opts: &FetchOptions, progress: &mut dyn Progress) -> Result<Fetched> {
+    opts.spec.check()?;
+    let dest = &opts.dest;
+    if !opts.force && install::occupied(dest)? {
+        return match validate_release(dest, &opts.spec) {
+            Ok(info) => Ok(Fetched::AlreadyPresent(info)),
+            Err(e) => Err(e.context(format!(
+                "{} already exists but is not a complete CIFAR-10 release; remove it, or \
+                 replace it with --force",
+                dest.display()
+            ))),
+        };
+    }
+    install::check_dest(dest)?;
+    let parent = install::parent_of(dest);
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("cannot create the folder {}", parent.display()))?;
+    let (tmp, file) =
+        install::TempPath::create_file(&parent, &install::temp_stem(dest, "download"))?;
+
+    let mut out = BufWriter::new(file);
+    let got = download(&opts.url, &mut out, &opts.http, progress)?;
+    out.flush()
+        .and_then(|()| out.get_ref().sync_all())
+        .with_context(|| format!("{}: cannot write the download", tmp.path().display()))?;
+    drop(out);
+    if got.md5 != opts.spec.md5 {
+        bail!(
+            "{}: MD5 mismatch: expected {}, got {} ({} bytes downloaded); the download is damaged \
+             or is not the CIFAR-10 binary release",
+            opts.url,
+            opts.spec.md5,
+            got.md5,
+            got.bytes
+        );
+    }
+    progress.step(&format!("MD5 {} verified; extracting", got.md5));
+    let file = std::fs::File::open(tmp.path())
+        .with_context(|| format!("{}: cannot reopen the download", tmp.path().display()))?;
+    let info = install_from(
+        std::io::BufReader::new(file),
+        &format!("archive from {}", opts.url),
+        dest,
+        &opts.spec,
+        opts.force,
+    )?;
+    drop(tmp);
+    Ok(Fetched::Installed {
+        info,
+        bytes: got.bytes,
+        md5: got.md5,
+    })
+}
+
+/// True when `--data auto` would pick `dir`: it is the first existing folder of
+/// [`auto_candidates`](crate::data::auto_candidates) (compared as given and after resolving
+/// links).
+pub fn found_by_auto(dir: &Path) -> bool {
+    let Some(first) = crate::data::auto_candidates()
+        .into_iter()
+        .find(|c| c.is_dir())
+    else {
+        return false;
+    };
+    first == dir
+        || matches!(
+            (std::fs::canonicalize(&first), std::fs::canonicalize(dir)),
+            (Ok(a), Ok(b)) if a == b
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn official_spec() {
+        let s = ReleaseSpec::official();
+        assert_eq!(s.md5.to_string(), OFFICIAL_MD5);
+        assert_eq!(s.batch_bytes, 30_730_000);
+        assert_eq!(s.records_per_batch(), 10_000);
+        s.check().unwrap();
+        let bad = ReleaseSpec {
+            batch_bytes: 3074,
+            ..s
+        };
+        assert!(bad.check().unwrap_err().to_string().contains("3074"));
+        assert_eq!(release_files()[5], "test_batch.bin");
+        assert_eq!(release_files()[6], "batches.meta.txt");
+    }
+}

@@ -1,0 +1,742 @@
+//! `flatmin data fetch cifar10` without the internet: a small HTTP server on 127.0.0.1 (a
+//! thread that answers a fixed list of requests and then stops) serves small archives in
+//! the layout of the official one (10 records per batch file). The expected MD5 and batch
+//! size are overridden with the hidden `--md5` / `--batch-bytes` flags (binary runs) or a
+//! `ReleaseSpec` (library calls).
+
+use flate2::write::GzEncoder;
+use flatmin::fetch::{
+    fetch_release, install_archive, install_from, validate_release, FetchOptions, Fetched,
+    HttpOptions, Md5Digest, ReleaseSpec, Silent,
+};
+use flatmin_datasets::{Cifar10, CLASS_NAMES, RECORD_BYTES};
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const RECORDS: usize = 10;
+const BATCH_BYTES: u64 = (RECORDS * RECORD_BYTES) as u64;
+const RELEASE: &str = "cifar-10-batches-bin";
+
+fn tmp(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("data-fetch-{name}"));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Sorted names in a folder.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every path under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// A valid batch file of `RECORDS` records (or `records`), labels cycling from `seed`.
+fn batch(seed: u8, records: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(records * RECORD_BYTES);
+    for i in 0..records {
+        v.push((i as u8 + seed) % 10);
+        v.extend((0..RECORD_BYTES - 1).map(|j| (i * 7 + j) as u8 ^ seed));
+    }
+    v
+}
+
+enum Kind {
+    File(Vec<u8>),
+    Dir,
+    Symlink(&'static str),
+    Hardlink(&'static str),
+    CharDevice,
+}
+
+struct Member {
+    name: String,
+    kind: Kind,
+}
+
+fn file(name: &str, data: Vec<u8>) -> Member {
+    Member {
+        name: name.into(),
+        kind: Kind::File(data),
+    }
+}
+
+/// The members of the official archive, in its order, with 10-record batches.
+fn release_members() -> Vec<Member> {
+    let meta = format!("{}\n\n", CLASS_NAMES.join("\n")).into_bytes();
+    let p = |n: &str| format!("{RELEASE}/{n}");
+    vec![
+        Member {
+            name: format!("{RELEASE}/"),
+            kind: Kind::Dir,
+        },
+        file(&p("data_batch_1.bin"), batch(1, RECORDS)),
+        file(&p("batches.meta.txt"), meta),
+        file(&p("data_batch_3.bin"), batch(3, RECORDS)),
+        file(&p("data_batch_4.bin"), batch(4, RECORDS)),
+        file(&p("test_batch.bin"), batch(9, RECORDS)),
+        file(&p("readme.html"), b"<meta http-equiv=refresh>".to_vec()),
+        file(&p("data_batch_5.bin"), batch(5, RECORDS)),
+        file(&p("data_batch_2.bin"), batch(2, RECORDS)),
+    ]
+}
+
+/// A `.tar.gz` of the members; names and link targets are written as raw bytes, so that
+/// hostile paths (`..`, absolute) can be built.
+fn tar_gz(members: &[Member]) -> Vec<u8> {
+    let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for m in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(1_234_567_890);
+        h.set_uid(0);
+        h.set_gid(0);
+        let (kind, mode, data, link): (tar::EntryType, u32, &[u8], &str) = match &m.kind {
+            Kind::File(d) => (tar::EntryType::Regular, 0o644, d, ""),
+            Kind::Dir => (tar::EntryType::Directory, 0o755, &[], ""),
+            Kind::Symlink(t) => (tar::EntryType::Symlink, 0o777, &[], t),
+            Kind::Hardlink(t) => (tar::EntryType::Link, 0o644, &[], t),
+            Kind::CharDevice => (tar::EntryType::Char, 0o644, &[], ""),
+        };
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        let old = h.as_old_mut();
+        assert!(m.name.len() < 100 && link.len() < 100);
+        old.name = [0; 100];
+        old.name[..m.name.len()].copy_from_slice(m.name.as_bytes());
+        old.linkname = [0; 100];
+        old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+fn spec_for(archive: &[u8]) -> ReleaseSpec {
+    ReleaseSpec {
+        md5: Md5Digest::of(archive),
+        batch_bytes: BATCH_BYTES,
+    }
+}
+
+/// What the test server answers to one request.
+enum Reply {
+    /// 200 with this body and its Content-Length.
+    Body(Vec<u8>),
+    /// This status, with a short body.
+    Status(u16, &'static str),
+    /// 200 announcing `declared` bytes, sending `body`, then closing the connection.
+    Truncated { declared: usize, body: Vec<u8> },
+    /// Reads the request, sends nothing for this long, closes.
+    Silent(Duration),
+}
+
+/// Serves `replies` to the next connections on 127.0.0.1, one each, then stops (also when
+/// nobody connects within 30 s). Returns the URL and the thread (joined: requests served).
+fn serve(replies: Vec<Reply>) -> (String, JoinHandle<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!(
+        "http://{}/~kriz/cifar-10-binary.tar.gz",
+        listener.local_addr().unwrap()
+    );
+    let handle = std::thread::spawn(move || {
+        let mut served = 0;
+        for reply in replies {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut stream = loop {
+                match listener.accept() {
+                    Ok((s, _)) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return served;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => return served,
+                }
+            };
+            stream.set_nonblocking(false).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            assert!(request.starts_with(b"GET /~kriz/cifar-10-binary.tar.gz HTTP/1.1\r\n"));
+            let head = |status: &str, len: usize| {
+                format!("HTTP/1.1 {status}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+            };
+            // The client may hang up first (it refused the reply); ignore write errors.
+            let _ = match reply {
+                Reply::Body(body) => stream
+                    .write_all(head("200 OK", body.len()).as_bytes())
+                    .and_then(|()| stream.write_all(&body)),
+                Reply::Status(code, text) => {
+                    let body = format!("{code} {text}\n");
+                    stream
+                        .write_all(head(&format!("{code} {text}"), body.len()).as_bytes())
+                        .and_then(|()| stream.write_all(body.as_bytes()))
+                }
+                Reply::Truncated { declared, body } => stream
+                    .write_all(head("200 OK", declared).as_bytes())
+                    .and_then(|()| stream.write_all(&body)),
+                Reply::Silent(d) => {
+                    std::thread::sleep(d);
+                    Ok(())
+                }
+            };
+            let _ = stream.flush();
+            drop(stream);
+            served += 1;
+        }
+        served
+    });
+    (url, handle)
+}
+
+/// Runs the binary with an isolated cache folder and no `FLATMIN_DATA`.
+fn flatmin(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flatmin"))
+        .args(args)
+        .current_dir(cwd)
+        .env("XDG_CACHE_HOME", cwd.join("xdg"))
+        .env_remove("FLATMIN_DATA")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn fast_http() -> HttpOptions {
+    HttpOptions {
+        connect_timeout: Duration::from_secs(5),
+        read_timeout: Duration::from_secs(5),
+    }
+}
+
+fn options(url: &str, dest: &Path, spec: ReleaseSpec) -> FetchOptions {
+    FetchOptions {
+        url: url.into(),
+        spec,
+        http: fast_http(),
+        ..FetchOptions::new(dest)
+    }
+}
+
+/// A URL on which nothing listens (the port of a listener that was just closed).
+fn dead_url() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}/x.tar.gz", l.local_addr().unwrap())
+}
+
+fn assert_installed(dest: &Path) {
+    let data = Cifar10::open(dest).unwrap();
+    assert_eq!(data.train().len(), 5 * RECORDS);
+    assert_eq!(data.test().len(), RECORDS);
+    assert_eq!(data.class_names(), CLASS_NAMES);
+    assert_eq!(data.train().labels[..3], [1, 2, 3]);
+    assert_eq!(
+        std::fs::read(dest.join("test_batch.bin")).unwrap(),
+        batch(9, RECORDS)
+    );
+    // The release files, readme.html skipped.
+    assert_eq!(
+        names(dest),
+        [
+            "batches.meta.txt",
+            "data_batch_1.bin",
+            "data_batch_2.bin",
+            "data_batch_3.bin",
+            "data_batch_4.bin",
+            "data_batch_5.bin",
+            "test_batch.bin"
+        ]
+    );
+}
+
+#[test]
+fn binary_installs_then_second_fetch_is_a_no_op() {
+    let dir = tmp("success");
+    let archive = tar_gz(&release_members());
+    let md5 = Md5Digest::of(&archive).to_string();
+    let (url, server) = serve(vec![Reply::Body(archive)]);
+    let dest = dir.join("cache").join(RELEASE);
+    let dest_s = dest.to_str().unwrap();
+    let args = [
+        "data",
+        "fetch",
+        "cifar10",
+        "--dir",
+        dest_s,
+        "--url",
+        &url,
+        "--md5",
+        &md5,
+        "--batch-bytes",
+        "30730",
+    ];
+    let out = flatmin(&args, &dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains(&format!("downloading {url}")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("installed CIFAR-10 into {dest_s}")),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&format!("MD5 {md5} verified")), "{stdout}");
+    assert!(
+        stdout.contains("50 training and 10 test images"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&format!("--data {dest_s}")), "{stdout}");
+    assert_eq!(server.join().unwrap(), 1);
+    assert_installed(&dest);
+    assert_eq!(
+        names(&dir.join("cache")),
+        [RELEASE],
+        "temporaries left behind"
+    );
+
+    // The server is gone: a second fetch succeeds only because it downloads nothing.
+    let out = flatmin(&args, &dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!("{dest_s} already holds CIFAR-10")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("nothing to do"), "{stdout}");
+    assert_installed(&dest);
+
+    // --quiet prints nothing.
+    let mut quiet = args.to_vec();
+    quiet.push("--quiet");
+    let out = flatmin(&quiet, &dir);
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty() && out.stderr.is_empty());
+}
+
+#[test]
+fn binary_default_folder_is_found_by_data_auto() {
+    let dir = tmp("default-dest");
+    let archive = tar_gz(&release_members());
+    let md5 = Md5Digest::of(&archive).to_string();
+    let (url, server) = serve(vec![Reply::Body(archive)]);
+    let args = [
+        "data",
+        "fetch",
+        "cifar10",
+        "--url",
+        &url,
+        "--md5",
+        &md5,
+        "--batch-bytes",
+        "30730",
+    ];
+    let out = flatmin(&args, &dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(server.join().unwrap(), 1);
+    let dest = dir.join("xdg").join("flatmin").join(RELEASE);
+    assert_installed(&dest);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("`--data auto` finds it"), "{stdout}");
+}
+
+#[test]
+fn binary_checksum_mismatch_installs_nothing() {
+    let dir = tmp("checksum");
+    let archive = tar_gz(&release_members());
+    let actual = Md5Digest::of(&archive).to_string();
+    let wrong = "0123456789abcdef0123456789abcdef";
+    let (url, server) = serve(vec![Reply::Body(archive)]);
+    let dest = dir.join("cache").join(RELEASE);
+    let out = flatmin(
+        &[
+            "data",
+            "fetch",
+            "cifar10",
+            "--dir",
+            dest.to_str().unwrap(),
+            "--url",
+            &url,
+            "--md5",
+            wrong,
+            "--batch-bytes",
+            "30730",
+            "--quiet",
+        ],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    for part in ["MD5 mismatch", wrong, &actual, &url] {
+        assert!(stderr.contains(part), "{part} missing: {stderr}");
+    }
+    assert_eq!(server.join().unwrap(), 1);
+    assert!(!dest.exists());
+    assert!(
+        names(&dir.join("cache")).is_empty(),
+        "temporaries left behind"
+    );
+}
+
+#[test]
+fn binary_flag_errors_are_one_line() {
+    let dir = tmp("flags");
+    for (args, part) in [
+        (vec!["data", "fetch", "cifar100"], "cifar100"),
+        (vec!["data", "fetch", "cifar10", "--md5", "xyz"], "--md5"),
+        (
+            vec!["data", "fetch", "cifar10", "--batch-bytes", "3074"],
+            "--batch-bytes",
+        ),
+    ] {
+        let out = flatmin(&args, &dir);
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = text(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(part),
+            "{stderr}"
+        );
+    }
+    // Nothing listens: a one-line error naming the URL.
+    let url = dead_url();
+    let out = flatmin(
+        &[
+            "data", "fetch", "cifar10", "--dir", "out", "--url", &url, "--quiet",
+        ],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with(&format!("error: {url}: ")), "{stderr}");
+    assert!(
+        names(&dir).iter().all(|n| n == "out" || n == "xdg"),
+        "{:?}",
+        names(&dir)
+    );
+    assert!(!dir.join("out").exists() || names(&dir.join("out")).is_empty());
+}
+
+#[test]
+fn http_404_names_status_and_url() {
+    let dir = tmp("404");
+    let (url, server) = serve(vec![Reply::Status(404, "Not Found")]);
+    let dest = dir.join(RELEASE);
+    let spec = spec_for(b"");
+    let err = fetch_release(&options(&url, &dest, spec), &mut Silent).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains(&url) && msg.contains("404"), "{msg}");
+    assert_eq!(server.join().unwrap(), 1);
+    assert!(names(&dir).is_empty(), "{:?}", names(&dir));
+}
+
+#[test]
+fn broken_connection_names_bytes_received() {
+    let dir = tmp("broken");
+    let archive = tar_gz(&release_members());
+    let declared = archive.len();
+    let (url, server) = serve(vec![Reply::Truncated {
+        declared,
+        body: archive[..1000].to_vec(),
+    }]);
+    let dest = dir.join(RELEASE);
+    let err = fetch_release(&options(&url, &dest, spec_for(&archive)), &mut Silent).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains(&url), "{msg}");
+    assert!(msg.contains(&format!("1000 of {declared} bytes")), "{msg}");
+    assert_eq!(server.join().unwrap(), 1);
+    assert!(names(&dir).is_empty(), "{:?}", names(&dir));
+}
+
+#[test]
+fn silent_server_times_out() {
+    let dir = tmp("silent");
+    let (url, server) = serve(vec![Reply::Silent(Duration::from_secs(4))]);
+    let dest = dir.join(RELEASE);
+    let mut opts = options(&url, &dest, spec_for(b""));
+    opts.http.read_timeout = Duration::from_millis(500);
+    let start = Instant::now();
+    let err = fetch_release(&opts, &mut Silent).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(msg.contains(&url), "{msg}");
+    assert!(
+        msg.to_lowercase().contains("timed out") || msg.contains("timeout"),
+        "{msg}"
+    );
+    assert_eq!(server.join().unwrap(), 1);
+    assert!(names(&dir).is_empty(), "{:?}", names(&dir));
+}
+
+/// Installs `members` from an archive file with the library and expects an error containing
+/// `part`; nothing may be written at the destination, next to it, or outside.
+fn refused(name: &str, members: Vec<Member>, part: &str) {
+    let dir = tmp(&format!("refuse-{name}"));
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let archive = tar_gz(&members);
+    let path = dir.join("archive.tar.gz");
+    std::fs::write(&path, &archive).unwrap();
+    let dest = work.join(RELEASE);
+    let err = install_archive(&path, &dest, &spec_for(&archive), false).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains(part), "{name}: {part:?} not in: {msg}");
+    assert!(
+        msg.contains("archive.tar.gz"),
+        "{name}: file not named: {msg}"
+    );
+    assert!(!dest.exists(), "{name}");
+    assert!(names(&work).is_empty(), "{name}: {:?}", names(&work));
+    assert_eq!(names(&dir), ["archive.tar.gz", "work"], "{name}");
+}
+
+fn with(extra: Member) -> Vec<Member> {
+    let mut v = release_members();
+    v.push(extra);
+    v
+}
+
+#[test]
+fn hostile_and_malformed_archives_are_refused() {
+    refused(
+        "dotdot",
+        with(file("../evil", b"x".to_vec())),
+        "'..' component",
+    );
+    refused(
+        "dotdot-inside",
+        with(file(&format!("{RELEASE}/../../evil"), b"x".to_vec())),
+        "'..' component",
+    );
+    let absolute = std::env::temp_dir().join(format!("flatmin-evil-{}", std::process::id()));
+    refused(
+        "absolute",
+        with(file(absolute.to_str().unwrap(), b"x".to_vec())),
+        "absolute path",
+    );
+    assert!(!absolute.exists());
+    // A link in place of a batch file (listed first, so nothing was written yet) and after
+    // the real one.
+    let mut members = release_members();
+    members[1] = Member {
+        name: format!("{RELEASE}/data_batch_1.bin"),
+        kind: Kind::Symlink("/etc/passwd"),
+    };
+    refused("symlink", members, "symbolic link");
+    refused(
+        "symlink-extra",
+        with(Member {
+            name: format!("{RELEASE}/evil"),
+            kind: Kind::Symlink("../../.."),
+        }),
+        "symbolic link",
+    );
+    refused(
+        "hardlink",
+        with(Member {
+            name: format!("{RELEASE}/test_batch.bin"),
+            kind: Kind::Hardlink("/etc/passwd"),
+        }),
+        "hard link",
+    );
+    refused(
+        "device",
+        with(Member {
+            name: format!("{RELEASE}/null"),
+            kind: Kind::CharDevice,
+        }),
+        "character device",
+    );
+    refused(
+        "unexpected",
+        with(file(&format!("{RELEASE}/extra.bin"), batch(0, RECORDS))),
+        "not a file of the CIFAR-10 binary release",
+    );
+    refused(
+        "top-level",
+        with(file("readme.html", b"x".to_vec())),
+        "not a file of the CIFAR-10 binary release",
+    );
+    refused(
+        "duplicate",
+        with(file(
+            &format!("{RELEASE}/data_batch_2.bin"),
+            batch(2, RECORDS),
+        )),
+        "appears twice",
+    );
+    let mut members = release_members();
+    members[4] = file(
+        &format!("{RELEASE}/data_batch_4.bin"),
+        batch(4, RECORDS + 1),
+    );
+    refused("size", members, "33803 bytes, expected 30730 (10 records)");
+    let mut members = release_members();
+    members.retain(|m| !m.name.ends_with("test_batch.bin"));
+    refused(
+        "missing",
+        members,
+        "lacks cifar-10-batches-bin/test_batch.bin",
+    );
+    let mut members = release_members();
+    members[2] = file(&format!("{RELEASE}/batches.meta.txt"), b"a\nb\n".to_vec());
+    refused("meta", members, "2 class names");
+    let mut members = release_members();
+    members[5] = file(&format!("{RELEASE}/test_batch.bin"), {
+        let mut b = batch(9, RECORDS);
+        b[RECORD_BYTES] = 10;
+        b
+    });
+    refused("label", members, "label byte 10");
+}
+
+#[test]
+fn damaged_streams_are_refused() {
+    let dir = tmp("damaged");
+    let archive = tar_gz(&release_members());
+    let spec = spec_for(&archive);
+    let dest = dir.join(RELEASE);
+    for (name, bytes) in [
+        ("not gzip", b"<html>not found</html>".to_vec()),
+        ("truncated", archive[..archive.len() / 2].to_vec()),
+        ("gzip of junk", {
+            let mut e = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&[7u8; 2000]).unwrap();
+            e.finish().unwrap()
+        }),
+    ] {
+        let err = install_from(&bytes[..], "test archive", &dest, &spec, false).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.starts_with("test archive: "), "{name}: {msg}");
+        assert!(names(&dir).is_empty(), "{name}: {:?}", names(&dir));
+    }
+    // A damaged tail (after the last member) fails the gzip CRC check.
+    let mut bad = archive.clone();
+    let n = bad.len();
+    bad[n - 8] ^= 0xff;
+    let err = install_from(&bad[..], "test archive", &dest, &spec, false).unwrap_err();
+    assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
+    assert!(names(&dir).is_empty());
+    // The intact archive installs.
+    let info = install_from(&archive[..], "test archive", &dest, &spec, false).unwrap();
+    assert_eq!((info.train, info.test), (5 * RECORDS, RECORDS));
+    assert_installed(&dest);
+}
+
+#[test]
+fn hostile_archive_over_http_leaves_nothing() {
+    let dir = tmp("hostile-http");
+    let archive = tar_gz(&with(file("../evil", b"x".to_vec())));
+    let (url, server) = serve(vec![Reply::Body(archive.clone())]);
+    let dest = dir.join("cache").join(RELEASE);
+    let err = fetch_release(&options(&url, &dest, spec_for(&archive)), &mut Silent).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains(&format!("archive from {url}")), "{msg}");
+    assert!(msg.contains("archive member '../evil'"), "{msg}");
+    assert_eq!(server.join().unwrap(), 1);
+    assert!(
+        walk(&dir).iter().all(|p| p == &dir.join("cache")),
+        "{:?}",
+        walk(&dir)
+    );
+}
+
+#[test]
+fn existing_destination_is_kept_or_replaced_atomically() {
+    let dir = tmp("existing");
+    let archive = tar_gz(&release_members());
+    let spec = spec_for(&archive);
+    let dest = dir.join(RELEASE);
+
+    // Something that is not a release: refused without downloading (nothing listens).
+    std::fs::create_dir_all(&dest).unwrap();
+    std::fs::write(dest.join("notes.txt"), "mine").unwrap();
+    let err = fetch_release(&options(&dead_url(), &dest, spec), &mut Silent).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("not a complete CIFAR-10 release") && msg.contains("--force"),
+        "{msg}"
+    );
+    assert!(msg.contains("notes.txt"), "{msg}");
+    assert_eq!(names(&dest), ["notes.txt"]);
+    assert!(validate_release(&dest, &spec).is_err());
+
+    // --force replaces it.
+    let (url, server) = serve(vec![Reply::Body(archive.clone())]);
+    let mut opts = options(&url, &dest, spec);
+    opts.force = true;
+    let fetched = fetch_release(&opts, &mut Silent).unwrap();
+    assert!(matches!(fetched, Fetched::Installed { bytes, .. } if bytes == archive.len() as u64));
+    assert_eq!(server.join().unwrap(), 1);
+    assert_installed(&dest);
+    assert_eq!(names(&dir), [RELEASE], "temporaries left behind");
+
+    // Now valid: reported as present without a download.
+    let got = fetch_release(&options(&dead_url(), &dest, spec), &mut Silent).unwrap();
+    assert!(
+        matches!(got, Fetched::AlreadyPresent(i) if i.train == 5 * RECORDS && i.test == RECORDS)
+    );
+    // A folder unpacked by hand, with readme.html, also counts.
+    std::fs::write(dest.join("readme.html"), "x").unwrap();
+    assert!(validate_release(&dest, &spec).is_ok());
+    // A truncated batch file does not.
+    let f = std::fs::File::options()
+        .write(true)
+        .open(dest.join("data_batch_2.bin"))
+        .unwrap();
+    f.set_len(BATCH_BYTES - RECORD_BYTES as u64).unwrap();
+    let err = validate_release(&dest, &spec).unwrap_err().to_string();
+    assert!(
+        err.contains("data_batch_2.bin") && err.contains("expected 30730"),
+        "{err}"
+    );
+
+    // An empty folder is simply filled.
+    let empty = dir.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (url, server) = serve(vec![Reply::Body(archive.clone())]);
+    fetch_release(&options(&url, &empty, spec), &mut Silent).unwrap();
+    assert_eq!(server.join().unwrap(), 1);
+    assert_installed(&empty);
+
+    // The library refuses to replace without `replace`.
+    let err = install_from(&archive[..], "a", &empty, &spec, false).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+}
