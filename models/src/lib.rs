@@ -7,6 +7,7 @@ pub mod arch;
 pub mod error;
 pub mod io;
 pub mod model;
+mod structure;
 
 pub use arch::{Activation, Arch, PRESETS};
 pub use error::{ModelError, Result};

@@ -14,6 +14,7 @@
 //! | function | what | cost in HVPs (d = trainable scalars) |
 //! | --- | --- | --- |
 //! | [`exact_trace`] | trace, exact diagonal, per-tensor traces | d |
+//! | [`structural_trace`] | the same, by structure, for a declared [`Net`] | none |
 //! | [`hutchinson`] | trace estimate with a confidence-interval stopping rule | probes used |
 //! | [`hutch_plus_plus`] | Hutch++ trace estimate | the budget `m` |
 //! | [`lanczos`] | extreme eigenvalues (and eigenvectors) | iterations |
@@ -44,6 +45,7 @@ mod estimators;
 mod lanczos;
 mod linalg;
 mod operator;
+mod structural;
 mod trace;
 mod tridiag;
 
@@ -56,6 +58,10 @@ pub use lanczos::{
     Which,
 };
 pub use operator::{BatchLoss, Batches, Hessian, HvpConfig, ParamLayout, Progress, SingleBatch};
+pub use structural::{
+    structural_support, structural_trace, Layer, Net, NodeId, NormStats, StructuralAccumulator,
+    StructuralBlock, StructuralOptions, StructuralSupport, StructuralTrace,
+};
 pub use trace::{exact_trace, exact_trace_of, BlockTrace, ExactTrace};
 pub use tridiag::{tridiagonal_eigen, TridiagonalEigen};
 
