@@ -139,6 +139,12 @@ fn config_rerun_is_identical_and_overwrite_replaces() {
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("a/summary.json")).unwrap()).unwrap();
     assert_eq!(summary["steps"], 8);
     assert!(summary["final"]["test_acc"].as_f64().is_some());
+    // `flatmin eval --checkpoint` reproduces the run's final test accuracy.
+    let out = flatmin(&["eval", "--checkpoint", "a/checkpoints/last.safetensors", "--json"], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = String::from_utf8_lossy(&out.stdout);
+    let ev: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+    assert_eq!(ev["acc"].as_f64(), summary["final"]["test_acc"].as_f64(), "{line}");
     // Rerun the recorded experiment exactly.
     let out = flatmin(&["train", "--config", "a/config.json", "--out", "b", "--quiet"], &dir);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

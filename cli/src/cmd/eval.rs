@@ -25,8 +25,11 @@ const EVAL_BATCH: usize = 500;
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// A run folder (its model.safetensors is evaluated) or a safetensors checkpoint.
-    #[arg(value_name = "RUN_OR_CHECKPOINT")]
-    pub target: PathBuf,
+    #[arg(value_name = "RUN_OR_CHECKPOINT", required_unless_present = "checkpoint")]
+    pub target: Option<PathBuf>,
+    /// The same as the positional argument, as a flag: `--checkpoint C`.
+    #[arg(long, value_name = "C", conflicts_with = "target")]
+    pub checkpoint: Option<PathBuf>,
     /// Model preset or `mlp:...` spec of a checkpoint outside a run folder [default: the
     /// run's, from its config.json].
     #[arg(long)]
@@ -56,6 +59,16 @@ pub struct EvalArgs {
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
     #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
     pub threads: Option<usize>,
+}
+
+impl EvalArgs {
+    /// The run folder or checkpoint to evaluate (positional or `--checkpoint`).
+    pub fn path(&self) -> &Path {
+        self.checkpoint
+            .as_deref()
+            .or(self.target.as_deref())
+            .expect("clap requires RUN_OR_CHECKPOINT or --checkpoint")
+    }
 }
 
 /// The weights to evaluate and the run they belong to, if any.
@@ -122,12 +135,12 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 }
 
 fn dispatch(args: &EvalArgs) -> Result<()> {
-    let target = locate(&args.target)?;
+    let target = locate(args.path())?;
     let cfg = target.run.as_ref().map(|(_, c)| c);
     let model = match (&args.model, &target.run) {
         (Some(m), Some((path, c))) if *m != c.model => bail!(
             "--model {m}: {} belongs to a run of model {} ({}); drop --model",
-            args.target.display(),
+            args.path().display(),
             c.model,
             path.display()
         ),
@@ -135,7 +148,7 @@ fn dispatch(args: &EvalArgs) -> Result<()> {
         (None, Some((_, c))) => c.model.clone(),
         (None, None) => bail!(
             "--model is needed for {}: it is not inside a run folder (no config.json beside it)",
-            args.target.display()
+            args.path().display()
         ),
     };
     let dtype = args
@@ -205,7 +218,7 @@ fn eval_as<T: Scalar + Element>(
 
     let human = format!(
         "{}: {} accuracy {:.2}%, loss {:.4} on {} {} images ({}; {}, {}, BatchNorm {})",
-        args.target.display(),
+        args.path().display(),
         args.split,
         100.0 * out.acc,
         out.loss,
@@ -219,7 +232,7 @@ fn eval_as<T: Scalar + Element>(
     if args.json {
         eprintln!("{human}");
         let line = serde_json::json!({
-            "target": args.target.display().to_string(),
+            "target": args.path().display().to_string(),
             "weights": target.weights.display().to_string(),
             "model": model,
             "split": args.split,
