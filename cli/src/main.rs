@@ -31,6 +31,9 @@ enum Command {
     Plot(cmd::plot::PlotArgs),
     /// Loss and accuracy of a run's model (or a checkpoint) on the test or training split.
     Eval(cmd::eval::EvalArgs),
+    /// Hessian trace of a model on images: exact (structural or basis HVPs) or estimated,
+    /// with a per-tensor breakdown; top eigenvalues (Lanczos) or spectral density (SLQ).
+    Trace(Box<cmd::trace::TraceArgs>),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Command::Data(args) => cmd::data::run(&args),
         Command::Plot(args) => cmd::plot::run(&args),
         Command::Eval(args) => cmd::eval::run(&args),
+        Command::Trace(args) => cmd::trace::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

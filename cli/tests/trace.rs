@@ -1,0 +1,379 @@
+//! Runs the real `flatmin trace` binary: structural and basis-HVP traces agree (tiny-tanh on
+//! synthetic data in unequal batches, and on a batch file); resnet20's structural per-tensor
+//! traces equal in-process basis HVPs; BatchNorm train mode falls back (auto) or is refused
+//! (structural) with the reason; the JSON parses and records the BatchNorm mode; bad input
+//! ends in one `error:` line.
+
+use flatmin_datasets::{normalize_f64, read_batch_file};
+use flatmin_engine::curvature::{exact_trace_of, Hessian, HvpConfig};
+use flatmin_engine::{EngineError, Tape, Tensor};
+use flatmin_models::{BnUse, Model, ModelError};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flatmin");
+
+/// A fresh empty folder for one test under cargo's scratch folder.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("trace-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// xorshift64*: a tiny deterministic generator for test inputs.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+}
+
+/// A CIFAR-10 batch file of `n` random records.
+fn write_cifar(path: &Path, n: usize, seed: u64) {
+    let mut rng = Rng(seed | 1);
+    let mut bytes = Vec::with_capacity(n * 3073);
+    for _ in 0..n {
+        bytes.push((rng.next() % 10) as u8);
+        bytes.extend((0..3072).map(|_| (rng.next() >> 56) as u8));
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Saves a `preset` model (f64) whose BatchNorm running statistics come from a few
+/// train-mode batches, so that eval mode differs from train mode.
+fn write_weights(path: &Path, preset: &str, seed: u64) -> Model<f64> {
+    let mut model = Model::<f64>::named(preset, seed).unwrap();
+    if model.arch().has_batch_norm() {
+        let mut rng = Rng(seed.wrapping_mul(31) | 1);
+        for _ in 0..2 {
+            let x: Vec<f64> = (0..4 * 3072).map(|_| rng.uniform()).collect();
+            let x = Tensor::from_vec(&[4, 3, 32, 32], x).unwrap();
+            let e = model
+                .evaluate(&x, &[0, 1, 2, 3], &[], BnUse::Train, false)
+                .unwrap();
+            model.update_running_stats(&e.bn_stats);
+        }
+    }
+    model.save(path).unwrap();
+    model
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("trace")
+        .args(args)
+        .env_remove("RAYON_NUM_THREADS")
+        .env("FLATMIN_DATA", "/nonexistent-flatmin-data")
+        .output()
+        .expect("run the flatmin binary")
+}
+
+/// Runs with `--json` and returns the parsed object.
+fn run_json(args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = run(&a);
+    assert!(
+        out.status.success(),
+        "flatmin trace {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("JSON {e}: {stdout}"))
+}
+
+/// Runs expecting failure; returns the single stderr line.
+fn run_err(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(!out.status.success(), "flatmin trace {args:?} should fail");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("warning:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    lines[0].to_string()
+}
+
+fn trace_of(v: &Value) -> f64 {
+    v["trace"].as_f64().unwrap()
+}
+
+fn layer_traces(v: &Value) -> Vec<(String, f64)> {
+    v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["name"].as_str().unwrap().to_string(),
+                l["trace"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-300)
+}
+
+#[test]
+fn tiny_tanh_structural_equals_basis() {
+    let dir = scratch("tiny");
+    let w = dir.join("w.safetensors");
+    write_weights(&w, "tiny-tanh", 3);
+    let ws = w.display().to_string();
+    // 20 synthetic test images in batches of 8, 8 and 4 (weights 0.4, 0.4, 0.2).
+    let common = [
+        "--model",
+        "tiny-tanh",
+        "--weights",
+        &ws,
+        "--data",
+        "synthetic",
+        "--size",
+        "20",
+        "--batch",
+        "8",
+        "--dtype",
+        "f64",
+    ];
+    let s = run_json(&[&common[..], &["--method", "structural"]].concat());
+    let b = run_json(&[&common[..], &["--method", "basis"]].concat());
+    let err = rel(trace_of(&s), trace_of(&b));
+    eprintln!(
+        "tiny-tanh: structural {} basis {} rel {err:.1e}",
+        trace_of(&s),
+        trace_of(&b)
+    );
+    assert!(err < 1e-9);
+    for ((n1, t1), (n2, t2)) in layer_traces(&s).into_iter().zip(layer_traces(&b)) {
+        assert_eq!(n1, n2);
+        assert!(rel(t1, t2) < 1e-9, "{n1}: {t1} vs {t2}");
+    }
+    for v in [&s, &b] {
+        assert_eq!(v["bn_mode"], "eval");
+        assert_eq!(v["dim"], 6506);
+        assert_eq!(v["images"], 20);
+        assert_eq!(v["batches"], 3);
+        assert_eq!(v["exact"], true);
+        assert_eq!(v["synthetic"], true);
+        let norm = v["normalized_trace"].as_f64().unwrap();
+        assert!(rel(norm, trace_of(v) / 6506.0) < 1e-15);
+    }
+    assert_eq!(s["method"], "structural");
+    assert_eq!(s["hvps"], 0);
+    assert_eq!(b["hvps"], 6506);
+    assert!(s["activation_trace"].as_f64().unwrap() != 0.0);
+
+    // auto picks structural; f32 agrees to single precision; threads change no bit.
+    let a = run_json(&[&common[..8], &["--dtype", "f32", "--threads", "1"]].concat());
+    assert_eq!(a["method"], "structural");
+    assert_eq!(a["requested_method"], "auto");
+    assert!(rel(trace_of(&a), trace_of(&s)) < 1e-4);
+    let a2 = run_json(&[&common[..8], &["--dtype", "f32", "--threads", "2"]].concat());
+    assert_eq!(trace_of(&a).to_bits(), trace_of(&a2).to_bits());
+
+    // Estimators report a standard error and probes; Lanczos eigenvalues; SLQ a density.
+    let h = run_json(
+        &[
+            &common[..],
+            &["--method", "hutchinson", "--max-probes", "40"],
+        ]
+        .concat(),
+    );
+    assert!(h["std_error"].as_f64().unwrap() > 0.0);
+    assert!(h["probes"].as_u64().unwrap() <= 40);
+    let l = run_json(
+        &[
+            &common[..],
+            &["--method", "lanczos", "--top-k", "2", "--steps", "40"],
+        ]
+        .concat(),
+    );
+    assert_eq!(l["eigenvalues"].as_array().unwrap().len(), 2);
+    assert!(l["trace"].is_null());
+    let q = run_json(
+        &[
+            &common[..],
+            &["--method", "slq", "--probes", "3", "--steps", "10"],
+        ]
+        .concat(),
+    );
+    let mass: f64 = q["density"]["histogram"]["mass"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_f64().unwrap())
+        .sum();
+    assert!((mass - 1.0).abs() < 1e-9);
+    let p = run_json(&[&common[..], &["--method", "hutch++", "--budget", "30"]].concat());
+    assert_eq!(p["hvps"], 30);
+}
+
+#[test]
+fn batch_file_and_resnet20_against_in_process_basis_hvps() {
+    let dir = scratch("resnet20");
+    let w = dir.join("w.safetensors");
+    let data = dir.join("batch.bin");
+    let model = write_weights(&w, "resnet20", 5);
+    write_cifar(&data, 3, 9);
+    let (ws, ds) = (w.display().to_string(), data.display().to_string());
+    let common = [
+        "--model",
+        "resnet20",
+        "--weights",
+        &ws,
+        "--data",
+        &ds,
+        "--batch",
+        "2",
+        "--dtype",
+        "f64",
+    ];
+    let s = run_json(&[&common[..], &["--method", "structural"]].concat());
+    assert_eq!(s["images"], 3);
+    assert_eq!(s["bn_mode"], "eval");
+    assert_eq!(s["batch_norm_layers"], true);
+    assert!(s["split"].is_null());
+
+    // The same loss in-process: basis HVPs on a few tensors, batches of 2 and 1.
+    let batch = read_batch_file(&data).unwrap();
+    let x = normalize_f64(&batch);
+    let labels = batch.labels_usize();
+    let parts = [(0usize, 2usize), (2, 3)];
+    let params = model.params_cloned();
+    let names = model.param_names();
+    let loss = flatmin_engine::curvature::Batches::new(
+        vec![2.0, 1.0],
+        |b: usize, t: &mut Tape<f64>, v: &[flatmin_engine::Var]| {
+            let (lo, hi) = parts[b];
+            let xb = Tensor::from_vec(&[hi - lo, 3, 32, 32], x[lo * 3072..hi * 3072].to_vec())?;
+            let xv = t.constant(xb);
+            let (z, _) = model.forward(t, v, xv, BnUse::Eval).map_err(|e| match e {
+                ModelError::Engine(e) => e,
+                other => EngineError::Shape {
+                    op: "forward",
+                    detail: other.to_string(),
+                },
+            })?;
+            t.cross_entropy(z, &labels[lo..hi])
+        },
+    );
+    let h = Hessian::new(&params, loss, HvpConfig::default()).unwrap();
+    let pick: Vec<usize> = ["bn1.weight", "layer3.2.bn2.bias", "linear.bias"]
+        .iter()
+        .map(|n| names.iter().position(|m| m == n).unwrap())
+        .collect();
+    let e = exact_trace_of(&h, &pick).unwrap();
+    let layers = layer_traces(&s);
+    for b in &e.blocks {
+        let (name, t) = &layers[b.index];
+        let err = rel(*t, b.trace);
+        eprintln!(
+            "resnet20 {name}: binary structural {t} in-process basis {} rel {err:.1e}",
+            b.trace
+        );
+        assert!(err < 1e-9, "{name}");
+    }
+
+    // Train-mode BatchNorm: auto falls back to Hutchinson and says why; structural refuses.
+    let a = run_json(&[&common[..], &["--bn-mode", "train", "--max-probes", "3"]].concat());
+    assert_eq!(a["method"], "hutchinson");
+    assert_eq!(a["bn_mode"], "train");
+    let note = a["method_note"].as_str().unwrap();
+    assert!(note.contains("train mode"), "{note}");
+    let err = run_err(
+        &[
+            &common[..],
+            &["--bn-mode", "train", "--method", "structural"],
+        ]
+        .concat(),
+    );
+    assert!(
+        err.contains("--method structural") && err.contains("'bn1'") && err.contains("train mode"),
+        "{err}"
+    );
+
+    // The human report names the BatchNorm mode too.
+    let out = run(&[&common[..], &["--method", "structural"]].concat());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("BatchNorm eval") && text.contains("method: structural (exact)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_input_is_one_line_naming_the_flag() {
+    let dir = scratch("bad");
+    let w = dir.join("w.safetensors");
+    write_weights(&w, "tiny-tanh", 1);
+    let data = dir.join("batch.bin");
+    write_cifar(&data, 4, 2);
+    let junk = dir.join("junk.safetensors");
+    std::fs::write(&junk, b"not a safetensors file").unwrap();
+    let (ws, ds, js) = (
+        w.display().to_string(),
+        data.display().to_string(),
+        junk.display().to_string(),
+    );
+    let base = ["--model", "tiny-tanh", "--weights", &ws, "--data", &ds];
+
+    let e = run_err(&[
+        "--model",
+        "tiny-tanh",
+        "--weights",
+        "/no/such/w.safetensors",
+        "--data",
+        &ds,
+    ]);
+    assert!(e.contains("--weights /no/such/w.safetensors"), "{e}");
+    let e = run_err(&["--model", "tiny-tanh", "--weights", &js, "--data", &ds]);
+    assert!(e.contains("--weights"), "{e}");
+    let e = run_err(&["--weights", &ws, "--data", &ds]);
+    assert!(e.contains("--model is needed"), "{e}");
+    let e = run_err(&["--model", "resnet20", "--weights", &ws, "--data", &ds]);
+    assert!(e.contains("--weights"), "{e}");
+    let e = run_err(&["--model", "nope", "--weights", &ws, "--data", &ds]);
+    assert!(e.contains("--model nope"), "{e}");
+    let e = run_err(&[
+        "--model",
+        "tiny-tanh",
+        "--weights",
+        &ws,
+        "--data",
+        "/no/such/data",
+    ]);
+    assert!(e.contains("--data /no/such/data"), "{e}");
+    let e = run_err(&[&base[..], &["--size", "50"]].concat());
+    assert!(e.contains("--size 50"), "{e}");
+    let e = run_err(&[&base[..], &["--batch", "0"]].concat());
+    assert!(e.contains("--batch"), "{e}");
+    let e = run_err(&[&base[..], &["--method", "nope"]].concat());
+    assert!(e.contains("--method"), "{e}");
+    let e = run_err(&[&base[..], &["--budget", "3", "--method", "hutch++"]].concat());
+    assert!(e.contains("--budget"), "{e}");
+    let e = run_err(&[&base[..], &["--tol", "-1"]].concat());
+    assert!(e.contains("--tol"), "{e}");
+    let e = run_err(&[&base[..], &["--threads", "0"]].concat());
+    assert!(e.contains("--threads"), "{e}");
+    let e = run_err(&[&base[..], &["--run", dir.to_str().unwrap()]].concat());
+    assert!(e.contains("--run") || e.contains("--weights"), "{e}");
+    let e = run_err(&["--run", dir.to_str().unwrap()]);
+    assert!(e.contains("--run") && e.contains("not a run folder"), "{e}");
+    let e = run_err(&["--model", "tiny-tanh", "--data", &ds]);
+    assert!(e.contains("--weights") || e.contains("--run"), "{e}");
+}
