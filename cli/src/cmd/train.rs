@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use flatmin::data::{auto_candidates, resolve};
-use flatmin::train::{Observer, Record, TrainConfig, Trainer};
+use flatmin::train::{Observer, Record, TrainConfig, Trainer, OPTIMIZER_FLAGS};
 use flatmin_datasets::Element;
 use flatmin_engine::Scalar;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -17,7 +17,11 @@ pub struct TrainArgs {
     /// Model preset (tiny-tanh, mlp-s, cnn-s, resnet20, resnet18) or `mlp:W0,...:ACT` [default: cnn-s].
     #[arg(long)]
     pub model: Option<String>,
-    /// Optimizer: sgd or adamw [default: sgd].
+    /// Optimizer: sgd, adamw, sam, asam, usam, sam1 (SAM with batch size 1), rps (random-
+    /// perturbation SGD), label-noise, rs (Algorithm 1, randomly smoothed perturbation), sa
+    /// (Algorithm 2, sharpness-aware perturbation) [default: sgd]. All but adamw take
+    /// --momentum, --nesterov and --weight-decay (the paper's algorithms use neither:
+    /// pass --momentum 0 --weight-decay 0).
     #[arg(long)]
     pub optimizer: Option<String>,
     /// Base learning rate [default: 0.05].
@@ -98,6 +102,50 @@ pub struct TrainArgs {
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
+    /// Perturbation radius ρ (sam, asam, usam, sam1, rps, rs, sa) [default: 0.05].
+    #[arg(long, allow_hyphen_values = true)]
+    pub rho: Option<f64>,
+    /// Rate η' on the perturbation term (rs, sa) [default: η, the scheduled learning rate].
+    #[arg(long, allow_hyphen_values = true)]
+    pub eta_prime: Option<f64>,
+    /// Gradient-norm gate ε0 (rs, sa): perturb only when the batch gradient norm is at most ε0
+    /// [default: no gate].
+    #[arg(long, allow_hyphen_values = true)]
+    pub eps0: Option<f64>,
+    /// Probe batch size B (rs, sa, sam1): samples drawn from the step's batch, or the size of a
+    /// fresh batch [default: the whole batch; sam1: 1].
+    #[arg(long)]
+    pub probe_batch: Option<usize>,
+    /// Probe gradients from the step's batch (same) or a fresh batch (fresh) (rs, sa, sam1)
+    /// [default: same].
+    #[arg(long)]
+    pub probe_data: Option<String>,
+    /// Project the probe gradient against the batch gradient (rs, sa) [default].
+    #[arg(long, overrides_with = "no_project")]
+    pub project: bool,
+    /// Do not project the probe gradient (rs, sa ablation).
+    #[arg(long)]
+    pub no_project: bool,
+    /// Label-noise probability p (label-noise) [default: 0.1].
+    #[arg(long, allow_hyphen_values = true)]
+    pub label_noise: Option<f64>,
+    /// m-sharpness: samples per perturbation (sam, asam, usam) [default: 0, the whole batch].
+    #[arg(long)]
+    pub m_sharpness: Option<usize>,
+    /// ASAM's η of the scale |w| + η (asam) [default: 0.01].
+    #[arg(long, allow_hyphen_values = true)]
+    pub asam_eta: Option<f64>,
+    /// Final plain-GD steps after the perturbed phase (sa) [default: 0].
+    #[arg(long)]
+    pub t_gd: Option<usize>,
+    /// Iterate handed on after the perturbed phase (rs, sa): last, or random (uniformly drawn,
+    /// as in the paper's algorithms) [default: last].
+    #[arg(long)]
+    pub output_iterate: Option<String>,
+    /// Radius of the random shift used when sa's probe gradient is exactly zero (Remark 2)
+    /// [default: 1e-6].
+    #[arg(long, allow_hyphen_values = true)]
+    pub zero_grad_xi: Option<f64>,
 }
 
 impl TrainArgs {
@@ -116,6 +164,26 @@ impl TrainArgs {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
         }
         set!(model, optimizer, lr, momentum, weight_decay, schedule, step_every, step_gamma, warmup, epochs, batch_size, train_size, test_size, seed, dtype, eval_every, checkpoint_every, data);
+        set!(rho, probe_batch, probe_data, label_noise, m_sharpness, asam_eta, t_gd, output_iterate, zero_grad_xi);
+        if self.eta_prime.is_some() {
+            c.eta_prime = self.eta_prime;
+        }
+        if self.eps0.is_some() {
+            c.eps0 = self.eps0;
+        }
+        if self.no_project {
+            c.project = false;
+        }
+        if self.project {
+            c.project = true;
+        }
+        for flag in self.optimizer_flags() {
+            if let Some((_, opts)) = OPTIMIZER_FLAGS.iter().find(|(f, _)| *f == flag) {
+                if !opts.contains(&c.optimizer.as_str()) {
+                    bail!("{flag} applies to --optimizer {} only, not {}", opts.join(", "), c.optimizer);
+                }
+            }
+        }
         if self.no_nesterov {
             c.nesterov = false;
         }
@@ -137,9 +205,27 @@ impl TrainArgs {
         Ok(c)
     }
 
+    /// Optimizer-specific flags given on the command line.
+    fn optimizer_flags(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        macro_rules! given {
+            ($($f:ident => $flag:expr),*) => { $( if self.$f.is_some() { v.push($flag); } )* };
+        }
+        given!(rho => "--rho", eta_prime => "--eta-prime", eps0 => "--eps0", probe_batch => "--probe-batch",
+            probe_data => "--probe-data", label_noise => "--label-noise", m_sharpness => "--m-sharpness",
+            asam_eta => "--asam-eta", t_gd => "--t-gd", output_iterate => "--output-iterate",
+            zero_grad_xi => "--zero-grad-xi");
+        for (set, flag) in [(self.project, "--project"), (self.no_project, "--no-project")] {
+            if set {
+                v.push(flag);
+            }
+        }
+        v
+    }
+
     /// Recipe flags given together with `--resume` (which takes the recipe from the run).
     fn recipe_flags(&self) -> Vec<&'static str> {
-        let mut v = Vec::new();
+        let mut v = self.optimizer_flags();
         macro_rules! given {
             ($($f:ident => $flag:expr),*) => { $( if self.$f.is_some() { v.push($flag); } )* };
         }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub struct TrainConfig {
     /// Model preset or custom MLP spec.
     pub model: String,
-    /// Optimizer name (`sgd`, `adamw`).
+    /// Optimizer name (one of [`OPTIMIZERS`]).
     pub optimizer: String,
     /// Base learning rate.
     pub lr: f64,
@@ -53,6 +53,38 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Data source: `auto`, `synthetic` or a folder of the official binary release.
     pub data: String,
+    /// Perturbation radius ρ (sam, asam, usam, sam1, rps, rs, sa).
+    pub rho: f64,
+    /// Rate η' of the perturbation term (rs, sa); `None`: η' = η, the scheduled rate (paper.md
+    /// §6 default, (X)).
+    pub eta_prime: Option<f64>,
+    /// Gradient-norm gate ε0 (rs, sa): perturb only when the batch gradient norm is at most
+    /// ε0; `None`: no gate, always perturb ((X) for rs, (R) off by default for sa).
+    pub eps0: Option<f64>,
+    /// Probe batch size B (rs, sa, sam1): samples drawn from the step's batch (or the size of
+    /// the fresh batch); 0: the optimizer's default (rs, sa: the whole batch, sam1: 1).
+    pub probe_batch: usize,
+    /// Where probe gradients come from (rs, sa, sam1): `same` (the step's batch) or `fresh`
+    /// (another batch, drawn deterministically from the seed and the step).
+    pub probe_data: String,
+    /// Project the probe gradient against the batch gradient (rs, sa; Algorithms 1 and 2: on).
+    pub project: bool,
+    /// Label-noise probability p (label-noise): each label replaced by another class with
+    /// probability p.
+    pub label_noise: f64,
+    /// m-sharpness chunk size (sam, asam, usam); 0: one perturbation for the whole batch.
+    pub m_sharpness: usize,
+    /// ASAM's offset η_a of the scale `|w| + η_a` (asam).
+    pub asam_eta: f64,
+    /// Final plain-GD steps of sa (Algorithm 2, phase 2; (R)); the perturbed phase gets the
+    /// other steps of the run.
+    pub t_gd: usize,
+    /// Iterate rs/sa hand on at the end of their perturbed phase: `last` (practice, (X)) or
+    /// `random` (uniformly random iterate, reservoir-sampled, as in Algorithms 1 and 2).
+    pub output_iterate: String,
+    /// Radius of the random shift ξ used when sa's probe gradient is exactly zero (Remark 2;
+    /// (R): the paper suggests about ε³).
+    pub zero_grad_xi: f64,
 }
 
 impl Default for TrainConfig {
@@ -84,12 +116,42 @@ impl Default for TrainConfig {
             eval_every: 1,
             checkpoint_every: 0,
             data: "auto".into(),
+            rho: 0.05,
+            eta_prime: None,
+            eps0: None,
+            probe_batch: 0,
+            probe_data: "same".into(),
+            project: true,
+            label_noise: 0.1,
+            m_sharpness: 0,
+            asam_eta: 0.01,
+            t_gd: 0,
+            output_iterate: "last".into(),
+            zero_grad_xi: 1e-6,
         }
     }
 }
 
 /// Optimizer names `flatmin train --optimizer` accepts.
-pub const OPTIMIZERS: [&str; 2] = ["sgd", "adamw"];
+pub const OPTIMIZERS: [&str; 10] = ["sgd", "adamw", "sam", "asam", "usam", "sam1", "rps", "label-noise", "rs", "sa"];
+
+/// Optimizer-specific flags and the optimizers that use them (giving one to another optimizer
+/// is an error rather than silently ignored).
+pub const OPTIMIZER_FLAGS: [(&str, &[&str]); 13] = [
+    ("--rho", &["sam", "asam", "usam", "sam1", "rps", "rs", "sa"]),
+    ("--eta-prime", &["rs", "sa"]),
+    ("--eps0", &["rs", "sa"]),
+    ("--probe-batch", &["rs", "sa", "sam1"]),
+    ("--probe-data", &["rs", "sa", "sam1"]),
+    ("--project", &["rs", "sa"]),
+    ("--no-project", &["rs", "sa"]),
+    ("--output-iterate", &["rs", "sa"]),
+    ("--label-noise", &["label-noise"]),
+    ("--m-sharpness", &["sam", "asam", "usam"]),
+    ("--asam-eta", &["asam"]),
+    ("--t-gd", &["sa"]),
+    ("--zero-grad-xi", &["sa"]),
+];
 
 impl TrainConfig {
     /// Checks every value; the error names the flag.
@@ -110,9 +172,10 @@ impl TrainConfig {
         if !OPTIMIZERS.contains(&self.optimizer.as_str()) {
             bail!("--optimizer: unknown optimizer '{}' (one of {})", self.optimizer, OPTIMIZERS.join(", "));
         }
-        if self.nesterov && self.optimizer == "sgd" && self.momentum == 0.0 {
+        if self.nesterov && self.optimizer != "adamw" && self.momentum == 0.0 {
             bail!("--nesterov needs --momentum > 0");
         }
+        self.validate_perturbation()?;
         if !["constant", "cosine", "step"].contains(&self.schedule.as_str()) {
             bail!("--schedule: unknown schedule '{}' (constant, cosine or step)", self.schedule);
         }
@@ -139,6 +202,48 @@ impl TrainConfig {
             positive("--eps", self.eps)?;
         }
         flatmin_models::Arch::parse(&self.model).map_err(|e| anyhow::anyhow!("--model: {e}"))?;
+        Ok(())
+    }
+
+    /// Checks the settings of the perturbation optimizers (those the chosen one uses).
+    fn validate_perturbation(&self) -> Result<()> {
+        let uses = |flag: &str| {
+            OPTIMIZER_FLAGS
+                .iter()
+                .any(|(f, opts)| *f == flag && opts.contains(&self.optimizer.as_str()))
+        };
+        if uses("--rho") && !(self.rho.is_finite() && self.rho > 0.0) {
+            bail!("--rho must be a positive number, got {}", self.rho);
+        }
+        if uses("--eta-prime") {
+            if let Some(v) = self.eta_prime {
+                if !(v.is_finite() && v >= 0.0) {
+                    bail!("--eta-prime must be >= 0, got {v}");
+                }
+            }
+        }
+        if uses("--eps0") {
+            if let Some(v) = self.eps0 {
+                if !(v.is_finite() && v >= 0.0) {
+                    bail!("--eps0 must be >= 0, got {v}");
+                }
+            }
+        }
+        if uses("--probe-data") && !["same", "fresh"].contains(&self.probe_data.as_str()) {
+            bail!("--probe-data must be same or fresh, got '{}'", self.probe_data);
+        }
+        if uses("--output-iterate") && !["last", "random"].contains(&self.output_iterate.as_str()) {
+            bail!("--output-iterate must be last or random, got '{}'", self.output_iterate);
+        }
+        if uses("--label-noise") && !(self.label_noise > 0.0 && self.label_noise <= 1.0) {
+            bail!("--label-noise must be in (0, 1], got {}", self.label_noise);
+        }
+        if uses("--asam-eta") && !(self.asam_eta.is_finite() && self.asam_eta >= 0.0) {
+            bail!("--asam-eta must be >= 0, got {}", self.asam_eta);
+        }
+        if uses("--zero-grad-xi") && !(self.zero_grad_xi.is_finite() && self.zero_grad_xi > 0.0) {
+            bail!("--zero-grad-xi must be a positive number, got {}", self.zero_grad_xi);
+        }
         Ok(())
     }
 }

@@ -5,7 +5,7 @@
 mod config;
 mod run_dir;
 
-pub use config::{TrainConfig, OPTIMIZERS};
+pub use config::{TrainConfig, OPTIMIZERS, OPTIMIZER_FLAGS};
 pub use run_dir::{batch_sha256, DatasetIdentity, Record, RunDir, RunMeta};
 
 use crate::data::DataSource;
@@ -15,7 +15,11 @@ use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::io::{RawData, RawTensor};
 use flatmin_models::model::float_raw;
 use flatmin_models::{BnUse, Model};
-use flatmin_optim::{AdamW, LrSchedule, Optimizer, Schedule, Sgd};
+use flatmin_optim::rng::derive_seed;
+use flatmin_optim::{
+    corrupt_labels, AdamW, EtaPrime, LabelNoise, LabelNoiseSgd, LrSchedule, OptimError, Optimizer, Oracle, OutputIterate, Probe,
+    ProbeData, ProbeSpec, Rps, Rs, RsConfig, Sa, SaConfig, Sam, Sam1, SamVariant, Schedule, Sgd,
+};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -66,10 +70,66 @@ pub enum Outcome {
 /// Evaluation batch size (no gradients; memory only).
 const EVAL_BATCH: usize = 500;
 
-fn build_optimizer<T: Scalar>(cfg: &TrainConfig) -> Result<Box<dyn Optimizer<T>>> {
+/// Purpose tags of the seeds derived from `--seed` for the optimizer's own draws and for
+/// fresh probe batches.
+const OPTIMIZER_SEED_TAG: u64 = 0x6f70_7469;
+const FRESH_BATCH_SEED_TAG: u64 = 0x6672_6573;
+
+/// The optimizer of a run of `total_steps` steps. Perturbation methods draw from a seed
+/// derived from `--seed`; every SGD-based one takes `--momentum`, `--nesterov` and
+/// `--weight-decay` (see each optimizer's documentation for how they compose).
+fn build_optimizer<T: Scalar>(cfg: &TrainConfig, total_steps: usize) -> Result<Box<dyn Optimizer<T>>> {
+    let (mu, nesterov, wd) = (cfg.momentum, cfg.nesterov, cfg.weight_decay);
+    let seed = derive_seed(cfg.seed, OPTIMIZER_SEED_TAG);
+    let probe = |default: Option<usize>| ProbeSpec {
+        size: if cfg.probe_batch == 0 { default } else { Some(cfg.probe_batch) },
+        data: if cfg.probe_data == "fresh" { ProbeData::Fresh } else { ProbeData::Same },
+    };
+    let eta_prime = cfg.eta_prime.map_or(EtaPrime::SameAsLr, EtaPrime::Fixed);
+    let output = if cfg.output_iterate == "random" { OutputIterate::Random } else { OutputIterate::Last };
+    let m = (cfg.m_sharpness > 0).then_some(cfg.m_sharpness);
     Ok(match cfg.optimizer.as_str() {
-        "sgd" => Box::new(Sgd::new(cfg.momentum, cfg.nesterov, cfg.weight_decay)?),
-        "adamw" => Box::new(AdamW::new(cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)?),
+        "sgd" => Box::new(Sgd::new(mu, nesterov, wd)?),
+        "adamw" => Box::new(AdamW::new(cfg.beta1, cfg.beta2, cfg.eps, wd)?),
+        "sam" => Box::new(Sam::new(cfg.rho, SamVariant::Normalized, m, mu, nesterov, wd)?),
+        "usam" => Box::new(Sam::new(cfg.rho, SamVariant::Unnormalized, m, mu, nesterov, wd)?),
+        "asam" => Box::new(Sam::new(cfg.rho, SamVariant::Adaptive { eta: cfg.asam_eta }, m, mu, nesterov, wd)?),
+        "sam1" => Box::new(Sam1::new(cfg.rho, probe(Some(1)), mu, nesterov, wd, seed)?),
+        "rps" => Box::new(Rps::new(cfg.rho, mu, nesterov, wd, seed)?),
+        "label-noise" => Box::new(LabelNoiseSgd::new(cfg.label_noise, mu, nesterov, wd, seed)?),
+        "rs" => Box::new(Rs::new(RsConfig {
+            rho: cfg.rho,
+            eta_prime,
+            eps0: cfg.eps0,
+            project: cfg.project,
+            probe: probe(None),
+            output,
+            horizon: Some(total_steps as u64),
+            momentum: mu,
+            nesterov,
+            weight_decay: wd,
+            seed,
+        })?),
+        "sa" => {
+            if cfg.t_gd >= total_steps {
+                bail!("--t-gd {} leaves no perturbed steps: the run has {total_steps} steps", cfg.t_gd);
+            }
+            Box::new(Sa::new(SaConfig {
+                rho: cfg.rho,
+                eta_prime,
+                eps0: cfg.eps0,
+                project: cfg.project,
+                random_sign: true,
+                probe: probe(None),
+                xi: cfg.zero_grad_xi,
+                output,
+                horizon: Some((total_steps - cfg.t_gd) as u64),
+                momentum: mu,
+                nesterov,
+                weight_decay: wd,
+                seed,
+            })?)
+        }
         other => bail!("--optimizer: unknown optimizer '{other}'"),
     })
 }
@@ -134,8 +194,8 @@ impl<T: Scalar + Element> Trainer<T> {
             .context("--batch-size")?;
         let model = Model::<T>::named(&cfg.model, cfg.seed)?;
         let params = model.params_cloned();
-        let opt = build_optimizer(&cfg)?;
         let bpe = loader.batches_per_epoch();
+        let opt = build_optimizer(&cfg, cfg.epochs * bpe)?;
         let kind = match cfg.schedule.as_str() {
             "constant" => Schedule::Constant,
             "cosine" => Schedule::Cosine,
@@ -291,28 +351,25 @@ impl<T: Scalar + Element> Trainer<T> {
     /// One optimizer step on one batch; returns the step info and the number of correct
     /// predictions at the pre-step parameters.
     ///
-    /// BatchNorm rule: the first gradient evaluation of a step (at the current parameters)
-    /// normalizes with batch statistics and updates the running statistics; any further
-    /// evaluation in the same step (e.g. at a perturbed point) uses batch statistics and
-    /// leaves the running statistics alone.
+    /// BatchNorm rule: the first gradient evaluation of a step (on the step's batch, at the
+    /// current parameters) normalizes with batch statistics and updates the running
+    /// statistics; any further evaluation in the same step (at a perturbed point, on a
+    /// sub-batch or a fresh batch) uses its own batch statistics and leaves the running
+    /// statistics alone. See [`StepOracle`].
     fn train_step(&mut self, x: &Tensor<T>, labels: &[usize], lr: f64) -> Result<(flatmin_optim::StepInfo, usize)> {
-        let model = &mut self.model;
-        let mut calls = 0usize;
-        let mut correct = 0usize;
-        let mut oracle = |p: &[Tensor<T>]| -> flatmin_optim::Result<(T, Vec<Tensor<T>>)> {
-            let refs: Vec<&Tensor<T>> = p.iter().collect();
-            let e = model
-                .evaluate_at(&refs, x, labels, &[], BnUse::Train, true)
-                .map_err(|e| flatmin_optim::OptimError::Oracle(e.to_string()))?;
-            if calls == 0 {
-                model.update_running_stats(&e.bn_stats);
-                correct = count_correct(&e.logits, labels);
-            }
-            calls += 1;
-            Ok((e.loss, e.grads))
+        let mut oracle = StepOracle {
+            model: &mut self.model,
+            x,
+            labels,
+            loader: &self.loader,
+            fresh_seed: derive_seed(self.cfg.seed, FRESH_BATCH_SEED_TAG),
+            step: self.step,
+            calls: 0,
+            correct: 0,
+            fresh: None,
         };
         let info = self.opt.step(&mut self.params, &mut oracle, lr)?;
-        Ok((info, correct))
+        Ok((info, oracle.correct))
     }
 
     /// Mean loss and accuracy on the test subset (BatchNorm in eval mode).
@@ -389,6 +446,127 @@ impl<T: Scalar + Element> Trainer<T> {
         };
         self.epoch_sums = (loss_sum, int("epoch_correct")?, int("epoch_seen")?);
         Ok(())
+    }
+}
+
+/// The gradient oracle of one training step: mean cross-entropy and gradient of the model at
+/// given parameters, on
+/// - the step's batch ([`Oracle::eval`]);
+/// - rows of it ([`Probe::SubBatch`]: SA's single-sample gradient, probe batches, m-sharpness);
+/// - a fresh batch ([`Probe::Fresh`]): batch `step` of an endless sequence of epochs drawn
+///   from the training set by a second loader (shuffled with a seed derived from `--seed`,
+///   same augmentation, full batches of the requested size), so it depends only on the seed,
+///   the step and the size, and a resumed run sees the same fresh batches;
+/// - the step's batch with noisy labels ([`Oracle::eval_noisy`], classification form via
+///   [`corrupt_labels`] over the 10 classes).
+///
+/// The first evaluation of the step must be on the step's batch (plain or noisy labels):
+/// it updates the BatchNorm running statistics and counts correct predictions (against
+/// the true labels); later evaluations do neither.
+struct StepOracle<'a, T: Scalar + Element> {
+    model: &'a mut Model<T>,
+    x: &'a Tensor<T>,
+    labels: &'a [usize],
+    loader: &'a Loader,
+    fresh_seed: u64,
+    step: usize,
+    calls: usize,
+    correct: usize,
+    /// The step's fresh batch, once drawn: size, images, labels.
+    fresh: Option<(usize, Tensor<T>, Vec<usize>)>,
+}
+
+/// Number of classes of the models' heads (CIFAR-10).
+const CLASSES: usize = 10;
+
+impl<T: Scalar + Element> StepOracle<'_, T> {
+    /// Evaluates at `p` on images `x` with `labels`; `step_batch` says whether this is the
+    /// step's batch (the only place a first evaluation may happen).
+    fn run(&mut self, p: &[Tensor<T>], x: &Tensor<T>, labels: &[usize], step_batch: bool) -> flatmin_optim::Result<(T, Vec<Tensor<T>>)> {
+        let first = self.calls == 0;
+        if first && !step_batch {
+            return Err(OptimError::Oracle(
+                "the first evaluation of a step must be on the step's batch (BatchNorm rule)".into(),
+            ));
+        }
+        let refs: Vec<&Tensor<T>> = p.iter().collect();
+        let e = self
+            .model
+            .evaluate_at(&refs, x, labels, &[], BnUse::Train, true)
+            .map_err(|e| OptimError::Oracle(e.to_string()))?;
+        if first {
+            self.model.update_running_stats(&e.bn_stats);
+            self.correct = count_correct(&e.logits, self.labels);
+        }
+        self.calls += 1;
+        Ok((e.loss, e.grads))
+    }
+
+    /// Rows `indices` of the step's batch.
+    fn gather(&self, indices: &[usize]) -> flatmin_optim::Result<(Tensor<T>, Vec<usize>)> {
+        let n = self.labels.len();
+        if indices.is_empty() || indices.iter().any(|&i| i >= n) {
+            return Err(OptimError::Oracle(format!("sub-batch positions out of range for a batch of {n}")));
+        }
+        let row = self.x.numel() / n;
+        let mut data = Vec::with_capacity(indices.len() * row);
+        for &i in indices {
+            data.extend_from_slice(&self.x.data()[i * row..(i + 1) * row]);
+        }
+        let mut shape = self.x.shape().to_vec();
+        shape[0] = indices.len();
+        let x = Tensor::from_vec(&shape, data).map_err(|e| OptimError::Oracle(e.to_string()))?;
+        Ok((x, indices.iter().map(|&i| self.labels[i]).collect()))
+    }
+
+    /// The step's fresh batch of `size` images (drawn once per step and size).
+    fn fresh_batch(&mut self, size: usize) -> flatmin_optim::Result<(Tensor<T>, Vec<usize>)> {
+        if let Some((s, x, l)) = &self.fresh {
+            if *s == size {
+                return Ok((x.clone(), l.clone()));
+            }
+        }
+        let records = self.loader.records();
+        let loader = Loader::new(self.loader.data().clone(), size, true, true, self.loader.augment(), self.fresh_seed)
+            .map_err(|_| OptimError::Oracle(format!("--probe-batch {size}: a fresh batch needs at most the {records} training images")))?;
+        let bpe = loader.batches_per_epoch();
+        let mb = loader
+            .batch::<T>(self.step / bpe, self.step % bpe)
+            .ok_or_else(|| OptimError::Oracle("fresh batch out of range".into()))?;
+        let x = Tensor::from_vec(&mb.shape(), mb.x).map_err(|e| OptimError::Oracle(e.to_string()))?;
+        self.fresh = Some((size, x.clone(), mb.labels.clone()));
+        Ok((x, mb.labels))
+    }
+}
+
+impl<T: Scalar + Element> Oracle<T> for StepOracle<'_, T> {
+    fn eval(&mut self, p: &[Tensor<T>]) -> flatmin_optim::Result<(T, Vec<Tensor<T>>)> {
+        let (x, labels) = (self.x, self.labels);
+        self.run(p, x, labels, true)
+    }
+
+    fn eval_on(&mut self, p: &[Tensor<T>], probe: &Probe) -> flatmin_optim::Result<(T, Vec<Tensor<T>>)> {
+        match probe {
+            Probe::Batch => self.eval(p),
+            Probe::SubBatch { indices } => {
+                let (x, labels) = self.gather(indices)?;
+                self.run(p, &x, &labels, false)
+            }
+            Probe::Fresh { size } => {
+                let (x, labels) = self.fresh_batch(*size)?;
+                self.run(p, &x, &labels, false)
+            }
+        }
+    }
+
+    fn eval_noisy(&mut self, p: &[Tensor<T>], noise: &LabelNoise) -> flatmin_optim::Result<(T, Vec<Tensor<T>>)> {
+        let (noisy, _) = corrupt_labels(self.labels, CLASSES, noise);
+        let x = self.x;
+        self.run(p, x, &noisy, true)
+    }
+
+    fn batch_len(&self) -> Option<usize> {
+        Some(self.labels.len())
     }
 }
 
