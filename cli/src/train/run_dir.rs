@@ -251,19 +251,40 @@ impl RunDir {
     }
 
     /// Keeps only the records up to `step` (those written before the checkpoint a resumed
-    /// run restarts from) in both metrics files.
+    /// run restarts from) in both metrics files. Kept lines are copied verbatim, so a resumed
+    /// run's files are byte-identical to an uninterrupted run's (no float re-formatting).
     pub fn truncate_metrics(&self, step: usize) -> Result<()> {
-        let kept: Vec<Record> = self.records()?.into_iter().filter(|r| r.step <= step).collect();
-        let mut jsonl = String::new();
+        let jsonl_path = self.root.join("metrics.jsonl");
+        let text = std::fs::read_to_string(&jsonl_path).with_context(|| jsonl_path.display().to_string())?;
+        let mut kept_json = String::new();
+        let mut kept_records = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let r: Record = serde_json::from_str(line)
+                .with_context(|| format!("{}: line {}: not a metrics record", jsonl_path.display(), i + 1))?;
+            if r.step > step {
+                break;
+            }
+            kept_json.push_str(line);
+            kept_json.push('\n');
+            kept_records.push(r);
+        }
+        let csv_path = self.root.join("metrics.csv");
+        let csv_text = std::fs::read_to_string(&csv_path).unwrap_or_default();
+        let rows: Vec<&str> = csv_text.lines().skip(1).collect();
         let mut csv = format!("{CSV_HEADER}\n");
-        for r in &kept {
-            jsonl.push_str(&serde_json::to_string(r)?);
-            jsonl.push('\n');
-            csv.push_str(&r.csv_row());
+        for (i, r) in kept_records.iter().enumerate() {
+            // Rows follow records one to one; one lost in a crash is rebuilt from its record.
+            match rows.get(i) {
+                Some(row) => csv.push_str(row),
+                None => csv.push_str(&r.csv_row()),
+            }
             csv.push('\n');
         }
-        write_atomic(&self.root.join("metrics.jsonl"), jsonl.as_bytes())?;
-        write_atomic(&self.root.join("metrics.csv"), csv.as_bytes())?;
+        write_atomic(&jsonl_path, kept_json.as_bytes())?;
+        write_atomic(&csv_path, csv.as_bytes())?;
         Ok(())
     }
 
