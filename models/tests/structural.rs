@@ -63,12 +63,13 @@ fn engine_err(e: ModelError) -> EngineError {
 }
 
 /// Basis-HVP trace of the given tensors (all when `None`) of the loss through
-/// `Model::forward`.
+/// `Model::forward`, `k` directions per pass.
 fn basis(
     m: &Model<f64>,
     x: &Tensor<f64>,
     labels: &[usize],
     tensors: Option<&[usize]>,
+    k: usize,
 ) -> ExactTrace {
     let params = m.params_cloned();
     let h = Hessian::from_fn(
@@ -78,7 +79,7 @@ fn basis(
             let (z, _) = m.forward(t, v, xv, BnUse::Eval).map_err(engine_err)?;
             t.cross_entropy(z, labels)
         },
-        HvpConfig::default(),
+        HvpConfig::with_directions(k),
     )
     .unwrap();
     match tensors {
@@ -165,7 +166,7 @@ fn tiny_tanh_full_trace_and_diagonal() {
     let m = model(Arch::parse("tiny-tanh").unwrap(), 3);
     let (x, labels) = data(6, 4);
     let s = structural(&m, &x, &labels, true);
-    let e = basis(&m, &x, &labels, None);
+    let e = basis(&m, &x, &labels, None, 32);
     let err = (s.trace - e.trace).abs() / e.trace.abs();
     eprintln!(
         "tiny-tanh: structural {:.15e} (GGN {:.6e} + tanh {:.6e}) basis {:.15e} rel {err:.1e}",
@@ -187,7 +188,7 @@ fn reduced_resnet_full_trace_with_batchnorm_eval() {
     let m = model(arch, 5);
     let (x, labels) = data(2, 6);
     let s = structural(&m, &x, &labels, true);
-    let e = basis(&m, &x, &labels, None);
+    let e = basis(&m, &x, &labels, None, 32);
     let err = (s.trace - e.trace).abs() / e.trace.abs();
     eprintln!(
         "resnet [4, 8]: structural {:.15e} basis {:.15e} rel {err:.1e} d {}",
@@ -198,23 +199,22 @@ fn reduced_resnet_full_trace_with_batchnorm_eval() {
 }
 
 #[test]
-fn mlp_s_and_cnn_s_chosen_tensors() {
+fn mlp_s_chosen_tensors() {
     let m = model(Arch::parse("mlp-s").unwrap(), 7);
     let (x, labels) = data(2, 8);
     let s = structural(&m, &x, &labels, true);
-    let pick: Vec<usize> = [
-        "layers.0.bias",
-        "layers.1.bias",
-        "layers.2.weight",
-        "layers.2.bias",
-    ]
-    .iter()
-    .map(|n| index(&m, n))
-    .collect();
-    let e = basis(&m, &x, &labels, Some(&pick));
+    let pick: Vec<usize> = ["layers.0.bias", "layers.1.bias", "layers.2.bias"]
+        .iter()
+        .map(|n| index(&m, n))
+        .collect();
+    let e = basis(&m, &x, &labels, Some(&pick), 32);
     assert!(compare("mlp-s", &m, &s, &e) < 1e-10);
     assert_eq!(s.activation_trace, 0.0);
+}
 
+#[test]
+fn cnn_s_chosen_tensors() {
+    let (x, labels) = data(2, 8);
     let m = model(Arch::parse("cnn-s").unwrap(), 9);
     let s = structural(&m, &x, &labels, true);
     let pick: Vec<usize> = [
@@ -227,8 +227,75 @@ fn mlp_s_and_cnn_s_chosen_tensors() {
     .iter()
     .map(|n| index(&m, n))
     .collect();
-    let e = basis(&m, &x, &labels, Some(&pick));
+    let e = basis(&m, &x, &labels, Some(&pick), 32);
     assert!(compare("cnn-s", &m, &s, &e) < 1e-10);
+}
+
+/// Hessian diagonal entries `e_jᵀ H e_j` at `(tensor, element)` coordinates, by one
+/// forward-over-reverse pass with one unit direction per coordinate.
+fn diagonal_entries(
+    m: &Model<f64>,
+    x: &Tensor<f64>,
+    labels: &[usize],
+    coords: &[(usize, usize)],
+) -> Vec<f64> {
+    let params = m.params_cloned();
+    let dirs: Vec<Vec<Tensor<f64>>> = coords
+        .iter()
+        .map(|&(t, e)| {
+            params
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let mut z = Tensor::zeros(p.shape());
+                    if i == t {
+                        z.data_mut()[e] = 1.0;
+                    }
+                    z
+                })
+                .collect()
+        })
+        .collect();
+    let ev = m.evaluate(x, labels, &dirs, BnUse::Eval, true).unwrap();
+    coords
+        .iter()
+        .enumerate()
+        .map(|(k, &(t, e))| ev.hvps[k][t].data()[e])
+        .collect()
+}
+
+/// Structural traces with and without the diagonal (the convolutions' Gram route) agree,
+/// and the diagonal matches single-coordinate HVPs deep in the network.
+fn check_deep(
+    name: &str,
+    m: &Model<f64>,
+    x: &Tensor<f64>,
+    labels: &[usize],
+    coords: &[(&str, usize)],
+) {
+    let with = structural(m, x, labels, true);
+    let without = structural(m, x, labels, false);
+    for (a, b) in with.blocks.iter().zip(&without.blocks) {
+        let err = (a.trace - b.trace).abs() / a.trace.abs().max(1e-300);
+        assert!(
+            err < 1e-12,
+            "{name}: tensor {} direct {} Gram {}",
+            a.index,
+            a.trace,
+            b.trace
+        );
+    }
+    let coords: Vec<(usize, usize)> = coords.iter().map(|&(n, e)| (index(m, n), e)).collect();
+    let want = diagonal_entries(m, x, labels, &coords);
+    for (&(t, e), w) in coords.iter().zip(want) {
+        let got = with.blocks[t].diagonal.as_ref().unwrap()[e];
+        let err = (got - w).abs() / w.abs().max(1e-300);
+        eprintln!(
+            "{name}: H[{}[{e}]] structural {got:.15e} HVP {w:.15e} rel {err:.1e}",
+            m.param_names()[t]
+        );
+        assert!(err < 1e-10);
+    }
 }
 
 #[test]
@@ -246,15 +313,29 @@ fn resnet20_and_resnet18_chosen_tensors_with_batchnorm_eval() {
     .iter()
     .map(|n| index(&m, n))
     .collect();
-    let e = basis(&m, &x, &labels, Some(&pick));
+    let e = basis(&m, &x, &labels, Some(&pick), 32);
     assert!(compare("resnet20", &m, &s, &e) < 1e-10);
+    let deep = [
+        ("conv1.weight", 7),
+        ("layer1.0.conv2.weight", 100),
+        ("layer2.0.shortcut.0.weight", 33),
+        ("layer3.2.conv2.weight", 30_000),
+        ("layer3.1.bn1.weight", 5),
+        ("linear.weight", 321),
+    ];
+    check_deep("resnet20", &m, &x, &labels, &deep);
 
     let m = model(Arch::parse("resnet18").unwrap(), 13);
     let (x, labels) = data(1, 14);
     let s = structural(&m, &x, &labels, false);
-    let e = basis(&m, &x, &labels, Some(&[index(&m, "linear.bias")]));
+    let e = basis(&m, &x, &labels, Some(&[index(&m, "linear.bias")]), 2);
     assert!(compare("resnet18", &m, &s, &e) < 1e-10);
     assert_eq!(s.dim, 11_173_962);
+    let deep = [
+        ("layer1.0.conv1.weight", 9),
+        ("layer4.1.conv2.weight", 1_000_000),
+    ];
+    check_deep("resnet18", &m, &x, &labels, &deep);
 }
 
 #[test]

@@ -19,6 +19,7 @@ use flatmin_engine::curvature::{
 use flatmin_engine::{EngineError, Scalar, Tape, Tensor, Var};
 use flatmin_models::{BnUse, Model, ModelError};
 use serde_json::{json, Value};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -443,8 +444,15 @@ fn measure<T: Scalar + Element>(args: &TraceArgs, s: &Setup) -> Result<()> {
     let mut found = if method == Method::Structural {
         let mut acc = StructuralAccumulator::new(&net, &params, &[3, 32, 32], &sopts)
             .context("structural trace")?;
+        let live = std::io::stderr().is_terminal();
         for (x, labels) in &batches {
             acc.add_batch(x, labels).context("structural trace")?;
+            if live {
+                eprint!("\rstructural: {}/{n} images", acc.samples());
+            }
+        }
+        if live {
+            eprint!("\r\x1b[K");
         }
         let r = acc.finish().context("structural trace")?;
         let mut f = Found::new(method);
@@ -473,6 +481,14 @@ fn measure<T: Scalar + Element>(args: &TraceArgs, s: &Setup) -> Result<()> {
         });
         let mut h =
             Hessian::new(&params, loss, HvpConfig::with_directions(1)).context("Hessian")?;
+        let live = std::io::stderr().is_terminal();
+        if live {
+            let total = (method == Method::Basis).then_some(d);
+            h = h.with_progress(move |p| match total {
+                Some(t) => eprint!("\r{}: {}/{t} HVPs", method.name(), p.hvps),
+                None => eprint!("\r{}: {} HVPs", method.name(), p.hvps),
+            });
+        }
         let k = match args.directions {
             Some(k) => k,
             None => h
@@ -482,7 +498,11 @@ fn measure<T: Scalar + Element>(args: &TraceArgs, s: &Setup) -> Result<()> {
         };
         h.set_config(HvpConfig::with_directions(k))
             .context("--directions")?;
-        let mut f = hvp_method(args, method, &h, d, s.seed)?;
+        let result = hvp_method(args, method, &h, d, s.seed);
+        if live {
+            eprint!("\r\x1b[K");
+        }
+        let mut f = result?;
         f.extra.insert("hvps".into(), json!(h.hvps()));
         f.extra.insert("passes".into(), json!(h.passes()));
         f.extra.insert("directions_per_pass".into(), json!(k));
