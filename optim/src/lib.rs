@@ -90,6 +90,10 @@ pub enum OptimError {
     /// The oracle cannot evaluate what the optimizer asked for (e.g. a sub-batch).
     #[error("the gradient oracle does not support {0}")]
     Unsupported(String),
+    /// The loss or a gradient is NaN or infinite (named, e.g. "gradient of 'fc1.weight'");
+    /// the oracle reports it before the optimizer changes anything.
+    #[error("non-finite {0}")]
+    NonFinite(String),
 }
 
 /// Result alias of this crate.

@@ -3,12 +3,14 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use flatmin::data::{auto_candidates, resolve};
-use flatmin::train::{Observer, Record, TrainConfig, Trainer, OPTIMIZER_FLAGS};
+use flatmin::train::{Outcome, Observer, Record, TrainConfig, Trainer, OPTIMIZER_FLAGS};
 use flatmin_datasets::Element;
 use flatmin_engine::Scalar;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Arguments of `flatmin train`. Unset flags take the default recipe (see `TrainConfig`).
@@ -102,6 +104,10 @@ pub struct TrainArgs {
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
+    /// On a NaN or infinite loss or gradient: stop (keeping the last good checkpoint) or
+    /// skip-step (leave the parameters unchanged for that batch) [default: stop].
+    #[arg(long, value_name = "POLICY")]
+    pub on_nonfinite: Option<String>,
     /// Perturbation radius ρ (sam, asam, usam, sam1, rps, rs, sa) [default: 0.05].
     #[arg(long, allow_hyphen_values = true)]
     pub rho: Option<f64>,
@@ -163,7 +169,7 @@ impl TrainArgs {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
         }
-        set!(model, optimizer, lr, momentum, weight_decay, schedule, step_every, step_gamma, warmup, epochs, batch_size, train_size, test_size, seed, dtype, eval_every, checkpoint_every, data);
+        set!(model, optimizer, lr, momentum, weight_decay, schedule, step_every, step_gamma, warmup, epochs, batch_size, train_size, test_size, seed, dtype, eval_every, checkpoint_every, data, on_nonfinite);
         set!(rho, probe_batch, probe_data, label_noise, m_sharpness, asam_eta, t_gd, output_iterate, zero_grad_xi);
         if self.eta_prime.is_some() {
             c.eta_prime = self.eta_prime;
@@ -229,6 +235,7 @@ impl TrainArgs {
         macro_rules! given {
             ($($f:ident => $flag:expr),*) => { $( if self.$f.is_some() { v.push($flag); } )* };
         }
+        given!(on_nonfinite => "--on-nonfinite");
         given!(model => "--model", optimizer => "--optimizer", lr => "--lr", momentum => "--momentum",
             weight_decay => "--weight-decay", schedule => "--schedule", step_every => "--step-every",
             step_gamma => "--step-gamma", warmup => "--warmup", epochs => "--epochs",
@@ -330,8 +337,16 @@ fn train<T: Scalar + Element>(
         );
     }
     let mut progress = Progress::new(args.quiet);
-    trainer.run(&mut progress)?;
+    let stop = interrupt_flag()?;
+    let outcome = trainer.run_until(&mut progress, &|_| stop.load(Ordering::SeqCst))?;
     progress.finish();
+    if let Outcome::Stopped { step } = outcome {
+        bail!(
+            "interrupted after step {step}; checkpoint written to {}; resume with: flatmin train --resume {}",
+            dir.join("checkpoints/last.safetensors").display(),
+            dir.display()
+        );
+    }
     let last = trainer.run_dir().records()?.into_iter().rev().find(|r| r.kind == "eval");
     if let Some(r) = last {
         println!(
@@ -344,6 +359,20 @@ fn train<T: Scalar + Element>(
         );
     }
     Ok(())
+}
+
+/// A flag raised by the first SIGINT or SIGTERM: training then finishes the current step,
+/// writes a checkpoint and exits non-zero. A second signal ends the process at once (status
+/// 130); checkpoints are written atomically, so the previous one stays intact.
+fn interrupt_flag() -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        // Order matters: the conditional exit sees the flag set by an earlier signal.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&flag))?;
+        signal_hook::flag::register(sig, Arc::clone(&flag))?;
+    }
+    Ok(flag)
 }
 
 /// Progress output: a bar on a terminal, periodic plain lines otherwise, nothing when quiet.

@@ -53,6 +53,10 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Data source: `auto`, `synthetic` or a folder of the official binary release.
     pub data: String,
+    /// What a NaN or infinite loss or gradient does: `stop` (keep the last good checkpoint and
+    /// exit with the step and tensor named) or `skip-step` (leave the parameters unchanged
+    /// for that batch and go on).
+    pub on_nonfinite: String,
     /// Perturbation radius ρ (sam, asam, usam, sam1, rps, rs, sa).
     pub rho: f64,
     /// Rate η' of the perturbation term (rs, sa); `None`: η' = η, the scheduled rate (paper.md
@@ -116,6 +120,7 @@ impl Default for TrainConfig {
             eval_every: 1,
             checkpoint_every: 0,
             data: "auto".into(),
+            on_nonfinite: "stop".into(),
             rho: 0.05,
             eta_prime: None,
             eps0: None,
@@ -191,6 +196,9 @@ impl TrainConfig {
             if v == 0 {
                 bail!("{flag} must be at least 1");
             }
+        }
+        if !["stop", "skip-step"].contains(&self.on_nonfinite.as_str()) {
+            bail!("--on-nonfinite must be stop or skip-step, got '{}'", self.on_nonfinite);
         }
         if !["f32", "f64"].contains(&self.dtype.as_str()) {
             bail!("--dtype must be f32 or f64, got '{}'", self.dtype);

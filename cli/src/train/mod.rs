@@ -271,7 +271,41 @@ impl<T: Scalar + Element> Trainer<T> {
                 let n = mb.len();
                 let x = Tensor::from_vec(&mb.shape(), mb.x)?;
                 let lr = self.sched.at(self.step);
-                let (info, correct) = self.train_step(&x, &mb.labels, lr)?;
+                let (info, correct) = match self.train_step(&x, &mb.labels, lr) {
+                    Ok(r) => r,
+                    Err(e) => match e.downcast_ref::<OptimError>() {
+                        Some(OptimError::NonFinite(what)) if self.cfg.on_nonfinite == "skip-step" => {
+                            // The batch is consumed; parameters and optimizer state stay.
+                            self.step += 1;
+                            let mut rec = Record::skipped(epoch, self.step, lr, what, started.elapsed().as_secs_f64());
+                            rec.extra.insert("skipped".into(), 1.0);
+                            self.run.append(&rec)?;
+                            obs.on_step(&rec);
+                            continue;
+                        }
+                        Some(OptimError::NonFinite(what)) => {
+                            let kept = self
+                                .run
+                                .last_checkpoint()
+                                .map(|p| format!("the last good checkpoint {} is kept", p.display()))
+                                .unwrap_or_else(|| "no checkpoint was written yet".into());
+                            bail!(
+                                "training diverged: non-finite {what} at step {} (epoch {}); stopped, {kept}; lower --lr or use --on-nonfinite skip-step",
+                                self.step + 1,
+                                epoch + 1
+                            );
+                        }
+                        _ => return Err(e),
+                    },
+                };
+                if let Some(i) = self.params.iter().position(|p| !p.all_finite()) {
+                    bail!(
+                        "training diverged: parameter '{}' became non-finite at step {} (epoch {}); stopped, the last good checkpoint is kept; lower --lr",
+                        self.model.param_names()[i],
+                        self.step + 1,
+                        epoch + 1
+                    );
+                }
                 self.step += 1;
                 let s = &mut self.epoch_sums;
                 s.0 += info.loss * n as f64;
@@ -494,6 +528,15 @@ impl<T: Scalar + Element> StepOracle<'_, T> {
             .model
             .evaluate_at(&refs, x, labels, &[], BnUse::Train, true)
             .map_err(|e| OptimError::Oracle(e.to_string()))?;
+        // Divergence is reported before anything changes (running statistics, parameters,
+        // optimizer state), so a step can be skipped cleanly.
+        if !e.loss.is_finite() {
+            return Err(OptimError::NonFinite("loss".into()));
+        }
+        if let Some(i) = e.grads.iter().position(|g| !g.all_finite()) {
+            let name = self.model.param_names()[i].to_string();
+            return Err(OptimError::NonFinite(format!("gradient of '{name}'")));
+        }
         if first {
             self.model.update_running_stats(&e.bn_stats);
             self.correct = count_correct(&e.logits, self.labels);

@@ -88,6 +88,19 @@ impl Record {
         }
     }
 
+    /// A step skipped because its loss or gradient was not finite (`what` names it).
+    pub fn skipped(epoch: usize, step: usize, lr: f64, what: &str, wall_s: f64) -> Self {
+        Record {
+            kind: "skip".into(),
+            epoch,
+            step,
+            lr: Some(lr),
+            wall_s,
+            extra: [(format!("nonfinite {what}"), 1.0)].into_iter().collect(),
+            ..Default::default()
+        }
+    }
+
     /// An evaluation record.
     pub fn eval(epoch: usize, step: usize, train_loss: f64, train_acc: f64, test_loss: f64, test_acc: f64, wall_s: f64) -> Self {
         Record {
