@@ -209,6 +209,9 @@ fn dispatch(args: &TraceArgs) -> Result<()> {
     };
     let weights = match (&args.weights, &args.run) {
         (Some(w), _) => {
+            if w.is_dir() {
+                bail!("--weights {}: is a folder, not a safetensors file (for a run folder use --run)", w.display());
+            }
             if !w.is_file() {
                 bail!("--weights {}: no such file", w.display());
             }
