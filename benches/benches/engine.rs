@@ -63,7 +63,8 @@ fn models(c: &mut Criterion) {
         let k = if model == "resnet20" { 1 } else { 16 };
         let w = Workload::<f32>::new(model, 128, k).expect("preset");
         let mut g = c.benchmark_group(model);
-        g.sample_size(10).measurement_time(Duration::from_secs(if model == "mlp-s" { 5 } else { 20 }));
+        g.sample_size(10)
+            .measurement_time(Duration::from_secs(if model == "mlp-s" { 5 } else { 20 }));
         g.bench_function("grad", |b| b.iter(|| black_box(w.grad())));
         g.bench_function("hvp", |b| b.iter(|| black_box(w.hvp())));
         if k == 16 {

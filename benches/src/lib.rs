@@ -30,26 +30,55 @@ impl<T: Scalar> Workload<T> {
         let x = Tensor::randn(&[batch, 3, 32, 32], &mut rng);
         let labels = (0..batch).map(|i| i % 10).collect();
         let dirs = (0..k)
-            .map(|_| model.params().iter().map(|p| Tensor::randn(p.shape(), &mut rng)).collect())
+            .map(|_| {
+                model
+                    .params()
+                    .iter()
+                    .map(|p| Tensor::randn(p.shape(), &mut rng))
+                    .collect()
+            })
             .collect();
-        let bn = if model.arch().has_batch_norm() { BnUse::Train } else { BnUse::Eval };
-        Ok(Workload { model, x, labels, dirs, bn })
+        let bn = if model.arch().has_batch_norm() {
+            BnUse::Train
+        } else {
+            BnUse::Eval
+        };
+        Ok(Workload {
+            model,
+            x,
+            labels,
+            dirs,
+            bn,
+        })
     }
 
     /// Loss and gradient; returns the loss.
     pub fn grad(&self) -> T {
-        self.model.evaluate(&self.x, &self.labels, &[], self.bn, true).expect("valid workload").loss
+        self.model
+            .evaluate(&self.x, &self.labels, &[], self.bn, true)
+            .expect("valid workload")
+            .loss
     }
 
     /// One HVP along the first direction; returns v·Hv.
     pub fn hvp(&self) -> f64 {
-        let e = self.model.evaluate(&self.x, &self.labels, &self.dirs[..1], self.bn, true).expect("valid workload");
-        e.hvps[0].iter().zip(&self.dirs[0]).map(|(h, v)| h.dot(v)).sum()
+        let e = self
+            .model
+            .evaluate(&self.x, &self.labels, &self.dirs[..1], self.bn, true)
+            .expect("valid workload");
+        e.hvps[0]
+            .iter()
+            .zip(&self.dirs[0])
+            .map(|(h, v)| h.dot(v))
+            .sum()
     }
 
     /// HVPs along all K directions in one batched pass; returns Σ_k v_k·Hv_k.
     pub fn hvp_batched(&self) -> f64 {
-        let e = self.model.evaluate(&self.x, &self.labels, &self.dirs, self.bn, true).expect("valid workload");
+        let e = self
+            .model
+            .evaluate(&self.x, &self.labels, &self.dirs, self.bn, true)
+            .expect("valid workload");
         e.hvps
             .iter()
             .zip(&self.dirs)
@@ -64,10 +93,20 @@ pub fn layer_macs(arch: &flatmin_models::Arch, n: usize) -> Vec<f64> {
     use flatmin_models::Arch;
     let n = n as f64;
     match arch {
-        Arch::Mlp { widths, .. } => widths.windows(2).map(|w| n * (w[0] * w[1]) as f64).collect(),
-        Arch::Cnn => vec![n * 1024.0 * 32.0 * 27.0, n * 256.0 * 64.0 * 288.0, n * 4096.0 * 128.0, n * 128.0 * 10.0],
+        Arch::Mlp { widths, .. } => widths
+            .windows(2)
+            .map(|w| n * (w[0] * w[1]) as f64)
+            .collect(),
+        Arch::Cnn => vec![
+            n * 1024.0 * 32.0 * 27.0,
+            n * 256.0 * 64.0 * 288.0,
+            n * 4096.0 * 128.0,
+            n * 128.0 * 10.0,
+        ],
         Arch::ResNet { blocks, widths } => {
-            let conv = |hw: usize, cin: usize, cout: usize, k: usize| n * (hw * hw * cout * cin * k * k) as f64;
+            let conv = |hw: usize, cin: usize, cout: usize, k: usize| {
+                n * (hw * hw * cout * cin * k * k) as f64
+            };
             let mut v = vec![conv(32, 3, widths[0], 3)];
             let (mut hw, mut cin) = (32, widths[0]);
             for (i, (&nb, &w)) in blocks.iter().zip(widths).enumerate() {
@@ -127,7 +166,13 @@ impl<T: Scalar> GemmWorkload<T> {
     /// Runs `C = A B` once.
     pub fn run(&mut self) {
         let n = self.n;
-        gemm_par(T::one(), MatRef::new(&self.a, n, n), MatRef::new(&self.b, n, n), T::zero(), &mut self.c);
+        gemm_par(
+            T::one(),
+            MatRef::new(&self.a, n, n),
+            MatRef::new(&self.b, n, n),
+            T::zero(),
+            &mut self.c,
+        );
     }
 
     /// Floating-point operations of one product (2 n³).

@@ -73,7 +73,10 @@ fn open(dir: &Path) -> Result<DataSource> {
     let data = Cifar10::open(dir).with_context(|| format!("--data {}", dir.display()))?;
     let (train, test) = data.into_batches();
     if train.is_empty() {
-        bail!("--data {}: no training batch file (data_batch_N.bin) found", dir.display());
+        bail!(
+            "--data {}: no training batch file (data_batch_N.bin) found",
+            dir.display()
+        );
     }
     if test.is_empty() {
         bail!("--data {}: no test_batch.bin found", dir.display());

@@ -551,7 +551,10 @@ fn bad_inputs_give_one_line_errors() {
         &inputs,
         "other model",
         &with(&args, "--weights", &f),
-        &["cnn_weights.safetensors", "missing tensor 'layers.0.weight'"],
+        &[
+            "cnn_weights.safetensors",
+            "missing tensor 'layers.0.weight'",
+        ],
     );
 
     // Vector: wrong names, missing, mis-shaped, a BatchNorm-free model's buffers.

@@ -15,8 +15,22 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 const RUN: [&str; 16] = [
-    "train", "--data", "synthetic", "--model", "cnn-s", "--epochs", "12", "--train-size", "400", "--test-size", "100",
-    "--batch-size", "40", "--seed", "4", "--quiet",
+    "train",
+    "--data",
+    "synthetic",
+    "--model",
+    "cnn-s",
+    "--epochs",
+    "12",
+    "--train-size",
+    "400",
+    "--test-size",
+    "100",
+    "--batch-size",
+    "40",
+    "--seed",
+    "4",
+    "--quiet",
 ];
 
 fn spawn(args: &[&str], cwd: &Path) -> Child {
@@ -34,19 +48,27 @@ fn run(args: &[&str], cwd: &Path) -> Output {
 }
 
 fn train_records(dir: &Path) -> usize {
-    std::fs::read_to_string(dir.join("metrics.jsonl")).map(|s| s.lines().filter(|l| l.contains("\"train\"")).count()).unwrap_or(0)
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .map(|s| s.lines().filter(|l| l.contains("\"train\"")).count())
+        .unwrap_or(0)
 }
 
 fn wait_for_records(dir: &Path, n: usize) {
     let t0 = Instant::now();
     while train_records(dir) < n {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the run did not make progress");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the run did not make progress"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
 }
 
@@ -78,14 +100,30 @@ fn sigint_checkpoints_and_resume_is_bit_identical() {
     signal(&child, "-INT");
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "an interrupted run must exit non-zero");
-    assert!(stderr.contains("interrupted after step") && stderr.contains("flatmin train --resume"), "{stderr}");
+    assert!(
+        !out.status.success(),
+        "an interrupted run must exit non-zero"
+    );
+    assert!(
+        stderr.contains("interrupted after step") && stderr.contains("flatmin train --resume"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
     let stopped_at = train_records(&dir.join("part"));
-    assert!(stopped_at < 120, "the run finished before the signal took effect");
+    assert!(
+        stopped_at < 120,
+        "the run finished before the signal took effect"
+    );
     let out = run(&["train", "--resume", "part", "--quiet"], &dir);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(without_wall_time(&dir.join("full")), without_wall_time(&dir.join("part")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        without_wall_time(&dir.join("full")),
+        without_wall_time(&dir.join("part"))
+    );
     assert_eq!(
         std::fs::read(dir.join("full/model.safetensors")).unwrap(),
         std::fs::read(dir.join("part/model.safetensors")).unwrap(),
@@ -112,28 +150,54 @@ fn second_signal_exits_at_once_and_kill9_never_corrupts() {
         let _ = child.wait_with_output().unwrap();
         let ckpt = dir.join("r/checkpoints/last.safetensors");
         if ckpt.exists() {
-            let raw = flatmin_models::io::read_safetensors(&ckpt).unwrap_or_else(|e| panic!("kill {i}: checkpoint unreadable: {e}"));
+            let raw = flatmin_models::io::read_safetensors(&ckpt)
+                .unwrap_or_else(|e| panic!("kill {i}: checkpoint unreadable: {e}"));
             assert!(raw.iter().any(|t| t.name == "trainer/step"));
             let mut m = flatmin_models::Model::<f32>::named("cnn-s", 0).unwrap();
-            m.load(&dir.join("r/model.safetensors")).unwrap_or_else(|e| panic!("kill {i}: model unreadable: {e}"));
+            m.load(&dir.join("r/model.safetensors"))
+                .unwrap_or_else(|e| panic!("kill {i}: model unreadable: {e}"));
         }
     }
     let out = run(&["train", "--resume", "r", "--quiet"], &dir);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(train_records(&dir.join("r")), 120);
 }
 
 #[test]
 fn divergence_stops_with_step_and_tensor_or_skips() {
     let dir = tmp("nan");
-    let base = ["train", "--data", "synthetic", "--model", "mlp:3072,64,10:relu", "--epochs", "2", "--train-size", "200", "--test-size", "100", "--batch-size", "50", "--lr", "1e30", "--quiet"];
+    let base = [
+        "train",
+        "--data",
+        "synthetic",
+        "--model",
+        "mlp:3072,64,10:relu",
+        "--epochs",
+        "2",
+        "--train-size",
+        "200",
+        "--test-size",
+        "100",
+        "--batch-size",
+        "50",
+        "--lr",
+        "1e30",
+        "--quiet",
+    ];
     let mut args = base.to_vec();
     args.extend(["--out", "stop"]);
     let out = run(&args, &dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("diverged: non-finite") && stderr.contains("at step"), "{stderr}");
+    assert!(
+        stderr.contains("diverged: non-finite") && stderr.contains("at step"),
+        "{stderr}"
+    );
     let mut args = base.to_vec();
     args.extend(["--out", "skip", "--on-nonfinite", "skip-step"]);
     let out = run(&args, &dir);

@@ -14,7 +14,12 @@ fn tmp(name: &str) -> PathBuf {
 
 fn data() -> DataSource {
     let (train, test) = synthetic(160, 60, 11);
-    DataSource { train, test, origin: "synthetic".into(), synthetic: true }
+    DataSource {
+        train,
+        test,
+        origin: "synthetic".into(),
+        synthetic: true,
+    }
 }
 
 fn cfg(model: &str) -> TrainConfig {
@@ -56,7 +61,14 @@ fn run_folder_holds_config_metrics_and_checkpoints() {
     c.checkpoint_every = 2;
     let mut t = Trainer::<f32>::new(c.clone(), data(), &dir).unwrap();
     t.run(&mut Silent).unwrap();
-    for f in ["config.json", "metrics.jsonl", "metrics.csv", "model.safetensors", "checkpoints/last.safetensors", "checkpoints/epoch-0002.safetensors"] {
+    for f in [
+        "config.json",
+        "metrics.jsonl",
+        "metrics.csv",
+        "model.safetensors",
+        "checkpoints/last.safetensors",
+        "checkpoints/epoch-0002.safetensors",
+    ] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let recs = t.run_dir().records().unwrap();
@@ -67,10 +79,17 @@ fn run_folder_holds_config_metrics_and_checkpoints() {
     assert_eq!(csv.lines().count(), 1 + steps + 3);
     // The run learns the synthetic task.
     let last = recs.iter().rev().find(|r| r.kind == "eval").unwrap();
-    assert!(last.test_acc.unwrap() > 0.3, "test accuracy {:?}", last.test_acc);
+    assert!(
+        last.test_acc.unwrap() > 0.3,
+        "test accuracy {:?}",
+        last.test_acc
+    );
     // config.json round-trips, and the folder cannot be reused for a new run.
     assert_eq!(t.run_dir().config().unwrap(), c);
-    let err = Trainer::<f32>::new(c, data(), &dir).err().unwrap().to_string();
+    let err = Trainer::<f32>::new(c, data(), &dir)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("already holds a run"), "{err}");
     // model.safetensors is a plain state_dict that loads into the model.
     let mut m = flatmin_models::Model::<f32>::named("tiny-tanh", 0).unwrap();
@@ -79,29 +98,48 @@ fn run_folder_holds_config_metrics_and_checkpoints() {
 
 #[test]
 fn resume_is_bit_identical_for_sgd_and_adamw_with_batchnorm() {
-    for (model, opt) in [("tiny-tanh", "sgd"), ("resnet20", "sgd"), ("tiny-tanh", "adamw")] {
+    for (model, opt) in [
+        ("tiny-tanh", "sgd"),
+        ("resnet20", "sgd"),
+        ("tiny-tanh", "adamw"),
+    ] {
         let mut c = cfg(model);
         c.optimizer = opt.into();
         if model == "resnet20" {
             c.epochs = 2;
         }
         let full = tmp(&format!("full-{model}-{opt}"));
-        Trainer::<f32>::new(c.clone(), data(), &full).unwrap().run(&mut Silent).unwrap();
+        Trainer::<f32>::new(c.clone(), data(), &full)
+            .unwrap()
+            .run(&mut Silent)
+            .unwrap();
         let want = outcome(&full);
         // Interrupt mid-epoch (step 3), then at an epoch boundary (step 5), resuming each time.
         let part = tmp(&format!("part-{model}-{opt}"));
         let mut t = Trainer::<f32>::new(c.clone(), data(), &part).unwrap();
-        assert_eq!(t.run_until(&mut Silent, &|s| s == 3).unwrap(), Outcome::Stopped { step: 3 });
+        assert_eq!(
+            t.run_until(&mut Silent, &|s| s == 3).unwrap(),
+            Outcome::Stopped { step: 3 }
+        );
         drop(t);
         let mut t = Trainer::<f32>::resume(&part, data()).unwrap();
         assert_eq!(t.step(), 3);
-        assert_eq!(t.run_until(&mut Silent, &|s| s == 5).unwrap(), Outcome::Stopped { step: 5 });
+        assert_eq!(
+            t.run_until(&mut Silent, &|s| s == 5).unwrap(),
+            Outcome::Stopped { step: 5 }
+        );
         drop(t);
         let mut t = Trainer::<f32>::resume(&part, data()).unwrap();
-        assert_eq!(t.run_until(&mut Silent, &|_| false).unwrap(), Outcome::Finished);
+        assert_eq!(
+            t.run_until(&mut Silent, &|_| false).unwrap(),
+            Outcome::Finished
+        );
         let got = outcome(&part);
         assert_eq!(got.1, want.1, "{model}/{opt}: metrics differ after resume");
-        assert!(got.0 == want.0, "{model}/{opt}: final weights differ after resume");
+        assert!(
+            got.0 == want.0,
+            "{model}/{opt}: final weights differ after resume"
+        );
     }
 }
 
@@ -110,14 +148,26 @@ fn same_seed_same_bits_for_one_and_two_threads() {
     let mut runs = Vec::new();
     for threads in [1, 2] {
         let dir = tmp(&format!("threads-{threads}"));
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         pool.install(|| {
             let mut c = cfg("resnet20");
             c.epochs = 1;
-            Trainer::<f32>::new(c, data(), &dir).unwrap().run(&mut Silent).unwrap()
+            Trainer::<f32>::new(c, data(), &dir)
+                .unwrap()
+                .run(&mut Silent)
+                .unwrap()
         });
         runs.push(outcome(&dir));
     }
-    assert_eq!(runs[0].1, runs[1].1, "metrics differ between 1 and 2 threads");
-    assert!(runs[0].0 == runs[1].0, "weights differ between 1 and 2 threads");
+    assert_eq!(
+        runs[0].1, runs[1].1,
+        "metrics differ between 1 and 2 threads"
+    );
+    assert!(
+        runs[0].0 == runs[1].0,
+        "weights differ between 1 and 2 threads"
+    );
 }

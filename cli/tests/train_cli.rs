@@ -22,7 +22,20 @@ fn flatmin(args: &[&str], cwd: &Path) -> Output {
         .unwrap()
 }
 
-const SMALL: [&str; 12] = ["--model", "tiny-tanh", "--epochs", "1", "--train-size", "200", "--test-size", "100", "--batch-size", "50", "--warmup", "0"];
+const SMALL: [&str; 12] = [
+    "--model",
+    "tiny-tanh",
+    "--epochs",
+    "1",
+    "--train-size",
+    "200",
+    "--test-size",
+    "100",
+    "--batch-size",
+    "50",
+    "--warmup",
+    "0",
+];
 
 #[test]
 fn short_run_with_synthetic_fallback_warns_loudly() {
@@ -33,8 +46,17 @@ fn short_run_with_synthetic_fallback_warns_loudly() {
     let out = flatmin(&args, &dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("SYNTHETIC") && stderr.contains("flatmin data fetch cifar10"), "{stderr}");
-    for f in ["config.json", "metrics.jsonl", "metrics.csv", "model.safetensors", "checkpoints/last.safetensors"] {
+    assert!(
+        stderr.contains("SYNTHETIC") && stderr.contains("flatmin data fetch cifar10"),
+        "{stderr}"
+    );
+    for f in [
+        "config.json",
+        "metrics.jsonl",
+        "metrics.csv",
+        "model.safetensors",
+        "checkpoints/last.safetensors",
+    ] {
         assert!(dir.join("run").join(f).is_file(), "{f}");
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -45,29 +67,61 @@ fn short_run_with_synthetic_fallback_warns_loudly() {
     args.extend(["--data", "synthetic", "--quiet"]);
     for want in ["runs/tiny-tanh-sgd-s0", "runs/tiny-tanh-sgd-s0-2"] {
         let out = flatmin(&args, &dir);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(dir.join(want).join("config.json").is_file(), "{want}");
     }
 }
 
 #[test]
 fn trains_on_real_cifar10_subset() {
-    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/cifar10-subset");
-    assert!(Path::new(data).is_dir(), "the shared CIFAR-10 subset is missing at {data}");
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/data/cifar10-subset"
+    );
+    assert!(
+        Path::new(data).is_dir(),
+        "the shared CIFAR-10 subset is missing at {data}"
+    );
     let dir = tmp("real");
     let out = flatmin(
-        &["train", "--model", "tiny-tanh", "--epochs", "2", "--train-size", "1000", "--test-size", "500", "--batch-size", "100", "--data", data, "--out", "run"],
+        &[
+            "train",
+            "--model",
+            "tiny-tanh",
+            "--epochs",
+            "2",
+            "--train-size",
+            "1000",
+            "--test-size",
+            "500",
+            "--batch-size",
+            "100",
+            "--data",
+            data,
+            "--out",
+            "run",
+        ],
         &dir,
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("SYNTHETIC"), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("epoch 2:"), "plain progress lines expected when not on a terminal: {stdout}");
+    assert!(
+        stdout.contains("epoch 2:"),
+        "plain progress lines expected when not on a terminal: {stdout}"
+    );
     let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
     let acc = last["test_acc"].as_f64().unwrap();
-    assert!(acc > 0.15, "tiny-tanh should beat chance on real CIFAR-10 after 2 epochs, got {acc}");
+    assert!(
+        acc > 0.15,
+        "tiny-tanh should beat chance on real CIFAR-10 after 2 epochs, got {acc}"
+    );
 }
 
 #[test]
@@ -92,19 +146,37 @@ fn bad_flags_give_one_line_errors() {
         (vec!["train", "--schedule", "linear"], "--schedule"),
         (vec!["train", "--dtype", "f16"], "--dtype"),
         (vec!["train", "--threads", "0"], "--threads"),
-        (vec!["train", "--data", "/nonexistent/cifar"], "/nonexistent/cifar"),
-        (vec!["train", "--data", "synthetic", "--train-size", "100000"], "--train-size"),
-        (vec!["train", "--resume", "/nonexistent/run"], "/nonexistent/run"),
+        (
+            vec!["train", "--data", "/nonexistent/cifar"],
+            "/nonexistent/cifar",
+        ),
+        (
+            vec!["train", "--data", "synthetic", "--train-size", "100000"],
+            "--train-size",
+        ),
+        (
+            vec!["train", "--resume", "/nonexistent/run"],
+            "/nonexistent/run",
+        ),
         (vec!["train", "--resume", &run_s, "--lr", "0.1"], "--lr"),
-        (vec!["train", "--data", "synthetic", "--out", &run_s], "already holds a run"),
+        (
+            vec!["train", "--data", "synthetic", "--out", &run_s],
+            "already holds a run",
+        ),
     ];
     for (args, needle) in cases {
         let out = flatmin(&args, &dir);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("warning:")).collect();
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.starts_with("warning:"))
+            .collect();
         assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
-        assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{args:?}: {stderr}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(needle),
+            "{args:?}: {stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
@@ -128,37 +200,132 @@ fn config_rerun_is_identical_and_overwrite_replaces() {
     let dir = tmp("rerun");
     let mut args = vec!["train"];
     args.extend(SMALL.iter().map(|a| if *a == "1" { "2" } else { a })); // two epochs
-    args.extend(["--data", "synthetic", "--seed", "3", "--out", "a", "--quiet"]);
+    args.extend([
+        "--data",
+        "synthetic",
+        "--seed",
+        "3",
+        "--out",
+        "a",
+        "--quiet",
+    ]);
     let out = flatmin(&args, &dir);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("a/config.json")).unwrap()).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("a/config.json")).unwrap()).unwrap();
     assert_eq!(cfg["seed"], 3);
     assert_eq!(cfg["flatmin_version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(cfg["dataset"]["train_images"], 200);
     assert_eq!(cfg["dataset"]["train_sha256"].as_str().unwrap().len(), 64);
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("a/summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("a/summary.json")).unwrap())
+            .unwrap();
     assert_eq!(summary["steps"], 8);
     assert!(summary["final"]["test_acc"].as_f64().is_some());
     // `flatmin eval --checkpoint` reproduces the run's final test accuracy.
-    let out = flatmin(&["eval", "--checkpoint", "a/checkpoints/last.safetensors", "--json"], &dir);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = flatmin(
+        &[
+            "eval",
+            "--checkpoint",
+            "a/checkpoints/last.safetensors",
+            "--json",
+        ],
+        &dir,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = String::from_utf8_lossy(&out.stdout);
     let ev: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
-    assert_eq!(ev["acc"].as_f64(), summary["final"]["test_acc"].as_f64(), "{line}");
+    assert_eq!(
+        ev["acc"].as_f64(),
+        summary["final"]["test_acc"].as_f64(),
+        "{line}"
+    );
     // Rerun the recorded experiment exactly.
-    let out = flatmin(&["train", "--config", "a/config.json", "--out", "b", "--quiet"], &dir);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(metrics_without_wall_time(&dir.join("a/metrics.jsonl")), metrics_without_wall_time(&dir.join("b/metrics.jsonl")));
+    let out = flatmin(
+        &[
+            "train",
+            "--config",
+            "a/config.json",
+            "--out",
+            "b",
+            "--quiet",
+        ],
+        &dir,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        metrics_without_wall_time(&dir.join("a/metrics.jsonl")),
+        metrics_without_wall_time(&dir.join("b/metrics.jsonl"))
+    );
     // Flags override the file.
-    let out = flatmin(&["train", "--config", "a/config.json", "--epochs", "1", "--out", "c", "--quiet"], &dir);
+    let out = flatmin(
+        &[
+            "train",
+            "--config",
+            "a/config.json",
+            "--epochs",
+            "1",
+            "--out",
+            "c",
+            "--quiet",
+        ],
+        &dir,
+    );
     assert!(out.status.success());
-    assert_eq!(metrics_without_wall_time(&dir.join("c/metrics.jsonl")).len(), 4 + 1);
+    assert_eq!(
+        metrics_without_wall_time(&dir.join("c/metrics.jsonl")).len(),
+        4 + 1
+    );
     // --overwrite replaces an existing run; without it the folder is refused.
-    let out = flatmin(&["train", "--config", "a/config.json", "--epochs", "1", "--out", "b", "--quiet"], &dir);
+    let out = flatmin(
+        &[
+            "train",
+            "--config",
+            "a/config.json",
+            "--epochs",
+            "1",
+            "--out",
+            "b",
+            "--quiet",
+        ],
+        &dir,
+    );
     assert!(!out.status.success());
-    let out = flatmin(&["train", "--config", "a/config.json", "--epochs", "1", "--out", "b", "--overwrite", "--quiet"], &dir);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(metrics_without_wall_time(&dir.join("b/metrics.jsonl")).len(), 5);
+    let out = flatmin(
+        &[
+            "train",
+            "--config",
+            "a/config.json",
+            "--epochs",
+            "1",
+            "--out",
+            "b",
+            "--overwrite",
+            "--quiet",
+        ],
+        &dir,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        metrics_without_wall_time(&dir.join("b/metrics.jsonl")).len(),
+        5
+    );
 }
 
 #[test]
@@ -171,8 +338,14 @@ fn unwritable_run_folder_fails_before_training() {
     let out = flatmin(&args, &dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.starts_with("error: --out plain-file/run"), "{stderr}");
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("epoch"), "training must not start");
+    assert!(
+        stderr.starts_with("error: --out plain-file/run"),
+        "{stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("epoch"),
+        "training must not start"
+    );
     let out = flatmin(&["train", "--config", "missing.json"], &dir);
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: --config missing.json"));
 }

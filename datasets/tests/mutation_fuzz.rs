@@ -11,7 +11,11 @@ fn mutated_batches_parse_or_fail_cleanly() {
     let mut rng = StdRng::seed_from_u64(9);
     let mut seed = vec![0u8; 3 * RECORD_BYTES];
     for (i, b) in seed.iter_mut().enumerate() {
-        *b = if i % RECORD_BYTES == 0 { (i / RECORD_BYTES) as u8 } else { rng.gen() };
+        *b = if i % RECORD_BYTES == 0 {
+            (i / RECORD_BYTES) as u8
+        } else {
+            rng.gen()
+        };
     }
     let path = Path::new("fuzz.bin");
     assert_eq!(Batch::from_bytes(path, &seed).unwrap().len(), 3);

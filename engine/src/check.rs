@@ -41,7 +41,11 @@ impl CheckReport {
 type OpFn<'a> = dyn Fn(&mut Tape<f64>, &[Var]) -> Result<Var> + 'a;
 
 fn rel_err(got: &[f64], want: &[f64]) -> f64 {
-    let scale = want.iter().chain(got).fold(0.0f64, |a, &b| a.max(b.abs())).max(1e-6);
+    let scale = want
+        .iter()
+        .chain(got)
+        .fold(0.0f64, |a, &b| a.max(b.abs()))
+        .max(1e-6);
     got.iter()
         .zip(want)
         .fold(0.0f64, |a, (&g, &w)| a.max((g - w).abs()))
@@ -75,7 +79,13 @@ impl Probe<'_> {
         &self,
         theta: &[Tensor<f64>],
         dirs: &[Vec<Tensor<f64>>],
-    ) -> Result<(f64, Tensor<f64>, Option<Tensor<f64>>, Vec<f64>, Vec<Vec<f64>>)> {
+    ) -> Result<(
+        f64,
+        Tensor<f64>,
+        Option<Tensor<f64>>,
+        Vec<f64>,
+        Vec<Vec<f64>>,
+    )> {
         let k = dirs.len();
         let mut tape = Tape::new(k);
         let mut vars = Vec::new();
@@ -83,7 +93,9 @@ impl Probe<'_> {
             let t = if k == 0 {
                 None
             } else {
-                Some(Tensor::stack(&dirs.iter().map(|d| d[i].clone()).collect::<Vec<_>>())?)
+                Some(Tensor::stack(
+                    &dirs.iter().map(|d| d[i].clone()).collect::<Vec<_>>(),
+                )?)
             };
             vars.push(tape.param(p.clone(), t)?);
         }
@@ -151,21 +163,37 @@ pub fn check_op(
         d: Tensor::randn(&yshape, &mut rng),
     };
     let rand_dir = |rng: &mut StdRng| -> Vec<Tensor<f64>> {
-        theta.iter().map(|t| Tensor::randn(t.shape(), rng)).collect()
+        theta
+            .iter()
+            .map(|t| Tensor::randn(t.shape(), rng))
+            .collect()
     };
     let (u, v) = (rand_dir(&mut rng), rand_dir(&mut rng));
     let mut report = CheckReport::default();
 
-    let (_, _, ydot, g, hv1) = probe.eval(theta, std::slice::from_ref(&v)).map_err(|e| fail("eval", e))?;
+    let (_, _, ydot, g, hv1) = probe
+        .eval(theta, std::slice::from_ref(&v))
+        .map_err(|e| fail("eval", e))?;
     let (_, _, _, _, hv2) = probe
         .eval(theta, &[u.clone(), v.clone()])
         .map_err(|e| fail("eval", e))?;
 
     // 1. JVP.
-    let (_, yp, _, gp, _) = probe.eval(&shift(theta, &v, h), &[]).map_err(|e| fail("eval", e))?;
-    let (_, ym, _, gm, _) = probe.eval(&shift(theta, &v, -h), &[]).map_err(|e| fail("eval", e))?;
-    let fd_y: Vec<f64> = yp.data().iter().zip(ym.data()).map(|(a, b)| (a - b) / (2.0 * h)).collect();
-    let ydot = ydot.map(|t| t.into_vec()).unwrap_or_else(|| vec![0.0; fd_y.len()]);
+    let (_, yp, _, gp, _) = probe
+        .eval(&shift(theta, &v, h), &[])
+        .map_err(|e| fail("eval", e))?;
+    let (_, ym, _, gm, _) = probe
+        .eval(&shift(theta, &v, -h), &[])
+        .map_err(|e| fail("eval", e))?;
+    let fd_y: Vec<f64> = yp
+        .data()
+        .iter()
+        .zip(ym.data())
+        .map(|(a, b)| (a - b) / (2.0 * h))
+        .collect();
+    let ydot = ydot
+        .map(|t| t.into_vec())
+        .unwrap_or_else(|| vec![0.0; fd_y.len()]);
     report.jvp = rel_err(&ydot, &fd_y);
 
     // 2. Gradient: every coordinate when small, and two random directions.
@@ -197,7 +225,11 @@ pub fn check_op(
     report.grad = rel_err(&got, &want);
 
     // 3. HVP against differences of gradients.
-    let fd_hv: Vec<f64> = gp.iter().zip(&gm).map(|(a, b)| (a - b) / (2.0 * h)).collect();
+    let fd_hv: Vec<f64> = gp
+        .iter()
+        .zip(&gm)
+        .map(|(a, b)| (a - b) / (2.0 * h))
+        .collect();
     report.hvp = rel_err(&hv1[0], &fd_hv);
 
     // 4. Symmetry u·Hv = v·Hu (from the batched pass: hv2[0] = Hu, hv2[1] = Hv).
@@ -219,7 +251,9 @@ pub fn check_op(
     for (what, err) in checks {
         // NaN errors fail too.
         if err.is_nan() || err > tol {
-            return Err(format!("{name}: {what} error {err:.3e} exceeds {tol:.1e} ({report:?})"));
+            return Err(format!(
+                "{name}: {what} error {err:.3e} exceeds {tol:.1e} ({report:?})"
+            ));
         }
     }
     Ok(report)

@@ -24,7 +24,16 @@ impl DType {
 
 /// A float element type (f32 or f64): arithmetic from `num_traits`, plus the matching GEMM.
 pub trait Scalar:
-    Float + FromPrimitive + ToPrimitive + Default + Debug + Display + Send + Sync + 'static + std::iter::Sum
+    Float
+    + FromPrimitive
+    + ToPrimitive
+    + Default
+    + Debug
+    + Display
+    + Send
+    + Sync
+    + 'static
+    + std::iter::Sum
 {
     /// Which type this is.
     const DTYPE: DType;

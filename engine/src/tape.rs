@@ -125,7 +125,9 @@ impl<T: Scalar> Tape<T> {
             other => other.inputs().iter().any(|&i| self.nodes[i].requires_grad),
         };
         debug_assert!(
-            tangent.as_ref().is_none_or(|t| t.numel() == self.k * value.numel()),
+            tangent
+                .as_ref()
+                .is_none_or(|t| t.numel() == self.k * value.numel()),
             "tangent size"
         );
         self.nodes.push(Node {
@@ -234,11 +236,14 @@ impl<T: Scalar> Grads<T> {
     /// `H v_k` for every direction `k`, shape `[K, ...shape of v]` (zeros where the
     /// output's gradient does not depend on the directions).
     pub fn hvp(&self, tape: &Tape<T>, v: Var) -> Tensor<T> {
-        self.hvp.get(v.0).and_then(|g| g.clone()).unwrap_or_else(|| {
-            let mut s = vec![self.k];
-            s.extend_from_slice(tape.value(v).shape());
-            Tensor::zeros(&s)
-        })
+        self.hvp
+            .get(v.0)
+            .and_then(|g| g.clone())
+            .unwrap_or_else(|| {
+                let mut s = vec![self.k];
+                s.extend_from_slice(tape.value(v).shape());
+                Tensor::zeros(&s)
+            })
     }
 
     /// Moves the gradient of `v` out (avoids a copy), `None` if it was zero or already taken.

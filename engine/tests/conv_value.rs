@@ -6,7 +6,19 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 #[allow(clippy::too_many_arguments)]
-fn naive_conv(x: &[f64], w: &[f64], b: &[f64], n: usize, cin: usize, h: usize, wd: usize, cout: usize, k: usize, s: usize, p: usize) -> Vec<f64> {
+fn naive_conv(
+    x: &[f64],
+    w: &[f64],
+    b: &[f64],
+    n: usize,
+    cin: usize,
+    h: usize,
+    wd: usize,
+    cout: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+) -> Vec<f64> {
     let ho = (h + 2 * p - k) / s + 1;
     let wo = (wd + 2 * p - k) / s + 1;
     let mut y = vec![0.0; n * cout * ho * wo];
@@ -21,7 +33,8 @@ fn naive_conv(x: &[f64], w: &[f64], b: &[f64], n: usize, cin: usize, h: usize, w
                                 let iy = (oy * s + ky) as isize - p as isize;
                                 let ix = (ox * s + kx) as isize - p as isize;
                                 if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
-                                    acc += x[((ni * cin + ci) * h + iy as usize) * wd + ix as usize]
+                                    acc += x
+                                        [((ni * cin + ci) * h + iy as usize) * wd + ix as usize]
                                         * w[((co * cin + ci) * k + ky) * k + kx];
                                 }
                             }
@@ -50,13 +63,20 @@ fn conv2d_matches_direct_loops() {
         let wt = Tensor::<f64>::randn(&[cout, cin, k, k], &mut rng);
         let b = Tensor::<f64>::randn(&[cout], &mut rng);
         let mut tape = Tape::new(0);
-        let (xv, wv, bv) = (tape.constant(x.clone()), tape.constant(wt.clone()), tape.constant(b.clone()));
+        let (xv, wv, bv) = (
+            tape.constant(x.clone()),
+            tape.constant(wt.clone()),
+            tape.constant(b.clone()),
+        );
         let y = tape.conv2d(xv, wv, Some(bv), s, p).unwrap();
         let want = naive_conv(x.data(), wt.data(), b.data(), n, cin, h, w, cout, k, s, p);
         let got = tape.value(y).data();
         assert_eq!(got.len(), want.len());
         for (a, b) in got.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-12, "conv {n} {cin} {h} {w} {cout} {k} {s} {p}: {a} vs {b}");
+            assert!(
+                (a - b).abs() < 1e-12,
+                "conv {n} {cin} {h} {w} {cout} {k} {s} {p}: {a} vs {b}"
+            );
         }
     }
 }
@@ -74,7 +94,12 @@ fn pooling_matches_direct_loops() {
         let p = &x.data()[plane * 24..(plane + 1) * 24];
         for oy in 0..3 {
             for ox in 0..2 {
-                let vals = [p[2 * oy * 4 + 2 * ox], p[2 * oy * 4 + 2 * ox + 1], p[(2 * oy + 1) * 4 + 2 * ox], p[(2 * oy + 1) * 4 + 2 * ox + 1]];
+                let vals = [
+                    p[2 * oy * 4 + 2 * ox],
+                    p[2 * oy * 4 + 2 * ox + 1],
+                    p[(2 * oy + 1) * 4 + 2 * ox],
+                    p[(2 * oy + 1) * 4 + 2 * ox + 1],
+                ];
                 let m = vals.iter().cloned().fold(f64::MIN, f64::max);
                 let a = vals.iter().sum::<f64>() / 4.0;
                 assert_eq!(tape.value(mx).data()[plane * 6 + oy * 2 + ox], m);

@@ -5,8 +5,16 @@ use flatmin_engine::{BnMode, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-fn run_in_pool(threads: usize, params: &[Tensor<f32>], dirs: &[Vec<Tensor<f32>>], x: &Tensor<f32>) -> Vec<Vec<f32>> {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+fn run_in_pool(
+    threads: usize,
+    params: &[Tensor<f32>],
+    dirs: &[Vec<Tensor<f32>>],
+    x: &Tensor<f32>,
+) -> Vec<Vec<f32>> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
     pool.install(|| {
         let labels: Vec<usize> = (0..x.shape()[0]).map(|i| i % 10).collect();
         let r = hvp(params, dirs, |t, v| {
@@ -58,7 +66,15 @@ fn one_and_two_threads_agree_bitwise() {
     assert_eq!(a.len(), b.len());
     for (i, ((a, b), c)) in a.iter().zip(&b).zip(&c).enumerate() {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(a), bits(b), "output {i} differs between 1 and 2 threads");
-        assert_eq!(bits(a), bits(c), "output {i} differs between 1 and 3 threads");
+        assert_eq!(
+            bits(a),
+            bits(b),
+            "output {i} differs between 1 and 2 threads"
+        );
+        assert_eq!(
+            bits(a),
+            bits(c),
+            "output {i} differs between 1 and 3 threads"
+        );
     }
 }

@@ -12,7 +12,14 @@ fn randn(shape: &[usize], seed: u64) -> Tensor<f64> {
     Tensor::randn(shape, &mut StdRng::seed_from_u64(seed))
 }
 
-fn run(name: &str, theta: &[Tensor<f64>], op: impl Fn(&mut flatmin_engine::Tape<f64>, &[flatmin_engine::Var]) -> flatmin_engine::Result<flatmin_engine::Var>) {
+fn run(
+    name: &str,
+    theta: &[Tensor<f64>],
+    op: impl Fn(
+        &mut flatmin_engine::Tape<f64>,
+        &[flatmin_engine::Var],
+    ) -> flatmin_engine::Result<flatmin_engine::Var>,
+) {
     match check_op(name, theta, TOL, op) {
         Ok(r) => eprintln!("{name}: worst {:.2e} {r:?}", r.worst()),
         Err(e) => panic!("{e}"),
@@ -56,32 +63,49 @@ fn binary_same_shape_and_broadcast() {
     let bias = randn(&[4], 5);
     let col = randn(&[3, 1], 6);
     let mut col_pos = randn(&[1, 3, 1], 7);
-    col_pos.data_mut().iter_mut().for_each(|x| *x = 1.0 + x.abs());
-    run("add-bcast", &[a.clone(), bias.clone()], |t, v| t.add(v[0], v[1]));
-    run("mul-bcast", &[a.clone(), col.clone()], |t, v| t.mul(v[0], v[1]));
-    run("sub-bcast-left", &[bias.clone(), a.clone()], |t, v| t.sub(v[0], v[1]));
+    col_pos
+        .data_mut()
+        .iter_mut()
+        .for_each(|x| *x = 1.0 + x.abs());
+    run("add-bcast", &[a.clone(), bias.clone()], |t, v| {
+        t.add(v[0], v[1])
+    });
+    run("mul-bcast", &[a.clone(), col.clone()], |t, v| {
+        t.mul(v[0], v[1])
+    });
+    run("sub-bcast-left", &[bias.clone(), a.clone()], |t, v| {
+        t.sub(v[0], v[1])
+    });
     run("div-bcast", &[a.clone(), col_pos], |t, v| t.div(v[0], v[1]));
 }
 
 #[test]
 fn matmul_and_linear() {
-    run("matmul", &[randn(&[4, 3], 8), randn(&[3, 5], 9)], |t, v| t.matmul(v[0], v[1]));
+    run("matmul", &[randn(&[4, 3], 8), randn(&[3, 5], 9)], |t, v| {
+        t.matmul(v[0], v[1])
+    });
     run(
         "linear",
         &[randn(&[4, 3], 10), randn(&[5, 3], 11), randn(&[5], 12)],
         |t, v| t.linear(v[0], v[1], Some(v[2])),
     );
-    run("linear-nobias", &[randn(&[2, 6], 13), randn(&[4, 6], 14)], |t, v| {
-        t.linear(v[0], v[1], None)
-    });
+    run(
+        "linear-nobias",
+        &[randn(&[2, 6], 13), randn(&[4, 6], 14)],
+        |t, v| t.linear(v[0], v[1], None),
+    );
 }
 
 #[test]
 fn reductions_and_reshape() {
     run("sum", &[randn(&[3, 4], 15)], |t, v| t.sum(v[0]));
     run("mean", &[randn(&[3, 4], 16)], |t, v| t.mean(v[0]));
-    run("reshape", &[randn(&[2, 3, 4], 17)], |t, v| t.reshape(v[0], &[4, 6]));
-    run("flatten", &[randn(&[2, 3, 2, 2], 18)], |t, v| t.flatten(v[0]));
+    run("reshape", &[randn(&[2, 3, 4], 17)], |t, v| {
+        t.reshape(v[0], &[4, 6])
+    });
+    run("flatten", &[randn(&[2, 3, 2, 2], 18)], |t, v| {
+        t.flatten(v[0])
+    });
 }
 
 #[test]
@@ -95,7 +119,10 @@ fn conv2d_variants() {
         (1, 2, 5, 6, 2, 2, 1, 0, true),
     ];
     for (i, &(n, cin, h, w, cout, k, s, p, bias)) in cases.iter().enumerate() {
-        let mut theta = vec![randn(&[n, cin, h, w], 20 + i as u64), randn(&[cout, cin, k, k], 30 + i as u64)];
+        let mut theta = vec![
+            randn(&[n, cin, h, w], 20 + i as u64),
+            randn(&[cout, cin, k, k], 30 + i as u64),
+        ];
         if bias {
             theta.push(randn(&[cout], 40 + i as u64));
         }
@@ -107,10 +134,18 @@ fn conv2d_variants() {
 
 #[test]
 fn pooling() {
-    run("max_pool2d", &[randn(&[2, 3, 4, 6], 50)], |t, v| t.max_pool2d(v[0], 2, 2));
-    run("max_pool2d-overlap", &[randn(&[1, 2, 5, 5], 51)], |t, v| t.max_pool2d(v[0], 3, 1));
-    run("avg_pool2d", &[randn(&[2, 3, 4, 6], 52)], |t, v| t.avg_pool2d(v[0], 2, 2));
-    run("global_avg_pool", &[randn(&[2, 3, 3, 4], 53)], |t, v| t.global_avg_pool(v[0]));
+    run("max_pool2d", &[randn(&[2, 3, 4, 6], 50)], |t, v| {
+        t.max_pool2d(v[0], 2, 2)
+    });
+    run("max_pool2d-overlap", &[randn(&[1, 2, 5, 5], 51)], |t, v| {
+        t.max_pool2d(v[0], 3, 1)
+    });
+    run("avg_pool2d", &[randn(&[2, 3, 4, 6], 52)], |t, v| {
+        t.avg_pool2d(v[0], 2, 2)
+    });
+    run("global_avg_pool", &[randn(&[2, 3, 3, 4], 53)], |t, v| {
+        t.global_avg_pool(v[0])
+    });
 }
 
 #[test]
@@ -118,22 +153,40 @@ fn batch_norm_train_and_eval() {
     let x = randn(&[3, 2, 2, 3], 60);
     let g = randn(&[2], 61);
     let b = randn(&[2], 62);
-    run("batch_norm2d-train", &[x.clone(), g.clone(), b.clone()], |t, v| {
-        Ok(t.batch_norm2d(v[0], v[1], v[2], BnMode::Train, 1e-5)?.0)
-    });
+    run(
+        "batch_norm2d-train",
+        &[x.clone(), g.clone(), b.clone()],
+        |t, v| Ok(t.batch_norm2d(v[0], v[1], v[2], BnMode::Train, 1e-5)?.0),
+    );
     let mean = [0.3, -0.2];
     let var = [1.5, 0.7];
     run("batch_norm2d-eval", &[x, g, b], |t, v| {
-        Ok(t.batch_norm2d(v[0], v[1], v[2], BnMode::Eval { mean: &mean, var: &var }, 1e-5)?.0)
+        Ok(t.batch_norm2d(
+            v[0],
+            v[1],
+            v[2],
+            BnMode::Eval {
+                mean: &mean,
+                var: &var,
+            },
+            1e-5,
+        )?
+        .0)
     });
 }
 
 #[test]
 fn losses() {
-    run("log_softmax", &[randn(&[3, 5], 70)], |t, v| t.log_softmax(v[0]));
+    run("log_softmax", &[randn(&[3, 5], 70)], |t, v| {
+        t.log_softmax(v[0])
+    });
     let labels = [1usize, 4, 0];
-    run("cross_entropy", &[randn(&[3, 5], 71)], |t, v| t.cross_entropy(v[0], &labels));
-    run("mse", &[randn(&[3, 4], 72), randn(&[3, 4], 73)], |t, v| t.mse(v[0], v[1]));
+    run("cross_entropy", &[randn(&[3, 5], 71)], |t, v| {
+        t.cross_entropy(v[0], &labels)
+    });
+    run("mse", &[randn(&[3, 4], 72), randn(&[3, 4], 73)], |t, v| {
+        t.mse(v[0], v[1])
+    });
 }
 
 #[test]

@@ -19,9 +19,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let x = Tensor::<f32>::randn(&[batch, 3, 32, 32], &mut rng);
     let labels: Vec<usize> = (0..batch).map(|i| i % 10).collect();
     let dirs: Vec<Vec<Tensor<f32>>> = (0..k)
-        .map(|_| model.params().iter().map(|p| Tensor::randn(p.shape(), &mut rng)).collect())
+        .map(|_| {
+            model
+                .params()
+                .iter()
+                .map(|p| Tensor::randn(p.shape(), &mut rng))
+                .collect()
+        })
         .collect();
-    let bn = if model.arch().has_batch_norm() { BnUse::Train } else { BnUse::Eval };
+    let bn = if model.arch().has_batch_norm() {
+        BnUse::Train
+    } else {
+        BnUse::Eval
+    };
     let time = |f: &mut dyn FnMut()| {
         f();
         let mut ts: Vec<f64> = (0..5)
@@ -39,7 +49,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut vhv = 0.0;
     let hvp_ms = time(&mut || {
         let e = model.evaluate(&x, &labels, &dirs, bn, true).unwrap();
-        vhv = e.hvps[0].iter().zip(&dirs[0]).map(|(h, v)| h.dot(v)).sum::<f64>();
+        vhv = e.hvps[0]
+            .iter()
+            .zip(&dirs[0])
+            .map(|(h, v)| h.dot(v))
+            .sum::<f64>();
     });
     println!(
         "{name} batch {batch}: loss {loss:.4}, grad {grad_ms:.1} ms, hvp(K={k}) {hvp_ms:.1} ms = {:.2}x grad ({:.2}x per direction), v1.Hv1 {vhv:.4e}",

@@ -117,7 +117,10 @@ impl Arch {
                     .split(',')
                     .map(|w| w.trim().parse::<usize>().map_err(|_| unknown()))
                     .collect::<Result<_>>()?;
-                let act = parts.next().and_then(Activation::parse).ok_or_else(unknown)?;
+                let act = parts
+                    .next()
+                    .and_then(Activation::parse)
+                    .ok_or_else(unknown)?;
                 let input_pool = match parts.next() {
                     None => 1,
                     Some(p) => p

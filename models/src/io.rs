@@ -66,7 +66,10 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
     };
     let len = std::fs::metadata(path).map_err(io)?.len();
     if len > MAX_FILE_BYTES {
-        return Err(format_err(path, format!("file of {len} bytes is larger than the {MAX_FILE_BYTES}-byte limit")));
+        return Err(format_err(
+            path,
+            format!("file of {len} bytes is larger than the {MAX_FILE_BYTES}-byte limit"),
+        ));
     }
     let bytes = std::fs::read(path).map_err(io)?;
     parse_safetensors(path, &bytes)
@@ -82,7 +85,10 @@ fn duplicate_name(header: &[u8]) -> Option<String> {
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a JSON object")
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+        fn visit_map<A: MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
             let mut seen = std::collections::HashSet::new();
             while let Some(key) = map.next_key::<String>()? {
                 map.next_value::<IgnoredAny>()?;
@@ -102,14 +108,20 @@ fn describe(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {
         E::InvalidHeader | E::InvalidHeaderStart => "the header is not valid UTF-8 JSON".into(),
-        E::InvalidHeaderDeserialization => "the header is not a valid tensor table (bad JSON or fields)".into(),
+        E::InvalidHeaderDeserialization => {
+            "the header is not a valid tensor table (bad JSON or fields)".into()
+        }
         E::HeaderTooLarge => "the header is larger than the 100 MB limit".into(),
         E::HeaderTooSmall => "the file is too short to hold a header".into(),
-        E::InvalidHeaderLength => "the header length field is out of range (not a safetensors file, or truncated)".into(),
+        E::InvalidHeaderLength => {
+            "the header length field is out of range (not a safetensors file, or truncated)".into()
+        }
         E::TensorNotFound(n) => format!("tensor '{n}' not found"),
         E::TensorInvalidInfo => "a tensor's shape and dtype do not match its byte range".into(),
         E::InvalidOffset(n) => format!("tensor '{n}' has overlapping or out-of-order data offsets"),
-        E::MetadataIncompleteBuffer => "the data section is shorter than the header says (truncated file)".into(),
+        E::MetadataIncompleteBuffer => {
+            "the data section is shorter than the header says (truncated file)".into()
+        }
         E::ValidationOverflow => "a tensor's size overflows".into(),
         other => format!("{other:?}"),
     }
@@ -125,7 +137,10 @@ fn format_err(path: &Path, detail: String) -> ModelError {
 /// Parses safetensors bytes (`path` is only used in error messages).
 pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<RawTensor>> {
     if bytes.len() < 8 {
-        return Err(format_err(path, format!("{} bytes is too short for a header", bytes.len())));
+        return Err(format_err(
+            path,
+            format!("{} bytes is too short for a header", bytes.len()),
+        ));
     }
     let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
     if header_len > (bytes.len() as u64).saturating_sub(8) {
@@ -139,7 +154,10 @@ pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<RawTensor>> {
         ));
     }
     if let Some(dup) = duplicate_name(&bytes[8..8 + header_len as usize]) {
-        return Err(format_err(path, format!("tensor name '{dup}' appears twice in the header")));
+        return Err(format_err(
+            path,
+            format!("tensor name '{dup}' appears twice in the header"),
+        ));
     }
     let st = SafeTensors::deserialize(bytes).map_err(|e| format_err(path, describe(&e)))?;
     let mut out = Vec::with_capacity(st.len());
@@ -186,7 +204,14 @@ pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<RawTensor>> {
 pub fn write_safetensors(path: &Path, tensors: &[RawTensor]) -> Result<()> {
     let owned: Vec<(String, Vec<u8>, Dtype, Vec<usize>)> = tensors
         .iter()
-        .map(|t| (t.name.clone(), t.data.bytes(), t.data.dtype(), t.shape.clone()))
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.data.bytes(),
+                t.data.dtype(),
+                t.shape.clone(),
+            )
+        })
         .collect();
     let views = owned
         .iter()
@@ -196,7 +221,8 @@ pub fn write_safetensors(path: &Path, tensors: &[RawTensor]) -> Result<()> {
                 .map_err(|e| format_err(path, format!("tensor '{n}': {e:?}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, &None).map_err(|e| format_err(path, format!("{e:?}")))?;
+    let bytes =
+        safetensors::serialize(views, &None).map_err(|e| format_err(path, format!("{e:?}")))?;
     write_atomic(path, &bytes)
 }
 

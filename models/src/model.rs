@@ -73,7 +73,10 @@ impl EntryKind {
     pub fn trainable(self) -> bool {
         matches!(
             self,
-            EntryKind::Weight { .. } | EntryKind::Bias { .. } | EntryKind::BnWeight | EntryKind::BnBias
+            EntryKind::Weight { .. }
+                | EntryKind::Bias { .. }
+                | EntryKind::BnWeight
+                | EntryKind::BnBias
         )
     }
 }
@@ -115,16 +118,32 @@ struct Layout(Vec<(String, Vec<usize>, EntryKind)>);
 
 impl Layout {
     fn linear(&mut self, name: &str, fan_in: usize, out: usize, bias: bool) {
-        self.0.push((format!("{name}.weight"), vec![out, fan_in], EntryKind::Weight { fan_in }));
+        self.0.push((
+            format!("{name}.weight"),
+            vec![out, fan_in],
+            EntryKind::Weight { fan_in },
+        ));
         if bias {
-            self.0.push((format!("{name}.bias"), vec![out], EntryKind::Bias { fan_in }));
+            self.0.push((
+                format!("{name}.bias"),
+                vec![out],
+                EntryKind::Bias { fan_in },
+            ));
         }
     }
     fn conv(&mut self, name: &str, cin: usize, cout: usize, k: usize, bias: bool) {
         let fan_in = cin * k * k;
-        self.0.push((format!("{name}.weight"), vec![cout, cin, k, k], EntryKind::Weight { fan_in }));
+        self.0.push((
+            format!("{name}.weight"),
+            vec![cout, cin, k, k],
+            EntryKind::Weight { fan_in },
+        ));
         if bias {
-            self.0.push((format!("{name}.bias"), vec![cout], EntryKind::Bias { fan_in }));
+            self.0.push((
+                format!("{name}.bias"),
+                vec![cout],
+                EntryKind::Bias { fan_in },
+            ));
         }
     }
     fn bn(&mut self, name: &str, c: usize) {
@@ -136,7 +155,11 @@ impl Layout {
         ] {
             self.0.push((format!("{name}.{suffix}"), vec![c], kind));
         }
-        self.0.push((format!("{name}.num_batches_tracked"), vec![], EntryKind::Count));
+        self.0.push((
+            format!("{name}.num_batches_tracked"),
+            vec![],
+            EntryKind::Count,
+        ));
     }
 }
 
@@ -201,7 +224,14 @@ impl<T: Scalar> Cursor<'_, T> {
         Ok(tape.linear(x, w, Some(b))?)
     }
 
-    fn conv(&mut self, tape: &mut Tape<T>, x: Var, stride: usize, pad: usize, bias: bool) -> Result<Var> {
+    fn conv(
+        &mut self,
+        tape: &mut Tape<T>,
+        x: Var,
+        stride: usize,
+        pad: usize,
+        bias: bool,
+    ) -> Result<Var> {
         let w = self.param();
         let b = if bias { Some(self.param()) } else { None };
         Ok(tape.conv2d(x, w, b, stride, pad)?)
@@ -251,8 +281,12 @@ impl<T: Scalar> Model<T> {
                     let bound = 1.0 / (fan_in as f64).sqrt();
                     EntryValue::Float(Tensor::uniform(&shape, -bound, bound, &mut rng))
                 }
-                EntryKind::BnWeight | EntryKind::RunningVar => EntryValue::Float(Tensor::full(&shape, T::one())),
-                EntryKind::BnBias | EntryKind::RunningMean => EntryValue::Float(Tensor::zeros(&shape)),
+                EntryKind::BnWeight | EntryKind::RunningVar => {
+                    EntryValue::Float(Tensor::full(&shape, T::one()))
+                }
+                EntryKind::BnBias | EntryKind::RunningMean => {
+                    EntryValue::Float(Tensor::zeros(&shape))
+                }
                 EntryKind::Count => EntryValue::Count(0),
             };
             entries.push(Entry {
@@ -266,7 +300,9 @@ impl<T: Scalar> Model<T> {
     }
 
     fn from_entries(arch: Arch, entries: Vec<Entry<T>>) -> Self {
-        let params = (0..entries.len()).filter(|&i| entries[i].kind.trainable()).collect();
+        let params = (0..entries.len())
+            .filter(|&i| entries[i].kind.trainable())
+            .collect();
         let bns = entries
             .iter()
             .enumerate()
@@ -312,7 +348,10 @@ impl<T: Scalar> Model<T> {
 
     /// Names of the trainable parameters, in order.
     pub fn param_names(&self) -> Vec<&str> {
-        self.params.iter().map(|&i| self.entries[i].name.as_str()).collect()
+        self.params
+            .iter()
+            .map(|&i| self.entries[i].name.as_str())
+            .collect()
     }
 
     /// The trainable parameters, in order.
@@ -336,7 +375,9 @@ impl<T: Scalar> Model<T> {
                 EntryValue::Count(_) => None,
             })
             .collect();
-        idx.iter().map(|&i| out[i].take().expect("parameter entry")).collect()
+        idx.iter()
+            .map(|&i| out[i].take().expect("parameter entry"))
+            .collect()
     }
 
     /// Replaces the trainable parameters (same count and shapes, checked).
@@ -344,7 +385,11 @@ impl<T: Scalar> Model<T> {
         if params.len() != self.params.len() {
             return Err(ModelError::Engine(flatmin_engine::EngineError::Shape {
                 op: "set_params",
-                detail: format!("{} tensors for {} parameters", params.len(), self.params.len()),
+                detail: format!(
+                    "{} tensors for {} parameters",
+                    params.len(),
+                    self.params.len()
+                ),
             }));
         }
         for (slot, p) in self.params_mut().into_iter().zip(params) {
@@ -367,11 +412,21 @@ impl<T: Scalar> Model<T> {
     /// Records the forward pass of `x: [N, 3, 32, 32]` on `tape`, with `params` the tape
     /// variables of the trainable parameters (in order). Returns the logits and, in train
     /// mode, every BatchNorm layer's batch statistics.
-    pub fn forward(&self, tape: &mut Tape<T>, params: &[Var], x: Var, bn: BnUse) -> Result<(Var, Vec<BatchStats<T>>)> {
+    pub fn forward(
+        &self,
+        tape: &mut Tape<T>,
+        params: &[Var],
+        x: Var,
+        bn: BnUse,
+    ) -> Result<(Var, Vec<BatchStats<T>>)> {
         if params.len() != self.params.len() {
             return Err(ModelError::Engine(flatmin_engine::EngineError::Shape {
                 op: "forward",
-                detail: format!("{} parameter variables for {} parameters", params.len(), self.params.len()),
+                detail: format!(
+                    "{} parameter variables for {} parameters",
+                    params.len(),
+                    self.params.len()
+                ),
             }));
         }
         let xs = tape.value(x).shape();
@@ -390,7 +445,11 @@ impl<T: Scalar> Model<T> {
             stats: Vec::new(),
         };
         let logits = match &self.arch {
-            Arch::Mlp { widths, act, input_pool } => {
+            Arch::Mlp {
+                widths,
+                act,
+                input_pool,
+            } => {
                 let mut h = x;
                 if *input_pool > 1 {
                     h = tape.avg_pool2d(h, *input_pool, *input_pool)?;
@@ -457,7 +516,12 @@ impl<T: Scalar> Model<T> {
             for (r, &b) in self.float_mut(rm).data_mut().iter_mut().zip(&s.mean) {
                 *r = (T::one() - m) * *r + m * b;
             }
-            for (r, &b) in self.float_mut(rv).data_mut().iter_mut().zip(&s.var_unbiased) {
+            for (r, &b) in self
+                .float_mut(rv)
+                .data_mut()
+                .iter_mut()
+                .zip(&s.var_unbiased)
+            {
                 *r = (T::one() - m) * *r + m * b;
             }
             if let EntryValue::Count(c) = &mut self.entries[nbt].value {
@@ -491,11 +555,18 @@ impl<T: Scalar> Model<T> {
         grad: bool,
     ) -> Result<Evaluation<T>> {
         if params.len() != self.params.len()
-            || params.iter().zip(self.params()).any(|(a, b)| a.shape() != b.shape())
+            || params
+                .iter()
+                .zip(self.params())
+                .any(|(a, b)| a.shape() != b.shape())
         {
             return Err(ModelError::Engine(flatmin_engine::EngineError::Shape {
                 op: "evaluate_at",
-                detail: format!("{} parameter tensors do not match the model's {}", params.len(), self.params.len()),
+                detail: format!(
+                    "{} parameter tensors do not match the model's {}",
+                    params.len(),
+                    self.params.len()
+                ),
             }));
         }
         let k = dirs.len();
@@ -528,7 +599,10 @@ impl<T: Scalar> Model<T> {
             let mut g = tape.backward(loss)?;
             out.hvps = (0..k).map(|_| Vec::with_capacity(vars.len())).collect();
             for &v in &vars {
-                out.grads.push(g.take_grad(v).unwrap_or_else(|| Tensor::zeros(tape.value(v).shape())));
+                out.grads.push(
+                    g.take_grad(v)
+                        .unwrap_or_else(|| Tensor::zeros(tape.value(v).shape())),
+                );
                 if k > 0 {
                     let h = g.take_hvp(v).unwrap_or_else(|| g.hvp(&tape, v));
                     for (kk, slot) in out.hvps.iter_mut().enumerate() {
@@ -578,7 +652,11 @@ impl<T: Scalar> Model<T> {
             .map(|t| t.name.as_str())
             .collect();
         unexpected.sort_unstable();
-        if let Some(missing) = self.entries.iter().find(|e| !raw.iter().any(|t| t.name == e.name)) {
+        if let Some(missing) = self
+            .entries
+            .iter()
+            .find(|e| !raw.iter().any(|t| t.name == e.name))
+        {
             return Err(ModelError::Missing {
                 path: path.to_path_buf(),
                 name: missing.name.clone(),
@@ -629,7 +707,10 @@ impl<T: Scalar> Model<T> {
                             name: e.name.clone(),
                         });
                     }
-                    EntryValue::Float(Tensor::from_vec(&e.shape, v.into_iter().map(T::c).collect())?)
+                    EntryValue::Float(Tensor::from_vec(
+                        &e.shape,
+                        v.into_iter().map(T::c).collect(),
+                    )?)
                 }
             });
         }
@@ -662,15 +743,21 @@ impl<T: Scalar> Model<T> {
     pub fn load_param_like(&self, path: &Path) -> Result<Vec<Tensor<T>>> {
         let raw = read_safetensors(path)?;
         let names = self.param_names();
-        let mut extra: Vec<&str> =
-            raw.iter().map(|t| t.name.as_str()).filter(|n| !names.contains(n)).collect();
+        let mut extra: Vec<&str> = raw
+            .iter()
+            .map(|t| t.name.as_str())
+            .filter(|n| !names.contains(n))
+            .collect();
         extra.sort_unstable();
         let mut out = Vec::with_capacity(names.len());
         for (name, p) in names.iter().zip(self.params()) {
-            let t = raw.iter().find(|t| t.name == *name).ok_or_else(|| ModelError::Missing {
-                path: path.to_path_buf(),
-                name: name.to_string(),
-            })?;
+            let t = raw
+                .iter()
+                .find(|t| t.name == *name)
+                .ok_or_else(|| ModelError::Missing {
+                    path: path.to_path_buf(),
+                    name: name.to_string(),
+                })?;
             if t.shape != p.shape() {
                 return Err(ModelError::Shape {
                     path: path.to_path_buf(),
@@ -691,7 +778,10 @@ impl<T: Scalar> Model<T> {
                     name: name.to_string(),
                 });
             }
-            out.push(Tensor::from_vec(p.shape(), v.into_iter().map(T::c).collect())?);
+            out.push(Tensor::from_vec(
+                p.shape(),
+                v.into_iter().map(T::c).collect(),
+            )?);
         }
         if let Some(name) = extra.first() {
             return Err(ModelError::Unexpected {
@@ -710,8 +800,17 @@ fn apply<T: Scalar>(tape: &mut Tape<T>, h: Var, act: Activation) -> Result<Var> 
 /// A float tensor as raw file data in its own precision.
 pub fn float_raw<T: Scalar>(t: &Tensor<T>) -> RawData {
     match T::DTYPE {
-        flatmin_engine::DType::F32 => RawData::F32(t.data().iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect()),
-        flatmin_engine::DType::F64 => RawData::F64(t.data().iter().map(|x| x.to_f64().unwrap_or(f64::NAN)).collect()),
+        flatmin_engine::DType::F32 => RawData::F32(
+            t.data()
+                .iter()
+                .map(|x| x.to_f32().unwrap_or(f32::NAN))
+                .collect(),
+        ),
+        flatmin_engine::DType::F64 => RawData::F64(
+            t.data()
+                .iter()
+                .map(|x| x.to_f64().unwrap_or(f64::NAN))
+                .collect(),
+        ),
     }
 }
-

@@ -1,7 +1,9 @@
 //! Hostile and broken safetensors files: every one is rejected with an error naming the file,
 //! never a panic; plus a bounded random-mutation smoke fuzz of the loader.
 
-use flatmin_models::io::{parse_safetensors, read_safetensors, write_safetensors, RawData, RawTensor};
+use flatmin_models::io::{
+    parse_safetensors, read_safetensors, write_safetensors, RawData, RawTensor,
+};
 use flatmin_models::Model;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -15,7 +17,9 @@ fn file(header: &str, data: &[u8]) -> Vec<u8> {
 }
 
 fn rejects(name: &str, bytes: &[u8], needle: &str) {
-    let err = parse_safetensors(Path::new(name), bytes).expect_err(name).to_string();
+    let err = parse_safetensors(Path::new(name), bytes)
+        .expect_err(name)
+        .to_string();
     assert!(err.contains(name), "{name}: {err}");
     assert!(err.contains(needle), "{name}: {err}");
 }
@@ -25,24 +29,59 @@ fn broken_headers_and_offsets_are_rejected() {
     let ok = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
     assert!(parse_safetensors(Path::new("ok"), &file(ok, &[0; 8])).is_ok());
     rejects("short.st", &[1, 2, 3], "too short");
-    rejects("huge-header.st", &file(ok, &[0; 8])[..8].iter().copied().chain([0u8; 4]).collect::<Vec<_>>(), "header length");
+    rejects(
+        "huge-header.st",
+        &file(ok, &[0; 8])[..8]
+            .iter()
+            .copied()
+            .chain([0u8; 4])
+            .collect::<Vec<_>>(),
+        "header length",
+    );
     let mut absurd = u64::MAX.to_le_bytes().to_vec();
     absurd.extend_from_slice(b"{}");
     rejects("absurd.st", &absurd, "header length");
     rejects("json.st", &file("{not json", &[]), "header");
     rejects(
         "overlap.st",
-        &file(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, &[0; 12]),
+        &file(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+            &[0; 12],
+        ),
         "offset",
     );
-    rejects("range.st", &file(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,80]}}"#, &[0; 8]), "");
-    rejects("mismatch.st", &file(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]), "");
+    rejects(
+        "range.st",
+        &file(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,80]}}"#,
+            &[0; 8],
+        ),
+        "",
+    );
+    rejects(
+        "mismatch.st",
+        &file(
+            r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+            &[0; 8],
+        ),
+        "",
+    );
     rejects(
         "dup.st",
-        &file(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#, &[0; 16]),
+        &file(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
+            &[0; 16],
+        ),
         "appears twice",
     );
-    rejects("f16.st", &file(r#"{"a":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}}"#, &[0; 4]), "dtype");
+    rejects(
+        "f16.st",
+        &file(
+            r#"{"a":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}}"#,
+            &[0; 4],
+        ),
+        "dtype",
+    );
 }
 
 #[test]
@@ -56,8 +95,15 @@ fn non_finite_weights_are_rejected_by_name() {
     }
     let p = dir.join("nan.safetensors");
     write_safetensors(&p, &raw).unwrap();
-    let err = Model::<f32>::named("tiny-tanh", 0).unwrap().load(&p).unwrap_err().to_string();
-    assert!(err.contains("non-finite") && err.contains(&raw[1].name), "{err}");
+    let err = Model::<f32>::named("tiny-tanh", 0)
+        .unwrap()
+        .load(&p)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("non-finite") && err.contains(&raw[1].name),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -65,8 +111,16 @@ fn non_finite_weights_are_rejected_by_name() {
 fn random_mutations_never_panic() {
     // A bounded smoke fuzz: flip, insert, delete and truncate bytes of a valid file.
     let raw = vec![
-        RawTensor { name: "w".into(), shape: vec![2, 3], data: RawData::F32(vec![1.0; 6]) },
-        RawTensor { name: "n".into(), shape: vec![], data: RawData::I64(vec![7]) },
+        RawTensor {
+            name: "w".into(),
+            shape: vec![2, 3],
+            data: RawData::F32(vec![1.0; 6]),
+        },
+        RawTensor {
+            name: "n".into(),
+            shape: vec![],
+            data: RawData::I64(vec![7]),
+        },
     ];
     let dir = std::env::temp_dir().join(format!("flatmin-fuzz-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -1,13 +1,19 @@
 //! Preset shapes, parameter counts, forward shapes, and state round trips.
 
-use flatmin_models::{Arch, BnUse, Model, ModelError, PRESETS};
 use flatmin_engine::Tensor;
+use flatmin_models::{Arch, BnUse, Model, ModelError, PRESETS};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 #[test]
 fn parameter_counts_match_pytorch() {
-    let want = [("tiny-tanh", 6_506), ("mlp-s", 855_050), ("cnn-s", 545_098), ("resnet20", 272_474), ("resnet18", 11_173_962)];
+    let want = [
+        ("tiny-tanh", 6_506),
+        ("mlp-s", 855_050),
+        ("cnn-s", 545_098),
+        ("resnet20", 272_474),
+        ("resnet18", 11_173_962),
+    ];
     for (name, n) in want {
         let m = Model::<f32>::named(name, 0).unwrap();
         assert_eq!(m.num_params(), n, "{name}");
@@ -19,7 +25,18 @@ fn parameter_counts_match_pytorch() {
 fn state_names_follow_state_dict_order() {
     let m = Model::<f32>::named("resnet20", 0).unwrap();
     let names: Vec<&str> = m.entries().iter().map(|e| e.name.as_str()).collect();
-    assert_eq!(&names[..7], ["conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked", "layer1.0.conv1.weight"]);
+    assert_eq!(
+        &names[..7],
+        [
+            "conv1.weight",
+            "bn1.weight",
+            "bn1.bias",
+            "bn1.running_mean",
+            "bn1.running_var",
+            "bn1.num_batches_tracked",
+            "layer1.0.conv1.weight"
+        ]
+    );
     assert!(names.contains(&"layer2.0.shortcut.0.weight"));
     assert!(names.contains(&"layer3.0.shortcut.1.num_batches_tracked"));
     assert_eq!(names[names.len() - 2..], ["linear.weight", "linear.bias"]);
@@ -40,10 +57,25 @@ fn forward_shapes_for_every_preset() {
 
 #[test]
 fn custom_mlp_parses_and_rejects_bad_specs() {
-    assert!(matches!(Arch::parse("mlp:3072,64,10:gelu").unwrap(), Arch::Mlp { .. }));
-    assert!(matches!(Arch::parse("mlp:48,16,10:softplus:pool8").unwrap(), Arch::Mlp { input_pool: 8, .. }));
-    for bad in ["mlp:3072,64,9:relu", "mlp:100,10:relu", "mlp:3072,10:swish", "resnet99", "mlp:3072,0,10:relu"] {
-        assert!(matches!(Arch::parse(bad), Err(ModelError::UnknownModel(_))), "{bad}");
+    assert!(matches!(
+        Arch::parse("mlp:3072,64,10:gelu").unwrap(),
+        Arch::Mlp { .. }
+    ));
+    assert!(matches!(
+        Arch::parse("mlp:48,16,10:softplus:pool8").unwrap(),
+        Arch::Mlp { input_pool: 8, .. }
+    ));
+    for bad in [
+        "mlp:3072,64,9:relu",
+        "mlp:100,10:relu",
+        "mlp:3072,10:swish",
+        "resnet99",
+        "mlp:3072,0,10:relu",
+    ] {
+        assert!(
+            matches!(Arch::parse(bad), Err(ModelError::UnknownModel(_))),
+            "{bad}"
+        );
     }
 }
 
@@ -55,7 +87,9 @@ fn save_load_round_trip_and_errors() {
     let mut a = Model::<f32>::named("resnet20", 3).unwrap();
     let mut rng = StdRng::seed_from_u64(2);
     let x = Tensor::<f32>::randn(&[4, 3, 32, 32], &mut rng);
-    let e = a.evaluate(&x, &[0, 1, 2, 3], &[], BnUse::Train, false).unwrap();
+    let e = a
+        .evaluate(&x, &[0, 1, 2, 3], &[], BnUse::Train, false)
+        .unwrap();
     a.update_running_stats(&e.bn_stats);
     a.save(&path).unwrap();
     let mut b = Model::<f32>::named("resnet20", 99).unwrap();
@@ -67,7 +101,10 @@ fn save_load_round_trip_and_errors() {
     // a different architecture reports a missing or unexpected tensor by name
     let mut d = Model::<f32>::named("cnn-s", 0).unwrap();
     let err = d.load(&path).unwrap_err().to_string();
-    assert!(err.contains("r20.safetensors") && err.contains("tensor"), "{err}");
+    assert!(
+        err.contains("r20.safetensors") && err.contains("tensor"),
+        "{err}"
+    );
     // truncated file
     let bytes = std::fs::read(&path).unwrap();
     let trunc = dir.join("trunc.safetensors");
@@ -89,10 +126,17 @@ fn save_refuses_to_replace_a_folder_or_link() {
     #[cfg(unix)]
     {
         std::os::unix::fs::symlink(&target, dir.join("link.safetensors")).unwrap();
-        assert!(matches!(m.save(&dir.join("link.safetensors")), Err(ModelError::NotAFile(_))));
+        assert!(matches!(
+            m.save(&dir.join("link.safetensors")),
+            Err(ModelError::NotAFile(_))
+        ));
     }
     // no temporary files are left behind
-    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
     assert!(leftovers.is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -20,10 +20,25 @@ pub struct AdamW<T> {
 impl<T: Scalar> AdamW<T> {
     /// AdamW with moment decays `beta1`, `beta2 ∈ [0, 1)`, `eps > 0`, weight decay `λ ≥ 0`.
     pub fn new(beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Result<Self> {
-        check_hyper("--beta1", beta1, (0.0..1.0).contains(&beta1), "must be in [0, 1)")?;
-        check_hyper("--beta2", beta2, (0.0..1.0).contains(&beta2), "must be in [0, 1)")?;
+        check_hyper(
+            "--beta1",
+            beta1,
+            (0.0..1.0).contains(&beta1),
+            "must be in [0, 1)",
+        )?;
+        check_hyper(
+            "--beta2",
+            beta2,
+            (0.0..1.0).contains(&beta2),
+            "must be in [0, 1)",
+        )?;
         check_hyper("--eps", eps, eps > 0.0, "must be > 0")?;
-        check_hyper("--weight-decay", weight_decay, weight_decay >= 0.0, "must be >= 0")?;
+        check_hyper(
+            "--weight-decay",
+            weight_decay,
+            weight_decay >= 0.0,
+            "must be >= 0",
+        )?;
         Ok(AdamW {
             beta1,
             beta2,
@@ -41,7 +56,12 @@ impl<T: Scalar> Optimizer<T> for AdamW<T> {
         "adamw"
     }
 
-    fn step(&mut self, params: &mut [Tensor<T>], oracle: &mut dyn Oracle<T>, lr: f64) -> Result<StepInfo> {
+    fn step(
+        &mut self,
+        params: &mut [Tensor<T>],
+        oracle: &mut dyn Oracle<T>,
+        lr: f64,
+    ) -> Result<StepInfo> {
         let (loss, grads) = oracle.eval(params)?;
         let grad_norm = global_norm(&grads);
         if self.m.is_empty() {
@@ -55,8 +75,19 @@ impl<T: Scalar> Optimizer<T> for AdamW<T> {
         let decay = T::c(1.0 - lr * self.weight_decay);
         let step = T::c(lr / bc1);
         let bc2_sqrt = T::c(bc2.sqrt());
-        for (((p, g), m), v) in params.iter_mut().zip(&grads).zip(&mut self.m).zip(&mut self.v) {
-            for (((pi, &gi), mi), vi) in p.data_mut().iter_mut().zip(g.data()).zip(m.data_mut()).zip(v.data_mut()) {
+        for (((p, g), m), v) in params
+            .iter_mut()
+            .zip(&grads)
+            .zip(&mut self.m)
+            .zip(&mut self.v)
+        {
+            for (((pi, &gi), mi), vi) in p
+                .data_mut()
+                .iter_mut()
+                .zip(g.data())
+                .zip(m.data_mut())
+                .zip(v.data_mut())
+            {
                 *pi = *pi * decay;
                 *mi = *mi * b1 + (T::one() - b1) * gi;
                 *vi = *vi * b2 + (T::one() - b2) * gi * gi;

@@ -159,7 +159,11 @@ pub trait Oracle<T> {
 
     /// Evaluates loss and gradient at `params` on the step's batch with labels corrupted by
     /// `noise` (loss and gradient are those of the noisy labels).
-    fn eval_noisy(&mut self, params: &[Tensor<T>], noise: &LabelNoise) -> Result<(T, Vec<Tensor<T>>)> {
+    fn eval_noisy(
+        &mut self,
+        params: &[Tensor<T>],
+        noise: &LabelNoise,
+    ) -> Result<(T, Vec<Tensor<T>>)> {
         let _ = (params, noise);
         Err(OptimError::Unsupported("noisy-label evaluation".into()))
     }
@@ -198,7 +202,12 @@ pub trait Optimizer<T: Scalar>: Send {
     /// Short name as used on the command line (`sgd`, `adamw`, ...).
     fn name(&self) -> &'static str;
     /// Performs one step with learning rate `lr`, querying `oracle` as needed.
-    fn step(&mut self, params: &mut [Tensor<T>], oracle: &mut dyn Oracle<T>, lr: f64) -> Result<StepInfo>;
+    fn step(
+        &mut self,
+        params: &mut [Tensor<T>],
+        oracle: &mut dyn Oracle<T>,
+        lr: f64,
+    ) -> Result<StepInfo>;
     /// The optimizer's state (buffers, counters, RNG state) as named tensors, for checkpoints.
     fn state(&self) -> Vec<(String, Tensor<T>)>;
     /// Restores state produced by [`Optimizer::state`].
@@ -210,7 +219,12 @@ pub fn global_norm<T: Scalar>(ts: &[Tensor<T>]) -> f64 {
     ts.iter().map(|t| t.dot(t)).sum::<f64>().sqrt()
 }
 
-pub(crate) fn check_hyper(name: &'static str, value: f64, ok: bool, why: &'static str) -> Result<()> {
+pub(crate) fn check_hyper(
+    name: &'static str,
+    value: f64,
+    ok: bool,
+    why: &'static str,
+) -> Result<()> {
     if ok && value.is_finite() {
         Ok(())
     } else {

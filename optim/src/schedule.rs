@@ -38,7 +38,12 @@ impl LrSchedule {
         check_hyper("--lr", base, base > 0.0, "must be > 0")?;
         if let Schedule::Step { every, gamma } = kind {
             check_hyper("--step-every", every as f64, every > 0, "must be > 0")?;
-            check_hyper("--step-gamma", gamma, gamma > 0.0 && gamma <= 1.0, "must be in (0, 1]")?;
+            check_hyper(
+                "--step-gamma",
+                gamma,
+                gamma > 0.0 && gamma <= 1.0,
+                "must be in (0, 1]",
+            )?;
         }
         Ok(LrSchedule {
             base,

@@ -17,10 +17,25 @@ pub struct Sgd<T> {
 impl<T: Scalar> Sgd<T> {
     /// SGD with momentum `μ ∈ [0, 1)`, optional Nesterov (needs μ > 0), weight decay `λ ≥ 0`.
     pub fn new(momentum: f64, nesterov: bool, weight_decay: f64) -> Result<Self> {
-        check_hyper("--momentum", momentum, (0.0..1.0).contains(&momentum), "must be in [0, 1)")?;
-        check_hyper("--weight-decay", weight_decay, weight_decay >= 0.0, "must be >= 0")?;
+        check_hyper(
+            "--momentum",
+            momentum,
+            (0.0..1.0).contains(&momentum),
+            "must be in [0, 1)",
+        )?;
+        check_hyper(
+            "--weight-decay",
+            weight_decay,
+            weight_decay >= 0.0,
+            "must be >= 0",
+        )?;
         if nesterov {
-            check_hyper("--momentum", momentum, momentum > 0.0, "Nesterov needs momentum > 0")?;
+            check_hyper(
+                "--momentum",
+                momentum,
+                momentum > 0.0,
+                "Nesterov needs momentum > 0",
+            )?;
         }
         Ok(Sgd {
             momentum,
@@ -59,7 +74,12 @@ impl<T: Scalar> Optimizer<T> for Sgd<T> {
         "sgd"
     }
 
-    fn step(&mut self, params: &mut [Tensor<T>], oracle: &mut dyn Oracle<T>, lr: f64) -> Result<StepInfo> {
+    fn step(
+        &mut self,
+        params: &mut [Tensor<T>],
+        oracle: &mut dyn Oracle<T>,
+        lr: f64,
+    ) -> Result<StepInfo> {
         let (loss, grads) = oracle.eval(params)?;
         let grad_norm = global_norm(&grads);
         self.apply(params, &grads, lr);

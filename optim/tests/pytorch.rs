@@ -10,7 +10,9 @@ fn run(opt: &mut dyn Optimizer<f64>, lr: f64) -> Vec<f64> {
     let mut params = vec![Tensor::from_vec(&[3], vec![0.5, -1.0, 2.0]).unwrap()];
     let mut oracle = |p: &[Tensor<f64>]| {
         let d = p[0].data();
-        let loss = (0..3).map(|i| 0.5 * A[i] * d[i] * d[i] + B[i] * d[i]).sum::<f64>();
+        let loss = (0..3)
+            .map(|i| 0.5 * A[i] * d[i] * d[i] + B[i] * d[i])
+            .sum::<f64>();
         let g = (0..3).map(|i| A[i] * d[i] + B[i]).collect();
         Ok((loss, vec![Tensor::from_vec(&[3], g).unwrap()]))
     };
@@ -22,16 +24,26 @@ fn run(opt: &mut dyn Optimizer<f64>, lr: f64) -> Vec<f64> {
 
 fn close(got: &[f64], want: &[f64]) {
     for (g, w) in got.iter().zip(want) {
-        assert!((g - w).abs() <= 1e-14 * w.abs().max(1.0), "{got:?} vs {want:?}");
+        assert!(
+            (g - w).abs() <= 1e-14 * w.abs().max(1.0),
+            "{got:?} vs {want:?}"
+        );
     }
 }
 
 #[test]
 fn sgd_matches_torch() {
-    close(&run(&mut Sgd::new(0.0, false, 0.0).unwrap(), 0.1), &[0.25429399999999996, -0.260448, 0.252947]);
+    close(
+        &run(&mut Sgd::new(0.0, false, 0.0).unwrap(), 0.1),
+        &[0.25429399999999996, -0.260448, 0.252947],
+    );
     close(
         &run(&mut Sgd::new(0.9, false, 0.01).unwrap(), 0.1),
-        &[-0.12106245547396059, 0.7415636998164211, -1.7349900940438323],
+        &[
+            -0.12106245547396059,
+            0.7415636998164211,
+            -1.7349900940438323,
+        ],
     );
     close(
         &run(&mut Sgd::new(0.9, true, 0.01).unwrap(), 0.1),
@@ -57,7 +69,12 @@ fn state_round_trip_continues_identically() {
     let mut pa = vec![Tensor::from_vec(&[3], full.clone()).unwrap()];
     let mut pb = pa.clone();
     let mut oracle = |p: &[Tensor<f64>]| {
-        let g = p[0].data().iter().enumerate().map(|(i, &x)| A[i] * x + B[i]).collect();
+        let g = p[0]
+            .data()
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| A[i] * x + B[i])
+            .collect();
         Ok((0.0, vec![Tensor::from_vec(&[3], g).unwrap()]))
     };
     for _ in 0..5 {
@@ -78,9 +95,13 @@ fn invalid_hyperparameters_name_the_flag() {
     assert!(e.contains("--momentum"), "{e}");
     let e = Sgd::<f64>::new(0.0, true, 0.0).unwrap_err().to_string();
     assert!(e.contains("Nesterov"), "{e}");
-    let e = AdamW::<f64>::new(0.9, 0.999, 0.0, 0.0).unwrap_err().to_string();
+    let e = AdamW::<f64>::new(0.9, 0.999, 0.0, 0.0)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("--eps"), "{e}");
-    let e = LrSchedule::new(-0.1, Schedule::Constant, 0, 10).unwrap_err().to_string();
+    let e = LrSchedule::new(-0.1, Schedule::Constant, 0, 10)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("--lr"), "{e}");
 }
 
@@ -91,7 +112,19 @@ fn schedules() {
     assert!((c.at(50) - 0.05).abs() < 1e-15);
     assert!(c.at(100).abs() < 1e-15);
     let w = LrSchedule::new(0.1, Schedule::Constant, 4, 100).unwrap();
-    assert_eq!([w.at(0), w.at(1), w.at(3), w.at(4)], [0.025, 0.05, 0.1, 0.1]);
-    let s = LrSchedule::new(1.0, Schedule::Step { every: 10, gamma: 0.5 }, 0, 100).unwrap();
+    assert_eq!(
+        [w.at(0), w.at(1), w.at(3), w.at(4)],
+        [0.025, 0.05, 0.1, 0.1]
+    );
+    let s = LrSchedule::new(
+        1.0,
+        Schedule::Step {
+            every: 10,
+            gamma: 0.5,
+        },
+        0,
+        100,
+    )
+    .unwrap();
     assert_eq!([s.at(9), s.at(10), s.at(25)], [1.0, 0.5, 0.25]);
 }

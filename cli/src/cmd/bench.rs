@@ -60,7 +60,11 @@ fn time(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
         })
         .collect();
     ms.sort_by(f64::total_cmp);
-    let median = if ms.len() % 2 == 1 { ms[ms.len() / 2] } else { 0.5 * (ms[ms.len() / 2 - 1] + ms[ms.len() / 2]) };
+    let median = if ms.len() % 2 == 1 {
+        ms[ms.len() / 2]
+    } else {
+        0.5 * (ms[ms.len() / 2 - 1] + ms[ms.len() / 2])
+    };
     (median, ms[0])
 }
 
@@ -93,7 +97,11 @@ fn measure(args: &BenchArgs) -> Result<()> {
             out["gflops"] = json!(w.flops() / (med * 1e6));
         }
         task => {
-            let k = if task == Task::HvpBatched { args.vectors } else { 1 };
+            let k = if task == Task::HvpBatched {
+                args.vectors
+            } else {
+                1
+            };
             let w = Workload::<f32>::new(&args.model, args.batch, k)?;
             let macs = layer_macs(w.model.arch(), args.batch);
             let (g_med, g_min) = time(args.reps, || {
@@ -129,7 +137,11 @@ fn measure(args: &BenchArgs) -> Result<()> {
             };
             out["median_ms"] = json!(med);
             out["min_ms"] = json!(min);
-            let items = if task == Task::HvpBatched { k as f64 } else { 1.0 };
+            let items = if task == Task::HvpBatched {
+                k as f64
+            } else {
+                1.0
+            };
             out["per_second"] = json!(items * 1e3 / med);
             out["gflops"] = json!(flops / (med * 1e6));
             if task != Task::Grad {
@@ -143,12 +155,22 @@ fn measure(args: &BenchArgs) -> Result<()> {
             println!("{name:<22} {med:>12.3} {min:>12.3}");
         }
         if let Some(r) = out.get("hvp_over_grad") {
-            println!("HVP / gradient (per direction): {:.3}", r.as_f64().unwrap_or(f64::NAN));
+            println!(
+                "HVP / gradient (per direction): {:.3}",
+                r.as_f64().unwrap_or(f64::NAN)
+            );
         }
         if let Some(r) = out.get("batched_over_singles") {
-            println!("batched / {} single HVPs: {:.3}", args.vectors, r.as_f64().unwrap_or(f64::NAN));
+            println!(
+                "batched / {} single HVPs: {:.3}",
+                args.vectors,
+                r.as_f64().unwrap_or(f64::NAN)
+            );
         }
-        println!("GFLOP/s (GEMM work): {:.1}", out["gflops"].as_f64().unwrap_or(f64::NAN));
+        println!(
+            "GFLOP/s (GEMM work): {:.1}",
+            out["gflops"].as_f64().unwrap_or(f64::NAN)
+        );
     }
     println!("{out}");
     Ok(())

@@ -25,7 +25,10 @@ const EVAL_BATCH: usize = 500;
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// A run folder (its model.safetensors is evaluated) or a safetensors checkpoint.
-    #[arg(value_name = "RUN_OR_CHECKPOINT", required_unless_present = "checkpoint")]
+    #[arg(
+        value_name = "RUN_OR_CHECKPOINT",
+        required_unless_present = "checkpoint"
+    )]
     pub target: Option<PathBuf>,
     /// The same as the positional argument, as a flag: `--checkpoint C`.
     #[arg(long, value_name = "C", conflicts_with = "target")]

@@ -22,7 +22,10 @@ pub fn parse_threads(s: &str) -> std::result::Result<usize, String> {
 
 /// Runs `f` in a rayon pool of `threads` workers, or in the global pool (which honours
 /// RAYON_NUM_THREADS) when `None`.
-pub fn with_threads<R: Send>(threads: Option<usize>, f: impl FnOnce() -> anyhow::Result<R> + Send) -> anyhow::Result<R> {
+pub fn with_threads<R: Send>(
+    threads: Option<usize>,
+    f: impl FnOnce() -> anyhow::Result<R> + Send,
+) -> anyhow::Result<R> {
     use anyhow::Context;
     match threads {
         Some(t) => rayon::ThreadPoolBuilder::new()

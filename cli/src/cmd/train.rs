@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use flatmin::data::{auto_candidates, resolve};
-use flatmin::train::{Outcome, Observer, Record, TrainConfig, Trainer, OPTIMIZER_FLAGS};
+use flatmin::train::{Observer, Outcome, Record, TrainConfig, Trainer, OPTIMIZER_FLAGS};
 use flatmin_datasets::Element;
 use flatmin_engine::Scalar;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -161,16 +161,50 @@ impl TrainArgs {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
-                serde_json::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("--config {}: not a flatmin run configuration: {e}", path.display()))?
+                serde_json::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--config {}: not a flatmin run configuration: {e}",
+                        path.display()
+                    )
+                })?
             }
             None => TrainConfig::default(),
         };
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
         }
-        set!(model, optimizer, lr, momentum, weight_decay, schedule, step_every, step_gamma, warmup, epochs, batch_size, train_size, test_size, seed, dtype, eval_every, checkpoint_every, data, on_nonfinite);
-        set!(rho, probe_batch, probe_data, label_noise, m_sharpness, asam_eta, t_gd, output_iterate, zero_grad_xi);
+        set!(
+            model,
+            optimizer,
+            lr,
+            momentum,
+            weight_decay,
+            schedule,
+            step_every,
+            step_gamma,
+            warmup,
+            epochs,
+            batch_size,
+            train_size,
+            test_size,
+            seed,
+            dtype,
+            eval_every,
+            checkpoint_every,
+            data,
+            on_nonfinite
+        );
+        set!(
+            rho,
+            probe_batch,
+            probe_data,
+            label_noise,
+            m_sharpness,
+            asam_eta,
+            t_gd,
+            output_iterate,
+            zero_grad_xi
+        );
         if self.eta_prime.is_some() {
             c.eta_prime = self.eta_prime;
         }
@@ -186,7 +220,11 @@ impl TrainArgs {
         for flag in self.optimizer_flags() {
             if let Some((_, opts)) = OPTIMIZER_FLAGS.iter().find(|(f, _)| *f == flag) {
                 if !opts.contains(&c.optimizer.as_str()) {
-                    bail!("{flag} applies to --optimizer {} only, not {}", opts.join(", "), c.optimizer);
+                    bail!(
+                        "{flag} applies to --optimizer {} only, not {}",
+                        opts.join(", "),
+                        c.optimizer
+                    );
                 }
             }
         }
@@ -221,7 +259,10 @@ impl TrainArgs {
             probe_data => "--probe-data", label_noise => "--label-noise", m_sharpness => "--m-sharpness",
             asam_eta => "--asam-eta", t_gd => "--t-gd", output_iterate => "--output-iterate",
             zero_grad_xi => "--zero-grad-xi");
-        for (set, flag) in [(self.project, "--project"), (self.no_project, "--no-project")] {
+        for (set, flag) in [
+            (self.project, "--project"),
+            (self.no_project, "--no-project"),
+        ] {
             if set {
                 v.push(flag);
             }
@@ -245,7 +286,12 @@ impl TrainArgs {
         if self.overwrite {
             v.push("--overwrite");
         }
-        for (set, flag) in [(self.nesterov, "--nesterov"), (self.no_nesterov, "--no-nesterov"), (self.augment, "--augment"), (self.no_augment, "--no-augment")] {
+        for (set, flag) in [
+            (self.nesterov, "--nesterov"),
+            (self.no_nesterov, "--no-nesterov"),
+            (self.augment, "--augment"),
+            (self.no_augment, "--no-augment"),
+        ] {
             if set {
                 v.push(flag);
             }
@@ -256,7 +302,17 @@ impl TrainArgs {
 
 /// A fresh default run folder name: `runs/MODEL-OPTIMIZER-sSEED`, numbered if taken.
 fn default_out(cfg: &TrainConfig) -> PathBuf {
-    let model: String = cfg.model.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    let model: String = cfg
+        .model
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     let base = Path::new("runs").join(format!("{model}-{}-s{}", cfg.optimizer, cfg.seed));
     let mut p = base.clone();
     let mut i = 2;
@@ -277,7 +333,11 @@ fn dispatch(args: &TrainArgs) -> Result<()> {
         Some(dir) => {
             let flags = args.recipe_flags();
             if !flags.is_empty() {
-                bail!("--resume takes the recipe from {}/config.json; drop {}", dir.display(), flags.join(", "));
+                bail!(
+                    "--resume takes the recipe from {}/config.json; drop {}",
+                    dir.display(),
+                    flags.join(", ")
+                );
             }
             let cfg = flatmin::train::RunDir::open(dir)?.config()?;
             (cfg, Some(dir.clone()))
@@ -291,8 +351,14 @@ fn dispatch(args: &TrainArgs) -> Result<()> {
     let data_spec = args.data.clone().unwrap_or_else(|| cfg.data.clone());
     let data = resolve(&data_spec, cfg.seed)?;
     if data.synthetic && data_spec != "synthetic" {
-        let looked: Vec<String> = auto_candidates().iter().map(|p| p.display().to_string()).collect();
-        eprintln!("warning: no CIFAR-10 found (looked in {}).", looked.join(", "));
+        let looked: Vec<String> = auto_candidates()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        eprintln!(
+            "warning: no CIFAR-10 found (looked in {}).",
+            looked.join(", ")
+        );
         eprintln!("warning: training on the built-in SYNTHETIC dataset instead; accuracies are not CIFAR-10 accuracies.");
         eprintln!("warning: get CIFAR-10 with `flatmin data fetch cifar10`, or pass --data DIR / set FLATMIN_DATA.");
     }
@@ -347,7 +413,12 @@ fn train<T: Scalar + Element>(
             dir.display()
         );
     }
-    let last = trainer.run_dir().records()?.into_iter().rev().find(|r| r.kind == "eval");
+    let last = trainer
+        .run_dir()
+        .records()?
+        .into_iter()
+        .rev()
+        .find(|r| r.kind == "eval");
     if let Some(r) = last {
         println!(
             "done: test accuracy {:.2}%, test loss {:.4}, train accuracy {:.2}% (epoch {}) — run folder {}",
@@ -434,7 +505,10 @@ impl Observer for Progress {
             b.set_prefix(format!("epoch {} step {}", r.epoch + 1, r.step));
             b.set_position(r.step as u64);
             b.set_message(msg);
-        } else if self.plain && (self.last_line.elapsed().as_secs_f64() >= 10.0 || r.step.is_multiple_of(self.steps_per_epoch)) {
+        } else if self.plain
+            && (self.last_line.elapsed().as_secs_f64() >= 10.0
+                || r.step.is_multiple_of(self.steps_per_epoch))
+        {
             println!("epoch {} step {}: {msg}", r.epoch + 1, r.step);
             self.last_line = Instant::now();
         }

@@ -138,7 +138,18 @@ impl Default for TrainConfig {
 }
 
 /// Optimizer names `flatmin train --optimizer` accepts.
-pub const OPTIMIZERS: [&str; 10] = ["sgd", "adamw", "sam", "asam", "usam", "sam1", "rps", "label-noise", "rs", "sa"];
+pub const OPTIMIZERS: [&str; 10] = [
+    "sgd",
+    "adamw",
+    "sam",
+    "asam",
+    "usam",
+    "sam1",
+    "rps",
+    "label-noise",
+    "rs",
+    "sa",
+];
 
 /// Optimizer-specific flags and the optimizers that use them (giving one to another optimizer
 /// is an error rather than silently ignored).
@@ -175,14 +186,21 @@ impl TrainConfig {
             bail!("--weight-decay must be >= 0, got {}", self.weight_decay);
         }
         if !OPTIMIZERS.contains(&self.optimizer.as_str()) {
-            bail!("--optimizer: unknown optimizer '{}' (one of {})", self.optimizer, OPTIMIZERS.join(", "));
+            bail!(
+                "--optimizer: unknown optimizer '{}' (one of {})",
+                self.optimizer,
+                OPTIMIZERS.join(", ")
+            );
         }
         if self.nesterov && self.optimizer != "adamw" && self.momentum == 0.0 {
             bail!("--nesterov needs --momentum > 0");
         }
         self.validate_perturbation()?;
         if !["constant", "cosine", "step"].contains(&self.schedule.as_str()) {
-            bail!("--schedule: unknown schedule '{}' (constant, cosine or step)", self.schedule);
+            bail!(
+                "--schedule: unknown schedule '{}' (constant, cosine or step)",
+                self.schedule
+            );
         }
         if self.schedule == "step" {
             if self.step_every == 0 {
@@ -192,13 +210,20 @@ impl TrainConfig {
                 bail!("--step-gamma must be in (0, 1], got {}", self.step_gamma);
             }
         }
-        for (flag, v) in [("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--eval-every", self.eval_every)] {
+        for (flag, v) in [
+            ("--epochs", self.epochs),
+            ("--batch-size", self.batch_size),
+            ("--eval-every", self.eval_every),
+        ] {
             if v == 0 {
                 bail!("{flag} must be at least 1");
             }
         }
         if !["stop", "skip-step"].contains(&self.on_nonfinite.as_str()) {
-            bail!("--on-nonfinite must be stop or skip-step, got '{}'", self.on_nonfinite);
+            bail!(
+                "--on-nonfinite must be stop or skip-step, got '{}'",
+                self.on_nonfinite
+            );
         }
         if !["f32", "f64"].contains(&self.dtype.as_str()) {
             bail!("--dtype must be f32 or f64, got '{}'", self.dtype);
@@ -238,10 +263,16 @@ impl TrainConfig {
             }
         }
         if uses("--probe-data") && !["same", "fresh"].contains(&self.probe_data.as_str()) {
-            bail!("--probe-data must be same or fresh, got '{}'", self.probe_data);
+            bail!(
+                "--probe-data must be same or fresh, got '{}'",
+                self.probe_data
+            );
         }
         if uses("--output-iterate") && !["last", "random"].contains(&self.output_iterate.as_str()) {
-            bail!("--output-iterate must be last or random, got '{}'", self.output_iterate);
+            bail!(
+                "--output-iterate must be last or random, got '{}'",
+                self.output_iterate
+            );
         }
         if uses("--label-noise") && !(self.label_noise > 0.0 && self.label_noise <= 1.0) {
             bail!("--label-noise must be in (0, 1], got {}", self.label_noise);
@@ -250,7 +281,10 @@ impl TrainConfig {
             bail!("--asam-eta must be >= 0, got {}", self.asam_eta);
         }
         if uses("--zero-grad-xi") && !(self.zero_grad_xi.is_finite() && self.zero_grad_xi > 0.0) {
-            bail!("--zero-grad-xi must be a positive number, got {}", self.zero_grad_xi);
+            bail!(
+                "--zero-grad-xi must be a positive number, got {}",
+                self.zero_grad_xi
+            );
         }
         Ok(())
     }

@@ -17,8 +17,9 @@ use flatmin_models::model::float_raw;
 use flatmin_models::{BnUse, Model};
 use flatmin_optim::rng::derive_seed;
 use flatmin_optim::{
-    corrupt_labels, AdamW, EtaPrime, LabelNoise, LabelNoiseSgd, LrSchedule, OptimError, Optimizer, Oracle, OutputIterate, Probe,
-    ProbeData, ProbeSpec, Rps, Rs, RsConfig, Sa, SaConfig, Sam, Sam1, SamVariant, Schedule, Sgd,
+    corrupt_labels, AdamW, EtaPrime, LabelNoise, LabelNoiseSgd, LrSchedule, OptimError, Optimizer,
+    Oracle, OutputIterate, Probe, ProbeData, ProbeSpec, Rps, Rs, RsConfig, Sa, SaConfig, Sam, Sam1,
+    SamVariant, Schedule, Sgd,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -78,22 +79,58 @@ const FRESH_BATCH_SEED_TAG: u64 = 0x6672_6573;
 /// The optimizer of a run of `total_steps` steps. Perturbation methods draw from a seed
 /// derived from `--seed`; every SGD-based one takes `--momentum`, `--nesterov` and
 /// `--weight-decay` (see each optimizer's documentation for how they compose).
-fn build_optimizer<T: Scalar>(cfg: &TrainConfig, total_steps: usize) -> Result<Box<dyn Optimizer<T>>> {
+fn build_optimizer<T: Scalar>(
+    cfg: &TrainConfig,
+    total_steps: usize,
+) -> Result<Box<dyn Optimizer<T>>> {
     let (mu, nesterov, wd) = (cfg.momentum, cfg.nesterov, cfg.weight_decay);
     let seed = derive_seed(cfg.seed, OPTIMIZER_SEED_TAG);
     let probe = |default: Option<usize>| ProbeSpec {
-        size: if cfg.probe_batch == 0 { default } else { Some(cfg.probe_batch) },
-        data: if cfg.probe_data == "fresh" { ProbeData::Fresh } else { ProbeData::Same },
+        size: if cfg.probe_batch == 0 {
+            default
+        } else {
+            Some(cfg.probe_batch)
+        },
+        data: if cfg.probe_data == "fresh" {
+            ProbeData::Fresh
+        } else {
+            ProbeData::Same
+        },
     };
     let eta_prime = cfg.eta_prime.map_or(EtaPrime::SameAsLr, EtaPrime::Fixed);
-    let output = if cfg.output_iterate == "random" { OutputIterate::Random } else { OutputIterate::Last };
+    let output = if cfg.output_iterate == "random" {
+        OutputIterate::Random
+    } else {
+        OutputIterate::Last
+    };
     let m = (cfg.m_sharpness > 0).then_some(cfg.m_sharpness);
     Ok(match cfg.optimizer.as_str() {
         "sgd" => Box::new(Sgd::new(mu, nesterov, wd)?),
         "adamw" => Box::new(AdamW::new(cfg.beta1, cfg.beta2, cfg.eps, wd)?),
-        "sam" => Box::new(Sam::new(cfg.rho, SamVariant::Normalized, m, mu, nesterov, wd)?),
-        "usam" => Box::new(Sam::new(cfg.rho, SamVariant::Unnormalized, m, mu, nesterov, wd)?),
-        "asam" => Box::new(Sam::new(cfg.rho, SamVariant::Adaptive { eta: cfg.asam_eta }, m, mu, nesterov, wd)?),
+        "sam" => Box::new(Sam::new(
+            cfg.rho,
+            SamVariant::Normalized,
+            m,
+            mu,
+            nesterov,
+            wd,
+        )?),
+        "usam" => Box::new(Sam::new(
+            cfg.rho,
+            SamVariant::Unnormalized,
+            m,
+            mu,
+            nesterov,
+            wd,
+        )?),
+        "asam" => Box::new(Sam::new(
+            cfg.rho,
+            SamVariant::Adaptive { eta: cfg.asam_eta },
+            m,
+            mu,
+            nesterov,
+            wd,
+        )?),
         "sam1" => Box::new(Sam1::new(cfg.rho, probe(Some(1)), mu, nesterov, wd, seed)?),
         "rps" => Box::new(Rps::new(cfg.rho, mu, nesterov, wd, seed)?),
         "label-noise" => Box::new(LabelNoiseSgd::new(cfg.label_noise, mu, nesterov, wd, seed)?),
@@ -112,7 +149,10 @@ fn build_optimizer<T: Scalar>(cfg: &TrainConfig, total_steps: usize) -> Result<B
         })?),
         "sa" => {
             if cfg.t_gd >= total_steps {
-                bail!("--t-gd {} leaves no perturbed steps: the run has {total_steps} steps", cfg.t_gd);
+                bail!(
+                    "--t-gd {} leaves no perturbed steps: the run has {total_steps} steps",
+                    cfg.t_gd
+                );
             }
             Box::new(Sa::new(SaConfig {
                 rho: cfg.rho,
@@ -177,7 +217,8 @@ impl<T: Scalar + Element> Trainer<T> {
     pub fn resume(dir: &Path, data: DataSource) -> Result<Self> {
         let run = RunDir::open(dir)?;
         let cfg = run.config()?;
-        cfg.validate().with_context(|| format!("{}: config.json", dir.display()))?;
+        cfg.validate()
+            .with_context(|| format!("{}: config.json", dir.display()))?;
         let mut t = Self::assemble(cfg, data, run)?;
         if let Some(ckpt) = t.run.last_checkpoint() {
             t.load_checkpoint(&ckpt)?;
@@ -189,9 +230,20 @@ impl<T: Scalar + Element> Trainer<T> {
     fn assemble(cfg: TrainConfig, data: DataSource, run: RunDir) -> Result<Self> {
         let train = subset(data.train, cfg.train_size, cfg.seed, "--train-size")?;
         let test = subset(data.test, cfg.test_size, cfg.seed ^ 0x7e57, "--test-size")?;
-        let augment = if cfg.augment { Augment::standard() } else { Augment::none() };
-        let loader = Loader::new(Arc::new(train), cfg.batch_size, true, false, augment, cfg.seed)
-            .context("--batch-size")?;
+        let augment = if cfg.augment {
+            Augment::standard()
+        } else {
+            Augment::none()
+        };
+        let loader = Loader::new(
+            Arc::new(train),
+            cfg.batch_size,
+            true,
+            false,
+            augment,
+            cfg.seed,
+        )
+        .context("--batch-size")?;
         let model = Model::<T>::named(&cfg.model, cfg.seed)?;
         let params = model.params_cloned();
         let bpe = loader.batches_per_epoch();
@@ -258,7 +310,11 @@ impl<T: Scalar + Element> Trainer<T> {
 
     /// Like [`Trainer::run`], but after each step asks `stop(step)`; when it says yes, writes
     /// a checkpoint at that step (resumable mid-epoch) and returns `Stopped`.
-    pub fn run_until(&mut self, obs: &mut dyn Observer, stop: &dyn Fn(usize) -> bool) -> Result<Outcome> {
+    pub fn run_until(
+        &mut self,
+        obs: &mut dyn Observer,
+        stop: &dyn Fn(usize) -> bool,
+    ) -> Result<Outcome> {
         let bpe = self.loader.batches_per_epoch();
         let total = self.cfg.epochs * bpe;
         obs.on_start(self.step, total, bpe);
@@ -274,10 +330,18 @@ impl<T: Scalar + Element> Trainer<T> {
                 let (info, correct) = match self.train_step(&x, &mb.labels, lr) {
                     Ok(r) => r,
                     Err(e) => match e.downcast_ref::<OptimError>() {
-                        Some(OptimError::NonFinite(what)) if self.cfg.on_nonfinite == "skip-step" => {
+                        Some(OptimError::NonFinite(what))
+                            if self.cfg.on_nonfinite == "skip-step" =>
+                        {
                             // The batch is consumed; parameters and optimizer state stay.
                             self.step += 1;
-                            let mut rec = Record::skipped(epoch, self.step, lr, what, started.elapsed().as_secs_f64());
+                            let mut rec = Record::skipped(
+                                epoch,
+                                self.step,
+                                lr,
+                                what,
+                                started.elapsed().as_secs_f64(),
+                            );
                             rec.extra.insert("skipped".into(), 1.0);
                             self.run.append(&rec)?;
                             obs.on_step(&rec);
@@ -287,7 +351,9 @@ impl<T: Scalar + Element> Trainer<T> {
                             let kept = self
                                 .run
                                 .last_checkpoint()
-                                .map(|p| format!("the last good checkpoint {} is kept", p.display()))
+                                .map(|p| {
+                                    format!("the last good checkpoint {} is kept", p.display())
+                                })
                                 .unwrap_or_else(|| "no checkpoint was written yet".into());
                             bail!(
                                 "training diverged: non-finite {what} at step {} (epoch {}); stopped, {kept}; lower --lr or use --on-nonfinite skip-step",
@@ -348,7 +414,8 @@ impl<T: Scalar + Element> Trainer<T> {
                 obs.on_eval(&rec);
             }
             self.epoch_sums = (0.0, 0, 0);
-            let keep = self.cfg.checkpoint_every > 0 && done.is_multiple_of(self.cfg.checkpoint_every);
+            let keep =
+                self.cfg.checkpoint_every > 0 && done.is_multiple_of(self.cfg.checkpoint_every);
             let path = self.checkpoint(keep.then_some(done))?;
             obs.on_checkpoint(&path);
             if self.step < total && stop(self.step) {
@@ -366,7 +433,13 @@ impl<T: Scalar + Element> Trainer<T> {
         let best = evals
             .iter()
             .filter_map(|r| r.test_acc.map(|a| (a, r.epoch)))
-            .fold(None, |b: Option<(f64, usize)>, x| if b.is_none_or(|b| x.0 > b.0) { Some(x) } else { b });
+            .fold(None, |b: Option<(f64, usize)>, x| {
+                if b.is_none_or(|b| x.0 > b.0) {
+                    Some(x)
+                } else {
+                    b
+                }
+            });
         let summary = serde_json::json!({
             "model": self.cfg.model,
             "optimizer": self.cfg.optimizer,
@@ -390,7 +463,12 @@ impl<T: Scalar + Element> Trainer<T> {
     /// statistics; any further evaluation in the same step (at a perturbed point, on a
     /// sub-batch or a fresh batch) uses its own batch statistics and leaves the running
     /// statistics alone. See [`StepOracle`].
-    fn train_step(&mut self, x: &Tensor<T>, labels: &[usize], lr: f64) -> Result<(flatmin_optim::StepInfo, usize)> {
+    fn train_step(
+        &mut self,
+        x: &Tensor<T>,
+        labels: &[usize],
+        lr: f64,
+    ) -> Result<(flatmin_optim::StepInfo, usize)> {
         let mut oracle = StepOracle {
             model: &mut self.model,
             x,
@@ -447,8 +525,13 @@ impl<T: Scalar + Element> Trainer<T> {
         let (mut model_part, mut opt_part, mut trainer_part) = (Vec::new(), Vec::new(), Vec::new());
         for t in raw {
             if let Some(n) = t.name.strip_prefix("optimizer/") {
-                let v = t.data.to_f64().with_context(|| format!("{}: optimizer tensor '{n}' is not float", path.display()))?;
-                opt_part.push((n.to_string(), Tensor::from_vec(&t.shape, v.into_iter().map(T::c).collect())?));
+                let v = t.data.to_f64().with_context(|| {
+                    format!("{}: optimizer tensor '{n}' is not float", path.display())
+                })?;
+                opt_part.push((
+                    n.to_string(),
+                    Tensor::from_vec(&t.shape, v.into_iter().map(T::c).collect())?,
+                ));
             } else if t.name.starts_with("trainer/") {
                 trainer_part.push(t);
             } else {
@@ -470,13 +553,19 @@ impl<T: Scalar + Element> Trainer<T> {
         let int = |name: &str| -> Result<u64> {
             match get(name)? {
                 RawData::I64(v) if v.len() == 1 && v[0] >= 0 => Ok(v[0] as u64),
-                _ => bail!("{}: tensor 'trainer/{name}' is not a non-negative int64 scalar", path.display()),
+                _ => bail!(
+                    "{}: tensor 'trainer/{name}' is not a non-negative int64 scalar",
+                    path.display()
+                ),
             }
         };
         self.step = int("step")? as usize;
         let loss_sum = match get("epoch_loss_sum")? {
             RawData::F64(v) if v.len() == 1 => v[0],
-            _ => bail!("{}: tensor 'trainer/epoch_loss_sum' is not an f64 scalar", path.display()),
+            _ => bail!(
+                "{}: tensor 'trainer/epoch_loss_sum' is not an f64 scalar",
+                path.display()
+            ),
         };
         self.epoch_sums = (loss_sum, int("epoch_correct")?, int("epoch_seen")?);
         Ok(())
@@ -516,11 +605,18 @@ const CLASSES: usize = 10;
 impl<T: Scalar + Element> StepOracle<'_, T> {
     /// Evaluates at `p` on images `x` with `labels`; `step_batch` says whether this is the
     /// step's batch (the only place a first evaluation may happen).
-    fn run(&mut self, p: &[Tensor<T>], x: &Tensor<T>, labels: &[usize], step_batch: bool) -> flatmin_optim::Result<(T, Vec<Tensor<T>>)> {
+    fn run(
+        &mut self,
+        p: &[Tensor<T>],
+        x: &Tensor<T>,
+        labels: &[usize],
+        step_batch: bool,
+    ) -> flatmin_optim::Result<(T, Vec<Tensor<T>>)> {
         let first = self.calls == 0;
         if first && !step_batch {
             return Err(OptimError::Oracle(
-                "the first evaluation of a step must be on the step's batch (BatchNorm rule)".into(),
+                "the first evaluation of a step must be on the step's batch (BatchNorm rule)"
+                    .into(),
             ));
         }
         let refs: Vec<&Tensor<T>> = p.iter().collect();
@@ -549,7 +645,9 @@ impl<T: Scalar + Element> StepOracle<'_, T> {
     fn gather(&self, indices: &[usize]) -> flatmin_optim::Result<(Tensor<T>, Vec<usize>)> {
         let n = self.labels.len();
         if indices.is_empty() || indices.iter().any(|&i| i >= n) {
-            return Err(OptimError::Oracle(format!("sub-batch positions out of range for a batch of {n}")));
+            return Err(OptimError::Oracle(format!(
+                "sub-batch positions out of range for a batch of {n}"
+            )));
         }
         let row = self.x.numel() / n;
         let mut data = Vec::with_capacity(indices.len() * row);
@@ -570,13 +668,25 @@ impl<T: Scalar + Element> StepOracle<'_, T> {
             }
         }
         let records = self.loader.records();
-        let loader = Loader::new(self.loader.data().clone(), size, true, true, self.loader.augment(), self.fresh_seed)
-            .map_err(|_| OptimError::Oracle(format!("--probe-batch {size}: a fresh batch needs at most the {records} training images")))?;
+        let loader = Loader::new(
+            self.loader.data().clone(),
+            size,
+            true,
+            true,
+            self.loader.augment(),
+            self.fresh_seed,
+        )
+        .map_err(|_| {
+            OptimError::Oracle(format!(
+                "--probe-batch {size}: a fresh batch needs at most the {records} training images"
+            ))
+        })?;
         let bpe = loader.batches_per_epoch();
         let mb = loader
             .batch::<T>(self.step / bpe, self.step % bpe)
             .ok_or_else(|| OptimError::Oracle("fresh batch out of range".into()))?;
-        let x = Tensor::from_vec(&mb.shape(), mb.x).map_err(|e| OptimError::Oracle(e.to_string()))?;
+        let x =
+            Tensor::from_vec(&mb.shape(), mb.x).map_err(|e| OptimError::Oracle(e.to_string()))?;
         self.fresh = Some((size, x.clone(), mb.labels.clone()));
         Ok((x, mb.labels))
     }
@@ -588,7 +698,11 @@ impl<T: Scalar + Element> Oracle<T> for StepOracle<'_, T> {
         self.run(p, x, labels, true)
     }
 
-    fn eval_on(&mut self, p: &[Tensor<T>], probe: &Probe) -> flatmin_optim::Result<(T, Vec<Tensor<T>>)> {
+    fn eval_on(
+        &mut self,
+        p: &[Tensor<T>],
+        probe: &Probe,
+    ) -> flatmin_optim::Result<(T, Vec<Tensor<T>>)> {
         match probe {
             Probe::Batch => self.eval(p),
             Probe::SubBatch { indices } => {
@@ -602,7 +716,11 @@ impl<T: Scalar + Element> Oracle<T> for StepOracle<'_, T> {
         }
     }
 
-    fn eval_noisy(&mut self, p: &[Tensor<T>], noise: &LabelNoise) -> flatmin_optim::Result<(T, Vec<Tensor<T>>)> {
+    fn eval_noisy(
+        &mut self,
+        p: &[Tensor<T>],
+        noise: &LabelNoise,
+    ) -> flatmin_optim::Result<(T, Vec<Tensor<T>>)> {
         let (noisy, _) = corrupt_labels(self.labels, CLASSES, noise);
         let x = self.x;
         self.run(p, x, &noisy, true)
@@ -639,7 +757,10 @@ pub fn evaluate<T: Scalar + Element>(model: &Model<T>, data: &Batch) -> Result<(
         let end = (start + EVAL_BATCH).min(data.len());
         let pixels = data.pixels[start * 3072..end * 3072].to_vec();
         let x = Tensor::from_vec(&[end - start, 3, 32, 32], T::from_pixels(pixels))?;
-        let labels: Vec<usize> = data.labels[start..end].iter().map(|&l| l as usize).collect();
+        let labels: Vec<usize> = data.labels[start..end]
+            .iter()
+            .map(|&l| l as usize)
+            .collect();
         let e = model.evaluate(&x, &labels, &[], BnUse::Eval, false)?;
         loss += e.loss.to_f64().unwrap_or(f64::NAN) * (end - start) as f64;
         correct += count_correct(&e.logits, &labels);

@@ -102,7 +102,15 @@ impl Record {
     }
 
     /// An evaluation record.
-    pub fn eval(epoch: usize, step: usize, train_loss: f64, train_acc: f64, test_loss: f64, test_acc: f64, wall_s: f64) -> Self {
+    pub fn eval(
+        epoch: usize,
+        step: usize,
+        train_loss: f64,
+        train_acc: f64,
+        test_loss: f64,
+        test_acc: f64,
+        wall_s: f64,
+    ) -> Self {
         Record {
             kind: "eval".into(),
             epoch,
@@ -197,12 +205,15 @@ impl RunDir {
         }
         std::fs::create_dir_all(root.join("checkpoints"))
             .with_context(|| format!("--out {}: cannot create the run folder", root.display()))?;
-        let run = RunDir { root: root.to_path_buf() };
+        let run = RunDir {
+            root: root.to_path_buf(),
+        };
         let json = serde_json::to_string_pretty(cfg)?;
         write_atomic(&run.root.join("config.json"), json.as_bytes())
             .with_context(|| format!("--out {}", root.display()))?;
         for name in ["metrics.jsonl", "metrics.csv"] {
-            File::create(run.root.join(name)).with_context(|| format!("--out {}: cannot write {name}", root.display()))?;
+            File::create(run.root.join(name))
+                .with_context(|| format!("--out {}: cannot write {name}", root.display()))?;
         }
         std::fs::write(run.root.join("metrics.csv"), format!("{CSV_HEADER}\n"))
             .with_context(|| format!("--out {}: cannot write metrics.csv", root.display()))?;
@@ -212,9 +223,14 @@ impl RunDir {
     /// Opens an existing run folder.
     pub fn open(root: &Path) -> Result<Self> {
         if !root.join("config.json").is_file() {
-            bail!("--resume {}: not a run folder (no config.json)", root.display());
+            bail!(
+                "--resume {}: not a run folder (no config.json)",
+                root.display()
+            );
         }
-        Ok(RunDir { root: root.to_path_buf() })
+        Ok(RunDir {
+            root: root.to_path_buf(),
+        })
     }
 
     /// The folder.
@@ -225,16 +241,24 @@ impl RunDir {
     /// Rewrites `config.json` with the recipe and the run's metadata.
     pub fn write_config(&self, cfg: &TrainConfig, meta: &RunMeta) -> Result<()> {
         let mut v = serde_json::to_value(cfg)?;
-        if let (Some(o), serde_json::Value::Object(m)) = (v.as_object_mut(), serde_json::to_value(meta)?) {
+        if let (Some(o), serde_json::Value::Object(m)) =
+            (v.as_object_mut(), serde_json::to_value(meta)?)
+        {
             o.extend(m);
         }
-        write_atomic(&self.root.join("config.json"), serde_json::to_string_pretty(&v)?.as_bytes())?;
+        write_atomic(
+            &self.root.join("config.json"),
+            serde_json::to_string_pretty(&v)?.as_bytes(),
+        )?;
         Ok(())
     }
 
     /// Writes `summary.json` (atomically).
     pub fn write_summary(&self, summary: &serde_json::Value) -> Result<()> {
-        write_atomic(&self.root.join("summary.json"), serde_json::to_string_pretty(summary)?.as_bytes())?;
+        write_atomic(
+            &self.root.join("summary.json"),
+            serde_json::to_string_pretty(summary)?.as_bytes(),
+        )?;
         Ok(())
     }
 
@@ -242,7 +266,8 @@ impl RunDir {
     pub fn config(&self) -> Result<TrainConfig> {
         let p = self.root.join("config.json");
         let text = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid run configuration", p.display()))
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid run configuration", p.display()))
     }
 
     /// Appends one record to `metrics.jsonl` and `metrics.csv`.
@@ -268,15 +293,21 @@ impl RunDir {
     /// run's files are byte-identical to an uninterrupted run's (no float re-formatting).
     pub fn truncate_metrics(&self, step: usize) -> Result<()> {
         let jsonl_path = self.root.join("metrics.jsonl");
-        let text = std::fs::read_to_string(&jsonl_path).with_context(|| jsonl_path.display().to_string())?;
+        let text = std::fs::read_to_string(&jsonl_path)
+            .with_context(|| jsonl_path.display().to_string())?;
         let mut kept_json = String::new();
         let mut kept_records = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let r: Record = serde_json::from_str(line)
-                .with_context(|| format!("{}: line {}: not a metrics record", jsonl_path.display(), i + 1))?;
+            let r: Record = serde_json::from_str(line).with_context(|| {
+                format!(
+                    "{}: line {}: not a metrics record",
+                    jsonl_path.display(),
+                    i + 1
+                )
+            })?;
             if r.step > step {
                 break;
             }
@@ -306,7 +337,13 @@ impl RunDir {
         let last = self.root.join("checkpoints").join("last.safetensors");
         write_safetensors(&last, raw)?;
         if let Some(e) = keep {
-            write_safetensors(&self.root.join("checkpoints").join(format!("epoch-{e:04}.safetensors")), raw)?;
+            write_safetensors(
+                &self
+                    .root
+                    .join("checkpoints")
+                    .join(format!("epoch-{e:04}.safetensors")),
+                raw,
+            )?;
         }
         Ok(last)
     }
@@ -333,10 +370,9 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
         if line.trim().is_empty() {
             continue;
         }
-        out.push(
-            serde_json::from_str(&line)
-                .with_context(|| format!("{}: line {}: not a metrics record", path.display(), i + 1))?,
-        );
+        out.push(serde_json::from_str(&line).with_context(|| {
+            format!("{}: line {}: not a metrics record", path.display(), i + 1)
+        })?);
     }
     Ok(out)
 }

@@ -168,18 +168,38 @@ mod tests {
     fn gemm_par_matches_naive_and_serial_bits() {
         for &(m, k, n) in &[(3, 5, 7), (300, 70, 20), (20, 70, 300), (257, 129, 190)] {
             let a: Vec<f64> = (0..m * k).map(|i| ((i * 7919) % 13) as f64 - 6.0).collect();
-            let b: Vec<f64> = (0..k * n).map(|i| ((i * 104_729) % 11) as f64 - 5.0).collect();
+            let b: Vec<f64> = (0..k * n)
+                .map(|i| ((i * 104_729) % 11) as f64 - 5.0)
+                .collect();
             let want = naive(&a, &b, m, k, n);
             let mut c1 = vec![f64::NAN; m * n];
-            gemm(1.0, MatRef::new(&a, m, k), MatRef::new(&b, k, n), 0.0, &mut c1);
+            gemm(
+                1.0,
+                MatRef::new(&a, m, k),
+                MatRef::new(&b, k, n),
+                0.0,
+                &mut c1,
+            );
             let mut c2 = vec![f64::NAN; m * n];
-            gemm_par(1.0, MatRef::new(&a, m, k), MatRef::new(&b, k, n), 0.0, &mut c2);
+            gemm_par(
+                1.0,
+                MatRef::new(&a, m, k),
+                MatRef::new(&b, k, n),
+                0.0,
+                &mut c2,
+            );
             assert_eq!(c1, want);
             assert_eq!(c2, want);
             // transposed views
             let at: Vec<f64> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
             let mut c3 = vec![0.0; m * n];
-            gemm_par(1.0, MatRef::new(&at, k, m).t(), MatRef::new(&b, k, n), 0.0, &mut c3);
+            gemm_par(
+                1.0,
+                MatRef::new(&at, k, m).t(),
+                MatRef::new(&b, k, n),
+                0.0,
+                &mut c3,
+            );
             assert_eq!(c3, want);
         }
     }

@@ -56,8 +56,5 @@ impl<T> SendPtr<T> {
 pub fn fixed_ranges(n: usize, max_chunks: usize) -> Vec<std::ops::Range<usize>> {
     let chunks = max_chunks.clamp(1, n.max(1));
     let size = n.div_ceil(chunks).max(1);
-    (0..n)
-        .step_by(size)
-        .map(|s| s..(s + size).min(n))
-        .collect()
+    (0..n).step_by(size).map(|s| s..(s + size).min(n)).collect()
 }

@@ -128,7 +128,10 @@ impl<T: Scalar> Unary<T> {
 
     /// False when φ'' vanishes everywhere, so the curvature term can be skipped.
     pub fn has_curvature(self) -> bool {
-        !matches!(self, Unary::Relu | Unary::AddScalar(_) | Unary::MulScalar(_))
+        !matches!(
+            self,
+            Unary::Relu | Unary::AddScalar(_) | Unary::MulScalar(_)
+        )
     }
 
     /// Parses an activation name (`relu`, `tanh`, `sigmoid`, `gelu`, `softplus`).
@@ -236,12 +239,7 @@ impl<T: Scalar> Tape<T> {
             let t = scale_blocks(xs.len(), k, &[(&d1, xt.data())]);
             Tensor::from_vec(xt.shape(), t).expect("tangent shape")
         });
-        Ok(self.push(
-            super::Op::Unary(UnaryOp { x: x.0, f }),
-            y,
-            tangent,
-            false,
-        ))
+        Ok(self.push(super::Op::Unary(UnaryOp { x: x.0, f }), y, tangent, false))
     }
 
     /// ReLU.

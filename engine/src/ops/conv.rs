@@ -85,7 +85,14 @@ fn gather<T: Scalar>(g: &ConvGeom, src: &[T], base: usize, ch: Chunk, buf: &mut 
 
 /// Scatters a `C_out x len·P` matrix to samples `ch` of the output at `dst` (sample `s` at
 /// `base + s * out_len`), adding `bias[c]` per channel when given.
-fn scatter<T: Scalar>(g: &ConvGeom, m: &[T], ch: Chunk, dst: SendPtr<T>, base: usize, bias: Option<&[T]>) {
+fn scatter<T: Scalar>(
+    g: &ConvGeom,
+    m: &[T],
+    ch: Chunk,
+    dst: SendPtr<T>,
+    base: usize,
+    bias: Option<&[T]>,
+) {
     let pl = g.positions();
     let ld = ch.len * pl;
     for j in 0..ch.len {
@@ -94,7 +101,10 @@ fn scatter<T: Scalar>(g: &ConvGeom, m: &[T], ch: Chunk, dst: SendPtr<T>, base: u
         let out = unsafe { dst.slice(off, g.out_len()) };
         for co in 0..g.c_out {
             let b = bias.map_or(T::zero(), |b| b[co]);
-            for (o, &v) in out[co * pl..(co + 1) * pl].iter_mut().zip(&m[co * ld + j * pl..]) {
+            for (o, &v) in out[co * pl..(co + 1) * pl]
+                .iter_mut()
+                .zip(&m[co * ld + j * pl..])
+            {
                 *o = v + b;
             }
         }
@@ -131,7 +141,9 @@ impl<T: Scalar> Tape<T> {
             detail,
         };
         if xs.len() != 4 || ws.len() != 4 {
-            return Err(bad(format!("need 4-D input and weight, got {xs:?} and {ws:?}")));
+            return Err(bad(format!(
+                "need 4-D input and weight, got {xs:?} and {ws:?}"
+            )));
         }
         if xs[1] != ws[1] {
             return Err(bad(format!("input channels {xs:?} vs weight {ws:?}")));
@@ -144,7 +156,11 @@ impl<T: Scalar> Tape<T> {
         if let Some(b) = b {
             self.check_var(b)?;
             if self.value(b).shape() != [ws[0]] {
-                return Err(bad(format!("bias {:?}, want [{}]", self.value(b).shape(), ws[0])));
+                return Err(bad(format!(
+                    "bias {:?}, want [{}]",
+                    self.value(b).shape(),
+                    ws[0]
+                )));
             }
         }
         let g = ConvGeom {
@@ -172,7 +188,13 @@ impl<T: Scalar> Tape<T> {
                 lower(&g, xv, 0, ch, cols);
                 let cols_len = ch.len * g.positions();
                 tmp.resize(g.c_out * cols_len, T::zero());
-                gemm(T::one(), wm, MatRef::new(cols, patch, cols_len), T::zero(), tmp);
+                gemm(
+                    T::one(),
+                    wm,
+                    MatRef::new(cols, patch, cols_len),
+                    T::zero(),
+                    tmp,
+                );
                 scatter(&g, tmp, ch, yp, 0, bias);
             },
         );
@@ -198,7 +220,8 @@ impl<T: Scalar> Tape<T> {
                         // Ẏ_k = Ẇ_k cols(X) + W cols(Ẋ_k) + ḃ_k
                         let mut beta = T::zero();
                         if let Some(wt) = wt {
-                            let wk = MatRef::new(&wt.data()[kk * wl..(kk + 1) * wl], g.c_out, patch);
+                            let wk =
+                                MatRef::new(&wt.data()[kk * wl..(kk + 1) * wl], g.c_out, patch);
                             gemm(T::one(), wk, MatRef::new(cols, patch, cols_len), beta, tmp);
                             beta = T::one();
                         }
@@ -283,13 +306,20 @@ impl<T: Scalar> Rule<T> for Conv2d {
                         for kk in 0..k {
                             let mut beta = T::zero();
                             if let Some(wt) = wt {
-                                let wk = MatRef::new(&wt.data()[kk * wl..(kk + 1) * wl], g.c_out, patch);
+                                let wk =
+                                    MatRef::new(&wt.data()[kk * wl..(kk + 1) * wl], g.c_out, patch);
                                 gemm(T::one(), wk.t(), gym, beta, tmp);
                                 beta = T::one();
                             }
                             if let Some(gd) = gdot {
                                 gather(&g, gd.data(), kk * out_all, ch, gdc);
-                                gemm(T::one(), wm.t(), MatRef::new(gdc, g.c_out, cols_len), beta, tmp);
+                                gemm(
+                                    T::one(),
+                                    wm.t(),
+                                    MatRef::new(gdc, g.c_out, cols_len),
+                                    beta,
+                                    tmp,
+                                );
                             }
                             col2im_chunk(tmp, dp, kk * in_all);
                         }
@@ -310,7 +340,8 @@ impl<T: Scalar> Rule<T> for Conv2d {
                 .par_iter()
                 .map(|r| {
                     let mut acc = vec![T::zero(); (1 + kd) * wl];
-                    let (mut cols, mut dcols, mut gyc, mut gdc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                    let (mut cols, mut dcols, mut gyc, mut gdc) =
+                        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
                     for &ch in &parts[r.clone()] {
                         let cols_len = ch.len * pl;
                         lower(&g, xv, 0, ch, &mut cols);
@@ -322,11 +353,23 @@ impl<T: Scalar> Rule<T> for Conv2d {
                             let dst = &mut acc[(1 + kk) * wl..(2 + kk) * wl];
                             if let Some(gd) = gdot {
                                 gather(&g, gd.data(), kk * out_all, ch, &mut gdc);
-                                gemm(T::one(), MatRef::new(&gdc[..], g.c_out, cols_len), cm.t(), T::one(), dst);
+                                gemm(
+                                    T::one(),
+                                    MatRef::new(&gdc[..], g.c_out, cols_len),
+                                    cm.t(),
+                                    T::one(),
+                                    dst,
+                                );
                             }
                             if let Some(xt) = xt {
                                 lower(&g, xt.data(), kk * in_all, ch, &mut dcols);
-                                gemm(T::one(), gym, MatRef::new(&dcols[..], patch, cols_len).t(), T::one(), dst);
+                                gemm(
+                                    T::one(),
+                                    gym,
+                                    MatRef::new(&dcols[..], patch, cols_len).t(),
+                                    T::one(),
+                                    dst,
+                                );
                             }
                         }
                     }

@@ -54,9 +54,27 @@ impl Binary {
     fn partials<T: Scalar>(self, a: T, b: T) -> Partials<T> {
         let (o, z) = (T::one(), T::zero());
         match self {
-            Binary::Add => Partials { a: o, b: o, aa: z, ab: z, bb: z },
-            Binary::Sub => Partials { a: o, b: -o, aa: z, ab: z, bb: z },
-            Binary::Mul => Partials { a: b, b: a, aa: z, ab: o, bb: z },
+            Binary::Add => Partials {
+                a: o,
+                b: o,
+                aa: z,
+                ab: z,
+                bb: z,
+            },
+            Binary::Sub => Partials {
+                a: o,
+                b: -o,
+                aa: z,
+                ab: z,
+                bb: z,
+            },
+            Binary::Mul => Partials {
+                a: b,
+                b: a,
+                aa: z,
+                ab: o,
+                bb: z,
+            },
             Binary::Div => {
                 let inv = o / b;
                 Partials {
@@ -252,12 +270,18 @@ impl<T: Scalar> Rule<T> for BinaryOp {
             }
             if self.bc.same {
                 // One output element per input element: no reduction, so run in parallel.
-                par_fill(grad.data_mut(), |i| g[i] * pick(&self.op.partials(av[i], bv[i])));
+                par_fill(grad.data_mut(), |i| {
+                    g[i] * pick(&self.op.partials(av[i], bv[i]))
+                });
                 if let Some(dot) = dot.as_mut() {
                     par_fill(dot.data_mut(), |j| {
                         let i = j % m;
                         let p = self.op.partials(av[i], bv[i]);
-                        let (second_a, second_b) = if side == 0 { (p.aa, p.ab) } else { (p.ab, p.bb) };
+                        let (second_a, second_b) = if side == 0 {
+                            (p.aa, p.ab)
+                        } else {
+                            (p.ab, p.bb)
+                        };
                         let mut v = T::zero();
                         if let Some(gdot) = gdot {
                             v = v + gdot.data()[j] * pick(&p);
@@ -283,7 +307,11 @@ impl<T: Scalar> Rule<T> for BinaryOp {
                 let ii = if side == 0 { ia } else { ib };
                 gd[ii] = gd[ii] + g[i] * pick(&p);
                 if let Some(dot) = dot.as_mut() {
-                    let (second_a, second_b) = if side == 0 { (p.aa, p.ab) } else { (p.ab, p.bb) };
+                    let (second_a, second_b) = if side == 0 {
+                        (p.aa, p.ab)
+                    } else {
+                        (p.ab, p.bb)
+                    };
                     let dd = dot.data_mut();
                     for kk in 0..k {
                         let mut v = T::zero();

@@ -64,7 +64,11 @@ impl<T: Scalar> Tape<T> {
         }
         let mut y = Tensor::zeros(zv.shape());
         let mut p = vec![T::zero(); classes];
-        for (zr, yr) in zv.data().chunks(classes).zip(y.data_mut().chunks_mut(classes)) {
+        for (zr, yr) in zv
+            .data()
+            .chunks(classes)
+            .zip(y.data_mut().chunks_mut(classes))
+        {
             let lse = softmax_row(zr, &mut p);
             for (yi, &zi) in yr.iter_mut().zip(zr) {
                 *yi = zi - lse;
@@ -75,14 +79,22 @@ impl<T: Scalar> Tape<T> {
             let rows = zv.numel() / classes;
             for (r, tr) in t.data_mut().chunks_mut(classes).enumerate() {
                 let yr = &y.data()[(r % rows) * classes..(r % rows + 1) * classes];
-                let pz = yr.iter().zip(tr.iter()).fold(T::zero(), |s, (&l, &v)| s + l.exp() * v);
+                let pz = yr
+                    .iter()
+                    .zip(tr.iter())
+                    .fold(T::zero(), |s, (&l, &v)| s + l.exp() * v);
                 for v in tr.iter_mut() {
                     *v = *v - pz;
                 }
             }
             t
         });
-        Ok(self.push(Op::LogSoftmax(LogSoftmax { z: z.0, classes }), y, tangent, false))
+        Ok(self.push(
+            Op::LogSoftmax(LogSoftmax { z: z.0, classes }),
+            y,
+            tangent,
+            false,
+        ))
     }
 
     /// Mean cross-entropy of logits `[N, C]` against integer labels (one per row).
@@ -218,8 +230,8 @@ impl<T: Scalar> Rule<T> for CrossEntropy<T> {
         for (r, &l) in self.labels.iter().enumerate() {
             resid[r * c + l] = resid[r * c + l] - T::one();
         }
-        let g = Tensor::from_vec(&[n, c], resid.iter().map(|&v| v * gbar).collect())
-            .expect("ce grad");
+        let g =
+            Tensor::from_vec(&[n, c], resid.iter().map(|&v| v * gbar).collect()).expect("ce grad");
         let k = tape.directions();
         let zt = zn.tangent.as_ref();
         let dot = (gdot.is_some() || zt.is_some()).then(|| {

@@ -69,21 +69,30 @@ fn sample_major<T: Scalar>(src: &[T], k: usize, rows: usize, cols: usize) -> Vec
 
 /// `dst[k][r][c] (+)= src[r][k][c]`: adds (or with `accumulate = false`, writes) a
 /// sample-major `[rows, K, cols]` block into a direction-major `[K, rows, cols]` one.
-fn add_direction_major<T: Scalar>(dst: &mut [T], src: &[T], k: usize, rows: usize, cols: usize, accumulate: bool) {
+fn add_direction_major<T: Scalar>(
+    dst: &mut [T],
+    src: &[T],
+    k: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) {
     use rayon::prelude::*;
-    dst.par_chunks_mut(rows * cols).enumerate().for_each(|(kk, block)| {
-        for r in 0..rows {
-            let from = &src[(r * k + kk) * cols..][..cols];
-            let to = &mut block[r * cols..(r + 1) * cols];
-            if accumulate {
-                for (t, &f) in to.iter_mut().zip(from) {
-                    *t = *t + f;
+    dst.par_chunks_mut(rows * cols)
+        .enumerate()
+        .for_each(|(kk, block)| {
+            for r in 0..rows {
+                let from = &src[(r * k + kk) * cols..][..cols];
+                let to = &mut block[r * cols..(r + 1) * cols];
+                if accumulate {
+                    for (t, &f) in to.iter_mut().zip(from) {
+                        *t = *t + f;
+                    }
+                } else {
+                    to.copy_from_slice(from);
                 }
-            } else {
-                to.copy_from_slice(from);
             }
-        }
-    });
+        });
 }
 
 /// Column sums of `g` (`[rows, n]`), in row order.
@@ -103,12 +112,19 @@ impl<T: Scalar> Tape<T> {
         self.check_var(a)?;
         self.check_var(b)?;
         let (sa, sb) = (self.value(a).shape(), self.value(b).shape());
-        let bad = |detail: String| EngineError::Shape { op: op_name, detail };
+        let bad = |detail: String| EngineError::Shape {
+            op: op_name,
+            detail,
+        };
         if sa.len() != 2 || sb.len() != 2 {
             return Err(bad(format!("need 2-D operands, got {sa:?} and {sb:?}")));
         }
         let (m, kd) = (sa[0], sa[1]);
-        let (kb, n) = if trans_b { (sb[1], sb[0]) } else { (sb[0], sb[1]) };
+        let (kb, n) = if trans_b {
+            (sb[1], sb[0])
+        } else {
+            (sb[0], sb[1])
+        };
         if kb != kd {
             return Err(bad(format!("inner dimensions differ: {sa:?} and {sb:?}")));
         }
@@ -164,7 +180,13 @@ impl<T: Scalar> Tape<T> {
                     // All K directions in one GEMM: A [m, kd] × [Ḃ_1; …; Ḃ_K]ᵀ → [m, K, n].
                     let mut tmp = vec![T::zero(); m * k * n];
                     let stacked = MatRef::new(bt.data(), k * n, kd).t();
-                    gemm_par(T::one(), MatRef::new(av, m, kd), stacked, T::zero(), &mut tmp);
+                    gemm_par(
+                        T::one(),
+                        MatRef::new(av, m, kd),
+                        stacked,
+                        T::zero(),
+                        &mut tmp,
+                    );
                     add_direction_major(td, &tmp, k, m, n, at.is_some());
                 } else {
                     let bl = kd * n;

@@ -100,7 +100,10 @@ impl<T: Scalar> Tape<T> {
         let (n, c, hw) = (xs[0], xs[1], xs[2] * xs[3]);
         for v in [gamma, beta] {
             if self.value(v).shape() != [c] {
-                return Err(bad(format!("affine parameter {:?}, want [{c}]", self.value(v).shape())));
+                return Err(bad(format!(
+                    "affine parameter {:?}, want [{c}]",
+                    self.value(v).shape()
+                )));
             }
         }
         let m = n * hw;

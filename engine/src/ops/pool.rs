@@ -95,7 +95,12 @@ impl<T: Scalar> Tape<T> {
             });
             Tensor::from_vec(&tangent_shape(k, &oshape), d).expect("pool tangent")
         });
-        Ok(self.push(Op::MaxPool2d(MaxPool2d { x: x.0, g, arg }), y, tangent, false))
+        Ok(self.push(
+            Op::MaxPool2d(MaxPool2d { x: x.0, g, arg }),
+            y,
+            tangent,
+            false,
+        ))
     }
 
     /// Average pooling with a `kernel x kernel` window and the given stride (no padding).
@@ -109,7 +114,13 @@ impl<T: Scalar> Tape<T> {
     pub fn global_avg_pool(&mut self, x: Var) -> Result<Var> {
         self.check_var(x)?;
         let s = self.value(x).shape().to_vec();
-        let g = geom("global_avg_pool", &s, s.get(2).copied().unwrap_or(0), s.get(3).copied().unwrap_or(0), 1)?;
+        let g = geom(
+            "global_avg_pool",
+            &s,
+            s.get(2).copied().unwrap_or(0),
+            s.get(3).copied().unwrap_or(0),
+            1,
+        )?;
         let pooled = self.avg_pool(x, g)?;
         self.reshape(pooled, &[s[0], s[1]])
     }
@@ -181,7 +192,8 @@ impl<T: Scalar> Rule<T> for AvgPool2d {
         let adj = |src: &[T]| map_planes(src, ol, il, |_, s, d| avg_plane_adjoint(&g, s, d));
         let gx = Tensor::from_vec(shape, adj(gy.data())).expect("pool grad");
         let k = tape.directions();
-        let dot = gdot.map(|d| Tensor::from_vec(&tangent_shape(k, shape), adj(d.data())).expect("pool dot"));
+        let dot = gdot
+            .map(|d| Tensor::from_vec(&tangent_shape(k, shape), adj(d.data())).expect("pool dot"));
         sink.add(self.x, gx, dot);
     }
 }
