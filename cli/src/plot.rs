@@ -86,6 +86,8 @@ pub enum Source {
     Step,
     /// An `eval` record per evaluated epoch.
     Eval,
+    /// A `trace` record (Hessian trace, `flatmin train --trace-every`).
+    Trace,
 }
 
 /// A metric that can be plotted.
@@ -110,6 +112,7 @@ impl Metric {
         let wanted = match self.source {
             Source::Step => "train",
             Source::Eval => "eval",
+            Source::Trace => "trace",
         };
         if r.kind != wanted {
             return None;
@@ -138,6 +141,9 @@ pub enum XAxis {
     Step,
     /// Epochs completed (fractional between evaluations).
     Epoch,
+    /// Cumulative gradient evaluations (`grad_queries` of the records; records without it
+    /// are left out).
+    GradQueries,
 }
 
 impl XAxis {
@@ -146,15 +152,17 @@ impl XAxis {
         match s {
             "step" => Ok(XAxis::Step),
             "epoch" => Ok(XAxis::Epoch),
-            other => bail!("--x: unknown axis '{other}' (step or epoch)"),
+            "grad_queries" => Ok(XAxis::GradQueries),
+            other => bail!("--x: unknown axis '{other}' (step, epoch or grad_queries)"),
         }
     }
 
-    /// `"step"` or `"epoch"`.
+    /// `"step"`, `"epoch"` or `"grad_queries"`.
     pub fn name(self) -> &'static str {
         match self {
             XAxis::Step => "step",
             XAxis::Epoch => "epoch",
+            XAxis::GradQueries => "grad_queries",
         }
     }
 }
@@ -282,9 +290,9 @@ pub fn read_run(dir: &Path) -> Result<Run> {
         }
         let r: Record = serde_json::from_str(&line)
             .with_context(|| format!("{}: line {}: not a metrics record", file.display(), i + 1))?;
-        if r.kind != "train" && r.kind != "eval" {
+        if !["train", "eval", "trace", "skip"].contains(&r.kind.as_str()) {
             bail!(
-                "{}: line {}: unknown record kind '{}' (train or eval)",
+                "{}: line {}: unknown record kind '{}' (train, eval, trace or skip)",
                 file.display(),
                 i + 1,
                 r.kind
@@ -359,6 +367,26 @@ pub fn available_metrics(runs: &[Run]) -> Vec<Metric> {
             });
         }
     }
+    let traces: BTreeSet<&String> = runs
+        .iter()
+        .flat_map(|r| &r.records)
+        .filter(|r| r.kind == "trace")
+        .flat_map(|r| r.extra.keys())
+        .collect();
+    for name in traces {
+        if !out.iter().any(|m| &m.name == name) {
+            let description = match name.as_str() {
+                "trace_norm" => "normalized Hessian trace tr(H)/d on the trace subset".into(),
+                "trace" => "Hessian trace tr(H) on the trace subset".into(),
+                _ => name.replace('_', " "),
+            };
+            out.push(Metric {
+                name: name.clone(),
+                source: Source::Trace,
+                description,
+            });
+        }
+    }
     out
 }
 
@@ -397,6 +425,7 @@ pub fn series(run: &Run, metric: &Metric, x: XAxis) -> Result<Vec<(f64, f64)>> {
         .filter_map(|r| {
             let v = metric.value(r)?;
             let at = match (x, per_epoch) {
+                (XAxis::GradQueries, _) => r.grad_queries? as f64,
                 (XAxis::Step, _) => r.step as f64,
                 (XAxis::Epoch, Some(n)) => r.step as f64 / n,
                 (XAxis::Epoch, None) => (r.epoch + 1) as f64,
@@ -511,7 +540,7 @@ fn panel(
             label: run.label.clone(),
             points,
             raw,
-            markers: metric.source == Source::Eval,
+            markers: metric.source != Source::Step,
         });
     }
     if opts.log_y && lines.iter().all(|l| l.points.is_empty()) {

@@ -14,11 +14,12 @@ pub struct PlotArgs {
     pub runs: Vec<PathBuf>,
     /// Metric to draw, one panel each (repeatable): test_acc, test_loss, train_acc,
     /// train_loss (per evaluation), loss, acc, lr, grad_norm, grad_evals, images_per_s
-    /// (per step), or an optimizer extra [default: test_acc and loss].
+    /// (per step), trace_norm, trace (with --trace-every), or an optimizer extra [default: test_acc and loss].
     #[arg(long = "metric", value_name = "NAME")]
     pub metrics: Vec<String>,
-    /// Horizontal axis: step or epoch.
-    #[arg(long, value_name = "AXIS", default_value = "step", value_parser = ["step", "epoch"])]
+    /// Horizontal axis: step, epoch, or grad_queries (cumulative gradient evaluations,
+    /// logged by runs of this version).
+    #[arg(long, value_name = "AXIS", default_value = "step", value_parser = ["step", "epoch", "grad_queries"])]
     pub x: String,
     /// Output image, .png or .svg [default: RUN/plot.png for one run, plot.png for several].
     #[arg(long, value_name = "FILE")]

@@ -152,6 +152,24 @@ pub struct TrainArgs {
     /// [default: 1e-6].
     #[arg(long, allow_hyphen_values = true)]
     pub zero_grad_xi: Option<f64>,
+    /// Train on random labels (fixed for the run, drawn from --seed): the random-label
+    /// pre-training of Liu et al. (2020).
+    #[arg(long)]
+    pub random_labels: bool,
+    /// Start from this model state (a run's model.safetensors or a checkpoint; optimizer and
+    /// trainer entries are ignored) instead of a fresh initialization; its path and SHA-256
+    /// go into config.json.
+    #[arg(long, value_name = "CKPT")]
+    pub init_from: Option<PathBuf>,
+    /// Log the exact normalized Hessian trace tr(H)/d (structural, BatchNorm eval; Hutchinson
+    /// with fixed probes where structure does not apply) every N steps, at the start and at
+    /// the end, as `trace` records of metrics.jsonl (0: never) [default: 0].
+    #[arg(long, value_name = "N")]
+    pub trace_every: Option<usize>,
+    /// Training images (fixed, seeded, class-balanced subset) of the logged trace
+    /// [default: 256].
+    #[arg(long, value_name = "N")]
+    pub trace_size: Option<usize>,
 }
 
 impl TrainArgs {
@@ -203,8 +221,16 @@ impl TrainArgs {
             asam_eta,
             t_gd,
             output_iterate,
-            zero_grad_xi
+            zero_grad_xi,
+            trace_every,
+            trace_size
         );
+        if self.random_labels {
+            c.random_labels = true;
+        }
+        if let Some(p) = &self.init_from {
+            c.init_from = Some(p.display().to_string());
+        }
         if self.eta_prime.is_some() {
             c.eta_prime = self.eta_prime;
         }
@@ -282,7 +308,11 @@ impl TrainArgs {
             step_gamma => "--step-gamma", warmup => "--warmup", epochs => "--epochs",
             batch_size => "--batch-size", train_size => "--train-size", test_size => "--test-size",
             seed => "--seed", dtype => "--dtype", eval_every => "--eval-every",
-            checkpoint_every => "--checkpoint-every", out => "--out");
+            checkpoint_every => "--checkpoint-every", out => "--out", init_from => "--init-from",
+            trace_every => "--trace-every", trace_size => "--trace-size");
+        if self.random_labels {
+            v.push("--random-labels");
+        }
         if self.overwrite {
             v.push("--overwrite");
         }

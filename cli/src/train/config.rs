@@ -89,6 +89,22 @@ pub struct TrainConfig {
     /// Radius of the random shift ξ used when sa's probe gradient is exactly zero (Remark 2;
     /// (R): the paper suggests about ε³).
     pub zero_grad_xi: f64,
+    /// Train on random labels: every training image gets a label drawn uniformly from the 10
+    /// classes by a seeded generator, fixed for the whole run (the "adversarial
+    /// initialization" pre-training of Liu et al. 2020).
+    pub random_labels: bool,
+    /// Start from this model state (a run's `model.safetensors` or a training checkpoint's
+    /// model entries) instead of a fresh initialization.
+    pub init_from: Option<String>,
+    /// SHA-256 of the `init_from` file, recorded when the run is created (and checked when
+    /// a run resumes without a checkpoint of its own).
+    pub init_sha256: Option<String>,
+    /// Log the exact normalized Hessian trace tr(H)/d every this many optimizer steps, at
+    /// the start and at the end (0: never).
+    pub trace_every: usize,
+    /// Training images (a fixed, seeded, class-balanced subset) the logged trace is measured
+    /// on.
+    pub trace_size: usize,
 }
 
 impl Default for TrainConfig {
@@ -133,6 +149,11 @@ impl Default for TrainConfig {
             t_gd: 0,
             output_iterate: "last".into(),
             zero_grad_xi: 1e-6,
+            random_labels: false,
+            init_from: None,
+            init_sha256: None,
+            trace_every: 0,
+            trace_size: 256,
         }
     }
 }
@@ -233,6 +254,9 @@ impl TrainConfig {
                 bail!("--beta1 and --beta2 must be in [0, 1)");
             }
             positive("--eps", self.eps)?;
+        }
+        if self.trace_every > 0 && self.trace_size == 0 {
+            bail!("--trace-size must be at least 1");
         }
         flatmin_models::Arch::parse(&self.model).map_err(|e| anyhow::anyhow!("--model: {e}"))?;
         Ok(())

@@ -11,11 +11,17 @@ pub use run_dir::{batch_sha256, DatasetIdentity, Record, RunDir, RunMeta};
 use crate::data::DataSource;
 use anyhow::{bail, Context, Result};
 use flatmin_datasets::{balanced_subset, Augment, Batch, Element, Loader};
+use flatmin_engine::curvature::{
+    hutchinson, structural_support, Batches, Hessian, HutchinsonOptions, HvpConfig,
+    StructuralAccumulator, StructuralOptions,
+};
+use flatmin_engine::{EngineError, Tape, Var};
 use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::io::{RawData, RawTensor};
 use flatmin_models::model::float_raw;
+use flatmin_models::ModelError;
 use flatmin_models::{BnUse, Model};
-use flatmin_optim::rng::derive_seed;
+use flatmin_optim::rng::{derive_seed, Rng};
 use flatmin_optim::{
     corrupt_labels, AdamW, EtaPrime, LabelNoise, LabelNoiseSgd, LrSchedule, OptimError, Optimizer,
     Oracle, OutputIterate, Probe, ProbeData, ProbeSpec, Rps, Rs, RsConfig, Sa, SaConfig, Sam, Sam1,
@@ -54,6 +60,10 @@ pub struct Trainer<T: Scalar + Element> {
     step: usize,
     /// Running sums of the current epoch: loss, correct predictions, images seen.
     epoch_sums: (f64, u64, u64),
+    /// Gradient evaluations of the run so far.
+    grad_queries: u64,
+    /// The trace subset in batches (empty without `--trace-every`).
+    trace_set: Vec<(Tensor<T>, Vec<usize>)>,
 }
 
 /// How [`Trainer::run_until`] ended.
@@ -75,6 +85,43 @@ const EVAL_BATCH: usize = 500;
 /// fresh probe batches.
 const OPTIMIZER_SEED_TAG: u64 = 0x6f70_7469;
 const FRESH_BATCH_SEED_TAG: u64 = 0x6672_6573;
+/// Purpose tags of the seeds of the random labels (`--random-labels`) and of the trace
+/// subset (`--trace-every`).
+const RANDOM_LABELS_SEED_TAG: u64 = 0x726c_6162;
+const TRACE_SUBSET_SEED_TAG: u64 = 0x7472_6163;
+/// Batch size of the logged trace's structural pass (memory only).
+const TRACE_BATCH: usize = 128;
+/// Probes of the Hutchinson estimate the logged trace falls back to when the structural
+/// trace does not apply.
+const TRACE_HUTCHINSON_PROBES: usize = 32;
+
+/// SHA-256 (hex) of a file's bytes.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect())
+}
+
+/// Replaces every label of `data` by one drawn uniformly from the 10 classes (seeded).
+fn randomize_labels(data: &mut Batch, seed: u64) {
+    let mut rng = Rng::new(derive_seed(seed, RANDOM_LABELS_SEED_TAG));
+    for l in data.labels.iter_mut() {
+        *l = rng.below(CLASSES as u64) as u8;
+    }
+}
+
+fn engine_err(e: ModelError) -> EngineError {
+    match e {
+        ModelError::Engine(e) => e,
+        other => EngineError::Shape {
+            op: "forward",
+            detail: other.to_string(),
+        },
+    }
+}
 
 /// The optimizer of a run of `total_steps` steps. Perturbation methods draw from a seed
 /// derived from `--seed`; every SGD-based one takes `--momentum`, `--nesterov` and
@@ -192,8 +239,17 @@ impl<T: Scalar + Element> Trainer<T> {
     }
 
     /// Starts a new run in `out`; with `overwrite`, a run already there is replaced.
-    pub fn create(cfg: TrainConfig, data: DataSource, out: &Path, overwrite: bool) -> Result<Self> {
+    pub fn create(
+        mut cfg: TrainConfig,
+        data: DataSource,
+        out: &Path,
+        overwrite: bool,
+    ) -> Result<Self> {
         cfg.validate()?;
+        cfg.init_sha256 = match &cfg.init_from {
+            Some(p) => Some(file_sha256(Path::new(p)).context("--init-from")?),
+            None => None,
+        };
         let (origin, synthetic) = (data.origin.clone(), data.synthetic);
         let run = RunDir::create(out, &cfg, overwrite)?;
         let t = Self::assemble(cfg, data, run)?;
@@ -224,11 +280,39 @@ impl<T: Scalar + Element> Trainer<T> {
             t.load_checkpoint(&ckpt)?;
         }
         t.run.truncate_metrics(t.step)?;
+        t.grad_queries = t
+            .run
+            .records()?
+            .iter()
+            .filter(|r| r.kind == "train")
+            .filter_map(|r| r.grad_evals)
+            .map(|g| g as u64)
+            .sum();
         Ok(t)
     }
 
     fn assemble(cfg: TrainConfig, data: DataSource, run: RunDir) -> Result<Self> {
-        let train = subset(data.train, cfg.train_size, cfg.seed, "--train-size")?;
+        let mut train = subset(data.train, cfg.train_size, cfg.seed, "--train-size")?;
+        if cfg.random_labels {
+            randomize_labels(&mut train, cfg.seed);
+        }
+        let trace_set = if cfg.trace_every > 0 {
+            let n = cfg.trace_size.min(train.len());
+            let seed = derive_seed(cfg.seed, TRACE_SUBSET_SEED_TAG);
+            let b = subset(train.clone(), n, seed, "--trace-size")?;
+            (0..b.len())
+                .step_by(TRACE_BATCH)
+                .map(|start| {
+                    let end = (start + TRACE_BATCH).min(b.len());
+                    let pixels = b.pixels[start * 3072..end * 3072].to_vec();
+                    let x = Tensor::from_vec(&[end - start, 3, 32, 32], T::from_pixels(pixels))?;
+                    let labels = b.labels[start..end].iter().map(|&l| l as usize).collect();
+                    Ok((x, labels))
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         let test = subset(data.test, cfg.test_size, cfg.seed ^ 0x7e57, "--test-size")?;
         let augment = if cfg.augment {
             Augment::standard()
@@ -244,7 +328,26 @@ impl<T: Scalar + Element> Trainer<T> {
             cfg.seed,
         )
         .context("--batch-size")?;
-        let model = Model::<T>::named(&cfg.model, cfg.seed)?;
+        let mut model = Model::<T>::named(&cfg.model, cfg.seed)?;
+        if let Some(init) = &cfg.init_from {
+            let path = Path::new(init);
+            if let Some(want) = &cfg.init_sha256 {
+                let got = file_sha256(path).context("--init-from")?;
+                if &got != want {
+                    bail!(
+                        "--init-from {init}: SHA-256 {got} differs from the recorded {want} (the file changed)"
+                    );
+                }
+            }
+            let raw: Vec<_> = flatmin_models::io::read_safetensors(path)
+                .with_context(|| format!("--init-from {init}"))?
+                .into_iter()
+                .filter(|t| !t.name.starts_with("optimizer/") && !t.name.starts_with("trainer/"))
+                .collect();
+            model
+                .load_raw(path, raw)
+                .with_context(|| format!("--init-from {init}"))?;
+        }
         let params = model.params_cloned();
         let bpe = loader.batches_per_epoch();
         let opt = build_optimizer(&cfg, cfg.epochs * bpe)?;
@@ -268,6 +371,8 @@ impl<T: Scalar + Element> Trainer<T> {
             run,
             step: 0,
             epoch_sums: (0.0, 0, 0),
+            grad_queries: 0,
+            trace_set,
         })
     }
 
@@ -319,6 +424,12 @@ impl<T: Scalar + Element> Trainer<T> {
         let total = self.cfg.epochs * bpe;
         obs.on_start(self.step, total, bpe);
         let started = Instant::now();
+        if self.cfg.trace_every > 0 && self.step == 0 {
+            let logged = self.run.records()?.iter().any(|r| r.kind == "trace");
+            if !logged {
+                self.log_trace(0, &started)?;
+            }
+        }
         while self.step < total {
             let epoch = self.step / bpe;
             let batches = self.loader.epoch_from::<T>(epoch, self.step % bpe);
@@ -373,6 +484,7 @@ impl<T: Scalar + Element> Trainer<T> {
                     );
                 }
                 self.step += 1;
+                self.grad_queries += info.grad_evals as u64;
                 let s = &mut self.epoch_sums;
                 s.0 += info.loss * n as f64;
                 s.1 += correct as u64;
@@ -385,9 +497,14 @@ impl<T: Scalar + Element> Trainer<T> {
                     correct as f64 / n as f64,
                     n as f64 / t0.elapsed().as_secs_f64(),
                     started.elapsed().as_secs_f64(),
-                );
+                )
+                .with_grad_queries(self.grad_queries);
                 self.run.append(&rec)?;
                 obs.on_step(&rec);
+                let every = self.cfg.trace_every;
+                if every > 0 && (self.step.is_multiple_of(every) || self.step == total) {
+                    self.log_trace(epoch, &started)?;
+                }
                 // A step that ends the epoch stops only after the epoch's evaluation and
                 // checkpoint (below), so a resumed run never skips them.
                 if !self.step.is_multiple_of(bpe) && stop(self.step) {
@@ -409,7 +526,8 @@ impl<T: Scalar + Element> Trainer<T> {
                     test_loss,
                     test_acc,
                     started.elapsed().as_secs_f64(),
-                );
+                )
+                .with_grad_queries(self.grad_queries);
                 self.run.append(&rec)?;
                 obs.on_eval(&rec);
             }
@@ -424,6 +542,75 @@ impl<T: Scalar + Element> Trainer<T> {
         }
         self.write_summary()?;
         Ok(Outcome::Finished)
+    }
+
+    /// Measures the Hessian trace of the mean cross-entropy on the trace subset at the
+    /// current parameters (BatchNorm in eval mode) and appends a `trace` record: exact by
+    /// structure when it applies, else a Hutchinson estimate with a fixed number of probes
+    /// (seeded by the run's seed and the step). Changes no training state.
+    fn log_trace(&mut self, epoch: usize, started: &Instant) -> Result<()> {
+        self.sync_model();
+        let net = self.model.structure(BnUse::Eval);
+        let opts = StructuralOptions {
+            chunk_size: TRACE_BATCH,
+            ..StructuralOptions::default()
+        };
+        let params = &self.params;
+        let d = self.model.num_params();
+        let mut extra = std::collections::BTreeMap::new();
+        let support = structural_support(&net, params, &[3, 32, 32], &opts)
+            .context("--trace-every: structural trace")?;
+        let (trace, method) = if support.applies() {
+            let mut acc = StructuralAccumulator::new(&net, params, &[3, 32, 32], &opts)
+                .context("--trace-every: structural trace")?;
+            for (x, labels) in &self.trace_set {
+                acc.add_batch(x, labels)
+                    .context("--trace-every: structural trace")?;
+            }
+            let r = acc.finish().context("--trace-every: structural trace")?;
+            extra.insert("trace_loss".to_string(), r.loss);
+            (r.trace, "structural")
+        } else {
+            let sizes: Vec<f64> = self.trace_set.iter().map(|b| b.1.len() as f64).collect();
+            let (model, set) = (&self.model, &self.trace_set);
+            let loss = Batches::new(sizes, |b: usize, tape: &mut Tape<T>, vars: &[Var]| {
+                let (x, labels) = &set[b];
+                let xv = tape.constant(x.clone());
+                let (z, _) = model
+                    .forward(tape, vars, xv, BnUse::Eval)
+                    .map_err(engine_err)?;
+                tape.cross_entropy(z, labels)
+            });
+            let h = Hessian::new(params, loss, HvpConfig::with_directions(8))
+                .context("--trace-every: Hessian")?;
+            let hopts = HutchinsonOptions {
+                seed: derive_seed(self.cfg.seed, TRACE_SUBSET_SEED_TAG ^ self.step as u64),
+                min_probes: TRACE_HUTCHINSON_PROBES,
+                max_probes: TRACE_HUTCHINSON_PROBES,
+                ..HutchinsonOptions::default()
+            };
+            let r = hutchinson(&h, &hopts).context("--trace-every: hutchinson")?;
+            extra.insert("trace_std_error".to_string(), r.std_error);
+            extra.insert("trace_probes".to_string(), r.probes as f64);
+            (r.estimate, "hutchinson")
+        };
+        extra.insert("trace".to_string(), trace);
+        extra.insert("trace_norm".to_string(), trace / d.max(1) as f64);
+        extra.insert(
+            "trace_images".to_string(),
+            self.trace_set.iter().map(|b| b.1.len()).sum::<usize>() as f64,
+        );
+        let rec = Record {
+            kind: "trace".into(),
+            epoch,
+            step: self.step,
+            grad_queries: Some(self.grad_queries),
+            method: Some(method.into()),
+            wall_s: started.elapsed().as_secs_f64(),
+            extra,
+            ..Default::default()
+        };
+        self.run.append(&rec)
     }
 
     /// Writes `summary.json`: steps, the last evaluation, the best test accuracy.
@@ -451,6 +638,9 @@ impl<T: Scalar + Element> Trainer<T> {
             "best_test_acc": best.map(|b| b.0),
             "best_epoch": best.map(|b| b.1),
             "train_wall_s_last_process": recs.last().map(|r| r.wall_s),
+            "grad_queries": self.grad_queries,
+            "final_trace_norm": recs.iter().rev().find(|r| r.kind == "trace").and_then(|r| r.extra.get("trace_norm")),
+            "trace_method": recs.iter().rev().find(|r| r.kind == "trace").and_then(|r| r.method.clone()),
         });
         self.run.write_summary(&summary)
     }

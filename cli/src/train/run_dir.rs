@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 /// One line of `metrics.jsonl` (and one row of `metrics.csv`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
-    /// `train` (one optimizer step) or `eval` (end-of-epoch evaluation).
+    /// `train` (one optimizer step), `eval` (end-of-epoch evaluation), `trace` (Hessian
+    /// trace on the trace subset, with `--trace-every`) or `skip` (a non-finite step skipped).
     pub kind: String,
     /// Epoch (from 0).
     pub epoch: usize,
@@ -37,6 +38,12 @@ pub struct Record {
     /// Gradient evaluations the step used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_evals: Option<usize>,
+    /// Gradient evaluations of the run so far, cumulative (train, eval and trace records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_queries: Option<u64>,
+    /// How a `trace` record's Hessian trace was measured (`structural` or `hutchinson`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
     /// Mean training loss over the epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub train_loss: Option<f64>,
@@ -86,6 +93,12 @@ impl Record {
             extra: info.extra.iter().cloned().collect(),
             ..Default::default()
         }
+    }
+
+    /// The record with the run's cumulative gradient evaluations set.
+    pub fn with_grad_queries(mut self, q: u64) -> Self {
+        self.grad_queries = Some(q);
+        self
     }
 
     /// A step skipped because its loss or gradient was not finite (`what` names it).

@@ -1,0 +1,184 @@
+//! Training additions: `--trace-every` (trace records, bit-identical resume), cumulative
+//! gradient queries, `--random-labels` and `--init-from`.
+
+use flatmin::data::DataSource;
+use flatmin::train::{file_sha256, Outcome, Silent, TrainConfig, Trainer};
+use flatmin_datasets::synthetic;
+use std::path::{Path, PathBuf};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("train-trace-{name}"));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn data() -> DataSource {
+    let (train, test) = synthetic(160, 60, 11);
+    DataSource {
+        train,
+        test,
+        origin: "synthetic".into(),
+        synthetic: true,
+    }
+}
+
+fn cfg(model: &str) -> TrainConfig {
+    TrainConfig {
+        model: model.into(),
+        epochs: 3,
+        batch_size: 32,
+        train_size: 0,
+        test_size: 0,
+        lr: 0.05,
+        seed: 5,
+        data: "synthetic".into(),
+        trace_every: 2,
+        trace_size: 48,
+        ..TrainConfig::default()
+    }
+}
+
+/// Final weights (bits) and metrics without wall-clock fields.
+fn outcome(dir: &Path) -> (Vec<u8>, Vec<String>) {
+    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let lines = metrics
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("wall_s");
+            o.remove("images_per_s");
+            v.to_string()
+        })
+        .collect();
+    (weights, lines)
+}
+
+#[test]
+fn trace_every_logs_traces_and_resumes_bit_identically() {
+    for (model, opt) in [("tiny-tanh", "sa"), ("resnet20", "sgd")] {
+        let mut c = cfg(model);
+        c.optimizer = opt.into();
+        if opt == "sa" {
+            c.momentum = 0.0;
+            c.weight_decay = 0.0;
+            c.probe_batch = 1;
+        }
+        if model == "resnet20" {
+            c.epochs = 2;
+            c.trace_size = 16;
+        }
+        let full = tmp(&format!("full-{model}-{opt}"));
+        let mut t = Trainer::<f32>::new(c.clone(), data(), &full).unwrap();
+        t.run(&mut Silent).unwrap();
+        let recs = t.run_dir().records().unwrap();
+        let total = c.epochs * 5;
+        let traces: Vec<_> = recs.iter().filter(|r| r.kind == "trace").collect();
+        // Step 0, every second step, and the last step.
+        let want_steps: Vec<usize> = (0..=total).filter(|s| s % 2 == 0 || *s == total).collect();
+        let got_steps: Vec<usize> = traces.iter().map(|r| r.step).collect();
+        assert_eq!(got_steps, want_steps, "{model}/{opt}");
+        for r in &traces {
+            assert_eq!(r.method.as_deref(), Some("structural"));
+            let norm = r.extra["trace_norm"];
+            assert!(norm.is_finite() && norm > 0.0, "{norm}");
+        }
+        // grad_queries is the running sum of grad_evals.
+        let mut sum = 0u64;
+        for r in recs.iter().filter(|r| r.kind == "train") {
+            sum += r.grad_evals.unwrap() as u64;
+            assert_eq!(r.grad_queries, Some(sum));
+        }
+        if opt == "sa" {
+            assert!(sum > total as u64, "sa makes more than one query a step");
+        }
+        let want = outcome(&full);
+        // Stop mid-epoch at a trace step (4), then at an epoch boundary (5).
+        let part = tmp(&format!("part-{model}-{opt}"));
+        let mut t = Trainer::<f32>::new(c.clone(), data(), &part).unwrap();
+        assert_eq!(
+            t.run_until(&mut Silent, &|s| s == 4).unwrap(),
+            Outcome::Stopped { step: 4 }
+        );
+        drop(t);
+        let mut t = Trainer::<f32>::resume(&part, data()).unwrap();
+        assert_eq!(
+            t.run_until(&mut Silent, &|s| s == 5).unwrap(),
+            Outcome::Stopped { step: 5 }
+        );
+        drop(t);
+        let mut t = Trainer::<f32>::resume(&part, data()).unwrap();
+        assert_eq!(
+            t.run_until(&mut Silent, &|_| false).unwrap(),
+            Outcome::Finished
+        );
+        let got = outcome(&part);
+        assert_eq!(got.1, want.1, "{model}/{opt}: metrics differ after resume");
+        assert!(
+            got.0 == want.0,
+            "{model}/{opt}: weights differ after resume"
+        );
+    }
+}
+
+#[test]
+fn random_labels_and_init_from() {
+    let base = tmp("base");
+    let mut c = cfg("tiny-tanh");
+    c.trace_every = 0;
+    c.random_labels = true;
+    c.epochs = 1;
+    let mut t = Trainer::<f32>::new(c.clone(), data(), &base).unwrap();
+    t.run(&mut Silent).unwrap();
+    let plain = tmp("plain");
+    let mut c2 = c.clone();
+    c2.random_labels = false;
+    Trainer::<f32>::new(c2, data(), &plain).unwrap();
+    let meta = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap()
+    };
+    // Random labels change the training labels (and so the recorded data identity), the
+    // images stay.
+    let (a, b) = (meta(&base), meta(&plain));
+    let sha = |v: &serde_json::Value| v["dataset"]["train_sha256"].as_str().unwrap().to_string();
+    assert_ne!(sha(&a), sha(&b));
+    // A run started from base's model begins at base's weights; path and hash are recorded.
+    let init = base.join("model.safetensors");
+    let next = tmp("next");
+    let mut c3 = cfg("tiny-tanh");
+    c3.trace_every = 1;
+    c3.epochs = 1;
+    c3.init_from = Some(init.display().to_string());
+    let mut t = Trainer::<f32>::new(c3, data(), &next).unwrap();
+    let cfg_written = t.run_dir().config().unwrap();
+    assert_eq!(
+        cfg_written.init_sha256.as_deref(),
+        Some(file_sha256(&init).unwrap().as_str())
+    );
+    let mut m = flatmin_models::Model::<f32>::named("tiny-tanh", 0).unwrap();
+    m.load(&init).unwrap();
+    let want: Vec<f32> = m
+        .params_cloned()
+        .iter()
+        .flat_map(|p| p.data().to_vec())
+        .collect();
+    let got: Vec<f32> = t
+        .model()
+        .params_cloned()
+        .iter()
+        .flat_map(|p| p.data().to_vec())
+        .collect();
+    assert!(want == got, "--init-from did not load the weights");
+    t.run(&mut Silent).unwrap();
+    // A checkpoint file works as well (its optimizer and trainer entries are skipped).
+    let from_ckpt = tmp("from-ckpt");
+    let mut c4 = cfg("tiny-tanh");
+    c4.epochs = 1;
+    c4.init_from = Some(
+        base.join("checkpoints/last.safetensors")
+            .display()
+            .to_string(),
+    );
+    Trainer::<f32>::new(c4, data(), &from_ckpt).unwrap();
+}
