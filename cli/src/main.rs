@@ -34,6 +34,9 @@ enum Command {
     /// Hessian trace of a model on images: exact (structural or basis HVPs) or estimated,
     /// with a per-tensor breakdown; top eigenvalues (Lanczos) or spectral density (SLQ).
     Trace(Box<cmd::trace::TraceArgs>),
+    /// Run a grid of `flatmin train` settings (N at a time, or as a GNU parallel job list /
+    /// Slurm array), then summarize it in a table and a plot.
+    Sweep(Box<cmd::sweep::SweepArgs>),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Plot(args) => cmd::plot::run(&args),
         Command::Eval(args) => cmd::eval::run(&args),
         Command::Trace(args) => cmd::trace::run(&args),
+        Command::Sweep(args) => cmd::sweep::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

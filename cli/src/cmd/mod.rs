@@ -5,6 +5,7 @@ pub mod data;
 pub mod eval;
 pub mod hvp;
 pub mod plot;
+pub mod sweep;
 pub mod trace;
 pub mod train;
 

@@ -1,0 +1,492 @@
+//! `flatmin sweep`: expand a grid of `flatmin train` settings into run folders, run them a
+//! few at a time as child processes of this binary (or write a GNU parallel job list or a
+//! Slurm array script instead), then summarize the sweep in a table and a plot.
+//!
+//! Each run is an ordinary `flatmin train` process with the common flags followed by its grid
+//! settings, so its results are bit-identical to running that command alone. Rerunning the
+//! same sweep skips finished runs, resumes interrupted ones and rewrites the summary (which is
+//! how the results of `--emit parallel|slurm` are collected).
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser};
+use flatmin::plot::{plot_runs, PlotOptions, XAxis};
+use flatmin::train::{Record, RunDir};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Arguments of `flatmin sweep`.
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// The grid: space-separated `flag=v1,v2,...` (train flags without the leading `--`);
+    /// every combination is one run. A value `on` passes the bare flag, `off` its `--no-`
+    /// form (for example `augment=on,off`).
+    #[arg(long, value_name = "GRID")]
+    pub grid: String,
+    /// Runs at a time (each gets cores / N threads unless the common flags set --threads).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub jobs: usize,
+    /// Instead of running: write `jobs.txt` for GNU parallel (`parallel -j N < jobs.txt`), or
+    /// `jobs.txt` and a Slurm array script `sweep.sbatch`. Rerun the sweep afterwards to
+    /// write the summary.
+    #[arg(long, value_name = "HOW", value_parser = ["parallel", "slurm"])]
+    pub emit: Option<String>,
+    /// Sweep folder: runs go to OUT/runs/NAME (NAME from the settings), logs to OUT/logs.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Metric panels of the sweep plot [default: test_acc, and trace_norm when logged].
+    #[arg(long = "metric", value_name = "NAME")]
+    pub metrics: Vec<String>,
+    /// Common `flatmin train` flags of every run (after `--`).
+    #[arg(last = true, value_name = "TRAIN FLAGS")]
+    pub common: Vec<String>,
+}
+
+/// One run of the sweep: its grid settings and folder name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    /// `(flag, value)` pairs in grid order.
+    pub settings: Vec<(String, String)>,
+    /// Folder name under `OUT/runs`.
+    pub name: String,
+}
+
+/// Parses a grid (`key=v1,v2 key2=w1`) into its axes, in order.
+pub fn parse_grid(grid: &str) -> Result<Vec<(String, Vec<String>)>> {
+    let mut axes: Vec<(String, Vec<String>)> = Vec::new();
+    for item in grid.split_whitespace() {
+        let Some((key, values)) = item.split_once('=') else {
+            bail!("--grid: '{item}' is not flag=v1,v2,...");
+        };
+        let key = key.trim_start_matches("--").to_string();
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            bail!("--grid: '{key}' is not a flag name");
+        }
+        if ["out", "resume", "overwrite", "config", "quiet"].contains(&key.as_str()) {
+            bail!("--grid: --{key} is set by the sweep itself");
+        }
+        if axes.iter().any(|(k, _)| *k == key) {
+            bail!("--grid: '{key}' appears twice");
+        }
+        let values: Vec<String> = values.split(',').map(str::to_string).collect();
+        if values.iter().any(String::is_empty) {
+            bail!("--grid: '{item}' has an empty value");
+        }
+        axes.push((key, values));
+    }
+    if axes.is_empty() {
+        bail!("--grid is empty");
+    }
+    Ok(axes)
+}
+
+/// Every combination of the axes (the first axis varies slowest), with folder names.
+pub fn expand(axes: &[(String, Vec<String>)]) -> Vec<Job> {
+    let mut combos: Vec<Vec<(String, String)>> = vec![Vec::new()];
+    for (key, values) in axes {
+        combos = combos
+            .into_iter()
+            .flat_map(|c| {
+                values.iter().map(move |v| {
+                    let mut c = c.clone();
+                    c.push((key.clone(), v.clone()));
+                    c
+                })
+            })
+            .collect();
+    }
+    combos
+        .into_iter()
+        .map(|settings| {
+            let name = settings
+                .iter()
+                .map(|(k, v)| format!("{k}-{}", sanitize(v)))
+                .collect::<Vec<_>>()
+                .join("_");
+            Job { settings, name }
+        })
+        .collect()
+}
+
+/// A value made safe for a folder name.
+fn sanitize(v: &str) -> String {
+    v.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The train flags of a job's settings.
+fn setting_flags(job: &Job) -> Vec<String> {
+    let mut v = Vec::new();
+    for (k, val) in &job.settings {
+        match val.as_str() {
+            "on" => v.push(format!("--{k}")),
+            "off" => v.push(format!("--no-{k}")),
+            _ => {
+                v.push(format!("--{k}"));
+                v.push(val.clone());
+            }
+        }
+    }
+    v
+}
+
+/// Checks a job's full `flatmin train` command line (flags known, recipe valid) without
+/// running it.
+fn check_job(common: &[String], job: &Job) -> Result<()> {
+    #[derive(Parser)]
+    struct Probe {
+        #[command(flatten)]
+        train: super::train::TrainArgs,
+    }
+    let argv = std::iter::once("flatmin-train".to_string())
+        .chain(common.iter().cloned())
+        .chain(setting_flags(job));
+    let p = Probe::try_parse_from(argv).map_err(|e| {
+        let text = e.to_string();
+        anyhow::anyhow!("{}", text.lines().next().unwrap_or("").to_string())
+    })?;
+    p.train.config()?.validate()
+}
+
+/// Quotes an argument for a POSIX shell where needed.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_./=:,+-@%".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Where a run stands on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// No run folder yet.
+    New,
+    /// Started, not finished (resumable).
+    Partial,
+    /// Finished (`summary.json` written).
+    Done,
+}
+
+fn state(dir: &Path) -> State {
+    if dir.join("summary.json").is_file() {
+        State::Done
+    } else if dir.join("config.json").is_file() {
+        State::Partial
+    } else {
+        State::New
+    }
+}
+
+/// Arguments after `flatmin` of a job's process.
+fn job_argv(common: &[String], job: &Job, dir: &Path) -> Vec<String> {
+    let mut v = vec!["train".to_string()];
+    if state(dir) == State::Partial {
+        v.push("--resume".into());
+        v.push(dir.display().to_string());
+        if let Some(i) = common.iter().position(|a| a == "--threads") {
+            v.extend(common[i..(i + 2).min(common.len())].iter().cloned());
+        }
+    } else {
+        v.extend(common.iter().cloned());
+        v.extend(setting_flags(job));
+        v.push("--out".into());
+        v.push(dir.display().to_string());
+    }
+    v.push("--quiet".into());
+    v
+}
+
+/// Runs `flatmin sweep`.
+pub fn run(args: &SweepArgs) -> Result<()> {
+    if args.jobs == 0 {
+        bail!("--jobs must be at least 1");
+    }
+    let axes = parse_grid(&args.grid)?;
+    let jobs = expand(&axes);
+    for job in &jobs {
+        check_job(&args.common, job).with_context(|| format!("run {}", job.name))?;
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| args.out.display().to_string())?;
+    // Absolute, so the emitted job lines work from any folder.
+    let root = std::path::absolute(&args.out).with_context(|| args.out.display().to_string())?;
+    let runs = root.join("runs");
+    let logs = root.join("logs");
+    std::fs::create_dir_all(&runs).with_context(|| runs.display().to_string())?;
+    std::fs::create_dir_all(&logs).with_context(|| logs.display().to_string())?;
+    let exe = std::env::current_exe().context("cannot locate the flatmin binary")?;
+    write_manifest(args, &axes, &jobs)?;
+    if let Some(how) = &args.emit {
+        let lines: Vec<String> = jobs
+            .iter()
+            .map(|j| {
+                std::iter::once(exe.display().to_string())
+                    .chain(job_argv(&args.common, j, &runs.join(&j.name)))
+                    .map(|a| shell_quote(&a))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    + " > "
+                    + &shell_quote(&logs.join(format!("{}.log", j.name)).display().to_string())
+                    + " 2>&1"
+            })
+            .collect();
+        let list = args.out.join("jobs.txt");
+        std::fs::write(&list, lines.join("\n") + "\n")
+            .with_context(|| list.display().to_string())?;
+        println!("wrote {} ({} runs)", list.display(), jobs.len());
+        if how == "slurm" {
+            let script = args.out.join("sweep.sbatch");
+            let text = format!(
+                "#!/bin/bash\n#SBATCH --job-name=flatmin-sweep\n#SBATCH --array=0-{}\n#SBATCH --cpus-per-task=2\n#SBATCH --output={}/slurm-%A_%a.out\n# One array task per line of jobs.txt; rerun the same `flatmin sweep` afterwards for the summary.\nset -euo pipefail\nexport RAYON_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}}\nsed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" {} | bash\n",
+                jobs.len() - 1,
+                shell_quote(&logs.display().to_string()),
+                shell_quote(&list.display().to_string())
+            );
+            std::fs::write(&script, text).with_context(|| script.display().to_string())?;
+            println!("wrote {} (sbatch {})", script.display(), script.display());
+        } else {
+            println!("run with: parallel -j {} < {}", args.jobs, list.display());
+        }
+        return Ok(());
+    }
+    run_pool(args, &exe, &jobs, &runs, &logs)?;
+    summarize(args, &jobs, &runs)
+}
+
+/// Writes `sweep.json`: the grid, the common flags, and each run's settings and folder.
+fn write_manifest(args: &SweepArgs, axes: &[(String, Vec<String>)], jobs: &[Job]) -> Result<()> {
+    let v = serde_json::json!({
+        "grid": args.grid,
+        "axes": axes.iter().map(|(k, v)| serde_json::json!({"flag": k, "values": v})).collect::<Vec<_>>(),
+        "common": args.common,
+        "runs": jobs.iter().map(|j| serde_json::json!({
+            "name": j.name,
+            "folder": format!("runs/{}", j.name),
+            "settings": j.settings.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
+        })).collect::<Vec<_>>(),
+    });
+    let path = args.out.join("sweep.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&v)? + "\n")
+        .with_context(|| path.display().to_string())
+}
+
+/// Runs the jobs that are not finished, `--jobs` at a time; fails (after the others finish)
+/// naming the runs that failed and their logs.
+fn run_pool(args: &SweepArgs, exe: &Path, jobs: &[Job], runs: &Path, logs: &Path) -> Result<()> {
+    let threads_given = args.common.iter().any(|a| a == "--threads");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_job = (cores / args.jobs).max(1);
+    let todo: Vec<&Job> = jobs
+        .iter()
+        .filter(|j| state(&runs.join(&j.name)) != State::Done)
+        .collect();
+    println!(
+        "sweep: {} runs ({} already done), {} at a time -> {}",
+        jobs.len(),
+        jobs.len() - todo.len(),
+        args.jobs,
+        args.out.display()
+    );
+    let started = Instant::now();
+    let mut queue = todo.into_iter();
+    let mut active: Vec<(&Job, Child)> = Vec::new();
+    let mut failed = Vec::new();
+    loop {
+        while active.len() < args.jobs {
+            let Some(job) = queue.next() else { break };
+            let dir = runs.join(&job.name);
+            let log_path = logs.join(format!("{}.log", job.name));
+            let log =
+                std::fs::File::create(&log_path).with_context(|| log_path.display().to_string())?;
+            let mut cmd = Command::new(exe);
+            cmd.args(job_argv(&args.common, job, &dir))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            if !threads_given {
+                cmd.env("RAYON_NUM_THREADS", per_job.to_string());
+            }
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("cannot start {}", exe.display()))?;
+            println!("  start {}", job.name);
+            active.push((job, child));
+        }
+        if active.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let mut i = 0;
+        while i < active.len() {
+            if let Some(status) = active[i].1.try_wait()? {
+                let (job, _) = active.remove(i);
+                if status.success() {
+                    println!(
+                        "  done  {} ({:.0}s into the sweep)",
+                        job.name,
+                        started.elapsed().as_secs_f64()
+                    );
+                } else {
+                    println!("  FAILED {} ({status})", job.name);
+                    failed.push(job.name.clone());
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} run(s) failed: {} (see {}/NAME.log; rerun the sweep to resume them)",
+            failed.len(),
+            failed.join(", "),
+            logs.display()
+        );
+    }
+    Ok(())
+}
+
+/// The figures of one finished run for the summary table.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunSummary {
+    /// Test accuracy of the last evaluation.
+    pub final_test_acc: Option<f64>,
+    /// Best test accuracy over the evaluations.
+    pub best_test_acc: Option<f64>,
+    /// Train accuracy of the last evaluation (epoch mean).
+    pub final_train_acc: Option<f64>,
+    /// Normalized Hessian trace of the last `trace` record.
+    pub final_trace_norm: Option<f64>,
+    /// Normalized Hessian trace of the first `trace` record.
+    pub first_trace_norm: Option<f64>,
+    /// Gradient evaluations of the whole run.
+    pub grad_queries: Option<u64>,
+    /// Optimizer steps.
+    pub steps: usize,
+}
+
+/// Summarizes a run's records.
+pub fn summarize_records(recs: &[Record]) -> RunSummary {
+    let evals: Vec<&Record> = recs.iter().filter(|r| r.kind == "eval").collect();
+    let traces: Vec<&Record> = recs.iter().filter(|r| r.kind == "trace").collect();
+    RunSummary {
+        final_test_acc: evals.last().and_then(|r| r.test_acc),
+        best_test_acc: evals
+            .iter()
+            .filter_map(|r| r.test_acc)
+            .fold(None, |b: Option<f64>, a| Some(b.map_or(a, |b| b.max(a)))),
+        final_train_acc: evals.last().and_then(|r| r.train_acc),
+        final_trace_norm: traces
+            .last()
+            .and_then(|r| r.extra.get("trace_norm").copied()),
+        first_trace_norm: traces
+            .first()
+            .and_then(|r| r.extra.get("trace_norm").copied()),
+        grad_queries: recs.iter().filter_map(|r| r.grad_queries).max(),
+        steps: recs.iter().map(|r| r.step).max().unwrap_or(0),
+    }
+}
+
+/// Writes `summary.csv`, `summary.md` and `sweep.png` from the finished runs.
+fn summarize(args: &SweepArgs, jobs: &[Job], runs: &Path) -> Result<()> {
+    let keys: Vec<String> = jobs[0].settings.iter().map(|(k, _)| k.clone()).collect();
+    let mut header: Vec<String> = keys.clone();
+    header.extend(
+        [
+            "final_test_acc",
+            "best_test_acc",
+            "final_train_acc",
+            "first_trace_norm",
+            "final_trace_norm",
+            "grad_queries",
+            "steps",
+            "run",
+        ]
+        .map(String::from),
+    );
+    let f = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
+    let mut rows = Vec::new();
+    let mut dirs = Vec::new();
+    let mut any_trace = false;
+    for job in jobs {
+        let dir = runs.join(&job.name);
+        let recs = RunDir::open(&dir)?.records()?;
+        let s = summarize_records(&recs);
+        any_trace |= s.final_trace_norm.is_some();
+        let mut row: Vec<String> = job.settings.iter().map(|(_, v)| v.clone()).collect();
+        row.extend([
+            f(s.final_test_acc),
+            f(s.best_test_acc),
+            f(s.final_train_acc),
+            f(s.first_trace_norm),
+            f(s.final_trace_norm),
+            s.grad_queries.map(|q| q.to_string()).unwrap_or_default(),
+            s.steps.to_string(),
+            format!("runs/{}", job.name),
+        ]);
+        rows.push(row);
+        dirs.push(dir);
+    }
+    let csv = std::iter::once(header.join(","))
+        .chain(rows.iter().map(|r| r.join(",")))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    let csv_path = args.out.join("summary.csv");
+    std::fs::write(&csv_path, csv).with_context(|| csv_path.display().to_string())?;
+    let mut md = format!(
+        "| {} |\n|{}\n",
+        header.join(" | "),
+        " --- |".repeat(header.len())
+    );
+    for r in &rows {
+        md.push_str(&format!("| {} |\n", r.join(" | ")));
+    }
+    let md_path = args.out.join("summary.md");
+    std::fs::write(&md_path, &md).with_context(|| md_path.display().to_string())?;
+    print!("{md}");
+    let metrics = if args.metrics.is_empty() {
+        let mut m = vec!["test_acc".to_string()];
+        if any_trace {
+            m.push("trace_norm".into());
+        }
+        m
+    } else {
+        args.metrics.clone()
+    };
+    let all_queries = dirs.iter().all(|d| {
+        RunDir::open(d)
+            .and_then(|r| r.records())
+            .map(|recs| recs.iter().any(|r| r.grad_queries.is_some()))
+            .unwrap_or(false)
+    });
+    let opts = PlotOptions {
+        metrics,
+        x: if all_queries {
+            XAxis::GradQueries
+        } else {
+            XAxis::Step
+        },
+        title: Some(format!("sweep {}", args.grid)),
+        ..PlotOptions::default()
+    };
+    let png = args.out.join("sweep.png");
+    plot_runs(&dirs, &opts, &png)?;
+    println!(
+        "wrote {}, {}, {}",
+        csv_path.display(),
+        md_path.display(),
+        png.display()
+    );
+    Ok(())
+}
