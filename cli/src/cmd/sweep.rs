@@ -150,7 +150,7 @@ fn check_job(common: &[String], job: &Job) -> Result<()> {
         .chain(setting_flags(job));
     let p = Probe::try_parse_from(argv).map_err(|e| {
         let text = e.to_string();
-        anyhow::anyhow!("{}", text.lines().next().unwrap_or("").to_string())
+        anyhow::anyhow!("{}", text.lines().next().unwrap_or(""))
     })?;
     p.train.config()?.validate()
 }
