@@ -21,14 +21,21 @@ pub fn parse_threads(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
-/// Runs `f` in a rayon pool of `threads` workers, or in the global pool (which honours
-/// RAYON_NUM_THREADS) when `None`.
+/// Runs `f` with `threads` rayon workers (or rayon's default, which honours
+/// RAYON_NUM_THREADS, when `None`).
+///
+/// The count is set on the global pool, so `f` itself keeps running on the main thread: its
+/// large buffers then come from the main allocator arena, which `tune_allocator` keeps warm.
+/// (Running `f` inside a separate pool put those allocations in per-thread arenas and made a
+/// batched HVP on cnn-s twice as slow.) Only if the global pool already exists is a separate
+/// pool used.
 pub fn with_threads<R: Send>(
     threads: Option<usize>,
     f: impl FnOnce() -> anyhow::Result<R> + Send,
 ) -> anyhow::Result<R> {
     use anyhow::Context;
     match threads {
+        Some(t) if rayon::ThreadPoolBuilder::new().num_threads(t).build_global().is_ok() => f(),
         Some(t) => rayon::ThreadPoolBuilder::new()
             .num_threads(t)
             .build()
