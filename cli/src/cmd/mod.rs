@@ -35,7 +35,14 @@ pub fn with_threads<R: Send>(
 ) -> anyhow::Result<R> {
     use anyhow::Context;
     match threads {
-        Some(t) if rayon::ThreadPoolBuilder::new().num_threads(t).build_global().is_ok() => f(),
+        Some(t)
+            if rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build_global()
+                .is_ok() =>
+        {
+            f()
+        }
         Some(t) => rayon::ThreadPoolBuilder::new()
             .num_threads(t)
             .build()
