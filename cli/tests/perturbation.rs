@@ -3,26 +3,15 @@
 //! probe batches, random output iterates and the final GD phase) resume bit for bit, also
 //! with BatchNorm; bad optimizer flags give one-line errors naming the flag.
 
-use flatmin::data::DataSource;
 use flatmin::train::{Outcome, Silent, TrainConfig, Trainer, OPTIMIZERS};
-use flatmin_datasets::synthetic;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-fn tmp(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("perturb-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+mod common;
+use common::{data, outcome};
 
-fn data() -> DataSource {
-    let (train, test) = synthetic(160, 60, 11);
-    DataSource {
-        train,
-        test,
-        origin: "synthetic".into(),
-        synthetic: true,
-    }
+fn tmp(name: &str) -> PathBuf {
+    common::tmp("perturb", name)
 }
 
 fn cfg(optimizer: &str) -> TrainConfig {
@@ -39,23 +28,6 @@ fn cfg(optimizer: &str) -> TrainConfig {
         data: "synthetic".into(),
         ..TrainConfig::default()
     }
-}
-
-/// Final weights (bits) and metrics without wall-clock fields.
-fn outcome(dir: &Path) -> (Vec<u8>, Vec<String>) {
-    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let lines = metrics
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("wall_s");
-            o.remove("images_per_s");
-            v.to_string()
-        })
-        .collect();
-    (weights, lines)
 }
 
 /// Optimizer name, config tweaks, extra keys logged on every step, evaluations per step.

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::metrics_without_wall_time;
+
 fn tmp(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("robust-{name}"));
     let _ = std::fs::remove_dir_all(&d);
@@ -72,20 +75,6 @@ fn signal(child: &Child, sig: &str) {
     assert!(ok.success());
 }
 
-fn without_wall_time(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("wall_s");
-            o.remove("images_per_s");
-            v.to_string()
-        })
-        .collect()
-}
-
 #[test]
 fn sigint_checkpoints_and_resume_is_bit_identical() {
     let dir = tmp("sigint");
@@ -121,8 +110,8 @@ fn sigint_checkpoints_and_resume_is_bit_identical() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        without_wall_time(&dir.join("full")),
-        without_wall_time(&dir.join("part"))
+        metrics_without_wall_time(&dir.join("full/metrics.jsonl")),
+        metrics_without_wall_time(&dir.join("part/metrics.jsonl"))
     );
     assert_eq!(
         std::fs::read(dir.join("full/model.safetensors")).unwrap(),

@@ -1,57 +1,14 @@
 //! Training runs through the library: run folder contents, resume equivalence (bit for bit,
 //! from mid-epoch and epoch-boundary checkpoints), and thread-count independence.
 
-use flatmin::data::DataSource;
-use flatmin::train::{Outcome, Silent, TrainConfig, Trainer};
-use flatmin_datasets::synthetic;
-use std::path::{Path, PathBuf};
+use flatmin::train::{Outcome, Silent, Trainer};
+use std::path::PathBuf;
+
+mod common;
+use common::{cfg, data, outcome};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("train-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn data() -> DataSource {
-    let (train, test) = synthetic(160, 60, 11);
-    DataSource {
-        train,
-        test,
-        origin: "synthetic".into(),
-        synthetic: true,
-    }
-}
-
-fn cfg(model: &str) -> TrainConfig {
-    TrainConfig {
-        model: model.into(),
-        epochs: 3,
-        batch_size: 32,
-        train_size: 0,
-        test_size: 0,
-        lr: 0.05,
-        warmup: 1,
-        seed: 5,
-        data: "synthetic".into(),
-        ..TrainConfig::default()
-    }
-}
-
-/// Final weights (bits) and metrics without wall-clock fields.
-fn outcome(dir: &Path) -> (Vec<u8>, Vec<String>) {
-    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let lines = metrics
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("wall_s");
-            o.remove("images_per_s");
-            v.to_string()
-        })
-        .collect();
-    (weights, lines)
+    common::tmp("train", name)
 }
 
 #[test]

@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::metrics_without_wall_time;
+
 fn tmp(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("train-cli-{name}"));
     let _ = std::fs::remove_dir_all(&d);
@@ -179,20 +182,6 @@ fn bad_flags_give_one_line_errors() {
         );
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
-}
-
-fn metrics_without_wall_time(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("wall_s");
-            o.remove("images_per_s");
-            v.to_string()
-        })
-        .collect()
 }
 
 #[test]

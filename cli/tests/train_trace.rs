@@ -1,25 +1,14 @@
 //! Training additions: `--trace-every` (trace records, bit-identical resume), cumulative
 //! gradient queries, `--random-labels` and `--init-from`.
 
-use flatmin::data::DataSource;
 use flatmin::train::{file_sha256, Outcome, Silent, TrainConfig, Trainer};
-use flatmin_datasets::synthetic;
 use std::path::{Path, PathBuf};
 
-fn tmp(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("train-trace-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+mod common;
+use common::{data, outcome};
 
-fn data() -> DataSource {
-    let (train, test) = synthetic(160, 60, 11);
-    DataSource {
-        train,
-        test,
-        origin: "synthetic".into(),
-        synthetic: true,
-    }
+fn tmp(name: &str) -> PathBuf {
+    common::tmp("train-trace", name)
 }
 
 fn cfg(model: &str) -> TrainConfig {
@@ -36,23 +25,6 @@ fn cfg(model: &str) -> TrainConfig {
         trace_size: 48,
         ..TrainConfig::default()
     }
-}
-
-/// Final weights (bits) and metrics without wall-clock fields.
-fn outcome(dir: &Path) -> (Vec<u8>, Vec<String>) {
-    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let lines = metrics
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("wall_s");
-            o.remove("images_per_s");
-            v.to_string()
-        })
-        .collect();
-    (weights, lines)
 }
 
 #[test]
