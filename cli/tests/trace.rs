@@ -14,38 +14,12 @@ use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flatmin");
 
+mod common;
+use common::{write_cifar, Rng};
+
 /// A fresh empty folder for one test under cargo's scratch folder.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("trace-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// xorshift64*: a tiny deterministic generator for test inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-    }
-}
-
-/// A CIFAR-10 batch file of `n` random records.
-fn write_cifar(path: &Path, n: usize, seed: u64) {
-    let mut rng = Rng(seed | 1);
-    let mut bytes = Vec::with_capacity(n * 3073);
-    for _ in 0..n {
-        bytes.push((rng.next() % 10) as u8);
-        bytes.extend((0..3072).map(|_| (rng.next() >> 56) as u8));
-    }
-    std::fs::write(path, bytes).unwrap();
+    common::scratch("trace", name)
 }
 
 /// Saves a `preset` model (f64) whose BatchNorm running statistics come from a few

@@ -64,3 +64,39 @@ pub fn outcome(dir: &Path) -> (Vec<u8>, Vec<String>) {
         metrics_without_wall_time(&dir.join("metrics.jsonl")),
     )
 }
+
+/// A fresh empty folder `CARGO_TARGET_TMPDIR/<prefix>-<name>` (created).
+pub fn scratch(prefix: &str, name: &str) -> PathBuf {
+    let dir = tmp(prefix, name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// xorshift64*: a tiny deterministic generator for test inputs.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+}
+
+/// A CIFAR-10 batch file of `n` random records.
+pub fn write_cifar(path: &Path, n: usize, seed: u64) {
+    let mut rng = Rng(seed | 1);
+    let mut bytes = Vec::with_capacity(n * 3073);
+    for _ in 0..n {
+        bytes.push((rng.next() % 10) as u8);
+        bytes.extend((0..3072).map(|_| (rng.next() >> 56) as u8));
+    }
+    std::fs::write(path, bytes).unwrap();
+}
