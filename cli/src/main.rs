@@ -34,6 +34,11 @@ enum Command {
     /// Hessian trace of a model on images: exact (structural or basis HVPs) or estimated,
     /// with a per-tensor breakdown; top eigenvalues (Lanczos) or spectral density (SLQ).
     Trace(Box<cmd::trace::TraceArgs>),
+    /// Top Hessian eigenvalues by Lanczos with full reorthogonalization (`--top K`).
+    Eigen(Box<cmd::trace::EigenArgs>),
+    /// Hessian spectral density by stochastic Lanczos quadrature, as a table and a plot
+    /// (`--out density.svg`).
+    Density(Box<cmd::trace::DensityArgs>),
     /// Run a grid of `flatmin train` settings (N at a time, or as a GNU parallel job list /
     /// Slurm array), then summarize it in a table and a plot.
     Sweep(Box<cmd::sweep::SweepArgs>),
@@ -53,6 +58,8 @@ fn main() -> ExitCode {
         Command::Plot(args) => cmd::plot::run(&args),
         Command::Eval(args) => cmd::eval::run(&args),
         Command::Trace(args) => cmd::trace::run(&args),
+        Command::Eigen(args) => cmd::trace::run_eigen(&args),
+        Command::Density(args) => cmd::trace::run_density(&args),
         Command::Sweep(args) => cmd::sweep::run(&args),
     };
     match result {

@@ -85,17 +85,13 @@ fn trace_of(v: &Value) -> f64 {
     v["trace"].as_f64().unwrap()
 }
 
+/// The `layers` object of a `--per-layer` report, as (tensor name, trace) by name.
 fn layer_traces(v: &Value) -> Vec<(String, f64)> {
     v["layers"]
-        .as_array()
-        .unwrap()
+        .as_object()
+        .expect("a layers object (--per-layer)")
         .iter()
-        .map(|l| {
-            (
-                l["name"].as_str().unwrap().to_string(),
-                l["trace"].as_f64().unwrap(),
-            )
-        })
+        .map(|(name, l)| (name.clone(), l["trace"].as_f64().unwrap()))
         .collect()
 }
 
@@ -124,8 +120,8 @@ fn tiny_tanh_structural_equals_basis() {
         "--dtype",
         "f64",
     ];
-    let s = run_json(&[&common[..], &["--method", "structural"]].concat());
-    let b = run_json(&[&common[..], &["--method", "basis"]].concat());
+    let s = run_json(&[&common[..], &["--method", "structural", "--per-layer"]].concat());
+    let b = run_json(&[&common[..], &["--method", "basis", "--per-layer"]].concat());
     let err = rel(trace_of(&s), trace_of(&b));
     eprintln!(
         "tiny-tanh: structural {} basis {} rel {err:.1e}",
@@ -217,7 +213,7 @@ fn batch_file_and_resnet20_against_in_process_basis_hvps() {
         "--dtype",
         "f64",
     ];
-    let s = run_json(&[&common[..], &["--method", "structural"]].concat());
+    let s = run_json(&[&common[..], &["--method", "structural", "--per-layer"]].concat());
     assert_eq!(s["images"], 3);
     assert_eq!(s["bn_mode"], "eval");
     assert_eq!(s["batch_norm_layers"], true);
@@ -254,7 +250,8 @@ fn batch_file_and_resnet20_against_in_process_basis_hvps() {
     let e = exact_trace_of(&h, &pick).unwrap();
     let layers = layer_traces(&s);
     for b in &e.blocks {
-        let (name, t) = &layers[b.index];
+        let name = &names[b.index];
+        let t = &layers.iter().find(|l| &l.0 == name).unwrap().1;
         let err = rel(*t, b.trace);
         eprintln!(
             "resnet20 {name}: binary structural {t} in-process basis {} rel {err:.1e}",
@@ -350,4 +347,206 @@ fn bad_input_is_one_line_naming_the_flag() {
     assert!(e.contains("--run") && e.contains("not a run folder"), "{e}");
     let e = run_err(&["--model", "tiny-tanh", "--data", &ds]);
     assert!(e.contains("--weights") || e.contains("--run"), "{e}");
+}
+
+/// Runs another `flatmin` subcommand (`eigen`, `density`, `train`).
+fn run_cmd(cmd: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg(cmd)
+        .args(args)
+        .env_remove("RAYON_NUM_THREADS")
+        .env("FLATMIN_DATA", "/nonexistent-flatmin-data")
+        .output()
+        .expect("run the flatmin binary")
+}
+
+/// The last stdout line of a successful run, parsed.
+fn last_json(out: Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+/// The interface of the curvature issue: `--checkpoint` (a run folder or a checkpoint file),
+/// `--limit`/`--batch-size`, the methods `exact`, `exact-hvp`, `hutchpp` and `--probes`,
+/// `--per-layer` filters (basis HVPs then measure only those tensors), the cost refusal of
+/// basis HVPs, the JSON keys, and the `eigen` and `density` commands.
+#[test]
+fn checkpoint_aliases_per_layer_eigen_and_density() {
+    let dir = scratch("interface");
+    let run_dir = dir.join("run");
+    let out = run_cmd(
+        "train",
+        &[
+            "--model",
+            "tiny-tanh",
+            "--data",
+            "synthetic",
+            "--epochs",
+            "1",
+            "--train-size",
+            "64",
+            "--test-size",
+            "32",
+            "--batch-size",
+            "32",
+            "--dtype",
+            "f64",
+            "--quiet",
+            "--out",
+            run_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rs = run_dir.display().to_string();
+    let ckpt = run_dir.join("checkpoints").join("last.safetensors");
+    let cs = ckpt.display().to_string();
+    let base = ["--checkpoint", &rs, "--limit", "20", "--batch-size", "8"];
+
+    // --checkpoint RUN takes the run's model, data and float type; --limit/--batch-size are
+    // --size/--batch.
+    let e = run_json(&[&base[..], &["--method", "exact", "--per-layer"]].concat());
+    assert_eq!(e["method"], "structural");
+    assert_eq!(e["requested_method"], "exact");
+    assert_eq!(e["model"], "tiny-tanh");
+    assert_eq!(e["dtype"], "f64");
+    assert_eq!(e["samples"], 20);
+    assert_eq!(e["batches"], 3);
+    assert_eq!(e["num_params"], 6506);
+    assert!(e["seconds"].as_f64().unwrap() >= 0.0);
+    assert_eq!(e["layers"].as_object().unwrap().len(), 4);
+    let long = run_json(&[
+        "--run",
+        &rs,
+        "--size",
+        "20",
+        "--batch",
+        "8",
+        "--method",
+        "structural",
+    ]);
+    assert_eq!(trace_of(&e).to_bits(), trace_of(&long).to_bits());
+    assert!(long.get("layers").is_none(), "layers only with --per-layer");
+
+    // A checkpoint file inside the run's checkpoints/ folder: the same run defaults.
+    let c = run_json(&["--checkpoint", &cs, "--limit", "20", "--batch-size", "8"]);
+    assert_eq!(c["run"], rs.as_str());
+    assert_eq!(c["dtype"], "f64");
+    assert_eq!(trace_of(&c).to_bits(), trace_of(&e).to_bits());
+
+    // --per-layer NAMES with basis HVPs measures only those tensors: their traces equal the
+    // structural ones, the total is not claimed.
+    let b = run_json(
+        &[
+            &base[..],
+            &["--method", "exact-hvp", "--per-layer", "layers.1"],
+        ]
+        .concat(),
+    );
+    assert_eq!(b["method"], "basis");
+    assert!(b["trace"].is_null());
+    assert_eq!(b["hvps"], 330);
+    let exact_layers = layer_traces(&e);
+    let got = layer_traces(&b);
+    assert_eq!(
+        got.iter().map(|l| l.0.as_str()).collect::<Vec<_>>(),
+        ["layers.1.bias", "layers.1.weight"]
+    );
+    let mut sum = 0.0;
+    for (name, t) in &got {
+        let want = exact_layers.iter().find(|l| &l.0 == name).unwrap().1;
+        assert!(rel(*t, want) < 1e-9, "{name}: {t} vs {want}");
+        sum += t;
+    }
+    assert!(rel(b["selected_trace"].as_f64().unwrap(), sum) < 1e-12);
+
+    // hutchpp --probes P spends P HVPs; hutchinson --probes P uses exactly P probes.
+    let p = run_json(&[&base[..], &["--method", "hutchpp", "--probes", "12"]].concat());
+    assert_eq!(
+        (p["method"].as_str(), p["hvps"].as_u64()),
+        (Some("hutch++"), Some(12))
+    );
+    assert!(p["stderr"].as_f64().unwrap() > 0.0);
+    let h = run_json(&[&base[..], &["--method", "hutchinson", "--probes", "24"]].concat());
+    assert_eq!(h["probes"], 24);
+    assert!(h["stderr"].as_f64().unwrap() > 0.0);
+
+    // eigen --top K is trace --method lanczos --top-k K.
+    let g = last_json(run_cmd(
+        "eigen",
+        &[&base[..], &["--top", "2", "--steps", "30", "--json"]].concat(),
+    ));
+    let l = run_json(
+        &[
+            &base[..],
+            &["--method", "lanczos", "--top-k", "2", "--steps", "30"],
+        ]
+        .concat(),
+    );
+    assert_eq!(g["eigenvalues"], l["eigenvalues"]);
+    assert_eq!(g["eigenvalues"].as_array().unwrap().len(), 2);
+
+    // density draws the SLQ density.
+    let svg = dir.join("density.svg");
+    let q = last_json(run_cmd(
+        "density",
+        &[
+            &base[..],
+            &[
+                "--probes",
+                "2",
+                "--steps",
+                "12",
+                "--out",
+                svg.to_str().unwrap(),
+                "--json",
+            ],
+        ]
+        .concat(),
+    ));
+    assert_eq!(q["method"], "slq");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("<svg") && text.contains("eigenvalue"));
+
+    // Refusals: a basis trace over the time limit (with the estimate), unknown --per-layer
+    // names, --per-layer without a trace, a plot format flatmin cannot write.
+    let e = run_err(
+        &[
+            &base[..],
+            &[
+                "--method",
+                "exact-hvp",
+                "--directions",
+                "4",
+                "--max-hours",
+                "1e-9",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(
+        e.contains("would take about") && e.contains("--max-hours"),
+        "{e}"
+    );
+    let e = run_err(&[&base[..], &["--per-layer", "layers.1,conv9"]].concat());
+    assert!(
+        e.contains("--per-layer conv9") && e.contains("layers"),
+        "{e}"
+    );
+    let e = run_err(&[&base[..], &["--method", "slq", "--per-layer"]].concat());
+    assert!(e.contains("--per-layer"), "{e}");
+    let out = run_cmd("density", &[&base[..], &["--out", "d.pdf"]].concat());
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.starts_with("error: --out d.pdf"), "{err}");
+    let e = run_err(&["--checkpoint", dir.join("nope").to_str().unwrap()]);
+    assert!(e.contains("--checkpoint"), "{e}");
 }

@@ -154,3 +154,56 @@ fn random_labels_and_init_from() {
     );
     Trainer::<f32>::new(c4, data(), &from_ckpt).unwrap();
 }
+
+/// `trace_method = hutchinson` logs estimates with standard errors at the same steps as the
+/// structural log, and each estimate lies within five standard errors of the exact trace at
+/// the same (bit-identical) parameters.
+#[test]
+fn hutchinson_trace_log_brackets_the_structural_one() {
+    let mut c = cfg("tiny-tanh");
+    c.epochs = 1;
+    let exact_dir = tmp("trace-structural");
+    let mut t = Trainer::<f32>::new(c.clone(), data(), &exact_dir).unwrap();
+    t.run(&mut Silent).unwrap();
+    let exact = t.run_dir().records().unwrap();
+    c.trace_method = "hutchinson".into();
+    c.trace_probes = 64;
+    let est_dir = tmp("trace-hutchinson");
+    let mut t = Trainer::<f32>::new(c.clone(), data(), &est_dir).unwrap();
+    t.run(&mut Silent).unwrap();
+    let est = t.run_dir().records().unwrap();
+    let traces = |r: &[flatmin::train::Record]| -> Vec<(usize, f64, Option<f64>, String)> {
+        r.iter()
+            .filter(|r| r.kind == "trace")
+            .map(|r| {
+                (
+                    r.step,
+                    r.extra["trace"],
+                    r.extra.get("trace_std_error").copied(),
+                    r.method.clone().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (traces(&exact), traces(&est));
+    assert_eq!(a.len(), b.len());
+    assert!(a.len() >= 3);
+    for ((sa, ta, sea, ma), (sb, tb, seb, mb)) in a.iter().zip(&b) {
+        assert_eq!(sa, sb);
+        assert_eq!((ma.as_str(), mb.as_str()), ("structural", "hutchinson"));
+        assert!(sea.is_none());
+        let se = seb.expect("a Hutchinson record carries its standard error");
+        assert!(se > 0.0 && se < 0.5 * ta.abs(), "se {se} vs trace {ta}");
+        assert!(
+            (tb - ta).abs() <= 5.0 * se,
+            "step {sa}: {tb} ± {se} vs {ta}"
+        );
+    }
+    // An unknown method is refused when the configuration is checked.
+    c.trace_method = "lanczos".into();
+    let e = Trainer::<f32>::new(c, data(), &tmp("trace-bad"))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("--trace-method"), "{e}");
+}

@@ -12,9 +12,9 @@ use flatmin::data::{auto_candidates, resolve};
 use flatmin::train::{RunDir, TrainConfig};
 use flatmin_datasets::{balanced_subset, read_batch_file, Batch, Element};
 use flatmin_engine::curvature::{
-    exact_trace, hutch_plus_plus, hutchinson, lanczos, slq, structural_support, Batches, Hessian,
-    HutchPlusPlusOptions, HutchinsonOptions, HvpConfig, LanczosOptions, SlqOptions,
-    StructuralAccumulator, StructuralOptions, Which,
+    exact_trace, exact_trace_of, hutch_plus_plus, hutchinson, lanczos, slq, structural_support,
+    Batches, Hessian, HutchPlusPlusOptions, HutchinsonOptions, HvpConfig, LanczosOptions,
+    SlqOptions, StructuralAccumulator, StructuralOptions, Which,
 };
 use flatmin_engine::{EngineError, Scalar, Tape, Tensor, Var};
 use flatmin_models::{BnUse, Model, ModelError};
@@ -43,20 +43,25 @@ pub enum Method {
     /// Structural if it applies, else basis HVPs for at most 20,000 parameters, else
     /// Hutchinson.
     Auto,
+    /// Exact: structural if it applies, else basis HVPs (refused, with the estimated time,
+    /// beyond --max-hours).
+    Exact,
     /// Exact, from per-sample gradients (GGN part plus smooth-activation sources); needs
     /// BatchNorm in eval mode.
     Structural,
     /// Exact, one HVP per parameter (d HVPs).
+    #[value(alias = "exact-hvp")]
     Basis,
-    /// Estimate with a confidence-interval stopping rule (--tol, --max-probes).
+    /// Estimate with a confidence-interval stopping rule (--tol, --max-probes), or exactly
+    /// --probes probes.
     Hutchinson,
-    /// Hutch++ estimate with --budget HVPs.
-    #[value(name = "hutch++")]
+    /// Hutch++ estimate with --budget (or --probes) HVPs.
+    #[value(name = "hutch++", alias = "hutchpp")]
     HutchPlusPlus,
-    /// Top --top-k eigenvalues by Lanczos (no trace).
+    /// Top --top-k eigenvalues by Lanczos (no trace; also `flatmin eigen`).
     Lanczos,
     /// Spectral density by stochastic Lanczos quadrature (--probes x --steps), and its
-    /// trace estimate.
+    /// trace estimate (also `flatmin density`).
     Slq,
 }
 
@@ -64,6 +69,7 @@ impl Method {
     fn name(self) -> &'static str {
         match self {
             Method::Auto => "auto",
+            Method::Exact => "exact",
             Method::Structural => "structural",
             Method::Basis => "basis",
             Method::Hutchinson => "hutchinson",
@@ -74,12 +80,12 @@ impl Method {
     }
 }
 
-/// Arguments of `flatmin trace`.
+/// What is measured and on which images: shared by `flatmin trace`, `eigen` and `density`.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("source").required(true).args(["weights", "run"])))]
-pub struct TraceArgs {
+#[command(group(ArgGroup::new("source").required(true).args(["weights", "run", "checkpoint"])))]
+pub struct MeasureArgs {
     /// Model preset (tiny-tanh, mlp-s, cnn-s, resnet20, resnet18) or `mlp:W0,...:ACT`
-    /// [default with --run: the run's].
+    /// [default with --run or --checkpoint: the run's].
     #[arg(long)]
     pub model: Option<String>,
     /// Model state (safetensors, f32 or f64; a PyTorch state_dict or a flatmin checkpoint).
@@ -89,6 +95,10 @@ pub struct TraceArgs {
     /// defaults.
     #[arg(long, value_name = "RUN")]
     pub run: Option<PathBuf>,
+    /// A run folder (as --run) or a checkpoint file; a checkpoint inside a run folder's
+    /// `checkpoints/` takes the run's model, data, seed and float type as defaults.
+    #[arg(long, value_name = "RUN_OR_FILE")]
+    pub checkpoint: Option<PathBuf>,
     /// Images: auto, synthetic, a cifar-10-batches-bin folder, or one CIFAR-10 batch file
     /// [default: the run's data, else auto].
     #[arg(long, value_name = "auto|synthetic|DIR|BATCH.bin")]
@@ -97,37 +107,20 @@ pub struct TraceArgs {
     #[arg(long, default_value = "test", value_parser = ["test", "train"])]
     pub split: String,
     /// Class-balanced subset of N images (0: all) [default: 1000, or all of a batch file].
-    #[arg(long, value_name = "N")]
+    #[arg(long, visible_alias = "limit", value_name = "N")]
     pub size: Option<usize>,
     /// Images per batch (the loss is the mean over all batches, weighted by size; with
     /// --bn-mode train each batch has its own statistics).
-    #[arg(long, value_name = "B", default_value_t = 128)]
+    #[arg(
+        long,
+        visible_alias = "batch-size",
+        value_name = "B",
+        default_value_t = 128
+    )]
     pub batch: usize,
     /// BatchNorm normalization: eval (running statistics) or train (batch statistics).
     #[arg(long, default_value = "eval", value_parser = ["eval", "train"])]
     pub bn_mode: String,
-    /// How to get the trace.
-    #[arg(long, value_enum, default_value_t = Method::Auto)]
-    pub method: Method,
-    /// Hutchinson: stop when the 95% confidence half-width is below this fraction of the
-    /// estimate.
-    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
-    pub tol: f64,
-    /// Hutchinson: most probes (HVPs).
-    #[arg(long, value_name = "P", default_value_t = 1000)]
-    pub max_probes: usize,
-    /// Hutch++: HVPs to spend (at least 6).
-    #[arg(long, value_name = "M", default_value_t = 99)]
-    pub budget: usize,
-    /// Lanczos: number of top eigenvalues.
-    #[arg(long, value_name = "K", default_value_t = 1)]
-    pub top_k: usize,
-    /// SLQ: probe vectors.
-    #[arg(long, value_name = "P", default_value_t = 8)]
-    pub probes: usize,
-    /// Lanczos: most iterations [default 100]; SLQ: steps per probe [default 64].
-    #[arg(long, value_name = "S")]
-    pub steps: Option<usize>,
     /// HVP directions per forward-over-reverse pass [default: as many as fit in 512 MiB,
     /// at most 64].
     #[arg(long, value_name = "K")]
@@ -142,20 +135,187 @@ pub struct TraceArgs {
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
     #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
     pub threads: Option<usize>,
-    /// Print one JSON object on stdout (the human report then goes to stderr).
+    /// Print one JSON object as the last line of stdout (the human report then goes to
+    /// stderr).
     #[arg(long)]
     pub json: bool,
 }
 
+/// Arguments of `flatmin trace`.
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// The model, its state and the images.
+    #[command(flatten)]
+    pub common: MeasureArgs,
+    /// How to get the trace.
+    #[arg(long, value_enum, default_value_t = Method::Auto)]
+    pub method: Method,
+    /// Hutchinson: stop when the 95% confidence half-width is below this fraction of the
+    /// estimate.
+    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
+    pub tol: f64,
+    /// Hutchinson: most probes (HVPs).
+    #[arg(long, value_name = "P", default_value_t = 1000)]
+    pub max_probes: usize,
+    /// Hutch++: HVPs to spend (at least 6).
+    #[arg(long, value_name = "M", default_value_t = 99)]
+    pub budget: usize,
+    /// Hutchinson: exactly P probes (no stopping rule); Hutch++: P HVPs (as --budget);
+    /// SLQ: P probe vectors [default 8].
+    #[arg(long, value_name = "P")]
+    pub probes: Option<usize>,
+    /// Lanczos: number of top eigenvalues.
+    #[arg(long, visible_alias = "top", value_name = "K", default_value_t = 1)]
+    pub top_k: usize,
+    /// Lanczos: most iterations [default 100]; SLQ: steps per probe [default 64].
+    #[arg(long, value_name = "S")]
+    pub steps: Option<usize>,
+    /// Report the trace per parameter tensor (JSON: a `layers` object); optionally only of
+    /// the named tensors or modules (comma-separated, e.g. `conv1,layer1`), which basis
+    /// HVPs then measure alone.
+    #[arg(long, value_name = "NAMES", num_args = 0..=1, default_missing_value = "")]
+    pub per_layer: Option<String>,
+    /// Basis HVPs: refuse when the estimated time exceeds this many hours.
+    #[arg(long, value_name = "H", default_value_t = 1.0)]
+    pub max_hours: f64,
+}
+
+/// Arguments of `flatmin eigen`.
+#[derive(Debug, Args)]
+pub struct EigenArgs {
+    /// The model, its state and the images.
+    #[command(flatten)]
+    pub common: MeasureArgs,
+    /// Number of top eigenvalues.
+    #[arg(long, visible_alias = "top-k", value_name = "K", default_value_t = 1)]
+    pub top: usize,
+    /// Most Lanczos iterations [default: 100].
+    #[arg(long, value_name = "S")]
+    pub steps: Option<usize>,
+}
+
+/// Arguments of `flatmin density`.
+#[derive(Debug, Args)]
+pub struct DensityArgs {
+    /// The model, its state and the images.
+    #[command(flatten)]
+    pub common: MeasureArgs,
+    /// Random probe vectors.
+    #[arg(long, value_name = "P", default_value_t = 8)]
+    pub probes: usize,
+    /// Lanczos steps per probe.
+    #[arg(long, value_name = "S", default_value_t = 64)]
+    pub steps: usize,
+    /// Plot of the density (Gaussian-broadened quadrature, log scale): .svg or .png.
+    #[arg(long, value_name = "density.svg")]
+    pub out: Option<PathBuf>,
+}
+
+/// One measurement request, from any of the three commands.
+struct Request<'a> {
+    common: &'a MeasureArgs,
+    method: Method,
+    tol: f64,
+    max_probes: usize,
+    /// Hutchinson with exactly this many probes.
+    fixed_probes: Option<usize>,
+    budget: usize,
+    top_k: usize,
+    slq_probes: usize,
+    steps: Option<usize>,
+    /// `--per-layer`: None (off), or the filters (empty: every tensor).
+    per_layer: Option<Vec<String>>,
+    max_hours: f64,
+    density_out: Option<PathBuf>,
+}
+
 /// Runs `flatmin trace`.
 pub fn run(args: &TraceArgs) -> Result<()> {
-    super::with_threads(args.threads, || dispatch(args))
+    let per_layer = args.per_layer.as_ref().map(|s| {
+        s.split(',')
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect()
+    });
+    if per_layer.is_some() && matches!(args.method, Method::Lanczos | Method::Slq) {
+        bail!(
+            "--per-layer needs a trace method, not --method {}",
+            args.method.name()
+        );
+    }
+    let req = Request {
+        common: &args.common,
+        method: args.method,
+        tol: args.tol,
+        max_probes: args.probes.unwrap_or(args.max_probes),
+        fixed_probes: args.probes.filter(|_| args.method == Method::Hutchinson),
+        budget: if args.method == Method::HutchPlusPlus {
+            args.probes.unwrap_or(args.budget)
+        } else {
+            args.budget
+        },
+        top_k: args.top_k,
+        slq_probes: args.probes.unwrap_or(8),
+        steps: args.steps,
+        per_layer,
+        max_hours: args.max_hours,
+        density_out: None,
+    };
+    super::with_threads(args.common.threads, || dispatch(&req))
+}
+
+/// Runs `flatmin eigen`.
+pub fn run_eigen(args: &EigenArgs) -> Result<()> {
+    let req = Request {
+        top_k: args.top,
+        steps: args.steps,
+        ..Request::only(&args.common, Method::Lanczos)
+    };
+    super::with_threads(args.common.threads, || dispatch(&req))
+}
+
+/// Runs `flatmin density`.
+pub fn run_density(args: &DensityArgs) -> Result<()> {
+    if let Some(out) = &args.out {
+        flatmin::plot::Format::of(out)?;
+    }
+    let req = Request {
+        slq_probes: args.probes,
+        steps: Some(args.steps),
+        density_out: args.out.clone(),
+        ..Request::only(&args.common, Method::Slq)
+    };
+    super::with_threads(args.common.threads, || dispatch(&req))
+}
+
+impl<'a> Request<'a> {
+    /// A request for `method` with every other setting at its default.
+    fn only(common: &'a MeasureArgs, method: Method) -> Self {
+        Request {
+            common,
+            method,
+            tol: 0.01,
+            max_probes: 1000,
+            fixed_probes: None,
+            budget: 99,
+            top_k: 1,
+            slq_probes: 8,
+            steps: None,
+            per_layer: None,
+            max_hours: 1.0,
+            density_out: None,
+        }
+    }
 }
 
 /// Everything resolved from the command line before the float type is fixed.
 struct Setup {
     model: String,
     weights: PathBuf,
+    /// The flag the weights came from (`--weights`, `--run` or `--checkpoint`).
+    source_flag: &'static str,
+    /// The run folder whose settings are the defaults, if any.
+    run: Option<PathBuf>,
     dtype: String,
     seed: u64,
     bn: BnUse,
@@ -165,102 +325,149 @@ struct Setup {
     split: Option<String>,
 }
 
-fn check_args(args: &TraceArgs) -> Result<()> {
-    if args.batch == 0 {
+fn check_args(r: &Request) -> Result<()> {
+    let c = r.common;
+    if c.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    if !(args.tol.is_finite() && args.tol >= 0.0) {
-        bail!("--tol must be a finite number >= 0, got {}", args.tol);
+    if !(r.tol.is_finite() && r.tol >= 0.0) {
+        bail!("--tol must be a finite number >= 0, got {}", r.tol);
     }
-    if args.max_probes < 2 {
-        bail!("--max-probes must be at least 2, got {}", args.max_probes);
+    if r.max_probes < 2 {
+        let flag = if r.fixed_probes.is_some() {
+            "--probes"
+        } else {
+            "--max-probes"
+        };
+        bail!("{flag} must be at least 2, got {}", r.max_probes);
     }
-    if args.budget < 6 {
-        bail!("--budget must be at least 6 HVPs, got {}", args.budget);
+    if r.budget < 6 {
+        let flag = if r.method == Method::HutchPlusPlus && r.budget != 99 {
+            "--budget/--probes"
+        } else {
+            "--budget"
+        };
+        bail!("{flag} must be at least 6 HVPs, got {}", r.budget);
     }
-    if args.top_k == 0 {
-        bail!("--top-k must be at least 1");
+    if r.top_k == 0 {
+        bail!("--top must be at least 1");
     }
-    if args.probes == 0 {
+    if r.slq_probes == 0 {
         bail!("--probes must be at least 1");
     }
-    if args.steps == Some(0) {
+    if r.steps == Some(0) {
         bail!("--steps must be at least 1");
     }
-    if args.directions == Some(0) {
+    if c.directions == Some(0) {
         bail!("--directions must be at least 1");
+    }
+    if !(r.max_hours.is_finite() && r.max_hours > 0.0) {
+        bail!("--max-hours must be a positive number, got {}", r.max_hours);
     }
     Ok(())
 }
 
-fn dispatch(args: &TraceArgs) -> Result<()> {
-    check_args(args)?;
-    let run_cfg = match &args.run {
-        Some(dir) => {
-            if !dir.join("config.json").is_file() {
-                bail!("--run {}: not a run folder (no config.json)", dir.display());
-            }
-            let cfg = RunDir::open(dir)
-                .and_then(|r| r.config())
-                .with_context(|| format!("--run {}", dir.display()))?;
-            Some(cfg)
+/// The model state and (for a run) the run folder, from --weights, --run or --checkpoint.
+fn resolve_source(c: &MeasureArgs) -> Result<(PathBuf, &'static str, Option<PathBuf>)> {
+    let open_run = |dir: &Path, flag: &str| -> Result<PathBuf> {
+        if !dir.join("config.json").is_file() {
+            bail!(
+                "{flag} {}: not a run folder (no config.json)",
+                dir.display()
+            );
         }
+        let w = dir.join("model.safetensors");
+        if !w.is_file() {
+            bail!(
+                "{flag} {}: the run has no model.safetensors yet",
+                dir.display()
+            );
+        }
+        Ok(w)
+    };
+    let file = |w: &Path, flag: &str| -> Result<()> {
+        if w.is_dir() {
+            bail!(
+                "{flag} {}: is a folder, not a safetensors file (for a run folder use --run)",
+                w.display()
+            );
+        }
+        if !w.is_file() {
+            bail!("{flag} {}: no such file", w.display());
+        }
+        Ok(())
+    };
+    match (&c.weights, &c.run, &c.checkpoint) {
+        (Some(w), _, _) => {
+            file(w, "--weights")?;
+            Ok((w.clone(), "--weights", None))
+        }
+        (None, Some(dir), _) => Ok((open_run(dir, "--run")?, "--run", Some(dir.clone()))),
+        (None, None, Some(p)) if p.is_dir() => Ok((
+            open_run(p, "--checkpoint")?,
+            "--checkpoint",
+            Some(p.clone()),
+        )),
+        (None, None, Some(p)) => {
+            file(p, "--checkpoint")?;
+            // RUN/checkpoints/NAME.safetensors belongs to RUN.
+            let run = p
+                .parent()
+                .filter(|d| d.file_name().is_some_and(|n| n == "checkpoints"))
+                .and_then(Path::parent)
+                .filter(|r| r.join("config.json").is_file())
+                .map(Path::to_path_buf);
+            Ok((p.clone(), "--checkpoint", run))
+        }
+        (None, None, None) => bail!("one of --weights, --run or --checkpoint is needed"),
+    }
+}
+
+fn dispatch(r: &Request) -> Result<()> {
+    check_args(r)?;
+    let c = r.common;
+    let (weights, source_flag, run) = resolve_source(c)?;
+    let run_cfg = match &run {
+        Some(dir) => Some(
+            RunDir::open(dir)
+                .and_then(|d| d.config())
+                .with_context(|| format!("{source_flag} {}", dir.display()))?,
+        ),
         None => None,
     };
-    let weights = match (&args.weights, &args.run) {
-        (Some(w), _) => {
-            if w.is_dir() {
-                bail!("--weights {}: is a folder, not a safetensors file (for a run folder use --run)", w.display());
-            }
-            if !w.is_file() {
-                bail!("--weights {}: no such file", w.display());
-            }
-            w.clone()
-        }
-        (None, Some(dir)) => {
-            let w = dir.join("model.safetensors");
-            if !w.is_file() {
-                bail!(
-                    "--run {}: the run has no model.safetensors yet",
-                    dir.display()
-                );
-            }
-            w
-        }
-        (None, None) => bail!("one of --weights or --run is needed"),
-    };
     let cfg: Option<&TrainConfig> = run_cfg.as_ref();
-    let model = match (&args.model, cfg) {
-        (Some(m), Some(c)) if *m != c.model => bail!(
+    let model = match (&c.model, cfg) {
+        (Some(m), Some(cf)) if *m != cf.model => bail!(
             "--model {m}: the run {} is of model {}; drop --model",
-            args.run
-                .as_ref()
+            run.as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
-            c.model
+            cf.model
         ),
         (Some(m), _) => m.clone(),
-        (None, Some(c)) => c.model.clone(),
+        (None, Some(cf)) => cf.model.clone(),
         (None, None) => bail!(
-            "--model is needed with --weights (which preset or mlp:... spec the weights belong to)"
+            "--model is needed with {source_flag} (which preset or mlp:... spec the weights belong to)"
         ),
     };
-    let dtype = args
+    let dtype = c
         .dtype
         .clone()
-        .or_else(|| cfg.map(|c| c.dtype.clone()))
+        .or_else(|| cfg.map(|cf| cf.dtype.clone()))
         .unwrap_or_else(|| "f32".into());
-    let seed = args.seed.or(cfg.map(|c| c.seed)).unwrap_or(0);
-    let bn = BnUse::parse(&args.bn_mode).context("--bn-mode: expected eval or train")?;
-    let spec = args
+    let seed = c.seed.or(cfg.map(|cf| cf.seed)).unwrap_or(0);
+    let bn = BnUse::parse(&c.bn_mode).context("--bn-mode: expected eval or train")?;
+    let spec = c
         .data
         .clone()
-        .or_else(|| cfg.map(|c| c.data.clone()))
+        .or_else(|| cfg.map(|cf| cf.data.clone()))
         .unwrap_or_else(|| "auto".into());
-    let (images, data_origin, synthetic, split) = load_images(args, &spec, seed)?;
+    let (images, data_origin, synthetic, split) = load_images(c, &spec, seed)?;
     let setup = Setup {
         model,
         weights,
+        source_flag,
+        run,
         dtype,
         seed,
         bn,
@@ -270,15 +477,15 @@ fn dispatch(args: &TraceArgs) -> Result<()> {
         split,
     };
     match setup.dtype.as_str() {
-        "f32" => measure::<f32>(args, &setup),
-        "f64" => measure::<f64>(args, &setup),
+        "f32" => measure::<f32>(r, &setup),
+        "f64" => measure::<f64>(r, &setup),
         other => bail!("--dtype must be f32 or f64, got '{other}'"),
     }
 }
 
 /// The images to measure on: a batch file, or a class-balanced subset of a split.
 fn load_images(
-    args: &TraceArgs,
+    args: &MeasureArgs,
     spec: &str,
     seed: u64,
 ) -> Result<(Batch, String, bool, Option<String>)> {
@@ -347,8 +554,8 @@ struct Found {
     note: Option<String>,
     trace: Option<f64>,
     std_error: Option<f64>,
-    /// Per parameter tensor: (trace, standard error).
-    blocks: Option<Vec<(f64, Option<f64>)>>,
+    /// Per measured parameter tensor: (index, trace, standard error).
+    blocks: Option<Vec<(usize, f64, Option<f64>)>>,
     /// Method-specific fields for JSON.
     extra: serde_json::Map<String, Value>,
     /// Method-specific lines for the human report.
@@ -369,14 +576,45 @@ impl Found {
     }
 }
 
-fn measure<T: Scalar + Element>(args: &TraceArgs, s: &Setup) -> Result<()> {
+/// The parameter tensors `--per-layer` measures: all of them without filters; a filter
+/// matches a tensor's name exactly or as a module prefix (`layer1` matches
+/// `layer1.0.conv1.weight`). A filter that matches nothing is an error listing the modules.
+fn select_tensors(names: &[String], filters: &[String]) -> Result<Vec<usize>> {
+    if filters.is_empty() {
+        return Ok((0..names.len()).collect());
+    }
+    let mut keep = vec![false; names.len()];
+    for f in filters {
+        let mut hit = false;
+        for (i, n) in names.iter().enumerate() {
+            let module = n
+                .strip_prefix(f.as_str())
+                .is_some_and(|rest| rest.starts_with('.'));
+            if n == f || module {
+                keep[i] = true;
+                hit = true;
+            }
+        }
+        if !hit {
+            let mut modules: Vec<&str> = names
+                .iter()
+                .map(|n| n.split('.').next().unwrap_or(n))
+                .collect();
+            modules.dedup();
+            bail!(
+                "--per-layer {f}: no parameter tensor or module of that name (modules: {})",
+                modules.join(", ")
+            );
+        }
+    }
+    Ok((0..names.len()).filter(|&i| keep[i]).collect())
+}
+
+fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
+    let args = r.common;
     let mut model = Model::<T>::named(&s.model, s.seed)
         .map_err(|e| anyhow::anyhow!("--model {}: {e}", s.model))?;
-    let what = if args.run.is_some() {
-        "--run"
-    } else {
-        "--weights"
-    };
+    let what = s.source_flag;
     // A training checkpoint also holds optimizer and trainer state; only the model's tensors
     // are loaded.
     let raw: Vec<_> = flatmin_models::io::read_safetensors(&s.weights)
@@ -390,6 +628,10 @@ fn measure<T: Scalar + Element>(args: &TraceArgs, s: &Setup) -> Result<()> {
     let params = model.params_cloned();
     let names: Vec<String> = model.param_names().iter().map(|n| n.to_string()).collect();
     let d = model.num_params();
+    let selected = match &r.per_layer {
+        Some(filters) => select_tensors(&names, filters)?,
+        None => (0..names.len()).collect(),
+    };
 
     let n = s.images.len();
     let batches: Vec<(Tensor<T>, Vec<usize>)> = (0..n)
@@ -413,9 +655,9 @@ fn measure<T: Scalar + Element>(args: &TraceArgs, s: &Setup) -> Result<()> {
         ..StructuralOptions::default()
     };
     let started = Instant::now();
-    let mut method = args.method;
+    let mut method = r.method;
     let mut note = None;
-    if matches!(method, Method::Auto | Method::Structural) {
+    if matches!(method, Method::Auto | Method::Exact | Method::Structural) {
         let support =
             structural_support(&net, &params, &[3, 32, 32], &sopts).context("structural trace")?;
         match (&support.refusal, method) {
@@ -426,6 +668,12 @@ fn measure<T: Scalar + Element>(args: &TraceArgs, s: &Setup) -> Result<()> {
                     s.model,
                     s.bn.name()
                 )
+            }
+            (Some(reason), Method::Exact) => {
+                method = Method::Basis;
+                note = Some(format!(
+                    "structural does not apply ({reason}); basis HVPs instead"
+                ));
             }
             (Some(reason), _) => {
                 method = if d <= AUTO_BASIS_MAX_DIM {
@@ -439,7 +687,7 @@ fn measure<T: Scalar + Element>(args: &TraceArgs, s: &Setup) -> Result<()> {
                 ));
             }
         }
-        if args.method == Method::Auto && note.is_none() {
+        if matches!(r.method, Method::Auto | Method::Exact) && note.is_none() {
             note = Some("structural applies".into());
         }
     }
@@ -460,7 +708,13 @@ fn measure<T: Scalar + Element>(args: &TraceArgs, s: &Setup) -> Result<()> {
         let r = acc.finish().context("structural trace")?;
         let mut f = Found::new(method);
         f.trace = Some(r.trace);
-        f.blocks = Some(r.blocks.iter().map(|b| (b.trace, None)).collect());
+        f.blocks = Some(
+            r.blocks
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (i, b.trace, None))
+                .collect(),
+        );
         f.extra.insert("ggn_trace".into(), json!(r.ggn_trace));
         f.extra
             .insert("activation_trace".into(), json!(r.activation_trace));
@@ -485,13 +739,6 @@ fn measure<T: Scalar + Element>(args: &TraceArgs, s: &Setup) -> Result<()> {
         let mut h =
             Hessian::new(&params, loss, HvpConfig::with_directions(1)).context("Hessian")?;
         let live = std::io::stderr().is_terminal();
-        if live {
-            let total = (method == Method::Basis).then_some(d);
-            h = h.with_progress(move |p| match total {
-                Some(t) => eprint!("\r{}: {}/{t} HVPs", method.name(), p.hvps),
-                None => eprint!("\r{}: {} HVPs", method.name(), p.hvps),
-            });
-        }
         let k = match args.directions {
             Some(k) => k,
             None => h
@@ -501,13 +748,51 @@ fn measure<T: Scalar + Element>(args: &TraceArgs, s: &Setup) -> Result<()> {
         };
         h.set_config(HvpConfig::with_directions(k))
             .context("--directions")?;
-        let result = hvp_method(args, method, &h, d, s.seed);
+        let (mut timing_hvps, mut timing_passes) = (0, 0);
+        let sel: usize = selected.iter().map(|&i| params[i].numel()).sum();
+        if method == Method::Basis {
+            match basis_cost(&h, sel, k)? {
+                Some((secs, pass_s)) if secs > r.max_hours * 3600.0 => {
+                    if r.method == Method::Auto {
+                        method = Method::Hutchinson;
+                        note = Some(format!(
+                            "{}; basis HVPs would take about {}, so hutchinson",
+                            note.unwrap_or_default(),
+                            human_duration(secs)
+                        ));
+                    } else {
+                        if live {
+                            eprint!("\r\x1b[K");
+                        }
+                        bail!(
+                            "--method {}: {sel} basis HVPs on {} images would take about {} (one pass of {k} directions: {pass_s:.2} s), more than --max-hours {}; estimate instead (--method hutchinson or hutch++), measure fewer images (--size), some tensors only (--per-layer NAMES), or raise --max-hours",
+                            r.method.name(),
+                            n,
+                            human_duration(secs),
+                            r.max_hours
+                        );
+                    }
+                }
+                _ => {}
+            }
+            (timing_hvps, timing_passes) = (h.hvps(), h.passes());
+        }
+        if live {
+            let total = (method == Method::Basis).then_some(sel + timing_hvps);
+            h = h.with_progress(move |p| match total {
+                Some(t) => eprint!("\r{}: {}/{t} HVPs", method.name(), p.hvps),
+                None => eprint!("\r{}: {} HVPs", method.name(), p.hvps),
+            });
+        }
+        let filtered = r.per_layer.as_ref().is_some_and(|f| !f.is_empty());
+        let result = hvp_method(r, method, &h, d, s.seed, filtered.then_some(&selected[..]));
         if live {
             eprint!("\r\x1b[K");
         }
         let mut f = result?;
-        f.extra.insert("hvps".into(), json!(h.hvps()));
-        f.extra.insert("passes".into(), json!(h.passes()));
+        f.extra.insert("hvps".into(), json!(h.hvps() - timing_hvps));
+        f.extra
+            .insert("passes".into(), json!(h.passes() - timing_passes));
         f.extra.insert("directions_per_pass".into(), json!(k));
         f
     };
@@ -516,30 +801,79 @@ fn measure<T: Scalar + Element>(args: &TraceArgs, s: &Setup) -> Result<()> {
         found.note = note;
     }
     let has_bn = model.arch().has_batch_norm();
-    report(args, s, &names, &params, has_bn, &found, compute_s)
+    report(r, s, &names, &params, &selected, has_bn, &found, compute_s)
+}
+
+/// Estimated seconds of `sel` basis HVPs in passes of `k` directions (and of one pass),
+/// from one timed pass; `None` when at most 4 passes are needed (not worth timing).
+fn basis_cost<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
+    h: &Hessian<'_, T, L>,
+    sel: usize,
+    k: usize,
+) -> Result<Option<(f64, f64)>> {
+    let passes = sel.div_ceil(k.max(1));
+    if passes <= 4 {
+        return Ok(None);
+    }
+    let probe = vec![vec![0.0; h.dim()]; k];
+    let t = Instant::now();
+    h.apply(&probe).context("timing one HVP pass")?;
+    let pass_s = t.elapsed().as_secs_f64();
+    Ok(Some((pass_s * passes as f64, pass_s)))
+}
+
+/// `secs` as e.g. `3.2 h`, `14 min` or `45 s`.
+fn human_duration(secs: f64) -> String {
+    if secs >= 3600.0 {
+        format!("{:.1} h", secs / 3600.0)
+    } else if secs >= 60.0 {
+        format!("{:.0} min", secs / 60.0)
+    } else {
+        format!("{secs:.0} s")
+    }
 }
 
 /// Runs one of the HVP-based methods on `h`.
+/// With `only` (from `--per-layer NAMES`), basis HVPs measure those tensors alone and the
+/// total trace is left unknown.
 fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
-    args: &TraceArgs,
+    args: &Request,
     method: Method,
     h: &Hessian<'_, T, L>,
     d: usize,
     seed: u64,
+    only: Option<&[usize]>,
 ) -> Result<Found> {
     let mut f = Found::new(method);
     match method {
         Method::Basis => {
-            let r = exact_trace(h).context("basis trace")?;
-            f.trace = Some(r.trace);
-            f.blocks = Some(r.blocks.iter().map(|b| (b.trace, None)).collect());
+            let r = match only {
+                Some(tensors) => exact_trace_of(h, tensors),
+                None => exact_trace(h),
+            }
+            .context("basis trace")?;
+            if only.is_some() {
+                f.extra.insert("selected_trace".into(), json!(r.trace));
+                f.extra.insert("selected_params".into(), json!(r.dim));
+                f.lines.push(format!(
+                    "  the selected tensors only ({} parameters): trace {:.6e}; the total is not measured",
+                    r.dim, r.trace
+                ));
+            } else {
+                f.trace = Some(r.trace);
+            }
+            f.blocks = Some(r.blocks.iter().map(|b| (b.index, b.trace, None)).collect());
         }
-        Method::Hutchinson | Method::Auto | Method::Structural => {
+        Method::Hutchinson | Method::Auto | Method::Exact | Method::Structural => {
             let opts = HutchinsonOptions {
                 seed,
-                min_probes: 10.min(args.max_probes),
+                min_probes: args.fixed_probes.unwrap_or(10.min(args.max_probes)),
                 max_probes: args.max_probes,
-                rel_tol: args.tol,
+                rel_tol: if args.fixed_probes.is_some() {
+                    0.0
+                } else {
+                    args.tol
+                },
                 ..HutchinsonOptions::default()
             };
             let r = hutchinson(h, &opts).context("hutchinson")?;
@@ -549,7 +883,8 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
                 r.block_estimates
                     .iter()
                     .zip(&r.block_std_errors)
-                    .map(|(&e, &s)| (e, Some(s)))
+                    .enumerate()
+                    .map(|(i, (&e, &s))| (i, e, Some(s)))
                     .collect(),
             );
             f.extra.insert("probes".into(), json!(r.probes));
@@ -557,16 +892,15 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
             f.extra
                 .insert("relative_half_width".into(), json!(r.relative_half_width));
             f.extra.insert("tol".into(), json!(args.tol));
+            let stop = match (args.fixed_probes, r.converged) {
+                (Some(_), _) => "--probes fixed the count".to_string(),
+                (None, true) => format!("converged, --tol {}", args.tol),
+                (None, false) => format!("stopped at --max-probes, --tol {}", args.tol),
+            };
             f.lines.push(format!(
-                "  {} probes, 95% half-width {:.2}% of the estimate ({}; --tol {})",
+                "  {} probes, 95% half-width {:.2}% of the estimate ({stop})",
                 r.probes,
                 100.0 * r.relative_half_width,
-                if r.converged {
-                    "converged"
-                } else {
-                    "stopped at --max-probes"
-                },
-                args.tol
             ));
         }
         Method::HutchPlusPlus => {
@@ -578,6 +912,7 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
             f.trace = Some(r.estimate);
             f.std_error = Some(r.std_error);
             f.extra.insert("budget".into(), json!(args.budget));
+            f.extra.insert("probes".into(), json!(args.budget));
             f.extra.insert("sketch_rank".into(), json!(r.rank));
             f.extra.insert("top_trace".into(), json!(r.top_trace));
             f.extra
@@ -591,7 +926,7 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
         }
         Method::Lanczos => {
             if args.top_k > d {
-                bail!("--top-k {} exceeds the {d} parameters", args.top_k);
+                bail!("--top {} exceeds the {d} parameters", args.top_k);
             }
             let opts = LanczosOptions {
                 k: args.top_k,
@@ -622,7 +957,7 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
         }
         Method::Slq => {
             let opts = SlqOptions {
-                probes: args.probes,
+                probes: args.slq_probes,
                 steps: args.steps.unwrap_or(64),
                 seed,
                 reorthogonalize: true,
@@ -653,7 +988,7 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
             f.extra.insert(
                 "density".into(),
                 json!({
-                    "probes": args.probes,
+                    "probes": args.slq_probes,
                     "steps": opts.steps,
                     "min": lo,
                     "max": hi,
@@ -665,7 +1000,7 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
             );
             f.lines.push(format!(
                 "  spectral density ({} probes x {} steps): support [{lo:.4e}, {hi:.4e}], mean {:.4e}, second moment {:.4e}, negative mass {:.3}",
-                args.probes,
+                args.slq_probes,
                 opts.steps,
                 r.moment(1),
                 r.moment(2),
@@ -679,21 +1014,89 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
                     100.0 * m
                 ));
             }
+            f.extra.insert("probes".into(), json!(args.slq_probes));
+            if let Some(out) = &args.density_out {
+                plot_density(&nodes, &weights, out)?;
+                f.extra
+                    .insert("density_plot".into(), json!(out.display().to_string()));
+                f.lines.push(format!("  density plot: {}", out.display()));
+            }
         }
     }
     Ok(f)
 }
 
-/// Prints the human report (stdout, or stderr with --json) and the JSON object.
+/// Points of the quadrature's density broadened by a Gaussian of width 1% of the spectrum's
+/// span, on a fine grid, floored at 1e-8 of the peak (for the log axis).
+fn broadened_density(nodes: &[f64], weights: &[f64]) -> Vec<(f64, f64)> {
+    let lo = nodes.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = nodes.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let span = hi - lo;
+    let sigma = if span > 0.0 {
+        0.01 * span
+    } else {
+        1e-3 * lo.abs().max(1e-12)
+    };
+    let (a, b) = (lo - 4.0 * sigma, hi + 4.0 * sigma);
+    const GRID: usize = 1000;
+    let norm = 1.0 / (sigma * (2.0 * std::f64::consts::PI).sqrt());
+    let pts: Vec<(f64, f64)> = (0..GRID)
+        .map(|i| {
+            let x = a + (b - a) * i as f64 / (GRID - 1) as f64;
+            let y: f64 = nodes
+                .iter()
+                .zip(weights)
+                .map(|(&t, &w)| w * norm * (-0.5 * ((x - t) / sigma).powi(2)).exp())
+                .sum();
+            (x, y)
+        })
+        .collect();
+    let peak = pts.iter().map(|p| p.1).fold(0.0, f64::max);
+    let floor = 1e-8 * peak;
+    pts.into_iter().map(|(x, y)| (x, y.max(floor))).collect()
+}
+
+/// Draws the spectral density to `out` (.svg or .png).
+fn plot_density(nodes: &[f64], weights: &[f64], out: &Path) -> Result<()> {
+    use flatmin::plot::{render, Figure, Format, Line, Metric, Panel, Source};
+    let format = Format::of(out)?;
+    let fig = Figure {
+        title: Some("Hessian spectral density (SLQ)".into()),
+        x_label: "eigenvalue".into(),
+        log_y: true,
+        panels: vec![Panel {
+            metric: Metric {
+                name: "density".into(),
+                source: Source::Trace,
+                description: "spectral density".into(),
+            },
+            caption: "density, Gaussian-broadened (σ = 1% of the span)".into(),
+            y_label: "density".into(),
+            lines: vec![Line {
+                label: "SLQ".into(),
+                points: broadened_density(nodes, weights),
+                raw: None,
+                markers: false,
+            }],
+        }],
+    };
+    render(&fig, out, format)
+}
+
+/// Prints the human report (stdout, or stderr with --json) and the JSON object (the last
+/// line of stdout).
+#[allow(clippy::too_many_arguments)]
 fn report<T: Scalar>(
-    args: &TraceArgs,
+    r: &Request,
     s: &Setup,
     names: &[String],
     params: &[Tensor<T>],
+    selected: &[usize],
     has_bn: bool,
     f: &Found,
     compute_s: f64,
 ) -> Result<()> {
+    let args = r.common;
     let d: usize = params.iter().map(|p| p.numel()).sum();
     let batches = s.images.len().div_ceil(args.batch);
     let bn_note = if has_bn { "" } else { " (no BatchNorm layers)" };
@@ -722,7 +1125,7 @@ fn report<T: Scalar>(
         f.method.name(),
         f.note
             .as_ref()
-            .map(|n| format!("; auto: {n}"))
+            .map(|n| format!("; {}: {n}", r.method.name()))
             .unwrap_or_default()
     ));
     if let Some(t) = f.trace {
@@ -736,16 +1139,28 @@ fn report<T: Scalar>(
         ));
     }
     out.extend(f.lines.iter().cloned());
-    if let (Some(blocks), Some(total)) = (&f.blocks, f.trace) {
+    // The measured tensors `--per-layer` asked for (all of them without the flag).
+    let shown: Vec<(usize, f64, Option<f64>)> = f
+        .blocks
+        .iter()
+        .flatten()
+        .filter(|b| selected.contains(&b.0))
+        .copied()
+        .collect();
+    let share_of = f
+        .trace
+        .or(f.extra.get("selected_trace").and_then(Value::as_f64));
+    if let Some(total) = share_of.filter(|_| !shown.is_empty()) {
         out.push(format!(
             "{:<30} {:>10} {:>14} {:>12} {:>8}",
             "parameter tensor", "numel", "trace", "tr/numel", "share"
         ));
-        for ((name, p), (t, se)) in names.iter().zip(params).zip(blocks) {
-            let numel = p.numel();
+        for &(i, t, se) in &shown {
+            let numel = params[i].numel();
             let se = se.map(|e| format!(" ±{e:.1e}")).unwrap_or_default();
             out.push(format!(
-                "{name:<30} {numel:>10} {t:>14.6e} {:>12.4e} {:>7.2}%{se}",
+                "{:<30} {numel:>10} {t:>14.6e} {:>12.4e} {:>7.2}%{se}",
+                names[i],
                 if numel == 0 { 0.0 } else { t / numel as f64 },
                 if total != 0.0 { 100.0 * t / total } else { 0.0 }
             ));
@@ -758,31 +1173,14 @@ fn report<T: Scalar>(
         return Ok(());
     }
     eprintln!("{human}");
-    let layers: Vec<Value> = match &f.blocks {
-        Some(blocks) => names
-            .iter()
-            .zip(params)
-            .zip(blocks)
-            .map(|((name, p), (t, se))| {
-                json!({
-                    "name": name,
-                    "shape": p.shape(),
-                    "numel": p.numel(),
-                    "trace": t,
-                    "normalized_trace": if p.numel() == 0 { 0.0 } else { t / p.numel() as f64 },
-                    "std_error": se,
-                })
-            })
-            .collect(),
-        None => Vec::new(),
-    };
     let mut obj = json!({
         "model": s.model,
         "weights": s.weights.display().to_string(),
-        "run": args.run.as_ref().map(|p| p.display().to_string()),
+        "run": s.run.as_ref().map(|p| p.display().to_string()),
         "data": s.data_origin,
         "synthetic": s.synthetic,
         "split": s.split,
+        "samples": s.images.len(),
         "images": s.images.len(),
         "batch_size": args.batch,
         "batches": batches,
@@ -791,18 +1189,37 @@ fn report<T: Scalar>(
         "dtype": s.dtype,
         "seed": s.seed,
         "method": f.method.name(),
-        "requested_method": args.method.name(),
+        "requested_method": r.method.name(),
         "method_note": f.note,
         "exact": exact,
+        "num_params": d,
         "dim": d,
         "trace": f.trace,
         "normalized_trace": f.trace.map(|t| t / d as f64),
+        "stderr": f.std_error,
         "std_error": f.std_error,
         "normalized_std_error": f.std_error.map(|e| e / d as f64),
-        "layers": layers,
+        "seconds": compute_s,
         "compute_s": compute_s,
     });
     if let Value::Object(map) = &mut obj {
+        if r.per_layer.is_some() {
+            let layers: serde_json::Map<String, Value> = shown
+                .iter()
+                .map(|&(i, t, se)| {
+                    let numel = params[i].numel();
+                    let v = json!({
+                        "shape": params[i].shape(),
+                        "numel": numel,
+                        "trace": t,
+                        "normalized_trace": if numel == 0 { 0.0 } else { t / numel as f64 },
+                        "stderr": se,
+                    });
+                    (names[i].clone(), v)
+                })
+                .collect();
+            map.insert("layers".into(), Value::Object(layers));
+        }
         for (k, v) in &f.extra {
             map.insert(k.clone(), v.clone());
         }

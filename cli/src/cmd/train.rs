@@ -168,8 +168,16 @@ pub struct TrainArgs {
     pub trace_every: Option<usize>,
     /// Training images (fixed, seeded, class-balanced subset) of the logged trace
     /// [default: 256].
-    #[arg(long, value_name = "N")]
+    #[arg(long, visible_alias = "trace-samples", value_name = "N")]
     pub trace_size: Option<usize>,
+    /// How the logged trace is measured: auto (structural where it applies, else
+    /// Hutchinson), structural (exact; refused where it does not apply) or hutchinson
+    /// (estimate with --trace-probes probes, logged with its standard error) [default: auto].
+    #[arg(long, value_name = "METHOD", value_parser = ["auto", "structural", "hutchinson"])]
+    pub trace_method: Option<String>,
+    /// Probes of a Hutchinson-logged trace [default: 32].
+    #[arg(long, value_name = "P")]
+    pub trace_probes: Option<usize>,
 }
 
 impl TrainArgs {
@@ -223,7 +231,9 @@ impl TrainArgs {
             output_iterate,
             zero_grad_xi,
             trace_every,
-            trace_size
+            trace_size,
+            trace_method,
+            trace_probes
         );
         if self.random_labels {
             c.random_labels = true;
@@ -309,7 +319,8 @@ impl TrainArgs {
             batch_size => "--batch-size", train_size => "--train-size", test_size => "--test-size",
             seed => "--seed", dtype => "--dtype", eval_every => "--eval-every",
             checkpoint_every => "--checkpoint-every", out => "--out", init_from => "--init-from",
-            trace_every => "--trace-every", trace_size => "--trace-size");
+            trace_every => "--trace-every", trace_size => "--trace-samples",
+            trace_method => "--trace-method", trace_probes => "--trace-probes");
         if self.random_labels {
             v.push("--random-labels");
         }

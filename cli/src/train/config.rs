@@ -105,6 +105,11 @@ pub struct TrainConfig {
     /// Training images (a fixed, seeded, class-balanced subset) the logged trace is measured
     /// on.
     pub trace_size: usize,
+    /// How the logged trace is measured: `auto` (structural where it applies, else
+    /// Hutchinson), `structural` (refused where it does not apply) or `hutchinson`.
+    pub trace_method: String,
+    /// Probes of a Hutchinson-logged trace.
+    pub trace_probes: usize,
 }
 
 impl Default for TrainConfig {
@@ -154,6 +159,8 @@ impl Default for TrainConfig {
             init_sha256: None,
             trace_every: 0,
             trace_size: 256,
+            trace_method: "auto".into(),
+            trace_probes: 32,
         }
     }
 }
@@ -256,7 +263,19 @@ impl TrainConfig {
             positive("--eps", self.eps)?;
         }
         if self.trace_every > 0 && self.trace_size == 0 {
-            bail!("--trace-size must be at least 1");
+            bail!("--trace-samples must be at least 1");
+        }
+        if !["auto", "structural", "hutchinson"].contains(&self.trace_method.as_str()) {
+            bail!(
+                "--trace-method must be auto, structural or hutchinson, got '{}'",
+                self.trace_method
+            );
+        }
+        if self.trace_probes < 2 {
+            bail!(
+                "--trace-probes must be at least 2, got {}",
+                self.trace_probes
+            );
         }
         flatmin_models::Arch::parse(&self.model).map_err(|e| anyhow::anyhow!("--model: {e}"))?;
         Ok(())

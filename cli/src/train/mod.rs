@@ -91,9 +91,6 @@ const RANDOM_LABELS_SEED_TAG: u64 = 0x726c_6162;
 const TRACE_SUBSET_SEED_TAG: u64 = 0x7472_6163;
 /// Batch size of the logged trace's structural pass (memory only).
 const TRACE_BATCH: usize = 128;
-/// Probes of the Hutchinson estimate the logged trace falls back to when the structural
-/// trace does not apply.
-const TRACE_HUTCHINSON_PROBES: usize = 32;
 
 /// SHA-256 (hex) of a file's bytes.
 pub fn file_sha256(path: &Path) -> Result<String> {
@@ -560,7 +557,15 @@ impl<T: Scalar + Element> Trainer<T> {
         let mut extra = std::collections::BTreeMap::new();
         let support = structural_support(&net, params, &[3, 32, 32], &opts)
             .context("--trace-every: structural trace")?;
-        let (trace, method) = if support.applies() {
+        if self.cfg.trace_method == "structural" {
+            if let Some(reason) = &support.refusal {
+                bail!(
+                    "--trace-method structural does not apply to {}: {reason}",
+                    self.cfg.model
+                );
+            }
+        }
+        let (trace, method) = if support.applies() && self.cfg.trace_method != "hutchinson" {
             let mut acc = StructuralAccumulator::new(&net, params, &[3, 32, 32], &opts)
                 .context("--trace-every: structural trace")?;
             for (x, labels) in &self.trace_set {
@@ -585,8 +590,8 @@ impl<T: Scalar + Element> Trainer<T> {
                 .context("--trace-every: Hessian")?;
             let hopts = HutchinsonOptions {
                 seed: derive_seed(self.cfg.seed, TRACE_SUBSET_SEED_TAG ^ self.step as u64),
-                min_probes: TRACE_HUTCHINSON_PROBES,
-                max_probes: TRACE_HUTCHINSON_PROBES,
+                min_probes: self.cfg.trace_probes,
+                max_probes: self.cfg.trace_probes,
                 ..HutchinsonOptions::default()
             };
             let r = hutchinson(&h, &hopts).context("--trace-every: hutchinson")?;
