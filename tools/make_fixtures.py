@@ -48,6 +48,13 @@ Cases (seed in parentheses):
                                  running statistics (model.eval()); N = 8. The train case also
                                  stores the running statistics after one train-mode forward.
   resnet18-train, resnet18-eval  logits and loss only, N = 2
+  backpack-tiny-tanh, backpack-cnn-s
+                                 BackPACK's DiagHessian (exact Hessian diagonal of the mean
+                                 cross-entropy, float64) on generated weights and N = 32
+                                 (tiny-tanh) / 16 (cnn-s) generated images: the diagonal of
+                                 every parameter (diag.NAME), its trace per tensor and in all
+                                 (trace), and the loss. Needs `pip install backpack-for-pytorch`
+                                 (imported only for these cases).
   tiny-tanh-ckpt, resnet20-ckpt  a float32 state_dict saved by safetensors.torch.save_file
                                  (<case>.safetensors, loadable as is) after two train-mode
                                  forwards (so num_batches_tracked = 2 and running stats moved),
@@ -336,6 +343,12 @@ CASES = [
     ("resnet18-eval", "resnet18", "eval", 2, 1007, False),
 ]
 
+BACKPACK_CASES = [
+    # name, preset, batch, seed
+    ("backpack-tiny-tanh", "tiny-tanh", 32, 3001),
+    ("backpack-cnn-s", "cnn-s", 16, 3002),
+]
+
 CKPT_CASES = [
     ("tiny-tanh-ckpt", "tiny-tanh", 2001),
     ("resnet20-ckpt", "resnet20", 2002),
@@ -413,6 +426,57 @@ def golden_case(name, preset, bn, n, seed, with_derivatives):
     return write(os.path.join(OUT, f"{name}.safetensors"), out, meta)
 
 
+def backpack_case(name, preset, n, seed):
+    """BackPACK's exact Hessian diagonal (DiagHessian) of the mean cross-entropy."""
+    from backpack import backpack, extend
+    from backpack.extensions import DiagHessian
+    from importlib.metadata import version
+
+    ref = build(preset, seed)
+    names = param_names(ref)
+    x_np, labels_np = make_batch(seed, n)
+    x, labels = torch.from_numpy(x_np), torch.from_numpy(labels_np)
+    # BackPACK propagates second-order information module by module, so it needs the net as
+    # an nn.Sequential of modules it knows; this one computes the reference module's function
+    # with the same parameters (checked bit for bit on the logits).
+    if preset == "tiny-tanh":
+        layers = [nn.AvgPool2d(4), nn.Flatten(), nn.Linear(192, 32), nn.Tanh(),
+                  nn.Linear(32, 10)]
+    elif preset == "cnn-s":
+        layers = [nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                  nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                  nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10)]
+    else:
+        raise ValueError(f"no BackPACK form of {preset}")
+    model = nn.Sequential(*layers).to(torch.float64)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert p.shape == q.shape
+            p.copy_(q)
+        assert torch.equal(model(x), ref(x)), "the Sequential form differs from the reference"
+    model = extend(model)
+    lossf = extend(nn.CrossEntropyLoss())
+    model.zero_grad()
+    loss = lossf(model(x), labels)
+    with backpack(DiagHessian()):
+        loss.backward()
+    out = {"input.labels": labels_np}
+    put(out, "input.x", x_np)
+    total = 0.0
+    for pname, p in zip(names, model.parameters()):
+        d = p.diag_h.detach().numpy()
+        put(out, f"diag.{pname}", d)
+        out[f"trace.{pname}"] = np.array([d.sum()])
+        total += float(d.sum())
+    out["trace"] = np.array([total])
+    out["loss"] = loss.detach().reshape(1).numpy()
+    meta = {"generator": GENERATOR, "seed": seed, "model": preset, "batch": n,
+            "method": "backpack DiagHessian", "backpack": version("backpack-for-pytorch"),
+            "params": ",".join(names), "torch": torch.__version__}
+    print(f"{name}: loss {loss.item():.6f}, BackPACK trace {total:.12e}")
+    return write(os.path.join(OUT, f"{name}.safetensors"), out, meta)
+
+
 def checkpoint_case(name, preset, seed):
     """A real float32 PyTorch checkpoint plus float64 logits computed from its weights."""
     model = build(preset, seed).float()
@@ -456,6 +520,9 @@ def main():
     for case in CASES:
         if not only or case[0] in only:
             total += golden_case(*case)
+    for case in BACKPACK_CASES:
+        if not only or case[0] in only:
+            total += backpack_case(*case)
     for case in CKPT_CASES:
         if not only or case[0] in only:
             total += checkpoint_case(*case)
