@@ -888,6 +888,7 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
                     .collect(),
             );
             f.extra.insert("probes".into(), json!(r.probes));
+            f.extra.insert("ci95_half_width".into(), json!(r.half_width));
             f.extra.insert("converged".into(), json!(r.converged));
             f.extra
                 .insert("relative_half_width".into(), json!(r.relative_half_width));
@@ -912,6 +913,7 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
             f.trace = Some(r.estimate);
             f.std_error = Some(r.std_error);
             f.extra.insert("budget".into(), json!(args.budget));
+            f.extra.insert("ci95_half_width".into(), json!(r.half_width));
             f.extra.insert("probes".into(), json!(args.budget));
             f.extra.insert("sketch_rank".into(), json!(r.rank));
             f.extra.insert("top_trace".into(), json!(r.top_trace));
@@ -920,8 +922,8 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
             f.extra
                 .insert("residual_probes".into(), json!(r.residual_probes));
             f.lines.push(format!(
-                "  {} HVPs: exact {:.6e} on a rank-{} sketch + {:.6e} from {} residual probes",
-                args.budget, r.top_trace, r.rank, r.residual_estimate, r.residual_probes
+                "  {} HVPs: exact {:.6e} on a rank-{} sketch + {:.6e} from {} residual probes; 95% interval ± {:.3e} (Student t)",
+                args.budget, r.top_trace, r.rank, r.residual_estimate, r.residual_probes, r.half_width
             ));
         }
         Method::Lanczos => {

@@ -18,10 +18,12 @@ pub struct HutchinsonOptions {
     pub min_probes: usize,
     /// Hard cap on probes (at least `min_probes`).
     pub max_probes: usize,
-    /// Stop once `z · se / |mean| <= rel_tol` (the relative half-width of the confidence
+    /// Stop once `t · se / |mean| <= rel_tol` (the relative half-width of the confidence
     /// interval). 0 never stops early.
     pub rel_tol: f64,
-    /// Normal quantile of the confidence interval (1.96 for 95 %).
+    /// Normal quantile of the confidence level (1.96 for 95 %); the interval uses the
+    /// Student-t quantile of the same level with `probes − 1` degrees of freedom
+    /// ([`student_t_quantile`]), which matters for few probes.
     pub z: f64,
     /// Probes per round (the rule is checked after each round); `None`: `K` times the
     /// concurrent passes, so that a round fills the passes.
@@ -48,7 +50,8 @@ pub struct HutchinsonResult {
     pub estimate: f64,
     /// Sample standard error of the mean.
     pub std_error: f64,
-    /// `z · std_error`: half-width of the confidence interval.
+    /// `t · std_error`: half-width of the confidence interval (`t` the Student-t quantile
+    /// of the level of `z` with `probes − 1` degrees of freedom).
     pub half_width: f64,
     /// `half_width / |estimate|` (0 when the standard error is 0).
     pub relative_half_width: f64,
@@ -129,7 +132,7 @@ pub fn hutchinson<T: Scalar, L: BatchLoss<T>>(
         if se == 0.0 {
             0.0
         } else {
-            opts.z * se / r.mean().abs()
+            student_t_quantile(opts.z, r.count().saturating_sub(1)) * se / r.mean().abs()
         }
     };
     let converged = loop {
@@ -165,7 +168,7 @@ pub fn hutchinson<T: Scalar, L: BatchLoss<T>>(
     Ok(HutchinsonResult {
         estimate,
         std_error: se,
-        half_width: opts.z * se,
+        half_width: student_t_quantile(opts.z, total.count().saturating_sub(1)) * se,
         relative_half_width: relative(&total),
         probes: total.count(),
         converged,
@@ -178,6 +181,60 @@ pub fn hutchinson<T: Scalar, L: BatchLoss<T>>(
         hvps: h.hvps() - start.0,
         passes: h.passes() - start.1,
     })
+}
+
+/// The two-sided Student-t quantile with `dof` degrees of freedom at the confidence level
+/// whose normal quantile is `z` (e.g. 1.96 → 2.262 for 9 degrees of freedom), by the
+/// Cornish-Fisher expansion in `1/dof` (Hill 1970), accurate to about 1e-3 for `dof >= 3`
+/// at usual levels. `dof = 0` (a single sample) gives infinity; `dof` 1 and 2 use the exact
+/// closed forms.
+pub fn student_t_quantile(z: f64, dof: usize) -> f64 {
+    match dof {
+        0 => f64::INFINITY,
+        1 | 2 => {
+            // Upper tail probability of z under the normal law, then the exact t inverse.
+            let p = 0.5 * erfc(z / std::f64::consts::SQRT_2);
+            if dof == 1 {
+                (std::f64::consts::PI * (0.5 - p)).tan()
+            } else {
+                let a = 4.0 * p * (1.0 - p);
+                (2.0 * (1.0 - 2.0 * p).powi(2) / a).sqrt()
+            }
+        }
+        _ => {
+            let v = dof as f64;
+            let z2 = z * z;
+            let g1 = (z2 + 1.0) * z / 4.0;
+            let g2 = ((5.0 * z2 + 16.0) * z2 + 3.0) * z / 96.0;
+            let g3 = (((3.0 * z2 + 19.0) * z2 + 17.0) * z2 - 15.0) * z / 384.0;
+            let g4 =
+                ((((79.0 * z2 + 776.0) * z2 + 1482.0) * z2 - 1920.0) * z2 - 945.0) * z / 92160.0;
+            z + g1 / v + g2 / (v * v) + g3 / (v * v * v) + g4 / (v * v * v * v)
+        }
+    }
+}
+
+/// The complementary error function, for [`student_t_quantile`]'s small-dof cases: the
+/// Maclaurin series of `erf` (summed until the terms vanish; about 1e-10 accurate) for
+/// `|x| <= 4`, the first terms of the asymptotic series beyond (relative error below 1e-4).
+fn erfc(x: f64) -> f64 {
+    if x.abs() > 4.0 {
+        let x2 = x * x;
+        let tail = (-x2).exp() / (x.abs() * std::f64::consts::PI.sqrt())
+            * (1.0 - 0.5 / x2 + 0.75 / (x2 * x2));
+        return if x > 0.0 { tail } else { 2.0 - tail };
+    }
+    // erf(x) = 2/√π Σ_n (−1)ⁿ x^(2n+1) / (n! (2n+1))
+    let (x2, mut power, mut sum) = (x * x, x, 0.0);
+    for n in 0..200 {
+        let term = power / (2 * n + 1) as f64;
+        sum += term;
+        if term.abs() < 1e-17 * sum.abs().max(1e-300) {
+            break;
+        }
+        power *= -x2 / (n + 1) as f64;
+    }
+    1.0 - 2.0 / std::f64::consts::PI.sqrt() * sum
 }
 
 /// Options of [`hutch_plus_plus`].
@@ -207,6 +264,9 @@ pub struct HutchPlusPlusResult {
     /// Standard error of the estimate (that of the Hutchinson part; the rest is exact given
     /// `Q`).
     pub std_error: f64,
+    /// Half-width of the 95% confidence interval: `std_error` times the Student-t quantile
+    /// with `residual_probes − 1` degrees of freedom (2.26 for 10 probes, not 1.96).
+    pub half_width: f64,
     /// `tr(Qᵀ H Q)`, exact, over the sketched subspace.
     pub top_trace: f64,
     /// Hutchinson estimate of `tr((I − QQᵀ) H (I − QQᵀ))`.
@@ -269,6 +329,7 @@ pub fn hutch_plus_plus<T: Scalar, L: BatchLoss<T>>(
     Ok(HutchPlusPlusResult {
         estimate,
         std_error: se,
+        half_width: student_t_quantile(1.96, g.saturating_sub(1)) * se,
         top_trace,
         residual_estimate: resid.mean(),
         sketch_size: s,

@@ -50,8 +50,8 @@ mod trace;
 mod tridiag;
 
 pub use estimators::{
-    hutch_plus_plus, hutchinson, HutchPlusPlusOptions, HutchPlusPlusResult, HutchinsonOptions,
-    HutchinsonResult,
+    hutch_plus_plus, hutchinson, student_t_quantile, HutchPlusPlusOptions, HutchPlusPlusResult,
+    HutchinsonOptions, HutchinsonResult,
 };
 pub use lanczos::{
     gaussian_density, lanczos, slq, LanczosOptions, LanczosResult, SlqOptions, SlqProbe, SlqResult,
