@@ -60,19 +60,35 @@ fn conv(c: &mut Criterion) {
 
 fn models(c: &mut Criterion) {
     for model in ["mlp-s", "cnn-s", "resnet20"] {
-        let k = if model == "resnet20" { 1 } else { 16 };
+        let k = 16;
         let w = Workload::<f32>::new(model, 128, k).expect("preset");
         let mut g = c.benchmark_group(model);
         g.sample_size(10)
             .measurement_time(Duration::from_secs(if model == "mlp-s" { 5 } else { 20 }));
         g.bench_function("grad", |b| b.iter(|| black_box(w.grad())));
         g.bench_function("hvp", |b| b.iter(|| black_box(w.hvp())));
-        if k == 16 {
-            g.bench_function("hvp16", |b| b.iter(|| black_box(w.hvp_batched())));
-        }
+        g.bench_function("hvp16", |b| b.iter(|| black_box(w.hvp_batched())));
         g.finish();
     }
 }
 
-criterion_group!(benches, gemm, conv, models);
+/// Exact Hessian traces: by structure (tiny-tanh at batch 256, mlp-s and cnn-s at 128; the
+/// BackPACK DiagHessian workloads) and by 6,506 basis HVPs (tiny-tanh at 256).
+fn traces(c: &mut Criterion) {
+    let mut g = c.benchmark_group("trace");
+    g.sample_size(10).measurement_time(Duration::from_secs(10));
+    for (model, batch) in [("tiny-tanh", 256), ("mlp-s", 128), ("cnn-s", 128)] {
+        let w = Workload::<f32>::new(model, batch, 0).expect("preset");
+        g.bench_function(BenchmarkId::new("structural", model), |b| {
+            b.iter(|| black_box(w.trace_structural()))
+        });
+    }
+    let w = Workload::<f32>::new("tiny-tanh", 256, 0).expect("preset");
+    g.bench_function(BenchmarkId::new("basis", "tiny-tanh"), |b| {
+        b.iter(|| black_box(w.trace_basis(64)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, gemm, conv, models, traces);
 criterion_main!(benches);

@@ -2,11 +2,18 @@
 //! a random CIFAR-shaped batch, and random directions, all seeded.
 #![warn(missing_docs)]
 
+use flatmin_engine::curvature::{
+    exact_trace, hutchinson, structural_trace, Hessian, HutchinsonOptions, HvpConfig,
+    StructuralOptions,
+};
 use flatmin_engine::kernels::gemm::{gemm_par, MatRef};
-use flatmin_engine::{Scalar, Tensor};
+use flatmin_engine::{EngineError, Scalar, Tape, Tensor, Var};
 use flatmin_models::{BnUse, Model};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+
+/// The loss of a workload on a tape, boxed.
+type LossFn<'a, T> = dyn Fn(&mut Tape<T>, &[Var]) -> Result<Var, EngineError> + Send + Sync + 'a;
 
 /// A model, a batch and K directions, ready to time.
 pub struct Workload<T> {
@@ -84,6 +91,70 @@ impl<T: Scalar> Workload<T> {
             .zip(&self.dirs)
             .map(|(h, d)| h.iter().zip(d).map(|(a, b)| a.dot(b)).sum::<f64>())
             .sum()
+    }
+}
+
+impl<T: Scalar> Workload<T> {
+    /// The exact Hessian trace of the batch's mean cross-entropy by structure (BatchNorm on
+    /// running statistics, as the structural method requires); returns it.
+    pub fn trace_structural(&self) -> f64 {
+        let opts = StructuralOptions {
+            chunk_size: self.x.shape()[0],
+            ..StructuralOptions::default()
+        };
+        structural_trace(
+            &self.model.structure(BnUse::Eval),
+            &self.model.params_cloned(),
+            &self.x,
+            &self.labels,
+            &opts,
+        )
+        .expect("structural trace applies to the presets")
+        .trace
+    }
+
+    /// The exact Hessian trace by basis HVPs (`d` HVPs, `k` per pass), BatchNorm as
+    /// [`Workload::bn`]; returns it.
+    pub fn trace_basis(&self, k: usize) -> f64 {
+        self.with_hessian(k, |h| exact_trace(h).expect("valid workload").trace)
+    }
+
+    /// A Hutchinson estimate with exactly `probes` Rademacher probes, `k` per pass (seed 0),
+    /// BatchNorm as [`Workload::bn`]; returns it.
+    pub fn trace_hutchinson(&self, probes: usize, k: usize) -> f64 {
+        let opts = HutchinsonOptions {
+            min_probes: probes,
+            max_probes: probes,
+            rel_tol: 0.0,
+            ..HutchinsonOptions::default()
+        };
+        self.with_hessian(k, |h| {
+            hutchinson(h, &opts).expect("valid workload").estimate
+        })
+    }
+
+    /// Runs `f` on the Hessian operator of the batch's loss, `k` directions per pass.
+    fn with_hessian<R>(
+        &self,
+        k: usize,
+        f: impl FnOnce(&Hessian<'_, T, flatmin_engine::curvature::SingleBatch<Box<LossFn<'_, T>>>>) -> R,
+    ) -> R {
+        let loss = |tape: &mut Tape<T>, vars: &[Var]| {
+            let xv = tape.constant(self.x.clone());
+            let (z, _) =
+                self.model
+                    .forward(tape, vars, xv, self.bn)
+                    .map_err(|e| EngineError::Shape {
+                        op: "forward",
+                        detail: e.to_string(),
+                    })?;
+            tape.cross_entropy(z, &self.labels)
+        };
+        let loss: Box<LossFn<'_, T>> = Box::new(loss);
+        let params = self.model.params_cloned();
+        let h =
+            Hessian::from_fn(&params, loss, HvpConfig::with_directions(k)).expect("valid workload");
+        f(&h)
     }
 }
 

@@ -18,6 +18,20 @@ pub enum Task {
     HvpBatched,
     /// SGEMM of size `--size` through the engine's parallel GEMM.
     Gemm,
+    /// Exact Hessian trace of the batch (`--method structural` or `basis`), and the
+    /// gradient for the ratio.
+    Trace,
+}
+
+/// How `flatmin bench trace` computes the exact trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TraceMethod {
+    /// By structure (GGN columns plus smooth-activation sources; BatchNorm eval).
+    Structural,
+    /// By d basis HVPs, `--vectors` per pass.
+    Basis,
+    /// Estimated: Hutchinson with exactly `--probes` probes, `--vectors` per pass.
+    Hutchinson,
 }
 
 /// Arguments of `flatmin bench`.
@@ -32,9 +46,15 @@ pub struct BenchArgs {
     /// Batch size.
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
-    /// Directions for hvp-batched.
+    /// Directions for hvp-batched (and per pass for `trace --method basis`).
     #[arg(long, default_value_t = 16)]
     pub vectors: usize,
+    /// Trace method of `trace`.
+    #[arg(long, value_enum, default_value_t = TraceMethod::Structural)]
+    pub method: TraceMethod,
+    /// Probes of `trace --method hutchinson`.
+    #[arg(long, default_value_t = 100)]
+    pub probes: usize,
     /// Matrix size for gemm.
     #[arg(long, default_value_t = 1024)]
     pub size: usize,
@@ -73,6 +93,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.reps == 0 || args.batch == 0 || args.vectors == 0 || args.size == 0 {
         bail!("--reps, --batch, --vectors and --size must be at least 1");
     }
+    if args.probes < 2 {
+        bail!("--probes must be at least 2, got {}", args.probes);
+    }
     super::with_threads(args.threads, || measure(args))
 }
 
@@ -80,7 +103,7 @@ fn measure(args: &BenchArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
     let mut rows: Vec<(String, f64, f64)> = Vec::new();
     let mut out = json!({
-        "task": match args.task { Task::Grad => "grad", Task::Hvp => "hvp", Task::HvpBatched => "hvp-batched", Task::Gemm => "gemm" },
+        "task": match args.task { Task::Grad => "grad", Task::Hvp => "hvp", Task::HvpBatched => "hvp-batched", Task::Gemm => "gemm", Task::Trace => "trace" },
         "threads": threads,
         "reps": args.reps,
         "dtype": "f32",
@@ -97,10 +120,10 @@ fn measure(args: &BenchArgs) -> Result<()> {
             out["gflops"] = json!(w.flops() / (med * 1e6));
         }
         task => {
-            let k = if task == Task::HvpBatched {
-                args.vectors
-            } else {
-                1
+            let k = match task {
+                Task::HvpBatched => args.vectors,
+                Task::Trace => 0,
+                _ => 1,
             };
             let w = Workload::<f32>::new(&args.model, args.batch, k)?;
             let macs = layer_macs(w.model.arch(), args.batch);
@@ -110,10 +133,46 @@ fn measure(args: &BenchArgs) -> Result<()> {
             rows.push(("gradient".into(), g_med, g_min));
             out["model"] = json!(args.model);
             out["batch"] = json!(args.batch);
-            out["vectors"] = json!(if task == Task::Grad { 0 } else { k });
+            out["vectors"] = json!(match task {
+                Task::Grad => 0,
+                Task::Trace if args.method == TraceMethod::Structural => 0,
+                Task::Trace => args.vectors,
+                _ => k,
+            });
             out["grad_ms"] = json!(g_med);
             let (med, min, flops) = match task {
                 Task::Grad => (g_med, g_min, grad_flops(&macs)),
+                Task::Trace => {
+                    let mut trace = 0.0;
+                    let (m, n) = match args.method {
+                        TraceMethod::Structural => time(args.reps, || trace = w.trace_structural()),
+                        TraceMethod::Basis => {
+                            time(args.reps, || trace = w.trace_basis(args.vectors))
+                        }
+                        TraceMethod::Hutchinson => time(args.reps, || {
+                            trace = w.trace_hutchinson(args.probes, args.vectors)
+                        }),
+                    };
+                    let name = match args.method {
+                        TraceMethod::Structural => "structural",
+                        TraceMethod::Basis => "basis",
+                        TraceMethod::Hutchinson => "hutchinson",
+                    };
+                    if args.method == TraceMethod::Hutchinson {
+                        out["probes"] = json!(args.probes);
+                        out["per_probe_ms"] = json!(m / args.probes as f64);
+                    }
+                    rows.push((format!("exact trace ({name})"), m, n));
+                    out["method"] = json!(name);
+                    out["trace"] = json!(trace);
+                    out["bn_mode"] = json!(if args.method == TraceMethod::Structural {
+                        "eval"
+                    } else {
+                        w.bn.name()
+                    });
+                    out["trace_over_grad"] = json!(m / g_med);
+                    (m, n, f64::NAN)
+                }
                 Task::Hvp => {
                     let (m, n) = time(args.reps, || {
                         std::hint::black_box(w.hvp());
@@ -143,8 +202,12 @@ fn measure(args: &BenchArgs) -> Result<()> {
                 1.0
             };
             out["per_second"] = json!(items * 1e3 / med);
-            out["gflops"] = json!(flops / (med * 1e6));
-            if task != Task::Grad {
+            out["gflops"] = if flops.is_nan() {
+                serde_json::Value::Null
+            } else {
+                json!(flops / (med * 1e6))
+            };
+            if !matches!(task, Task::Grad | Task::Trace) {
                 out["hvp_over_grad"] = json!(med / g_med / items);
             }
         }
@@ -167,10 +230,17 @@ fn measure(args: &BenchArgs) -> Result<()> {
                 r.as_f64().unwrap_or(f64::NAN)
             );
         }
-        println!(
-            "GFLOP/s (GEMM work): {:.1}",
-            out["gflops"].as_f64().unwrap_or(f64::NAN)
-        );
+        if let Some(g) = out["gflops"].as_f64() {
+            println!("GFLOP/s (GEMM work): {g:.1}");
+        }
+        if let Some(t) = out.get("trace") {
+            println!(
+                "trace {:.6e} ({}; {:.2} gradients)",
+                t.as_f64().unwrap_or(f64::NAN),
+                out["method"].as_str().unwrap_or(""),
+                out["trace_over_grad"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
     }
     println!("{out}");
     Ok(())
