@@ -1,0 +1,141 @@
+//! `flatmin bench`: every task runs on small workloads, its last stdout line is JSON with the
+//! keys the performance issue asks for, the structural and basis exact traces of the same
+//! workload agree, and bad input is one `error:` line.
+
+use serde_json::Value;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flatmin");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .output()
+        .expect("run the flatmin binary")
+}
+
+fn json(args: &[&str]) -> Value {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "flatmin bench {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn every_task_reports_json() {
+    let common = ["--batch", "4", "--reps", "2", "--threads", "2"];
+    for task in ["grad", "hvp", "hvp-batched"] {
+        let v = json(
+            &[
+                &[task, "--model", "tiny-tanh", "--vectors", "3"],
+                &common[..],
+            ]
+            .concat(),
+        );
+        for key in [
+            "task",
+            "model",
+            "batch",
+            "threads",
+            "vectors",
+            "median_ms",
+            "min_ms",
+            "reps",
+            "per_second",
+            "gflops",
+        ] {
+            assert!(v.get(key).is_some(), "{task}: no {key} in {v}");
+        }
+        assert_eq!(v["task"], task);
+        assert_eq!(v["batch"], 4);
+        assert_eq!(v["threads"], 2);
+        assert_eq!(v["reps"], 2);
+        assert!(v["median_ms"].as_f64().unwrap() >= v["min_ms"].as_f64().unwrap());
+        if task != "grad" {
+            assert!(v["hvp_over_grad"].as_f64().unwrap() > 0.0, "{v}");
+        }
+    }
+    let b = json(
+        &[
+            &["hvp-batched", "--model", "tiny-tanh", "--vectors", "3"],
+            &common[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(b["vectors"], 3);
+    assert!(b["batched_over_singles"].as_f64().unwrap() > 0.0);
+    let g = json(&["gemm", "--size", "64", "--reps", "2"]);
+    assert_eq!(g["size"], 64);
+    assert!(g["gflops"].as_f64().unwrap() > 0.0);
+
+    // The exact trace of one workload by structure and by basis HVPs (f32), and a Hutchinson
+    // estimate with its per-probe time.
+    let s = json(&[&["trace", "--model", "tiny-tanh"], &common[..]].concat());
+    let e = json(
+        &[
+            &[
+                "trace",
+                "--model",
+                "tiny-tanh",
+                "--method",
+                "basis",
+                "--vectors",
+                "64",
+            ],
+            &common[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        (s["method"].as_str(), e["method"].as_str()),
+        (Some("structural"), Some("basis"))
+    );
+    let (ts, tb) = (s["trace"].as_f64().unwrap(), e["trace"].as_f64().unwrap());
+    assert!(
+        (ts - tb).abs() < 1e-4 * ts.abs(),
+        "structural {ts} vs basis {tb}"
+    );
+    let h = json(
+        &[
+            &[
+                "trace",
+                "--model",
+                "tiny-tanh",
+                "--method",
+                "hutchinson",
+                "--probes",
+                "8",
+            ],
+            &common[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(h["probes"], 8);
+    assert!(h["per_probe_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bad_input_is_one_error_line() {
+    for (args, flag) in [
+        (&["grad", "--batch", "0"][..], "--batch"),
+        (&["hvp", "--model", "nope"][..], "nope"),
+        (&["trace", "--probes", "1"][..], "--probes"),
+        (&["gemm", "--reps", "0"][..], "--reps"),
+        (&["grad", "--threads", "0"][..], "--threads"),
+    ] {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            err.starts_with("error:") && err.contains(flag),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(!err.contains("panicked"));
+    }
+}
