@@ -114,33 +114,60 @@ fn gemm_into<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: SendPt
 
 /// Below this many multiply-adds a product runs on one thread.
 const PAR_MIN_WORK: usize = 1 << 18;
-/// Target output block edge for parallel products.
+/// Smallest output block edge of a parallel product.
 const PAR_BLOCK: usize = 64;
+/// Blocks per worker thread (some slack for load balance).
+const BLOCKS_PER_THREAD: usize = 2;
 
-/// Like [`gemm`], splitting the output into fixed blocks of rows or columns run in parallel.
-/// The inner dimension is never split, so the result is bit-identical to [`gemm`].
+/// Like [`gemm`], splitting the output into blocks of rows or columns run in parallel.
+///
+/// The inner dimension is never split and every output element is computed by the same
+/// kernel sequence whatever block it falls in, so the result is bit-identical to [`gemm`]
+/// for any split and any thread count. Each block packs its own copy of the operand it
+/// shares with the others (all of `b` for a row block, all of `a` for a column block), so
+/// the split uses about two blocks per thread, at least [`PAR_BLOCK`] wide, along the
+/// dimension whose extra packing is cheaper.
 pub fn gemm_par<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mut [T]) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm inner dimensions");
     assert!(c.len() >= m * n, "gemm output too small");
-    if m * n * k.max(1) < PAR_MIN_WORK || (m < 2 * PAR_BLOCK && n < 2 * PAR_BLOCK) {
+    let threads = rayon::current_num_threads();
+    if threads < 2 || m * n * k.max(1) < PAR_MIN_WORK || (m < 2 * PAR_BLOCK && n < 2 * PAR_BLOCK) {
+        return gemm(alpha, a, b, beta, c);
+    }
+    let want = BLOCKS_PER_THREAD * threads;
+    let row_blocks = want.min(m / PAR_BLOCK).max(1);
+    let col_blocks = want.min(n / PAR_BLOCK).max(1);
+    // Extra elements packed: every further row block repacks b (k x n), every further
+    // column block repacks a (m x k); a split into one block is no split.
+    let row_cost = if row_blocks > 1 {
+        (row_blocks - 1) * k * n
+    } else {
+        usize::MAX
+    };
+    let col_cost = if col_blocks > 1 {
+        (col_blocks - 1) * m * k
+    } else {
+        usize::MAX
+    };
+    if row_cost == usize::MAX && col_cost == usize::MAX {
         return gemm(alpha, a, b, beta, c);
     }
     let ptr = SendPtr(c.as_mut_ptr());
-    if m >= n {
-        let blocks = m.div_ceil(PAR_BLOCK);
-        (0..blocks).into_par_iter().for_each(|i| {
-            let r0 = i * PAR_BLOCK;
-            let nr = PAR_BLOCK.min(m - r0);
+    if row_cost <= col_cost {
+        let rows = m.div_ceil(row_blocks);
+        (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
+            let r0 = i * rows;
+            let nr = rows.min(m - r0);
             // SAFETY: row blocks are disjoint.
             let cp = unsafe { ptr.at(r0 * n) };
             gemm_into(alpha, a.row_block(r0, nr), b, beta, cp, n);
         });
     } else {
-        let blocks = n.div_ceil(PAR_BLOCK);
-        (0..blocks).into_par_iter().for_each(|j| {
-            let c0 = j * PAR_BLOCK;
-            let nc = PAR_BLOCK.min(n - c0);
+        let cols = n.div_ceil(col_blocks);
+        (0..n.div_ceil(cols)).into_par_iter().for_each(|j| {
+            let c0 = j * cols;
+            let nc = cols.min(n - c0);
             // SAFETY: column blocks are disjoint.
             let cp = unsafe { ptr.at(c0) };
             gemm_into(alpha, a, b.col_block(c0, nc), beta, cp, n);
@@ -162,6 +189,69 @@ mod tests {
             }
         }
         c
+    }
+
+    /// Random (non-integer) operands, plain and transposed, in pools of 1 to 4 threads: the
+    /// parallel product equals the serial one bit for bit whatever the split.
+    #[test]
+    fn gemm_par_is_bit_identical_for_any_thread_count() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for &(m, k, n) in &[
+            (128, 3072, 256),
+            (256, 128, 3072),
+            (1000, 27, 130),
+            (77, 300, 513),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| next()).collect();
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let mut want = vec![0.0f32; m * n];
+            gemm(
+                1.0,
+                MatRef::new(&a, m, k),
+                MatRef::new(&b, k, n),
+                0.0,
+                &mut want,
+            );
+            for threads in 1..=4 {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let (c1, c2) = pool.install(|| {
+                    let mut c1 = vec![1.0f32; m * n];
+                    gemm_par(
+                        1.0,
+                        MatRef::new(&a, m, k),
+                        MatRef::new(&b, k, n),
+                        0.0,
+                        &mut c1,
+                    );
+                    let mut c2 = vec![1.0f32; m * n];
+                    gemm_par(
+                        1.0,
+                        MatRef::new(&a, m, k),
+                        MatRef::new(&bt, n, k).t(),
+                        0.0,
+                        &mut c2,
+                    );
+                    (c1, c2)
+                });
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&c1), bits(&want), "{m}x{k}x{n}, {threads} threads");
+                assert_eq!(
+                    bits(&c2),
+                    bits(&want),
+                    "{m}x{k}x{n} (b transposed), {threads} threads"
+                );
+            }
+        }
     }
 
     #[test]
