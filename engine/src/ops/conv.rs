@@ -116,7 +116,7 @@ fn channel_sums<T: Scalar>(g: &[T], c: usize, positions: usize) -> Vec<T> {
     let mut s = vec![T::zero(); c];
     for sample in g.chunks(c * positions) {
         for (acc, row) in s.iter_mut().zip(sample.chunks(positions)) {
-            *acc = row.iter().fold(*acc, |a, &b| a + b);
+            *acc = *acc + crate::kernels::reduce::sum(row);
         }
     }
     s

@@ -15,6 +15,7 @@
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
 use crate::kernels::par::SendPtr;
+use crate::kernels::reduce::{dot, dot_centered, sum as total, sum_sq_centered};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
@@ -65,16 +66,6 @@ fn channel_sum<T: Scalar>(n: usize, mut plane_sum: impl FnMut(usize) -> T) -> T 
     (0..n).fold(T::zero(), |acc, s| acc + plane_sum(s))
 }
 
-fn dot_centered<T: Scalar>(x: &[T], mu: T, w: &[T]) -> T {
-    x.iter()
-        .zip(w)
-        .fold(T::zero(), |a, (&xi, &wi)| a + (xi - mu) * wi)
-}
-
-fn total<T: Scalar>(x: &[T]) -> T {
-    x.iter().fold(T::zero(), |a, &b| a + b)
-}
-
 impl<T: Scalar> Tape<T> {
     /// Batch normalization of `x: [N, C, H, W]` with scale `gamma: [C]`, shift `beta: [C]`.
     /// In train mode also returns the batch statistics (running statistics are the caller's).
@@ -122,11 +113,7 @@ impl<T: Scalar> Tape<T> {
                     .into_par_iter()
                     .map(|ch| {
                         let mean = channel_sum(n, |s| total(plane(s * c + ch))) * inv_m;
-                        let ss = channel_sum(n, |s| {
-                            plane(s * c + ch)
-                                .iter()
-                                .fold(T::zero(), |a, &b| a + (b - mean) * (b - mean))
-                        });
+                        let ss = channel_sum(n, |s| sum_sq_centered(plane(s * c + ch), mean));
                         (mean, ss * inv_m)
                     })
                     .collect();
@@ -304,9 +291,7 @@ impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
                             let xd = xt.data();
                             let sy_xd = channel_sum(n, |s_| {
                                 let r = vplane(g, s_ * c + ch);
-                                g[r].iter()
-                                    .zip(&xd[tp(s_)])
-                                    .fold(T::zero(), |a, (&u, &v)| a + u * v)
+                                dot(&g[r], &xd[tp(s_)])
                             });
                             if self.train {
                                 let (md, a) = self.tstats[kk * c + ch];

@@ -7,6 +7,7 @@
 
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
+use crate::kernels::reduce::sum as total;
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::{numel, Tensor};
@@ -19,11 +20,6 @@ pub(crate) struct Sum {
 
 pub(crate) struct Reshape {
     x: usize,
-}
-
-/// Sequential sum in a fixed order (deterministic).
-fn total<T: Scalar>(x: &[T]) -> T {
-    x.iter().fold(T::zero(), |a, &b| a + b)
 }
 
 impl<T: Scalar> Tape<T> {

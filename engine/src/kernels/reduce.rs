@@ -1,0 +1,78 @@
+//! Sums and dot products in a fixed order with [`LANES`] independent partial sums: the
+//! compiler can keep them in vector registers (a plain left fold is one long dependency
+//! chain), and the order depends only on the length, so results are bit-identical for any
+//! thread count.
+
+/// Independent partial sums per reduction.
+pub const LANES: usize = 8;
+
+/// Adds the partial sums pairwise: `((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))`.
+#[inline]
+fn combine<T: crate::Scalar>(a: [T; LANES]) -> T {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
+/// `Σ_i f(x_i, y_i)` over equal-length slices: element `i` goes to partial sum `i % LANES`
+/// (the tail after the last full group of [`LANES`] is added after combining).
+#[inline]
+fn sum_zip<T: crate::Scalar>(x: &[T], y: &[T], f: impl Fn(T, T) -> T) -> T {
+    assert_eq!(x.len(), y.len(), "reduction operands differ in length");
+    let mut acc = [T::zero(); LANES];
+    let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let (xr, yr) = (xc.remainder(), yc.remainder());
+    for (a, b) in xc.zip(yc) {
+        for l in 0..LANES {
+            acc[l] = acc[l] + f(a[l], b[l]);
+        }
+    }
+    xr.iter()
+        .zip(yr)
+        .fold(combine(acc), |s, (&a, &b)| s + f(a, b))
+}
+
+/// `Σ_i x_i`.
+pub fn sum<T: crate::Scalar>(x: &[T]) -> T {
+    sum_zip(x, x, |a, _| a)
+}
+
+/// `Σ_i x_i y_i`.
+pub fn dot<T: crate::Scalar>(x: &[T], y: &[T]) -> T {
+    sum_zip(x, y, |a, b| a * b)
+}
+
+/// `Σ_i (x_i − mu) w_i`.
+pub fn dot_centered<T: crate::Scalar>(x: &[T], mu: T, w: &[T]) -> T {
+    sum_zip(x, w, |a, b| (a - mu) * b)
+}
+
+/// `Σ_i (x_i − mu)²`.
+pub fn sum_sq_centered<T: crate::Scalar>(x: &[T], mu: T) -> T {
+    sum_zip(x, x, |a, _| (a - mu) * (a - mu))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agree_with_exact_sums() {
+        for n in [0usize, 1, 7, 8, 9, 63, 64, 1000] {
+            let x: Vec<f64> = (0..n).map(|i| (i % 13) as f64 - 6.0).collect();
+            let y: Vec<f64> = (0..n).map(|i| (i % 5) as f64 - 2.0).collect();
+            let s: f64 = x.iter().sum();
+            assert_eq!(sum(&x), s);
+            assert_eq!(
+                dot(&x, &y),
+                x.iter().zip(&y).map(|(a, b)| a * b).sum::<f64>()
+            );
+            assert_eq!(
+                dot_centered(&x, 1.0, &y),
+                x.iter().zip(&y).map(|(a, b)| (a - 1.0) * b).sum::<f64>()
+            );
+            assert_eq!(
+                sum_sq_centered(&x, 2.0),
+                x.iter().map(|a| (a - 2.0) * (a - 2.0)).sum::<f64>()
+            );
+        }
+    }
+}
