@@ -35,6 +35,15 @@ impl PoolGeom {
 /// Max pooling of one plane; `arg` receives the in-plane index of each maximum.
 /// Ties go to the first maximum in row-major window order (NaN propagates).
 pub fn max_plane<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32]) {
+    if g.kh == 2 && g.kw == 2 && g.stride == 2 {
+        max_plane_2x2(g, x, y, arg)
+    } else {
+        max_plane_any(g, x, y, arg)
+    }
+}
+
+/// [`max_plane`] for any window.
+fn max_plane_any<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32]) {
     let wo = g.wo();
     for oy in 0..g.ho() {
         for ox in 0..wo {
@@ -55,6 +64,43 @@ pub fn max_plane<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32])
             }
             y[oy * wo + ox] = x[bi];
             arg[oy * wo + ox] = bi as u32;
+        }
+    }
+}
+
+/// [`max_plane`] for the common 2x2 window with stride 2: the same values and indices, on row
+/// pairs, without the generic window arithmetic.
+fn max_plane_2x2<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32]) {
+    let (w, wo) = (g.w, g.wo());
+    for oy in 0..g.ho() {
+        let r0 = 2 * oy * w;
+        let top = &x[r0..r0 + 2 * wo];
+        let bottom = &x[r0 + w..r0 + w + 2 * wo];
+        let ys = &mut y[oy * wo..(oy + 1) * wo];
+        let args = &mut arg[oy * wo..(oy + 1) * wo];
+        for (ox, ((t, b), (yo, ao))) in top
+            .chunks_exact(2)
+            .zip(bottom.chunks_exact(2))
+            .zip(ys.iter_mut().zip(args.iter_mut()))
+            .enumerate()
+        {
+            let base = r0 + 2 * ox;
+            // The generic loop's rule, unrolled: rows in order, a value wins if strictly
+            // greater or NaN, and a NaN ends its row.
+            let mut best = (T::neg_infinity(), base);
+            for (row, at) in [(t, base), (b, base + w)] {
+                for (j, &v) in row.iter().enumerate() {
+                    if v > best.0 || v.is_nan() {
+                        best = (v, at + j);
+                        if v.is_nan() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let best = (x[best.1], best.1);
+            *yo = best.0;
+            *ao = best.1 as u32;
         }
     }
 }
@@ -90,6 +136,51 @@ pub fn avg_plane_adjoint<T: Scalar>(g: &PoolGeom, gy: &[T], dx: &mut [T]) {
                     dx[row + kj] = dx[row + kj] + v;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 2x2 fast path gives the generic loop's values and indices, ties, infinities and
+    /// NaNs included.
+    #[test]
+    fn max_2x2_matches_the_generic_window_loop() {
+        let specials = [
+            0.5,
+            0.5,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            2.0,
+            -1.0,
+            f64::INFINITY,
+        ];
+        let mut state = 7u64;
+        for (h, w) in [(2, 2), (4, 6), (7, 9), (32, 32)] {
+            let x: Vec<f64> = (0..h * w)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    specials[(state >> 33) as usize % specials.len()]
+                })
+                .collect();
+            let g = PoolGeom {
+                h,
+                w,
+                kh: 2,
+                kw: 2,
+                stride: 2,
+            };
+            let (mut y1, mut a1) = (vec![0.0; g.out_len()], vec![0u32; g.out_len()]);
+            let (mut y2, mut a2) = (vec![0.0; g.out_len()], vec![0u32; g.out_len()]);
+            max_plane_2x2(&g, &x, &mut y1, &mut a1);
+            max_plane_any(&g, &x, &mut y2, &mut a2);
+            assert_eq!(a1, a2, "{h}x{w}");
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y1), bits(&y2), "{h}x{w}");
         }
     }
 }
