@@ -468,6 +468,62 @@ fn checkpoint_aliases_per_layer_eigen_and_density() {
     }
     assert!(rel(b["selected_trace"].as_f64().unwrap(), sum) < 1e-12);
 
+    // --diagonal writes the exact diagonal (structural, and basis on the selected tensors):
+    // each tensor's sum is its trace.
+    let diag = dir.join("diag.safetensors");
+    let ds = diag.display().to_string();
+    let d = run_json(
+        &[
+            &base[..],
+            &["--method", "exact", "--per-layer", "--diagonal", &ds],
+        ]
+        .concat(),
+    );
+    let tensors = flatmin_models::io::read_safetensors(&diag).unwrap();
+    assert_eq!(tensors.len(), 4);
+    for t in &tensors {
+        let flatmin_models::io::RawData::F64(v) = &t.data else {
+            panic!("{}: not f64", t.name)
+        };
+        let want = d["layers"][&t.name]["trace"].as_f64().unwrap();
+        assert!(rel(v.iter().sum::<f64>(), want) < 1e-12, "{}", t.name);
+    }
+    let b_diag = dir.join("diag-basis.safetensors");
+    run_json(
+        &[
+            &base[..],
+            &[
+                "--method",
+                "exact-hvp",
+                "--per-layer",
+                "layers.1",
+                "--diagonal",
+                b_diag.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    let bt = flatmin_models::io::read_safetensors(&b_diag).unwrap();
+    assert_eq!(bt.len(), 2);
+    for t in &bt {
+        let st = tensors.iter().find(|s| s.name == t.name).unwrap();
+        let (flatmin_models::io::RawData::F64(a), flatmin_models::io::RawData::F64(b)) =
+            (&t.data, &st.data)
+        else {
+            panic!("not f64")
+        };
+        assert_eq!(t.shape, st.shape);
+        for (x, y) in a.iter().zip(b) {
+            assert!(
+                (x - y).abs() <= 1e-9 * y.abs().max(1e-6),
+                "{}: {x} vs {y}",
+                t.name
+            );
+        }
+    }
+    let e = run_err(&[&base[..], &["--method", "hutchinson", "--diagonal", &ds]].concat());
+    assert!(e.contains("--diagonal"), "{e}");
+
     // hutchpp --probes P spends P HVPs; hutchinson --probes P uses exactly P probes.
     let p = run_json(&[&base[..], &["--method", "hutchpp", "--probes", "12"]].concat());
     assert_eq!(

@@ -178,6 +178,10 @@ pub struct TraceArgs {
     /// Basis HVPs: refuse when the estimated time exceeds this many hours.
     #[arg(long, value_name = "H", default_value_t = 1.0)]
     pub max_hours: f64,
+    /// Exact methods: also write the Hessian diagonal, one float64 tensor per parameter
+    /// (named like the parameters), to this safetensors file (written atomically).
+    #[arg(long, value_name = "OUT.safetensors")]
+    pub diagonal: Option<PathBuf>,
 }
 
 /// Arguments of `flatmin eigen`.
@@ -227,6 +231,8 @@ struct Request<'a> {
     per_layer: Option<Vec<String>>,
     max_hours: f64,
     density_out: Option<PathBuf>,
+    /// `--diagonal OUT`: where the exact diagonal goes.
+    diagonal_out: Option<PathBuf>,
 }
 
 /// Runs `flatmin trace`.
@@ -260,7 +266,19 @@ pub fn run(args: &TraceArgs) -> Result<()> {
         per_layer,
         max_hours: args.max_hours,
         density_out: None,
+        diagonal_out: args.diagonal.clone(),
     };
+    if req.diagonal_out.is_some()
+        && !matches!(
+            args.method,
+            Method::Exact | Method::Structural | Method::Basis | Method::Auto
+        )
+    {
+        bail!(
+            "--diagonal needs an exact method (exact, structural or exact-hvp), not --method {}",
+            args.method.name()
+        );
+    }
     super::with_threads(args.common.threads, || dispatch(&req))
 }
 
@@ -304,6 +322,7 @@ impl<'a> Request<'a> {
             per_layer: None,
             max_hours: 1.0,
             density_out: None,
+            diagonal_out: None,
         }
     }
 }
@@ -652,6 +671,7 @@ fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
     let net = model.structure(s.bn);
     let sopts = StructuralOptions {
         chunk_size: args.batch,
+        diagonal: r.diagonal_out.is_some(),
         ..StructuralOptions::default()
     };
     let started = Instant::now();
@@ -705,8 +725,17 @@ fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
         if live {
             eprint!("\r\x1b[K");
         }
-        let r = acc.finish().context("structural trace")?;
+        let res = acc.finish().context("structural trace")?;
         let mut f = Found::new(method);
+        if let Some(out) = &r.diagonal_out {
+            let diag = res
+                .blocks
+                .iter()
+                .map(|b| (b.index, b.diagonal.clone().unwrap_or_default()))
+                .collect();
+            write_diagonal(out, &names, &params, diag)?;
+        }
+        let r = res;
         f.trace = Some(r.trace);
         f.blocks = Some(
             r.blocks
@@ -785,7 +814,25 @@ fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
             });
         }
         let filtered = r.per_layer.as_ref().is_some_and(|f| !f.is_empty());
-        let result = hvp_method(r, method, &h, d, s.seed, filtered.then_some(&selected[..]));
+        if r.diagonal_out.is_some() && method != Method::Basis {
+            if live {
+                eprint!("\r\x1b[K");
+            }
+            bail!(
+                "--diagonal: no exact method applies here ({} chose {}); use --method exact-hvp",
+                r.method.name(),
+                method.name()
+            );
+        }
+        let result = hvp_method(
+            r,
+            method,
+            &h,
+            d,
+            s.seed,
+            filtered.then_some(&selected[..]),
+            &names,
+        );
         if live {
             eprint!("\r\x1b[K");
         }
@@ -822,6 +869,26 @@ fn basis_cost<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
     Ok(Some((pass_s * passes as f64, pass_s)))
 }
 
+/// Writes the exact diagonal blocks `(tensor index, values)` to `out` as float64 tensors
+/// named and shaped like their parameters.
+fn write_diagonal<T: Scalar>(
+    out: &Path,
+    names: &[String],
+    params: &[Tensor<T>],
+    diag: Vec<(usize, Vec<f64>)>,
+) -> Result<()> {
+    let tensors: Vec<flatmin_models::io::RawTensor> = diag
+        .into_iter()
+        .map(|(i, values)| flatmin_models::io::RawTensor {
+            name: names[i].clone(),
+            shape: params[i].shape().to_vec(),
+            data: flatmin_models::io::RawData::F64(values),
+        })
+        .collect();
+    flatmin_models::io::write_safetensors(out, &tensors)
+        .with_context(|| format!("--diagonal {}", out.display()))
+}
+
 /// `secs` as e.g. `3.2 h`, `14 min` or `45 s`.
 fn human_duration(secs: f64) -> String {
     if secs >= 3600.0 {
@@ -843,6 +910,7 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
     d: usize,
     seed: u64,
     only: Option<&[usize]>,
+    names: &[String],
 ) -> Result<Found> {
     let mut f = Found::new(method);
     match method {
@@ -852,6 +920,14 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
                 None => exact_trace(h),
             }
             .context("basis trace")?;
+            if let Some(out) = &args.diagonal_out {
+                let diag = r
+                    .blocks
+                    .iter()
+                    .map(|b| (b.index, b.diagonal.clone()))
+                    .collect();
+                write_diagonal(out, names, h.params(), diag)?;
+            }
             if only.is_some() {
                 f.extra.insert("selected_trace".into(), json!(r.trace));
                 f.extra.insert("selected_params".into(), json!(r.dim));
@@ -888,7 +964,8 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
                     .collect(),
             );
             f.extra.insert("probes".into(), json!(r.probes));
-            f.extra.insert("ci95_half_width".into(), json!(r.half_width));
+            f.extra
+                .insert("ci95_half_width".into(), json!(r.half_width));
             f.extra.insert("converged".into(), json!(r.converged));
             f.extra
                 .insert("relative_half_width".into(), json!(r.relative_half_width));
@@ -913,7 +990,8 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
             f.trace = Some(r.estimate);
             f.std_error = Some(r.std_error);
             f.extra.insert("budget".into(), json!(args.budget));
-            f.extra.insert("ci95_half_width".into(), json!(r.half_width));
+            f.extra
+                .insert("ci95_half_width".into(), json!(r.half_width));
             f.extra.insert("probes".into(), json!(args.budget));
             f.extra.insert("sketch_rank".into(), json!(r.rank));
             f.extra.insert("top_trace".into(), json!(r.top_trace));
