@@ -38,9 +38,18 @@ def torch_runs(py, anchors, threads, out):
 
 
 def flatmin(binary, threads, *args):
-    out = subprocess.run([binary, "bench", *args, "--threads", str(threads), "--json"], check=True,
-                         capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    """Runs `flatmin bench ARGS --json` in its own process; returns its JSON line with the
+    process's peak resident memory (ru_maxrss) added as maxrss_mb."""
+    p = subprocess.Popen([binary, "bench", *args, "--threads", str(threads), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise SystemExit(f"flatmin bench {' '.join(args)} failed with {p.returncode}")
+    rec = json.loads(out.strip().splitlines()[-1])
+    rec["maxrss_mb"] = usage.ru_maxrss / 1024.0
+    return rec
 
 
 def main():
@@ -49,6 +58,8 @@ def main():
     ap.add_argument("--anchors", default="../shared/anchors")
     ap.add_argument("--flatmin", default="target/release/flatmin")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--mm-bench", help="the anchors' mm-bench binary built with feature threading "
+                    "(../shared/anchors/mm-bench): standalone matrixmultiply SGEMM beside the engine's")
     a = ap.parse_args()
     with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
         out = f.name
@@ -56,13 +67,19 @@ def main():
     recs = [json.loads(l) for l in open(out)]
     os.unlink(out)
 
-    def torch_ms(suite, model, method=None):
+    def torch_rec(suite, model, method=None):
         for r in recs:
             if r.get("suite") == suite and r.get("model") == MODELS[model] and (method is None or r.get("method") == method):
-                return r["median_ms"] if suite != "bhvp" else r["per_vector_ms"]
-        return float("nan")
+                return r
+        return {}
 
-    rows = []
+    def torch_ms(suite, model, method=None):
+        r = torch_rec(suite, model, method)
+        if not r:
+            return float("nan")
+        return r["median_ms"] if suite != "bhvp" else r["per_vector_ms"]
+
+    rows, mem = [], []
     for m in MODELS:
         reps = str(a.reps if m != "resnet20" else max(3, a.reps // 3))
         g = flatmin(a.flatmin, a.threads, "grad", "--model", m, "--reps", reps)
@@ -72,10 +89,22 @@ def main():
         th = min(torch_ms("hvp", m, "double"), torch_ms("hvp", m, "func"))
         rows.append((f"HVP, {m} (torch: faster of double backward / torch.func)", th, h["median_ms"]))
         rows.append((f"HVP / gradient, {m}", th / tg, h["median_ms"] / h["grad_ms"]))
+        rss = torch_rec("hvp", m, "double").get("maxrss_mb", float("nan"))
+        mem.append((f"peak RSS of an HVP process, {m} (torch: double backward)", rss, h["maxrss_mb"]))
         if m != "resnet20":
             b = flatmin(a.flatmin, a.threads, "hvp-batched", "--model", m, "--vectors", "16", "--reps", str(max(3, a.reps // 2)))
             rows.append((f"batched HVP x16 per direction, {m} (torch: vmap)", torch_ms("bhvp", m, "func_vmap"), b["median_ms"] / 16))
+    one = flatmin(a.flatmin, 1, "grad", "--model", "cnn-s", "--reps", str(a.reps))
+    two = flatmin(a.flatmin, 2, "grad", "--model", "cnn-s", "--reps", str(a.reps))
     gemm = flatmin(a.flatmin, a.threads, "gemm", "--size", "1024", "--reps", str(a.reps))
+    gemm_rows = []
+    if a.mm_bench:
+        env = dict(os.environ, MATMUL_NUM_THREADS=str(a.threads))
+        out = subprocess.run([a.mm_bench, "512", "1024"], env=env, check=True, capture_output=True, text=True).stdout
+        mm = {r["n"]: r for r in (json.loads(l) for l in out.splitlines() if l.startswith("{"))}
+        for n in [512, 1024]:
+            g = flatmin(a.flatmin, a.threads, "gemm", "--size", str(n), "--reps", str(a.reps))
+            gemm_rows.append((n, mm[n]["gflops_median"], g["gflops"]))
     cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | head -1"], capture_output=True, text=True).stdout.strip()
     torch_version = next((r.get("torch_version") for r in recs if r.get("torch_version")), "?")
     print(f"machine: {cpu}, {a.threads} threads; torch {torch_version}; flatmin SGEMM 1024: {gemm['gflops']:.1f} GFLOP/s\n")
@@ -86,6 +115,15 @@ def main():
             print(f"| {name} | {t:.2f}x | {f:.2f}x | — |")
         else:
             print(f"| {name} | {t:.1f} | {f:.1f} | {t / f:.2f}x |")
+    print("\n| memory | PyTorch MB | flatmin MB | ratio |")
+    print("| --- | --- | --- | --- |")
+    for name, t, f in mem:
+        print(f"| {name} | {t:.0f} | {f:.0f} | {t / f:.2f}x |")
+    for n, standalone, engine in gemm_rows:
+        print(f"\nSGEMM {n}: standalone matrixmultiply {standalone:.1f} GFLOP/s, in the engine {engine:.1f} GFLOP/s "
+              f"({100 * engine / standalone:.0f}%)", end="")
+    print(f"\nflatmin cnn-s gradient: 1 thread {one['median_ms']:.1f} ms, 2 threads {two['median_ms']:.1f} ms, "
+          f"scaling {one['median_ms'] / two['median_ms']:.2f}x")
 
 
 if __name__ == "__main__":

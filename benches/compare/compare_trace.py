@@ -72,7 +72,7 @@ def main():
     rows.append(("exact trace, tiny-tanh batch 256: torch.func vmap over 6,506 HVPs vs flatmin basis HVPs",
                  e.get("total_s", float("nan")) * 1e3, f["median_ms"]))
     f = flatmin(a.flatmin, a.threads, "--model", "cnn-s", "--batch", "128", "--method", "hutchinson",
-                "--probes", str(a.probes), "--vectors", "4", "--reps", "1")
+                "--probes", str(a.probes), "--vectors", "16", "--reps", "1")
     h = rec("hutchinson", "cnn_s")
     rows.append((f"Hutchinson, cnn-s batch 128, per probe ({a.probes} probes): PyTorch double backward (graph reused) vs flatmin",
                  h.get("per_probe_ms", float("nan")), f["per_probe_ms"]))
