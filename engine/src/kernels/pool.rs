@@ -68,8 +68,9 @@ fn max_plane_any<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32])
     }
 }
 
-/// [`max_plane`] for the common 2x2 window with stride 2: the same values and indices, on row
-/// pairs, without the generic window arithmetic.
+/// [`max_plane`] for the common 2x2 window with stride 2: the same values and indices. A
+/// window without NaN takes a branch-light compare chain (first maximum in row-major order);
+/// a window with a NaN goes through the generic rule.
 fn max_plane_2x2<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32]) {
     let (w, wo) = (g.w, g.wo());
     for oy in 0..g.ho() {
@@ -78,29 +79,46 @@ fn max_plane_2x2<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32])
         let bottom = &x[r0 + w..r0 + w + 2 * wo];
         let ys = &mut y[oy * wo..(oy + 1) * wo];
         let args = &mut arg[oy * wo..(oy + 1) * wo];
-        for (ox, ((t, b), (yo, ao))) in top
-            .chunks_exact(2)
-            .zip(bottom.chunks_exact(2))
-            .zip(ys.iter_mut().zip(args.iter_mut()))
-            .enumerate()
-        {
+        for ox in 0..wo {
+            let (a, b, c, d) = (
+                top[2 * ox],
+                top[2 * ox + 1],
+                bottom[2 * ox],
+                bottom[2 * ox + 1],
+            );
             let base = r0 + 2 * ox;
-            // The generic loop's rule, unrolled: rows in order, a value wins if strictly
-            // greater or NaN, and a NaN ends its row.
-            let mut best = (T::neg_infinity(), base);
-            for (row, at) in [(t, base), (b, base + w)] {
-                for (j, &v) in row.iter().enumerate() {
-                    if v > best.0 || v.is_nan() {
-                        best = (v, at + j);
-                        if v.is_nan() {
-                            break;
+            if a.is_nan() || b.is_nan() || c.is_nan() || d.is_nan() {
+                // The generic rule: rows in order, a NaN wins and ends its row.
+                let mut best = (T::neg_infinity(), 0);
+                for row in [[(a, 0), (b, 1)], [(c, w), (d, w + 1)]] {
+                    for (v, at) in row {
+                        if v > best.0 || v.is_nan() {
+                            best = (v, at);
+                            if v.is_nan() {
+                                break;
+                            }
                         }
                     }
                 }
+                ys[ox] = best.0;
+                args[ox] = (base + best.1) as u32;
+                continue;
             }
-            let best = (x[best.1], best.1);
-            *yo = best.0;
-            *ao = best.1 as u32;
+            let (mut best, mut at) = (a, 0);
+            if b > best {
+                best = b;
+                at = 1;
+            }
+            if c > best {
+                best = c;
+                at = w;
+            }
+            if d > best {
+                best = d;
+                at = w + 1;
+            }
+            ys[ox] = best;
+            args[ox] = (base + at) as u32;
         }
     }
 }
