@@ -33,6 +33,17 @@ MEAN = torch.tensor([0.4914, 0.4822, 0.4465], dtype=torch.float64).view(1, 3, 1,
 STD = torch.tensor([0.2470, 0.2435, 0.2616], dtype=torch.float64).view(1, 3, 1, 1)
 
 
+def write_records(data, start, count, folder):
+    """Copies CIFAR-10 records [start, start + count) of the batch file `data` into
+    folder/batch.bin; returns that path, the normalized float64 images and the labels."""
+    raw = np.fromfile(data, dtype=np.uint8).reshape(-1, 3073)[start:start + count]
+    batch = os.path.join(folder, "batch.bin")
+    raw.tofile(batch)
+    x = (torch.from_numpy(raw[:, 1:].reshape(-1, 3, 32, 32).astype(np.float64)) / 255 - MEAN) / STD
+    y = torch.from_numpy(raw[:, 0].astype(np.int64))
+    return batch, x, y
+
+
 def torch_reference(model, x, y, v, bn_mode):
     model = model.double()
     model.train(bn_mode == "train")
@@ -58,13 +69,9 @@ def main():
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--flatmin", default="target/release/flatmin")
     a = ap.parse_args()
-    raw = np.fromfile(a.data, dtype=np.uint8).reshape(-1, 3073)[100:100 + a.records]
     worst_ok = True
     with tempfile.TemporaryDirectory() as d:
-        batch = os.path.join(d, "batch.bin")
-        raw.tofile(batch)
-        x = (torch.from_numpy(raw[:, 1:].reshape(-1, 3, 32, 32).astype(np.float64)) / 255 - MEAN) / STD
-        y = torch.from_numpy(raw[:, 0].astype(np.int64))
+        batch, x, y = write_records(a.data, 100, a.records, d)
         for name, make in PRESETS.items():
             torch.manual_seed(a.seed)
             model = make()

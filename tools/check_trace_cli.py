@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from check_hvp_cli import MEAN, PRESETS, STD  # noqa: E402  (the reference definitions)
+from check_hvp_cli import PRESETS, write_records  # noqa: E402  (the reference definitions)
 
 
 def flatmin_trace(binary, name, weights, batch):
@@ -133,13 +133,9 @@ def main():
     ap.add_argument("--flatmin", default="target/release/flatmin")
     a = ap.parse_args()
     torch.set_num_threads(2)
-    raw = np.fromfile(a.data, dtype=np.uint8).reshape(-1, 3073)[200:200 + a.records]
     ok = True
     with tempfile.TemporaryDirectory() as d:
-        batch = os.path.join(d, "batch.bin")
-        raw.tofile(batch)
-        x = (torch.from_numpy(raw[:, 1:].reshape(-1, 3, 32, 32).astype(np.float64)) / 255 - MEAN) / STD
-        y = torch.from_numpy(raw[:, 0].astype(np.int64))
+        batch, x, y = write_records(a.data, 200, a.records, d)
         for name in ["tiny-tanh", "cnn-s", "resnet20"]:
             torch.manual_seed(a.seed)
             model = PRESETS[name]()
