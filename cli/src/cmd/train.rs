@@ -179,7 +179,7 @@ impl TrainArgs {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
-                serde_json::from_str(&text).map_err(|e| {
+                TrainConfig::from_json(&text).map_err(|e| {
                     anyhow::anyhow!(
                         "--config {}: not a flatmin run configuration: {e}",
                         path.display()

@@ -6,7 +6,9 @@ mod config;
 mod run_dir;
 
 pub use config::{TrainConfig, OPTIMIZERS, OPTIMIZER_FLAGS};
-pub use run_dir::{batch_sha256, DatasetIdentity, Record, RunDir, RunMeta};
+pub use run_dir::{
+    batch_sha256, parse_records, read_records, DatasetIdentity, Record, RunDir, RunMeta,
+};
 
 use crate::data::DataSource;
 use anyhow::{bail, Context, Result};
