@@ -353,6 +353,35 @@ fn default_out(cfg: &TrainConfig) -> PathBuf {
     p
 }
 
+/// A write that failed during training (full disk, file too large, folder gone) ends the run
+/// with one line: the failure, then which checkpoint is kept and how to resume from it.
+/// Other errors (divergence says this itself) are returned as they are.
+fn with_checkpoint_note<T: Scalar + Element>(
+    e: anyhow::Error,
+    trainer: &Trainer<T>,
+    dir: &Path,
+) -> anyhow::Error {
+    let io = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some()
+            || matches!(
+                c.downcast_ref::<flatmin_models::ModelError>(),
+                Some(flatmin_models::ModelError::Io { .. })
+            )
+    });
+    if !io {
+        return e;
+    }
+    let kept = match trainer.run_dir().last_checkpoint() {
+        Some(p) => format!(
+            "the last checkpoint {} is kept; resume with: flatmin train --resume {}",
+            p.display(),
+            dir.display()
+        ),
+        None => "no checkpoint was written yet".into(),
+    };
+    anyhow::anyhow!("{}; training stopped, {kept}", super::error_line(&e))
+}
+
 /// Runs `flatmin train`.
 pub fn run(args: &TrainArgs) -> Result<()> {
     super::with_threads(args.threads, || dispatch(args))
@@ -434,7 +463,9 @@ fn train<T: Scalar + Element>(
     }
     let mut progress = Progress::new(args.quiet);
     let stop = interrupt_flag()?;
-    let outcome = trainer.run_until(&mut progress, &|_| stop.load(Ordering::SeqCst))?;
+    let outcome = trainer
+        .run_until(&mut progress, &|_| stop.load(Ordering::SeqCst))
+        .map_err(|e| with_checkpoint_note(e, &trainer, &dir))?;
     progress.finish();
     if let Outcome::Stopped { step } = outcome {
         bail!(

@@ -283,16 +283,20 @@ impl RunDir {
             .with_context(|| format!("{}: invalid run configuration", p.display()))
     }
 
-    /// Appends one record to `metrics.jsonl` and `metrics.csv`.
+    /// Appends one record to `metrics.jsonl` and `metrics.csv`, each line in one write. A
+    /// failed write (disk full, file too large) is an error naming the file; a line it left
+    /// half-written comes after the last checkpoint and is dropped when the run resumes.
     pub fn append(&self, r: &Record) -> Result<()> {
-        let open = |name: &str| {
+        let append = |name: &str, line: String| -> Result<()> {
+            let p = self.root.join(name);
             OpenOptions::new()
                 .append(true)
-                .open(self.root.join(name))
-                .with_context(|| format!("{}", self.root.join(name).display()))
+                .open(&p)
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+                .with_context(|| format!("{}: cannot append a record", p.display()))
         };
-        writeln!(open("metrics.jsonl")?, "{}", serde_json::to_string(r)?)?;
-        writeln!(open("metrics.csv")?, "{}", r.csv_row())?;
+        append("metrics.jsonl", format!("{}\n", serde_json::to_string(r)?))?;
+        append("metrics.csv", format!("{}\n", r.csv_row()))?;
         Ok(())
     }
 
@@ -310,7 +314,14 @@ impl RunDir {
             .with_context(|| jsonl_path.display().to_string())?;
         let mut kept_json = String::new();
         let mut kept_records = Vec::new();
-        for (i, line) in text.lines().enumerate() {
+        // A last line without its newline was cut short by a crash or a full disk while being
+        // appended; nothing was checkpointed after it, so it is dropped like the lines after
+        // the checkpoint.
+        let complete = match text.rfind('\n') {
+            Some(end) => &text[..=end],
+            None => "",
+        };
+        for (i, line) in complete.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
@@ -330,7 +341,11 @@ impl RunDir {
         }
         let csv_path = self.root.join("metrics.csv");
         let csv_text = std::fs::read_to_string(&csv_path).unwrap_or_default();
-        let rows: Vec<&str> = csv_text.lines().skip(1).collect();
+        let csv_complete = match csv_text.rfind('\n') {
+            Some(end) => &csv_text[..=end],
+            None => "",
+        };
+        let rows: Vec<&str> = csv_complete.lines().skip(1).collect();
         let mut csv = format!("{CSV_HEADER}\n");
         for (i, r) in kept_records.iter().enumerate() {
             // Rows follow records one to one; one lost in a crash is rebuilt from its record.
