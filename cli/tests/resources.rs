@@ -1,7 +1,7 @@
 //! Resource limits with a real child process: a full disk (simulated with `RLIMIT_FSIZE`,
 //! under which a write past the limit fails with EFBIG as on a full file system), a run
-//! and a run folder that cannot be created or written. Each fails
-//! with one `error:` line naming the file or folder, before training or at the
+//! folder that cannot be created or written, and a run too large for memory. Each fails
+//! with one `error:` line naming the file, folder or flag, before training or at the
 //! write that failed, and keeps the last checkpoint intact, loadable and resumable.
 
 use std::os::unix::process::CommandExt;
@@ -264,4 +264,56 @@ fn unwritable_run_folder_fails_before_training() {
     let out = flatmin(&recipe(SMALL, "2", "/proc/self"), &dir, None);
     let err = one_error_line(&out);
     assert!(err.contains("--out /proc/self"), "{err}");
+}
+
+#[test]
+fn too_large_for_memory_fails_at_once_with_an_estimate() {
+    let dir = tmp("memory");
+    let started = std::time::Instant::now();
+    let mut args = recipe("resnet18", "1", "r");
+    let batch = args.iter().position(|a| *a == "--batch-size").unwrap();
+    args[batch + 1] = "10000000";
+    let out = flatmin(&args, &dir, None);
+    let err = one_error_line(&out);
+    assert!(
+        err.contains("--batch-size 10000000 with resnet18 needs about")
+            && err.contains("GiB")
+            && err.contains("are available (MemAvailable)"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!dir.join("r").exists(), "the run folder was created");
+
+    // --max-memory sets the budget instead of the memory available.
+    let out = flatmin(
+        &[recipe(SMALL, "1", "s").as_slice(), &["--max-memory", "1M"]].concat(),
+        &dir,
+        None,
+    );
+    let err = one_error_line(&out);
+    assert!(
+        err.contains("needs about") && err.contains("but --max-memory allows only 1.0 MiB;"),
+        "{err}"
+    );
+    let out = flatmin(
+        &[
+            recipe(SMALL, "1", "s").as_slice(),
+            &["--max-memory", "lots"],
+        ]
+        .concat(),
+        &dir,
+        None,
+    );
+    let err = one_error_line(&out);
+    assert!(err.contains("--max-memory"), "{err}");
+    let out = flatmin(
+        &[recipe(SMALL, "1", "s").as_slice(), &["--max-memory", "64G"]].concat(),
+        &dir,
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
 }

@@ -104,6 +104,11 @@ pub struct TrainArgs {
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
+    /// Memory the run may use, e.g. 512M, 16G, 1.5T (binary units). Training refuses to
+    /// start when its estimated peak exceeds this, or by default the memory available now
+    /// (MemAvailable); set it when the estimate is wrong or to leave room for other jobs.
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
     /// On a NaN or infinite loss or gradient: stop (keeping the last good checkpoint) or
     /// skip-step (leave the parameters unchanged for that batch) [default: stop].
     #[arg(long, value_name = "POLICY")]
@@ -407,6 +412,13 @@ fn dispatch(args: &TrainArgs) -> Result<()> {
             (cfg, None)
         }
     };
+    // Before the data is loaded or the run folder touched: refuse what cannot fit.
+    let limit = args
+        .max_memory
+        .as_deref()
+        .map(flatmin::train::parse_size)
+        .transpose()?;
+    flatmin::train::check_memory(&cfg, limit)?;
     let data_spec = args.data.clone().unwrap_or_else(|| cfg.data.clone());
     let data = resolve(&data_spec, cfg.seed)?;
     if data.synthetic && data_spec != "synthetic" {

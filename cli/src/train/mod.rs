@@ -3,9 +3,13 @@
 //! folder and continues bit for bit as if never interrupted.
 
 mod config;
+mod memory;
 mod run_dir;
 
 pub use config::{TrainConfig, OPTIMIZERS, OPTIMIZER_FLAGS};
+pub use memory::{
+    available_memory, check_memory, estimate_memory, human_bytes, parse_size, MemoryEstimate,
+};
 pub use run_dir::{
     batch_sha256, parse_records, read_records, DatasetIdentity, Record, RunDir, RunMeta,
 };
