@@ -288,6 +288,30 @@ fn too_large_for_memory_fails_at_once_with_an_estimate() {
     );
     assert!(!dir.join("r").exists(), "the run folder was created");
 
+    // A model too large to build is refused from its layout, without allocating it; one
+    // whose size overflows is refused by the model parser.
+    let mut args = recipe("mlp:3072,1000000,10:relu", "1", "r");
+    args.push("--max-memory");
+    args.push("64G");
+    let out = flatmin(&args, &dir, None);
+    let err = one_error_line(&out);
+    assert!(
+        err.contains("--model mlp:3072,1000000,10:relu needs about 92 GiB for its parameters"),
+        "{err}"
+    );
+    for huge in [
+        "mlp:3072,1000000000,10:relu",
+        "mlp:3072,100000000000000000,10:relu",
+    ] {
+        let out = flatmin(&recipe(huge, "1", "r"), &dir, None);
+        let err = one_error_line(&out);
+        assert!(
+            err.contains("--model") && err.contains("more than the 4294967296"),
+            "{err}"
+        );
+    }
+    assert!(!dir.join("r").exists(), "the run folder was created");
+
     // --max-memory sets the budget instead of the memory available.
     let out = flatmin(
         &[recipe(SMALL, "1", "s").as_slice(), &["--max-memory", "1M"]].concat(),

@@ -1,6 +1,6 @@
 //! The run-configuration reader of `flatmin train --config` and `--resume` on arbitrary
-//! text: `TrainConfig::from_json`, then `validate`, must return an error or a recipe, never
-//! panic.
+//! text: `TrainConfig::from_json`, then `validate` and the parameter count of the memory
+//! check, must return an error or a value, never panic.
 #![no_main]
 
 use flatmin::train::TrainConfig;
@@ -11,6 +11,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok(cfg) = TrainConfig::from_json(text) {
-        let _ = cfg.validate();
+        if cfg.validate().is_ok() {
+            // What `flatmin train` computes next, before building anything.
+            let _ = flatmin::train::param_bytes(&cfg);
+        }
     }
 });

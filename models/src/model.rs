@@ -163,6 +163,17 @@ impl Layout {
     }
 }
 
+/// Trainable parameters of `arch`'s layout (no tensor is allocated). Cannot overflow for an
+/// architecture [`Arch::parse`] accepted (at most [`crate::arch::MAX_PARAMS`]).
+pub(crate) fn layout_params(arch: &Arch) -> usize {
+    layout(arch)
+        .0
+        .iter()
+        .filter(|(_, _, kind)| kind.trainable())
+        .map(|(_, shape, _)| shape.iter().product::<usize>())
+        .sum()
+}
+
 fn layout(arch: &Arch) -> Layout {
     let mut l = Layout(Vec::new());
     match arch {

@@ -51,8 +51,17 @@ impl MemoryEstimate {
     }
 }
 
+/// The parameter-sized buffers of training `cfg` (bytes), from the model's layout alone:
+/// nothing is allocated, so it is safe to call for any model spec.
+pub fn param_bytes(cfg: &TrainConfig) -> Result<f64> {
+    let arch = flatmin_models::Arch::parse(&cfg.model).with_context(|| "--model".to_string())?;
+    let elem = if cfg.dtype == "f64" { 8.0 } else { 4.0 };
+    Ok(PARAM_COPIES * arch.num_params() as f64 * elem)
+}
+
 /// Estimates the peak memory of training `cfg` (see the module notes). Builds the model
-/// once and records two tiny forward passes; allocates nothing in proportion to the batch.
+/// once and records two tiny forward passes; allocates nothing in proportion to the batch,
+/// but the model itself: check [`param_bytes`] first when the model may not fit.
 pub fn estimate_memory(cfg: &TrainConfig) -> Result<MemoryEstimate> {
     let elem = if cfg.dtype == "f64" { 8.0 } else { 4.0 };
     let (one, two, params) = if cfg.dtype == "f64" {
@@ -158,6 +167,17 @@ pub fn check_memory(cfg: &TrainConfig, limit: Option<f64>) -> Result<()> {
     } else {
         " are available (MemAvailable)"
     };
+    // The parameters first, from the layout: a model too large to build is refused without
+    // building it.
+    let params = param_bytes(cfg)?;
+    if params > budget {
+        bail!(
+            "--model {} needs about {} for its parameters and optimizer state alone, but {what} {}{tail}; pick a smaller model, or set --max-memory if the estimate is wrong",
+            cfg.model,
+            human_bytes(params),
+            human_bytes(budget),
+        );
+    }
     let need = estimate_memory(cfg)?;
     if need.total() > budget {
         bail!(

@@ -8,7 +8,8 @@ mod run_dir;
 
 pub use config::{TrainConfig, OPTIMIZERS, OPTIMIZER_FLAGS};
 pub use memory::{
-    available_memory, check_memory, estimate_memory, human_bytes, parse_size, MemoryEstimate,
+    available_memory, check_memory, estimate_memory, human_bytes, param_bytes, parse_size,
+    MemoryEstimate,
 };
 pub use run_dir::{
     batch_sha256, parse_records, read_records, DatasetIdentity, Record, RunDir, RunMeta,
