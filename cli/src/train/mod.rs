@@ -737,6 +737,7 @@ impl<T: Scalar + Element> Trainer<T> {
         }
         self.model.load_raw(path, model_part)?;
         self.params = self.model.params_cloned();
+        check_per_param_state(path, &opt_part, &self.params)?;
         self.opt
             .load_state(opt_part)
             .with_context(|| format!("{}: optimizer state", path.display()))?;
@@ -767,6 +768,49 @@ impl<T: Scalar + Element> Trainer<T> {
         self.epoch_sums = (loss_sum, int("epoch_correct")?, int("epoch_seen")?);
         Ok(())
     }
+}
+
+/// Checks the optimizer state of a checkpoint that is kept per parameter (entries
+/// `NAME.0`, `NAME.1`, ...: momentum, moments, kept iterates): one tensor per parameter, each
+/// of its parameter's shape. The optimizers cannot check this themselves (they do not see
+/// the parameters), and a mismatch would update only some parameters or fail inside a step.
+fn check_per_param_state<T: Scalar>(
+    path: &Path,
+    state: &[(String, Tensor<T>)],
+    params: &[Tensor<T>],
+) -> Result<()> {
+    let mut lists: std::collections::BTreeMap<&str, Vec<(usize, &Tensor<T>)>> =
+        std::collections::BTreeMap::new();
+    for (name, t) in state {
+        if let Some((list, index)) = name.rsplit_once('.') {
+            if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) {
+                let i = index.parse().unwrap_or(usize::MAX);
+                lists.entry(list).or_default().push((i, t));
+            }
+        }
+    }
+    for (list, mut items) in lists {
+        items.sort_by_key(|(i, _)| *i);
+        if items.len() != params.len() || items.iter().enumerate().any(|(k, (i, _))| k != *i) {
+            bail!(
+                "{}: optimizer state '{list}' holds {} tensors, not one for each of the model's {} parameters",
+                path.display(),
+                items.len(),
+                params.len()
+            );
+        }
+        for ((i, t), p) in items.iter().zip(params) {
+            if t.shape() != p.shape() {
+                bail!(
+                    "{}: optimizer tensor '{list}.{i}' has shape {:?}, its parameter {:?}",
+                    path.display(),
+                    t.shape(),
+                    p.shape()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The gradient oracle of one training step: mean cross-entropy and gradient of the model at
