@@ -357,16 +357,24 @@ impl<T: Scalar + Element> Trainer<T> {
         }
         let params = model.params_cloned();
         let bpe = loader.batches_per_epoch();
-        let opt = build_optimizer(&cfg, cfg.epochs * bpe)?;
+        // Epoch counts from flags or a config file become step counts; one too large to
+        // count in steps is an error naming the flag, not an overflow.
+        let steps = |flag: &str, epochs: usize| {
+            epochs.checked_mul(bpe).with_context(|| {
+                format!("{flag} {epochs}: too large ({epochs} epochs of {bpe} steps overflow the step count)")
+            })
+        };
+        let total = steps("--epochs", cfg.epochs)?;
+        let opt = build_optimizer(&cfg, total)?;
         let kind = match cfg.schedule.as_str() {
             "constant" => Schedule::Constant,
             "cosine" => Schedule::Cosine,
             _ => Schedule::Step {
-                every: cfg.step_every * bpe,
+                every: steps("--step-every", cfg.step_every)?,
                 gamma: cfg.step_gamma,
             },
         };
-        let sched = LrSchedule::new(cfg.lr, kind, cfg.warmup * bpe, cfg.epochs * bpe)?;
+        let sched = LrSchedule::new(cfg.lr, kind, steps("--warmup", cfg.warmup)?, total)?;
         Ok(Trainer {
             cfg,
             model,
