@@ -418,3 +418,33 @@ pub fn parse_records(path: &Path, bytes: &[u8]) -> Result<Vec<(usize, Record)>> 
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_records_numbers_lines_and_names_bad_ones() {
+        let p = Path::new("m.jsonl");
+        let a = r#"{"kind":"train","epoch":0,"step":1,"wall_s":0.5}"#;
+        let b = r#"{"kind":"eval","epoch":0,"step":1,"test_acc":0.25,"wall_s":0.7}"#;
+        let text = format!("{a}\r\n\n  \n{b}");
+        let got = parse_records(p, text.as_bytes()).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].0, got[1].0), (1, 4));
+        assert_eq!(got[1].1.test_acc, Some(0.25));
+        assert!(parse_records(p, b"").unwrap().is_empty());
+        let err = format!(
+            "{:#}",
+            parse_records(p, format!("{a}\n{{\"kind\":").as_bytes()).unwrap_err()
+        );
+        assert!(
+            err.starts_with("m.jsonl: line 2: not a metrics record"),
+            "{err}"
+        );
+        let mut bytes = format!("{a}\n").into_bytes();
+        bytes.extend([b'{', 0xff, b'}']);
+        let err = format!("{:#}", parse_records(p, &bytes).unwrap_err());
+        assert!(err.starts_with("m.jsonl: line 2: not UTF-8 text"), "{err}");
+    }
+}
