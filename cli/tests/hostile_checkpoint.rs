@@ -112,8 +112,9 @@ fn untouched_checkpoints_resume() {
 
 #[test]
 fn adamw_step_count_must_be_a_whole_number_in_range() {
-    // The fuzzer's find: a step count read as 3.5e27 overflowed `t + 1` in the next step.
-    for bad in [f32::INFINITY, f32::NAN, -1.0, 2.5, 3.5e27] {
+    // The fuzzer's find: a step count read as 7.1e22 (the bytes "hape"), above u64::MAX,
+    // saturated to u64::MAX and overflowed `t + 1` in the next step.
+    for bad in [f32::INFINITY, f32::NAN, -1.0, 2.5, 7.1e22, 3e9] {
         let dir = run("adamw", "adamw-t");
         tamper(&dir, |raw| {
             tensor(raw, "optimizer/adamw.t").data = RawData::F32(vec![bad]);
