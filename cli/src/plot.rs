@@ -15,7 +15,6 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -279,22 +278,25 @@ pub fn read_run(dir: &Path) -> Result<Run> {
     if !file.is_file() {
         bail!("{}: not a run folder (no metrics.jsonl)", dir.display());
     }
-    let f =
-        std::fs::File::open(&file).with_context(|| format!("{}: cannot open", file.display()))?;
+    let bytes = std::fs::read(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+    let records = parse_run_records(&file, &bytes)?;
+    Ok(Run {
+        label: folder_name(dir),
+        dir: dir.to_path_buf(),
+        records,
+    })
+}
+
+/// Parses the bytes of a run's `metrics.jsonl` (`file` only names it in errors) as
+/// [`read_run`] does: every line a record of a known kind, at least one record. Built on
+/// [`crate::train::parse_records`]; fuzzed by `fuzz/fuzz_targets/metrics.rs`.
+pub fn parse_run_records(file: &Path, bytes: &[u8]) -> Result<Vec<Record>> {
     let mut records = Vec::new();
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line =
-            line.with_context(|| format!("{}: line {}: cannot read", file.display(), i + 1))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let r: Record = serde_json::from_str(&line)
-            .with_context(|| format!("{}: line {}: not a metrics record", file.display(), i + 1))?;
+    for (line, r) in crate::train::parse_records(file, bytes)? {
         if !["train", "eval", "trace", "skip"].contains(&r.kind.as_str()) {
             bail!(
-                "{}: line {}: unknown record kind '{}' (train, eval, trace or skip)",
+                "{}: line {line}: unknown record kind '{}' (train, eval, trace or skip)",
                 file.display(),
-                i + 1,
                 r.kind
             );
         }
@@ -303,11 +305,7 @@ pub fn read_run(dir: &Path) -> Result<Run> {
     if records.is_empty() {
         bail!("{}: no records yet", file.display());
     }
-    Ok(Run {
-        label: folder_name(dir),
-        dir: dir.to_path_buf(),
-        records,
-    })
+    Ok(records)
 }
 
 /// The last component of `dir` (resolving `.` and `..`), else the path as given.

@@ -121,6 +121,41 @@ fn sigint_checkpoints_and_resume_is_bit_identical() {
 }
 
 #[test]
+fn sigterm_checkpoints_like_sigint() {
+    let dir = tmp("sigterm");
+    let mut args = RUN.to_vec();
+    args.extend(["--out", "r"]);
+    let child = spawn(&args, &dir);
+    wait_for_records(&dir.join("r"), 13);
+    signal(&child, "-TERM");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a terminated run must exit non-zero");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("interrupted after step") && stderr.contains("flatmin train --resume r"),
+        "{stderr}"
+    );
+    let stopped_at = train_records(&dir.join("r"));
+    assert!(stopped_at < 120, "the run finished before the signal");
+    let raw =
+        flatmin_models::io::read_safetensors(&dir.join("r/checkpoints/last.safetensors")).unwrap();
+    let step = raw.iter().find(|t| t.name == "trainer/step").unwrap();
+    assert_eq!(
+        step.data,
+        flatmin_models::io::RawData::I64(vec![stopped_at as i64]),
+        "the checkpoint is not at the last logged step"
+    );
+    let out = run(&["train", "--resume", "r", "--quiet"], &dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(train_records(&dir.join("r")), 120);
+}
+
+#[test]
 fn second_signal_exits_at_once_and_kill9_never_corrupts() {
     let dir = tmp("kill");
     let mut args = RUN.to_vec();
@@ -201,4 +236,83 @@ fn divergence_stops_with_step_and_tensor_or_skips() {
     }
     let out = run(&["train", "--on-nonfinite", "ignore"], &dir);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--on-nonfinite"));
+}
+
+#[test]
+fn divergence_after_a_checkpoint_keeps_it_and_skip_step_keeps_params_finite() {
+    // lr 10 makes this MLP overflow in its fourth epoch (4 steps an epoch), after three
+    // checkpoints.
+    let dir = tmp("nan-late");
+    let base = [
+        "train",
+        "--data",
+        "synthetic",
+        "--model",
+        "mlp:3072,64,10:relu",
+        "--epochs",
+        "6",
+        "--train-size",
+        "200",
+        "--test-size",
+        "100",
+        "--batch-size",
+        "50",
+        "--lr",
+        "10",
+        "--quiet",
+    ];
+    let ckpt_step = |run: &str| -> i64 {
+        let raw = flatmin_models::io::read_safetensors(
+            &dir.join(run).join("checkpoints/last.safetensors"),
+        )
+        .unwrap();
+        match &raw.iter().find(|t| t.name == "trainer/step").unwrap().data {
+            flatmin_models::io::RawData::I64(v) => v[0],
+            other => panic!("{other:?}"),
+        }
+    };
+    let mut args = base.to_vec();
+    args.extend(["--out", "stop"]);
+    let out = run(&args, &dir);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("the last good checkpoint stop/checkpoints/last.safetensors is kept"),
+        "{stderr}"
+    );
+    let at: i64 = stderr
+        .split("non-finite loss at step ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no step in: {stderr}"));
+    let kept = ckpt_step("stop");
+    assert!(kept > 0, "diverged before the first checkpoint: {stderr}");
+    assert_eq!(kept, (at - 1) / 4 * 4, "not the last epoch's checkpoint");
+    let mut m = flatmin_models::Model::<f32>::named("mlp:3072,64,10:relu", 0).unwrap();
+    m.load(&dir.join("stop/model.safetensors")).unwrap();
+    // Resuming from the kept checkpoint replays the same steps and diverges at the same one.
+    let out = run(&["train", "--resume", "stop", "--quiet"], &dir);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), stderr);
+    assert_eq!(ckpt_step("stop"), kept);
+
+    let mut args = base.to_vec();
+    args.extend(["--out", "skip", "--on-nonfinite", "skip-step"]);
+    let out = run(&args, &dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = std::fs::read_to_string(dir.join("skip/metrics.jsonl")).unwrap();
+    let skipped = metrics.lines().filter(|l| l.contains("\"skip\"")).count();
+    assert!(skipped > 0, "no step was skipped");
+    assert_eq!(
+        metrics.lines().filter(|l| l.contains("\"train\"")).count() + skipped,
+        24
+    );
+    // Skipped steps leave the parameters as they were: finite (Model::load refuses others).
+    let mut m = flatmin_models::Model::<f32>::named("mlp:3072,64,10:relu", 0).unwrap();
+    m.load(&dir.join("skip/model.safetensors")).unwrap();
 }

@@ -337,6 +337,15 @@ fn bad_input_is_one_line_naming_the_flag() {
     assert!(e.contains("--method"), "{e}");
     let e = run_err(&[&base[..], &["--budget", "3", "--method", "hutch++"]].concat());
     assert!(e.contains("--budget"), "{e}");
+    // Probe counts whose Lanczos bases cannot fit (the largest used to panic on a capacity
+    // overflow before anything else happened).
+    for probes in ["18446744073709551615", "1000000000"] {
+        let e = run_err(&[&base[..], &["--method", "slq", "--probes", probes]].concat());
+        assert!(
+            e.contains(&format!("--probes {probes} with --steps 64")) && e.contains("available"),
+            "{e}"
+        );
+    }
     let e = run_err(&[&base[..], &["--tol", "-1"]].concat());
     assert!(e.contains("--tol"), "{e}");
     let e = run_err(&[&base[..], &["--threads", "0"]].concat());

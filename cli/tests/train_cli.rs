@@ -149,6 +149,39 @@ fn bad_flags_give_one_line_errors() {
         (vec!["train", "--schedule", "linear"], "--schedule"),
         (vec!["train", "--dtype", "f16"], "--dtype"),
         (vec!["train", "--threads", "0"], "--threads"),
+        // Epoch counts whose step counts overflow (these used to panic).
+        (
+            vec![
+                "train",
+                "--data",
+                "synthetic",
+                "--epochs",
+                "18446744073709551615",
+            ],
+            "--epochs 18446744073709551615: too large",
+        ),
+        (
+            vec![
+                "train",
+                "--data",
+                "synthetic",
+                "--schedule",
+                "step",
+                "--step-every",
+                "18446744073709551615",
+            ],
+            "--step-every 18446744073709551615: too large",
+        ),
+        (
+            vec![
+                "train",
+                "--data",
+                "synthetic",
+                "--warmup",
+                "18446744073709551615",
+            ],
+            "--warmup 18446744073709551615: too large",
+        ),
         (
             vec!["train", "--data", "/nonexistent/cifar"],
             "/nonexistent/cifar",

@@ -58,6 +58,15 @@ impl<T: Scalar> Tape<T> {
         self.nodes.is_empty()
     }
 
+    /// Scalars held by the recorded values and their tangents: the tape's share of memory,
+    /// in elements (memory estimates multiply it by the element size).
+    pub fn value_elements(&self) -> usize {
+        self.nodes
+            .iter()
+            .map(|n| n.value.numel() + n.tangent.as_ref().map_or(0, |t| t.numel()))
+            .sum()
+    }
+
     /// A differentiable input (a parameter). `tangent`, if given, is `[K, ...shape]`:
     /// the directions along which Hessian-vector products are taken.
     pub fn param(&mut self, value: Tensor<T>, tangent: Option<Tensor<T>>) -> Result<Var> {

@@ -78,6 +78,18 @@ pub enum Arch {
     },
 }
 
+/// Most trainable parameters a model may have (2^32, 16 GiB as f32): custom MLP specs beyond
+/// it are refused by [`Arch::parse`], so no tensor size computation can overflow and no
+/// command starts allocating an absurd model.
+pub const MAX_PARAMS: usize = 1 << 32;
+
+/// Parameters of an MLP with these widths (weights and biases), `None` on overflow.
+fn mlp_params(widths: &[usize]) -> Option<usize> {
+    widths.windows(2).try_fold(0usize, |acc, w| {
+        w[0].checked_mul(w[1])?.checked_add(w[1])?.checked_add(acc)
+    })
+}
+
 /// Names of the built-in presets.
 pub const PRESETS: [&str; 5] = ["tiny-tanh", "mlp-s", "cnn-s", "resnet20", "resnet18"];
 
@@ -137,6 +149,16 @@ impl Arch {
                 {
                     return Err(unknown());
                 }
+                match mlp_params(&widths) {
+                    Some(n) if n <= MAX_PARAMS => {}
+                    n => {
+                        return Err(ModelError::TooLarge {
+                            name: name.to_string(),
+                            params: n.map_or("more than 2^64".into(), |n| n.to_string()),
+                            max: MAX_PARAMS,
+                        })
+                    }
+                }
                 Arch::Mlp {
                     widths,
                     act,
@@ -144,6 +166,12 @@ impl Arch {
                 }
             }
         })
+    }
+
+    /// Trainable parameters of the network, counted from its layout without allocating
+    /// anything (what [`crate::Model::num_params`] gives once the model is built).
+    pub fn num_params(&self) -> usize {
+        crate::model::layout_params(self)
     }
 
     /// True when the network has BatchNorm layers.

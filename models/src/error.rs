@@ -77,6 +77,17 @@ pub enum ModelError {
     /// An unknown model name or malformed model spec.
     #[error("unknown model '{0}' (presets: tiny-tanh, mlp-s, cnn-s, resnet20, resnet18; custom: mlp:W1,W2,...:ACT)")]
     UnknownModel(String),
+    /// A custom model with more parameters than [`crate::arch::MAX_PARAMS`] (or than a
+    /// machine word can count).
+    #[error("model '{name}' has {params} parameters, more than the {max} a model may have")]
+    TooLarge {
+        /// The model spec.
+        name: String,
+        /// Its parameter count, as a decimal string ("more than 2^64" on overflow).
+        params: String,
+        /// The limit.
+        max: usize,
+    },
     /// An engine error (shapes, labels).
     #[error(transparent)]
     Engine(#[from] flatmin_engine::EngineError),

@@ -9,6 +9,6 @@ pub mod io;
 pub mod model;
 mod structure;
 
-pub use arch::{Activation, Arch, PRESETS};
+pub use arch::{Activation, Arch, MAX_PARAMS, PRESETS};
 pub use error::{ModelError, Result};
 pub use model::{BnUse, Entry, EntryKind, EntryValue, Evaluation, Model};

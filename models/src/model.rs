@@ -163,6 +163,17 @@ impl Layout {
     }
 }
 
+/// Trainable parameters of `arch`'s layout (no tensor is allocated). Cannot overflow for an
+/// architecture [`Arch::parse`] accepted (at most [`crate::arch::MAX_PARAMS`]).
+pub(crate) fn layout_params(arch: &Arch) -> usize {
+    layout(arch)
+        .0
+        .iter()
+        .filter(|(_, _, kind)| kind.trainable())
+        .map(|(_, shape, _)| shape.iter().product::<usize>())
+        .sum()
+}
+
 fn layout(arch: &Arch) -> Layout {
     let mut l = Layout(Vec::new());
     match arch {
@@ -612,6 +623,23 @@ impl<T: Scalar> Model<T> {
             }
         }
         Ok(out)
+    }
+
+    /// Elements (scalars) a training forward pass records on its tape for a batch of
+    /// `n` images: the parameters, the input and every intermediate value, measured by
+    /// recording the pass (BatchNorm in train mode, then the loss) on `n` blank images.
+    /// Memory estimates use it with `n` = 1 and 2 to find the per-image share.
+    pub fn tape_elements(&self, n: usize) -> Result<usize> {
+        let mut tape = Tape::new(0);
+        let vars = self
+            .params()
+            .into_iter()
+            .map(|p| tape.param(p.clone(), None))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let xv = tape.constant(Tensor::zeros(&[n, 3, 32, 32]));
+        let (logits, _) = self.forward(&mut tape, &vars, xv, BnUse::Train)?;
+        tape.cross_entropy(logits, &vec![0; n])?;
+        Ok(tape.value_elements())
     }
 
     /// The state as named tensors in `state_dict` order (floats in this model's dtype).

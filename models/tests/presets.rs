@@ -80,6 +80,43 @@ fn custom_mlp_parses_and_rejects_bad_specs() {
 }
 
 #[test]
+fn oversized_custom_mlps_are_refused_before_allocating() {
+    // Found by review while adding the memory estimate: these used to abort on allocation
+    // (1e9 hidden units) or panic on a size overflow (1e17) when the model was built.
+    for (spec, params) in [
+        ("mlp:3072,1000000000,10:relu", "3083000000010"),
+        ("mlp:3072,100000000000000000,10:relu", "more than 2^64"),
+        ("mlp:3072,18446744073709551615,10:relu", "more than 2^64"),
+    ] {
+        let err = Arch::parse(spec).unwrap_err();
+        assert!(
+            matches!(err, ModelError::TooLarge { .. }),
+            "{spec}: {err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(params) && msg.contains("4294967296"),
+            "{spec}: {msg}"
+        );
+        assert!(Model::<f32>::named(spec, 0).is_err());
+    }
+    // Counting parameters needs no model; it agrees with the built one.
+    for name in ["tiny-tanh", "mlp-s", "cnn-s", "resnet20", "resnet18"] {
+        let arch = Arch::parse(name).unwrap();
+        assert_eq!(
+            arch.num_params(),
+            Model::<f32>::named(name, 0).unwrap().num_params(),
+            "{name}"
+        );
+    }
+    let wide = Arch::parse("mlp:3072,1000000,10:relu").unwrap();
+    assert_eq!(
+        wide.num_params(),
+        3072 * 1_000_000 + 1_000_000 + 10_000_000 + 10
+    );
+}
+
+#[test]
 fn save_load_round_trip_and_errors() {
     let dir = std::env::temp_dir().join(format!("flatmin-models-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -68,7 +68,7 @@ impl<T: Scalar> Optimizer<T> for AdamW<T> {
             self.m = params.iter().map(|p| Tensor::zeros(p.shape())).collect();
             self.v = params.iter().map(|p| Tensor::zeros(p.shape())).collect();
         }
-        self.t += 1;
+        self.t = self.t.saturating_add(1);
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         let (b1, b2, eps) = (T::c(self.beta1), T::c(self.beta2), T::c(self.eps));
@@ -114,7 +114,12 @@ impl<T: Scalar> Optimizer<T> for AdamW<T> {
 
     fn load_state(&mut self, mut state: Vec<(String, Tensor<T>)>) -> Result<()> {
         let t = take_state(&mut state, "adamw.t", &[])?;
-        self.t = t.data()[0].to_f64().unwrap_or(0.0) as u64;
+        // A step count: a whole number the bias corrections' `powi` can take.
+        let t = t.data()[0].to_f64().unwrap_or(f64::NAN);
+        if !(t >= 0.0 && t.fract() == 0.0 && t < i32::MAX as f64) {
+            return Err(crate::OptimError::State("adamw.t".into()));
+        }
+        self.t = t as u64;
         let n = state.len() / 2;
         let (mut m, mut v) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for i in 0..n {

@@ -143,7 +143,7 @@ impl<T: Scalar> Reservoir<T> {
 
     /// Offers the next iterate.
     pub fn offer(&mut self, x: &[Tensor<T>]) {
-        self.seen += 1;
+        self.seen = self.seen.saturating_add(1);
         if self.rng.below(self.seen) == 0 {
             self.pick = self.seen;
             self.sample = Some(x.to_vec());
@@ -217,7 +217,7 @@ impl<T: Scalar> Iterates<T> {
     /// Records the iterate just produced by a perturbed step; after step T (the horizon)
     /// with a random output, swaps the parameters for `x̂` and keeps the last iterate.
     pub fn after_step(&mut self, params: &mut [Tensor<T>], extra: &mut Vec<(String, f64)>) {
-        self.t += 1;
+        self.t = self.t.saturating_add(1);
         if let Some(r) = &mut self.reservoir {
             r.offer(params);
             if self.horizon == Some(self.t) {

@@ -172,7 +172,7 @@ impl<T: Scalar> Optimizer<T> for Sa<T> {
         let mut evals = 1;
         if !self.iters.in_phase1() {
             descend(&mut self.sgd, params, &g, None, lr);
-            self.gd_steps += 1;
+            self.gd_steps = self.gd_steps.saturating_add(1);
             return Ok(StepInfo {
                 loss: loss.to_f64().unwrap_or(f64::NAN),
                 grad_norm: gn,

@@ -1042,6 +1042,22 @@ fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
                 seed,
                 reorthogonalize: true,
             };
+            // Every probe keeps its Lanczos basis (full reorthogonalization): refuse, before
+            // allocating, what the memory available cannot hold.
+            let d = h.dim();
+            let need = opts.probes as f64 * (opts.steps.min(d) + 2) as f64 * d as f64 * 8.0;
+            if let Some(avail) = flatmin::train::available_memory() {
+                if need > avail {
+                    bail!(
+                        "--probes {} with --steps {}: the Lanczos bases need about {} ({} parameters each), but only {} are available (MemAvailable); lower --probes or --steps",
+                        opts.probes,
+                        opts.steps,
+                        flatmin::train::human_bytes(need),
+                        d,
+                        flatmin::train::human_bytes(avail)
+                    );
+                }
+            }
             let r = slq(h, &opts).context("slq")?;
             f.trace = Some(r.trace_estimate);
             f.std_error = r.trace_std_error.is_finite().then_some(r.trace_std_error);

@@ -104,6 +104,11 @@ pub struct TrainArgs {
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
+    /// Memory the run may use, e.g. 512M, 16G, 1.5T (binary units). Training refuses to
+    /// start when its estimated peak exceeds this, or by default the memory available now
+    /// (MemAvailable); set it when the estimate is wrong or to leave room for other jobs.
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
     /// On a NaN or infinite loss or gradient: stop (keeping the last good checkpoint) or
     /// skip-step (leave the parameters unchanged for that batch) [default: stop].
     #[arg(long, value_name = "POLICY")]
@@ -187,7 +192,7 @@ impl TrainArgs {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
-                serde_json::from_str(&text).map_err(|e| {
+                TrainConfig::from_json(&text).map_err(|e| {
                     anyhow::anyhow!(
                         "--config {}: not a flatmin run configuration: {e}",
                         path.display()
@@ -364,6 +369,35 @@ fn default_out(cfg: &TrainConfig) -> PathBuf {
     p
 }
 
+/// A write that failed during training (full disk, file too large, folder gone) ends the run
+/// with one line: the failure, then which checkpoint is kept and how to resume from it.
+/// Other errors (divergence says this itself) are returned as they are.
+fn with_checkpoint_note<T: Scalar + Element>(
+    e: anyhow::Error,
+    trainer: &Trainer<T>,
+    dir: &Path,
+) -> anyhow::Error {
+    let io = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some()
+            || matches!(
+                c.downcast_ref::<flatmin_models::ModelError>(),
+                Some(flatmin_models::ModelError::Io { .. })
+            )
+    });
+    if !io {
+        return e;
+    }
+    let kept = match trainer.run_dir().last_checkpoint() {
+        Some(p) => format!(
+            "the last checkpoint {} is kept; resume with: flatmin train --resume {}",
+            p.display(),
+            dir.display()
+        ),
+        None => "no checkpoint was written yet".into(),
+    };
+    anyhow::anyhow!("{}; training stopped, {kept}", super::error_line(&e))
+}
+
 /// Runs `flatmin train`.
 pub fn run(args: &TrainArgs) -> Result<()> {
     super::with_threads(args.threads, || dispatch(args))
@@ -389,6 +423,13 @@ fn dispatch(args: &TrainArgs) -> Result<()> {
             (cfg, None)
         }
     };
+    // Before the data is loaded or the run folder touched: refuse what cannot fit.
+    let limit = args
+        .max_memory
+        .as_deref()
+        .map(flatmin::train::parse_size)
+        .transpose()?;
+    flatmin::train::check_memory(&cfg, limit)?;
     let data_spec = args.data.clone().unwrap_or_else(|| cfg.data.clone());
     let data = resolve(&data_spec, cfg.seed)?;
     if data.synthetic && data_spec != "synthetic" {
@@ -445,7 +486,9 @@ fn train<T: Scalar + Element>(
     }
     let mut progress = Progress::new(args.quiet);
     let stop = interrupt_flag()?;
-    let outcome = trainer.run_until(&mut progress, &|_| stop.load(Ordering::SeqCst))?;
+    let outcome = trainer
+        .run_until(&mut progress, &|_| stop.load(Ordering::SeqCst))
+        .map_err(|e| with_checkpoint_note(e, &trainer, &dir))?;
     progress.finish();
     if let Outcome::Stopped { step } = outcome {
         bail!(

@@ -198,6 +198,14 @@ pub const OPTIMIZER_FLAGS: [(&str, &[&str]); 13] = [
 ];
 
 impl TrainConfig {
+    /// Parses a run configuration (`config.json`, or a file given to `--config`): a JSON
+    /// object whose known keys override the default recipe; unknown keys (the run's
+    /// metadata) are ignored. Only parses: call [`TrainConfig::validate`] on the result.
+    /// Hostile bytes give an error, never a panic (fuzzed by `fuzz/fuzz_targets/run_config.rs`).
+    pub fn from_json(text: &str) -> Result<Self> {
+        Ok(serde_json::from_str(text)?)
+    }
+
     /// Checks every value; the error names the flag.
     pub fn validate(&self) -> Result<()> {
         fn positive(flag: &str, v: f64) -> Result<()> {

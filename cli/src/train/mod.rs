@@ -3,10 +3,17 @@
 //! folder and continues bit for bit as if never interrupted.
 
 mod config;
+mod memory;
 mod run_dir;
 
 pub use config::{TrainConfig, OPTIMIZERS, OPTIMIZER_FLAGS};
-pub use run_dir::{batch_sha256, DatasetIdentity, Record, RunDir, RunMeta};
+pub use memory::{
+    available_memory, check_memory, estimate_memory, human_bytes, param_bytes, parse_size,
+    MemoryEstimate,
+};
+pub use run_dir::{
+    batch_sha256, parse_records, read_records, DatasetIdentity, Record, RunDir, RunMeta,
+};
 
 use crate::data::DataSource;
 use anyhow::{bail, Context, Result};
@@ -347,16 +354,24 @@ impl<T: Scalar + Element> Trainer<T> {
         }
         let params = model.params_cloned();
         let bpe = loader.batches_per_epoch();
-        let opt = build_optimizer(&cfg, cfg.epochs * bpe)?;
+        // Epoch counts from flags or a config file become step counts; one too large to
+        // count in steps is an error naming the flag, not an overflow.
+        let steps = |flag: &str, epochs: usize| {
+            epochs.checked_mul(bpe).with_context(|| {
+                format!("{flag} {epochs}: too large ({epochs} epochs of {bpe} steps overflow the step count)")
+            })
+        };
+        let total = steps("--epochs", cfg.epochs)?;
+        let opt = build_optimizer(&cfg, total)?;
         let kind = match cfg.schedule.as_str() {
             "constant" => Schedule::Constant,
             "cosine" => Schedule::Cosine,
             _ => Schedule::Step {
-                every: cfg.step_every * bpe,
+                every: steps("--step-every", cfg.step_every)?,
                 gamma: cfg.step_gamma,
             },
         };
-        let sched = LrSchedule::new(cfg.lr, kind, cfg.warmup * bpe, cfg.epochs * bpe)?;
+        let sched = LrSchedule::new(cfg.lr, kind, steps("--warmup", cfg.warmup)?, total)?;
         Ok(Trainer {
             cfg,
             model,
@@ -735,6 +750,7 @@ impl<T: Scalar + Element> Trainer<T> {
         }
         self.model.load_raw(path, model_part)?;
         self.params = self.model.params_cloned();
+        check_per_param_state(path, &opt_part, &self.params)?;
         self.opt
             .load_state(opt_part)
             .with_context(|| format!("{}: optimizer state", path.display()))?;
@@ -765,6 +781,49 @@ impl<T: Scalar + Element> Trainer<T> {
         self.epoch_sums = (loss_sum, int("epoch_correct")?, int("epoch_seen")?);
         Ok(())
     }
+}
+
+/// Checks the optimizer state of a checkpoint that is kept per parameter (entries
+/// `NAME.0`, `NAME.1`, ...: momentum, moments, kept iterates): one tensor per parameter, each
+/// of its parameter's shape. The optimizers cannot check this themselves (they do not see
+/// the parameters), and a mismatch would update only some parameters or fail inside a step.
+fn check_per_param_state<T: Scalar>(
+    path: &Path,
+    state: &[(String, Tensor<T>)],
+    params: &[Tensor<T>],
+) -> Result<()> {
+    let mut lists: std::collections::BTreeMap<&str, Vec<(usize, &Tensor<T>)>> =
+        std::collections::BTreeMap::new();
+    for (name, t) in state {
+        if let Some((list, index)) = name.rsplit_once('.') {
+            if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) {
+                let i = index.parse().unwrap_or(usize::MAX);
+                lists.entry(list).or_default().push((i, t));
+            }
+        }
+    }
+    for (list, mut items) in lists {
+        items.sort_by_key(|(i, _)| *i);
+        if items.len() != params.len() || items.iter().enumerate().any(|(k, (i, _))| k != *i) {
+            bail!(
+                "{}: optimizer state '{list}' holds {} tensors, not one for each of the model's {} parameters",
+                path.display(),
+                items.len(),
+                params.len()
+            );
+        }
+        for ((i, t), p) in items.iter().zip(params) {
+            if t.shape() != p.shape() {
+                bail!(
+                    "{}: optimizer tensor '{list}.{i}' has shape {:?}, its parameter {:?}",
+                    path.display(),
+                    t.shape(),
+                    p.shape()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The gradient oracle of one training step: mean cross-entropy and gradient of the model at

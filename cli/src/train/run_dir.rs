@@ -10,7 +10,7 @@ use flatmin_models::io::{write_atomic, write_safetensors, RawTensor};
 use flatmin_models::Model;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// One line of `metrics.jsonl` (and one row of `metrics.csv`).
@@ -279,20 +279,24 @@ impl RunDir {
     pub fn config(&self) -> Result<TrainConfig> {
         let p = self.root.join("config.json");
         let text = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
-        serde_json::from_str(&text)
+        TrainConfig::from_json(&text)
             .with_context(|| format!("{}: invalid run configuration", p.display()))
     }
 
-    /// Appends one record to `metrics.jsonl` and `metrics.csv`.
+    /// Appends one record to `metrics.jsonl` and `metrics.csv`, each line in one write. A
+    /// failed write (disk full, file too large) is an error naming the file; a line it left
+    /// half-written comes after the last checkpoint and is dropped when the run resumes.
     pub fn append(&self, r: &Record) -> Result<()> {
-        let open = |name: &str| {
+        let append = |name: &str, line: String| -> Result<()> {
+            let p = self.root.join(name);
             OpenOptions::new()
                 .append(true)
-                .open(self.root.join(name))
-                .with_context(|| format!("{}", self.root.join(name).display()))
+                .open(&p)
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+                .with_context(|| format!("{}: cannot append a record", p.display()))
         };
-        writeln!(open("metrics.jsonl")?, "{}", serde_json::to_string(r)?)?;
-        writeln!(open("metrics.csv")?, "{}", r.csv_row())?;
+        append("metrics.jsonl", format!("{}\n", serde_json::to_string(r)?))?;
+        append("metrics.csv", format!("{}\n", r.csv_row()))?;
         Ok(())
     }
 
@@ -310,7 +314,14 @@ impl RunDir {
             .with_context(|| jsonl_path.display().to_string())?;
         let mut kept_json = String::new();
         let mut kept_records = Vec::new();
-        for (i, line) in text.lines().enumerate() {
+        // A last line without its newline was cut short by a crash or a full disk while being
+        // appended; nothing was checkpointed after it, so it is dropped like the lines after
+        // the checkpoint.
+        let complete = match text.rfind('\n') {
+            Some(end) => &text[..=end],
+            None => "",
+        };
+        for (i, line) in complete.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
@@ -330,7 +341,11 @@ impl RunDir {
         }
         let csv_path = self.root.join("metrics.csv");
         let csv_text = std::fs::read_to_string(&csv_path).unwrap_or_default();
-        let rows: Vec<&str> = csv_text.lines().skip(1).collect();
+        let csv_complete = match csv_text.rfind('\n') {
+            Some(end) => &csv_text[..=end],
+            None => "",
+        };
+        let rows: Vec<&str> = csv_complete.lines().skip(1).collect();
         let mut csv = format!("{CSV_HEADER}\n");
         for (i, r) in kept_records.iter().enumerate() {
             // Rows follow records one to one; one lost in a crash is rebuilt from its record.
@@ -376,16 +391,60 @@ impl RunDir {
 
 /// Reads a `metrics.jsonl` file; a malformed line is an error naming the file and line.
 pub fn read_records(path: &Path) -> Result<Vec<Record>> {
-    let f = File::open(path).with_context(|| path.display().to_string())?;
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    Ok(parse_records(path, &bytes)?
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect())
+}
+
+/// Parses the bytes of a `metrics.jsonl` file (`path` only names it in errors): one JSON
+/// record per line, blank lines skipped, a trailing `\r` ignored. Returns each record with
+/// its line number (from 1). A line that is not UTF-8 or not a record is an error naming the
+/// file and the line. The one parser of metrics files (`--resume`, `flatmin plot`); fuzzed by
+/// `fuzz/fuzz_targets/metrics.rs`.
+pub fn parse_records(path: &Path, bytes: &[u8]) -> Result<Vec<(usize, Record)>> {
     let mut out = Vec::new();
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| path.display().to_string())?;
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let line = std::str::from_utf8(line)
+            .with_context(|| format!("{}: line {}: not UTF-8 text", path.display(), i + 1))?;
         if line.trim().is_empty() {
             continue;
         }
-        out.push(serde_json::from_str(&line).with_context(|| {
-            format!("{}: line {}: not a metrics record", path.display(), i + 1)
-        })?);
+        let r = serde_json::from_str(line)
+            .with_context(|| format!("{}: line {}: not a metrics record", path.display(), i + 1))?;
+        out.push((i + 1, r));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_records_numbers_lines_and_names_bad_ones() {
+        let p = Path::new("m.jsonl");
+        let a = r#"{"kind":"train","epoch":0,"step":1,"wall_s":0.5}"#;
+        let b = r#"{"kind":"eval","epoch":0,"step":1,"test_acc":0.25,"wall_s":0.7}"#;
+        let text = format!("{a}\r\n\n  \n{b}");
+        let got = parse_records(p, text.as_bytes()).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].0, got[1].0), (1, 4));
+        assert_eq!(got[1].1.test_acc, Some(0.25));
+        assert!(parse_records(p, b"").unwrap().is_empty());
+        let err = format!(
+            "{:#}",
+            parse_records(p, format!("{a}\n{{\"kind\":").as_bytes()).unwrap_err()
+        );
+        assert!(
+            err.starts_with("m.jsonl: line 2: not a metrics record"),
+            "{err}"
+        );
+        let mut bytes = format!("{a}\n").into_bytes();
+        bytes.extend([b'{', 0xff, b'}']);
+        let err = format!("{:#}", parse_records(p, &bytes).unwrap_err());
+        assert!(err.starts_with("m.jsonl: line 2: not UTF-8 text"), "{err}");
+    }
 }

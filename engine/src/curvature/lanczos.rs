@@ -384,6 +384,19 @@ pub fn slq<T: Scalar, L: BatchLoss<T>>(
     }
     let start = (h.hvps(), h.passes());
     let d = h.dim();
+    if opts
+        .probes
+        .checked_mul(d)
+        .is_none_or(|n| n > isize::MAX as usize / 8)
+    {
+        return invalid(
+            "probes",
+            format!(
+                "{} probes of {d} entries cannot be held in memory",
+                opts.probes
+            ),
+        );
+    }
     let steps = opts.steps.min(d);
     let breakdown = 100.0 * T::epsilon().to_f64().unwrap_or(f64::EPSILON);
     let mut rng = StdRng::seed_from_u64(opts.seed);
