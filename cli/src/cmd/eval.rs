@@ -159,7 +159,7 @@ fn dispatch(args: &EvalArgs) -> Result<()> {
         .clone()
         .or_else(|| cfg.map(|c| c.dtype.clone()))
         .unwrap_or_else(|| "f32".into());
-    let seed = args.seed.or(cfg.map(|c| c.seed)).unwrap_or(0);
+    let seed = args.seed.or(cfg.map(|c| c.data_seed())).unwrap_or(0);
     let bn = BnUse::parse(&args.bn_mode).context("--bn-mode: expected eval or train")?;
     match dtype.as_str() {
         "f32" => eval_as::<f32>(args, &target, &model, seed, bn, &dtype),

@@ -474,7 +474,7 @@ fn dispatch(r: &Request) -> Result<()> {
         .clone()
         .or_else(|| cfg.map(|cf| cf.dtype.clone()))
         .unwrap_or_else(|| "f32".into());
-    let seed = c.seed.or(cfg.map(|cf| cf.seed)).unwrap_or(0);
+    let seed = c.seed.or(cfg.map(|cf| cf.data_seed())).unwrap_or(0);
     let bn = BnUse::parse(&c.bn_mode).context("--bn-mode: expected eval or train")?;
     let spec = c
         .data

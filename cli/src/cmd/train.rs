@@ -71,9 +71,13 @@ pub struct TrainArgs {
     /// No augmentation.
     #[arg(long)]
     pub no_augment: bool,
-    /// Seed of initialization, subsets, order and augmentation [default: 0].
+    /// Seed of initialization, subsets, order, augmentation and optimizer noise [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Seed of the data choices alone (training/test subsets, random labels, trace subset),
+    /// so that runs with different --seed train on the same images [default: --seed].
+    #[arg(long, value_name = "SEED")]
+    pub data_seed: Option<u64>,
     /// Float type: f32 or f64 [default: f32].
     #[arg(long)]
     pub dtype: Option<String>,
@@ -243,6 +247,9 @@ impl TrainArgs {
         if self.random_labels {
             c.random_labels = true;
         }
+        if self.data_seed.is_some() {
+            c.data_seed = self.data_seed;
+        }
         if let Some(p) = &self.init_from {
             c.init_from = Some(p.display().to_string());
         }
@@ -322,7 +329,7 @@ impl TrainArgs {
             weight_decay => "--weight-decay", schedule => "--schedule", step_every => "--step-every",
             step_gamma => "--step-gamma", warmup => "--warmup", epochs => "--epochs",
             batch_size => "--batch-size", train_size => "--train-size", test_size => "--test-size",
-            seed => "--seed", dtype => "--dtype", eval_every => "--eval-every",
+            seed => "--seed", data_seed => "--data-seed", dtype => "--dtype", eval_every => "--eval-every",
             checkpoint_every => "--checkpoint-every", out => "--out", init_from => "--init-from",
             trace_every => "--trace-every", trace_size => "--trace-samples",
             trace_method => "--trace-method", trace_probes => "--trace-probes");

@@ -43,8 +43,12 @@ pub struct TrainConfig {
     pub test_size: usize,
     /// Random crop (4-pixel zero padding) and horizontal flip.
     pub augment: bool,
-    /// Seed of everything random: initialization, subsets, order, augmentation.
+    /// Seed of everything random: initialization, subsets, order, augmentation, optimizer
+    /// noise (the data choices only when `data_seed` is not set).
     pub seed: u64,
+    /// Seed of the data choices alone (training and test subsets, random labels, the trace
+    /// subset); `None`: `seed`. Replicates from one starting point vary `seed` and keep this.
+    pub data_seed: Option<u64>,
     /// Float type: `f32` or `f64`.
     pub dtype: String,
     /// Evaluate on the test subset every this many epochs (and after the last).
@@ -137,6 +141,7 @@ impl Default for TrainConfig {
             test_size: 2_000,
             augment: true,
             seed: 0,
+            data_seed: None,
             dtype: "f32".into(),
             eval_every: 1,
             checkpoint_every: 0,
@@ -196,6 +201,13 @@ pub const OPTIMIZER_FLAGS: [(&str, &[&str]); 13] = [
     ("--t-gd", &["sa"]),
     ("--zero-grad-xi", &["sa"]),
 ];
+
+impl TrainConfig {
+    /// The seed of the data choices: `data_seed`, else `seed`.
+    pub fn data_seed(&self) -> u64 {
+        self.data_seed.unwrap_or(self.seed)
+    }
+}
 
 impl TrainConfig {
     /// Parses a run configuration (`config.json`, or a file given to `--config`): a JSON

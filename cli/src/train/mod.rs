@@ -296,13 +296,13 @@ impl<T: Scalar + Element> Trainer<T> {
     }
 
     fn assemble(cfg: TrainConfig, data: DataSource, run: RunDir) -> Result<Self> {
-        let mut train = subset(data.train, cfg.train_size, cfg.seed, "--train-size")?;
+        let mut train = subset(data.train, cfg.train_size, cfg.data_seed(), "--train-size")?;
         if cfg.random_labels {
-            randomize_labels(&mut train, cfg.seed);
+            randomize_labels(&mut train, cfg.data_seed());
         }
         let trace_set = if cfg.trace_every > 0 {
             let n = cfg.trace_size.min(train.len());
-            let seed = derive_seed(cfg.seed, TRACE_SUBSET_SEED_TAG);
+            let seed = derive_seed(cfg.data_seed(), TRACE_SUBSET_SEED_TAG);
             let b = subset(train.clone(), n, seed, "--trace-size")?;
             (0..b.len())
                 .step_by(TRACE_BATCH)
@@ -317,7 +317,12 @@ impl<T: Scalar + Element> Trainer<T> {
         } else {
             Vec::new()
         };
-        let test = subset(data.test, cfg.test_size, cfg.seed ^ 0x7e57, "--test-size")?;
+        let test = subset(
+            data.test,
+            cfg.test_size,
+            cfg.data_seed() ^ 0x7e57,
+            "--test-size",
+        )?;
         let augment = if cfg.augment {
             Augment::standard()
         } else {
