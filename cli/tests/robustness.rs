@@ -316,3 +316,90 @@ fn divergence_after_a_checkpoint_keeps_it_and_skip_step_keeps_params_finite() {
     let mut m = flatmin_models::Model::<f32>::named("mlp:3072,64,10:relu", 0).unwrap();
     m.load(&dir.join("skip/model.safetensors")).unwrap();
 }
+
+/// `kill -9` inside a checkpoint write, not at a random moment: the test watches the
+/// checkpoint folder and kills the process the instant the temporary file of the next write
+/// appears (a large model makes each write take a while). The previous checkpoint must be
+/// intact and loadable, and the run must resume and finish.
+#[test]
+fn kill9_during_a_checkpoint_write_keeps_the_previous_checkpoint() {
+    let dir = tmp("kill-in-write");
+    // 3072 x 2048 + 2048 x 10 weights: a checkpoint of about 50 MB (weights + momentum).
+    let args = [
+        "train",
+        "--data",
+        "synthetic",
+        "--model",
+        "mlp:3072,2048,10:relu",
+        "--epochs",
+        "6",
+        "--train-size",
+        "64",
+        "--test-size",
+        "20",
+        "--batch-size",
+        "32",
+        "--seed",
+        "3",
+        "--quiet",
+        "--out",
+        "r",
+    ];
+    let ckdir = dir.join("r/checkpoints");
+    let last = ckdir.join("last.safetensors");
+    let mut child = spawn(&args, &dir);
+    // Wait for a first complete checkpoint, then for the temporary file of the next write.
+    let t0 = Instant::now();
+    let mut before: Option<Vec<u8>> = None;
+    let mut killed_in_write = false;
+    while t0.elapsed() < Duration::from_secs(120) {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        let writing = std::fs::read_dir(&ckdir)
+            .map(|it| {
+                it.flatten()
+                    .any(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            })
+            .unwrap_or(false);
+        match (&before, writing) {
+            (None, false) if last.exists() => before = std::fs::read(&last).ok(),
+            (Some(_), true) => {
+                signal(&child, "-KILL");
+                killed_in_write = true;
+                break;
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let _ = child.wait();
+    assert!(
+        killed_in_write,
+        "no checkpoint write was caught in progress (the run ended or stalled)"
+    );
+    let before = before.expect("a complete checkpoint before the kill");
+    // The killed write left its temporary file; the checkpoint is the previous one, intact.
+    let left: Vec<String> = std::fs::read_dir(&ckdir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.iter().any(|n| n.contains(".tmp-")), "{left:?}");
+    assert_eq!(
+        std::fs::read(&last).unwrap(),
+        before,
+        "the previous checkpoint changed"
+    );
+    let raw = flatmin_models::io::read_safetensors(&last).expect("the checkpoint loads");
+    assert!(raw.iter().any(|t| t.name == "trainer/step"));
+    // Resuming from it finishes the run despite the leftover temporary file.
+    let out = run(&["train", "--resume", "r", "--quiet"], &dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    assert_eq!(train_records(&dir.join("r")), 12);
+}
