@@ -217,22 +217,24 @@ fn data_seed_keeps_the_images_while_the_seed_varies() {
         serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap()
     };
     let sha = |v: &serde_json::Value, k: &str| v["dataset"][k].as_str().unwrap().to_string();
+    let recipe = |seed: u64, data_seed: Option<u64>| TrainConfig {
+        trace_every: 0,
+        epochs: 1,
+        train_size: 100,
+        test_size: 50,
+        random_labels: true,
+        seed,
+        data_seed,
+        ..cfg("tiny-tanh")
+    };
     let mut outcomes = Vec::new();
     for (name, seed, data_seed) in [
         ("ds-a", 1, Some(7)),
         ("ds-b", 2, Some(7)),
         ("ds-c", 7, None),
     ] {
-        let mut c = cfg("tiny-tanh");
-        c.trace_every = 0;
-        c.epochs = 1;
-        c.train_size = 100;
-        c.test_size = 50;
-        c.random_labels = true;
-        c.seed = seed;
-        c.data_seed = data_seed;
         let dir = tmp(name);
-        let mut t = Trainer::<f32>::new(c, data(), &dir).unwrap();
+        let mut t = Trainer::<f32>::new(recipe(seed, data_seed), data(), &dir).unwrap();
         t.run(&mut Silent).unwrap();
         outcomes.push((meta(&dir), outcome(&dir)));
     }
@@ -243,14 +245,7 @@ fn data_seed_keeps_the_images_while_the_seed_varies() {
     }
     assert!(a.1 .0 != b.1 .0, "different seeds, different weights");
     // Without a data seed, another seed picks other images.
-    let mut d = cfg("tiny-tanh");
-    d.trace_every = 0;
-    d.epochs = 1;
-    d.train_size = 100;
-    d.test_size = 50;
-    d.random_labels = true;
-    d.seed = 1;
     let dir = tmp("ds-d");
-    Trainer::<f32>::new(d, data(), &dir).unwrap();
+    Trainer::<f32>::new(recipe(1, None), data(), &dir).unwrap();
     assert_ne!(sha(&meta(&dir), "train_sha256"), sha(&a.0, "train_sha256"));
 }
