@@ -1,7 +1,7 @@
 //! Where training data comes from: `--data auto|synthetic|PATH`.
 
 use anyhow::{bail, Context, Result};
-use flatmin_datasets::{synthetic, Batch, Cifar10};
+use flatmin_datasets::{balanced_subset, synthetic, Batch, Cifar10};
 use std::path::{Path, PathBuf};
 
 /// Name of the folder of the official binary release.
@@ -97,4 +97,29 @@ fn synthetic_source(seed: u64) -> DataSource {
         origin: "synthetic".into(),
         synthetic: true,
     }
+}
+
+/// The seeded class-balanced subset of `size` images of `batch` (0, or exactly all of them:
+/// the whole batch). Errors name the size flag `flag` and where the images came from,
+/// `source` (e.g. `--split test`).
+pub fn sized_subset(
+    batch: Batch,
+    size: usize,
+    seed: u64,
+    flag: &str,
+    source: &str,
+) -> Result<Batch> {
+    if batch.is_empty() {
+        bail!("{source}: no images");
+    }
+    if size == 0 || size == batch.len() {
+        return Ok(batch);
+    }
+    if size > batch.len() {
+        bail!(
+            "{flag} {size} exceeds the {} images available ({source})",
+            batch.len()
+        );
+    }
+    balanced_subset(&batch, size, seed).with_context(|| format!("{flag} {size}"))
 }

@@ -8,9 +8,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use flatmin::data::{auto_candidates, resolve};
+use flatmin::data::{auto_candidates, resolve, sized_subset};
 use flatmin::train::{count_correct, evaluate, RunDir, TrainConfig};
-use flatmin_datasets::{balanced_subset, Batch, Element};
+use flatmin_datasets::{Batch, Element};
 use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::{BnUse, Model};
 use std::path::{Path, PathBuf};
@@ -210,7 +210,13 @@ fn eval_as<T: Scalar + Element>(
         _ => (data.test, cfg.map(|c| c.test_size), seed ^ TEST_SUBSET_SEED),
     };
     let size = args.size.or(run_size).unwrap_or(0);
-    let batch = subset(batch, size, subset_seed, &args.split)?;
+    let batch = sized_subset(
+        batch,
+        size,
+        subset_seed,
+        "--size",
+        &format!("--split {}", args.split),
+    )?;
     let out = match bn {
         BnUse::Eval => {
             let (loss, acc) = evaluate(&net, &batch)?;
@@ -253,23 +259,6 @@ fn eval_as<T: Scalar + Element>(
         println!("{human}");
     }
     Ok(())
-}
-
-/// The class-balanced subset of `size` images (0 or the whole split: all of it).
-fn subset(batch: Batch, size: usize, seed: u64, split: &str) -> Result<Batch> {
-    if batch.is_empty() {
-        bail!("--split {split}: the data has no {split} images");
-    }
-    if size == 0 || size == batch.len() {
-        return Ok(batch);
-    }
-    if size > batch.len() {
-        bail!(
-            "--size {size} exceeds the {} {split} images available",
-            batch.len()
-        );
-    }
-    balanced_subset(&batch, size, seed).with_context(|| format!("--size {size}"))
 }
 
 /// Mean loss and accuracy with BatchNorm on the statistics of each chunk of

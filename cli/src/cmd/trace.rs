@@ -8,9 +8,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{ArgGroup, Args, ValueEnum};
-use flatmin::data::{auto_candidates, resolve};
+use flatmin::data::{auto_candidates, resolve, sized_subset};
 use flatmin::train::{RunDir, TrainConfig};
-use flatmin_datasets::{balanced_subset, read_batch_file, Batch, Element};
+use flatmin_datasets::{read_batch_file, Batch, Element};
 use flatmin_engine::curvature::{
     exact_trace, exact_trace_of, hutch_plus_plus, hutchinson, lanczos, slq, structural_support,
     Batches, Hessian, HutchPlusPlusOptions, HutchinsonOptions, HvpConfig, LanczosOptions,
@@ -512,7 +512,7 @@ fn load_images(
     if spec != "auto" && spec != "synthetic" && path.is_file() {
         let batch = read_batch_file(path).with_context(|| format!("--data {spec}"))?;
         let size = args.size.unwrap_or(0);
-        let batch = subset(batch, size, seed, &format!("--data {spec}"))?;
+        let batch = sized_subset(batch, size, seed, "--size", &format!("--data {spec}"))?;
         return Ok((batch, spec.to_string(), false, None));
     }
     if spec != "auto" && spec != "synthetic" && !path.exists() {
@@ -534,25 +534,14 @@ fn load_images(
         _ => (data.test, seed ^ TEST_SUBSET_SEED),
     };
     let what = format!("--split {}", args.split);
-    let batch = subset(batch, args.size.unwrap_or(DEFAULT_SIZE), subset_seed, &what)?;
+    let batch = sized_subset(
+        batch,
+        args.size.unwrap_or(DEFAULT_SIZE),
+        subset_seed,
+        "--size",
+        &what,
+    )?;
     Ok((batch, data.origin, data.synthetic, Some(args.split.clone())))
-}
-
-/// The class-balanced subset of `size` images (0 or all of them: the whole batch).
-fn subset(batch: Batch, size: usize, seed: u64, what: &str) -> Result<Batch> {
-    if batch.is_empty() {
-        bail!("{what}: no images");
-    }
-    if size == 0 || size == batch.len() {
-        return Ok(batch);
-    }
-    if size > batch.len() {
-        bail!(
-            "--size {size} exceeds the {} images available ({what})",
-            batch.len()
-        );
-    }
-    balanced_subset(&batch, size, seed).with_context(|| format!("--size {size}"))
 }
 
 fn engine_err(e: ModelError) -> EngineError {

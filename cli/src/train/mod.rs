@@ -15,9 +15,9 @@ pub use run_dir::{
     batch_sha256, parse_records, read_records, DatasetIdentity, Record, RunDir, RunMeta,
 };
 
-use crate::data::DataSource;
+use crate::data::{sized_subset, DataSource};
 use anyhow::{bail, Context, Result};
-use flatmin_datasets::{balanced_subset, Augment, Batch, Element, Loader};
+use flatmin_datasets::{Augment, Batch, Element, Loader};
 use flatmin_engine::curvature::{
     hutchinson, structural_support, Batches, Hessian, HutchinsonOptions, HvpConfig,
     StructuralAccumulator, StructuralOptions,
@@ -225,17 +225,6 @@ fn build_optimizer<T: Scalar>(
     })
 }
 
-/// Picks a class-balanced subset of `size` images (0 or at least the whole set: all).
-fn subset(data: Batch, size: usize, seed: u64, flag: &str) -> Result<Batch> {
-    if size == 0 || size == data.len() {
-        return Ok(data);
-    }
-    if size > data.len() {
-        bail!("{flag} {size} exceeds the {} images available", data.len());
-    }
-    balanced_subset(&data, size, seed).with_context(|| flag.to_string())
-}
-
 impl<T: Scalar + Element> Trainer<T> {
     /// Starts a new run in `out` (which must not hold a run already).
     pub fn new(cfg: TrainConfig, data: DataSource, out: &Path) -> Result<Self> {
@@ -296,14 +285,26 @@ impl<T: Scalar + Element> Trainer<T> {
     }
 
     fn assemble(cfg: TrainConfig, data: DataSource, run: RunDir) -> Result<Self> {
-        let mut train = subset(data.train, cfg.train_size, cfg.data_seed(), "--train-size")?;
+        let mut train = sized_subset(
+            data.train,
+            cfg.train_size,
+            cfg.data_seed(),
+            "--train-size",
+            "the training split",
+        )?;
         if cfg.random_labels {
             randomize_labels(&mut train, cfg.data_seed());
         }
         let trace_set = if cfg.trace_every > 0 {
             let n = cfg.trace_size.min(train.len());
             let seed = derive_seed(cfg.data_seed(), TRACE_SUBSET_SEED_TAG);
-            let b = subset(train.clone(), n, seed, "--trace-size")?;
+            let b = sized_subset(
+                train.clone(),
+                n,
+                seed,
+                "--trace-samples",
+                "the training subset",
+            )?;
             (0..b.len())
                 .step_by(TRACE_BATCH)
                 .map(|start| {
@@ -317,11 +318,12 @@ impl<T: Scalar + Element> Trainer<T> {
         } else {
             Vec::new()
         };
-        let test = subset(
+        let test = sized_subset(
             data.test,
             cfg.test_size,
             cfg.data_seed() ^ 0x7e57,
             "--test-size",
+            "the test split",
         )?;
         let augment = if cfg.augment {
             Augment::standard()
