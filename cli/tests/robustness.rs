@@ -67,6 +67,14 @@ fn wait_for_records(dir: &Path, n: usize) {
     }
 }
 
+/// Resumes the run folder `dir/r` to its end; it must succeed without a panic.
+fn resume_to_the_end(dir: &Path) {
+    let out = run(&["train", "--resume", "r", "--quiet"], dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -146,12 +154,7 @@ fn sigterm_checkpoints_like_sigint() {
         flatmin_models::io::RawData::I64(vec![stopped_at as i64]),
         "the checkpoint is not at the last logged step"
     );
-    let out = run(&["train", "--resume", "r", "--quiet"], &dir);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    resume_to_the_end(&dir);
     assert_eq!(train_records(&dir.join("r")), 120);
 }
 
@@ -182,12 +185,7 @@ fn second_signal_exits_at_once_and_kill9_never_corrupts() {
                 .unwrap_or_else(|e| panic!("kill {i}: model unreadable: {e}"));
         }
     }
-    let out = run(&["train", "--resume", "r", "--quiet"], &dir);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    resume_to_the_end(&dir);
     assert_eq!(train_records(&dir.join("r")), 120);
 }
 
@@ -394,12 +392,6 @@ fn kill9_during_a_checkpoint_write_keeps_the_previous_checkpoint() {
     let raw = flatmin_models::io::read_safetensors(&last).expect("the checkpoint loads");
     assert!(raw.iter().any(|t| t.name == "trainer/step"));
     // Resuming from it finishes the run despite the leftover temporary file.
-    let out = run(&["train", "--resume", "r", "--quiet"], &dir);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    resume_to_the_end(&dir);
     assert_eq!(train_records(&dir.join("r")), 12);
 }
