@@ -141,3 +141,129 @@ pub fn col2im_add<T: Scalar>(g: &ConvGeom, cols: &[T], ld: usize, col0: usize, d
         }
     }
 }
+
+/// Length of one sample as a zero-padded HWC image: `(h + 2 pad) (w + 2 pad) c_in`.
+pub fn padded_hwc_len(g: &ConvGeom) -> usize {
+    (g.h + 2 * g.pad) * (g.w + 2 * g.pad) * g.c_in
+}
+
+/// Writes the CHW sample `x` into `out` as a zero-padded HWC image (channels innermost), the
+/// layout in which every patch row of [`im2row`] is `kh` contiguous runs.
+pub fn pad_hwc<T: Scalar>(g: &ConvGeom, x: &[T], out: &mut [T]) {
+    let wp = g.w + 2 * g.pad;
+    let out = &mut out[..padded_hwc_len(g)];
+    out.fill(T::zero());
+    for c in 0..g.c_in {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for (y, row) in plane.chunks_exact(g.w).enumerate() {
+            let base = ((y + g.pad) * wp + g.pad) * g.c_in + c;
+            for (xi, &v) in row.iter().enumerate() {
+                out[base + xi * g.c_in] = v;
+            }
+        }
+    }
+}
+
+/// Row matrix of one padded HWC sample (see [`pad_hwc`]): row `oy * wo + ox` of `rows`
+/// (rows of `patch` elements, contiguous) holds the input patch under that output position in
+/// `(ki, kj, c)` order. It is the transpose of [`im2col`]'s block with the patch index permuted,
+/// laid out so that a GEMM reading it as its right operand packs contiguous runs.
+pub fn im2row<T: Scalar>(g: &ConvGeom, padded: &[T], rows: &mut [T]) {
+    let (ho, wo, patch) = (g.ho(), g.wo(), g.patch());
+    let (wp, run) = (g.w + 2 * g.pad, g.kw * g.c_in);
+    for oy in 0..ho {
+        for ox in 0..wo {
+            let row = &mut rows[(oy * wo + ox) * patch..(oy * wo + ox + 1) * patch];
+            for (ki, dst) in row.chunks_exact_mut(run).enumerate() {
+                let src = ((oy * g.stride + ki) * wp + ox * g.stride) * g.c_in;
+                dst.copy_from_slice(&padded[src..src + run]);
+            }
+        }
+    }
+}
+
+/// Reorders a `[rows, kh, kw, c_in]` block (the patch order of [`im2row`]) into PyTorch's
+/// `[rows, c_in, kh, kw]` weight layout.
+pub fn khwc_to_ckhw<T: Scalar>(g: &ConvGeom, src: &[T], dst: &mut [T]) {
+    let (khw, patch) = (g.kh * g.kw, g.patch());
+    for (s, d) in src.chunks_exact(patch).zip(dst.chunks_exact_mut(patch)) {
+        for (q, &v) in s.iter().enumerate() {
+            let (kk, c) = (q / g.c_in, q % g.c_in);
+            d[c * khw + kk] = v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// im2row of the padded HWC image is im2col transposed, patch index permuted, for strided,
+    /// padded, rectangular and pointwise geometries.
+    #[test]
+    fn im2row_is_permuted_transpose_of_im2col() {
+        for g in [
+            ConvGeom {
+                c_in: 3,
+                h: 7,
+                w: 5,
+                c_out: 1,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                pad: 1,
+            },
+            ConvGeom {
+                c_in: 2,
+                h: 8,
+                w: 6,
+                c_out: 1,
+                kh: 3,
+                kw: 2,
+                stride: 2,
+                pad: 1,
+            },
+            ConvGeom {
+                c_in: 4,
+                h: 6,
+                w: 6,
+                c_out: 1,
+                kh: 1,
+                kw: 1,
+                stride: 2,
+                pad: 0,
+            },
+            ConvGeom {
+                c_in: 2,
+                h: 4,
+                w: 4,
+                c_out: 1,
+                kh: 1,
+                kw: 1,
+                stride: 1,
+                pad: 0,
+            },
+        ] {
+            let x: Vec<f64> = (0..g.in_len()).map(|i| i as f64 + 0.5).collect();
+            let (p, patch) = (g.positions(), g.patch());
+            let mut cols = vec![f64::NAN; patch * p];
+            im2col(&g, &x, &mut cols, p, 0);
+            let mut padded = vec![f64::NAN; padded_hwc_len(&g)];
+            pad_hwc(&g, &x, &mut padded);
+            let mut rows = vec![f64::NAN; p * patch];
+            im2row(&g, &padded, &mut rows);
+            // rows as a [p, patch] block in (ki, kj, c) order, reordered to (c, ki, kj)
+            let mut reordered = vec![f64::NAN; p * patch];
+            khwc_to_ckhw(&g, &rows, &mut reordered);
+            for l in 0..p {
+                for q in 0..patch {
+                    assert_eq!(
+                        reordered[l * patch + q],
+                        cols[q * p + l],
+                        "{g:?} l={l} q={q}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -13,7 +13,9 @@
 
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
-use crate::kernels::conv::{col2im_add, im2col, ConvGeom};
+use crate::kernels::conv::{
+    col2im_add, im2col, im2row, khwc_to_ckhw, pad_hwc, padded_hwc_len, ConvGeom,
+};
 use crate::kernels::gemm::{gemm, MatRef};
 use crate::kernels::par::{fixed_ranges, SendPtr};
 use crate::scalar::Scalar;
@@ -65,6 +67,26 @@ fn lower<T: Scalar>(g: &ConvGeom, x: &[T], base: usize, ch: Chunk, buf: &mut Vec
     for j in 0..ch.len {
         let off = base + (ch.start + j) * il;
         im2col(g, &x[off..off + il], buf, ld, j * pl);
+    }
+}
+
+/// Row matrix (`len·P x patch`, see [`im2row`]) of samples `ch` of the `[*, C_in, H, W]`
+/// buffer `x`, whose sample `s` starts at `base + s * in_len`; `padded` is scratch.
+fn lower_rows<T: Scalar>(
+    g: &ConvGeom,
+    x: &[T],
+    base: usize,
+    ch: Chunk,
+    padded: &mut Vec<T>,
+    rows: &mut Vec<T>,
+) {
+    let (il, block) = (g.in_len(), g.positions() * g.patch());
+    padded.resize(padded_hwc_len(g), T::zero());
+    rows.resize(ch.len * block, T::zero());
+    for j in 0..ch.len {
+        let off = base + (ch.start + j) * il;
+        pad_hwc(g, &x[off..off + il], padded);
+        im2row(g, padded, &mut rows[j * block..(j + 1) * block]);
     }
 }
 
@@ -330,8 +352,10 @@ impl<T: Scalar> Rule<T> for Conv2d {
         }
 
         if tape.needs_grad(self.w) {
-            // W̄ = Σ Ȳ cols(X)ᵀ; W̄˙_k = Σ Ȳ˙_k cols(X)ᵀ + Ȳ cols(Ẋ_k)ᵀ, summed over chunks in
-            // fixed groups (order independent of the thread count).
+            // W̄ = Σ Ȳ rows(X); W̄˙_k = Σ Ȳ˙_k rows(X) + Ȳ rows(Ẋ_k), with rows(X) the im2row
+            // matrix (cols(X)ᵀ with the patch in (ki, kj, c) order, so the GEMM packs
+            // contiguous runs), summed over chunks in fixed groups (order independent of the
+            // thread count), then reordered to the weight layout.
             let want_dot = gdot.is_some() || xt.is_some();
             let kd = if want_dot { k } else { 0 };
             let groups = (PARTIAL_BUDGET / ((1 + kd) * wl).max(1)).clamp(1, MAX_GROUPS);
@@ -340,48 +364,40 @@ impl<T: Scalar> Rule<T> for Conv2d {
                 .par_iter()
                 .map(|r| {
                     let mut acc = vec![T::zero(); (1 + kd) * wl];
-                    let (mut cols, mut dcols, mut gyc, mut gdc) =
-                        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                    let (mut rows, mut drows, mut gyc, mut gdc, mut padded) =
+                        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
                     for &ch in &parts[r.clone()] {
                         let cols_len = ch.len * pl;
-                        lower(&g, xv, 0, ch, &mut cols);
+                        lower_rows(&g, xv, 0, ch, &mut padded, &mut rows);
                         gather(&g, gyd, 0, ch, &mut gyc);
-                        let cm = MatRef::new(&cols[..], patch, cols_len);
+                        let rm = MatRef::new(&rows[..], cols_len, patch);
                         let gym = MatRef::new(&gyc[..], g.c_out, cols_len);
-                        gemm(T::one(), gym, cm.t(), T::one(), &mut acc[..wl]);
+                        gemm(T::one(), gym, rm, T::one(), &mut acc[..wl]);
                         for kk in 0..kd {
                             let dst = &mut acc[(1 + kk) * wl..(2 + kk) * wl];
                             if let Some(gd) = gdot {
                                 gather(&g, gd.data(), kk * out_all, ch, &mut gdc);
-                                gemm(
-                                    T::one(),
-                                    MatRef::new(&gdc[..], g.c_out, cols_len),
-                                    cm.t(),
-                                    T::one(),
-                                    dst,
-                                );
+                                let gdm = MatRef::new(&gdc[..], g.c_out, cols_len);
+                                gemm(T::one(), gdm, rm, T::one(), dst);
                             }
                             if let Some(xt) = xt {
-                                lower(&g, xt.data(), kk * in_all, ch, &mut dcols);
-                                gemm(
-                                    T::one(),
-                                    gym,
-                                    MatRef::new(&dcols[..], patch, cols_len).t(),
-                                    T::one(),
-                                    dst,
-                                );
+                                lower_rows(&g, xt.data(), kk * in_all, ch, &mut padded, &mut drows);
+                                let drm = MatRef::new(&drows[..], cols_len, patch);
+                                gemm(T::one(), gym, drm, T::one(), dst);
                             }
                         }
                     }
                     acc
                 })
                 .collect();
-            let mut total = partials[0].clone();
+            let mut summed = partials[0].clone();
             for p in &partials[1..] {
-                for (a, &b) in total.iter_mut().zip(p) {
+                for (a, &b) in summed.iter_mut().zip(p) {
                     *a = *a + b;
                 }
             }
+            let mut total = vec![T::zero(); summed.len()];
+            khwc_to_ckhw(&g, &summed, &mut total);
             let gw = Tensor::from_vec(nw.value.shape(), total[..wl].to_vec()).expect("conv dw");
             let dot = want_dot.then(|| {
                 Tensor::from_vec(&tangent_shape(k, nw.value.shape()), total[wl..].to_vec())
