@@ -148,17 +148,24 @@ pub fn padded_hwc_len(g: &ConvGeom) -> usize {
 }
 
 /// Writes the CHW sample `x` into `out` as a zero-padded HWC image (channels innermost), the
-/// layout in which every patch row of [`im2row`] is `kh` contiguous runs.
+/// layout in which every patch row of [`im2row`] is `kh` contiguous runs. Works one image row
+/// at a time so the destination row stays in cache while the channels are interleaved.
 pub fn pad_hwc<T: Scalar>(g: &ConvGeom, x: &[T], out: &mut [T]) {
-    let wp = g.w + 2 * g.pad;
+    let (c, wp, plane) = (g.c_in, g.w + 2 * g.pad, g.h * g.w);
     let out = &mut out[..padded_hwc_len(g)];
-    out.fill(T::zero());
-    for c in 0..g.c_in {
-        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-        for (y, row) in plane.chunks_exact(g.w).enumerate() {
-            let base = ((y + g.pad) * wp + g.pad) * g.c_in + c;
-            for (xi, &v) in row.iter().enumerate() {
-                out[base + xi * g.c_in] = v;
+    let (top, rest) = out.split_at_mut(g.pad * wp * c);
+    top.fill(T::zero());
+    let (body, bottom) = rest.split_at_mut(g.h * wp * c);
+    bottom.fill(T::zero());
+    for (y, orow) in body.chunks_exact_mut(wp * c).enumerate() {
+        let (left, tail) = orow.split_at_mut(g.pad * c);
+        left.fill(T::zero());
+        let (inner, right) = tail.split_at_mut(g.w * c);
+        right.fill(T::zero());
+        let src = &x[y * g.w..];
+        for (xi, px) in inner.chunks_exact_mut(c).enumerate() {
+            for (ch, o) in px.iter_mut().enumerate() {
+                *o = src[ch * plane + xi];
             }
         }
     }

@@ -11,7 +11,7 @@
 
 use super::{tangent_shape, Rule};
 use crate::error::Result;
-use crate::kernels::par::par_chunks;
+use crate::kernels::par::{par_chunks, par_map, par_map2};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
@@ -70,13 +70,7 @@ impl<T: Scalar> Unary<T> {
     /// φ'(x).
     pub fn d1(self, x: T) -> T {
         match self {
-            Unary::Relu => {
-                if x > T::zero() {
-                    T::one()
-                } else {
-                    T::zero()
-                }
-            }
+            Unary::Relu => relu_d1(x),
             Unary::Tanh => {
                 let t = x.tanh();
                 T::one() - t * t
@@ -180,26 +174,23 @@ enum Order {
 /// `out[i] = φ^(order)(x[i])`, in parallel fixed chunks, with the function chosen once per
 /// chunk so the inner loop is tight (ReLU, the common case, gets its own loops).
 fn tabulate<T: Scalar>(f: Unary<T>, order: Order, xs: &[T]) -> Vec<T> {
-    let mut out = vec![T::zero(); xs.len()];
-    par_chunks(&mut out, |off, c| {
-        let x = &xs[off..off + c.len()];
-        match (f, order) {
-            (Unary::Relu, Order::Value) => {
-                for (o, &v) in c.iter_mut().zip(x) {
-                    *o = if v > T::zero() { v } else { T::zero() };
-                }
-            }
-            (Unary::Relu, Order::First) => {
-                for (o, &v) in c.iter_mut().zip(x) {
-                    *o = if v > T::zero() { T::one() } else { T::zero() };
-                }
-            }
-            (_, Order::Value) => c.iter_mut().zip(x).for_each(|(o, &v)| *o = f.f(v)),
-            (_, Order::First) => c.iter_mut().zip(x).for_each(|(o, &v)| *o = f.d1(v)),
-            (_, Order::Second) => c.iter_mut().zip(x).for_each(|(o, &v)| *o = f.d2(v)),
-        }
-    });
-    out
+    match (f, order) {
+        (Unary::Relu, Order::Value) => par_map(xs, |v| if v > T::zero() { v } else { T::zero() }),
+        (Unary::Relu, Order::First) => par_map(xs, relu_d1),
+        (_, Order::Value) => par_map(xs, |v| f.f(v)),
+        (_, Order::First) => par_map(xs, |v| f.d1(v)),
+        (_, Order::Second) => par_map(xs, |v| f.d2(v)),
+    }
+}
+
+/// ReLU's derivative: 1 above zero, 0 elsewhere.
+#[inline]
+fn relu_d1<T: Scalar>(v: T) -> T {
+    if v > T::zero() {
+        T::one()
+    } else {
+        T::zero()
+    }
 }
 
 /// `out[k][i] = Σ_terms a_t[i] · b_t[k][i]` over `[K, m]` blocks, where each term pairs a
@@ -307,13 +298,12 @@ impl<T: Scalar> Rule<T> for UnaryOp<T> {
         let g = gy.data();
         let m = xs.len();
         let k = tape.directions();
-        let d1 = tabulate(f, Order::First, xs);
-        let mut gx = vec![T::zero(); m];
-        par_chunks(&mut gx, |off, c| {
-            for ((o, &a), &b) in c.iter_mut().zip(&d1[off..]).zip(&g[off..]) {
-                *o = a * b;
-            }
-        });
+        // x̄ = φ'(x) ȳ in one pass (the table φ'(x) is built only when a tangent term needs it)
+        let gx = match f {
+            Unary::Relu => par_map2(xs, g, |x, gy| relu_d1(x) * gy),
+            _ => par_map2(xs, g, |x, gy| f.d1(x) * gy),
+        };
+        let d1 = gdot.map(|_| tabulate(f, Order::First, xs));
         let xt = node.tangent.as_ref().filter(|_| f.has_curvature());
         // x̄˙ = φ'(x) ȳ˙ + (φ''(x) ȳ) ẋ
         let curv: Option<Vec<T>> = xt.map(|_| {
@@ -322,8 +312,8 @@ impl<T: Scalar> Rule<T> for UnaryOp<T> {
             d2
         });
         let mut terms: Vec<(&[T], &[T])> = Vec::with_capacity(2);
-        if let Some(gd) = gdot {
-            terms.push((&d1, gd.data()));
+        if let (Some(gd), Some(d1)) = (gdot, &d1) {
+            terms.push((d1, gd.data()));
         }
         if let (Some(c), Some(xt)) = (&curv, xt) {
             terms.push((c, xt.data()));
