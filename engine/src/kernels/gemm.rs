@@ -77,7 +77,37 @@ impl<'a, T: Scalar> MatRef<'a, T> {
 
 /// `c = alpha * a * b + beta * c`, with `c` row-major `a.rows x b.cols`, single-threaded.
 /// With `beta == 0`, the old contents of `c` are ignored.
+///
+/// Products with few rows and contiguous rows of `b` (the convolutions' lowered matrices) run
+/// the packing-free kernel of [`super::nopack`]; the rest go through `matrixmultiply`. The
+/// choice depends only on the shapes, strides and machine.
 pub fn gemm<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mut [T]) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "gemm inner dimensions");
+    assert!(c.len() >= m * n, "gemm output too small");
+    // SAFETY: the views were bounds-checked when built (rows of b are contiguous when
+    // b.cs == 1), c holds m rows of n elements and is a distinct, initialized buffer.
+    if b.cs == 1
+        && unsafe {
+            super::nopack::try_gemm(
+                m,
+                k,
+                n,
+                alpha,
+                (a.data.as_ptr(), a.rs, a.cs),
+                (b.data.as_ptr(), b.rs),
+                beta,
+                (c.as_mut_ptr(), n),
+            )
+        }
+    {
+        return;
+    }
+    gemm_packed(alpha, a, b, beta, c);
+}
+
+/// [`gemm`] always through `matrixmultiply` (what every block of [`gemm_par`] runs).
+pub fn gemm_packed<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mut [T]) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm inner dimensions");
     assert!(c.len() >= m * n, "gemm output too small");
@@ -119,11 +149,11 @@ const PAR_BLOCK: usize = 64;
 /// Blocks per worker thread (some slack for load balance).
 const BLOCKS_PER_THREAD: usize = 2;
 
-/// Like [`gemm`], splitting the output into blocks of rows or columns run in parallel.
+/// Like [`gemm_packed`], splitting the output into blocks of rows or columns run in parallel.
 ///
 /// The inner dimension is never split and every output element is computed by the same
-/// kernel sequence whatever block it falls in, so the result is bit-identical to [`gemm`]
-/// for any split and any thread count. Each block packs its own copy of the operand it
+/// kernel sequence whatever block it falls in, so the result is bit-identical to
+/// [`gemm_packed`] for any split and any thread count. Each block packs its own copy of the operand it
 /// shares with the others (all of `b` for a row block, all of `a` for a column block), so
 /// the split uses about two blocks per thread, at least [`PAR_BLOCK`] wide, along the
 /// dimension whose extra packing is cheaper.
@@ -133,7 +163,7 @@ pub fn gemm_par<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mu
     assert!(c.len() >= m * n, "gemm output too small");
     let threads = rayon::current_num_threads();
     if threads < 2 || m * n * k.max(1) < PAR_MIN_WORK || (m < 2 * PAR_BLOCK && n < 2 * PAR_BLOCK) {
-        return gemm(alpha, a, b, beta, c);
+        return gemm_packed(alpha, a, b, beta, c);
     }
     let want = BLOCKS_PER_THREAD * threads;
     let row_blocks = want.min(m / PAR_BLOCK).max(1);
@@ -151,7 +181,7 @@ pub fn gemm_par<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mu
         usize::MAX
     };
     if row_cost == usize::MAX && col_cost == usize::MAX {
-        return gemm(alpha, a, b, beta, c);
+        return gemm_packed(alpha, a, b, beta, c);
     }
     let ptr = SendPtr(c.as_mut_ptr());
     if row_cost <= col_cost {
@@ -192,7 +222,7 @@ mod tests {
     }
 
     /// Random (non-integer) operands, plain and transposed, in pools of 1 to 4 threads: the
-    /// parallel product equals the serial one bit for bit whatever the split.
+    /// parallel product equals the serial packed one bit for bit whatever the split.
     #[test]
     fn gemm_par_is_bit_identical_for_any_thread_count() {
         let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -212,7 +242,7 @@ mod tests {
             let b: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let mut want = vec![0.0f32; m * n];
-            gemm(
+            gemm_packed(
                 1.0,
                 MatRef::new(&a, m, k),
                 MatRef::new(&b, k, n),

@@ -6,6 +6,7 @@
 
 pub mod conv;
 pub mod gemm;
+pub mod nopack;
 pub mod par;
 pub mod pool;
 pub mod reduce;
