@@ -133,5 +133,20 @@ fn sweep_emits_parallel_and_slurm_and_rejects_bad_grids() {
         assert!(!o.status.success(), "{grid}");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.starts_with("error: "), "{err}");
+        assert_eq!(err.matches("error:").count(), 1, "{err}");
     }
+}
+
+/// Common flags may include `--quiet` (as a train command line copied from the docs does):
+/// the runs get it once, not twice (which `flatmin train` refuses).
+#[test]
+fn sweep_accepts_quiet_among_the_common_flags() {
+    let out = tmp("quiet");
+    let out_s = out.display().to_string();
+    let mut args = vec!["sweep", "--grid", "seed=0", "--out", &out_s, "--"];
+    args.extend_from_slice(&COMMON);
+    args.push("--quiet");
+    let o = flatmin(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("runs/seed-0/summary.json").is_file());
 }

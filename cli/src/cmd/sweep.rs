@@ -150,7 +150,9 @@ fn check_job(common: &[String], job: &Job) -> Result<()> {
         .chain(setting_flags(job));
     let p = Probe::try_parse_from(argv).map_err(|e| {
         let text = e.to_string();
-        anyhow::anyhow!("{}", text.lines().next().unwrap_or(""))
+        let first = text.lines().next().unwrap_or("");
+        // The caller prints its own `error: `.
+        anyhow::anyhow!("{}", first.strip_prefix("error: ").unwrap_or(first))
     })?;
     p.train.config()?.validate()
 }
@@ -203,7 +205,10 @@ fn job_argv(common: &[String], job: &Job, dir: &Path) -> Vec<String> {
         v.push("--out".into());
         v.push(dir.display().to_string());
     }
-    v.push("--quiet".into());
+    // The common flags may hold --quiet already; the train flags take it once.
+    if !v.iter().any(|a| a == "--quiet") {
+        v.push("--quiet".into());
+    }
     v
 }
 
