@@ -88,6 +88,21 @@ fn sweep_runs_the_grid_and_matches_single_runs() {
         assert_eq!(cells[q], "8", "{l}");
         assert!(cells[t].parse::<f64>().unwrap() > 0.0, "{l}");
     }
+    // summary.md rounds for reading: accuracies in percent, traces to three digits.
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    let md_lines: Vec<&str> = md.lines().collect();
+    assert_eq!(md_lines.len(), 6, "{md}");
+    for (row, l) in md_lines[2..].iter().zip(&lines[1..]) {
+        let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+        let raw: Vec<&str> = l.split(',').collect();
+        let acc: f64 = raw[3].parse().unwrap();
+        assert_eq!(cells[3], format!("{:.1}%", 100.0 * acc), "{row}");
+        let tr: f64 = raw[t].parse().unwrap();
+        assert_eq!(cells[t], format!("{tr:.2e}"), "{row}");
+        assert!(cells[t].contains('e'), "{row}");
+        assert_eq!(cells[..3], raw[..3], "{row}");
+        assert_eq!(cells[q], "8", "{row}");
+    }
     // The same run alone (other thread count) gives the same bits.
     let alone = tmp("alone");
     let alone_s = alone.display().to_string();

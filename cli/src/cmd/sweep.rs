@@ -402,6 +402,21 @@ pub fn summarize_records(recs: &[Record]) -> RunSummary {
     }
 }
 
+/// A cell of `summary.md`: accuracies in percent to 0.1, traces to three significant digits
+/// (`summary.csv` keeps every digit); grid values and counts as they are.
+fn md_cell(column: &str, value: &str) -> String {
+    let Ok(x) = value.parse::<f64>() else {
+        return value.to_string();
+    };
+    if column.ends_with("_acc") {
+        format!("{:.1}%", 100.0 * x)
+    } else if column.ends_with("_trace_norm") {
+        format!("{x:.2e}")
+    } else {
+        value.to_string()
+    }
+}
+
 /// Writes `summary.csv`, `summary.md` and `sweep.png` from the finished runs.
 fn summarize(args: &SweepArgs, jobs: &[Job], runs: &Path) -> Result<()> {
     let keys: Vec<String> = jobs[0].settings.iter().map(|(k, _)| k.clone()).collect();
@@ -455,7 +470,8 @@ fn summarize(args: &SweepArgs, jobs: &[Job], runs: &Path) -> Result<()> {
         " --- |".repeat(header.len())
     );
     for r in &rows {
-        md.push_str(&format!("| {} |\n", r.join(" | ")));
+        let cells: Vec<String> = header.iter().zip(r).map(|(h, v)| md_cell(h, v)).collect();
+        md.push_str(&format!("| {} |\n", cells.join(" | ")));
     }
     let md_path = args.out.join("summary.md");
     std::fs::write(&md_path, &md).with_context(|| md_path.display().to_string())?;
