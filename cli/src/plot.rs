@@ -43,6 +43,11 @@ const EVAL_METRICS: [(&str, &str); 4] = [
 const PANEL: (u32, u32) = (760, 460);
 /// Height in pixels of the figure title band.
 const TITLE_BAND: u32 = 48;
+/// Runs up to this many get a legend inside each panel; more (a sweep) get one legend column
+/// right of the panels instead, where it hides no data.
+const LEGEND_INSIDE_MAX: usize = 4;
+/// Pixels a legend-column label may take per character (DejaVu Sans at 15 px, generous).
+const LEGEND_CHAR_W: u32 = 9;
 /// The line colours, one per run, in order (cycled beyond ten runs).
 const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
@@ -579,7 +584,51 @@ pub fn figure_size(fig: &Figure) -> (u32, u32) {
     let cols = n.min(2);
     let rows = n.div_ceil(cols);
     let title = if fig.title.is_some() { TITLE_BAND } else { 0 };
-    (cols * PANEL.0, rows * PANEL.1 + title)
+    (
+        cols * PANEL.0 + legend_column_width(fig),
+        rows * PANEL.1 + title,
+    )
+}
+
+/// The lines every panel has, one per run in run order (labels and colours are the same in
+/// every panel).
+fn legend_lines(fig: &Figure) -> &[Line] {
+    fig.panels.first().map_or(&[], |p| &p.lines[..])
+}
+
+/// The width in pixels of the legend column right of the panels: 0 when each panel holds
+/// its own legend (at most [`LEGEND_INSIDE_MAX`] runs).
+pub fn legend_column_width(fig: &Figure) -> u32 {
+    let lines = legend_lines(fig);
+    if lines.len() <= LEGEND_INSIDE_MAX {
+        return 0;
+    }
+    let chars = lines.iter().map(|l| l.label.chars().count()).max();
+    56 + LEGEND_CHAR_W * chars.unwrap_or(0) as u32
+}
+
+/// Draws the legend column: a coloured stroke and the label of each run, top down.
+fn draw_legend_column<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    fig: &Figure,
+) -> Result<()> {
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    let font = ("sans-serif", 15)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Left, VPos::Center));
+    for (i, line) in legend_lines(fig).iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let y = 56 + 24 * i as i32;
+        area.draw(&PathElement::new(
+            vec![(8, y), (36, y)],
+            color.stroke_width(3),
+        ))
+        .map_err(draw_error)?;
+        area.draw_text(&line.label, &font, (46, y))
+            .map_err(draw_error)?;
+    }
+    Ok(())
 }
 
 /// Draws `fig` into `out` (written atomically).
@@ -660,6 +709,14 @@ fn draw_figure<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, fig: &Figure) 
             rest
         }
         None => root.clone(),
+    };
+    let legend_w = legend_column_width(fig);
+    let body = if legend_w > 0 {
+        let (panels, legend) = body.split_horizontally(body.dim_in_pixel().0 - legend_w);
+        draw_legend_column(&legend, fig)?;
+        panels
+    } else {
+        body
     };
     let n = fig.panels.len().max(1);
     let cols = n.min(2);
@@ -900,6 +957,9 @@ where
                 .map_err(draw_error)?;
         }
     }
+    if legend_column_width(fig) > 0 {
+        return Ok(());
+    }
     chart
         .configure_series_labels()
         .position(legend_position(panel))
@@ -939,6 +999,57 @@ mod tests {
         assert_eq!(s[2], (2.0, 2.0));
         assert_eq!(s[4], (4.0, 3.5));
         assert_eq!(moving_average(&p, 1), p);
+    }
+
+    #[test]
+    fn many_runs_get_a_legend_column_beside_the_panels() {
+        let fig = |runs: usize| Figure {
+            title: Some("t".into()),
+            x_label: "step".into(),
+            log_y: false,
+            panels: ["test_acc", "loss"]
+                .iter()
+                .map(|name| Panel {
+                    metric: Metric {
+                        name: name.to_string(),
+                        description: name.to_string(),
+                        source: Source::Eval,
+                    },
+                    caption: name.to_string(),
+                    y_label: name.to_string(),
+                    lines: (0..runs)
+                        .map(|i| Line {
+                            label: format!("rho-0.01_eta-prime-{i}"),
+                            points: vec![(0.0, i as f64), (10.0, 1.0)],
+                            raw: None,
+                            markers: true,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        let few = fig(LEGEND_INSIDE_MAX);
+        assert_eq!(legend_column_width(&few), 0);
+        assert_eq!(figure_size(&few), (2 * PANEL.0, PANEL.1 + TITLE_BAND));
+        let many = fig(9);
+        let w = legend_column_width(&many);
+        assert!(w >= 20 * LEGEND_CHAR_W, "{w}");
+        assert_eq!(figure_size(&many), (2 * PANEL.0 + w, PANEL.1 + TITLE_BAND));
+        let dir = std::env::temp_dir().join(format!("flatmin-legend-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, f) in [("few.png", &few), ("many.svg", &many), ("many.png", &many)] {
+            render(f, &dir.join(name), Format::of(Path::new(name)).unwrap()).unwrap();
+        }
+        let svg = std::fs::read_to_string(dir.join("many.svg")).unwrap();
+        // Every label once, in the legend column.
+        for i in 0..9 {
+            assert_eq!(
+                svg.matches(&format!("eta-prime-{i}\n</text>")).count(),
+                1,
+                "{i}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -88,6 +88,21 @@ fn sweep_runs_the_grid_and_matches_single_runs() {
         assert_eq!(cells[q], "8", "{l}");
         assert!(cells[t].parse::<f64>().unwrap() > 0.0, "{l}");
     }
+    // summary.md rounds for reading: accuracies in percent, traces to three digits.
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    let md_lines: Vec<&str> = md.lines().collect();
+    assert_eq!(md_lines.len(), 6, "{md}");
+    for (row, l) in md_lines[2..].iter().zip(&lines[1..]) {
+        let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+        let raw: Vec<&str> = l.split(',').collect();
+        let acc: f64 = raw[3].parse().unwrap();
+        assert_eq!(cells[3], format!("{:.1}%", 100.0 * acc), "{row}");
+        let tr: f64 = raw[t].parse().unwrap();
+        assert_eq!(cells[t], format!("{tr:.2e}"), "{row}");
+        assert!(cells[t].contains('e'), "{row}");
+        assert_eq!(cells[..3], raw[..3], "{row}");
+        assert_eq!(cells[q], "8", "{row}");
+    }
     // The same run alone (other thread count) gives the same bits.
     let alone = tmp("alone");
     let alone_s = alone.display().to_string();
@@ -133,5 +148,20 @@ fn sweep_emits_parallel_and_slurm_and_rejects_bad_grids() {
         assert!(!o.status.success(), "{grid}");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.starts_with("error: "), "{err}");
+        assert_eq!(err.matches("error:").count(), 1, "{err}");
     }
+}
+
+/// Common flags may include `--quiet` (as a train command line copied from the docs does):
+/// the runs get it once, not twice (which `flatmin train` refuses).
+#[test]
+fn sweep_accepts_quiet_among_the_common_flags() {
+    let out = tmp("quiet");
+    let out_s = out.display().to_string();
+    let mut args = vec!["sweep", "--grid", "seed=0", "--out", &out_s, "--"];
+    args.extend_from_slice(&COMMON);
+    args.push("--quiet");
+    let o = flatmin(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("runs/seed-0/summary.json").is_file());
 }

@@ -11,6 +11,45 @@ fn tmp(name: &str) -> PathBuf {
     common::tmp("train-trace", name)
 }
 
+/// The header and rows of a `metrics.csv`, split at commas (no field holds one).
+fn csv_table(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text
+        .lines()
+        .map(|l| l.split(',').map(String::from).collect());
+    let header: Vec<String> = lines.next().expect("a header");
+    let rows: Vec<Vec<String>> = lines.collect();
+    for r in &rows {
+        assert_eq!(r.len(), header.len(), "{}: {r:?}", path.display());
+    }
+    (header, rows)
+}
+
+/// A `metrics.csv` without its wall-clock columns (`wall_s`, `images_per_s`).
+fn csv_without_wall_time(path: &Path) -> Vec<Vec<String>> {
+    let (header, rows) = csv_table(path);
+    let keep: Vec<usize> = (0..header.len())
+        .filter(|&i| header[i] != "wall_s" && header[i] != "images_per_s")
+        .collect();
+    std::iter::once(header)
+        .chain(rows)
+        .map(|r| keep.iter().map(|&i| r[i].clone()).collect())
+        .collect()
+}
+
+/// Rewrites a run's `metrics.csv` in the columns written before `grad_queries`, `method` and
+/// the trace figures were added (the first 14), as a folder from an older flatmin holds it.
+fn downgrade_csv(dir: &Path) {
+    let p = dir.join("metrics.csv");
+    let old: String = std::fs::read_to_string(&p)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(',').take(14).collect::<Vec<_>>().join(",") + "\n")
+        .collect();
+    assert!(old.starts_with("kind,epoch,step,lr,loss,acc,grad_norm,grad_evals,train_loss,train_acc,test_loss,test_acc,images_per_s,wall_s\n"));
+    std::fs::write(&p, old).unwrap();
+}
+
 fn cfg(model: &str) -> TrainConfig {
     TrainConfig {
         model: model.into(),
@@ -65,8 +104,50 @@ fn trace_every_logs_traces_and_resumes_bit_identically() {
         if opt == "sa" {
             assert!(sum > total as u64, "sa makes more than one query a step");
         }
+        // metrics.csv: one row per record, with the queries, the trace method and figures.
+        let (header, rows) = csv_table(&full.join("metrics.csv"));
+        assert_eq!(header.join(","), flatmin::train::CSV_HEADER);
+        assert_eq!(
+            header[header.len() - 5..],
+            [
+                "grad_queries",
+                "method",
+                "trace",
+                "trace_norm",
+                "trace_std_error"
+            ]
+        );
+        let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+        assert_eq!(rows.len(), recs.len());
+        for (row, r) in rows.iter().zip(&recs) {
+            let num = |name: &str| row[col(name)].parse::<f64>().ok();
+            assert_eq!(row[col("kind")], r.kind);
+            assert_eq!(row[col("step")], r.step.to_string());
+            let q = r.grad_queries.expect("every record counts the queries");
+            assert_eq!(row[col("grad_queries")], q.to_string(), "{row:?}");
+            match r.kind.as_str() {
+                "trace" => {
+                    assert_eq!(row[col("method")], "structural");
+                    assert_eq!(num("trace"), Some(r.extra["trace"]));
+                    assert_eq!(num("trace_norm"), Some(r.extra["trace_norm"]));
+                    assert!(num("trace_norm").unwrap() > 0.0);
+                    assert_eq!(row[col("trace_std_error")], "");
+                }
+                _ => {
+                    for c in ["method", "trace", "trace_norm", "trace_std_error"] {
+                        assert_eq!(row[col(c)], "", "{c}: {row:?}");
+                    }
+                }
+            }
+            if r.kind == "train" {
+                assert_eq!(num("grad_evals"), r.grad_evals.map(|v| v as f64));
+                assert_eq!(num("loss"), r.loss);
+            }
+        }
         let want = outcome(&full);
-        // Stop mid-epoch at a trace step (4), then at an epoch boundary (5).
+        let want_csv = csv_without_wall_time(&full.join("metrics.csv"));
+        // Stop mid-epoch at a trace step (4), then at an epoch boundary (5). The first part
+        // leaves a metrics.csv of the old, narrower columns: resuming rebuilds it.
         let part = tmp(&format!("part-{model}-{opt}"));
         let mut t = Trainer::<f32>::new(c.clone(), data(), &part).unwrap();
         assert_eq!(
@@ -74,6 +155,7 @@ fn trace_every_logs_traces_and_resumes_bit_identically() {
             Outcome::Stopped { step: 4 }
         );
         drop(t);
+        downgrade_csv(&part);
         let mut t = Trainer::<f32>::resume(&part, data()).unwrap();
         assert_eq!(
             t.run_until(&mut Silent, &|s| s == 5).unwrap(),
@@ -87,6 +169,11 @@ fn trace_every_logs_traces_and_resumes_bit_identically() {
         );
         let got = outcome(&part);
         assert_eq!(got.1, want.1, "{model}/{opt}: metrics differ after resume");
+        assert_eq!(
+            csv_without_wall_time(&part.join("metrics.csv")),
+            want_csv,
+            "{model}/{opt}: metrics.csv differs after resume"
+        );
         assert!(
             got.0 == want.0,
             "{model}/{opt}: weights differ after resume"
@@ -185,6 +272,23 @@ fn hutchinson_trace_log_brackets_the_structural_one() {
             })
             .collect()
     };
+    // The standard error reaches metrics.csv, in the last column.
+    let (header, rows) = csv_table(&est_dir.join("metrics.csv"));
+    assert_eq!(header.last().unwrap(), "trace_std_error");
+    let se_rows: Vec<f64> = rows
+        .iter()
+        .filter(|r| r[0] == "trace")
+        .map(|r| r.last().unwrap().parse().unwrap())
+        .collect();
+    let se_recs: Vec<f64> = est
+        .iter()
+        .filter(|r| r.kind == "trace")
+        .map(|r| r.extra["trace_std_error"])
+        .collect();
+    assert_eq!(se_rows, se_recs);
+    assert!(rows
+        .iter()
+        .any(|r| r[0] == "trace" && r[15] == "hutchinson"));
     let (a, b) = (traces(&exact), traces(&est));
     assert_eq!(a.len(), b.len());
     assert!(a.len() >= 3);

@@ -150,7 +150,9 @@ fn check_job(common: &[String], job: &Job) -> Result<()> {
         .chain(setting_flags(job));
     let p = Probe::try_parse_from(argv).map_err(|e| {
         let text = e.to_string();
-        anyhow::anyhow!("{}", text.lines().next().unwrap_or(""))
+        let first = text.lines().next().unwrap_or("");
+        // The caller prints its own `error: `.
+        anyhow::anyhow!("{}", first.strip_prefix("error: ").unwrap_or(first))
     })?;
     p.train.config()?.validate()
 }
@@ -203,7 +205,10 @@ fn job_argv(common: &[String], job: &Job, dir: &Path) -> Vec<String> {
         v.push("--out".into());
         v.push(dir.display().to_string());
     }
-    v.push("--quiet".into());
+    // The common flags may hold --quiet already; the train flags take it once.
+    if !v.iter().any(|a| a == "--quiet") {
+        v.push("--quiet".into());
+    }
     v
 }
 
@@ -397,6 +402,21 @@ pub fn summarize_records(recs: &[Record]) -> RunSummary {
     }
 }
 
+/// A cell of `summary.md`: accuracies in percent to 0.1, traces to three significant digits
+/// (`summary.csv` keeps every digit); grid values and counts as they are.
+fn md_cell(column: &str, value: &str) -> String {
+    let Ok(x) = value.parse::<f64>() else {
+        return value.to_string();
+    };
+    if column.ends_with("_acc") {
+        format!("{:.1}%", 100.0 * x)
+    } else if column.ends_with("_trace_norm") {
+        format!("{x:.2e}")
+    } else {
+        value.to_string()
+    }
+}
+
 /// Writes `summary.csv`, `summary.md` and `sweep.png` from the finished runs.
 fn summarize(args: &SweepArgs, jobs: &[Job], runs: &Path) -> Result<()> {
     let keys: Vec<String> = jobs[0].settings.iter().map(|(k, _)| k.clone()).collect();
@@ -450,7 +470,8 @@ fn summarize(args: &SweepArgs, jobs: &[Job], runs: &Path) -> Result<()> {
         " --- |".repeat(header.len())
     );
     for r in &rows {
-        md.push_str(&format!("| {} |\n", r.join(" | ")));
+        let cells: Vec<String> = header.iter().zip(r).map(|(h, v)| md_cell(h, v)).collect();
+        md.push_str(&format!("| {} |\n", cells.join(" | ")));
     }
     let md_path = args.out.join("summary.md");
     std::fs::write(&md_path, &md).with_context(|| md_path.display().to_string())?;

@@ -12,7 +12,7 @@ pub use memory::{
     MemoryEstimate,
 };
 pub use run_dir::{
-    batch_sha256, parse_records, read_records, DatasetIdentity, Record, RunDir, RunMeta,
+    batch_sha256, parse_records, read_records, DatasetIdentity, Record, RunDir, RunMeta, CSV_HEADER,
 };
 
 use crate::data::{sized_subset, DataSource};

@@ -66,7 +66,9 @@ pub struct Record {
     pub extra: std::collections::BTreeMap<String, f64>,
 }
 
-const CSV_HEADER: &str = "kind,epoch,step,lr,loss,acc,grad_norm,grad_evals,train_loss,train_acc,test_loss,test_acc,images_per_s,wall_s";
+/// The columns of `metrics.csv`. `trace`, `trace_norm` and `trace_std_error` are the `extra`
+/// figures of `trace` records (`trace_std_error` only with `--trace-method hutchinson`).
+pub const CSV_HEADER: &str = "kind,epoch,step,lr,loss,acc,grad_norm,grad_evals,train_loss,train_acc,test_loss,test_acc,images_per_s,wall_s,grad_queries,method,trace,trace_norm,trace_std_error";
 
 impl Record {
     /// A training-step record.
@@ -137,10 +139,12 @@ impl Record {
         }
     }
 
-    fn csv_row(&self) -> String {
+    /// The record's row of `metrics.csv` (columns of [`CSV_HEADER`]; empty where unset).
+    pub fn csv_row(&self) -> String {
         let f = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
+        let x = |k: &str| f(self.extra.get(k).copied());
         format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             self.kind,
             self.epoch,
             self.step,
@@ -154,7 +158,12 @@ impl Record {
             f(self.test_loss),
             f(self.test_acc),
             f(self.images_per_s),
-            self.wall_s
+            self.wall_s,
+            self.grad_queries.map(|v| v.to_string()).unwrap_or_default(),
+            self.method.as_deref().unwrap_or_default(),
+            x("trace"),
+            x("trace_norm"),
+            x("trace_std_error"),
         )
     }
 }
@@ -345,7 +354,14 @@ impl RunDir {
             Some(end) => &csv_text[..=end],
             None => "",
         };
-        let rows: Vec<&str> = csv_complete.lines().skip(1).collect();
+        let mut lines = csv_complete.lines();
+        // A folder written before the current columns (or with its header damaged) gets all
+        // its rows rebuilt from `metrics.jsonl`, so the file has one header and one width.
+        // serde_json's `float_roundtrip` makes a rebuilt row byte-identical to a written one.
+        let rows: Vec<&str> = match lines.next() {
+            Some(h) if h == CSV_HEADER => lines.collect(),
+            _ => Vec::new(),
+        };
         let mut csv = format!("{CSV_HEADER}\n");
         for (i, r) in kept_records.iter().enumerate() {
             // Rows follow records one to one; one lost in a crash is rebuilt from its record.
