@@ -476,12 +476,15 @@ impl<T: Scalar> Model<T> {
                 h
             }
             Arch::Cnn => {
+                // max_pool2d(relu(z)) is computed as relu(max_pool2d(z)): ReLU is monotone, so
+                // values, gradients and HVPs are the same (a window with no positive entry
+                // gets a zero gradient either way), on a quarter of the elements.
                 let mut h = c.conv(tape, x, 1, 1, true)?;
-                h = tape.relu(h)?;
                 h = tape.max_pool2d(h, 2, 2)?;
+                h = tape.relu(h)?;
                 h = c.conv(tape, h, 1, 1, true)?;
-                h = tape.relu(h)?;
                 h = tape.max_pool2d(h, 2, 2)?;
+                h = tape.relu(h)?;
                 h = tape.flatten(h)?;
                 h = c.linear(tape, h)?;
                 h = tape.relu(h)?;

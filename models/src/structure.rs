@@ -114,12 +114,13 @@ impl<T: Scalar> Model<T> {
                 }
             }
             Arch::Cnn => {
+                // pooling before ReLU, as in the forward pass (`Model::forward`)
                 let mut h = b.conv(x, 1, 1, true);
-                h = b.net.relu(h);
                 h = b.net.max_pool2d(h, 2, 2);
+                h = b.net.relu(h);
                 h = b.conv(h, 1, 1, true);
-                h = b.net.relu(h);
                 h = b.net.max_pool2d(h, 2, 2);
+                h = b.net.relu(h);
                 h = b.net.flatten(h);
                 h = b.linear(h);
                 h = b.net.relu(h);
