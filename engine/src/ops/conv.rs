@@ -17,6 +17,7 @@ use crate::kernels::conv::{
     col2im_add, im2col, im2row, khwc_to_ckhw, pad_hwc, padded_hwc_len, ConvGeom,
 };
 use crate::kernels::gemm::{gemm, MatRef};
+use crate::kernels::nopack;
 use crate::kernels::par::{fixed_ranges, SendPtr};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
@@ -133,6 +134,53 @@ fn scatter<T: Scalar>(
     }
 }
 
+/// Writes `Σ_t A_t cols_t (+ bias)` for the samples of chunk `ch` into the `[*, C_out, P]`
+/// output at `dst` (sample `s` at `base + s * out_len`), each `A_t` a `C_out x patch` matrix and
+/// `cols_t` a column matrix from [`lower`]. With few output channels the products go straight
+/// into each sample's output block (the packing-free kernel gains nothing from longer
+/// products); otherwise one product per term covers the chunk in `tmp` and is scattered.
+fn emit<T: Scalar>(
+    g: &ConvGeom,
+    ch: Chunk,
+    terms: &[(MatRef<T>, &[T])],
+    tmp: &mut Vec<T>,
+    dst: SendPtr<T>,
+    base: usize,
+    bias: Option<&[T]>,
+) {
+    let (pl, patch, ol) = (g.positions(), g.patch(), g.out_len());
+    let ld = ch.len * pl;
+    if g.c_out > nopack::MAX_ROWS {
+        tmp.resize(g.c_out * ld, T::zero());
+        for (t, &(a, cols)) in terms.iter().enumerate() {
+            let beta = if t == 0 { T::zero() } else { T::one() };
+            gemm(T::one(), a, MatRef::new(cols, patch, ld), beta, tmp);
+        }
+        if terms.is_empty() {
+            tmp.fill(T::zero());
+        }
+        scatter(g, tmp, ch, dst, base, bias);
+        return;
+    }
+    for j in 0..ch.len {
+        // SAFETY: each chunk owns its samples' output blocks.
+        let out = unsafe { dst.slice(base + (ch.start + j) * ol, ol) };
+        for (t, &(a, cols)) in terms.iter().enumerate() {
+            let beta = if t == 0 { T::zero() } else { T::one() };
+            let b = MatRef::strided(&cols[j * pl..], patch, pl, ld, 1);
+            gemm(T::one(), a, b, beta, out);
+        }
+        if terms.is_empty() {
+            out.fill(T::zero());
+        }
+        if let Some(bias) = bias {
+            for (row, &bc) in out.chunks_exact_mut(pl).zip(bias) {
+                row.iter_mut().for_each(|v| *v = *v + bc);
+            }
+        }
+    }
+}
+
 /// Per-channel sums over samples and positions of a `[N, C, P]` buffer, in a fixed order.
 fn channel_sums<T: Scalar>(g: &[T], c: usize, positions: usize) -> Vec<T> {
     let mut s = vec![T::zero(); c];
@@ -208,16 +256,7 @@ impl<T: Scalar> Tape<T> {
             || (Vec::new(), Vec::new()),
             |(cols, tmp), &ch| {
                 lower(&g, xv, 0, ch, cols);
-                let cols_len = ch.len * g.positions();
-                tmp.resize(g.c_out * cols_len, T::zero());
-                gemm(
-                    T::one(),
-                    wm,
-                    MatRef::new(cols, patch, cols_len),
-                    T::zero(),
-                    tmp,
-                );
-                scatter(&g, tmp, ch, yp, 0, bias);
+                emit(&g, ch, &[(wm, &cols[..])], tmp, yp, 0, bias);
             },
         );
 
@@ -233,30 +272,23 @@ impl<T: Scalar> Tape<T> {
             parts.par_iter().for_each_init(
                 || (Vec::new(), Vec::new(), Vec::new()),
                 |(cols, dcols, tmp), &ch| {
-                    let cols_len = ch.len * g.positions();
                     if wt.is_some() {
                         lower(&g, xv, 0, ch, cols);
                     }
-                    tmp.resize(g.c_out * cols_len, T::zero());
                     for kk in 0..k {
                         // Ẏ_k = Ẇ_k cols(X) + W cols(Ẋ_k) + ḃ_k
-                        let mut beta = T::zero();
+                        let mut terms = Vec::with_capacity(2);
                         if let Some(wt) = wt {
                             let wk =
                                 MatRef::new(&wt.data()[kk * wl..(kk + 1) * wl], g.c_out, patch);
-                            gemm(T::one(), wk, MatRef::new(cols, patch, cols_len), beta, tmp);
-                            beta = T::one();
+                            terms.push((wk, &cols[..]));
                         }
                         if let Some(xt) = xt {
                             lower(&g, xt.data(), kk * in_all, ch, dcols);
-                            gemm(T::one(), wm, MatRef::new(dcols, patch, cols_len), beta, tmp);
-                            beta = T::one();
-                        }
-                        if beta == T::zero() {
-                            tmp.fill(T::zero());
+                            terms.push((wm, &dcols[..]));
                         }
                         let bk = bt.map(|bt| &bt.data()[kk * g.c_out..(kk + 1) * g.c_out]);
-                        scatter(&g, tmp, ch, tp, kk * out_all, bk);
+                        emit(&g, ch, &terms, tmp, tp, kk * out_all, bk);
                     }
                 },
             );
