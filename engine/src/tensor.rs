@@ -4,12 +4,17 @@ use crate::error::{EngineError, Result};
 use crate::scalar::Scalar;
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
+use std::sync::Arc;
 
 /// A dense, contiguous, row-major n-dimensional array.
+///
+/// The buffer is shared between clones and copied on the first write to a shared one
+/// ([`Tensor::data_mut`]), so handing parameters and inputs to a tape costs no copy while
+/// clones still behave as independent values.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor<T> {
     shape: Vec<usize>,
-    data: Vec<T>,
+    data: Arc<Vec<T>>,
 }
 
 /// Number of elements of a shape (1 for a scalar shape `[]`).
@@ -29,7 +34,7 @@ impl<T: Scalar> Tensor<T> {
         }
         Ok(Tensor {
             shape: shape.to_vec(),
-            data,
+            data: Arc::new(data),
         })
     }
 
@@ -37,7 +42,7 @@ impl<T: Scalar> Tensor<T> {
     pub fn zeros(shape: &[usize]) -> Self {
         Tensor {
             shape: shape.to_vec(),
-            data: vec![T::zero(); numel(shape)],
+            data: Arc::new(vec![T::zero(); numel(shape)]),
         }
     }
 
@@ -45,7 +50,7 @@ impl<T: Scalar> Tensor<T> {
     pub fn full(shape: &[usize], v: T) -> Self {
         Tensor {
             shape: shape.to_vec(),
-            data: vec![v; numel(shape)],
+            data: Arc::new(vec![v; numel(shape)]),
         }
     }
 
@@ -53,7 +58,7 @@ impl<T: Scalar> Tensor<T> {
     pub fn scalar(v: T) -> Self {
         Tensor {
             shape: vec![],
-            data: vec![v],
+            data: Arc::new(vec![v]),
         }
     }
 
@@ -67,7 +72,7 @@ impl<T: Scalar> Tensor<T> {
             .collect();
         Tensor {
             shape: shape.to_vec(),
-            data,
+            data: Arc::new(data),
         }
     }
 
@@ -78,7 +83,7 @@ impl<T: Scalar> Tensor<T> {
             .collect();
         Tensor {
             shape: shape.to_vec(),
-            data,
+            data: Arc::new(data),
         }
     }
 
@@ -97,14 +102,14 @@ impl<T: Scalar> Tensor<T> {
         &self.data
     }
 
-    /// Mutable elements in row-major order.
+    /// Mutable elements in row-major order (copies the buffer first if a clone shares it).
     pub fn data_mut(&mut self) -> &mut [T] {
-        &mut self.data
+        Arc::make_mut(&mut self.data).as_mut_slice()
     }
 
-    /// Consumes the tensor, returning its buffer.
+    /// Consumes the tensor, returning its buffer (a copy if a clone shares it).
     pub fn into_vec(self) -> Vec<T> {
-        self.data
+        Arc::try_unwrap(self.data).unwrap_or_else(|shared| shared.as_ref().clone())
     }
 
     /// The single element of a one-element tensor.
@@ -118,18 +123,29 @@ impl<T: Scalar> Tensor<T> {
 
     /// The same data under another shape with the same element count.
     pub fn reshape(self, shape: &[usize]) -> Result<Self> {
-        Tensor::from_vec(shape, self.data)
+        if numel(shape) != self.data.len() {
+            return Err(EngineError::DataLength {
+                shape: shape.to_vec(),
+                expected: numel(shape),
+                got: self.data.len(),
+            });
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            data: self.data,
+        })
     }
 
     /// Converts every element to another float type.
     pub fn cast<U: Scalar>(&self) -> Tensor<U> {
         Tensor {
             shape: self.shape.clone(),
-            data: self
-                .data
-                .iter()
-                .map(|&x| U::c(x.to_f64().unwrap_or(f64::NAN)))
-                .collect(),
+            data: Arc::new(
+                self.data
+                    .iter()
+                    .map(|&x| U::c(x.to_f64().unwrap_or(f64::NAN)))
+                    .collect(),
+            ),
         }
     }
 
@@ -137,7 +153,7 @@ impl<T: Scalar> Tensor<T> {
     pub fn dot(&self, other: &Tensor<T>) -> f64 {
         self.data
             .iter()
-            .zip(&other.data)
+            .zip(other.data.iter())
             .map(|(&a, &b)| a.to_f64().unwrap_or(f64::NAN) * b.to_f64().unwrap_or(f64::NAN))
             .sum()
     }
@@ -157,7 +173,7 @@ impl<T: Scalar> Tensor<T> {
 
     /// `self += alpha * other` elementwise (same element count).
     pub fn axpy(&mut self, alpha: T, other: &Tensor<T>) {
-        for (a, &b) in self.data.iter_mut().zip(&other.data) {
+        for (a, &b) in self.data_mut().iter_mut().zip(other.data.iter()) {
             *a = *a + alpha * b;
         }
     }
@@ -167,7 +183,7 @@ impl<T: Scalar> Tensor<T> {
         let inner = numel(&self.shape[1..]);
         Tensor {
             shape: self.shape[1..].to_vec(),
-            data: self.data[i * inner..(i + 1) * inner].to_vec(),
+            data: Arc::new(self.data[i * inner..(i + 1) * inner].to_vec()),
         }
     }
 
@@ -186,6 +202,33 @@ impl<T: Scalar> Tensor<T> {
         }
         let mut shape = vec![parts.len()];
         shape.extend_from_slice(&inner);
-        Ok(Tensor { shape, data })
+        Ok(Tensor {
+            shape,
+            data: Arc::new(data),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Clones share the buffer until one is written; then they are independent values.
+    #[test]
+    fn clones_are_copy_on_write() {
+        let a = Tensor::from_vec(&[3], vec![1.0f64, 2.0, 3.0]).unwrap();
+        let mut b = a.clone();
+        assert!(
+            std::ptr::eq(a.data().as_ptr(), b.data().as_ptr()),
+            "clone shares"
+        );
+        b.data_mut()[0] = 10.0;
+        assert_eq!(a.data(), &[1.0, 2.0, 3.0]);
+        assert_eq!(b.data(), &[10.0, 2.0, 3.0]);
+        let r = a.clone().reshape(&[1, 3]).unwrap();
+        assert_eq!(r.shape(), &[1, 3]);
+        assert!(a.clone().reshape(&[2, 2]).is_err());
+        assert_eq!(a.clone().into_vec(), vec![1.0, 2.0, 3.0]);
+        assert_eq!(a.data(), &[1.0, 2.0, 3.0]);
     }
 }
