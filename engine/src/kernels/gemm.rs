@@ -153,10 +153,10 @@ const BLOCKS_PER_THREAD: usize = 2;
 ///
 /// The inner dimension is never split and every output element is computed by the same
 /// kernel sequence whatever block it falls in, so the result is bit-identical to
-/// [`gemm_packed`] for any split and any thread count. Each block packs its own copy of the operand it
-/// shares with the others (all of `b` for a row block, all of `a` for a column block), so
-/// the split uses about two blocks per thread, at least `PAR_BLOCK` (64) wide, along the
-/// dimension whose extra packing is cheaper.
+/// [`gemm_packed`] for any split and any thread count. Each block packs its own copy of the
+/// operand it shares with the others (all of `b` for a row block, all of `a` for a column
+/// block), so the split uses about two blocks per thread, at least `PAR_BLOCK` (64) wide,
+/// along the dimension whose extra packing is cheaper.
 pub fn gemm_par<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mut [T]) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm inner dimensions");
