@@ -219,6 +219,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
 
     fn has_kernel() -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -236,13 +237,8 @@ mod tests {
     /// machine has the instructions.
     #[test]
     fn matches_naive_product_on_every_tail() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        };
+        let mut rng = StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
+        let mut next = || rng.gen_range(-0.5f64..0.5);
         for &m in &[1, 3, 5, 8, 13, 64] {
             for &n in &[16, 17, 31, 45, 100] {
                 for &k in &[1, 7, 300] {
