@@ -5,6 +5,9 @@ double backward and torch.func, batched HVP by vmap), copied to a scratch folder
 there. flatmin side: `flatmin bench ... --json` (release build). Same workloads: float32,
 batch 128, CIFAR-shaped random inputs, PyTorch-default initialization, BatchNorm in train mode.
 
+Also SGEMM against torch.mm on square sizes and on the mlp-s layers' own shapes, with flatmin's
+fraction of the FMA peak it measures in-process (`flatmin bench gemm` reports it).
+
 Run from the workspace root after `cargo build --release`:
     /path/to/venv/bin/python benches/compare/compare.py [--threads 2] [--anchors ../shared/anchors]
 Prints a Markdown table: medians in ms and speedup = PyTorch time / flatmin time (> 1: flatmin
@@ -35,6 +38,46 @@ def torch_runs(py, anchors, threads, out):
     for m in ["mlp_s", "cnn_s"]:
         run("--task", "bhvp", "--model", m, "--method", "func_vmap", "--nvec", "16")
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+# SGEMM shapes compared with torch.mm: squares, and the mlp-s layers' own products at batch 128
+# (forward X Wᵀ, weight gradient dYᵀ X, input gradient dY W).
+GEMM_SHAPES = [((512, 512, 512), "nn"), ((1024, 1024, 1024), "nn"), ((2048, 2048, 2048), "nn"),
+               ((128, 3072, 256), "nt"), ((256, 128, 3072), "tn"), ((128, 256, 3072), "nn")]
+
+TORCH_GEMM = r"""
+import json, sys, time, torch
+threads, reps = int(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(threads)
+for spec in sys.argv[3:]:
+    (m, k, n), layout = [int(x) for x in spec.split(":")[0].split("x")], spec.split(":")[1]
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(k, m, generator=g).t() if layout == "tn" else torch.randn(m, k, generator=g)
+    b = torch.randn(n, k, generator=g).t() if layout == "nt" else torch.randn(k, n, generator=g)
+    out = torch.empty(m, n)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter(); torch.mm(a, b, out=out); ts.append(time.perf_counter() - t)
+    ts.sort()
+    print(json.dumps({"shape": [m, k, n], "layout": layout, "median_ms": 1e3 * ts[len(ts) // 2],
+                      "gflops": 2 * m * k * n / ts[len(ts) // 2] / 1e9}))
+"""
+
+
+def gemm_table(py, binary, threads, reps):
+    """torch.mm against `flatmin bench gemm` on GEMM_SHAPES; rows of (label, torch GFLOP/s,
+    flatmin GFLOP/s, flatmin's fraction of the measured FMA peak)."""
+    specs = [f"{m}x{k}x{n}:{lay}" for (m, k, n), lay in GEMM_SHAPES]
+    out = subprocess.run([py, "-c", TORCH_GEMM, str(threads), str(reps), *specs], check=True,
+                         capture_output=True, text=True).stdout
+    torch_recs = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    rows = []
+    for ((m, k, n), lay), t in zip(GEMM_SHAPES, torch_recs):
+        f = flatmin(binary, threads, "gemm", "--shape", f"{m}x{k}x{n}", "--layout", lay, "--reps", str(reps))
+        rows.append((f"{m}x{k}x{n} {lay.upper()}", t["gflops"], f["gflops"], f.get("peak_fraction")))
+    return rows
 
 
 def flatmin(binary, threads, *args):
@@ -105,6 +148,7 @@ def main():
         for n in [512, 1024]:
             g = flatmin(a.flatmin, a.threads, "gemm", "--size", str(n), "--reps", str(a.reps))
             gemm_rows.append((n, mm[n]["gflops_median"], g["gflops"]))
+    gemms = gemm_table(sys.executable, a.flatmin, a.threads, max(10, a.reps))
     cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | head -1"], capture_output=True, text=True).stdout.strip()
     torch_version = next((r.get("torch_version") for r in recs if r.get("torch_version")), "?")
     print(f"machine: {cpu}, {a.threads} threads; torch {torch_version}; flatmin SGEMM 1024: {gemm['gflops']:.1f} GFLOP/s\n")
@@ -119,6 +163,11 @@ def main():
     print("| --- | --- | --- | --- |")
     for name, t, f in mem:
         print(f"| {name} | {t:.0f} | {f:.0f} | {t / f:.2f}x |")
+    print("\n| SGEMM (M x K x N, layout) | torch.mm GFLOP/s | flatmin GFLOP/s | speedup | flatmin % of FMA peak |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, t, f, frac in gemms:
+        pk = f"{100 * frac:.0f}%" if frac else "—"
+        print(f"| {name} | {t:.1f} | {f:.1f} | {f / t:.2f}x | {pk} |")
     for n, standalone, engine in gemm_rows:
         print(f"\nSGEMM {n}: standalone matrixmultiply {standalone:.1f} GFLOP/s, in the engine {engine:.1f} GFLOP/s "
               f"({100 * engine / standalone:.0f}%)", end="")

@@ -214,40 +214,62 @@ pub fn hvp_flops(macs: &[f64], k: usize) -> f64 {
     grad_flops(macs) + 2.0 * k as f64 * (6.0 * total - 4.0 * first)
 }
 
-/// Square SGEMM/DGEMM operands of size `n` and the product, through the engine's parallel GEMM.
+/// Which operands of a benchmarked product are stored transposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmLayout {
+    /// `C = A B`, both row-major.
+    Nn,
+    /// `C = A Bᵀ` with `B` stored `n x k` (a linear layer's forward, `X Wᵀ`).
+    Nt,
+    /// `C = Aᵀ B` with `A` stored `k x m` (a linear layer's weight gradient, `dYᵀ X`).
+    Tn,
+}
+
+/// SGEMM/DGEMM operands of an `m x k` by `k x n` product and the product, through the
+/// engine's parallel GEMM.
 pub struct GemmWorkload<T> {
     a: Vec<T>,
     b: Vec<T>,
     c: Vec<T>,
-    n: usize,
+    shape: (usize, usize, usize),
+    layout: GemmLayout,
 }
 
 impl<T: Scalar> GemmWorkload<T> {
-    /// Random `n x n` operands.
+    /// Random square `n x n` operands.
     pub fn new(n: usize) -> Self {
+        Self::shaped((n, n, n), GemmLayout::Nn)
+    }
+
+    /// Random operands of an `m x k` by `k x n` product stored as `layout` says.
+    pub fn shaped((m, k, n): (usize, usize, usize), layout: GemmLayout) -> Self {
         let mut rng = StdRng::seed_from_u64(1);
         GemmWorkload {
-            a: Tensor::<T>::randn(&[n, n], &mut rng).into_vec(),
-            b: Tensor::<T>::randn(&[n, n], &mut rng).into_vec(),
-            c: vec![T::zero(); n * n],
-            n,
+            a: Tensor::<T>::randn(&[m * k], &mut rng).into_vec(),
+            b: Tensor::<T>::randn(&[k * n], &mut rng).into_vec(),
+            c: vec![T::zero(); m * n],
+            shape: (m, k, n),
+            layout,
         }
     }
 
-    /// Runs `C = A B` once.
+    /// Runs the product once.
     pub fn run(&mut self) {
-        let n = self.n;
-        gemm_par(
-            T::one(),
-            MatRef::new(&self.a, n, n),
-            MatRef::new(&self.b, n, n),
-            T::zero(),
-            &mut self.c,
-        );
+        let (m, k, n) = self.shape;
+        let a = match self.layout {
+            GemmLayout::Tn => MatRef::new(&self.a, k, m).t(),
+            _ => MatRef::new(&self.a, m, k),
+        };
+        let b = match self.layout {
+            GemmLayout::Nt => MatRef::new(&self.b, n, k).t(),
+            _ => MatRef::new(&self.b, k, n),
+        };
+        gemm_par(T::one(), a, b, T::zero(), &mut self.c);
     }
 
-    /// Floating-point operations of one product (2 n³).
+    /// Floating-point operations of one product (2 m k n).
     pub fn flops(&self) -> f64 {
-        2.0 * (self.n as f64).powi(3)
+        let (m, k, n) = self.shape;
+        2.0 * m as f64 * k as f64 * n as f64
     }
 }

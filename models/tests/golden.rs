@@ -472,3 +472,25 @@ fn pytorch_checkpoint_tiny_tanh() {
 fn pytorch_checkpoint_resnet20() {
     checkpoint("resnet20-ckpt", "resnet20");
 }
+
+/// The golden comparisons again in a child process with `FLATMIN_ISA=avx2`: the AVX2+FMA
+/// kernels (what a machine without AVX-512 runs) meet the same tolerances. On a machine
+/// without AVX2 the child runs the portable path, which must pass as well.
+#[test]
+fn golden_on_the_avx2_path() {
+    if std::env::var_os("FLATMIN_ISA").is_some() {
+        return; // already the child (or a run that chose its path itself)
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["golden_", "--test-threads", "2"])
+        .env("FLATMIN_ISA", "avx2")
+        .output()
+        .expect("rerun the golden tests");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "golden tests under FLATMIN_ISA=avx2 failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("test golden_cnn_s ... ok"), "{stdout}");
+}

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use flatmin_benches::{grad_flops, hvp_flops, layer_macs, GemmWorkload, Workload};
+use flatmin_benches::{grad_flops, hvp_flops, layer_macs, GemmLayout, GemmWorkload, Workload};
 use serde_json::json;
 use std::time::Instant;
 
@@ -21,6 +21,33 @@ pub enum Task {
     /// Exact Hessian trace of the batch (`--method structural` or `basis`), and the
     /// gradient for the ratio.
     Trace,
+    /// This machine's measured single-precision FMA peak, every thread at once.
+    Peak,
+}
+
+impl Task {
+    /// The name the command line and the JSON line use.
+    fn name(self) -> &'static str {
+        match self {
+            Task::Grad => "grad",
+            Task::Hvp => "hvp",
+            Task::HvpBatched => "hvp-batched",
+            Task::Gemm => "gemm",
+            Task::Trace => "trace",
+            Task::Peak => "peak",
+        }
+    }
+}
+
+/// Seconds of FMA work per thread when measuring the peak.
+const PEAK_SECONDS: f64 = 0.25;
+
+/// The FMA peak of all of the pool's threads running at once, in GFLOP/s (`None` where no
+/// vector kernel exists for this machine).
+fn measured_peak() -> Option<f64> {
+    let per_thread =
+        rayon::broadcast(|_| flatmin_engine::kernels::cpu::fma_peak_gflops(PEAK_SECONDS));
+    per_thread.into_iter().sum()
 }
 
 /// How `flatmin bench trace` computes the exact trace.
@@ -32,6 +59,44 @@ pub enum TraceMethod {
     Basis,
     /// Estimated: Hutchinson with exactly `--probes` probes, `--vectors` per pass.
     Hutchinson,
+}
+
+/// Storage of a benchmarked gemm's operands (see `--layout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Layout {
+    /// `C = A B`.
+    Nn,
+    /// `C = A Bᵀ`.
+    Nt,
+    /// `C = Aᵀ B`.
+    Tn,
+}
+
+impl From<Layout> for GemmLayout {
+    fn from(l: Layout) -> Self {
+        match l {
+            Layout::Nn => GemmLayout::Nn,
+            Layout::Nt => GemmLayout::Nt,
+            Layout::Tn => GemmLayout::Tn,
+        }
+    }
+}
+
+/// Parses `--shape MxKxN` (three positive sizes).
+fn parse_shape(s: &str) -> std::result::Result<(usize, usize, usize), String> {
+    let dims: Vec<usize> = s
+        .split(['x', 'X'])
+        .map(|d| d.trim().parse::<usize>().ok().filter(|&d| d > 0))
+        .collect::<Option<_>>()
+        .ok_or_else(|| {
+            format!("{s:?}: expected MxKxN with three positive sizes, e.g. 128x3072x256")
+        })?;
+    match dims[..] {
+        [m, k, n] => Ok((m, k, n)),
+        _ => Err(format!(
+            "{s:?}: expected MxKxN with three positive sizes, e.g. 128x3072x256"
+        )),
+    }
 }
 
 /// Arguments of `flatmin bench`.
@@ -55,9 +120,16 @@ pub struct BenchArgs {
     /// Probes of `trace --method hutchinson`.
     #[arg(long, default_value_t = 100)]
     pub probes: usize,
-    /// Matrix size for gemm.
+    /// Matrix size for gemm (square).
     #[arg(long, default_value_t = 1024)]
     pub size: usize,
+    /// A non-square gemm, `MxKxN` (overrides `--size`), e.g. a layer's `128x3072x256`.
+    #[arg(long, value_name = "MxKxN", value_parser = parse_shape)]
+    pub shape: Option<(usize, usize, usize)>,
+    /// Which gemm operands are stored transposed: `nn` (A B), `nt` (A Bᵀ, a linear
+    /// layer's forward), `tn` (Aᵀ B, its weight gradient).
+    #[arg(long, value_enum, default_value_t = Layout::Nn)]
+    pub layout: Layout,
     /// Timed repetitions (after one warm-up).
     #[arg(long, default_value_t = 10)]
     pub reps: usize,
@@ -103,21 +175,40 @@ fn measure(args: &BenchArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
     let mut rows: Vec<(String, f64, f64)> = Vec::new();
     let mut out = json!({
-        "task": match args.task { Task::Grad => "grad", Task::Hvp => "hvp", Task::HvpBatched => "hvp-batched", Task::Gemm => "gemm", Task::Trace => "trace" },
+        "task": args.task.name(),
         "threads": threads,
+        "isa": flatmin_engine::kernels::cpu::isa().name(),
         "reps": args.reps,
         "dtype": "f32",
     });
     match args.task {
+        Task::Peak => {
+            let peak = measured_peak();
+            out["peak_gflops"] = json!(peak);
+            if !args.json {
+                match peak {
+                    Some(g) => println!("FMA peak ({threads} threads, f32): {g:.1} GFLOP/s"),
+                    None => println!("no vector kernel for this machine: no peak to measure"),
+                }
+            }
+        }
         Task::Gemm => {
-            let mut w = GemmWorkload::<f32>::new(args.size);
+            let shape = args.shape.unwrap_or((args.size, args.size, args.size));
+            let mut w = GemmWorkload::<f32>::shaped(shape, args.layout.into());
             let (med, min) = time(args.reps, || w.run());
-            rows.push((format!("sgemm {}", args.size), med, min));
+            let (m, k, n) = shape;
+            rows.push((format!("sgemm {m}x{k}x{n} {:?}", args.layout), med, min));
             out["size"] = json!(args.size);
+            out["shape"] = json!([m, k, n]);
+            out["layout"] = json!(format!("{:?}", args.layout).to_lowercase());
             out["median_ms"] = json!(med);
             out["min_ms"] = json!(min);
             out["per_second"] = json!(1e3 / med);
-            out["gflops"] = json!(w.flops() / (med * 1e6));
+            let gflops = w.flops() / (med * 1e6);
+            out["gflops"] = json!(gflops);
+            let peak = measured_peak();
+            out["peak_gflops"] = json!(peak);
+            out["peak_fraction"] = json!(peak.map(|p| gflops / p));
         }
         task => {
             let k = match task {
@@ -212,7 +303,7 @@ fn measure(args: &BenchArgs) -> Result<()> {
             }
         }
     }
-    if !args.json {
+    if !args.json && !rows.is_empty() {
         println!("{:<22} {:>12} {:>12}", "workload", "median ms", "min ms");
         for (name, med, min) in &rows {
             println!("{name:<22} {med:>12.3} {min:>12.3}");
@@ -232,6 +323,12 @@ fn measure(args: &BenchArgs) -> Result<()> {
         }
         if let Some(g) = out["gflops"].as_f64() {
             println!("GFLOP/s (GEMM work): {g:.1}");
+        }
+        if let (Some(p), Some(f)) = (out["peak_gflops"].as_f64(), out["peak_fraction"].as_f64()) {
+            println!(
+                "measured FMA peak: {p:.1} GFLOP/s; this GEMM: {:.1}% of it",
+                100.0 * f
+            );
         }
         if let Some(t) = out.get("trace") {
             println!(

@@ -1,4 +1,6 @@
-//! Matrix products through `matrixmultiply`, with strides so transposes cost nothing.
+//! Matrix products, with strides so transposes cost nothing: the packed kernels of
+//! [`super::packed`] (AVX-512 or AVX2+FMA, chosen at run time), the packing-free kernel of
+//! [`super::nopack`] for few-row products, and `matrixmultiply` where neither applies.
 
 use super::par::SendPtr;
 use crate::scalar::Scalar;
@@ -79,7 +81,7 @@ impl<'a, T: Scalar> MatRef<'a, T> {
 /// With `beta == 0`, the old contents of `c` are ignored.
 ///
 /// Products with few rows and contiguous rows of `b` (the convolutions' lowered matrices) run
-/// the packing-free kernel of [`super::nopack`]; the rest go through `matrixmultiply`. The
+/// the packing-free kernel of [`super::nopack`]; the rest go through [`gemm_packed`]. The
 /// choice depends only on the shapes, strides and machine.
 pub fn gemm<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mut [T]) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
@@ -106,22 +108,43 @@ pub fn gemm<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mut [T
     gemm_packed(alpha, a, b, beta, c);
 }
 
-/// [`gemm`] always through `matrixmultiply` (what every block of [`gemm_par`] runs).
+/// [`gemm`] always through the packed kernels ([`super::packed`], or `matrixmultiply` on a
+/// machine without AVX2+FMA): what every block of [`gemm_par`] runs.
 pub fn gemm_packed<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mut [T]) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm inner dimensions");
     assert!(c.len() >= m * n, "gemm output too small");
-    gemm_into(alpha, a, b, beta, SendPtr(c.as_mut_ptr()), n);
+    gemm_into(false, alpha, a, b, beta, SendPtr(c.as_mut_ptr()), n);
 }
 
 /// Writes `alpha*a*b + beta*C` into the row-major block at `c` with row stride `ldc`.
-fn gemm_into<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: SendPtr<T>, ldc: usize) {
+/// With `parallel`, the packed kernels share the work among rayon's threads.
+fn gemm_into<T: Scalar>(
+    parallel: bool,
+    alpha: T,
+    a: MatRef<T>,
+    b: MatRef<T>,
+    beta: T,
+    c: SendPtr<T>,
+    ldc: usize,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;
     }
+    let view = |x: MatRef<T>| super::packed::Strided {
+        ptr: x.data.as_ptr(),
+        rs: x.rs,
+        cs: x.cs,
+    };
     // SAFETY: the views were bounds-checked when built; the caller guarantees c covers
     // m rows of ldc elements (n <= ldc) and that no one else touches that block.
+    if unsafe {
+        super::packed::try_gemm(parallel, m, k, n, alpha, view(a), view(b), beta, (c.0, ldc))
+    } {
+        return;
+    }
+    // SAFETY: as above.
     unsafe {
         T::gemm_raw(
             m,
@@ -149,7 +172,9 @@ const PAR_BLOCK: usize = 64;
 /// Blocks per worker thread (some slack for load balance).
 const BLOCKS_PER_THREAD: usize = 2;
 
-/// Like [`gemm_packed`], splitting the output into blocks of rows or columns run in parallel.
+/// Like [`gemm_packed`], in parallel. The packed kernels share one packed copy of each block
+/// of `b` among the threads and split the tiles of the output (see [`super::packed`]). Where
+/// they do not run, `matrixmultiply` runs on blocks of rows or columns of the output.
 ///
 /// The inner dimension is never split and every output element is computed by the same
 /// kernel sequence whatever block it falls in, so the result is bit-identical to
@@ -162,7 +187,13 @@ pub fn gemm_par<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mu
     assert_eq!(b.rows, k, "gemm inner dimensions");
     assert!(c.len() >= m * n, "gemm output too small");
     let threads = rayon::current_num_threads();
-    if threads < 2 || m * n * k.max(1) < PAR_MIN_WORK || (m < 2 * PAR_BLOCK && n < 2 * PAR_BLOCK) {
+    if threads < 2 || m * n * k.max(1) < PAR_MIN_WORK {
+        return gemm_packed(alpha, a, b, beta, c);
+    }
+    if super::packed::available::<T>() {
+        return gemm_into(true, alpha, a, b, beta, SendPtr(c.as_mut_ptr()), n);
+    }
+    if m < 2 * PAR_BLOCK && n < 2 * PAR_BLOCK {
         return gemm_packed(alpha, a, b, beta, c);
     }
     let want = BLOCKS_PER_THREAD * threads;
@@ -191,7 +222,7 @@ pub fn gemm_par<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mu
             let nr = rows.min(m - r0);
             // SAFETY: row blocks are disjoint.
             let cp = unsafe { ptr.at(r0 * n) };
-            gemm_into(alpha, a.row_block(r0, nr), b, beta, cp, n);
+            gemm_into(false, alpha, a.row_block(r0, nr), b, beta, cp, n);
         });
     } else {
         let cols = n.div_ceil(col_blocks);
@@ -200,7 +231,7 @@ pub fn gemm_par<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mu
             let nc = cols.min(n - c0);
             // SAFETY: column blocks are disjoint.
             let cp = unsafe { ptr.at(c0) };
-            gemm_into(alpha, a, b.col_block(c0, nc), beta, cp, n);
+            gemm_into(false, alpha, a, b.col_block(c0, nc), beta, cp, n);
         });
     }
 }

@@ -5,8 +5,10 @@
 //! for any thread count.
 
 pub mod conv;
+pub mod cpu;
 pub mod gemm;
 pub mod nopack;
+pub mod packed;
 pub mod par;
 pub mod pool;
 pub mod reduce;

@@ -9,7 +9,7 @@
 //! with one broadcast element of `A` per row and step: no copies at all. Every row tile of a
 //! column strip reads the same `k` short runs of `B` (from L1 when they fit, else from L2; the
 //! resnet20 profile puts the kernel at about 60% of peak). It needs AVX-512F; elsewhere
-//! [`try_gemm`] declines and `matrixmultiply` runs.
+//! (or under `FLATMIN_ISA=avx2`) [`try_gemm`] declines and the packed kernels run.
 //!
 //! Every element of `C` is one fused multiply-add chain over `p = 0..k` in order, whatever
 //! tile it falls in, so results depend only on the operands.
@@ -77,7 +77,7 @@ pub unsafe fn try_gemm<T: Scalar>(
 #[cfg(target_arch = "x86_64")]
 unsafe fn dispatch<T: Scalar>(m: usize, n: usize, ops: Operands<T>) -> bool {
     use std::any::TypeId;
-    if !std::arch::is_x86_feature_detected!("avx512f") {
+    if super::cpu::isa() != super::cpu::Isa::Avx512 {
         return false;
     }
     // SAFETY (both casts): T is exactly the type named by the TypeId test.
@@ -222,14 +222,7 @@ mod tests {
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     fn has_kernel() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        crate::kernels::cpu::isa() == crate::kernels::cpu::Isa::Avx512
     }
 
     /// Every tile shape (row and column tails), strided A (plain and transposed), beta 0 and

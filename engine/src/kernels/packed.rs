@@ -1,0 +1,832 @@
+//! A packed, cache-blocked GEMM with hand-written register microkernels for AVX-512 and
+//! AVX2+FMA: `C (m x n, row-major) = alpha A (m x k) B (k x n) + beta C`, any strides for `A`
+//! and `B` (transposes cost nothing but a different packing order).
+//!
+//! The structure is the classic five loops: the columns of `C` in blocks of `nc`, the inner
+//! dimension in blocks of `kc` (a `kc x nc` block of `B` is packed into strips `nr` columns
+//! wide), the rows in blocks of `mc` (packed into strips `mr` rows tall), then every
+//! `mr x nr` tile of `C` is one call of the microkernel, which keeps the whole tile in vector
+//! registers (`mr` rows by two vectors) while it walks the two packed strips. Edge tiles run
+//! the same microkernel on a copy of their part of `C`, so every element of `C` sees exactly
+//! the same operations wherever it falls: for each `kc` block in order, one fused
+//! multiply-add chain over that block, then `alpha * sum + beta * C` (`beta` = 1 after the
+//! first block). Results depend only on the operands and the machine's instruction set, never
+//! on how [`super::gemm::gemm_par`] splits the output among threads.
+//!
+//! [`try_gemm`] declines (returns `false`) where no kernel applies: a CPU without AVX2+FMA,
+//! `FLATMIN_ISA=portable`, or an element type other than `f32`/`f64`. Then `matrixmultiply`
+//! runs, and it is also the reference the tests compare against.
+
+use super::cpu::{isa, Isa};
+use crate::scalar::Scalar;
+use rayon::prelude::*;
+use std::any::TypeId;
+use std::ops::Range;
+use std::sync::Mutex;
+
+/// A strided read-only operand: element `(i, j)` is at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub struct Strided<T> {
+    /// Element `(0, 0)`.
+    pub ptr: *const T,
+    /// Distance between rows, in elements.
+    pub rs: usize,
+    /// Distance between columns, in elements.
+    pub cs: usize,
+}
+
+impl<T> Strided<T> {
+    /// The element `(i, j)`.
+    unsafe fn at(self, i: usize, j: usize) -> *const T {
+        self.ptr.add(i * self.rs + j * self.cs)
+    }
+
+    /// The transpose (rows and columns swap strides).
+    fn t(self) -> Self {
+        Strided {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// One microkernel: `kc` steps over a packed `mr`-row strip of `A` and a packed `nr`-column
+/// strip of `B`, then `C = alpha * acc + beta * C` on a full `mr x nr` tile at row stride `ldc`
+/// (`C` is not read when `beta == 0`).
+type Tile<T> = unsafe fn(usize, *const T, *const T, *mut T, usize, T, T);
+
+/// A microkernel with the block sizes it is tuned for.
+struct Kernel<T> {
+    mr: usize,
+    nr: usize,
+    kc: usize,
+    mc: usize,
+    nc: usize,
+    tile: Tile<T>,
+    /// Packs rows that are contiguous along `p` with vector transposes (see [`RowPacker`]).
+    pack_rows: Option<RowPacker<T>>,
+}
+
+/// Packs `rows.len()` rows, each contiguous along `p`, into a strip `width` wide: element
+/// `(i, p)` goes to `dst[p * width + i]`, for `p` in `0..kc`.
+type RowPacker<T> = unsafe fn(&[*const T], usize, *mut T, usize);
+
+/// Largest `mr * nr` of any kernel (the edge-tile scratch size).
+const MAX_TILE: usize = 12 * 32;
+/// Largest `mr` or `nr` of any kernel (the widest packed strip).
+const MAX_WIDTH: usize = 32;
+
+/// Runs the product through this module's kernel for the machine's instruction set and `T`,
+/// on rayon's threads when `parallel` (bit-identical to one thread); returns `false`, having
+/// done nothing, when there is no kernel (see the module doc).
+///
+/// # Safety
+/// `a` must cover `m x k` elements and `b` `k x n` elements at their strides; `c` must cover
+/// `m` rows of `n` elements `ldc` apart, not aliasing `a` or `b`, initialized unless
+/// `beta == 0`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn try_gemm<T: Scalar>(
+    parallel: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: T,
+    a: Strided<T>,
+    b: Strided<T>,
+    beta: T,
+    (c, ldc): (*mut T, usize),
+) -> bool {
+    gemm_with(isa(), parallel, m, k, n, alpha, a, b, beta, (c, ldc))
+}
+
+/// Whether [`try_gemm`] has a kernel for `T` on this machine.
+pub fn available<T: Scalar>() -> bool {
+    kernel_for::<T>(isa()).is_some()
+}
+
+/// [`try_gemm`] with the kernel of instruction set `isa` (for tests and benchmarks that
+/// compare the paths on one machine).
+///
+/// # Safety
+/// As [`try_gemm`]; and `isa` must not exceed [`super::cpu::detected`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_with<T: Scalar>(
+    isa: Isa,
+    parallel: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: T,
+    a: Strided<T>,
+    b: Strided<T>,
+    beta: T,
+    (c, ldc): (*mut T, usize),
+) -> bool {
+    assert!(
+        isa <= super::cpu::detected(),
+        "{isa:?} kernel on a machine without it"
+    );
+    if m == 0 || n == 0 || k == 0 {
+        return false;
+    }
+    let Some(kernel) = kernel_for::<T>(isa) else {
+        return false;
+    };
+    run(&kernel, parallel, m, k, n, alpha, a, b, beta, c, ldc);
+    true
+}
+
+/// The kernel for instruction set `isa` and element type `T`, if one is written.
+fn kernel_for<T: Scalar>(isa: Isa) -> Option<Kernel<T>> {
+    let f32_kernel = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Kernel::<f32> {
+            mr: 12,
+            nr: 32,
+            kc: 384,
+            mc: 288,
+            nc: 2048,
+            tile: x86::avx512_f32,
+            pack_rows: Some(x86::pack_rows_f32),
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => Kernel::<f32> {
+            mr: 6,
+            nr: 16,
+            kc: 256,
+            mc: 72,
+            nc: 2048,
+            tile: x86::avx2_f32,
+            pack_rows: Some(x86::pack_rows_f32),
+        },
+        _ => return None,
+    };
+    let f64_kernel = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Kernel::<f64> {
+            mr: 12,
+            nr: 16,
+            kc: 384,
+            mc: 144,
+            nc: 1024,
+            tile: x86::avx512_f64,
+            pack_rows: Some(x86::pack_rows_f64),
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => Kernel::<f64> {
+            mr: 6,
+            nr: 8,
+            kc: 256,
+            mc: 72,
+            nc: 1024,
+            tile: x86::avx2_f64,
+            pack_rows: Some(x86::pack_rows_f64),
+        },
+        _ => return None,
+    };
+    let id = TypeId::of::<T>();
+    // SAFETY (both transmutes): T is exactly the type named by the TypeId test, so the
+    // kernel's layout (a function pointer over T and sizes) is unchanged.
+    if id == TypeId::of::<f32>() {
+        Some(unsafe { std::mem::transmute::<Kernel<f32>, Kernel<T>>(f32_kernel) })
+    } else if id == TypeId::of::<f64>() {
+        Some(unsafe { std::mem::transmute::<Kernel<f64>, Kernel<T>>(f64_kernel) })
+    } else {
+        None
+    }
+}
+
+/// Packing buffers kept for reuse (no allocation per product in the steady state). Each is
+/// taken out for one use and put back, so a thread that picks up other rayon work while it
+/// waits never shares a buffer with that work.
+static POOL: Mutex<Vec<Vec<u64>>> = Mutex::new(Vec::new());
+/// Most buffers the pool keeps.
+const POOL_MAX: usize = 64;
+
+/// Runs `f` on a 64-byte aligned scratch buffer of at least `elems` elements of `T`.
+fn with_buffer<T, R>(elems: usize, f: impl FnOnce(*mut T) -> R) -> R {
+    let words = (elems * std::mem::size_of::<T>()).div_ceil(8) + 8;
+    let pool = || POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut buf = pool().pop().unwrap_or_default();
+    if buf.len() < words {
+        buf.resize(words, 0);
+    }
+    let base = buf.as_mut_ptr() as *mut T;
+    // SAFETY: the 8 spare words cover the at most 63 bytes skipped to align.
+    let out = f(unsafe { base.add(base.align_offset(64)) });
+    let mut kept = pool();
+    if kept.len() < POOL_MAX {
+        kept.push(buf);
+    }
+    out
+}
+
+/// A value moved into parallel tasks that the caller guarantees is safe to share (raw
+/// pointers to disjoint outputs and to read-only packed data).
+#[derive(Clone, Copy)]
+struct Shared<X>(X);
+// SAFETY: used only for pointers whose targets outlive the parallel region and are either
+// read-only there or written in disjoint parts.
+unsafe impl<X> Send for Shared<X> {}
+unsafe impl<X> Sync for Shared<X> {}
+impl<X: Copy> Shared<X> {
+    /// The value (a method, so closures capture the whole wrapper).
+    fn get(self) -> X {
+        self.0
+    }
+}
+
+/// Tasks per thread when a product runs in parallel (slack for load balance).
+const TASKS_PER_THREAD: usize = 4;
+
+/// The five loops (see the module doc). With `parallel`, rayon's threads pack each block of
+/// `B` and of `A` together (one strip per task), then share out its tiles in contiguous
+/// runs; every tile is computed the same way whichever thread runs it, so the split cannot
+/// change a bit.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run<T: Scalar>(
+    kern: &Kernel<T>,
+    parallel: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: T,
+    a: Strided<T>,
+    b: Strided<T>,
+    beta: T,
+    c: *mut T,
+    ldc: usize,
+) {
+    let (mr, nr) = (kern.mr, kern.nr);
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let for_each = |jobs: usize, job: &(dyn Fn(usize) + Sync)| {
+        if threads > 1 && jobs > 1 {
+            (0..jobs).into_par_iter().for_each(job);
+        } else {
+            (0..jobs).for_each(job);
+        }
+    };
+    let kc_max = kern.kc.min(k);
+    let a_len = kc_max * kern.mc.min(m.div_ceil(mr) * mr);
+    let b_len = kc_max * kern.nc.min(n.div_ceil(nr) * nr);
+    with_buffer::<T, _>(a_len + b_len + 64, |ap| {
+        let bp = ap.add(a_len);
+        let bp = Shared(bp.add(bp.align_offset(64)));
+        let (ap, a, b) = (Shared(ap), Shared(a), Shared(b));
+        for jc in (0..n).step_by(kern.nc) {
+            let nc = kern.nc.min(n - jc);
+            let col_strips = nc.div_ceil(nr);
+            for pc in (0..k).step_by(kern.kc) {
+                let kc = kern.kc.min(k - pc);
+                for ic in (0..m).step_by(kern.mc) {
+                    let mc = kern.mc.min(m - ic);
+                    let row_strips = mc.div_ceil(mr);
+                    // B's block (packed once per pc) and A's block, one strip per job; the
+                    // transpose of B's block has B's columns as rows.
+                    let b_jobs = if ic == 0 { col_strips } else { 0 };
+                    for_each(b_jobs + row_strips, &|j| {
+                        let (dst, src, rows, width) = if j < b_jobs {
+                            let src = Strided {
+                                ptr: b.get().at(pc, jc + j * nr),
+                                ..b.get()
+                            };
+                            (bp.get().add(j * nr * kc), src.t(), nr.min(nc - j * nr), nr)
+                        } else {
+                            let i = j - b_jobs;
+                            let src = Strided {
+                                ptr: a.get().at(ic + i * mr, pc),
+                                ..a.get()
+                            };
+                            (ap.get().add(i * mr * kc), src, mr.min(mc - i * mr), mr)
+                        };
+                        pack_strips(kern, dst, src, rows, kc, width);
+                    });
+                    let block = Block {
+                        kc,
+                        ap: ap.get(),
+                        bp: bp.get(),
+                        c: Shared(c.add(ic * ldc + jc)),
+                        ldc,
+                        alpha,
+                        beta: if pc == 0 { beta } else { T::one() },
+                    };
+                    let tiles = row_strips * col_strips;
+                    let tasks = (TASKS_PER_THREAD * threads).min(tiles);
+                    let per_task = tiles.div_ceil(tasks);
+                    for_each(tiles.div_ceil(per_task), &|t| {
+                        let run = t * per_task..tiles.min((t + 1) * per_task);
+                        block.tiles(kern, (mc, nc), run);
+                    });
+                }
+            }
+        }
+    });
+}
+
+/// One packed `mc x kc` block of `A` against one packed `kc x nc` block of `B`.
+struct Block<T> {
+    kc: usize,
+    ap: *const T,
+    bp: *const T,
+    c: Shared<*mut T>,
+    ldc: usize,
+    alpha: T,
+    beta: T,
+}
+
+// SAFETY: the packed blocks are only read while tasks run, and tasks write disjoint tiles.
+unsafe impl<T: Sync> Sync for Block<T> {}
+
+impl<T: Scalar> Block<T> {
+    /// Tiles `run` of the block, numbered column strip by column strip (a strip of `B` stays
+    /// in L1 while the strips of `A` stream past it).
+    unsafe fn tiles(&self, kern: &Kernel<T>, (mc, nc): (usize, usize), run: Range<usize>) {
+        let (mr, nr, kc) = (kern.mr, kern.nr, self.kc);
+        let row_strips = mc.div_ceil(mr);
+        for t in run {
+            let (js, is) = (t / row_strips, t % row_strips);
+            let (i0, j0) = (is * mr, js * nr);
+            let (rows, cols) = (mr.min(mc - i0), nr.min(nc - j0));
+            let a_strip = self.ap.add(is * mr * kc);
+            let b_strip = self.bp.add(js * nr * kc);
+            let c_tile = self.c.get().add(i0 * self.ldc + j0);
+            if rows == mr && cols == nr {
+                (kern.tile)(
+                    kc, a_strip, b_strip, c_tile, self.ldc, self.alpha, self.beta,
+                );
+            } else {
+                self.edge_tile(kern, (a_strip, b_strip), c_tile, rows, cols);
+            }
+        }
+    }
+
+    /// A partial tile: the microkernel runs on a scratch copy of the tile's part of `C`.
+    unsafe fn edge_tile(
+        &self,
+        kern: &Kernel<T>,
+        (a_strip, b_strip): (*const T, *const T),
+        c_tile: *mut T,
+        rows: usize,
+        cols: usize,
+    ) {
+        let nr = kern.nr;
+        let mut scratch = [T::zero(); MAX_TILE];
+        if self.beta != T::zero() {
+            for i in 0..rows {
+                for j in 0..cols {
+                    scratch[i * nr + j] = *c_tile.add(i * self.ldc + j);
+                }
+            }
+        }
+        let s = scratch.as_mut_ptr();
+        (kern.tile)(self.kc, a_strip, b_strip, s, nr, self.alpha, self.beta);
+        for i in 0..rows {
+            for j in 0..cols {
+                *c_tile.add(i * self.ldc + j) = scratch[i * nr + j];
+            }
+        }
+    }
+}
+
+/// Packs the `rows x kc` matrix `src` into strips of `width` rows: strip `s` holds, for each
+/// `p` in `0..kc`, the `width` elements `src[s*width .. s*width+width][p]` side by side, with
+/// zeros below the last row. Reads along whichever direction is contiguous.
+unsafe fn pack_strips<T: Scalar>(
+    kern: &Kernel<T>,
+    dst: *mut T,
+    src: Strided<T>,
+    rows: usize,
+    kc: usize,
+    width: usize,
+) {
+    for (s, r0) in (0..rows).step_by(width).enumerate() {
+        let live = width.min(rows - r0);
+        let d = dst.add(s * width * kc);
+        if src.rs == 1 {
+            // The strip's elements for one p are contiguous: one copy per p.
+            for p in 0..kc {
+                let (from, to) = (src.at(r0, p), d.add(p * width));
+                for i in 0..live {
+                    *to.add(i) = *from.add(i);
+                }
+            }
+        } else {
+            // Walk the strip's rows side by side (one read stream per row, writes in order).
+            let mut rows_at = [std::ptr::null::<T>(); MAX_WIDTH];
+            for (i, r) in rows_at.iter_mut().enumerate().take(live) {
+                *r = src.at(r0 + i, 0);
+            }
+            if let (1, Some(pack_rows)) = (src.cs, kern.pack_rows) {
+                pack_rows(&rows_at[..live], kc, d, width);
+            } else {
+                for p in 0..kc {
+                    let out = d.add(p * width);
+                    for (i, r) in rows_at.iter().enumerate().take(live) {
+                        *out.add(i) = *r.add(p * src.cs);
+                    }
+                }
+            }
+        }
+        if live < width {
+            for p in 0..kc {
+                for i in live..width {
+                    *d.add(p * width + i) = T::zero();
+                }
+            }
+        }
+    }
+}
+
+/// The microkernels: `mr` rows by two vectors of columns, accumulated in registers.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Steps of the microkernel's loop body per iteration.
+    const UNROLL: usize = 4;
+
+    macro_rules! microkernel {
+        ($name:ident, $feature:literal, $t:ty, $lanes:expr, $mr:expr, $zero:ident,
+         $set1:ident, $load:ident, $store:ident, $fmadd:ident, $mul:ident) => {
+            /// One `mr x 2 vectors` tile (see [`super::Tile`]).
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn $name(
+                kc: usize,
+                a: *const $t,
+                b: *const $t,
+                c: *mut $t,
+                ldc: usize,
+                alpha: $t,
+                beta: $t,
+            ) {
+                let mut acc = [[$zero(); 2]; $mr];
+                let (mut a, mut b) = (a, b);
+                // One step: two vectors of B's row, each element of A's column broadcast.
+                let mut step = |a: *const $t, b: *const $t| {
+                    let b0 = $load(b);
+                    let b1 = $load(b.add($lanes));
+                    for (r, acc_r) in acc.iter_mut().enumerate() {
+                        let av = $set1(*a.add(r));
+                        acc_r[0] = $fmadd(av, b0, acc_r[0]);
+                        acc_r[1] = $fmadd(av, b1, acc_r[1]);
+                    }
+                };
+                for _ in 0..kc / UNROLL {
+                    for u in 0..UNROLL {
+                        step(a.add(u * $mr), b.add(u * 2 * $lanes));
+                    }
+                    a = a.add(UNROLL * $mr);
+                    b = b.add(UNROLL * 2 * $lanes);
+                }
+                for _ in 0..kc % UNROLL {
+                    step(a, b);
+                    a = a.add($mr);
+                    b = b.add(2 * $lanes);
+                }
+                let (alpha, betav) = ($set1(alpha), $set1(beta));
+                for (r, acc_r) in acc.iter().enumerate() {
+                    for (v, &x) in acc_r.iter().enumerate() {
+                        let dst = c.add(r * ldc + v * $lanes);
+                        let mut y = $mul(alpha, x);
+                        if beta != 0.0 {
+                            y = $fmadd(betav, $load(dst), y);
+                        }
+                        $store(dst, y);
+                    }
+                }
+            }
+        };
+    }
+
+    macro_rules! row_packer {
+        ($name:ident, $t:ty, $group:expr, $transpose:ident) => {
+            /// [`super::RowPacker`]: groups of rows through in-register transposes of
+            /// `group x group` blocks; the rows and `p` left over element by element.
+            #[target_feature(enable = "avx")]
+            pub(super) unsafe fn $name(rows: &[*const $t], kc: usize, dst: *mut $t, width: usize) {
+                let whole_p = kc / $group * $group;
+                let groups = rows.len() / $group;
+                for g in 0..groups {
+                    let r = &rows[g * $group..(g + 1) * $group];
+                    let out = dst.add(g * $group);
+                    for p0 in (0..whole_p).step_by($group) {
+                        $transpose(r, p0, out.add(p0 * width), width);
+                    }
+                    for p in whole_p..kc {
+                        for (i, row) in r.iter().enumerate() {
+                            *out.add(p * width + i) = *row.add(p);
+                        }
+                    }
+                }
+                for (i, row) in rows.iter().enumerate().skip(groups * $group) {
+                    for p in 0..kc {
+                        *dst.add(p * width + i) = *row.add(p);
+                    }
+                }
+            }
+        };
+    }
+
+    /// The 8 x 8 block `rows[i][p0 + j]` stored transposed: row `j` of the result at
+    /// `out + j * width`.
+    #[target_feature(enable = "avx")]
+    #[inline]
+    unsafe fn transpose8_f32(rows: &[*const f32], p0: usize, out: *mut f32, width: usize) {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(p0)));
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(x, y)
+            } else {
+                _mm256_unpackhi_ps(x, y)
+            }
+        });
+        // s[q]: columns q (low half) and q + 4 (high half) of rows 0-3 (q < 4) or 4-7.
+        let s: [__m256; 8] = std::array::from_fn(|q| {
+            let (base, col) = (q / 4 * 4, q % 4);
+            let (x, y) = (t[base + col / 2], t[base + 2 + col / 2]);
+            if col % 2 == 0 {
+                _mm256_shuffle_ps::<0x44>(x, y)
+            } else {
+                _mm256_shuffle_ps::<0xEE>(x, y)
+            }
+        });
+        for j in 0..8 {
+            let (lo, hi) = (s[j % 4], s[4 + j % 4]);
+            let col = if j < 4 {
+                _mm256_permute2f128_ps::<0x20>(lo, hi)
+            } else {
+                _mm256_permute2f128_ps::<0x31>(lo, hi)
+            };
+            _mm256_storeu_ps(out.add(j * width), col);
+        }
+    }
+
+    /// The 4 x 4 block `rows[i][p0 + j]` stored transposed (as [`transpose8_f32`]).
+    #[target_feature(enable = "avx")]
+    #[inline]
+    unsafe fn transpose4_f64(rows: &[*const f64], p0: usize, out: *mut f64, width: usize) {
+        let r: [__m256d; 4] = std::array::from_fn(|i| _mm256_loadu_pd(rows[i].add(p0)));
+        let t = [
+            _mm256_unpacklo_pd(r[0], r[1]),
+            _mm256_unpackhi_pd(r[0], r[1]),
+            _mm256_unpacklo_pd(r[2], r[3]),
+            _mm256_unpackhi_pd(r[2], r[3]),
+        ];
+        let cols = [
+            _mm256_permute2f128_pd::<0x20>(t[0], t[2]),
+            _mm256_permute2f128_pd::<0x20>(t[1], t[3]),
+            _mm256_permute2f128_pd::<0x31>(t[0], t[2]),
+            _mm256_permute2f128_pd::<0x31>(t[1], t[3]),
+        ];
+        for (j, c) in cols.iter().enumerate() {
+            _mm256_storeu_pd(out.add(j * width), *c);
+        }
+    }
+
+    row_packer!(pack_rows_f32, f32, 8, transpose8_f32);
+    row_packer!(pack_rows_f64, f64, 4, transpose4_f64);
+
+    microkernel!(
+        avx512_f32,
+        "avx512f",
+        f32,
+        16,
+        12,
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_fmadd_ps,
+        _mm512_mul_ps
+    );
+    microkernel!(
+        avx512_f64,
+        "avx512f",
+        f64,
+        8,
+        12,
+        _mm512_setzero_pd,
+        _mm512_set1_pd,
+        _mm512_loadu_pd,
+        _mm512_storeu_pd,
+        _mm512_fmadd_pd,
+        _mm512_mul_pd
+    );
+    microkernel!(
+        avx2_f32,
+        "avx2,fma",
+        f32,
+        8,
+        6,
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_fmadd_ps,
+        _mm256_mul_ps
+    );
+    microkernel!(
+        avx2_f64,
+        "avx2,fma",
+        f64,
+        4,
+        6,
+        _mm256_setzero_pd,
+        _mm256_set1_pd,
+        _mm256_loadu_pd,
+        _mm256_storeu_pd,
+        _mm256_fmadd_pd,
+        _mm256_mul_pd
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::cpu::detected;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// The instruction sets with a kernel that this machine can run.
+    fn runnable() -> Vec<Isa> {
+        [Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&i| i <= detected())
+            .collect()
+    }
+
+    /// `alpha A B + beta C` by `matrixmultiply` (the reference) and by the kernel of `isa`,
+    /// for `A` given plain or transposed and `B` plain or transposed.
+    fn check<T: Scalar>(isa: Isa, (m, k, n): (usize, usize, usize), tol: f64, rng: &mut StdRng) {
+        let draw = |len: usize, rng: &mut StdRng| -> Vec<T> {
+            (0..len).map(|_| T::c(rng.gen_range(-1.0..1.0))).collect()
+        };
+        let (a, b, c0) = (draw(m * k, rng), draw(k * n, rng), draw(m * n, rng));
+        let (at, bt) = (transpose(&a, m, k), transpose(&b, k, n));
+        let a_views = [(&a, k, 1), (&at, 1, m)];
+        let b_views = [(&b, n, 1), (&bt, 1, k)];
+        let cases = [0.0, 0.75]
+            .into_iter()
+            .flat_map(|beta| (0..4).map(move |i| (beta, i / 2, i % 2)));
+        for (beta, ai, bi) in cases {
+            let (av, bv) = (a_views[ai], b_views[bi]);
+            let sa = Strided {
+                ptr: av.0.as_ptr(),
+                rs: av.1,
+                cs: av.2,
+            };
+            let sb = Strided {
+                ptr: bv.0.as_ptr(),
+                rs: bv.1,
+                cs: bv.2,
+            };
+            let (alpha, beta) = (T::c(1.25), T::c(beta));
+            let mut want = c0.clone();
+            let mut got = if beta == T::zero() {
+                vec![T::c(f64::NAN); m * n]
+            } else {
+                c0.clone()
+            };
+            unsafe {
+                T::gemm_raw(
+                    m,
+                    k,
+                    n,
+                    alpha,
+                    sa.ptr,
+                    sa.rs as isize,
+                    sa.cs as isize,
+                    sb.ptr,
+                    sb.rs as isize,
+                    sb.cs as isize,
+                    beta,
+                    want.as_mut_ptr(),
+                    n as isize,
+                    1,
+                );
+                assert!(gemm_with(
+                    isa,
+                    false,
+                    m,
+                    k,
+                    n,
+                    alpha,
+                    sa,
+                    sb,
+                    beta,
+                    (got.as_mut_ptr(), n)
+                ));
+            }
+            let scale = (k as f64).sqrt();
+            for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+                let (x, y) = (x.to_f64().unwrap(), y.to_f64().unwrap());
+                assert!(
+                    (x - y).abs() <= tol * scale * (1.0 + y.abs()),
+                    "{isa:?} {m}x{k}x{n} strides a{:?} b{:?} beta {beta:?}: [{i}] {x} vs {y}",
+                    (sa.rs, sa.cs),
+                    (sb.rs, sb.cs)
+                );
+            }
+        }
+    }
+
+    fn transpose<T: Copy>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
+        (0..rows * cols)
+            .map(|i| x[(i % rows) * cols + i / rows])
+            .collect()
+    }
+
+    /// Every row and column tail of both tile shapes, more than one block along every
+    /// dimension (`kc`, `mc`, `nc`), plain and transposed operands, beta 0 and not, in f32 and
+    /// f64, against `matrixmultiply`.
+    #[test]
+    fn matches_matrixmultiply_on_every_tail_and_block_edge() {
+        let mut rng = StdRng::seed_from_u64(0x5851_f42d_4c95_7f2d);
+        let shapes = [
+            (1, 1, 1),
+            (5, 3, 7),
+            (12, 256, 32),
+            (13, 257, 33),
+            (11, 100, 31),
+            (7, 9, 17),
+            (150, 300, 70),
+            (73, 513, 2100),
+            (290, 40, 45),
+        ];
+        for isa in runnable() {
+            for &s in &shapes {
+                check::<f64>(isa, s, 1e-14, &mut rng);
+                check::<f32>(isa, s, 1e-6, &mut rng);
+            }
+        }
+    }
+
+    /// Each kernel is bit-identical to itself whatever part of the output a call covers and
+    /// whether it runs on one thread or shares the tiles among 1 to 4 (what the split relies
+    /// on); the shape spans several `kc` blocks and column strips with tails.
+    #[test]
+    fn output_blocks_and_threads_are_bit_identical_to_the_whole() {
+        let (m, k, n) = (100, 900, 130);
+        let mut rng = StdRng::seed_from_u64(7);
+        let a: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let product = |isa, parallel, (r0, rows): (usize, usize), (c0, cols), out: &mut [f32]| {
+            let sa = Strided {
+                ptr: a[r0 * k..].as_ptr(),
+                rs: k,
+                cs: 1,
+            };
+            let sb = Strided {
+                ptr: b[c0..].as_ptr(),
+                rs: n,
+                cs: 1,
+            };
+            let c = (out[r0 * n + c0..].as_mut_ptr(), n);
+            // SAFETY: the views and the output block lie inside their buffers.
+            let ran = unsafe { gemm_with(isa, parallel, rows, k, cols, 1.0, sa, sb, 0.0, c) };
+            assert!(ran);
+        };
+        for isa in runnable() {
+            let mut whole = vec![0f32; m * n];
+            product(isa, false, (0, m), (0, n), &mut whole);
+            let mut pieces = vec![0f32; m * n];
+            for rows in [(0, 37), (37, 63)] {
+                for cols in [(0, 50), (50, 80)] {
+                    product(isa, false, rows, cols, &mut pieces);
+                }
+            }
+            assert_eq!(bits(&pieces), bits(&whole), "{isa:?} blocks");
+            for threads in 1..=4 {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut shared = vec![0f32; m * n];
+                pool.install(|| product(isa, true, (0, m), (0, n), &mut shared));
+                assert_eq!(bits(&shared), bits(&whole), "{isa:?} {threads} threads");
+            }
+        }
+    }
+
+    #[test]
+    fn declines_without_a_kernel() {
+        let a = [1.0f32; 4];
+        let mut c = [0.0f32; 4];
+        let sa = Strided {
+            ptr: a.as_ptr(),
+            rs: 2,
+            cs: 1,
+        };
+        let mut ran = |isa, k| unsafe {
+            gemm_with(isa, false, 2, k, 2, 1.0, sa, sa, 0.0, (c.as_mut_ptr(), 2))
+        };
+        assert!(!ran(Isa::Portable, 2));
+        assert!(!ran(detected(), 0), "k = 0 is left to matrixmultiply");
+    }
+}
