@@ -3,7 +3,9 @@
 //! the layout of the official one (10 records per batch file); the same archives are
 //! installed from files with `--from`, and proxies are closed local ports or the test server
 //! itself. The expected MD5 and batch size are overridden with the hidden `--md5` /
-//! `--batch-bytes` flags (binary runs) or a `ReleaseSpec` (library calls).
+//! `--batch-bytes` flags (binary runs) or a `ReleaseSpec` (library calls). The installed
+//! folders are then found through `FLATMIN_DATA` and `--data`, in both the
+//! `cifar-10-batches-bin` and the parent form.
 
 use flate2::write::GzEncoder;
 use flatmin::fetch::{
@@ -949,4 +951,126 @@ fn http_proxy_carries_the_download_and_no_proxy_bypasses_it() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(server.join().unwrap(), 1);
     assert_installed(&dest);
+}
+
+/// Installs the small release into `root/cifar-10-batches-bin` and returns `root`.
+fn installed_root(root: PathBuf) -> PathBuf {
+    let archive = tar_gz(&release_members());
+    install_from(
+        &archive[..],
+        "test",
+        &root.join(RELEASE),
+        &spec_for(&archive),
+        false,
+    )
+    .unwrap();
+    root
+}
+
+/// A one-epoch `flatmin train` on the small release in `dir`, with `extra` flags and `vars`;
+/// returns the run's output and, when it succeeded, its data origin from `config.json`.
+fn train_on(dir: &Path, extra: &[&str], vars: &[(&str, &str)]) -> (Output, Option<String>) {
+    let mut args = vec![
+        "train",
+        "--model",
+        "tiny-tanh",
+        "--epochs",
+        "1",
+        "--train-size",
+        "50",
+        "--test-size",
+        "10",
+        "--batch-size",
+        "10",
+        "--warmup",
+        "0",
+        "--quiet",
+        "--overwrite",
+        "--out",
+        "run",
+    ];
+    args.extend(extra);
+    let out = flatmin_env(&args, dir, vars);
+    let origin = out.status.success().then(|| {
+        let config = std::fs::read_to_string(dir.join("run/config.json")).unwrap();
+        let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+        config["dataset"]["origin"].as_str().unwrap().to_string()
+    });
+    (out, origin)
+}
+
+#[test]
+fn flatmin_data_and_data_flag_take_the_release_or_its_parent() {
+    let dir = tmp("flatmin-data");
+    let root = installed_root(dir.join("datasets"));
+    let release = root.join(RELEASE);
+    let (root_s, release_s) = (root.to_str().unwrap(), release.to_str().unwrap());
+    // (flags, FLATMIN_DATA)
+    let cases = [
+        (vec![], Some(root_s)),
+        (vec![], Some(release_s)),
+        (vec!["--data", root_s], None),
+        (vec!["--data", release_s], None),
+    ];
+    for (extra, env) in cases {
+        let vars: Vec<(&str, &str)> = env.map(|e| ("FLATMIN_DATA", e)).into_iter().collect();
+        let (out, origin) = train_on(&dir, &extra, &vars);
+        assert!(
+            out.status.success(),
+            "{extra:?} {vars:?}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(origin.as_deref(), Some(release_s), "{extra:?} {vars:?}");
+    }
+    // `data fetch` says that auto finds a folder that FLATMIN_DATA names by its parent.
+    let (file, md5) = archive_file(&dir);
+    let args = fetch_args(
+        &md5,
+        &["--from", file.to_str().unwrap(), "--dir", release_s],
+    );
+    let out = flatmin_env(&args, &dir, &[("FLATMIN_DATA", root_s)]);
+    assert!(
+        text(&out.stdout).contains("`--data auto` finds it"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn flatmin_data_without_cifar10_is_an_error_naming_it() {
+    let dir = tmp("flatmin-data-bad");
+    // A valid release where auto would look next: FLATMIN_DATA must not fall back to it.
+    installed_root(dir.join("data"));
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(empty.join("cifar-10-batches-bin")).unwrap();
+    let absent = dir.join("absent");
+    for (bad, why) in [
+        (&empty, "no CIFAR-10 batch files"),
+        (&absent, "no such folder"),
+    ] {
+        let bad = bad.to_str().unwrap();
+        let (out, _) = train_on(&dir, &[], &[("FLATMIN_DATA", bad)]);
+        let line = error_line(&out);
+        assert!(
+            line.starts_with(&format!("error: FLATMIN_DATA={bad}: {why}")),
+            "{line}"
+        );
+        assert!(
+            !line.contains("--data"),
+            "an unset --data is blamed: {line}"
+        );
+    }
+    // Unset (or empty), auto finds ./data/cifar-10-batches-bin.
+    let want = Path::new("data").join(RELEASE);
+    for vars in [&[][..], &[("FLATMIN_DATA", "")][..]] {
+        let (out, origin) = train_on(&dir, &[], vars);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(origin.as_deref(), want.to_str());
+    }
+    // --data naming a folder with neither form: an error naming --data.
+    let (out, _) = train_on(&dir, &["--data", empty.to_str().unwrap()], &[]);
+    let line = error_line(&out);
+    assert!(
+        line.starts_with(&format!("error: --data {}", empty.display())),
+        "{line}"
+    );
 }

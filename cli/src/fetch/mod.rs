@@ -289,19 +289,17 @@ fn download_and_install(opts: &FetchOptions, progress: &mut dyn Progress) -> Res
     })
 }
 
-/// True when `--data auto` would pick `dir`: it is the first existing folder of
-/// [`auto_candidates`](crate::data::auto_candidates) (compared as given and after resolving
-/// links).
+/// True when `--data auto` would read `dir`: it is the folder [`auto_release`] finds
+/// (compared as given and after resolving links).
+///
+/// [`auto_release`]: crate::data::auto_release
 pub fn found_by_auto(dir: &Path) -> bool {
-    let Some(first) = crate::data::auto_candidates()
-        .into_iter()
-        .find(|c| c.is_dir())
-    else {
+    let Ok(Some(found)) = crate::data::auto_release() else {
         return false;
     };
-    first == dir
+    found.dir == dir
         || matches!(
-            (std::fs::canonicalize(&first), std::fs::canonicalize(dir)),
+            (std::fs::canonicalize(&found.dir), std::fs::canonicalize(dir)),
             (Ok(a), Ok(b)) if a == b
         )
 }
