@@ -36,16 +36,32 @@ pub const REQUIRE_VAR: &str = "FLATMIN_REQUIRE_TEST_DATA";
 /// The files a folder must hold to count as the subset.
 pub const SUBSET_FILES: [&str; 2] = ["data_batch_1.bin", "test_batch.bin"];
 
-/// `shared/data/cifar10-subset` beside the workspace that this crate was built in, i.e.
-/// `<workspace>/../shared/data/cifar10-subset` (the workspace is the parent of this crate's
-/// folder).
+/// `shared/data/cifar10-subset` beside the workspace, i.e.
+/// `<workspace>/../shared/data/cifar10-subset`.
+///
+/// The workspace is found when the test runs: the nearest folder, from the running package's
+/// folder up, whose `Cargo.toml` has a `[workspace]` table. The package's folder is
+/// `$CARGO_MANIFEST_DIR`, which `cargo test` sets for the tests it runs; a test binary run by
+/// hand starts from the folder this crate was built in. (Not the build-time path alone: a
+/// test binary built in one checkout and reused from another through a shared target folder
+/// would look beside the wrong one.)
 pub fn default_subset_dir() -> PathBuf {
-    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let beside = crate_dir
-        .parent()
-        .and_then(Path::parent)
-        .unwrap_or(crate_dir);
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    let workspace = workspace_root(&start).unwrap_or(start);
+    let beside = workspace.parent().unwrap_or(&workspace);
     beside.join("shared").join("data").join("cifar10-subset")
+}
+
+/// The nearest of `dir` and its ancestors whose `Cargo.toml` has a `[workspace]` table.
+fn workspace_root(dir: &Path) -> Option<PathBuf> {
+    dir.ancestors()
+        .find(|d| {
+            std::fs::read_to_string(d.join("Cargo.toml"))
+                .is_ok_and(|toml| toml.lines().any(|l| l.trim() == "[workspace]"))
+        })
+        .map(Path::to_path_buf)
 }
 
 /// The folder of the CIFAR-10 subset for the calling test, or `None` when the test should
@@ -210,14 +226,28 @@ mod tests {
     #[test]
     fn default_folder_is_beside_the_workspace() {
         let dir = default_subset_dir();
-        assert!(
-            dir.ends_with("shared/data/cifar10-subset"),
-            "{}",
-            dir.display()
-        );
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        assert!(workspace.join("Cargo.toml").is_file());
-        let beside = dir.ancestors().nth(3).unwrap();
-        assert_eq!(Some(beside), workspace.parent());
+        assert_eq!(
+            dir,
+            workspace
+                .parent()
+                .unwrap()
+                .join("shared/data/cifar10-subset")
+        );
+        // The nearest [workspace] manifest counts, not the nearest Cargo.toml.
+        let tmp = TempDir::new("workspace-root");
+        let member = tmp.path().join("ws").join("member");
+        std::fs::create_dir_all(member.join("src")).unwrap();
+        std::fs::write(
+            tmp.path().join("ws/Cargo.toml"),
+            "[workspace]\nmembers = []\n",
+        )
+        .unwrap();
+        std::fs::write(member.join("Cargo.toml"), "[package]\nname = \"m\"\n").unwrap();
+        assert_eq!(
+            workspace_root(&member.join("src")),
+            Some(tmp.path().join("ws"))
+        );
+        assert_eq!(workspace_root(Path::new("/")), None);
     }
 }
