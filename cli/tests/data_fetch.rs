@@ -1,8 +1,11 @@
 //! `flatmin data fetch cifar10` without the internet: a small HTTP server on 127.0.0.1 (a
 //! thread that answers a fixed list of requests and then stops) serves small archives in
-//! the layout of the official one (10 records per batch file). The expected MD5 and batch
-//! size are overridden with the hidden `--md5` / `--batch-bytes` flags (binary runs) or a
-//! `ReleaseSpec` (library calls).
+//! the layout of the official one (10 records per batch file); the same archives are
+//! installed from files with `--from`, and proxies are closed local ports or the test server
+//! itself. The expected MD5 and batch size are overridden with the hidden `--md5` /
+//! `--batch-bytes` flags (binary runs) or a `ReleaseSpec` (library calls). The installed
+//! folders are then found through `FLATMIN_DATA` and `--data`, in both the
+//! `cifar-10-batches-bin` and the parent form.
 
 use flate2::write::GzEncoder;
 use flatmin::fetch::{
@@ -188,7 +191,15 @@ fn serve(replies: Vec<Reply>) -> (String, JoinHandle<usize>) {
                     Ok(n) => request.extend_from_slice(&buf[..n]),
                 }
             }
-            assert!(request.starts_with(b"GET /~kriz/cifar-10-binary.tar.gz HTTP/1.1\r\n"));
+            // Origin form, or absolute form when the server plays an HTTP proxy.
+            let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+            let line = String::from_utf8_lossy(line);
+            assert!(
+                line.starts_with("GET ")
+                    && line.ends_with("/~kriz/cifar-10-binary.tar.gz HTTP/1.1")
+                    && (line.starts_with("GET /") || line.starts_with("GET http://")),
+                "{line}"
+            );
             let head = |status: &str, len: usize| {
                 format!("HTTP/1.1 {status}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
             };
@@ -220,15 +231,32 @@ fn serve(replies: Vec<Reply>) -> (String, JoinHandle<usize>) {
     (url, handle)
 }
 
-/// Runs the binary with an isolated cache folder and no `FLATMIN_DATA`.
+/// The variables that choose a proxy; removed for every run, set by the proxy tests.
+const PROXY_VARS: [&str; 6] = [
+    "https_proxy",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "HTTP_PROXY",
+    "no_proxy",
+    "NO_PROXY",
+];
+
+/// Runs the binary with an isolated cache folder, no `FLATMIN_DATA` and no proxy.
 fn flatmin(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flatmin"))
-        .args(args)
+    flatmin_env(args, cwd, &[])
+}
+
+/// [`flatmin`] with these environment variables set.
+fn flatmin_env(args: &[&str], cwd: &Path, vars: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flatmin"));
+    cmd.args(args)
         .current_dir(cwd)
         .env("XDG_CACHE_HOME", cwd.join("xdg"))
-        .env_remove("FLATMIN_DATA")
-        .output()
-        .unwrap()
+        .env_remove("FLATMIN_DATA");
+    for var in PROXY_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.envs(vars.iter().copied()).output().unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -239,6 +267,7 @@ fn fast_http() -> HttpOptions {
     HttpOptions {
         connect_timeout: Duration::from_secs(5),
         read_timeout: Duration::from_secs(5),
+        proxy: None,
     }
 }
 
@@ -251,10 +280,15 @@ fn options(url: &str, dest: &Path, spec: ReleaseSpec) -> FetchOptions {
     }
 }
 
-/// A URL on which nothing listens (the port of a listener that was just closed).
-fn dead_url() -> String {
+/// An address on which nothing listens (the port of a listener that was just closed).
+fn dead_addr() -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("http://{}/x.tar.gz", l.local_addr().unwrap())
+    l.local_addr().unwrap().to_string()
+}
+
+/// A URL on which nothing listens.
+fn dead_url() -> String {
+    format!("http://{}/x.tar.gz", dead_addr())
 }
 
 fn assert_installed(dest: &Path) {
@@ -739,4 +773,304 @@ fn existing_destination_is_kept_or_replaced_atomically() {
     // The library refuses to replace without `replace`.
     let err = install_from(&archive[..], "a", &empty, &spec, false).unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
+}
+
+/// The small archive, written to `dir/cifar-10-binary.tar.gz`, and its MD5.
+fn archive_file(dir: &Path) -> (PathBuf, String) {
+    let archive = tar_gz(&release_members());
+    let path = dir.join("cifar-10-binary.tar.gz");
+    std::fs::write(&path, &archive).unwrap();
+    (path, Md5Digest::of(&archive).to_string())
+}
+
+/// `data fetch cifar10` expecting the small archive with MD5 `md5`, then `extra`.
+fn fetch_args<'a>(md5: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "data",
+        "fetch",
+        "cifar10",
+        "--md5",
+        md5,
+        "--batch-bytes",
+        "30730",
+    ];
+    v.extend(extra);
+    v
+}
+
+/// The one `error: ` line of a failed run with status 1.
+fn error_line(out: &Output) -> String {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr.trim_end().to_string()
+}
+
+#[test]
+fn binary_installs_from_a_local_archive() {
+    let dir = tmp("from");
+    let (file, md5) = archive_file(&dir);
+    let file_s = file.to_str().unwrap();
+    let dest = dir.join("cache").join(RELEASE);
+    let dest_s = dest.to_str().unwrap();
+    // No server and a proxy that goes nowhere: nothing touches the network.
+    let dead = format!("http://{}", dead_addr());
+    let args = fetch_args(&md5, &["--from", file_s, "--dir", dest_s]);
+    let out = flatmin_env(&args, &dir, &[("HTTPS_PROXY", &dead)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for part in [
+        format!("installed CIFAR-10 into {dest_s}"),
+        format!(" of {file_s}, MD5 {md5} verified"),
+        "50 training and 10 test images".to_string(),
+    ] {
+        assert!(stdout.contains(&part), "{part} missing: {stdout}");
+    }
+    assert_installed(&dest);
+    assert_eq!(names(&dir.join("cache")), [RELEASE], "temporaries left");
+    assert!(file.is_file(), "the archive stays where it was");
+    // Already installed: nothing to do, as for a download.
+    let out = flatmin(&args, &dir);
+    assert!(text(&out.stdout).contains("nothing to do"), "{out:?}");
+    // --from replaces --url; both together are a usage error.
+    let out = flatmin(
+        &["data", "fetch", "cifar10", "--from", file_s, "--url", &dead],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--from"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn bad_local_archive_is_named() {
+    let dir = tmp("from-bad");
+    let (_, md5) = archive_file(&dir);
+    let dest = dir.join("cache").join(RELEASE);
+    let dest_s = dest.to_str().unwrap();
+    let missing = dir.join("nope.tar.gz");
+    let missing_s = missing.to_str().unwrap();
+    let out = flatmin(
+        &fetch_args(&md5, &["--from", missing_s, "--dir", dest_s]),
+        &dir,
+    );
+    let line = error_line(&out);
+    assert!(
+        line.contains(&format!("{missing_s}: no such archive file")),
+        "{line}"
+    );
+
+    // Not the archive (a saved error page): an MD5 mismatch naming the file.
+    let junk = dir.join("cifar-10-binary.tar.gz");
+    std::fs::write(&junk, b"<html>Not Found</html>").unwrap();
+    let junk_s = junk.to_str().unwrap();
+    let out = flatmin(
+        &fetch_args(&md5, &["--from", junk_s, "--dir", dest_s]),
+        &dir,
+    );
+    let line = error_line(&out);
+    for part in [
+        &format!("error: {junk_s}: MD5 mismatch"),
+        &md5,
+        "the file is damaged",
+    ] {
+        assert!(line.contains(part), "{part} missing: {line}");
+    }
+    // With its own MD5 accepted, it still fails to extract, naming the file.
+    let junk_md5 = Md5Digest::of(b"<html>Not Found</html>").to_string();
+    let args = fetch_args(&junk_md5, &["--from", junk_s, "--dir", dest_s]);
+    let line = error_line(&flatmin(&args, &dir));
+    assert!(line.starts_with(&format!("error: {junk_s}: ")), "{line}");
+    assert!(!dest.exists());
+    assert!(!dir.join("cache").exists() || names(&dir.join("cache")).is_empty());
+}
+
+#[test]
+fn https_proxy_is_used_and_named_in_errors() {
+    let dir = tmp("proxy-dead");
+    let proxy = format!("http://{}", dead_addr());
+    // A host that does not exist: only the proxy is ever contacted.
+    let url = "https://cifar.invalid/~kriz/cifar-10-binary.tar.gz";
+    let args = [
+        "data", "fetch", "cifar10", "--dir", "out", "--url", url, "--quiet",
+    ];
+    for var in ["HTTPS_PROXY", "https_proxy"] {
+        let line = error_line(&flatmin_env(&args, &dir, &[(var, &proxy)]));
+        let want = format!("error: {url} (through the proxy {proxy} set by {var}): ");
+        assert!(line.starts_with(&want), "{line}");
+    }
+    // An unusable proxy setting is an error naming the variable.
+    let line = error_line(&flatmin_env(
+        &args,
+        &dir,
+        &[("HTTPS_PROXY", "https://p:3128")],
+    ));
+    assert!(
+        line.starts_with("error: HTTPS_PROXY=https://p:3128: not a usable proxy"),
+        "{line}"
+    );
+    assert!(!dir.join("out").exists());
+}
+
+#[test]
+fn http_proxy_carries_the_download_and_no_proxy_bypasses_it() {
+    let dir = tmp("proxy-http");
+    let archive = tar_gz(&release_members());
+    let md5 = Md5Digest::of(&archive).to_string();
+    // The test server plays the proxy: it receives the request for a host that does not
+    // exist, in absolute form, and answers it.
+    let (server_url, server) = serve(vec![Reply::Body(archive.clone())]);
+    let addr = server_url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap();
+    let proxy = format!("http://{addr}");
+    let dest = dir.join("via-proxy");
+    let url = "http://cifar.invalid/~kriz/cifar-10-binary.tar.gz";
+    let args = fetch_args(&md5, &["--url", url, "--dir", dest.to_str().unwrap()]);
+    let out = flatmin_env(&args, &dir, &[("http_proxy", &proxy)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(server.join().unwrap(), 1);
+    assert_installed(&dest);
+
+    // NO_PROXY naming the host: the (dead) proxy is bypassed.
+    let (url, server) = serve(vec![Reply::Body(archive)]);
+    let dest = dir.join("direct");
+    let args = fetch_args(&md5, &["--url", &url, "--dir", dest.to_str().unwrap()]);
+    let dead = format!("http://{}", dead_addr());
+    let vars = [
+        ("HTTP_PROXY", dead.as_str()),
+        ("NO_PROXY", "localhost,127.0.0.1"),
+    ];
+    let out = flatmin_env(&args, &dir, &vars);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(server.join().unwrap(), 1);
+    assert_installed(&dest);
+}
+
+/// Installs the small release into `root/cifar-10-batches-bin` and returns `root`.
+fn installed_root(root: PathBuf) -> PathBuf {
+    let archive = tar_gz(&release_members());
+    install_from(
+        &archive[..],
+        "test",
+        &root.join(RELEASE),
+        &spec_for(&archive),
+        false,
+    )
+    .unwrap();
+    root
+}
+
+/// A one-epoch `flatmin train` on the small release in `dir`, with `extra` flags and `vars`;
+/// returns the run's output and, when it succeeded, its data origin from `config.json`.
+fn train_on(dir: &Path, extra: &[&str], vars: &[(&str, &str)]) -> (Output, Option<String>) {
+    let mut args = vec![
+        "train",
+        "--model",
+        "tiny-tanh",
+        "--epochs",
+        "1",
+        "--train-size",
+        "50",
+        "--test-size",
+        "10",
+        "--batch-size",
+        "10",
+        "--warmup",
+        "0",
+        "--quiet",
+        "--overwrite",
+        "--out",
+        "run",
+    ];
+    args.extend(extra);
+    let out = flatmin_env(&args, dir, vars);
+    let origin = out.status.success().then(|| {
+        let config = std::fs::read_to_string(dir.join("run/config.json")).unwrap();
+        let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+        config["dataset"]["origin"].as_str().unwrap().to_string()
+    });
+    (out, origin)
+}
+
+#[test]
+fn flatmin_data_and_data_flag_take_the_release_or_its_parent() {
+    let dir = tmp("flatmin-data");
+    let root = installed_root(dir.join("datasets"));
+    let release = root.join(RELEASE);
+    let (root_s, release_s) = (root.to_str().unwrap(), release.to_str().unwrap());
+    // (flags, FLATMIN_DATA)
+    let cases = [
+        (vec![], Some(root_s)),
+        (vec![], Some(release_s)),
+        (vec!["--data", root_s], None),
+        (vec!["--data", release_s], None),
+    ];
+    for (extra, env) in cases {
+        let vars: Vec<(&str, &str)> = env.map(|e| ("FLATMIN_DATA", e)).into_iter().collect();
+        let (out, origin) = train_on(&dir, &extra, &vars);
+        assert!(
+            out.status.success(),
+            "{extra:?} {vars:?}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(origin.as_deref(), Some(release_s), "{extra:?} {vars:?}");
+    }
+    // `data fetch` says that auto finds a folder that FLATMIN_DATA names by its parent.
+    let (file, md5) = archive_file(&dir);
+    let args = fetch_args(
+        &md5,
+        &["--from", file.to_str().unwrap(), "--dir", release_s],
+    );
+    let out = flatmin_env(&args, &dir, &[("FLATMIN_DATA", root_s)]);
+    assert!(
+        text(&out.stdout).contains("`--data auto` finds it"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn flatmin_data_without_cifar10_is_an_error_naming_it() {
+    let dir = tmp("flatmin-data-bad");
+    // A valid release where auto would look next: FLATMIN_DATA must not fall back to it.
+    installed_root(dir.join("data"));
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(empty.join("cifar-10-batches-bin")).unwrap();
+    let absent = dir.join("absent");
+    for (bad, why) in [
+        (&empty, "no CIFAR-10 batch files"),
+        (&absent, "no such folder"),
+    ] {
+        let bad = bad.to_str().unwrap();
+        let (out, _) = train_on(&dir, &[], &[("FLATMIN_DATA", bad)]);
+        let line = error_line(&out);
+        assert!(
+            line.starts_with(&format!("error: FLATMIN_DATA={bad}: {why}")),
+            "{line}"
+        );
+        assert!(
+            !line.contains("--data"),
+            "an unset --data is blamed: {line}"
+        );
+    }
+    // Unset (or empty), auto finds ./data/cifar-10-batches-bin.
+    let want = Path::new("data").join(RELEASE);
+    for vars in [&[][..], &[("FLATMIN_DATA", "")][..]] {
+        let (out, origin) = train_on(&dir, &[], vars);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(origin.as_deref(), want.to_str());
+    }
+    // --data naming a folder with neither form: an error naming --data.
+    let (out, _) = train_on(&dir, &["--data", empty.to_str().unwrap()], &[]);
+    let line = error_line(&out);
+    assert!(
+        line.starts_with(&format!("error: --data {}", empty.display())),
+        "{line}"
+    );
 }

@@ -25,6 +25,7 @@ pub mod normalize;
 mod seed;
 pub mod subset;
 pub mod synthetic;
+pub mod test_data;
 #[cfg(test)]
 mod test_util;
 

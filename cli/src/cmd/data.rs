@@ -1,6 +1,7 @@
 //! `flatmin data`: dataset management. `flatmin data fetch cifar10` downloads the official
-//! CIFAR-10 binary release, checks its MD5 and installs it atomically (see
-//! `flatmin::fetch`).
+//! CIFAR-10 binary release (through the proxy of `https_proxy`/`HTTPS_PROXY`, unless
+//! `no_proxy`/`NO_PROXY` names the host), or takes a local copy with `--from FILE`, checks
+//! its MD5 and installs it atomically (see `flatmin::fetch`).
 //!
 //! Two hidden flags exist for tests and mirrors of a different archive: `--md5 HEX`
 //! replaces the expected MD5 of the archive, `--batch-bytes N` the exact size of each of
@@ -9,8 +10,8 @@
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use flatmin::fetch::{
-    default_dest, fetch_release, found_by_auto, whole_records, FetchOptions, Fetched, Md5Digest,
-    Progress, ReleaseSpec, OFFICIAL_URL,
+    default_dest, fetch_release, found_by_auto, proxy_from_env, whole_records, FetchOptions,
+    Fetched, HttpOptions, Md5Digest, Progress, ReleaseSpec, OFFICIAL_URL,
 };
 use flatmin_datasets::RECORD_BYTES;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -50,9 +51,14 @@ pub struct FetchArgs {
     /// $XDG_CACHE_HOME/flatmin or ~/.cache/flatmin, where `--data auto` looks].
     #[arg(long, value_name = "D")]
     pub dir: Option<PathBuf>,
-    /// Where to download the archive from.
+    /// Where to download the archive from (through the proxy of https_proxy/HTTPS_PROXY, or
+    /// http_proxy/HTTP_PROXY for an http:// URL, unless no_proxy/NO_PROXY names the host).
     #[arg(long, value_name = "URL", default_value = OFFICIAL_URL)]
     pub url: String,
+    /// Install from this already downloaded cifar-10-binary.tar.gz instead of downloading it
+    /// (for machines without internet; its MD5 is still checked).
+    #[arg(long, value_name = "FILE", conflicts_with = "url")]
+    pub from: Option<PathBuf>,
     /// Download and replace the folder even when it already holds a valid release.
     #[arg(long)]
     pub force: bool,
@@ -95,13 +101,22 @@ fn fetch(args: &FetchArgs) -> Result<()> {
             .context("no cache folder: neither XDG_CACHE_HOME nor HOME is set; pass --dir")?,
     };
     let official = ReleaseSpec::official();
+    let proxy = match &args.from {
+        Some(_) => None,
+        None => proxy_from_env(&args.url)?,
+    };
     let opts = FetchOptions {
         url: args.url.clone(),
+        from: args.from.clone(),
         spec: ReleaseSpec {
             md5: args.md5.unwrap_or(official.md5),
             batch_bytes: args.batch_bytes.unwrap_or(official.batch_bytes),
         },
         force: args.force,
+        http: HttpOptions {
+            proxy,
+            ..HttpOptions::default()
+        },
         ..FetchOptions::new(&dest)
     };
     let mut progress = Report::new(args.quiet);
@@ -121,8 +136,12 @@ fn fetch(args: &FetchArgs) -> Result<()> {
         )),
         Fetched::Installed { info, bytes, md5 } => progress.say(&format!(
             "installed CIFAR-10 into {shown}: {} training and {} test images from {bytes} \
-             bytes, MD5 {md5} verified ({hint})",
-            info.train, info.test
+             bytes{}, MD5 {md5} verified ({hint})",
+            info.train,
+            info.test,
+            args.from
+                .as_ref()
+                .map_or(String::new(), |f| format!(" of {}", f.display()))
         )),
     }
     Ok(())

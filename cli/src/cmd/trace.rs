@@ -518,7 +518,9 @@ fn load_images(
     if spec != "auto" && spec != "synthetic" && !path.exists() {
         bail!("--data {spec}: no such file or folder (expected auto, synthetic, a cifar-10-batches-bin folder or a CIFAR-10 batch file)");
     }
-    let data = resolve(spec, seed).with_context(|| format!("--data {spec}"))?;
+    // The errors name `--data PATH` or FLATMIN_DATA themselves (an unset `--data` is
+    // `auto`, and must not be blamed for FLATMIN_DATA).
+    let data = resolve(spec, seed)?;
     if data.synthetic && spec != "synthetic" {
         let looked: Vec<String> = auto_candidates()
             .iter()

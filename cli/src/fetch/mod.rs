@@ -10,9 +10,11 @@
 //! - [`install`]: validation of a release folder and the atomic install (extract into a
 //!   temporary sibling folder, validate, rename into place; nothing is left behind on
 //!   failure);
-//! - [`http`]: the only network code, a streaming download with timeouts;
+//! - [`http`]: the only network code, a streaming download with timeouts, optionally
+//!   through an HTTP proxy (`HTTPS_PROXY` and friends, read by [`proxy_from_env`]);
 //! - [`fetch_release`]: the whole command: skip when a valid release is already there,
-//!   download into a temporary file next to the destination, check the MD5, install.
+//!   download into a temporary file next to the destination (or take a local copy of the
+//!   archive, [`FetchOptions::from`]), check the MD5, install.
 //!
 //! **What is kept from the archive.** The official archive holds the six batch files,
 //! `batches.meta.txt`, and `readme.html` (a page that only links to the dataset's web
@@ -32,7 +34,7 @@ pub mod install;
 pub mod md5;
 
 pub use archive::extract_release;
-pub use http::{download, Downloaded, HttpOptions};
+pub use http::{download, proxy_for, proxy_from_env, Downloaded, HttpOptions, HttpProxy};
 pub use install::{install_archive, install_from, validate_release, ReleaseInfo};
 pub use md5::{HashingWriter, Md5Digest};
 
@@ -131,6 +133,9 @@ impl Progress for Silent {}
 pub struct FetchOptions {
     /// Where the archive is downloaded from.
     pub url: String,
+    /// A local copy of the archive to install instead of downloading `url` (for machines
+    /// without internet); checked against the same MD5 and installed the same way.
+    pub from: Option<PathBuf>,
     /// The release folder to create (its contents are the batch files themselves).
     pub dest: PathBuf,
     /// What the archive and its files must be.
@@ -138,16 +143,17 @@ pub struct FetchOptions {
     /// Download and replace `dest` even when it already holds a valid release (or something
     /// else).
     pub force: bool,
-    /// Connection and read timeouts.
+    /// Connection and read timeouts, and the proxy.
     pub http: HttpOptions,
 }
 
 impl FetchOptions {
     /// The official release from [`OFFICIAL_URL`] into `dest`, without `force`, with the
-    /// default timeouts.
+    /// default timeouts and no proxy.
     pub fn new(dest: impl Into<PathBuf>) -> Self {
         FetchOptions {
             url: OFFICIAL_URL.into(),
+            from: None,
             dest: dest.into(),
             spec: ReleaseSpec::official(),
             force: false,
@@ -165,7 +171,7 @@ pub enum Fetched {
     Installed {
         /// The installed release.
         info: ReleaseInfo,
-        /// Size of the downloaded archive.
+        /// Size of the archive (downloaded or local).
         bytes: u64,
         /// Its MD5 (equal to the expected one).
         md5: Md5Digest,
@@ -178,17 +184,24 @@ pub fn default_dest() -> Option<PathBuf> {
     crate::data::cache_dir().map(|c| c.join(RELEASE_DIR))
 }
 
-/// Downloads, verifies and installs the release described by `opts`.
+/// Downloads (or takes from [`FetchOptions::from`]), verifies and installs the release
+/// described by `opts`.
 ///
 /// Unless `opts.force` is set, a destination that already holds a valid release (see
 /// [`validate_release`]) is left alone ([`Fetched::AlreadyPresent`]), and one that holds
 /// anything else (except an empty folder) is an error. The archive is downloaded into a
-/// temporary file next to the destination and hashed on the way; an MD5 different from
-/// `opts.spec.md5` is an error naming both digests. The archive is then installed with
-/// [`install_from`]. On any error the destination is as it was and the temporary files are
-/// gone.
+/// temporary file next to the destination and hashed on the way (a local archive is hashed
+/// where it is); an MD5 different from `opts.spec.md5` is an error naming both digests and
+/// the URL or file. The archive is then installed with [`install_from`]. On any error the
+/// destination is as it was and the temporary files are gone.
 pub fn fetch_release(opts: &FetchOptions, progress: &mut dyn Progress) -> Result<Fetched> {
     opts.spec.check()?;
+    if let Some(file) = &opts.from {
+        // Fail on a mistyped file even when there is nothing to do.
+        if !file.is_file() {
+            bail!("{}: no such archive file", file.display());
+        }
+    }
     let dest = &opts.dest;
     if !opts.force && install::occupied(dest)? {
         return match validate_release(dest, &opts.spec) {
@@ -201,6 +214,50 @@ pub fn fetch_release(opts: &FetchOptions, progress: &mut dyn Progress) -> Result
         };
     }
     install::check_dest(dest)?;
+    match &opts.from {
+        Some(file) => install_local(file, opts, progress),
+        None => download_and_install(opts, progress),
+    }
+}
+
+/// Errors unless `got` is the MD5 that `spec` expects; `source` names the archive, `noun`
+/// says what it is (`file`, `download`).
+fn check_md5(got: &Downloaded, spec: &ReleaseSpec, source: &str, noun: &str) -> Result<()> {
+    if got.md5 != spec.md5 {
+        bail!(
+            "{source}: MD5 mismatch: expected {}, got {} ({} bytes); the {noun} is damaged or \
+             is not the CIFAR-10 binary release (cifar-10-binary.tar.gz)",
+            spec.md5,
+            got.md5,
+            got.bytes,
+        );
+    }
+    Ok(())
+}
+
+/// The `--from` half of [`fetch_release`]: hash the local archive, then install it.
+fn install_local(file: &Path, opts: &FetchOptions, progress: &mut dyn Progress) -> Result<Fetched> {
+    let shown = file.display().to_string();
+    progress.step(&format!("checking the MD5 of {shown}"));
+    let got = Downloaded {
+        bytes: std::fs::metadata(file)
+            .with_context(|| shown.clone())?
+            .len(),
+        md5: Md5Digest::of_file(file)?,
+    };
+    check_md5(&got, &opts.spec, &shown, "file")?;
+    progress.step(&format!("MD5 {} verified; extracting", got.md5));
+    let info = install_archive(file, &opts.dest, &opts.spec, opts.force)?;
+    Ok(Fetched::Installed {
+        info,
+        bytes: got.bytes,
+        md5: got.md5,
+    })
+}
+
+/// The network half of [`fetch_release`]: download into a temporary file, then install it.
+fn download_and_install(opts: &FetchOptions, progress: &mut dyn Progress) -> Result<Fetched> {
+    let dest = &opts.dest;
     let parent = install::parent_of(dest);
     std::fs::create_dir_all(&parent)
         .with_context(|| format!("cannot create the folder {}", parent.display()))?;
@@ -213,16 +270,7 @@ pub fn fetch_release(opts: &FetchOptions, progress: &mut dyn Progress) -> Result
         .and_then(|()| out.get_ref().sync_all())
         .with_context(|| format!("{}: cannot write the download", tmp.path().display()))?;
     drop(out);
-    if got.md5 != opts.spec.md5 {
-        bail!(
-            "{}: MD5 mismatch: expected {}, got {} ({} bytes downloaded); the download is damaged \
-             or is not the CIFAR-10 binary release",
-            opts.url,
-            opts.spec.md5,
-            got.md5,
-            got.bytes
-        );
-    }
+    check_md5(&got, &opts.spec, &opts.url, "download")?;
     progress.step(&format!("MD5 {} verified; extracting", got.md5));
     let file = std::fs::File::open(tmp.path())
         .with_context(|| format!("{}: cannot reopen the download", tmp.path().display()))?;
@@ -241,19 +289,17 @@ pub fn fetch_release(opts: &FetchOptions, progress: &mut dyn Progress) -> Result
     })
 }
 
-/// True when `--data auto` would pick `dir`: it is the first existing folder of
-/// [`auto_candidates`](crate::data::auto_candidates) (compared as given and after resolving
-/// links).
+/// True when `--data auto` would read `dir`: it is the folder [`auto_release`] finds
+/// (compared as given and after resolving links).
+///
+/// [`auto_release`]: crate::data::auto_release
 pub fn found_by_auto(dir: &Path) -> bool {
-    let Some(first) = crate::data::auto_candidates()
-        .into_iter()
-        .find(|c| c.is_dir())
-    else {
+    let Ok(Some(found)) = crate::data::auto_release() else {
         return false;
     };
-    first == dir
+    found.dir == dir
         || matches!(
-            (std::fs::canonicalize(&first), std::fs::canonicalize(dir)),
+            (std::fs::canonicalize(&found.dir), std::fs::canonicalize(dir)),
             (Ok(a), Ok(b)) if a == b
         )
 }
