@@ -2,9 +2,10 @@
 //!
 //! Build a computation on a [`Tape`], call [`Tape::backward`] from a scalar, and read
 //! gradients — and, when the tape carries `K` tangent directions, the exact Hessian-vector
-//! products `H v_1 … H v_K` (forward-over-reverse). Kernels are GEMM-based
-//! (`matrixmultiply`), parallel with `rayon` in fixed chunks (bit-identical for any thread
-//! count), and generic over `f32` and `f64`.
+//! products `H v_1 … H v_K` (forward-over-reverse). Kernels are GEMM-based (packed
+//! AVX-512 / AVX2+FMA microkernels chosen at run time, `matrixmultiply` elsewhere), parallel
+//! with `rayon` in fixed chunks (bit-identical for any thread count), and generic over `f32`
+//! and `f64`.
 //!
 //! ```
 //! use flatmin_engine::{Tape, Tensor};

@@ -114,20 +114,11 @@ pub fn gemm_packed<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: 
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm inner dimensions");
     assert!(c.len() >= m * n, "gemm output too small");
-    gemm_into(false, alpha, a, b, beta, SendPtr(c.as_mut_ptr()), n);
+    gemm_into(alpha, a, b, beta, SendPtr(c.as_mut_ptr()), n);
 }
 
 /// Writes `alpha*a*b + beta*C` into the row-major block at `c` with row stride `ldc`.
-/// With `parallel`, the packed kernels share the work among rayon's threads.
-fn gemm_into<T: Scalar>(
-    parallel: bool,
-    alpha: T,
-    a: MatRef<T>,
-    b: MatRef<T>,
-    beta: T,
-    c: SendPtr<T>,
-    ldc: usize,
-) {
+fn gemm_into<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: SendPtr<T>, ldc: usize) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;
@@ -139,9 +130,7 @@ fn gemm_into<T: Scalar>(
     };
     // SAFETY: the views were bounds-checked when built; the caller guarantees c covers
     // m rows of ldc elements (n <= ldc) and that no one else touches that block.
-    if unsafe {
-        super::packed::try_gemm(parallel, m, k, n, alpha, view(a), view(b), beta, (c.0, ldc))
-    } {
+    if unsafe { super::packed::try_gemm(m, k, n, alpha, view(a), view(b), beta, (c.0, ldc)) } {
         return;
     }
     // SAFETY: as above.
@@ -172,9 +161,7 @@ const PAR_BLOCK: usize = 64;
 /// Blocks per worker thread (some slack for load balance).
 const BLOCKS_PER_THREAD: usize = 2;
 
-/// Like [`gemm_packed`], in parallel. The packed kernels share one packed copy of each block
-/// of `b` among the threads and split the tiles of the output (see [`super::packed`]). Where
-/// they do not run, `matrixmultiply` runs on blocks of rows or columns of the output.
+/// Like [`gemm_packed`], splitting the output into blocks of rows or columns run in parallel.
 ///
 /// The inner dimension is never split and every output element is computed by the same
 /// kernel sequence whatever block it falls in, so the result is bit-identical to
@@ -189,9 +176,6 @@ pub fn gemm_par<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mu
     let threads = rayon::current_num_threads();
     if threads < 2 || m * n * k.max(1) < PAR_MIN_WORK {
         return gemm_packed(alpha, a, b, beta, c);
-    }
-    if super::packed::available::<T>() {
-        return gemm_into(true, alpha, a, b, beta, SendPtr(c.as_mut_ptr()), n);
     }
     if m < 2 * PAR_BLOCK && n < 2 * PAR_BLOCK {
         return gemm_packed(alpha, a, b, beta, c);
@@ -222,7 +206,7 @@ pub fn gemm_par<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mu
             let nr = rows.min(m - r0);
             // SAFETY: row blocks are disjoint.
             let cp = unsafe { ptr.at(r0 * n) };
-            gemm_into(false, alpha, a.row_block(r0, nr), b, beta, cp, n);
+            gemm_into(alpha, a.row_block(r0, nr), b, beta, cp, n);
         });
     } else {
         let cols = n.div_ceil(col_blocks);
@@ -231,7 +215,7 @@ pub fn gemm_par<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mu
             let nc = cols.min(n - c0);
             // SAFETY: column blocks are disjoint.
             let cp = unsafe { ptr.at(c0) };
-            gemm_into(false, alpha, a, b.col_block(c0, nc), beta, cp, n);
+            gemm_into(alpha, a, b.col_block(c0, nc), beta, cp, n);
         });
     }
 }

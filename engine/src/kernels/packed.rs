@@ -19,9 +19,7 @@
 
 use super::cpu::{isa, Isa};
 use crate::scalar::Scalar;
-use rayon::prelude::*;
 use std::any::TypeId;
-use std::ops::Range;
 use std::sync::Mutex;
 
 /// A strided read-only operand: element `(i, j)` is at `ptr + i * rs + j * cs`.
@@ -77,9 +75,9 @@ const MAX_TILE: usize = 12 * 32;
 /// Largest `mr` or `nr` of any kernel (the widest packed strip).
 const MAX_WIDTH: usize = 32;
 
-/// Runs the product through this module's kernel for the machine's instruction set and `T`,
-/// on rayon's threads when `parallel` (bit-identical to one thread); returns `false`, having
-/// done nothing, when there is no kernel (see the module doc).
+/// Runs the product through this module's kernel for the machine's instruction set and `T`
+/// on the calling thread; returns `false`, having done nothing, when there is no kernel (see
+/// the module doc).
 ///
 /// # Safety
 /// `a` must cover `m x k` elements and `b` `k x n` elements at their strides; `c` must cover
@@ -87,7 +85,6 @@ const MAX_WIDTH: usize = 32;
 /// `beta == 0`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn try_gemm<T: Scalar>(
-    parallel: bool,
     m: usize,
     k: usize,
     n: usize,
@@ -97,7 +94,7 @@ pub unsafe fn try_gemm<T: Scalar>(
     beta: T,
     (c, ldc): (*mut T, usize),
 ) -> bool {
-    gemm_with(isa(), parallel, m, k, n, alpha, a, b, beta, (c, ldc))
+    gemm_with(isa(), m, k, n, alpha, a, b, beta, (c, ldc))
 }
 
 /// Whether [`try_gemm`] has a kernel for `T` on this machine.
@@ -113,7 +110,6 @@ pub fn available<T: Scalar>() -> bool {
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_with<T: Scalar>(
     isa: Isa,
-    parallel: bool,
     m: usize,
     k: usize,
     n: usize,
@@ -133,7 +129,7 @@ pub unsafe fn gemm_with<T: Scalar>(
     let Some(kernel) = kernel_for::<T>(isa) else {
         return false;
     };
-    run(&kernel, parallel, m, k, n, alpha, a, b, beta, c, ldc);
+    run(&kernel, m, k, n, alpha, a, b, beta, c, ldc);
     true
 }
 
@@ -222,32 +218,10 @@ fn with_buffer<T, R>(elems: usize, f: impl FnOnce(*mut T) -> R) -> R {
     out
 }
 
-/// A value moved into parallel tasks that the caller guarantees is safe to share (raw
-/// pointers to disjoint outputs and to read-only packed data).
-#[derive(Clone, Copy)]
-struct Shared<X>(X);
-// SAFETY: used only for pointers whose targets outlive the parallel region and are either
-// read-only there or written in disjoint parts.
-unsafe impl<X> Send for Shared<X> {}
-unsafe impl<X> Sync for Shared<X> {}
-impl<X: Copy> Shared<X> {
-    /// The value (a method, so closures capture the whole wrapper).
-    fn get(self) -> X {
-        self.0
-    }
-}
-
-/// Tasks per thread when a product runs in parallel (slack for load balance).
-const TASKS_PER_THREAD: usize = 4;
-
-/// The five loops (see the module doc). With `parallel`, rayon's threads pack each block of
-/// `B` and of `A` together (one strip per task), then share out its tiles in contiguous
-/// runs; every tile is computed the same way whichever thread runs it, so the split cannot
-/// change a bit.
+/// The five loops (see the module doc), on the calling thread.
 #[allow(clippy::too_many_arguments)]
 unsafe fn run<T: Scalar>(
     kern: &Kernel<T>,
-    parallel: bool,
     m: usize,
     k: usize,
     n: usize,
@@ -259,69 +233,45 @@ unsafe fn run<T: Scalar>(
     ldc: usize,
 ) {
     let (mr, nr) = (kern.mr, kern.nr);
-    let threads = if parallel {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
-    let for_each = |jobs: usize, job: &(dyn Fn(usize) + Sync)| {
-        if threads > 1 && jobs > 1 {
-            (0..jobs).into_par_iter().for_each(job);
-        } else {
-            (0..jobs).for_each(job);
-        }
-    };
     let kc_max = kern.kc.min(k);
     let a_len = kc_max * kern.mc.min(m.div_ceil(mr) * mr);
     let b_len = kc_max * kern.nc.min(n.div_ceil(nr) * nr);
     with_buffer::<T, _>(a_len + b_len + 64, |ap| {
         let bp = ap.add(a_len);
-        let bp = Shared(bp.add(bp.align_offset(64)));
-        let (ap, a, b) = (Shared(ap), Shared(a), Shared(b));
+        let bp = bp.add(bp.align_offset(64));
         for jc in (0..n).step_by(kern.nc) {
             let nc = kern.nc.min(n - jc);
-            let col_strips = nc.div_ceil(nr);
             for pc in (0..k).step_by(kern.kc) {
                 let kc = kern.kc.min(k - pc);
+                // B's block as strips of nr columns: the transpose's rows are B's columns.
+                let b_block = Strided {
+                    ptr: b.at(pc, jc),
+                    ..b
+                };
+                pack_strips(kern, bp, b_block.t(), nc, kc, nr);
                 for ic in (0..m).step_by(kern.mc) {
                     let mc = kern.mc.min(m - ic);
-                    let row_strips = mc.div_ceil(mr);
-                    // B's block (packed once per pc) and A's block, one strip per job; the
-                    // transpose of B's block has B's columns as rows.
-                    let b_jobs = if ic == 0 { col_strips } else { 0 };
-                    for_each(b_jobs + row_strips, &|j| {
-                        let (dst, src, rows, width) = if j < b_jobs {
-                            let src = Strided {
-                                ptr: b.get().at(pc, jc + j * nr),
-                                ..b.get()
-                            };
-                            (bp.get().add(j * nr * kc), src.t(), nr.min(nc - j * nr), nr)
-                        } else {
-                            let i = j - b_jobs;
-                            let src = Strided {
-                                ptr: a.get().at(ic + i * mr, pc),
-                                ..a.get()
-                            };
-                            (ap.get().add(i * mr * kc), src, mr.min(mc - i * mr), mr)
-                        };
-                        pack_strips(kern, dst, src, rows, kc, width);
-                    });
+                    pack_strips(
+                        kern,
+                        ap,
+                        Strided {
+                            ptr: a.at(ic, pc),
+                            ..a
+                        },
+                        mc,
+                        kc,
+                        mr,
+                    );
                     let block = Block {
                         kc,
-                        ap: ap.get(),
-                        bp: bp.get(),
-                        c: Shared(c.add(ic * ldc + jc)),
+                        ap,
+                        bp,
+                        c: c.add(ic * ldc + jc),
                         ldc,
                         alpha,
                         beta: if pc == 0 { beta } else { T::one() },
                     };
-                    let tiles = row_strips * col_strips;
-                    let tasks = (TASKS_PER_THREAD * threads).min(tiles);
-                    let per_task = tiles.div_ceil(tasks);
-                    for_each(tiles.div_ceil(per_task), &|t| {
-                        let run = t * per_task..tiles.min((t + 1) * per_task);
-                        block.tiles(kern, (mc, nc), run);
-                    });
+                    block.tiles(kern, mc, nc);
                 }
             }
         }
@@ -333,34 +283,31 @@ struct Block<T> {
     kc: usize,
     ap: *const T,
     bp: *const T,
-    c: Shared<*mut T>,
+    c: *mut T,
     ldc: usize,
     alpha: T,
     beta: T,
 }
 
-// SAFETY: the packed blocks are only read while tasks run, and tasks write disjoint tiles.
-unsafe impl<T: Sync> Sync for Block<T> {}
-
 impl<T: Scalar> Block<T> {
-    /// Tiles `run` of the block, numbered column strip by column strip (a strip of `B` stays
-    /// in L1 while the strips of `A` stream past it).
-    unsafe fn tiles(&self, kern: &Kernel<T>, (mc, nc): (usize, usize), run: Range<usize>) {
+    /// Every tile of the block: column strips outside (a strip of `B` stays in L1 while the
+    /// strips of `A` stream past it), row strips inside.
+    unsafe fn tiles(&self, kern: &Kernel<T>, mc: usize, nc: usize) {
         let (mr, nr, kc) = (kern.mr, kern.nr, self.kc);
-        let row_strips = mc.div_ceil(mr);
-        for t in run {
-            let (js, is) = (t / row_strips, t % row_strips);
-            let (i0, j0) = (is * mr, js * nr);
-            let (rows, cols) = (mr.min(mc - i0), nr.min(nc - j0));
-            let a_strip = self.ap.add(is * mr * kc);
+        for (js, j0) in (0..nc).step_by(nr).enumerate() {
+            let cols = nr.min(nc - j0);
             let b_strip = self.bp.add(js * nr * kc);
-            let c_tile = self.c.get().add(i0 * self.ldc + j0);
-            if rows == mr && cols == nr {
-                (kern.tile)(
-                    kc, a_strip, b_strip, c_tile, self.ldc, self.alpha, self.beta,
-                );
-            } else {
-                self.edge_tile(kern, (a_strip, b_strip), c_tile, rows, cols);
+            for (is, i0) in (0..mc).step_by(mr).enumerate() {
+                let rows = mr.min(mc - i0);
+                let a_strip = self.ap.add(is * mr * kc);
+                let c_tile = self.c.add(i0 * self.ldc + j0);
+                if rows == mr && cols == nr {
+                    (kern.tile)(
+                        kc, a_strip, b_strip, c_tile, self.ldc, self.alpha, self.beta,
+                    );
+                } else {
+                    self.edge_tile(kern, (a_strip, b_strip), c_tile, rows, cols);
+                }
             }
         }
     }
@@ -711,7 +658,6 @@ mod tests {
                 );
                 assert!(gemm_with(
                     isa,
-                    false,
                     m,
                     k,
                     n,
@@ -766,17 +712,17 @@ mod tests {
         }
     }
 
-    /// Each kernel is bit-identical to itself whatever part of the output a call covers and
-    /// whether it runs on one thread or shares the tiles among 1 to 4 (what the split relies
-    /// on); the shape spans several `kc` blocks and column strips with tails.
+    /// Each kernel is bit-identical to itself whatever block of the output a call covers
+    /// (what the thread split of `gemm_par` relies on); the shape spans several `kc` blocks
+    /// and column strips with tails.
     #[test]
-    fn output_blocks_and_threads_are_bit_identical_to_the_whole() {
+    fn output_blocks_are_bit_identical_to_the_whole() {
         let (m, k, n) = (100, 900, 130);
         let mut rng = StdRng::seed_from_u64(7);
         let a: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
         let b: Vec<f32> = (0..k * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let product = |isa, parallel, (r0, rows): (usize, usize), (c0, cols), out: &mut [f32]| {
+        let product = |isa, (r0, rows): (usize, usize), (c0, cols), out: &mut [f32]| {
             let sa = Strided {
                 ptr: a[r0 * k..].as_ptr(),
                 rs: k,
@@ -789,28 +735,19 @@ mod tests {
             };
             let c = (out[r0 * n + c0..].as_mut_ptr(), n);
             // SAFETY: the views and the output block lie inside their buffers.
-            let ran = unsafe { gemm_with(isa, parallel, rows, k, cols, 1.0, sa, sb, 0.0, c) };
+            let ran = unsafe { gemm_with(isa, rows, k, cols, 1.0, sa, sb, 0.0, c) };
             assert!(ran);
         };
         for isa in runnable() {
             let mut whole = vec![0f32; m * n];
-            product(isa, false, (0, m), (0, n), &mut whole);
+            product(isa, (0, m), (0, n), &mut whole);
             let mut pieces = vec![0f32; m * n];
             for rows in [(0, 37), (37, 63)] {
                 for cols in [(0, 50), (50, 80)] {
-                    product(isa, false, rows, cols, &mut pieces);
+                    product(isa, rows, cols, &mut pieces);
                 }
             }
             assert_eq!(bits(&pieces), bits(&whole), "{isa:?} blocks");
-            for threads in 1..=4 {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                let mut shared = vec![0f32; m * n];
-                pool.install(|| product(isa, true, (0, m), (0, n), &mut shared));
-                assert_eq!(bits(&shared), bits(&whole), "{isa:?} {threads} threads");
-            }
         }
     }
 
@@ -823,9 +760,8 @@ mod tests {
             rs: 2,
             cs: 1,
         };
-        let mut ran = |isa, k| unsafe {
-            gemm_with(isa, false, 2, k, 2, 1.0, sa, sa, 0.0, (c.as_mut_ptr(), 2))
-        };
+        let mut ran =
+            |isa, k| unsafe { gemm_with(isa, 2, k, 2, 1.0, sa, sa, 0.0, (c.as_mut_ptr(), 2)) };
         assert!(!ran(Isa::Portable, 2));
         assert!(!ran(detected(), 0), "k = 0 is left to matrixmultiply");
     }
