@@ -451,32 +451,59 @@ mod x86 {
     }
 
     macro_rules! row_packer {
-        ($name:ident, $t:ty, $group:expr, $transpose:ident) => {
-            /// [`super::RowPacker`]: groups of rows through in-register transposes of
-            /// `group x group` blocks; the rows and `p` left over element by element.
+        ($name:ident, $t:ty, $p_step:expr, $(($group:expr, $transpose:ident)),+) => {
+            /// [`super::RowPacker`]: groups of rows (largest first) through in-register
+            /// transposes of `group x p_step` blocks; the rows and `p` left over one by one.
             #[target_feature(enable = "avx")]
             pub(super) unsafe fn $name(rows: &[*const $t], kc: usize, dst: *mut $t, width: usize) {
-                let whole_p = kc / $group * $group;
-                let groups = rows.len() / $group;
-                for g in 0..groups {
-                    let r = &rows[g * $group..(g + 1) * $group];
-                    let out = dst.add(g * $group);
-                    for p0 in (0..whole_p).step_by($group) {
-                        $transpose(r, p0, out.add(p0 * width), width);
-                    }
-                    for p in whole_p..kc {
-                        for (i, row) in r.iter().enumerate() {
-                            *out.add(p * width + i) = *row.add(p);
+                let whole_p = kc / $p_step * $p_step;
+                let mut i0 = 0;
+                $(
+                    while rows.len() - i0 >= $group {
+                        let (r, out) = (&rows[i0..i0 + $group], dst.add(i0));
+                        for p0 in (0..whole_p).step_by($p_step) {
+                            $transpose(r, p0, out.add(p0 * width), width);
                         }
+                        for p in whole_p..kc {
+                            for (i, row) in r.iter().enumerate() {
+                                *out.add(p * width + i) = *row.add(p);
+                            }
+                        }
+                        i0 += $group;
                     }
-                }
-                for (i, row) in rows.iter().enumerate().skip(groups * $group) {
+                )+
+                for (i, row) in rows.iter().enumerate().skip(i0) {
                     for p in 0..kc {
                         *dst.add(p * width + i) = *row.add(p);
                     }
                 }
             }
         };
+    }
+
+    /// The 4 x 8 block `rows[i][p0 + j]` stored transposed: row `j` of the result (4
+    /// elements) at `out + j * width`.
+    #[target_feature(enable = "avx")]
+    #[inline]
+    unsafe fn transpose4x8_f32(rows: &[*const f32], p0: usize, out: *mut f32, width: usize) {
+        let r: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(p0)));
+        let t = [
+            _mm256_unpacklo_ps(r[0], r[1]),
+            _mm256_unpackhi_ps(r[0], r[1]),
+            _mm256_unpacklo_ps(r[2], r[3]),
+            _mm256_unpackhi_ps(r[2], r[3]),
+        ];
+        // s[q]: column q in the low half, column q + 4 in the high half.
+        let s = [
+            _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+            _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+            _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+            _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        ];
+        for (q, &v) in s.iter().enumerate() {
+            _mm_storeu_ps(out.add(q * width), _mm256_castps256_ps128(v));
+            _mm_storeu_ps(out.add((q + 4) * width), _mm256_extractf128_ps::<1>(v));
+        }
     }
 
     /// The 8 x 8 block `rows[i][p0 + j]` stored transposed: row `j` of the result at
@@ -536,8 +563,14 @@ mod x86 {
         }
     }
 
-    row_packer!(pack_rows_f32, f32, 8, transpose8_f32);
-    row_packer!(pack_rows_f64, f64, 4, transpose4_f64);
+    row_packer!(
+        pack_rows_f32,
+        f32,
+        8,
+        (8, transpose8_f32),
+        (4, transpose4x8_f32)
+    );
+    row_packer!(pack_rows_f64, f64, 4, (4, transpose4_f64));
 
     microkernel!(
         avx512_f32,
