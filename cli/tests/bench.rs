@@ -139,3 +139,29 @@ fn bad_input_is_one_error_line() {
         assert!(!err.contains("panicked"));
     }
 }
+
+/// `gemm --shape MxKxN --layout` times that product and reports it with the machine's
+/// instruction set and its fraction of the FMA peak; `peak` measures the peak alone (null
+/// only where no vector kernel exists); a malformed shape is one `error:` line naming it.
+#[test]
+fn gemm_shapes_and_the_fma_peak() {
+    for layout in ["nn", "nt", "tn"] {
+        let v = json(&["gemm", "--shape", "40x30x20", "--layout", layout, "--reps", "2"]);
+        assert_eq!(v["shape"], serde_json::json!([40, 30, 20]), "{v}");
+        assert_eq!(v["layout"], layout);
+        assert!(v["gflops"].as_f64().unwrap() > 0.0, "{v}");
+        let isa = v["isa"].as_str().unwrap();
+        assert!(["avx512", "avx2", "portable"].contains(&isa), "{v}");
+        match v["peak_fraction"].as_f64() {
+            Some(f) => assert!(f > 0.0 && f < 1.5, "{v}"),
+            None => assert_eq!(isa, "portable", "{v}"),
+        }
+    }
+    let v = json(&["peak", "--threads", "1"]);
+    assert_eq!(v["task"], "peak");
+    assert!(v["peak_gflops"].as_f64().is_some() || v["isa"] == "portable", "{v}");
+    let out = run(&["gemm", "--shape", "40x0x20"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("40x0x20") && err.contains("MxKxN"), "{err}");
+}

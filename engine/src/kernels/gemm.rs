@@ -161,14 +161,39 @@ const PAR_BLOCK: usize = 64;
 /// Blocks per worker thread (some slack for load balance).
 const BLOCKS_PER_THREAD: usize = 2;
 
-/// Like [`gemm_packed`], splitting the output into blocks of rows or columns run in parallel.
+/// The grid `(row blocks, column blocks)` of a parallel product of shape `(m, k, n)` on
+/// `threads` threads. Blocks are at least `PAR_BLOCK` wide; every further row block repacks
+/// `b` (`k x n` elements) and every further column block repacks `a` (`m x k`). About
+/// `BLOCKS_PER_THREAD` blocks per thread along the dimension whose repacking is cheaper; when
+/// that leaves a thread without a block (small products on many threads), the cheapest grid
+/// of row and column blocks that has enough.
+fn split_grid((m, k, n): (usize, usize, usize), threads: usize) -> (usize, usize) {
+    let want = BLOCKS_PER_THREAD * threads;
+    let (max_rows, max_cols) = ((m / PAR_BLOCK).max(1), (n / PAR_BLOCK).max(1));
+    let extra = |&(rb, cb): &(usize, usize)| (rb - 1) * k * n + (cb - 1) * m * k;
+    let one_way = [(want.min(max_rows), 1), (1, want.min(max_cols))]
+        .into_iter()
+        .filter(|&(rb, cb)| rb * cb > 1)
+        .min_by_key(extra)
+        .unwrap_or((1, 1));
+    if one_way.0 * one_way.1 >= threads.min(max_rows * max_cols) {
+        return one_way;
+    }
+    let enough = want.min(max_rows * max_cols);
+    (1..=max_rows)
+        .map(|rb| (rb, enough.div_ceil(rb).min(max_cols)))
+        .filter(|&(rb, cb)| rb * cb >= enough)
+        .min_by_key(extra)
+        .unwrap_or(one_way)
+}
+
+/// Like [`gemm_packed`], splitting the output into a grid of blocks run in parallel.
 ///
 /// The inner dimension is never split and every output element is computed by the same
 /// kernel sequence whatever block it falls in, so the result is bit-identical to
 /// [`gemm_packed`] for any split and any thread count. Each block packs its own copy of the
 /// operand it shares with the others (all of `b` for a row block, all of `a` for a column
-/// block), so the split uses about two blocks per thread, at least `PAR_BLOCK` (64) wide,
-/// along the dimension whose extra packing is cheaper.
+/// block), so the split is chosen by how much it repacks (see `split_grid`).
 pub fn gemm_par<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mut [T]) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm inner dimensions");
@@ -180,44 +205,22 @@ pub fn gemm_par<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mu
     if m < 2 * PAR_BLOCK && n < 2 * PAR_BLOCK {
         return gemm_packed(alpha, a, b, beta, c);
     }
-    let want = BLOCKS_PER_THREAD * threads;
-    let row_blocks = want.min(m / PAR_BLOCK).max(1);
-    let col_blocks = want.min(n / PAR_BLOCK).max(1);
-    // Extra elements packed: every further row block repacks b (k x n), every further
-    // column block repacks a (m x k); a split into one block is no split.
-    let row_cost = if row_blocks > 1 {
-        (row_blocks - 1) * k * n
-    } else {
-        usize::MAX
-    };
-    let col_cost = if col_blocks > 1 {
-        (col_blocks - 1) * m * k
-    } else {
-        usize::MAX
-    };
-    if row_cost == usize::MAX && col_cost == usize::MAX {
+    let (row_blocks, col_blocks) = split_grid((m, k, n), threads);
+    if row_blocks * col_blocks < 2 {
         return gemm_packed(alpha, a, b, beta, c);
     }
+    let (rows, cols) = (m.div_ceil(row_blocks), n.div_ceil(col_blocks));
+    let (row_blocks, col_blocks) = (m.div_ceil(rows), n.div_ceil(cols));
     let ptr = SendPtr(c.as_mut_ptr());
-    if row_cost <= col_cost {
-        let rows = m.div_ceil(row_blocks);
-        (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
-            let r0 = i * rows;
-            let nr = rows.min(m - r0);
-            // SAFETY: row blocks are disjoint.
-            let cp = unsafe { ptr.at(r0 * n) };
-            gemm_into(alpha, a.row_block(r0, nr), b, beta, cp, n);
+    (0..row_blocks * col_blocks)
+        .into_par_iter()
+        .for_each(|block| {
+            let (r0, c0) = ((block / col_blocks) * rows, (block % col_blocks) * cols);
+            let (nr, nc) = (rows.min(m - r0), cols.min(n - c0));
+            // SAFETY: the blocks of the grid are disjoint.
+            let cp = unsafe { ptr.at(r0 * n + c0) };
+            gemm_into(alpha, a.row_block(r0, nr), b.col_block(c0, nc), beta, cp, n);
         });
-    } else {
-        let cols = n.div_ceil(col_blocks);
-        (0..n.div_ceil(cols)).into_par_iter().for_each(|j| {
-            let c0 = j * cols;
-            let nc = cols.min(n - c0);
-            // SAFETY: column blocks are disjoint.
-            let cp = unsafe { ptr.at(c0) };
-            gemm_into(alpha, a, b.col_block(c0, nc), beta, cp, n);
-        });
-    }
 }
 
 #[cfg(test)]
@@ -293,6 +296,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// One dimension where that gives every thread a block (the cheaper one to repack), a
+    /// grid of both where it does not.
+    #[test]
+    fn split_grid_gives_every_thread_a_block_at_the_least_repacking() {
+        assert_eq!(split_grid((128, 3072, 256), 2), (2, 1));
+        assert_eq!(split_grid((1024, 1024, 1024), 2), (4, 1));
+        assert_eq!(split_grid((256, 128, 3072), 2), (1, 4));
+        assert_eq!(split_grid((128, 3072, 256), 4), (2, 4));
+        assert_eq!(split_grid((128, 3072, 256), 16), (2, 4));
+        assert_eq!(split_grid((1024, 1024, 1024), 16), (16, 1));
+        assert_eq!(split_grid((100, 50, 40), 8), (1, 1));
     }
 
     #[test]

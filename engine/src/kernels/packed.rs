@@ -97,11 +97,6 @@ pub unsafe fn try_gemm<T: Scalar>(
     gemm_with(isa(), m, k, n, alpha, a, b, beta, (c, ldc))
 }
 
-/// Whether [`try_gemm`] has a kernel for `T` on this machine.
-pub fn available<T: Scalar>() -> bool {
-    kernel_for::<T>(isa()).is_some()
-}
-
 /// [`try_gemm`] with the kernel of instruction set `isa` (for tests and benchmarks that
 /// compare the paths on one machine).
 ///
@@ -481,11 +476,11 @@ mod x86 {
         };
     }
 
-    /// The 4 x 8 block `rows[i][p0 + j]` stored transposed: row `j` of the result (4
-    /// elements) at `out + j * width`.
+    /// Four rows of 8 (`rows[i][p0..p0 + 8]`) interleaved: element `q` of the result holds
+    /// column `q` of the four rows in its low half and column `q + 4` in its high half.
     #[target_feature(enable = "avx")]
     #[inline]
-    unsafe fn transpose4x8_f32(rows: &[*const f32], p0: usize, out: *mut f32, width: usize) {
+    unsafe fn interleave4_f32(rows: &[*const f32], p0: usize) -> [__m256; 4] {
         let r: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(p0)));
         let t = [
             _mm256_unpacklo_ps(r[0], r[1]),
@@ -493,17 +488,12 @@ mod x86 {
             _mm256_unpacklo_ps(r[2], r[3]),
             _mm256_unpackhi_ps(r[2], r[3]),
         ];
-        // s[q]: column q in the low half, column q + 4 in the high half.
-        let s = [
+        [
             _mm256_shuffle_ps::<0x44>(t[0], t[2]),
             _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
             _mm256_shuffle_ps::<0x44>(t[1], t[3]),
             _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
-        ];
-        for (q, &v) in s.iter().enumerate() {
-            _mm_storeu_ps(out.add(q * width), _mm256_castps256_ps128(v));
-            _mm_storeu_ps(out.add((q + 4) * width), _mm256_extractf128_ps::<1>(v));
-        }
+        ]
     }
 
     /// The 8 x 8 block `rows[i][p0 + j]` stored transposed: row `j` of the result at
@@ -511,33 +501,26 @@ mod x86 {
     #[target_feature(enable = "avx")]
     #[inline]
     unsafe fn transpose8_f32(rows: &[*const f32], p0: usize, out: *mut f32, width: usize) {
-        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(p0)));
-        let t: [__m256; 8] = std::array::from_fn(|i| {
-            let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-            if i % 2 == 0 {
-                _mm256_unpacklo_ps(x, y)
-            } else {
-                _mm256_unpackhi_ps(x, y)
-            }
-        });
-        // s[q]: columns q (low half) and q + 4 (high half) of rows 0-3 (q < 4) or 4-7.
-        let s: [__m256; 8] = std::array::from_fn(|q| {
-            let (base, col) = (q / 4 * 4, q % 4);
-            let (x, y) = (t[base + col / 2], t[base + 2 + col / 2]);
-            if col % 2 == 0 {
-                _mm256_shuffle_ps::<0x44>(x, y)
-            } else {
-                _mm256_shuffle_ps::<0xEE>(x, y)
-            }
-        });
-        for j in 0..8 {
-            let (lo, hi) = (s[j % 4], s[4 + j % 4]);
-            let col = if j < 4 {
-                _mm256_permute2f128_ps::<0x20>(lo, hi)
-            } else {
-                _mm256_permute2f128_ps::<0x31>(lo, hi)
-            };
-            _mm256_storeu_ps(out.add(j * width), col);
+        let (lo, hi) = (
+            interleave4_f32(&rows[..4], p0),
+            interleave4_f32(&rows[4..], p0),
+        );
+        for q in 0..4 {
+            let first = _mm256_permute2f128_ps::<0x20>(lo[q], hi[q]);
+            let second = _mm256_permute2f128_ps::<0x31>(lo[q], hi[q]);
+            _mm256_storeu_ps(out.add(q * width), first);
+            _mm256_storeu_ps(out.add((q + 4) * width), second);
+        }
+    }
+
+    /// The 4 x 8 block `rows[i][p0 + j]` stored transposed: row `j` of the result (4
+    /// elements) at `out + j * width`.
+    #[target_feature(enable = "avx")]
+    #[inline]
+    unsafe fn transpose4x8_f32(rows: &[*const f32], p0: usize, out: *mut f32, width: usize) {
+        for (q, v) in interleave4_f32(rows, p0).into_iter().enumerate() {
+            _mm_storeu_ps(out.add(q * width), _mm256_castps256_ps128(v));
+            _mm_storeu_ps(out.add((q + 4) * width), _mm256_extractf128_ps::<1>(v));
         }
     }
 
