@@ -146,7 +146,9 @@ fn bad_input_is_one_error_line() {
 #[test]
 fn gemm_shapes_and_the_fma_peak() {
     for layout in ["nn", "nt", "tn"] {
-        let v = json(&["gemm", "--shape", "40x30x20", "--layout", layout, "--reps", "2"]);
+        let v = json(&[
+            "gemm", "--shape", "40x30x20", "--layout", layout, "--reps", "2",
+        ]);
         assert_eq!(v["shape"], serde_json::json!([40, 30, 20]), "{v}");
         assert_eq!(v["layout"], layout);
         assert!(v["gflops"].as_f64().unwrap() > 0.0, "{v}");
@@ -159,7 +161,10 @@ fn gemm_shapes_and_the_fma_peak() {
     }
     let v = json(&["peak", "--threads", "1"]);
     assert_eq!(v["task"], "peak");
-    assert!(v["peak_gflops"].as_f64().is_some() || v["isa"] == "portable", "{v}");
+    assert!(
+        v["peak_gflops"].as_f64().is_some() || v["isa"] == "portable",
+        "{v}"
+    );
     let out = run(&["gemm", "--shape", "40x0x20"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
