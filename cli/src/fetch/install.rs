@@ -466,4 +466,54 @@ mod tests {
         }
         check_dest(Path::new("data/cifar-10-batches-bin")).unwrap();
     }
+
+    /// A folder `base/NAME` holding `notes.txt` and every release file with `tag-FILE` in it.
+    fn folder_with(base: &Path, name: &str, tag: &str) -> PathBuf {
+        let d = base.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in release_files() {
+            std::fs::write(d.join(f), format!("{tag}-{f}")).unwrap();
+        }
+        std::fs::write(d.join("notes.txt"), "mine").unwrap();
+        d
+    }
+
+    fn contents(dir: &Path, tag: &str) -> bool {
+        release_files()
+            .iter()
+            .all(|f| std::fs::read_to_string(dir.join(f)).ok() == Some(format!("{tag}-{f}")))
+    }
+
+    #[test]
+    fn release_files_are_swapped_in_or_all_put_back() {
+        let base = std::env::temp_dir().join(format!("flatmin-swap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dest = folder_with(&base, "dest", "old");
+        // A new release missing its last file: the last rename fails, everything is undone.
+        let tmp = TempPath::create_dir(&base, ".dest.partial").unwrap();
+        for f in &release_files()[..6] {
+            std::fs::write(tmp.path().join(f), format!("new-{f}")).unwrap();
+        }
+        let err = format!("{:#}", replace_release_files(&tmp, &dest).unwrap_err());
+        assert!(err.contains("batches.meta.txt"), "{err}");
+        assert!(contents(&dest, "old"), "the old release was not put back");
+        drop(tmp);
+        // A complete one: swapped in, the other file kept, no temporary left.
+        let full = folder_with(&base, ".dest.partial-new", "new");
+        std::fs::remove_file(full.join("notes.txt")).unwrap();
+        let tmp = TempPath {
+            path: full,
+            armed: true,
+        };
+        replace_release_files(&tmp, &dest).unwrap();
+        drop(tmp);
+        assert!(contents(&dest, "new"));
+        assert_eq!(
+            std::fs::read_to_string(dest.join("notes.txt")).unwrap(),
+            "mine"
+        );
+        let left: Vec<_> = std::fs::read_dir(&base).unwrap().collect();
+        assert_eq!(left.len(), 1, "temporaries left: {left:?}");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }
