@@ -728,17 +728,22 @@ fn existing_destination_is_kept_or_replaced_atomically() {
         msg.contains("not a complete CIFAR-10 release") && msg.contains("--force"),
         "{msg}"
     );
-    assert!(msg.contains("notes.txt"), "{msg}");
+    assert!(msg.contains("data_batch_1.bin: missing"), "{msg}");
     assert_eq!(names(&dest), ["notes.txt"]);
     assert!(validate_release(&dest, &spec).is_err());
 
-    // --force replaces it.
+    // --force installs the release beside it; notes.txt stays.
     let (url, server) = serve(vec![Reply::Body(archive.clone())]);
     let mut opts = options(&url, &dest, spec);
     opts.force = true;
     let fetched = fetch_release(&opts, &mut Silent).unwrap();
     assert!(matches!(fetched, Fetched::Installed { bytes, .. } if bytes == archive.len() as u64));
     assert_eq!(server.join().unwrap(), 1);
+    assert_eq!(
+        std::fs::read_to_string(dest.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    std::fs::remove_file(dest.join("notes.txt")).unwrap();
     assert_installed(&dest);
     assert_eq!(names(&dir), [RELEASE], "temporaries left behind");
 
@@ -773,6 +778,137 @@ fn existing_destination_is_kept_or_replaced_atomically() {
     // The library refuses to replace without `replace`.
     let err = install_from(&archive[..], "a", &empty, &spec, false).unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
+}
+
+/// The release files in the order of [`release_members`]'s data, and the bytes each holds
+/// after an install of that archive.
+fn release_contents() -> Vec<(String, Vec<u8>)> {
+    release_members()
+        .into_iter()
+        .filter_map(|m| match m.kind {
+            Kind::File(d) if !m.name.ends_with("readme.html") => {
+                Some((m.name[RELEASE.len() + 1..].to_string(), d))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn force_replaces_only_the_release_files() {
+    let dir = tmp("force-keeps");
+    let (file, md5) = archive_file(&dir);
+    let dest = dir.join("cache").join(RELEASE);
+    let dest_s = dest.to_str().unwrap();
+    let args = fetch_args(&md5, &["--from", file.to_str().unwrap(), "--dir", dest_s]);
+    // The user's own files, and an old, damaged copy of two release files.
+    std::fs::create_dir_all(dest.join("sub")).unwrap();
+    std::fs::write(dest.join("notes.txt"), "mine").unwrap();
+    std::fs::write(dest.join("sub/inner.txt"), "deep").unwrap();
+    std::fs::write(dest.join("data_batch_1.bin"), "old").unwrap();
+    std::fs::write(dest.join("batches.meta.txt"), "old").unwrap();
+    let before: Vec<_> = walk(&dest)
+        .into_iter()
+        .filter(|p| p.is_file())
+        .map(|p| (std::fs::read(&p).unwrap(), p))
+        .collect();
+
+    // Without --force: refused, saying what --force would replace; nothing changes.
+    let err = error_line(&flatmin(&args, &dir));
+    for part in [
+        format!("error: {dest_s} already exists but is not a complete CIFAR-10 release"),
+        "pass --force to replace data_batch_1.bin to data_batch_5.bin, test_batch.bin and \
+         batches.meta.txt in it (its other files are left alone)"
+            .to_string(),
+    ] {
+        assert!(err.contains(&part), "{part:?} not in: {err}");
+    }
+    for (bytes, p) in &before {
+        assert_eq!(&std::fs::read(p).unwrap(), bytes, "{}", p.display());
+    }
+
+    // --force: the release files are replaced, the user's files are untouched.
+    let mut forced = args.clone();
+    forced.push("--force");
+    let out = flatmin(&forced, &dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for (name, bytes) in release_contents() {
+        assert_eq!(std::fs::read(dest.join(&name)).unwrap(), bytes, "{name}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(dest.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dest.join("sub/inner.txt")).unwrap(),
+        "deep"
+    );
+    assert_eq!(names(&dest).len(), 7 + 2, "{:?}", names(&dest));
+    assert_eq!(names(&dir.join("cache")), [RELEASE], "temporaries left");
+    let data = Cifar10::open(&dest).unwrap();
+    assert_eq!(
+        (data.train().len(), data.test().len()),
+        (5 * RECORDS, RECORDS)
+    );
+    // The release beside other files counts as installed.
+    let out = flatmin(&args, &dir);
+    assert!(text(&out.stdout).contains("nothing to do"), "{out:?}");
+}
+
+#[test]
+fn force_refuses_a_folder_or_link_where_a_release_file_goes() {
+    let dir = tmp("force-squat");
+    let (file, md5) = archive_file(&dir);
+    let dest = dir.join("cache").join(RELEASE);
+    let dest_s = dest.to_str().unwrap();
+    let args = fetch_args(
+        &md5,
+        &["--from", file.to_str().unwrap(), "--dir", dest_s, "--force"],
+    );
+    std::fs::create_dir_all(dest.join("test_batch.bin")).unwrap();
+    std::fs::write(dest.join("test_batch.bin/keep.txt"), "kept").unwrap();
+    std::fs::write(dest.join("notes.txt"), "mine").unwrap();
+    let before = walk(&dir);
+    let err = error_line(&flatmin(&args, &dir));
+    let path = dest.join("test_batch.bin");
+    assert!(
+        err.contains(&format!(
+            "{}: a folder where the release has a file",
+            path.display()
+        )) && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(walk(&dir), before, "something was written or removed");
+    assert_eq!(
+        std::fs::read_to_string(dest.join("test_batch.bin/keep.txt")).unwrap(),
+        "kept"
+    );
+
+    // A link in place of a release file is refused the same way, and so is a destination
+    // that is a file, not a folder.
+    std::fs::remove_dir_all(dest.join("test_batch.bin")).unwrap();
+    std::os::unix::fs::symlink("notes.txt", dest.join("data_batch_2.bin")).unwrap();
+    let err = error_line(&flatmin(&args, &dir));
+    assert!(err.contains("data_batch_2.bin: a link where"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(dest.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    let plain = dir.join("plain");
+    std::fs::write(&plain, "x").unwrap();
+    let plain_args = fetch_args(
+        &md5,
+        &[
+            "--from",
+            file.to_str().unwrap(),
+            "--dir",
+            "plain",
+            "--force",
+        ],
+    );
+    let err = error_line(&flatmin(&plain_args, &dir));
+    assert!(err.contains("plain: not a folder but a file"), "{err}");
+    assert_eq!(std::fs::read_to_string(&plain).unwrap(), "x");
 }
 
 /// The small archive, written to `dir/cifar-10-binary.tar.gz`, and its MD5.

@@ -59,7 +59,9 @@ pub struct FetchArgs {
     /// (for machines without internet; its MD5 is still checked).
     #[arg(long, value_name = "FILE", conflicts_with = "url")]
     pub from: Option<PathBuf>,
-    /// Download and replace the folder even when it already holds a valid release.
+    /// Download and install even when the folder already holds a valid release (or other
+    /// files): its release files (data_batch_1.bin to data_batch_5.bin, test_batch.bin,
+    /// batches.meta.txt) are replaced, every other file in it is left alone.
     #[arg(long)]
     pub force: bool,
     /// No progress output (errors are still reported).

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use flatmin::data::{auto_candidates, resolve};
-use flatmin::train::{Observer, Outcome, Record, TrainConfig, Trainer, OPTIMIZER_FLAGS};
+use flatmin::train::{Observer, Outcome, Record, RunLock, TrainConfig, Trainer, OPTIMIZER_FLAGS};
 use flatmin_datasets::Element;
 use flatmin_engine::Scalar;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -94,12 +94,14 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Resume the run in this folder from its last checkpoint (its config.json is used).
+    /// Refused at once while another process is training in the folder.
     #[arg(long, value_name = "RUN", conflicts_with = "config")]
     pub resume: Option<PathBuf>,
     /// Rerun a recorded experiment: take the recipe from this config.json (flags override it).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Replace a run already in --out.
+    /// Replace a run already in --out (refused, with nothing removed, while another process
+    /// is training in it).
     #[arg(long)]
     pub overwrite: bool,
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
@@ -422,11 +424,17 @@ fn dispatch(args: &TrainArgs) -> Result<()> {
                 );
             }
             let cfg = flatmin::train::RunDir::open(dir)?.config()?;
+            // Refuse a folder in use at once; the lock itself is taken by `Trainer::resume`.
+            RunLock::check_free(dir, "--resume")?;
             (cfg, Some(dir.clone()))
         }
         None => {
             let cfg = args.config()?;
             cfg.validate()?;
+            if args.overwrite {
+                let out = args.out.clone().unwrap_or_else(|| default_out(&cfg));
+                RunLock::check_free(&out, "--out")?;
+            }
             (cfg, None)
         }
     };

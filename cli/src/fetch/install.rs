@@ -1,11 +1,13 @@
 //! Validating a release folder, and installing a release atomically: extract into a
-//! temporary sibling of the destination, validate, rename into place.
+//! temporary sibling of the destination, validate, rename into place (the whole folder when
+//! the destination is absent or empty; with `--force`, only the release files, leaving the
+//! destination's other files alone).
 //!
 //! Temporary names are hidden siblings of the destination (`.NAME.partial-PID-N`,
 //! `.NAME.download-PID-N`, `.NAME.old-PID-N`), so that the final rename never crosses file
 //! systems; every one is removed when the operation ends, successful or not.
 
-use super::{extract_release, release_files, ReleaseSpec, README_FILE};
+use super::{extract_release, release_files, release_files_phrase, ReleaseSpec, README_FILE};
 use anyhow::{anyhow, bail, Context, Result};
 use flatmin_datasets::{Cifar10, META_FILE};
 use std::io::Read;
@@ -29,22 +31,44 @@ pub fn validate_release(dir: &Path, spec: &ReleaseSpec) -> Result<ReleaseInfo> {
     let entries = std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))?;
     for entry in entries {
         let entry = entry.with_context(|| format!("{}", dir.display()))?;
-        let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
         let known = release_files().contains(&name.as_ref());
         if !known && name != README_FILE {
             bail!(
                 "{}: unexpected file in a CIFAR-10 release folder",
-                path.display()
+                entry.path().display()
             );
         }
-        let meta =
-            std::fs::symlink_metadata(&path).with_context(|| format!("{}", path.display()))?;
+        if !known {
+            let path = entry.path();
+            let meta =
+                std::fs::symlink_metadata(&path).with_context(|| format!("{}", path.display()))?;
+            if !meta.is_file() {
+                bail!("{}: not a regular file", path.display());
+            }
+        }
+    }
+    validate_installed(dir, spec)
+}
+
+/// Checks that the release files of `dir` (see [`release_files`]) are there and sound, as
+/// [`validate_release`] does, but ignores every other entry of `dir`: a folder where a
+/// release was installed beside the user's own files (`flatmin data fetch --force` leaves
+/// those alone) still counts as holding the release.
+pub fn validate_installed(dir: &Path, spec: &ReleaseSpec) -> Result<ReleaseInfo> {
+    for name in release_files() {
+        let path = dir.join(name);
+        let meta = match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("{}: missing", path.display())
+            }
+            other => other.with_context(|| format!("{}", path.display()))?,
+        };
         if !meta.is_file() {
             bail!("{}: not a regular file", path.display());
         }
-        if known && name != META_FILE && meta.len() != spec.batch_bytes {
+        if name != META_FILE && meta.len() != spec.batch_bytes {
             bail!(
                 "{}: {} bytes, expected {} ({} records)",
                 path.display(),
@@ -54,17 +78,55 @@ pub fn validate_release(dir: &Path, spec: &ReleaseSpec) -> Result<ReleaseInfo> {
             );
         }
     }
-    for name in release_files() {
-        let path = dir.join(name);
-        if std::fs::symlink_metadata(&path).is_err() {
-            bail!("{}: missing", path.display());
-        }
-    }
     let data = Cifar10::open(dir)?;
     Ok(ReleaseInfo {
         train: data.train().len(),
         test: data.test().len(),
     })
+}
+
+/// Errors unless `--force` may install into `dest`, which is occupied: it must be a folder
+/// (not a link or a file), and each of its release paths (see [`release_files`]) must be
+/// absent or a regular file. The error says that nothing was changed.
+pub fn check_replaceable(dest: &Path) -> Result<()> {
+    let meta = std::fs::symlink_metadata(dest).with_context(|| format!("{}", dest.display()))?;
+    if !meta.is_dir() {
+        bail!(
+            "{}: not a folder but a {}; --force replaces only the release files inside a folder, \
+             so nothing was changed",
+            dest.display(),
+            kind_of(&meta)
+        );
+    }
+    for name in release_files() {
+        let path = dest.join(name);
+        match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => bail!("{}: {e}", path.display()),
+            Ok(m) if m.is_file() => {}
+            Ok(m) => bail!(
+                "{}: a {} where the release has a file; --force replaces only regular files, \
+                 so nothing was changed (move it away first)",
+                path.display(),
+                kind_of(&m)
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// What a non-regular entry is, in words.
+fn kind_of(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_symlink() {
+        "link"
+    } else if t.is_dir() {
+        "folder"
+    } else if t.is_file() {
+        "file"
+    } else {
+        "special file"
+    }
 }
 
 /// The folder that holds `path` (`.` for a bare name).
@@ -175,18 +237,6 @@ impl TempPath {
         )
     }
 
-    /// A fresh name `PARENT/STEM-PID-N` that nothing uses yet (nothing is created).
-    fn unused(parent: &Path, stem: &str) -> Result<PathBuf> {
-        Self::candidates(parent, stem)
-            .find(|p| std::fs::symlink_metadata(p).is_err())
-            .ok_or_else(|| {
-                anyhow!(
-                    "cannot find an unused temporary name in {}",
-                    parent.display()
-                )
-            })
-    }
-
     /// The path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -246,11 +296,12 @@ pub fn install_archive(
 /// Installs the release held by a `.tar.gz` stream into the folder `dest`, atomically.
 ///
 /// The archive is extracted with [`extract_release`] into a new temporary sibling of
-/// `dest`, which is validated with [`validate_release`] and then renamed to `dest`. `dest`
-/// may be absent or an empty folder; anything else is replaced only when `replace` is set
-/// (the old one is moved aside, the new one renamed into place, the old one removed; if the
-/// second rename fails the old one is put back). `source` names the archive in errors (a
-/// file or a URL). On error `dest` is unchanged and no temporary is left.
+/// `dest` and validated with [`validate_release`]. An absent `dest` or an empty folder is
+/// then replaced by the temporary folder (one rename). Any other `dest` is an error unless
+/// `replace` is set; then `dest` must pass [`check_replaceable`], and only its release files
+/// are replaced (see [`replace_release_files`]): every other file in it is left alone.
+/// `source` names the archive in errors (a file or a URL). On error `dest` is unchanged and
+/// no temporary is left.
 pub fn install_from(
     archive: impl Read,
     source: &str,
@@ -260,11 +311,11 @@ pub fn install_from(
 ) -> Result<ReleaseInfo> {
     spec.check()?;
     check_dest(dest)?;
-    if !replace && occupied(dest)? {
-        bail!(
-            "{} already exists; not replacing it (use --force)",
-            dest.display()
-        );
+    if occupied(dest)? {
+        if !replace {
+            bail!("{}", not_replacing(dest));
+        }
+        check_replaceable(dest)?;
     }
     let parent = parent_of(dest);
     std::fs::create_dir_all(&parent)
@@ -279,56 +330,105 @@ pub fn install_from(
     Ok(info)
 }
 
-/// Renames the folder `tmp` to `dest` (see [`install_from`] for what may be at `dest`).
+/// The refusal to touch an occupied `dest` without `--force`, saying what `--force` would
+/// replace.
+pub fn not_replacing(dest: &Path) -> String {
+    format!(
+        "{} already exists; not replacing it (--force replaces {} in it and leaves its other \
+         files alone)",
+        dest.display(),
+        release_files_phrase()
+    )
+}
+
+/// Puts the validated release folder `tmp` in place as `dest` (see [`install_from`] for
+/// what may be at `dest`).
 fn put_in_place(tmp: TempPath, dest: &Path, replace: bool) -> Result<()> {
-    let rename_err = |e: std::io::Error| {
+    if occupied(dest)? {
+        if !replace {
+            bail!("{}", not_replacing(dest));
+        }
+        return replace_release_files(&tmp, dest);
+    }
+    if std::fs::symlink_metadata(dest).is_ok() {
+        // An empty folder: replaced by the new one.
+        std::fs::remove_dir(dest).with_context(|| format!("{}", dest.display()))?;
+    }
+    std::fs::rename(tmp.path(), dest).map_err(|e| {
         anyhow!(
             "cannot move {} into place as {}: {e}",
             tmp.path().display(),
             dest.display()
         )
-    };
-    if !occupied(dest)? {
-        if std::fs::symlink_metadata(dest).is_ok() {
-            // An empty folder: replaced by the new one.
-            std::fs::remove_dir(dest).with_context(|| format!("{}", dest.display()))?;
-        }
-        std::fs::rename(tmp.path(), dest).map_err(rename_err)?;
-        tmp.keep();
-        return Ok(());
-    }
-    if !replace {
-        bail!(
-            "{} already exists; not replacing it (use --force)",
-            dest.display()
-        );
-    }
-    let parent = parent_of(dest);
-    let old = TempPath::unused(&parent, &temp_stem(dest, "old"))?;
-    std::fs::rename(dest, &old).with_context(|| {
-        format!(
-            "cannot move the existing {} aside to {}",
-            dest.display(),
-            old.display()
-        )
     })?;
-    let mut old = TempPath {
-        path: old,
-        armed: false,
-    };
-    if let Err(e) = std::fs::rename(tmp.path(), dest) {
-        let err = rename_err(e);
-        return match std::fs::rename(old.path(), dest) {
-            Ok(()) => Err(err),
-            Err(back) => Err(err.context(format!(
-                "and the previous contents could not be put back: they are in {} ({back})",
-                old.path().display()
-            ))),
-        };
-    }
     tmp.keep();
-    // The new release is in place; the old copy is removed when `old` is dropped.
-    old.armed = true;
+    Ok(())
+}
+
+/// Moves the release files of the validated folder `tmp` into the existing folder `dest`,
+/// replacing the ones there and leaving every other entry of `dest` untouched.
+///
+/// The release paths of `dest` are checked first ([`check_replaceable`]). The old release
+/// files are moved aside into a temporary sibling `.NAME.old-PID-N`, then the new ones are
+/// renamed in; if a rename fails, the new files placed so far are removed and the old ones
+/// put back, so `dest` ends as it was. The old files are removed once all new ones are in.
+pub fn replace_release_files(tmp: &TempPath, dest: &Path) -> Result<()> {
+    check_replaceable(dest)?;
+    let old = TempPath::create_dir(&parent_of(dest), &temp_stem(dest, "old"))?;
+    let mut aside = Vec::new();
+    let mut placed = Vec::new();
+    let Err(e) = swap_files(tmp.path(), dest, old.path(), &mut aside, &mut placed) else {
+        sync_dir(dest);
+        return Ok(());
+    };
+    for name in &placed {
+        let _ = std::fs::remove_file(dest.join(name));
+    }
+    let stuck: Vec<&str> = aside
+        .iter()
+        .copied()
+        .filter(|name| std::fs::rename(old.path().join(name), dest.join(name)).is_err())
+        .collect();
+    if stuck.is_empty() {
+        return Err(e);
+    }
+    let kept = old.keep();
+    Err(e.context(format!(
+        "and the previous {} could not be put back into {}: they are in {}",
+        stuck.join(", "),
+        dest.display(),
+        kept.display()
+    )))
+}
+
+/// The renames of [`replace_release_files`]: every existing release file of `dest` into
+/// `old` (recorded in `aside`), then every release file of `tmp` into `dest` (recorded in
+/// `placed`).
+fn swap_files(
+    tmp: &Path,
+    dest: &Path,
+    old: &Path,
+    aside: &mut Vec<&'static str>,
+    placed: &mut Vec<&'static str>,
+) -> Result<()> {
+    for name in release_files() {
+        let path = dest.join(name);
+        if std::fs::symlink_metadata(&path).is_ok() {
+            std::fs::rename(&path, old.join(name))
+                .with_context(|| format!("cannot move the existing {} aside", path.display()))?;
+            aside.push(name);
+        }
+    }
+    for name in release_files() {
+        std::fs::rename(tmp.join(name), dest.join(name)).with_context(|| {
+            format!(
+                "cannot move {} into place as {}",
+                tmp.join(name).display(),
+                dest.join(name).display()
+            )
+        })?;
+        placed.push(name);
+    }
     Ok(())
 }
 
@@ -365,5 +465,55 @@ mod tests {
             assert!(err.starts_with(bad), "{err}");
         }
         check_dest(Path::new("data/cifar-10-batches-bin")).unwrap();
+    }
+
+    /// A folder `base/NAME` holding `notes.txt` and every release file with `tag-FILE` in it.
+    fn folder_with(base: &Path, name: &str, tag: &str) -> PathBuf {
+        let d = base.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in release_files() {
+            std::fs::write(d.join(f), format!("{tag}-{f}")).unwrap();
+        }
+        std::fs::write(d.join("notes.txt"), "mine").unwrap();
+        d
+    }
+
+    fn contents(dir: &Path, tag: &str) -> bool {
+        release_files()
+            .iter()
+            .all(|f| std::fs::read_to_string(dir.join(f)).ok() == Some(format!("{tag}-{f}")))
+    }
+
+    #[test]
+    fn release_files_are_swapped_in_or_all_put_back() {
+        let base = std::env::temp_dir().join(format!("flatmin-swap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dest = folder_with(&base, "dest", "old");
+        // A new release missing its last file: the last rename fails, everything is undone.
+        let tmp = TempPath::create_dir(&base, ".dest.partial").unwrap();
+        for f in &release_files()[..6] {
+            std::fs::write(tmp.path().join(f), format!("new-{f}")).unwrap();
+        }
+        let err = format!("{:#}", replace_release_files(&tmp, &dest).unwrap_err());
+        assert!(err.contains("batches.meta.txt"), "{err}");
+        assert!(contents(&dest, "old"), "the old release was not put back");
+        drop(tmp);
+        // A complete one: swapped in, the other file kept, no temporary left.
+        let full = folder_with(&base, ".dest.partial-new", "new");
+        std::fs::remove_file(full.join("notes.txt")).unwrap();
+        let tmp = TempPath {
+            path: full,
+            armed: true,
+        };
+        replace_release_files(&tmp, &dest).unwrap();
+        drop(tmp);
+        assert!(contents(&dest, "new"));
+        assert_eq!(
+            std::fs::read_to_string(dest.join("notes.txt")).unwrap(),
+            "mine"
+        );
+        let left: Vec<_> = std::fs::read_dir(&base).unwrap().collect();
+        assert_eq!(left.len(), 1, "temporaries left: {left:?}");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -9,7 +9,7 @@
 //!   folder, a link, a device, or any unexpected file makes the whole extraction fail;
 //! - [`install`]: validation of a release folder and the atomic install (extract into a
 //!   temporary sibling folder, validate, rename into place; nothing is left behind on
-//!   failure);
+//!   failure); `--force` replaces only the release files of an existing folder;
 //! - [`http`]: the only network code, a streaming download with timeouts, optionally
 //!   through an HTTP proxy (`HTTPS_PROXY` and friends, read by [`proxy_from_env`]);
 //! - [`fetch_release`]: the whole command: skip when a valid release is already there,
@@ -35,7 +35,10 @@ pub mod md5;
 
 pub use archive::extract_release;
 pub use http::{download, proxy_for, proxy_from_env, Downloaded, HttpOptions, HttpProxy};
-pub use install::{install_archive, install_from, validate_release, ReleaseInfo};
+pub use install::{
+    check_replaceable, install_archive, install_from, validate_installed, validate_release,
+    ReleaseInfo,
+};
 pub use md5::{HashingWriter, Md5Digest};
 
 use crate::data::RELEASE_DIR;
@@ -60,6 +63,13 @@ pub const META_MAX_BYTES: u64 = 64 * 1024;
 pub fn release_files() -> [&'static str; 7] {
     let [a, b, c, d, e] = TRAIN_FILES;
     [a, b, c, d, e, TEST_FILE, META_FILE]
+}
+
+/// The release files in words, for messages: `data_batch_1.bin to data_batch_5.bin,
+/// test_batch.bin and batches.meta.txt`.
+pub fn release_files_phrase() -> String {
+    let f = release_files();
+    format!("{} to {}, {} and {}", f[0], f[4], f[5], f[6])
 }
 
 /// What the downloaded archive must be: its MD5 and the exact size of each batch file.
@@ -140,8 +150,9 @@ pub struct FetchOptions {
     pub dest: PathBuf,
     /// What the archive and its files must be.
     pub spec: ReleaseSpec,
-    /// Download and replace `dest` even when it already holds a valid release (or something
-    /// else).
+    /// Download and install even when `dest` already holds a valid release (or something
+    /// else): its release files (see [`release_files`]) are replaced, its other files are
+    /// left alone.
     pub force: bool,
     /// Connection and read timeouts, and the proxy.
     pub http: HttpOptions,
@@ -188,12 +199,14 @@ pub fn default_dest() -> Option<PathBuf> {
 /// described by `opts`.
 ///
 /// Unless `opts.force` is set, a destination that already holds a valid release (see
-/// [`validate_release`]) is left alone ([`Fetched::AlreadyPresent`]), and one that holds
-/// anything else (except an empty folder) is an error. The archive is downloaded into a
-/// temporary file next to the destination and hashed on the way (a local archive is hashed
-/// where it is); an MD5 different from `opts.spec.md5` is an error naming both digests and
-/// the URL or file. The archive is then installed with [`install_from`]. On any error the
-/// destination is as it was and the temporary files are gone.
+/// [`validate_installed`]: other files beside it are allowed) is left alone
+/// ([`Fetched::AlreadyPresent`]), and one that holds anything else (except an empty folder)
+/// is an error. With `opts.force`, an occupied destination must pass [`check_replaceable`]
+/// before anything is downloaded, and only its release files are replaced. The archive is
+/// downloaded into a temporary file next to the destination and hashed on the way (a local
+/// archive is hashed where it is); an MD5 different from `opts.spec.md5` is an error naming
+/// both digests and the URL or file. The archive is then installed with [`install_from`].
+/// On any error the destination is as it was and the temporary files are gone.
 pub fn fetch_release(opts: &FetchOptions, progress: &mut dyn Progress) -> Result<Fetched> {
     opts.spec.check()?;
     if let Some(file) = &opts.from {
@@ -204,16 +217,21 @@ pub fn fetch_release(opts: &FetchOptions, progress: &mut dyn Progress) -> Result
     }
     let dest = &opts.dest;
     if !opts.force && install::occupied(dest)? {
-        return match validate_release(dest, &opts.spec) {
+        return match validate_installed(dest, &opts.spec) {
             Ok(info) => Ok(Fetched::AlreadyPresent(info)),
             Err(e) => Err(e.context(format!(
-                "{} already exists but is not a complete CIFAR-10 release; remove it, or \
-                 replace it with --force",
-                dest.display()
+                "{} already exists but is not a complete CIFAR-10 release; remove it, or pass \
+                 --force to replace {} in it (its other files are left alone)",
+                dest.display(),
+                release_files_phrase()
             ))),
         };
     }
     install::check_dest(dest)?;
+    if install::occupied(dest)? {
+        // Refuse before downloading what could not be installed.
+        check_replaceable(dest)?;
+    }
     match &opts.from {
         Some(file) => install_local(file, opts, progress),
         None => download_and_install(opts, progress),

@@ -3,10 +3,12 @@
 //! folder and continues bit for bit as if never interrupted.
 
 mod config;
+mod lock;
 mod memory;
 mod run_dir;
 
 pub use config::{TrainConfig, OPTIMIZERS, OPTIMIZER_FLAGS};
+pub use lock::{RunLock, LOCK_FILE};
 pub use memory::{
     available_memory, check_memory, estimate_memory, human_bytes, param_bytes, parse_size,
     MemoryEstimate,
@@ -231,7 +233,8 @@ impl<T: Scalar + Element> Trainer<T> {
         Self::create(cfg, data, out, false)
     }
 
-    /// Starts a new run in `out`; with `overwrite`, a run already there is replaced.
+    /// Starts a new run in `out`; with `overwrite`, a run already there is replaced, unless
+    /// another process is writing it (see [`RunDir::create`]).
     pub fn create(
         mut cfg: TrainConfig,
         data: DataSource,
@@ -262,9 +265,11 @@ impl<T: Scalar + Element> Trainer<T> {
         Ok(t)
     }
 
-    /// Reopens the run in `dir` at its last checkpoint (the folder's config is used).
+    /// Reopens the run in `dir` at its last checkpoint (the folder's config is used). Takes
+    /// the folder's lock first ([`RunDir::open_to_write`]): a folder in use by another process
+    /// is refused before anything in it changes.
     pub fn resume(dir: &Path, data: DataSource) -> Result<Self> {
-        let run = RunDir::open(dir)?;
+        let run = RunDir::open_to_write(dir)?;
         let cfg = run.config()?;
         cfg.validate()
             .with_context(|| format!("{}: config.json", dir.display()))?;

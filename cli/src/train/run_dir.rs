@@ -1,9 +1,11 @@
 //! The run folder: `config.json`, `metrics.jsonl` and `metrics.csv` (one record per step and
 //! per evaluation), `checkpoints/last.safetensors` (model, optimizer and trainer state, for
 //! resuming), numbered checkpoints, and `model.safetensors` (the plain state_dict, loadable
-//! by PyTorch).
+//! by PyTorch), and `.lock`, the advisory lock of the process that writes the folder (see
+//! [`RunLock`]).
 
 use super::config::TrainConfig;
+use super::lock::{RunLock, LOCK_FILE};
 use anyhow::{bail, Context, Result};
 use flatmin_engine::Scalar;
 use flatmin_models::io::{write_atomic, write_safetensors, RawTensor};
@@ -205,30 +207,39 @@ pub fn batch_sha256(b: &flatmin_datasets::Batch) -> String {
     h.finalize().iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// A run folder on disk.
+/// A run folder on disk. One opened for writing ([`RunDir::create`],
+/// [`RunDir::open_to_write`]) holds the folder's [`RunLock`] until it is dropped.
 pub struct RunDir {
     root: PathBuf,
+    _lock: Option<RunLock>,
 }
 
 impl RunDir {
-    /// Creates a new run folder (or adopts an empty existing one) and writes `config.json`.
-    /// Fails before any training if the folder holds a run already or is not writable.
+    /// Creates a new run folder (or adopts an empty existing one), takes its lock and writes
+    /// `config.json`. Fails before any training if the folder holds a run already (unless
+    /// `overwrite`), is in use by another process (then nothing is changed, even with
+    /// `overwrite`), or is not writable. `overwrite` removes everything in the folder but its
+    /// lock file.
     pub fn create(root: &Path, cfg: &TrainConfig, overwrite: bool) -> Result<Self> {
-        if root.join("config.json").exists() {
+        let holds_run = || root.join("config.json").exists();
+        if holds_run() && !overwrite {
+            bail!("{}", holds_a_run(root));
+        }
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("--out {}: cannot create the run folder", root.display()))?;
+        let lock = RunLock::acquire(root, "--out")?;
+        if holds_run() {
             if !overwrite {
-                bail!(
-                    "--out {}: already holds a run (resume it with --resume {}, replace it with --overwrite, or pick another --out)",
-                    root.display(),
-                    root.display()
-                );
+                // Another run finished in the folder while this one waited for the lock.
+                bail!("{}", holds_a_run(root));
             }
-            std::fs::remove_dir_all(root)
-                .with_context(|| format!("--overwrite: cannot remove {}", root.display()))?;
+            clear_except_lock(root)?;
         }
         std::fs::create_dir_all(root.join("checkpoints"))
             .with_context(|| format!("--out {}: cannot create the run folder", root.display()))?;
         let run = RunDir {
             root: root.to_path_buf(),
+            _lock: Some(lock),
         };
         let json = serde_json::to_string_pretty(cfg)?;
         write_atomic(&run.root.join("config.json"), json.as_bytes())
@@ -242,7 +253,8 @@ impl RunDir {
         Ok(run)
     }
 
-    /// Opens an existing run folder.
+    /// Opens an existing run folder to read it (no lock is taken: readers may look at a run
+    /// while it trains).
     pub fn open(root: &Path) -> Result<Self> {
         if !root.join("config.json").is_file() {
             bail!(
@@ -252,7 +264,17 @@ impl RunDir {
         }
         Ok(RunDir {
             root: root.to_path_buf(),
+            _lock: None,
         })
+    }
+
+    /// Opens an existing run folder to continue writing it (`--resume`): as
+    /// [`RunDir::open`], then takes the folder's lock, failing at once when another process
+    /// holds it.
+    pub fn open_to_write(root: &Path) -> Result<Self> {
+        let mut run = Self::open(root)?;
+        run._lock = Some(RunLock::acquire(root, "--resume")?);
+        Ok(run)
     }
 
     /// The folder.
@@ -403,6 +425,35 @@ impl RunDir {
         model.save(&self.root.join("model.safetensors"))?;
         Ok(())
     }
+}
+
+/// The refusal to start a run in `root`, which holds one, without `--overwrite`.
+fn holds_a_run(root: &Path) -> String {
+    format!(
+        "--out {}: already holds a run (resume it with --resume {}, replace it with --overwrite, or pick another --out)",
+        root.display(),
+        root.display()
+    )
+}
+
+/// Removes every entry of the run folder `root` except its lock file (`--overwrite`: the
+/// lock stays held, on the same file, while the old run's files go).
+fn clear_except_lock(root: &Path) -> Result<()> {
+    let cannot = |p: &Path| format!("--overwrite: cannot remove {}", p.display());
+    for entry in std::fs::read_dir(root).with_context(|| cannot(root))? {
+        let path = entry.with_context(|| cannot(root))?.path();
+        if path.file_name() == Some(LOCK_FILE.as_ref()) {
+            continue;
+        }
+        let meta = std::fs::symlink_metadata(&path).with_context(|| cannot(&path))?;
+        if meta.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        }
+        .with_context(|| cannot(&path))?;
+    }
+    Ok(())
 }
 
 /// Reads a `metrics.jsonl` file; a malformed line is an error naming the file and line.
