@@ -148,25 +148,32 @@ pub enum XAxis {
     /// Cumulative gradient evaluations (`grad_queries` of the records; records without it
     /// are left out).
     GradQueries,
+    /// Cumulative per-sample gradient evaluations (`grad_samples` of the records; records
+    /// without it are left out).
+    GradSamples,
 }
 
 impl XAxis {
-    /// Parses `step` or `epoch`.
+    /// Parses `step`, `epoch`, `grad_queries` or `grad_samples`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "step" => Ok(XAxis::Step),
             "epoch" => Ok(XAxis::Epoch),
             "grad_queries" => Ok(XAxis::GradQueries),
-            other => bail!("--x: unknown axis '{other}' (step, epoch or grad_queries)"),
+            "grad_samples" => Ok(XAxis::GradSamples),
+            other => {
+                bail!("--x: unknown axis '{other}' (step, epoch, grad_queries or grad_samples)")
+            }
         }
     }
 
-    /// `"step"`, `"epoch"` or `"grad_queries"`.
+    /// `"step"`, `"epoch"`, `"grad_queries"` or `"grad_samples"`.
     pub fn name(self) -> &'static str {
         match self {
             XAxis::Step => "step",
             XAxis::Epoch => "epoch",
             XAxis::GradQueries => "grad_queries",
+            XAxis::GradSamples => "grad_samples",
         }
     }
 }
@@ -429,6 +436,7 @@ pub fn series(run: &Run, metric: &Metric, x: XAxis) -> Result<Vec<(f64, f64)>> {
             let v = metric.value(r)?;
             let at = match (x, per_epoch) {
                 (XAxis::GradQueries, _) => r.grad_queries? as f64,
+                (XAxis::GradSamples, _) => r.grad_samples? as f64,
                 (XAxis::Step, _) => r.step as f64,
                 (XAxis::Epoch, Some(n)) => r.step as f64 / n,
                 (XAxis::Epoch, None) => (r.epoch + 1) as f64,

@@ -108,13 +108,14 @@ fn trace_every_logs_traces_and_resumes_bit_identically() {
         let (header, rows) = csv_table(&full.join("metrics.csv"));
         assert_eq!(header.join(","), flatmin::train::CSV_HEADER);
         assert_eq!(
-            header[header.len() - 5..],
+            header[header.len() - 6..],
             [
                 "grad_queries",
                 "method",
                 "trace",
                 "trace_norm",
-                "trace_std_error"
+                "trace_std_error",
+                "grad_samples"
             ]
         );
         let col = |name: &str| header.iter().position(|h| h == name).unwrap();
@@ -125,6 +126,8 @@ fn trace_every_logs_traces_and_resumes_bit_identically() {
             assert_eq!(row[col("step")], r.step.to_string());
             let q = r.grad_queries.expect("every record counts the queries");
             assert_eq!(row[col("grad_queries")], q.to_string(), "{row:?}");
+            let n = r.grad_samples.expect("every record counts the samples");
+            assert_eq!(row[col("grad_samples")], n.to_string(), "{row:?}");
             match r.kind.as_str() {
                 "trace" => {
                     assert_eq!(row[col("method")], "structural");
@@ -272,13 +275,13 @@ fn hutchinson_trace_log_brackets_the_structural_one() {
             })
             .collect()
     };
-    // The standard error reaches metrics.csv, in the last column.
+    // The standard error reaches metrics.csv, in its column.
     let (header, rows) = csv_table(&est_dir.join("metrics.csv"));
-    assert_eq!(header.last().unwrap(), "trace_std_error");
+    let se = header.iter().position(|h| h == "trace_std_error").unwrap();
     let se_rows: Vec<f64> = rows
         .iter()
         .filter(|r| r[0] == "trace")
-        .map(|r| r.last().unwrap().parse().unwrap())
+        .map(|r| r[se].parse().unwrap())
         .collect();
     let se_recs: Vec<f64> = est
         .iter()
@@ -352,4 +355,66 @@ fn data_seed_keeps_the_images_while_the_seed_varies() {
     let dir = tmp("ds-d");
     Trainer::<f32>::new(recipe(1, None), data(), &dir).unwrap();
     assert_ne!(sha(&meta(&dir), "train_sha256"), sha(&a.0, "train_sha256"));
+}
+
+/// The per-step growth of `grad_samples` over a run's train records, with the records.
+fn sample_steps(dir: &Path) -> Vec<(u64, flatmin::train::Record)> {
+    let recs = flatmin::train::read_records(&dir.join("metrics.jsonl")).unwrap();
+    let mut last = 0;
+    let mut steps = Vec::new();
+    for r in recs {
+        let now = r.grad_samples.expect("every record counts the samples");
+        if r.kind == "train" {
+            steps.push((now - last, r));
+        } else {
+            assert_eq!(now, last, "{} records add no samples", r.kind);
+        }
+        last = now;
+    }
+    steps
+}
+
+#[test]
+fn grad_samples_count_the_images_of_every_gradient_evaluation() {
+    // 150 images in batches of 32: four full batches and a last one of 22, per epoch.
+    let mut c = cfg("tiny-tanh");
+    c.trace_every = 0;
+    c.epochs = 2;
+    c.train_size = 150;
+    let batches = [32, 32, 32, 32, 22, 32, 32, 32, 32, 22];
+    let sgd = tmp("samples-sgd");
+    Trainer::<f32>::new(c.clone(), data(), &sgd)
+        .unwrap()
+        .run(&mut Silent)
+        .unwrap();
+    let got: Vec<u64> = sample_steps(&sgd).iter().map(|s| s.0).collect();
+    assert_eq!(got, batches);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sgd.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["grad_samples"], 300);
+    // SA with a probe batch of B: the minibatch gradient, then the probe gradient and the
+    // perturbed probe gradient on B images each (the gate is always open without eps0).
+    c.optimizer = "sa".into();
+    c.probe_batch = 4;
+    let sa = tmp("samples-sa");
+    Trainer::<f32>::new(c, data(), &sa)
+        .unwrap()
+        .run(&mut Silent)
+        .unwrap();
+    let steps = sample_steps(&sa);
+    assert_eq!(steps.len(), batches.len());
+    for ((grown, r), n) in steps.iter().zip(batches) {
+        assert_eq!(r.extra["zero_grad_fix"], 0.0, "{r:?}");
+        assert_eq!(r.grad_evals, Some(3));
+        assert_eq!(*grown, n + 2 * 4, "step {}", r.step);
+    }
+    // The plot's horizontal axis.
+    let png = sgd.join("by-samples.png");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flatmin"))
+        .args(["plot", "--x", "grad_samples", "--out"])
+        .args([&png, &sgd, &sa])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::metadata(&png).unwrap().len() > 0);
 }

@@ -17,9 +17,10 @@ pub struct PlotArgs {
     /// (per step), trace_norm, trace (with --trace-every), or an optimizer extra [default: test_acc and loss].
     #[arg(long = "metric", value_name = "NAME")]
     pub metrics: Vec<String>,
-    /// Horizontal axis: step, epoch, or grad_queries (cumulative gradient evaluations,
-    /// logged by runs of this version).
-    #[arg(long, value_name = "AXIS", default_value = "step", value_parser = ["step", "epoch", "grad_queries"])]
+    /// Horizontal axis: step, epoch, grad_queries (cumulative gradient evaluations, logged
+    /// by runs of this version) or grad_samples (cumulative per-sample gradient evaluations:
+    /// each evaluation counts the samples of its batch).
+    #[arg(long, value_name = "AXIS", default_value = "step", value_parser = ["step", "epoch", "grad_queries", "grad_samples"])]
     pub x: String,
     /// Output image, .png or .svg [default: RUN/plot.png for one run, plot.png for several].
     #[arg(long, value_name = "FILE")]

@@ -71,6 +71,9 @@ pub struct Trainer<T: Scalar + Element> {
     epoch_sums: (f64, u64, u64),
     /// Gradient evaluations of the run so far.
     grad_queries: u64,
+    /// Per-sample gradient evaluations of the run so far (each gradient query counts the
+    /// samples of the batch it was evaluated on).
+    grad_samples: u64,
     /// The trace subset in batches (empty without `--trace-every`).
     trace_set: Vec<(Tensor<T>, Vec<usize>)>,
 }
@@ -286,6 +289,15 @@ impl<T: Scalar + Element> Trainer<T> {
             .filter_map(|r| r.grad_evals)
             .map(|g| g as u64)
             .sum();
+        // The records carry the running count; folders written before it existed restart it
+        // from zero.
+        t.grad_samples = t
+            .run
+            .records()?
+            .iter()
+            .filter_map(|r| r.grad_samples)
+            .max()
+            .unwrap_or(0);
         Ok(t)
     }
 
@@ -396,6 +408,7 @@ impl<T: Scalar + Element> Trainer<T> {
             step: 0,
             epoch_sums: (0.0, 0, 0),
             grad_queries: 0,
+            grad_samples: 0,
             trace_set,
         })
     }
@@ -462,7 +475,7 @@ impl<T: Scalar + Element> Trainer<T> {
                 let n = mb.len();
                 let x = Tensor::from_vec(&mb.shape(), mb.x)?;
                 let lr = self.sched.at(self.step);
-                let (info, correct) = match self.train_step(&x, &mb.labels, lr) {
+                let (info, correct, samples) = match self.train_step(&x, &mb.labels, lr) {
                     Ok(r) => r,
                     Err(e) => match e.downcast_ref::<OptimError>() {
                         Some(OptimError::NonFinite(what))
@@ -509,6 +522,7 @@ impl<T: Scalar + Element> Trainer<T> {
                 }
                 self.step += 1;
                 self.grad_queries += info.grad_evals as u64;
+                self.grad_samples += samples as u64;
                 let s = &mut self.epoch_sums;
                 s.0 += info.loss * n as f64;
                 s.1 += correct as u64;
@@ -522,7 +536,7 @@ impl<T: Scalar + Element> Trainer<T> {
                     n as f64 / t0.elapsed().as_secs_f64(),
                     started.elapsed().as_secs_f64(),
                 )
-                .with_grad_queries(self.grad_queries);
+                .with_grad_counts(self.grad_queries, self.grad_samples);
                 self.run.append(&rec)?;
                 obs.on_step(&rec);
                 let every = self.cfg.trace_every;
@@ -551,7 +565,7 @@ impl<T: Scalar + Element> Trainer<T> {
                     test_acc,
                     started.elapsed().as_secs_f64(),
                 )
-                .with_grad_queries(self.grad_queries);
+                .with_grad_counts(self.grad_queries, self.grad_samples);
                 self.run.append(&rec)?;
                 obs.on_eval(&rec);
             }
@@ -637,6 +651,7 @@ impl<T: Scalar + Element> Trainer<T> {
             epoch,
             step: self.step,
             grad_queries: Some(self.grad_queries),
+            grad_samples: Some(self.grad_samples),
             method: Some(method.into()),
             wall_s: started.elapsed().as_secs_f64(),
             extra,
@@ -671,14 +686,16 @@ impl<T: Scalar + Element> Trainer<T> {
             "best_epoch": best.map(|b| b.1),
             "train_wall_s_last_process": recs.last().map(|r| r.wall_s),
             "grad_queries": self.grad_queries,
+            "grad_samples": self.grad_samples,
             "final_trace_norm": recs.iter().rev().find(|r| r.kind == "trace").and_then(|r| r.extra.get("trace_norm")),
             "trace_method": recs.iter().rev().find(|r| r.kind == "trace").and_then(|r| r.method.clone()),
         });
         self.run.write_summary(&summary)
     }
 
-    /// One optimizer step on one batch; returns the step info and the number of correct
-    /// predictions at the pre-step parameters.
+    /// One optimizer step on one batch; returns the step info, the number of correct
+    /// predictions at the pre-step parameters and the samples its gradient evaluations used
+    /// (the sum of the batch sizes of all of them).
     ///
     /// BatchNorm rule: the first gradient evaluation of a step (on the step's batch, at the
     /// current parameters) normalizes with batch statistics and updates the running
@@ -690,7 +707,7 @@ impl<T: Scalar + Element> Trainer<T> {
         x: &Tensor<T>,
         labels: &[usize],
         lr: f64,
-    ) -> Result<(flatmin_optim::StepInfo, usize)> {
+    ) -> Result<(flatmin_optim::StepInfo, usize, usize)> {
         let mut oracle = StepOracle {
             model: &mut self.model,
             x,
@@ -700,10 +717,11 @@ impl<T: Scalar + Element> Trainer<T> {
             step: self.step,
             calls: 0,
             correct: 0,
+            samples: 0,
             fresh: None,
         };
         let info = self.opt.step(&mut self.params, &mut oracle, lr)?;
-        Ok((info, oracle.correct))
+        Ok((info, oracle.correct, oracle.samples))
     }
 
     /// Mean loss and accuracy on the test subset (BatchNorm in eval mode).
@@ -861,6 +879,8 @@ struct StepOracle<'a, T: Scalar + Element> {
     step: usize,
     calls: usize,
     correct: usize,
+    /// Samples of all successful evaluations of the step (sum of their batch sizes).
+    samples: usize,
     /// The step's fresh batch, once drawn: size, images, labels.
     fresh: Option<(usize, Tensor<T>, Vec<usize>)>,
 }
@@ -904,6 +924,7 @@ impl<T: Scalar + Element> StepOracle<'_, T> {
             self.correct = count_correct(&e.logits, self.labels);
         }
         self.calls += 1;
+        self.samples += labels.len();
         Ok((e.loss, e.grads))
     }
 

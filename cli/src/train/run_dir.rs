@@ -43,6 +43,11 @@ pub struct Record {
     /// Gradient evaluations of the run so far, cumulative (train, eval and trace records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grad_queries: Option<u64>,
+    /// Per-sample gradient evaluations of the run so far, cumulative (train, eval and trace
+    /// records): each gradient query counts the samples of the batch it used, so a B = 1
+    /// probe counts 1 and a 128-image minibatch gradient counts 128.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_samples: Option<u64>,
     /// How a `trace` record's Hessian trace was measured (`structural` or `hutchinson`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
@@ -70,7 +75,7 @@ pub struct Record {
 
 /// The columns of `metrics.csv`. `trace`, `trace_norm` and `trace_std_error` are the `extra`
 /// figures of `trace` records (`trace_std_error` only with `--trace-method hutchinson`).
-pub const CSV_HEADER: &str = "kind,epoch,step,lr,loss,acc,grad_norm,grad_evals,train_loss,train_acc,test_loss,test_acc,images_per_s,wall_s,grad_queries,method,trace,trace_norm,trace_std_error";
+pub const CSV_HEADER: &str = "kind,epoch,step,lr,loss,acc,grad_norm,grad_evals,train_loss,train_acc,test_loss,test_acc,images_per_s,wall_s,grad_queries,method,trace,trace_norm,trace_std_error,grad_samples";
 
 impl Record {
     /// A training-step record.
@@ -99,9 +104,11 @@ impl Record {
         }
     }
 
-    /// The record with the run's cumulative gradient evaluations set.
-    pub fn with_grad_queries(mut self, q: u64) -> Self {
+    /// The record with the run's cumulative gradient queries `q` and per-sample gradient
+    /// evaluations `s` set.
+    pub fn with_grad_counts(mut self, q: u64, s: u64) -> Self {
         self.grad_queries = Some(q);
+        self.grad_samples = Some(s);
         self
     }
 
@@ -146,7 +153,7 @@ impl Record {
         let f = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
         let x = |k: &str| f(self.extra.get(k).copied());
         format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             self.kind,
             self.epoch,
             self.step,
@@ -166,6 +173,7 @@ impl Record {
             x("trace"),
             x("trace_norm"),
             x("trace_std_error"),
+            self.grad_samples.map(|v| v.to_string()).unwrap_or_default(),
         )
     }
 }
