@@ -45,7 +45,7 @@ impl<T: Scalar> Workload<T> {
                     .collect()
             })
             .collect();
-        let bn = if model.arch().has_batch_norm() {
+        let bn = if model.net().has_batch_norm() {
             BnUse::Train
         } else {
             BnUse::Eval
@@ -103,8 +103,9 @@ impl<T: Scalar> Workload<T> {
             ..StructuralOptions::default()
         };
         structural_trace(
-            &self.model.structure(BnUse::Eval),
+            self.model.net(),
             &self.model.params_cloned(),
+            &self.model.norm_stats(BnUse::Eval),
             &self.x,
             &self.labels,
             &opts,
@@ -158,45 +159,14 @@ impl<T: Scalar> Workload<T> {
     }
 }
 
-/// Multiply-accumulates of each linear or conv layer of `arch` for a batch of `n`, in
-/// forward order.
-pub fn layer_macs(arch: &flatmin_models::Arch, n: usize) -> Vec<f64> {
-    use flatmin_models::Arch;
-    let n = n as f64;
-    match arch {
-        Arch::Mlp { widths, .. } => widths
-            .windows(2)
-            .map(|w| n * (w[0] * w[1]) as f64)
-            .collect(),
-        Arch::Cnn => vec![
-            n * 1024.0 * 32.0 * 27.0,
-            n * 256.0 * 64.0 * 288.0,
-            n * 4096.0 * 128.0,
-            n * 128.0 * 10.0,
-        ],
-        Arch::ResNet { blocks, widths } => {
-            let conv = |hw: usize, cin: usize, cout: usize, k: usize| {
-                n * (hw * hw * cout * cin * k * k) as f64
-            };
-            let mut v = vec![conv(32, 3, widths[0], 3)];
-            let (mut hw, mut cin) = (32, widths[0]);
-            for (i, (&nb, &w)) in blocks.iter().zip(widths).enumerate() {
-                for j in 0..nb {
-                    let stride = if i > 0 && j == 0 { 2 } else { 1 };
-                    let out = hw / stride;
-                    v.push(conv(out, cin, w, 3));
-                    v.push(conv(out, w, w, 3));
-                    if stride != 1 || cin != w {
-                        v.push(conv(out, cin, w, 1));
-                    }
-                    hw = out;
-                    cin = w;
-                }
-            }
-            v.push(n * (cin * 10) as f64);
-            v
-        }
-    }
+/// Multiply-accumulates of each linear or conv layer of `net` for a batch of `n`, in
+/// forward order (from the network description's per-sample counts).
+pub fn layer_macs(net: &flatmin_models::Net, n: usize) -> Vec<f64> {
+    net.macs()
+        .into_iter()
+        .filter(|&m| m > 0)
+        .map(|m| (m as f64) * n as f64)
+        .collect()
 }
 
 /// GEMM floating-point operations of one gradient: forward, weight gradients, and input

@@ -35,7 +35,7 @@ fn as_f32(t: RawTensor) -> RawTensor {
 /// `num_batches_tracked`.
 fn write_weights(path: &Path, preset: &str, seed: u64, dtype: DType) {
     let mut model = Model::<f64>::named(preset, seed).unwrap();
-    if model.arch().has_batch_norm() {
+    if model.net().has_batch_norm() {
         let mut rng = Rng(seed.wrapping_mul(31) | 1);
         for _ in 0..3 {
             let x: Vec<f64> = (0..4 * 3072).map(|_| rng.uniform()).collect();

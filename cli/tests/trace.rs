@@ -26,7 +26,7 @@ fn scratch(name: &str) -> PathBuf {
 /// train-mode batches, so that eval mode differs from train mode.
 fn write_weights(path: &Path, preset: &str, seed: u64) -> Model<f64> {
     let mut model = Model::<f64>::named(preset, seed).unwrap();
-    if model.arch().has_batch_norm() {
+    if model.net().has_batch_norm() {
         let mut rng = Rng(seed.wrapping_mul(31) | 1);
         for _ in 0..2 {
             let x: Vec<f64> = (0..4 * 3072).map(|_| rng.uniform()).collect();

@@ -48,6 +48,14 @@ pub enum EngineError {
     /// The backward pass was started from a non-scalar value.
     #[error("backward needs a scalar output, got shape {0:?}")]
     NotScalar(Vec<usize>),
+    /// A network description that does not hold together (see [`crate::net::Net`]).
+    #[error("layer '{layer}': {detail}")]
+    Net {
+        /// Name of the offending layer.
+        layer: String,
+        /// What is wrong, with the shapes or names involved.
+        detail: String,
+    },
     /// A Var from another tape, or one out of range.
     #[error("variable {0} does not belong to this tape")]
     UnknownVar(usize),

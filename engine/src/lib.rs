@@ -31,6 +31,7 @@ pub mod check;
 pub mod curvature;
 pub mod error;
 pub mod kernels;
+pub mod net;
 mod ops;
 pub mod runtime;
 pub mod scalar;

@@ -1,20 +1,23 @@
-//! The structural trace (per-sample backward over a declared `Net`) against the exact trace
+//! The structural trace (per-sample backward over a network description) against the exact trace
 //! and diagonal by basis HVPs on the same net recorded on the tape: smooth MLPs (GGN part
 //! plus activation sources), a conv net with a smooth activation inside, a residual net with
 //! BatchNorm in eval mode and max pooling; refusals; batching and thread independence.
 
 use flatmin_engine::curvature::{
-    exact_trace, structural_support, structural_trace, Batches, Hessian, HvpConfig, Net, NormStats,
+    exact_trace, structural_support, structural_trace, Batches, Hessian, HvpConfig,
     StructuralAccumulator, StructuralOptions, StructuralTrace,
 };
-use flatmin_engine::{Scalar, Tensor, Unary};
+use flatmin_engine::net::{Activation, ConvOptions, Net, NodeId, NormStats, RunningStats};
+use flatmin_engine::{Scalar, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// A net, its parameters and one batch of data.
+/// A net, its parameters, its BatchNorm statistics (`None`: batch statistics) and one batch
+/// of data.
 struct Case<T> {
-    net: Net<T>,
+    net: Net,
     params: Vec<Tensor<T>>,
+    running: Option<Vec<(Vec<T>, Vec<T>)>>,
     x: Tensor<T>,
     labels: Vec<usize>,
 }
@@ -25,24 +28,46 @@ fn uniform<T: Scalar>(rng: &mut StdRng, shape: &[usize], lo: f64, hi: f64) -> Te
 
 impl<T: Scalar> Case<T> {
     fn with_data(
-        net: Net<T>,
+        net: Net,
         params: Vec<Tensor<T>>,
-        sample: &[usize],
+        running: Option<Vec<(Vec<T>, Vec<T>)>>,
         n: usize,
-        classes: usize,
         seed: u64,
     ) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut shape = vec![n];
-        shape.extend_from_slice(sample);
+        shape.extend_from_slice(net.input_shape());
+        let classes = net.output_shape()[0];
         let x = uniform(&mut rng, &shape, -1.5, 1.5);
         let labels = (0..n).map(|_| rng.gen_range(0..classes)).collect();
         Case {
             net,
             params,
+            running,
             x,
             labels,
         }
+    }
+
+    fn norm(&self) -> NormStats<'_, T> {
+        match &self.running {
+            None => NormStats::Batch,
+            Some(r) => NormStats::Running(
+                r.iter()
+                    .map(|(mean, var)| RunningStats { mean, var })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn loss(
+        &self,
+        t: &mut flatmin_engine::Tape<T>,
+        v: &[flatmin_engine::Var],
+        x: flatmin_engine::Var,
+        labels: &[usize],
+    ) -> flatmin_engine::Result<flatmin_engine::Var> {
+        self.net.loss(t, v, x, &self.norm(), labels)
     }
 
     fn structural(&self, diagonal: bool) -> StructuralTrace {
@@ -50,33 +75,34 @@ impl<T: Scalar> Case<T> {
             diagonal,
             ..StructuralOptions::default()
         };
-        structural_trace(&self.net, &self.params, &self.x, &self.labels, &opts).unwrap()
+        structural_trace(
+            &self.net,
+            &self.params,
+            &self.norm(),
+            &self.x,
+            &self.labels,
+            &opts,
+        )
+        .unwrap()
     }
 }
 
 /// `x -> f1(W1 x + b1) -> f2(W2 · + b2) -> ... -> logits`, parameters [W1, b1, W2, b2, ...].
-fn mlp<T: Scalar>(widths: &[usize], acts: &[Unary<T>], n: usize, seed: u64) -> Case<T> {
+fn mlp<T: Scalar>(widths: &[usize], acts: &[Activation], n: usize, seed: u64) -> Case<T> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut net = Net::new();
+    let mut net = Net::new(&[widths[0]]);
     let mut params = Vec::new();
     let mut h = net.input();
     for (i, w) in widths.windows(2).enumerate() {
         let bound = 1.6 / (w[0] as f64).sqrt();
         params.push(uniform(&mut rng, &[w[1], w[0]], -bound, bound));
         params.push(uniform(&mut rng, &[w[1]], -0.5, 0.5));
-        h = net.linear(h, 2 * i, Some(2 * i + 1));
+        h = net.linear(&format!("fc{i}"), h, w[1], true).unwrap();
         if i < acts.len() {
-            h = net.activation(h, acts[i]);
+            h = net.activation(h, acts[i]).unwrap();
         }
     }
-    Case::with_data(
-        net,
-        params,
-        &[widths[0]],
-        n,
-        *widths.last().unwrap(),
-        seed + 100,
-    )
+    Case::with_data(net, params, None, n, seed + 100)
 }
 
 /// conv(2→3, 3x3, pad 1, bias) → tanh → max-pool 2 → conv(3→4, 3x3, stride 2, pad 1) → relu
@@ -90,102 +116,112 @@ fn conv_net<T: Scalar>(n: usize, seed: u64) -> Case<T> {
         uniform(&mut rng, &[3, 4], -0.8, 0.8),
         uniform(&mut rng, &[3], -0.3, 0.3),
     ];
-    let mut net = Net::new();
-    let mut h = net.conv2d(net.input(), 0, Some(1), 1, 1);
-    h = net.activation(h, Unary::Tanh);
-    h = net.max_pool2d(h, 2, 2);
-    h = net.conv2d(h, 2, None, 2, 1);
-    h = net.relu(h);
-    h = net.avg_pool2d(h, 2, 2);
-    h = net.flatten(h);
-    net.linear(h, 3, Some(4));
-    Case::with_data(net, params, &[2, 8, 8], n, 3, seed + 7)
+    let mut net = Net::new(&[2, 8, 8]);
+    let pad1 = ConvOptions {
+        padding: 1,
+        ..ConvOptions::default()
+    };
+    let mut h = net.conv2d("conv1", net.input(), 3, 3, pad1).unwrap();
+    h = net.activation(h, Activation::Tanh).unwrap();
+    h = net.max_pool2d(h, 2, 2).unwrap();
+    let strided = ConvOptions {
+        stride: 2,
+        padding: 1,
+        bias: false,
+    };
+    h = net.conv2d("conv2", h, 4, 3, strided).unwrap();
+    h = net.relu(h).unwrap();
+    h = net.avg_pool2d(h, 2, 2).unwrap();
+    h = net.flatten(h).unwrap();
+    net.linear("fc", h, 3, true).unwrap();
+    Case::with_data(net, params, None, n, seed + 7)
 }
 
-/// Parameter list with a running-statistics BatchNorm appended by [`bn`].
+/// Builds a net with its parameters and running statistics drawn as layers are added.
 struct Builder<T> {
-    net: Net<T>,
+    net: Net,
     params: Vec<Tensor<T>>,
+    running: Vec<(Vec<T>, Vec<T>)>,
     rng: StdRng,
-    train: bool,
+    layers: usize,
 }
 
 impl<T: Scalar> Builder<T> {
-    fn param(&mut self, shape: &[usize], lo: f64, hi: f64) -> usize {
+    fn param(&mut self, shape: &[usize], lo: f64, hi: f64) {
         let t = uniform(&mut self.rng, shape, lo, hi);
         self.params.push(t);
-        self.params.len() - 1
     }
 
-    fn conv(
-        &mut self,
-        x: flatmin_engine::curvature::NodeId,
-        cin: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        pad: usize,
-    ) -> flatmin_engine::curvature::NodeId {
+    fn name(&mut self, kind: &str) -> String {
+        self.layers += 1;
+        format!("{kind}{}", self.layers)
+    }
+
+    fn conv(&mut self, x: NodeId, cout: usize, k: usize, stride: usize, pad: usize) -> NodeId {
+        let cin = self.net.node(x).shape[0];
         let b = 1.2 / ((cin * k * k) as f64).sqrt();
-        let w = self.param(&[cout, cin, k, k], -b, b);
-        self.net.conv2d(x, w, None, stride, pad)
+        self.param(&[cout, cin, k, k], -b, b);
+        let opts = ConvOptions {
+            stride,
+            padding: pad,
+            bias: false,
+        };
+        let name = self.name("conv");
+        self.net.conv2d(&name, x, cout, k, opts).unwrap()
     }
 
-    fn bn(
-        &mut self,
-        x: flatmin_engine::curvature::NodeId,
-        c: usize,
-    ) -> flatmin_engine::curvature::NodeId {
-        let g = self.param(&[c], 0.6, 1.4);
-        let b = self.param(&[c], -0.3, 0.3);
-        let stats = if self.train {
-            NormStats::Batch
-        } else {
-            let mean = (0..c)
-                .map(|_| T::c(self.rng.gen_range(-0.3..0.3)))
-                .collect();
-            let var = (0..c).map(|_| T::c(self.rng.gen_range(0.4..1.6))).collect();
-            NormStats::Running { mean, var }
-        };
-        self.net.batch_norm2d(x, g, b, stats, 1e-5)
+    fn bn(&mut self, x: NodeId) -> NodeId {
+        let c = self.net.node(x).shape[0];
+        self.param(&[c], 0.6, 1.4);
+        self.param(&[c], -0.3, 0.3);
+        let mean = (0..c)
+            .map(|_| T::c(self.rng.gen_range(-0.3..0.3)))
+            .collect();
+        let var = (0..c).map(|_| T::c(self.rng.gen_range(0.4..1.6))).collect();
+        self.running.push((mean, var));
+        let name = self.name("bn");
+        self.net.batch_norm2d(&name, x).unwrap()
     }
 }
 
 /// A reduced ResNet (widths [4, 8]) on 3x8x8 inputs: conv-BN-relu, max-pool, one identity
 /// BasicBlock, one downsampling BasicBlock with a 1x1 conv + BN shortcut, global average
-/// pooling, linear.
+/// pooling, linear. `train`: BatchNorm on batch statistics.
 fn resnet<T: Scalar>(n: usize, seed: u64, train: bool) -> Case<T> {
     let mut b = Builder {
-        net: Net::new(),
+        net: Net::new(&[3, 8, 8]),
         params: Vec::new(),
+        running: Vec::new(),
         rng: StdRng::seed_from_u64(seed),
-        train,
+        layers: 0,
     };
     let x = b.net.input();
-    let mut h = b.conv(x, 3, 4, 3, 1, 1);
-    h = b.bn(h, 4);
-    h = b.net.relu(h);
-    h = b.net.max_pool2d(h, 2, 2);
+    let mut h = b.conv(x, 4, 3, 1, 1);
+    h = b.bn(h);
+    h = b.net.relu(h).unwrap();
+    h = b.net.max_pool2d(h, 2, 2).unwrap();
     for (cin, cout, stride) in [(4, 4, 1), (4, 8, 2)] {
-        let mut o = b.conv(h, cin, cout, 3, stride, 1);
-        o = b.bn(o, cout);
-        o = b.net.relu(o);
-        o = b.conv(o, cout, cout, 3, 1, 1);
-        o = b.bn(o, cout);
+        let mut o = b.conv(h, cout, 3, stride, 1);
+        o = b.bn(o);
+        o = b.net.relu(o).unwrap();
+        o = b.conv(o, cout, 3, 1, 1);
+        o = b.bn(o);
         let short = if stride != 1 || cin != cout {
-            let s = b.conv(h, cin, cout, 1, stride, 0);
-            b.bn(s, cout)
+            let s = b.conv(h, cout, 1, stride, 0);
+            b.bn(s)
         } else {
             h
         };
-        o = b.net.add(o, short);
-        h = b.net.relu(o);
+        o = b.net.add(o, short).unwrap();
+        h = b.net.relu(o).unwrap();
     }
-    h = b.net.global_avg_pool(h);
-    let w = b.param(&[5, 8], -0.6, 0.6);
-    let bias = b.param(&[5], -0.2, 0.2);
-    b.net.linear(h, w, Some(bias));
-    Case::with_data(b.net, b.params, &[3, 8, 8], n, 5, seed + 3)
+    h = b.net.adaptive_avg_pool2d(h).unwrap();
+    h = b.net.flatten(h).unwrap();
+    b.param(&[5, 8], -0.6, 0.6);
+    b.param(&[5], -0.2, 0.2);
+    b.net.linear("fc", h, 5, true).unwrap();
+    let running = (!train).then_some(b.running);
+    Case::with_data(b.net, b.params, running, n, seed + 3)
 }
 
 fn basis(case: &Case<f64>) -> flatmin_engine::curvature::ExactTrace {
@@ -193,7 +229,7 @@ fn basis(case: &Case<f64>) -> flatmin_engine::curvature::ExactTrace {
         &case.params,
         |t, v| {
             let x = t.constant(case.x.clone());
-            case.net.loss(t, v, x, &case.labels)
+            case.loss(t, v, x, &case.labels)
         },
         HvpConfig::default(),
     )
@@ -249,7 +285,7 @@ fn check_against_basis(name: &str, case: &Case<f64>) -> StructuralTrace {
 
 #[test]
 fn tanh_mlp_ggn_plus_sources_is_the_trace() {
-    let case = mlp::<f64>(&[12, 9, 4], &[Unary::Tanh], 7, 1);
+    let case = mlp::<f64>(&[12, 9, 4], &[Activation::Tanh], 7, 1);
     let s = check_against_basis("tanh mlp", &case);
     // The activation part matters: the GGN alone is not the trace.
     assert!(
@@ -265,7 +301,7 @@ fn tanh_mlp_ggn_plus_sources_is_the_trace() {
 
 #[test]
 fn deep_mlp_with_gelu_softplus_sigmoid() {
-    let acts = [Unary::Gelu, Unary::Softplus, Unary::Sigmoid];
+    let acts = [Activation::Gelu, Activation::Softplus, Activation::Sigmoid];
     let case = mlp::<f64>(&[6, 7, 6, 5, 4], &acts, 5, 2);
     let s = check_against_basis("gelu/softplus/sigmoid mlp", &case);
     assert!(s.activation_trace.abs() > 1e-6 * s.trace.abs());
@@ -278,7 +314,7 @@ fn deep_mlp_with_gelu_softplus_sigmoid() {
 
 #[test]
 fn relu_mlp_is_pure_ggn() {
-    let case = mlp::<f64>(&[10, 8, 8, 3], &[Unary::Relu, Unary::Relu], 6, 3);
+    let case = mlp::<f64>(&[10, 8, 8, 3], &[Activation::Relu, Activation::Relu], 6, 3);
     let s = check_against_basis("relu mlp", &case);
     assert_eq!(s.activation_trace, 0.0);
     assert_eq!(s.source_columns, 0);
@@ -303,30 +339,32 @@ fn refusals_name_the_reason() {
     let opts = StructuralOptions::default();
     // BatchNorm on batch statistics.
     let case = resnet::<f64>(3, 5, true);
-    let sup = structural_support(&case.net, &case.params, &[3, 8, 8], &opts).unwrap();
+    let sup = structural_support(&case.net, &case.params, &case.norm(), &opts).unwrap();
     let reason = sup.refusal.expect("train-mode BatchNorm is refused");
     assert!(
         reason.contains("batch statistics") && reason.contains("train mode"),
         "{reason}"
     );
-    let err = structural_trace(&case.net, &case.params, &case.x, &case.labels, &opts)
-        .unwrap_err()
-        .to_string();
+    let err = structural_trace(
+        &case.net,
+        &case.params,
+        &case.norm(),
+        &case.x,
+        &case.labels,
+        &opts,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("does not apply") && err.contains("train mode"),
         "{err}"
     );
     eprintln!("{err}");
 
-    // A parameter entering two layers.
-    let mut rng = StdRng::seed_from_u64(0);
-    let mut net = Net::<f64>::new();
-    let h = net.linear(net.input(), 0, None);
-    let h = net.activation(h, Unary::Tanh);
-    net.linear(h, 0, None);
-    let params = vec![uniform(&mut rng, &[4, 4], -1.0, 1.0)];
-    let sup = structural_support(&net, &params, &[4], &opts).unwrap();
-    assert!(sup.refusal.unwrap().contains("enters two layers"));
+    // Running statistics that do not match the net are an error.
+    let mut case = resnet::<f64>(3, 5, false);
+    case.running.as_mut().unwrap().pop();
+    assert!(structural_support(&case.net, &case.params, &case.norm(), &opts).is_err());
 
     // Too many curvature sources per sample.
     let case = conv_net::<f64>(2, 4);
@@ -334,33 +372,36 @@ fn refusals_name_the_reason() {
         max_sources_per_sample: 100,
         ..StructuralOptions::default()
     };
-    let sup = structural_support(&case.net, &case.params, &[2, 8, 8], &small).unwrap();
+    let sup = structural_support(&case.net, &case.params, &case.norm(), &small).unwrap();
     let reason = sup.refusal.unwrap();
     assert!(
         reason.contains("192 units per sample") && reason.contains("limit 100"),
         "{reason}"
     );
-    let ok = structural_support(&case.net, &case.params, &[2, 8, 8], &opts).unwrap();
+    let ok = structural_support(&case.net, &case.params, &case.norm(), &opts).unwrap();
     assert!(ok.applies());
     assert_eq!(ok.sources_per_sample, 192);
     assert_eq!(ok.classes, 3);
 
-    // Malformed input is an error, not a refusal.
-    let params = vec![uniform(&mut rng, &[4, 4], -1.0, 1.0)];
-    let mut net = Net::<f64>::new();
-    net.linear(net.input(), 3, None);
-    assert!(structural_support(&net, &params, &[4], &opts).is_err());
+    // Malformed input is an error, not a refusal: parameters that do not fit the net.
+    let mut rng = StdRng::seed_from_u64(0);
+    let params = vec![uniform::<f64>(&mut rng, &[4, 4], -1.0, 1.0)];
+    let mut net = Net::new(&[4]);
+    net.linear("fc", net.input(), 3, false).unwrap();
+    let err = structural_support(&net, &params, &NormStats::Batch, &opts).unwrap_err();
+    assert!(err.to_string().contains("fc.weight"), "{err}");
 }
 
 #[test]
 fn batches_combine_like_sample_weighted_hessians() {
-    let case = mlp::<f64>(&[8, 6, 3], &[Unary::Tanh], 8, 6);
+    let case = mlp::<f64>(&[8, 6, 3], &[Activation::Tanh], 8, 6);
     let whole = case.structural(false);
     let opts = StructuralOptions {
         chunk_size: 3,
         ..StructuralOptions::default()
     };
-    let mut acc = StructuralAccumulator::new(&case.net, &case.params, &[8], &opts).unwrap();
+    let norm = case.norm();
+    let mut acc = StructuralAccumulator::new(&case.net, &case.params, &norm, &opts).unwrap();
     let parts = [(0, 5), (5, 8)];
     for &(a, b) in &parts {
         let x = Tensor::from_vec(&[b - a, 8], case.x.data()[a * 8..b * 8].to_vec()).unwrap();
@@ -383,7 +424,7 @@ fn batches_combine_like_sample_weighted_hessians() {
                 let (lo, hi) = parts[b];
                 let x = Tensor::from_vec(&[hi - lo, 8], case.x.data()[lo * 8..hi * 8].to_vec())?;
                 let x = t.constant(x);
-                case.net.loss(t, v, x, &case.labels[lo..hi])
+                case.loss(t, v, x, &case.labels[lo..hi])
             },
         ),
         HvpConfig::default(),
@@ -419,8 +460,16 @@ fn same_bits_for_any_thread_count_and_f32_agrees() {
     assert!(rel(a.trace, one.trace) < 1e-13);
 
     let case32 = Case::<f32> {
-        net: resnet::<f32>(6, 8, false).net,
+        net: case.net.clone(),
         params: case.params.iter().map(|p| p.cast()).collect(),
+        running: case.running.as_ref().map(|r| {
+            r.iter()
+                .map(|(m, v)| {
+                    let cast = |a: &Vec<f64>| a.iter().map(|&x| x as f32).collect();
+                    (cast(m), cast(v))
+                })
+                .collect()
+        }),
         x: case.x.cast(),
         labels: case.labels.clone(),
     };

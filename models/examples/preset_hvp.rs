@@ -27,7 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .collect()
         })
         .collect();
-    let bn = if model.arch().has_batch_norm() {
+    let bn = if model.net().has_batch_norm() {
         BnUse::Train
     } else {
         BnUse::Eval

@@ -1,58 +1,9 @@
 //! Architectures: the presets of `reference_models.md` and custom MLPs.
 
 use crate::error::{ModelError, Result};
-use flatmin_engine::Unary;
+use flatmin_engine::net::{ConvOptions, Net, NodeId};
 
-/// Elementwise activation of an MLP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// ReLU.
-    Relu,
-    /// tanh.
-    Tanh,
-    /// Exact (erf) GELU.
-    Gelu,
-    /// Softplus (beta 1, threshold 20).
-    Softplus,
-    /// Logistic sigmoid.
-    Sigmoid,
-}
-
-impl Activation {
-    /// Parses `relu`, `tanh`, `gelu`, `softplus` or `sigmoid`.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "relu" => Activation::Relu,
-            "tanh" => Activation::Tanh,
-            "gelu" => Activation::Gelu,
-            "softplus" => Activation::Softplus,
-            "sigmoid" => Activation::Sigmoid,
-            _ => return None,
-        })
-    }
-
-    /// The name as parsed.
-    pub fn name(self) -> &'static str {
-        match self {
-            Activation::Relu => "relu",
-            Activation::Tanh => "tanh",
-            Activation::Gelu => "gelu",
-            Activation::Softplus => "softplus",
-            Activation::Sigmoid => "sigmoid",
-        }
-    }
-
-    /// The engine's elementwise function.
-    pub fn unary<T>(self) -> Unary<T> {
-        match self {
-            Activation::Relu => Unary::Relu,
-            Activation::Tanh => Unary::Tanh,
-            Activation::Gelu => Unary::Gelu,
-            Activation::Softplus => Unary::Softplus,
-            Activation::Sigmoid => Unary::Sigmoid,
-        }
-    }
-}
+pub use flatmin_engine::net::Activation;
 
 /// A network architecture (CIFAR-10 input `[N, 3, 32, 32]`, 10 logits).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,14 +119,113 @@ impl Arch {
         })
     }
 
-    /// Trainable parameters of the network, counted from its layout without allocating
+    /// Trainable parameters of the network, counted from its description without allocating
     /// anything (what [`crate::Model::num_params`] gives once the model is built).
     pub fn num_params(&self) -> usize {
-        crate::model::layout_params(self)
+        self.net().map_or(0, |n| n.num_params())
     }
 
     /// True when the network has BatchNorm layers.
     pub fn has_batch_norm(&self) -> bool {
         matches!(self, Arch::ResNet { .. })
     }
+
+    /// The network description of the architecture, with the names and layouts of the
+    /// PyTorch definitions in `reference_models.md` (an error for a hand-built `Arch` whose
+    /// sizes do not fit together).
+    pub fn net(&self) -> Result<Net> {
+        let mut net = Net::new(&[3, 32, 32]);
+        let x = net.input();
+        match self {
+            Arch::Mlp {
+                widths,
+                act,
+                input_pool,
+            } => mlp(&mut net, x, widths, *act, *input_pool)?,
+            Arch::Cnn => cnn(&mut net, x)?,
+            Arch::ResNet { blocks, widths } => resnet(&mut net, x, blocks, widths)?,
+        };
+        Ok(net)
+    }
+}
+
+fn mlp(
+    net: &mut Net,
+    x: NodeId,
+    widths: &[usize],
+    act: Activation,
+    input_pool: usize,
+) -> Result<NodeId> {
+    let mut h = x;
+    if input_pool > 1 {
+        h = net.avg_pool2d(h, input_pool, input_pool)?;
+    }
+    h = net.flatten(h)?;
+    let layers = widths.len().saturating_sub(1);
+    for (i, &w) in widths.iter().skip(1).enumerate() {
+        h = net.linear(&format!("layers.{i}"), h, w, true)?;
+        if i + 1 < layers {
+            h = net.activation(h, act)?;
+        }
+    }
+    Ok(h)
+}
+
+/// cnn-s. `max_pool2d(relu(z))` is computed as `relu(max_pool2d(z))`: ReLU is monotone, so
+/// values, gradients and HVPs are the same (a window with no positive entry gets a zero
+/// gradient either way), on a quarter of the elements.
+fn cnn(net: &mut Net, x: NodeId) -> Result<NodeId> {
+    let same = ConvOptions {
+        padding: 1,
+        ..ConvOptions::default()
+    };
+    let mut h = net.conv2d("conv1", x, 32, 3, same)?;
+    h = net.max_pool2d(h, 2, 2)?;
+    h = net.relu(h)?;
+    h = net.conv2d("conv2", h, 64, 3, same)?;
+    h = net.max_pool2d(h, 2, 2)?;
+    h = net.relu(h)?;
+    h = net.flatten(h)?;
+    h = net.linear("fc1", h, 128, true)?;
+    h = net.relu(h)?;
+    Ok(net.linear("fc2", h, 10, true)?)
+}
+
+fn resnet(net: &mut Net, x: NodeId, blocks: &[usize], widths: &[usize]) -> Result<NodeId> {
+    let conv = |stride: usize, padding: usize| ConvOptions {
+        stride,
+        padding,
+        bias: false,
+    };
+    let first = *widths
+        .first()
+        .ok_or_else(|| flatmin_engine::EngineError::Net {
+            layer: "conv1".into(),
+            detail: "a ResNet needs at least one stage".into(),
+        })?;
+    let mut h = net.conv2d("conv1", x, first, 3, conv(1, 1))?;
+    h = net.batch_norm2d("bn1", h)?;
+    h = net.relu(h)?;
+    for (i, (&nb, &w)) in blocks.iter().zip(widths).enumerate() {
+        for j in 0..nb {
+            let stride = if i > 0 && j == 0 { 2 } else { 1 };
+            let p = format!("layer{}.{j}", i + 1);
+            let mut o = net.conv2d(&format!("{p}.conv1"), h, w, 3, conv(stride, 1))?;
+            o = net.batch_norm2d(&format!("{p}.bn1"), o)?;
+            o = net.relu(o)?;
+            o = net.conv2d(&format!("{p}.conv2"), o, w, 3, conv(1, 1))?;
+            o = net.batch_norm2d(&format!("{p}.bn2"), o)?;
+            let short = if stride != 1 || net.node(h).shape[0] != w {
+                let s = net.conv2d(&format!("{p}.shortcut.0"), h, w, 1, conv(stride, 0))?;
+                net.batch_norm2d(&format!("{p}.shortcut.1"), s)?
+            } else {
+                h
+            };
+            o = net.add(o, short)?;
+            h = net.relu(o)?;
+        }
+    }
+    h = net.adaptive_avg_pool2d(h)?;
+    h = net.flatten(h)?;
+    Ok(net.linear("linear", h, 10, true)?)
 }

@@ -74,8 +74,16 @@ pub enum ModelError {
     /// The destination exists but is not a regular file (a folder, link or device).
     #[error("{0}: exists and is not a regular file; refusing to replace it")]
     NotAFile(PathBuf),
+    /// A network file that cannot be used (`docs/network-file.md`).
+    #[error("{origin}: {detail}")]
+    Network {
+        /// The file.
+        origin: String,
+        /// What is wrong, naming the layer.
+        detail: String,
+    },
     /// An unknown model name or malformed model spec.
-    #[error("unknown model '{0}' (presets: tiny-tanh, mlp-s, cnn-s, resnet20, resnet18; custom: mlp:W1,W2,...:ACT)")]
+    #[error("unknown model '{0}' (presets: tiny-tanh, mlp-s, cnn-s, resnet20, resnet18; custom: mlp:W1,W2,...:ACT; or a network file NAME.json)")]
     UnknownModel(String),
     /// A custom model with more parameters than [`crate::arch::MAX_PARAMS`] (or than a
     /// machine word can count).

@@ -1,19 +1,16 @@
-//! `Model<T>`: an architecture plus its named state (parameters and BatchNorm buffers) in
-//! PyTorch's `state_dict` order, names and layouts; forward pass on a tape; evaluation of
-//! loss, gradient and Hessian-vector products; safetensors load and save.
+//! `Model<T>`: a network description ([`Net`]) plus its named state (parameters and
+//! BatchNorm buffers) in PyTorch's `state_dict` order, names and layouts; forward pass on a
+//! tape; evaluation of loss, gradient and Hessian-vector products; safetensors load and save.
 
-use crate::arch::{Activation, Arch};
 use crate::error::{ModelError, Result};
 use crate::io::{read_safetensors, write_safetensors, RawData, RawTensor};
-use flatmin_engine::{BatchStats, BnMode, Scalar, Tape, Tensor, Var};
+use flatmin_engine::net::{Layer, Net, NormStats, RunningStats};
+use flatmin_engine::{BatchStats, Scalar, Tape, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::path::Path;
 
-/// BatchNorm momentum (PyTorch default).
-pub const BN_MOMENTUM: f64 = 0.1;
-/// BatchNorm epsilon (PyTorch default).
-pub const BN_EPS: f64 = 1e-5;
+pub use flatmin_engine::net::{BN_EPS, BN_MOMENTUM};
 
 /// How BatchNorm layers normalize during a forward pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,43 +40,8 @@ impl BnUse {
     }
 }
 
-/// What a state entry is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EntryKind {
-    /// A Linear or Conv weight (PyTorch default init: kaiming-uniform, a = √5).
-    Weight {
-        /// Fan-in of the layer.
-        fan_in: usize,
-    },
-    /// A Linear or Conv bias (uniform ±1/√fan_in).
-    Bias {
-        /// Fan-in of the layer.
-        fan_in: usize,
-    },
-    /// BatchNorm scale γ (init 1).
-    BnWeight,
-    /// BatchNorm shift β (init 0).
-    BnBias,
-    /// BatchNorm running mean (buffer, init 0).
-    RunningMean,
-    /// BatchNorm running variance (buffer, init 1).
-    RunningVar,
-    /// BatchNorm `num_batches_tracked` (int64 buffer).
-    Count,
-}
-
-impl EntryKind {
-    /// True for trainable parameters.
-    pub fn trainable(self) -> bool {
-        matches!(
-            self,
-            EntryKind::Weight { .. }
-                | EntryKind::Bias { .. }
-                | EntryKind::BnWeight
-                | EntryKind::BnBias
-        )
-    }
-}
+/// What a state entry is (the network description's [`flatmin_engine::net::StateKind`]).
+pub use flatmin_engine::net::StateKind as EntryKind;
 
 /// The value of a state entry.
 #[derive(Clone, Debug, PartialEq)]
@@ -106,163 +68,11 @@ pub struct Entry<T> {
 /// A network with its state.
 #[derive(Clone, Debug)]
 pub struct Model<T> {
-    arch: Arch,
+    net: Net,
     entries: Vec<Entry<T>>,
     params: Vec<usize>,
     /// Per BatchNorm layer: entry indices of running_mean, running_var, num_batches_tracked.
     bns: Vec<[usize; 3]>,
-}
-
-/// Layout builder: entries in registration order.
-struct Layout(Vec<(String, Vec<usize>, EntryKind)>);
-
-impl Layout {
-    fn linear(&mut self, name: &str, fan_in: usize, out: usize, bias: bool) {
-        self.0.push((
-            format!("{name}.weight"),
-            vec![out, fan_in],
-            EntryKind::Weight { fan_in },
-        ));
-        if bias {
-            self.0.push((
-                format!("{name}.bias"),
-                vec![out],
-                EntryKind::Bias { fan_in },
-            ));
-        }
-    }
-    fn conv(&mut self, name: &str, cin: usize, cout: usize, k: usize, bias: bool) {
-        let fan_in = cin * k * k;
-        self.0.push((
-            format!("{name}.weight"),
-            vec![cout, cin, k, k],
-            EntryKind::Weight { fan_in },
-        ));
-        if bias {
-            self.0.push((
-                format!("{name}.bias"),
-                vec![cout],
-                EntryKind::Bias { fan_in },
-            ));
-        }
-    }
-    fn bn(&mut self, name: &str, c: usize) {
-        for (suffix, kind) in [
-            ("weight", EntryKind::BnWeight),
-            ("bias", EntryKind::BnBias),
-            ("running_mean", EntryKind::RunningMean),
-            ("running_var", EntryKind::RunningVar),
-        ] {
-            self.0.push((format!("{name}.{suffix}"), vec![c], kind));
-        }
-        self.0.push((
-            format!("{name}.num_batches_tracked"),
-            vec![],
-            EntryKind::Count,
-        ));
-    }
-}
-
-/// Trainable parameters of `arch`'s layout (no tensor is allocated). Cannot overflow for an
-/// architecture [`Arch::parse`] accepted (at most [`crate::arch::MAX_PARAMS`]).
-pub(crate) fn layout_params(arch: &Arch) -> usize {
-    layout(arch)
-        .0
-        .iter()
-        .filter(|(_, _, kind)| kind.trainable())
-        .map(|(_, shape, _)| shape.iter().product::<usize>())
-        .sum()
-}
-
-fn layout(arch: &Arch) -> Layout {
-    let mut l = Layout(Vec::new());
-    match arch {
-        Arch::Mlp { widths, .. } => {
-            for (i, w) in widths.windows(2).enumerate() {
-                l.linear(&format!("layers.{i}"), w[0], w[1], true);
-            }
-        }
-        Arch::Cnn => {
-            l.conv("conv1", 3, 32, 3, true);
-            l.conv("conv2", 32, 64, 3, true);
-            l.linear("fc1", 64 * 8 * 8, 128, true);
-            l.linear("fc2", 128, 10, true);
-        }
-        Arch::ResNet { blocks, widths } => {
-            l.conv("conv1", 3, widths[0], 3, false);
-            l.bn("bn1", widths[0]);
-            let mut cin = widths[0];
-            for (i, (&nb, &w)) in blocks.iter().zip(widths).enumerate() {
-                for j in 0..nb {
-                    let stride = if i > 0 && j == 0 { 2 } else { 1 };
-                    let p = format!("layer{}.{j}", i + 1);
-                    l.conv(&format!("{p}.conv1"), cin, w, 3, false);
-                    l.bn(&format!("{p}.bn1"), w);
-                    l.conv(&format!("{p}.conv2"), w, w, 3, false);
-                    l.bn(&format!("{p}.bn2"), w);
-                    if stride != 1 || cin != w {
-                        l.conv(&format!("{p}.shortcut.0"), cin, w, 1, false);
-                        l.bn(&format!("{p}.shortcut.1"), w);
-                    }
-                    cin = w;
-                }
-            }
-            l.linear("linear", cin, 10, true);
-        }
-    }
-    l
-}
-
-/// Walks parameters and BatchNorm layers in registration order during a forward pass.
-struct Cursor<'a, T> {
-    model: &'a Model<T>,
-    params: &'a [Var],
-    next_param: usize,
-    next_bn: usize,
-    bn: BnUse,
-    stats: Vec<BatchStats<T>>,
-}
-
-impl<T: Scalar> Cursor<'_, T> {
-    fn param(&mut self) -> Var {
-        let v = self.params[self.next_param];
-        self.next_param += 1;
-        v
-    }
-
-    fn linear(&mut self, tape: &mut Tape<T>, x: Var) -> Result<Var> {
-        let (w, b) = (self.param(), self.param());
-        Ok(tape.linear(x, w, Some(b))?)
-    }
-
-    fn conv(
-        &mut self,
-        tape: &mut Tape<T>,
-        x: Var,
-        stride: usize,
-        pad: usize,
-        bias: bool,
-    ) -> Result<Var> {
-        let w = self.param();
-        let b = if bias { Some(self.param()) } else { None };
-        Ok(tape.conv2d(x, w, b, stride, pad)?)
-    }
-
-    fn bn(&mut self, tape: &mut Tape<T>, x: Var) -> Result<Var> {
-        let (g, b) = (self.param(), self.param());
-        let [rm, rv, _] = self.model.bns[self.next_bn];
-        self.next_bn += 1;
-        let mode = match self.bn {
-            BnUse::Train => BnMode::Train,
-            BnUse::Eval => BnMode::Eval {
-                mean: self.model.float(rm).data(),
-                var: self.model.float(rv).data(),
-            },
-        };
-        let (y, stats) = tape.batch_norm2d(x, g, b, mode, BN_EPS)?;
-        self.stats.extend(stats);
-        Ok(y)
-    }
 }
 
 /// Loss, logits, gradient and Hessian-vector products of a model on one batch.
@@ -281,11 +91,12 @@ pub struct Evaluation<T> {
 }
 
 impl<T: Scalar> Model<T> {
-    /// A model with PyTorch's default initialization, drawn from a seeded RNG.
-    pub fn new(arch: Arch, seed: u64) -> Self {
+    /// A model of `net` with PyTorch's default initialization, drawn from a seeded RNG.
+    pub fn new(net: Net, seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut entries = Vec::new();
-        for (name, shape, kind) in layout(&arch).0 {
+        for spec in net.state() {
+            let (name, shape, kind) = (spec.name, spec.shape, spec.kind);
             let value = match kind {
                 EntryKind::Weight { fan_in } | EntryKind::Bias { fan_in } => {
                     // kaiming_uniform(a=√5) gives the same bound 1/√fan_in as the bias.
@@ -307,10 +118,10 @@ impl<T: Scalar> Model<T> {
                 value,
             });
         }
-        Self::from_entries(arch, entries)
+        Self::from_entries(net, entries)
     }
 
-    fn from_entries(arch: Arch, entries: Vec<Entry<T>>) -> Self {
+    fn from_entries(net: Net, entries: Vec<Entry<T>>) -> Self {
         let params = (0..entries.len())
             .filter(|&i| entries[i].kind.trainable())
             .collect();
@@ -321,21 +132,39 @@ impl<T: Scalar> Model<T> {
             .map(|(i, _)| [i, i + 1, i + 2])
             .collect();
         Model {
-            arch,
+            net,
             entries,
             params,
             bns,
         }
     }
 
-    /// A preset or custom model by name (see [`Arch::parse`]), initialized from `seed`.
+    /// A preset, a custom MLP spec (see [`Arch::parse`]) or a network file (a path ending in
+    /// `.json`, see `docs/network-file.md`), initialized from `seed`.
     pub fn named(name: &str, seed: u64) -> Result<Self> {
-        Ok(Self::new(Arch::parse(name)?, seed))
+        Ok(Self::new(crate::netfile::resolve(name)?, seed))
     }
 
-    /// The architecture.
-    pub fn arch(&self) -> &Arch {
-        &self.arch
+    /// The network description.
+    pub fn net(&self) -> &Net {
+        &self.net
+    }
+
+    /// The statistics the BatchNorm layers normalize with in mode `bn`: batch statistics, or
+    /// this model's running statistics.
+    pub fn norm_stats(&self, bn: BnUse) -> NormStats<'_, T> {
+        match bn {
+            BnUse::Train => NormStats::Batch,
+            BnUse::Eval => NormStats::Running(
+                self.bns
+                    .iter()
+                    .map(|&[rm, rv, _]| RunningStats {
+                        mean: self.float(rm).data(),
+                        var: self.float(rv).data(),
+                    })
+                    .collect(),
+            ),
+        }
     }
 
     /// All state entries in `state_dict` order.
@@ -440,93 +269,30 @@ impl<T: Scalar> Model<T> {
                 ),
             }));
         }
-        let xs = tape.value(x).shape();
-        if xs.len() != 4 || xs[1..] != [3, 32, 32] {
-            return Err(ModelError::Engine(flatmin_engine::EngineError::Shape {
-                op: "forward",
-                detail: format!("input {xs:?}, want [N, 3, 32, 32]"),
-            }));
-        }
-        let mut c = Cursor {
-            model: self,
-            params,
-            next_param: 0,
-            next_bn: 0,
-            bn,
-            stats: Vec::new(),
-        };
-        let logits = match &self.arch {
-            Arch::Mlp {
-                widths,
-                act,
-                input_pool,
-            } => {
-                let mut h = x;
-                if *input_pool > 1 {
-                    h = tape.avg_pool2d(h, *input_pool, *input_pool)?;
-                }
-                h = tape.flatten(h)?;
-                let layers = widths.len() - 1;
-                for i in 0..layers {
-                    h = c.linear(tape, h)?;
-                    if i + 1 < layers {
-                        h = apply(tape, h, *act)?;
-                    }
-                }
-                h
-            }
-            Arch::Cnn => {
-                // max_pool2d(relu(z)) is computed as relu(max_pool2d(z)): ReLU is monotone, so
-                // values, gradients and HVPs are the same (a window with no positive entry
-                // gets a zero gradient either way), on a quarter of the elements.
-                let mut h = c.conv(tape, x, 1, 1, true)?;
-                h = tape.max_pool2d(h, 2, 2)?;
-                h = tape.relu(h)?;
-                h = c.conv(tape, h, 1, 1, true)?;
-                h = tape.max_pool2d(h, 2, 2)?;
-                h = tape.relu(h)?;
-                h = tape.flatten(h)?;
-                h = c.linear(tape, h)?;
-                h = tape.relu(h)?;
-                c.linear(tape, h)?
-            }
-            Arch::ResNet { blocks, widths } => {
-                let mut h = c.conv(tape, x, 1, 1, false)?;
-                h = c.bn(tape, h)?;
-                h = tape.relu(h)?;
-                let mut cin = widths[0];
-                for (i, (&nb, &w)) in blocks.iter().zip(widths).enumerate() {
-                    for j in 0..nb {
-                        let stride = if i > 0 && j == 0 { 2 } else { 1 };
-                        let mut o = c.conv(tape, h, stride, 1, false)?;
-                        o = c.bn(tape, o)?;
-                        o = tape.relu(o)?;
-                        o = c.conv(tape, o, 1, 1, false)?;
-                        o = c.bn(tape, o)?;
-                        let short = if stride != 1 || cin != w {
-                            let s = c.conv(tape, h, stride, 0, false)?;
-                            c.bn(tape, s)?
-                        } else {
-                            h
-                        };
-                        o = tape.add(o, short)?;
-                        h = tape.relu(o)?;
-                        cin = w;
-                    }
-                }
-                h = tape.global_avg_pool(h)?;
-                c.linear(tape, h)?
-            }
-        };
-        Ok((logits, c.stats))
+        let rec = self.net.record(tape, params, x, &self.norm_stats(bn))?;
+        Ok((rec.output(), rec.batch_stats))
     }
 
-    /// Folds train-mode batch statistics into the running statistics as PyTorch does
-    /// (momentum 0.1, unbiased variance) and counts the batch.
+    /// Folds train-mode batch statistics into the running statistics as PyTorch does (each
+    /// layer's momentum, or the cumulative average when it has none; unbiased variance) and
+    /// counts the batch.
     pub fn update_running_stats(&mut self, stats: &[BatchStats<T>]) {
-        let m = T::c(BN_MOMENTUM);
         let bns = self.bns.clone();
-        for ([rm, rv, nbt], s) in bns.into_iter().zip(stats) {
+        let layers = self.net.batch_norms();
+        for (([rm, rv, nbt], s), node) in bns.into_iter().zip(stats).zip(layers) {
+            let count = match &mut self.entries[nbt].value {
+                EntryValue::Count(c) => {
+                    *c += 1;
+                    *c
+                }
+                EntryValue::Float(_) => 1,
+            };
+            let m = match self.net.node(node).layer {
+                Layer::BatchNorm2d {
+                    momentum: Some(m), ..
+                } => T::c(m),
+                _ => T::c(1.0 / count.max(1) as f64),
+            };
             for (r, &b) in self.float_mut(rm).data_mut().iter_mut().zip(&s.mean) {
                 *r = (T::one() - m) * *r + m * b;
             }
@@ -537,9 +303,6 @@ impl<T: Scalar> Model<T> {
                 .zip(&s.var_unbiased)
             {
                 *r = (T::one() - m) * *r + m * b;
-            }
-            if let EntryValue::Count(c) = &mut self.entries[nbt].value {
-                *c += 1;
             }
         }
     }
@@ -639,7 +402,9 @@ impl<T: Scalar> Model<T> {
             .into_iter()
             .map(|p| tape.param(p.clone(), None))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let xv = tape.constant(Tensor::zeros(&[n, 3, 32, 32]));
+        let mut shape = vec![n];
+        shape.extend_from_slice(self.net.input_shape());
+        let xv = tape.constant(Tensor::zeros(&shape));
         let (logits, _) = self.forward(&mut tape, &vars, xv, BnUse::Train)?;
         tape.cross_entropy(logits, &vec![0; n])?;
         Ok(tape.value_elements())
@@ -766,7 +531,7 @@ impl<T: Scalar> Model<T> {
                 },
             })
             .collect();
-        Model::from_entries(self.arch.clone(), entries)
+        Model::from_entries(self.net.clone(), entries)
     }
 
     /// Reads one tensor per trainable parameter, by name (e.g. HVP directions), from a
@@ -822,10 +587,6 @@ impl<T: Scalar> Model<T> {
         }
         Ok(out)
     }
-}
-
-fn apply<T: Scalar>(tape: &mut Tape<T>, h: Var, act: Activation) -> Result<Var> {
-    Ok(tape.unary(h, act.unary())?)
 }
 
 /// A float tensor as raw file data in its own precision.

@@ -40,8 +40,9 @@ fn check(case: &str, preset: &str) {
         ..StructuralOptions::default()
     };
     let r = structural_trace(
-        &model.structure(BnUse::Eval),
+        model.net(),
         &model.params_cloned(),
+        &model.norm_stats(BnUse::Eval),
         &x,
         &labels,
         &opts,

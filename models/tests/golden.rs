@@ -325,7 +325,7 @@ fn checkpoint(case: &str, preset: &str) {
         .load(&ckpt)
         .unwrap_or_else(|e| panic!("{p}: flatmin cannot load PyTorch's checkpoint: {e}"));
     check_state_order(&fx, &model);
-    let has_bn = model.arch().has_batch_norm();
+    let has_bn = model.net().has_batch_norm();
     for entry in model.entries() {
         let t = raw.iter().find(|t| t.name == entry.name).unwrap();
         match (&entry.value, &t.data) {

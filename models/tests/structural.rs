@@ -1,5 +1,5 @@
-//! `Model::structure` against `Model::forward`: bit-identical logits for every preset, and
-//! the structural trace against basis HVPs on the forward pass itself (the full Hessian for
+//! The structural trace, which reads the model's network description (the one its forward
+//! pass is recorded from), against basis HVPs on the forward pass itself (the full Hessian for
 //! tiny-tanh and a reduced ResNet; chosen parameter tensors for mlp-s, cnn-s, resnet20 and
 //! resnet18), with BatchNorm on running statistics; BatchNorm on batch statistics refused.
 
@@ -8,16 +8,16 @@ use flatmin_engine::curvature::{
     HvpConfig, StructuralOptions, StructuralTrace,
 };
 use flatmin_engine::{EngineError, Tape, Tensor};
-use flatmin_models::{Arch, BnUse, EntryKind, Model, ModelError, PRESETS};
+use flatmin_models::{Arch, BnUse, EntryKind, Model, ModelError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// A model of `arch` with BatchNorm running statistics from a few train-mode batches and
 /// BatchNorm affine parameters away from their (1, 0) initialization.
 fn model(arch: Arch, seed: u64) -> Model<f64> {
-    let mut m = Model::<f64>::new(arch, seed);
+    let mut m = Model::<f64>::new(arch.net().unwrap(), seed);
     let mut rng = StdRng::seed_from_u64(seed ^ 0xb17);
-    if m.arch().has_batch_norm() {
+    if m.net().has_batch_norm() {
         for _ in 0..2 {
             let x = Tensor::<f64>::randn(&[4, 3, 32, 32], &mut rng);
             let e = m
@@ -99,8 +99,9 @@ fn structural(
         ..StructuralOptions::default()
     };
     structural_trace(
-        &m.structure(BnUse::Eval),
+        m.net(),
         &m.params_cloned(),
+        &m.norm_stats(BnUse::Eval),
         x,
         labels,
         &opts,
@@ -140,25 +141,6 @@ fn index(m: &Model<f64>, name: &str) -> usize {
         .iter()
         .position(|n| *n == name)
         .unwrap_or_else(|| panic!("no parameter {name}"))
-}
-
-#[test]
-fn structure_logits_equal_forward_bit_for_bit() {
-    let (x, _) = data(2, 1);
-    for name in PRESETS {
-        let m = model(Arch::parse(name).unwrap(), 2);
-        let net = m.structure(BnUse::Eval);
-        let mut t = Tape::<f64>::new(0);
-        let pv: Vec<_> = m
-            .params_cloned()
-            .into_iter()
-            .map(|p| t.constant(p))
-            .collect();
-        let xv = t.constant(x.clone());
-        let z = net.logits(&mut t, &pv, xv).unwrap();
-        let e = m.evaluate(&x, &[0, 1], &[], BnUse::Eval, false).unwrap();
-        assert_eq!(t.value(z), &e.logits, "{name}");
-    }
 }
 
 #[test]
@@ -342,9 +324,9 @@ fn resnet20_and_resnet18_chosen_tensors_with_batchnorm_eval() {
 fn batchnorm_train_mode_is_refused_with_the_layer_named() {
     let m = model(Arch::parse("resnet20").unwrap(), 15);
     let sup = structural_support(
-        &m.structure(BnUse::Train),
+        m.net(),
         &m.params_cloned(),
-        &[3, 32, 32],
+        &m.norm_stats(BnUse::Train),
         &StructuralOptions::default(),
     )
     .unwrap();
@@ -355,9 +337,9 @@ fn batchnorm_train_mode_is_refused_with_the_layer_named() {
         "{reason}"
     );
     let ok = structural_support(
-        &m.structure(BnUse::Eval),
+        m.net(),
         &m.params_cloned(),
-        &[3, 32, 32],
+        &m.norm_stats(BnUse::Eval),
         &StructuralOptions::default(),
     )
     .unwrap();

@@ -217,7 +217,7 @@ fn measure(args: &BenchArgs) -> Result<()> {
                 _ => 1,
             };
             let w = Workload::<f32>::new(&args.model, args.batch, k)?;
-            let macs = layer_macs(w.model.arch(), args.batch);
+            let macs = layer_macs(w.model.net(), args.batch);
             let (g_med, g_min) = time(args.reps, || {
                 std::hint::black_box(w.grad());
             });

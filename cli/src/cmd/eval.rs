@@ -177,8 +177,7 @@ fn eval_as<T: Scalar + Element>(
     bn: BnUse,
     dtype: &str,
 ) -> Result<()> {
-    let mut net =
-        Model::<T>::named(model, seed).map_err(|e| anyhow::anyhow!("--model {model}: {e}"))?;
+    let mut net = flatmin::cifar_model::<T>(model, seed)?;
     // A training checkpoint also holds optimizer and trainer state; only the model's
     // tensors are loaded.
     let raw: Vec<_> = flatmin_models::io::read_safetensors(&target.weights)?

@@ -7,7 +7,7 @@ use flatmin_datasets::{normalize_f64, read_batch_file};
 use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::io::{write_safetensors, RawTensor};
 use flatmin_models::model::float_raw;
-use flatmin_models::{BnUse, Model};
+use flatmin_models::BnUse;
 use std::path::{Path, PathBuf};
 
 /// Float type the computation runs in.
@@ -106,7 +106,7 @@ fn check_out_path(out: &Path) -> Result<()> {
 /// Everything `flatmin hvp` writes, computed in `T`: `logits` `[N, 10]`, `loss` `[]`, and
 /// `grad.NAME` and `hvp.NAME` for every trainable parameter.
 pub fn compute<T: Scalar>(args: &HvpArgs) -> Result<Vec<RawTensor>> {
-    let mut model = Model::<T>::named(&args.model, 0).context("--model")?;
+    let mut model = flatmin::cifar_model::<T>(&args.model, 0)?;
     model.load(&args.weights).context("--weights")?;
     let v = model.load_param_like(&args.vector).context("--vector")?;
     let batch = read_batch_file(&args.data).context("--data")?;

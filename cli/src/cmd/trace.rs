@@ -17,7 +17,7 @@ use flatmin_engine::curvature::{
     SlqOptions, StructuralAccumulator, StructuralOptions, Which,
 };
 use flatmin_engine::{EngineError, Scalar, Tape, Tensor, Var};
-use flatmin_models::{BnUse, Model, ModelError};
+use flatmin_models::{BnUse, ModelError};
 use serde_json::{json, Value};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -622,8 +622,7 @@ fn select_tensors(names: &[String], filters: &[String]) -> Result<Vec<usize>> {
 
 fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
     let args = r.common;
-    let mut model = Model::<T>::named(&s.model, s.seed)
-        .map_err(|e| anyhow::anyhow!("--model {}: {e}", s.model))?;
+    let mut model = flatmin::cifar_model::<T>(&s.model, s.seed)?;
     let what = s.source_flag;
     // A training checkpoint also holds optimizer and trainer state; only the model's tensors
     // are loaded.
@@ -659,7 +658,7 @@ fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
         .collect::<Result<_>>()?;
     let sizes: Vec<f64> = batches.iter().map(|b| b.1.len() as f64).collect();
 
-    let net = model.structure(s.bn);
+    let (net, norm) = (model.net(), model.norm_stats(s.bn));
     let sopts = StructuralOptions {
         chunk_size: args.batch,
         diagonal: r.diagonal_out.is_some(),
@@ -670,7 +669,7 @@ fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
     let mut note = None;
     if matches!(method, Method::Auto | Method::Exact | Method::Structural) {
         let support =
-            structural_support(&net, &params, &[3, 32, 32], &sopts).context("structural trace")?;
+            structural_support(net, &params, &norm, &sopts).context("structural trace")?;
         match (&support.refusal, method) {
             (None, _) => method = Method::Structural,
             (Some(reason), Method::Structural) => {
@@ -704,8 +703,8 @@ fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
     }
 
     let mut found = if method == Method::Structural {
-        let mut acc = StructuralAccumulator::new(&net, &params, &[3, 32, 32], &sopts)
-            .context("structural trace")?;
+        let mut acc =
+            StructuralAccumulator::new(net, &params, &norm, &sopts).context("structural trace")?;
         let live = std::io::stderr().is_terminal();
         for (x, labels) in &batches {
             acc.add_batch(x, labels).context("structural trace")?;
@@ -838,7 +837,7 @@ fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
     if found.note.is_none() {
         found.note = note;
     }
-    let has_bn = model.arch().has_batch_norm();
+    let has_bn = model.net().has_batch_norm();
     report(r, s, &names, &params, &selected, has_bn, &found, compute_s)
 }
 

@@ -297,7 +297,11 @@ impl TrainConfig {
                 self.trace_probes
             );
         }
-        flatmin_models::Arch::parse(&self.model).map_err(|e| anyhow::anyhow!("--model: {e}"))?;
+        // A network file is read (and its errors reported) where the model is built.
+        if !flatmin_models::netfile::is_network_file(&self.model) {
+            flatmin_models::Arch::parse(&self.model)
+                .map_err(|e| anyhow::anyhow!("--model: {e}"))?;
+        }
         Ok(())
     }
 

@@ -22,7 +22,6 @@
 
 use super::config::TrainConfig;
 use anyhow::{bail, Context, Result};
-use flatmin_models::Model;
 
 /// Images of the CIFAR-10 training set (what `--train-size 0` means).
 const FULL_TRAIN: usize = 50_000;
@@ -54,9 +53,10 @@ impl MemoryEstimate {
 /// The parameter-sized buffers of training `cfg` (bytes), from the model's layout alone:
 /// nothing is allocated, so it is safe to call for any model spec.
 pub fn param_bytes(cfg: &TrainConfig) -> Result<f64> {
-    let arch = flatmin_models::Arch::parse(&cfg.model).with_context(|| "--model".to_string())?;
+    let net = flatmin_models::netfile::resolve(&cfg.model)
+        .with_context(|| format!("--model {}", cfg.model))?;
     let elem = if cfg.dtype == "f64" { 8.0 } else { 4.0 };
-    Ok(PARAM_COPIES * arch.num_params() as f64 * elem)
+    Ok(PARAM_COPIES * net.num_params() as f64 * elem)
 }
 
 /// Estimates the peak memory of training `cfg` (see the module notes). Builds the model
@@ -88,7 +88,7 @@ pub fn estimate_memory(cfg: &TrainConfig) -> Result<MemoryEstimate> {
 }
 
 fn tape_sizes<T: flatmin_engine::Scalar>(model: &str) -> Result<(usize, usize, usize)> {
-    let m = Model::<T>::named(model, 0).with_context(|| format!("--model {model}"))?;
+    let m = crate::cifar_model::<T>(model, 0)?;
     let one = m.tape_elements(1)?;
     let two = m.tape_elements(2)?;
     Ok((one, two, m.num_params()))

@@ -251,6 +251,7 @@ impl<T: Scalar + Element> Trainer<T> {
         };
         let (origin, synthetic) = (data.origin.clone(), data.synthetic);
         let run = RunDir::create(out, &cfg, overwrite)?;
+        run.adopt_network(&mut cfg)?;
         let t = Self::assemble(cfg, data, run)?;
         let meta = RunMeta {
             flatmin_version: env!("CARGO_PKG_VERSION").into(),
@@ -356,7 +357,7 @@ impl<T: Scalar + Element> Trainer<T> {
             cfg.seed,
         )
         .context("--batch-size")?;
-        let mut model = Model::<T>::named(&cfg.model, cfg.seed)?;
+        let mut model = crate::cifar_model::<T>(&cfg.model, cfg.seed)?;
         if let Some(init) = &cfg.init_from {
             let path = Path::new(init);
             if let Some(want) = &cfg.init_sha256 {
@@ -588,7 +589,7 @@ impl<T: Scalar + Element> Trainer<T> {
     /// (seeded by the run's seed and the step). Changes no training state.
     fn log_trace(&mut self, epoch: usize, started: &Instant) -> Result<()> {
         self.sync_model();
-        let net = self.model.structure(BnUse::Eval);
+        let (net, norm) = (self.model.net(), self.model.norm_stats(BnUse::Eval));
         let opts = StructuralOptions {
             chunk_size: TRACE_BATCH,
             ..StructuralOptions::default()
@@ -596,7 +597,7 @@ impl<T: Scalar + Element> Trainer<T> {
         let params = &self.params;
         let d = self.model.num_params();
         let mut extra = std::collections::BTreeMap::new();
-        let support = structural_support(&net, params, &[3, 32, 32], &opts)
+        let support = structural_support(net, params, &norm, &opts)
             .context("--trace-every: structural trace")?;
         if self.cfg.trace_method == "structural" {
             if let Some(reason) = &support.refusal {
@@ -607,7 +608,7 @@ impl<T: Scalar + Element> Trainer<T> {
             }
         }
         let (trace, method) = if support.applies() && self.cfg.trace_method != "hutchinson" {
-            let mut acc = StructuralAccumulator::new(&net, params, &[3, 32, 32], &opts)
+            let mut acc = StructuralAccumulator::new(net, params, &norm, &opts)
                 .context("--trace-every: structural trace")?;
             for (x, labels) in &self.trace_set {
                 acc.add_batch(x, labels)

@@ -9,6 +9,7 @@ use super::lock::{RunLock, LOCK_FILE};
 use anyhow::{bail, Context, Result};
 use flatmin_engine::Scalar;
 use flatmin_models::io::{write_atomic, write_safetensors, RawTensor};
+use flatmin_models::netfile::is_network_file;
 use flatmin_models::Model;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
@@ -222,6 +223,9 @@ pub struct RunDir {
     _lock: Option<RunLock>,
 }
 
+/// The copy of a run's network file inside its folder.
+pub const NETWORK_FILE: &str = "network.json";
+
 impl RunDir {
     /// Creates a new run folder (or adopts an empty existing one), takes its lock and writes
     /// `config.json`. Fails before any training if the folder holds a run already (unless
@@ -290,9 +294,30 @@ impl RunDir {
         &self.root
     }
 
-    /// Rewrites `config.json` with the recipe and the run's metadata.
+    /// Copies the network file `cfg.model` names (when it names one) into the folder as
+    /// [`NETWORK_FILE`], in its normalized form, and points `cfg.model` at the copy: the run
+    /// folder holds everything it needs, whatever happens to the original file.
+    pub fn adopt_network(&self, cfg: &mut TrainConfig) -> Result<()> {
+        if !is_network_file(&cfg.model) {
+            return Ok(());
+        }
+        let net = flatmin_models::read_network(Path::new(&cfg.model))
+            .with_context(|| format!("--model {}", cfg.model))?;
+        let copy = self.root.join(NETWORK_FILE);
+        write_atomic(&copy, flatmin_models::network_json(&net).as_bytes())
+            .with_context(|| format!("--out {}", self.root.display()))?;
+        cfg.model = copy.display().to_string();
+        Ok(())
+    }
+
+    /// Rewrites `config.json` with the recipe and the run's metadata (a network file inside
+    /// the folder is recorded by its name, so the folder can move).
     pub fn write_config(&self, cfg: &TrainConfig, meta: &RunMeta) -> Result<()> {
-        let mut v = serde_json::to_value(cfg)?;
+        let mut cfg = cfg.clone();
+        if Path::new(&cfg.model) == self.root.join(NETWORK_FILE) {
+            cfg.model = NETWORK_FILE.to_string();
+        }
+        let mut v = serde_json::to_value(&cfg)?;
         if let (Some(o), serde_json::Value::Object(m)) =
             (v.as_object_mut(), serde_json::to_value(meta)?)
         {
@@ -314,12 +339,17 @@ impl RunDir {
         Ok(())
     }
 
-    /// The run's configuration.
+    /// The run's configuration (a network file recorded by its name in the folder comes
+    /// back as its path).
     pub fn config(&self) -> Result<TrainConfig> {
         let p = self.root.join("config.json");
         let text = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
-        TrainConfig::from_json(&text)
-            .with_context(|| format!("{}: invalid run configuration", p.display()))
+        let mut cfg = TrainConfig::from_json(&text)
+            .with_context(|| format!("{}: invalid run configuration", p.display()))?;
+        if is_network_file(&cfg.model) && Path::new(&cfg.model).is_relative() {
+            cfg.model = self.root.join(&cfg.model).display().to_string();
+        }
+        Ok(cfg)
     }
 
     /// Appends one record to `metrics.jsonl` and `metrics.csv`, each line in one write. A

@@ -59,8 +59,8 @@ pub use lanczos::{
 };
 pub use operator::{BatchLoss, Batches, Hessian, HvpConfig, ParamLayout, Progress, SingleBatch};
 pub use structural::{
-    structural_support, structural_trace, Layer, Net, NodeId, NormStats, StructuralAccumulator,
-    StructuralBlock, StructuralOptions, StructuralSupport, StructuralTrace,
+    structural_support, structural_trace, StructuralAccumulator, StructuralBlock,
+    StructuralOptions, StructuralSupport, StructuralTrace,
 };
 pub use trace::{exact_trace, exact_trace_of, BlockTrace, ExactTrace};
 pub use tridiag::{tridiagonal_eigen, TridiagonalEigen};

@@ -11,25 +11,23 @@
 //!
 //! with `s_{n,c} = √p_{n,c} (e_c − p_n)`: the trace of the generalized Gauss-Newton matrix
 //! plus one signed curvature source per smooth-activation unit and sample. Both terms are
-//! sums of squared per-sample gradient norms, which a per-sample backward pass over a
-//! declared [`Net`] forms layer by layer. The same sums, kept per parameter element, give the
+//! sums of squared per-sample gradient norms, which a per-sample backward pass over the
+//! network's description ([`crate::net::Net`], the one the forward pass is recorded from)
+//! forms layer by layer. The same sums, kept per parameter element, give the
 //! exact diagonal.
 //!
-//! It does not apply when samples are coupled (BatchNorm on batch statistics) or a parameter
-//! enters two layers; it is refused, with the reason, when the smooth activations have more
+//! It does not apply when samples are coupled (BatchNorm on batch statistics); it is refused, with the reason, when the smooth activations have more
 //! units per sample than [`StructuralOptions::max_sources_per_sample`] (each costs a backward
 //! pass). See [`structural_support`].
 //!
 //! Cost: one forward pass, then per sample one backward pass of `C` (classes) columns, plus
 //! the source columns, each formed at every parameterized layer; no Hessian-vector product.
 
-mod net;
 mod pass;
-
-pub use net::{Layer, Net, NodeId, NormStats};
 
 use super::{invalid, CurvatureResult};
 use crate::kernels::par::fixed_ranges;
+use crate::net::{Layer, Net, NormStats, RunningStats};
 use crate::scalar::Scalar;
 use crate::tape::Tape;
 use crate::tensor::Tensor;
@@ -129,74 +127,66 @@ pub struct StructuralTrace {
 
 /// Static analysis of a net: `Err` for malformed input, `Ok(Err(reason))` for a refusal.
 fn analyze<T: Scalar>(
-    net: &Net<T>,
+    net: &Net,
     params: &[Tensor<T>],
-    sample_shape: &[usize],
+    norm: &NormStats<'_, T>,
     opts: &StructuralOptions,
 ) -> CurvatureResult<Result<Plan, String>> {
-    net.validate_graph()?;
-    let nodes = &net.nodes;
+    let nodes = net.nodes();
     let len = nodes.len();
     if len < 2 {
         return invalid("net", "has no layer after its input");
     }
-    let mut owner: Vec<Option<usize>> = vec![None; params.len()];
-    for (i, node) in nodes.iter().enumerate() {
-        for pi in node.layer.params() {
-            let Some(slot) = owner.get_mut(pi) else {
-                return invalid(
-                    "params",
-                    format!(
-                        "layer '{}' uses parameter {pi}, but {} parameters were given",
-                        node.name,
-                        params.len()
-                    ),
-                );
-            };
-            if let Some(first) = *slot {
-                return Ok(Err(format!(
-                    "parameter {pi} enters two layers ('{}' and '{}'), so its second derivative has cross terms the identity leaves out",
-                    nodes[first].name, node.name
-                )));
-            }
-            *slot = Some(i);
+    let specs = net.params();
+    if params.len() != specs.len() {
+        return invalid(
+            "params",
+            format!("{} tensors for the net's {}", params.len(), specs.len()),
+        );
+    }
+    if let Some((spec, p)) = specs.iter().zip(params).find(|(s, p)| s.shape != p.shape()) {
+        return invalid(
+            "params",
+            format!(
+                "'{}' has shape {:?}, want {:?}",
+                spec.name,
+                p.shape(),
+                spec.shape
+            ),
+        );
+    }
+    let bns = net.batch_norms();
+    if let NormStats::Running(stats) = norm {
+        let bad = bns.iter().zip(stats).find(|(id, s)| {
+            let c = net.node(**id).shape[0];
+            s.mean.len() != c || s.var.len() != c
+        });
+        if stats.len() != bns.len() || bad.is_some() {
+            return invalid(
+                "norm",
+                format!(
+                    "running statistics do not match the net's {} BatchNorm layers",
+                    bns.len()
+                ),
+            );
         }
     }
     let mut reach = vec![false; len];
     reach[len - 1] = true;
     for i in (0..len).rev() {
         if reach[i] {
-            for &j in &nodes[i].inputs {
-                reach[j] = true;
+            for j in &nodes[i].inputs {
+                reach[j.index()] = true;
             }
         }
     }
-    for (i, node) in nodes.iter().enumerate() {
-        if let (
-            true,
-            Layer::BatchNorm2d {
-                stats: NormStats::Batch,
-                ..
-            },
-        ) = (reach[i], &node.layer)
-        {
-            return Ok(Err(format!(
-                "BatchNorm layer '{}' uses batch statistics (train mode): they couple the samples of a batch and make the layer non-affine in its input; use eval mode (running statistics), basis HVPs or an estimator",
-                node.name
-            )));
-        }
+    if let (NormStats::Batch, Some(id)) = (norm, bns.iter().find(|id| reach[id.index()])) {
+        return Ok(Err(format!(
+            "BatchNorm layer '{}' uses batch statistics (train mode): they couple the samples of a batch and make the layer non-affine in its input; use eval mode (running statistics), basis HVPs or an estimator",
+            net.node(*id).name
+        )));
     }
-    // Per-sample shapes from a forward pass of one zero sample.
-    let mut tape = Tape::<T>::new(0);
-    let pv: Vec<_> = params.iter().map(|p| tape.constant(p.clone())).collect();
-    let mut shape = vec![1];
-    shape.extend_from_slice(sample_shape);
-    let x = tape.constant(Tensor::zeros(&shape));
-    let vars = net.record(&mut tape, &pv, x)?;
-    let shapes: Vec<Vec<usize>> = vars
-        .iter()
-        .map(|&v| tape.value(v).shape()[1..].to_vec())
-        .collect();
+    let shapes: Vec<Vec<usize>> = nodes.iter().map(|n| n.shape.clone()).collect();
     let out_shape = &shapes[len - 1];
     if out_shape.len() != 1 || out_shape[0] == 0 {
         return invalid(
@@ -206,11 +196,11 @@ fn analyze<T: Scalar>(
     }
     let mut needs = vec![false; len];
     for (i, node) in nodes.iter().enumerate() {
-        needs[i] = !node.layer.params().is_empty() || node.inputs.iter().any(|&j| needs[j]);
+        needs[i] = node.layer.param_count() > 0 || node.inputs.iter().any(|j| needs[j.index()]);
     }
     for (i, node) in nodes.iter().enumerate() {
         if let Layer::Add = node.layer {
-            let (a, b) = (node.inputs[0], node.inputs[1]);
+            let (a, b) = (node.inputs[0].index(), node.inputs[1].index());
             if reach[i] && shapes[a] != shapes[b] {
                 return Ok(Err(format!(
                     "'{}' adds shapes {:?} and {:?} by broadcasting, which the per-sample pass does not follow",
@@ -224,8 +214,8 @@ fn analyze<T: Scalar>(
     let mut biggest: Option<(usize, usize)> = None;
     for (i, node) in nodes.iter().enumerate() {
         if let Layer::Activation(func) = node.layer {
-            let u = node.inputs[0];
-            if reach[i] && needs[u] && func.has_curvature() {
+            let u = node.inputs[0].index();
+            if reach[i] && needs[u] && func.unary::<T>().has_curvature() {
                 sources[i] = true;
                 let units = shapes[u].iter().product::<usize>();
                 count += units;
@@ -239,7 +229,7 @@ fn analyze<T: Scalar>(
         let (i, units) = biggest.expect("count > 0");
         return Ok(Err(format!(
             "its smooth activations have {count} units per sample, each a curvature source costing one more backward column (limit {}); the largest is '{}' on {:?} ({units} units), e.g. a smooth activation inside convolution layers",
-            opts.max_sources_per_sample, nodes[i].name, shapes[nodes[i].inputs[0]]
+            opts.max_sources_per_sample, nodes[i].name, shapes[nodes[i].inputs[0].index()]
         )));
     }
     Ok(Ok(Plan {
@@ -251,19 +241,17 @@ fn analyze<T: Scalar>(
     }))
 }
 
-/// Whether the structural trace applies to `net` with `params` on samples of shape
-/// `sample_shape` (without the batch axis, e.g. `[3, 32, 32]`), and its per-sample size.
-/// Errors are malformed input (a parameter index out of range, shapes that do not fit);
-/// a network outside the supported class comes back as [`StructuralSupport::refusal`].
-///
-/// Cost: one forward pass of one sample.
+/// Whether the structural trace applies to `net` with `params` and BatchNorm statistics
+/// `norm`, and its per-sample size. Errors are malformed input (parameters or statistics
+/// that do not match the net); a network outside the supported class comes back as
+/// [`StructuralSupport::refusal`]. Costs no pass over data.
 pub fn structural_support<T: Scalar>(
-    net: &Net<T>,
+    net: &Net,
     params: &[Tensor<T>],
-    sample_shape: &[usize],
+    norm: &NormStats<'_, T>,
     opts: &StructuralOptions,
 ) -> CurvatureResult<StructuralSupport> {
-    Ok(match analyze(net, params, sample_shape, opts)? {
+    Ok(match analyze(net, params, norm, opts)? {
         Ok(plan) => StructuralSupport {
             refusal: None,
             classes: plan.classes,
@@ -273,7 +261,7 @@ pub fn structural_support<T: Scalar>(
                 .enumerate()
                 .filter(|(_, &s)| s)
                 .map(|(i, _)| {
-                    plan.shapes[net.nodes[i].inputs[0]]
+                    plan.shapes[net.nodes()[i].inputs[0].index()]
                         .iter()
                         .product::<usize>()
                 })
@@ -293,8 +281,9 @@ pub fn structural_support<T: Scalar>(
 /// samples are split into batches or chunks beyond rounding in the forward pass, nor on the
 /// number of threads (they are summed in sample order).
 pub struct StructuralAccumulator<'a, T> {
-    net: &'a Net<T>,
+    net: &'a Net,
     params: &'a [Tensor<T>],
+    running: Vec<Option<RunningStats<'a, T>>>,
     sample_shape: Vec<usize>,
     opts: StructuralOptions,
     plan: Plan,
@@ -307,28 +296,34 @@ pub struct StructuralAccumulator<'a, T> {
 }
 
 impl<'a, T: Scalar> StructuralAccumulator<'a, T> {
-    /// Prepares the trace of `net` at `params` for samples of shape `sample_shape`; refuses
-    /// (an `Invalid` error naming the reason) a net outside the supported class.
-    ///
-    /// Cost: one forward pass of one sample.
+    /// Prepares the trace of `net` at `params` with BatchNorm statistics `norm` (running
+    /// statistics: batch statistics are refused); refuses (an `Invalid` error naming the
+    /// reason) a net outside the supported class.
     pub fn new(
-        net: &'a Net<T>,
+        net: &'a Net,
         params: &'a [Tensor<T>],
-        sample_shape: &[usize],
+        norm: &NormStats<'a, T>,
         opts: &StructuralOptions,
     ) -> CurvatureResult<Self> {
         if opts.chunk_size == 0 {
             return invalid("chunk_size", "must be at least 1, got 0");
         }
-        let plan = match analyze(net, params, sample_shape, opts)? {
+        let plan = match analyze(net, params, norm, opts)? {
             Ok(plan) => plan,
             Err(reason) => return invalid("structural trace", format!("does not apply: {reason}")),
         };
         let nt = params.len();
+        let mut running = vec![None; net.len()];
+        if let NormStats::Running(stats) = norm {
+            for (id, s) in net.batch_norms().into_iter().zip(stats) {
+                running[id.index()] = Some(*s);
+            }
+        }
         Ok(StructuralAccumulator {
             net,
             params,
-            sample_shape: sample_shape.to_vec(),
+            running,
+            sample_shape: net.input_shape().to_vec(),
             opts: opts.clone(),
             plan,
             samples: 0,
@@ -389,11 +384,15 @@ impl<'a, T: Scalar> StructuralAccumulator<'a, T> {
             .map(|p| tape.constant(p.clone()))
             .collect();
         let xv = tape.constant(x.clone());
-        let vars = self.net.record(&mut tape, &pv, xv)?;
-        let values: Vec<&[T]> = vars.iter().map(|&v| tape.value(v).data()).collect();
+        let running: Vec<RunningStats<'_, T>> = self.running.iter().flatten().copied().collect();
+        let rec = self
+            .net
+            .record(&mut tape, &pv, xv, &NormStats::Running(running))?;
+        let values: Vec<&[T]> = rec.vars.iter().map(|&v| tape.value(v).data()).collect();
         let (net, plan, params) = (self.net, &self.plan, self.params);
+        let running = &self.running;
         let run = |i: usize, diag: Option<&mut [Vec<f64>]>| {
-            sample_pass(net, plan, params, &values, i, labels[i], diag)
+            sample_pass(net, plan, params, running, &values, i, labels[i], diag)
         };
         let outs: Vec<SampleOut> = match &mut self.diag {
             None => (0..nc).into_par_iter().map(|i| run(i, None)).collect(),
@@ -493,14 +492,14 @@ impl<'a, T: Scalar> StructuralAccumulator<'a, T> {
 /// Cost: one forward pass and `N` per-sample backward passes of `C` columns plus the
 /// curvature sources; no Hessian-vector product.
 pub fn structural_trace<T: Scalar>(
-    net: &Net<T>,
+    net: &Net,
     params: &[Tensor<T>],
+    norm: &NormStats<'_, T>,
     x: &Tensor<T>,
     labels: &[usize],
     opts: &StructuralOptions,
 ) -> CurvatureResult<StructuralTrace> {
-    let shape = x.shape().get(1..).unwrap_or(&[]).to_vec();
-    let mut acc = StructuralAccumulator::new(net, params, &shape, opts)?;
+    let mut acc = StructuralAccumulator::new(net, params, norm, opts)?;
     acc.add_batch(x, labels)?;
     acc.finish()
 }

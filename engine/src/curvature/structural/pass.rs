@@ -19,10 +19,10 @@
 //! A matrix may have fewer rows than there are columns (columns created elsewhere that do
 //! not reach the node); rows are padded with zeros when matrices meet.
 
-use super::net::{Layer, Net, NormStats};
 use crate::kernels::conv::{col2im_add, im2col, ConvGeom};
 use crate::kernels::gemm::{gemm, MatRef};
 use crate::kernels::pool::{avg_plane_adjoint, max_plane, PoolGeom};
+use crate::net::{Layer, Net, RunningStats};
 use crate::scalar::Scalar;
 use crate::tensor::{numel, Tensor};
 
@@ -133,16 +133,18 @@ impl Acc<'_> {
 /// Runs the pass for sample `n` of a chunk whose node values are `values` (`[Nc, ...]`
 /// each). With `diag`, adds weight × squared per-sample gradient elementwise into it (one
 /// vector per parameter tensor; the caller divides by the sample count).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn sample_pass<T: Scalar>(
-    net: &Net<T>,
+    net: &Net,
     plan: &Plan,
     params: &[Tensor<T>],
+    running: &[Option<RunningStats<'_, T>>],
     values: &[&[T]],
     n: usize,
     label: usize,
     diag: Option<&mut [Vec<f64>]>,
 ) -> SampleOut {
-    let nodes = &net.nodes;
+    let nodes = net.nodes();
     let sample = |i: usize| -> &[T] {
         let len = numel(&plan.shapes[i]);
         &values[i][n * len..(n + 1) * len]
@@ -217,33 +219,36 @@ pub(crate) fn sample_pass<T: Scalar>(
             sources += inject.len();
         }
         let node = &nodes[i];
-        let needs_in = |k: usize| plan.needs[node.inputs[k]];
+        let needs_in = |k: usize| plan.needs[node.inputs[k].index()];
+        let weight = node.first_param;
+        let bias_at = |has: bool| has.then_some(weight + 1);
         match &node.layer {
             Layer::Input => {}
-            Layer::Linear { weight, bias } => {
-                let x = sample(node.inputs[0]);
+            Layer::Linear { bias, .. } => {
+                let input = node.inputs[0].index();
+                let x = sample(input);
                 let din = linear(
                     &d,
                     x,
-                    &params[*weight],
-                    *weight,
-                    *bias,
+                    &params[weight],
+                    weight,
+                    bias_at(*bias),
                     needs_in(0),
                     &mut acc,
                 );
                 if let Some(din) = din {
-                    deposit(&mut adj, node.inputs[0], din);
+                    deposit(&mut adj, input, din);
                 }
             }
             Layer::Conv2d {
-                weight,
                 bias,
                 stride,
-                pad,
+                padding,
+                ..
             } => {
-                let input = node.inputs[0];
+                let input = node.inputs[0].index();
                 let xs = &plan.shapes[input];
-                let ws = params[*weight].shape();
+                let ws = params[weight].shape();
                 let g = ConvGeom {
                     c_in: xs[0],
                     h: xs[1],
@@ -252,29 +257,24 @@ pub(crate) fn sample_pass<T: Scalar>(
                     kh: ws[2],
                     kw: ws[3],
                     stride: *stride,
-                    pad: *pad,
+                    pad: *padding,
                 };
                 let conv = ConvStep {
                     g,
-                    w: params[*weight].data(),
-                    weight: *weight,
-                    bias: *bias,
+                    w: params[weight].data(),
+                    weight,
+                    bias: bias_at(*bias),
                 };
                 let din = conv.run(&d, sample(input), needs_in(0), &mut acc);
                 if let Some(din) = din {
                     deposit(&mut adj, input, din);
                 }
             }
-            Layer::BatchNorm2d {
-                gamma,
-                beta,
-                stats,
-                eps,
-            } => {
-                let NormStats::Running { mean, var } = stats else {
+            Layer::BatchNorm2d { eps, .. } => {
+                let Some(RunningStats { mean, var }) = running[i] else {
                     unreachable!("the plan refuses batch statistics");
                 };
-                let input = node.inputs[0];
+                let input = node.inputs[0].index();
                 let xs = &plan.shapes[input];
                 let bn = BnStep {
                     c: xs[0],
@@ -282,17 +282,18 @@ pub(crate) fn sample_pass<T: Scalar>(
                     mean,
                     var,
                     eps: *eps,
-                    gamma_v: params[*gamma].data(),
-                    gamma: *gamma,
-                    beta: *beta,
+                    gamma_v: params[weight].data(),
+                    gamma: weight,
+                    beta: weight + 1,
                 };
                 let din = bn.run(&d, sample(input), needs_in(0), &mut acc);
                 if let Some(din) = din {
                     deposit(&mut adj, input, din);
                 }
             }
-            Layer::Activation(func) => {
-                let input = node.inputs[0];
+            Layer::Activation(act) => {
+                let func = act.unary::<T>();
+                let input = node.inputs[0].index();
                 let u = sample(input);
                 if plan.sources[i] {
                     let g = d.row(0);
@@ -314,7 +315,7 @@ pub(crate) fn sample_pass<T: Scalar>(
                 }
             }
             Layer::MaxPool2d { kernel, stride } => {
-                let input = node.inputs[0];
+                let input = node.inputs[0].index();
                 if needs_in(0) {
                     let xs = &plan.shapes[input];
                     let g = PoolGeom {
@@ -329,7 +330,7 @@ pub(crate) fn sample_pass<T: Scalar>(
                 }
             }
             Layer::AvgPool2d { kernel, stride } => {
-                let input = node.inputs[0];
+                let input = node.inputs[0].index();
                 if needs_in(0) {
                     let xs = &plan.shapes[input];
                     let g = PoolGeom {
@@ -354,8 +355,8 @@ pub(crate) fn sample_pass<T: Scalar>(
                     deposit(&mut adj, input, din);
                 }
             }
-            Layer::GlobalAvgPool => {
-                let input = node.inputs[0];
+            Layer::AdaptiveAvgPool2d => {
+                let input = node.inputs[0].index();
                 if needs_in(0) {
                     let xs = &plan.shapes[input];
                     let hw = xs[1] * xs[2];
@@ -370,13 +371,13 @@ pub(crate) fn sample_pass<T: Scalar>(
                     deposit(&mut adj, input, din);
                 }
             }
-            Layer::Flatten => {
+            Layer::Flatten | Layer::Identity => {
                 if needs_in(0) {
-                    deposit(&mut adj, node.inputs[0], d);
+                    deposit(&mut adj, node.inputs[0].index(), d);
                 }
             }
             Layer::Add => {
-                let (a, b) = (node.inputs[0], node.inputs[1]);
+                let (a, b) = (node.inputs[0].index(), node.inputs[1].index());
                 match (plan.needs[a], plan.needs[b]) {
                     (true, true) => {
                         let copy = Cols {
