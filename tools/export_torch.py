@@ -374,7 +374,8 @@ def to_network(module, input_shape=(3, 32, 32)):
         raise ExportError(f"torch.fx.symbolic_trace failed on {type(module).__name__}: "
                           f"{type(e).__name__}: {e}") from e
     modules = dict(gm.named_modules())
-    values = _record_values(module, gm, input_shape)
+    values = {}  # filled by the shape run, after every node has been mapped to a layer
+    checks = []  # (node, layer name, layer dict, input fx names), checked after the shape run
 
     def per_sample(node_name):
         v = values[node_name]
@@ -388,6 +389,7 @@ def to_network(module, input_shape=(3, 32, 32)):
     ref = {}
     module_calls = {}
     placeholder_seen = False
+    output_node = None
 
     def unique(base):
         name, k = base, 1
@@ -406,8 +408,7 @@ def to_network(module, input_shape=(3, 32, 32)):
         return r[1]
 
     def emit(node, name, layer, inputs):
-        shapes = [per_sample(i) for i in inputs]
-        _check_shapes(node, name, layer, shapes, per_sample(node.name))
+        checks.append((node, name, dict(layer), inputs))
         entry = {"name": name, "type": layer.pop("type")}
         prev = layers[-1]["name"] if layers else "input"
         if entry["type"] == "Add":
@@ -440,10 +441,7 @@ def to_network(module, input_shape=(3, 32, 32)):
             if not isinstance(out, torch.fx.Node) or ref.get(out.name, ("",))[0] != "tensor":
                 raise ExportError(f"{_node_where(node)}: the module must return one tensor "
                                   f"(the logits), got {out!r}")
-            shape = per_sample(out.name)
-            if shape is None or len(shape) != 1:
-                raise ExportError(f"the module's output has per-sample shape {shape}; it must "
-                                  f"be [classes] (flatten before the last layer)")
+            output_node = out
             if not layers or layers[-1]["name"] != ref_name[out.name]:
                 # the output is an earlier layer (or the input): make it the last layer
                 name = unique("output")
@@ -558,6 +556,15 @@ def to_network(module, input_shape=(3, 32, 32)):
 
     if not placeholder_seen:
         raise ExportError("the module takes no input")
+
+    # shapes: run one zero sample through the module, check what every layer receives
+    values.update(_record_values(module, gm, input_shape))
+    for node, name, layer, inputs in checks:
+        _check_shapes(node, name, layer, [per_sample(i) for i in inputs], per_sample(node.name))
+    shape = per_sample(output_node.name)
+    if shape is None or len(shape) != 1:
+        raise ExportError(f"the module's output has per-sample shape {shape}; it must be "
+                          f"[classes] (flatten before the last layer)")
 
     # every state entry must belong to a layer (an unused module's tensors would be extra)
     layer_names = {l["name"] for l in layers}
