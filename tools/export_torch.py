@@ -309,10 +309,21 @@ class _ShapeRecorder(torch.fx.Interpreter):
 
     def __init__(self, gm):
         super().__init__(gm)
+        self.extra_traceback = False  # our errors name the node themselves
         self.values = {}
 
     def run_node(self, n):
-        out = super().run_node(n)
+        try:
+            out = super().run_node(n)
+        except Exception as e:
+            shapes = [list(a.shape[1:]) for a in self.fetch_args_kwargs_from_env(n)[0]
+                      if isinstance(a, torch.Tensor)]
+            where = _node_where(n)
+            if n.op == "call_module":
+                where = _mod_where(n.target, self.module.get_submodule(n.target))
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ExportError(f"{where}: fails on per-sample input shape(s) {shapes}: "
+                              f"{type(e).__name__}: {first}") from e
         self.values[n.name] = out
         return out
 
