@@ -731,7 +731,11 @@ def main(argv=None):
     ap.add_argument("--weights-out",
                     help="also write the module's state_dict here (safetensors)")
     a = ap.parse_args(argv)
-    factory = _load_factory(a.module)
+    try:
+        factory = _load_factory(a.module)
+    except (ImportError, AttributeError, OSError) as e:
+        print(f"error: cannot load {a.module}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     module = factory()
     if not isinstance(module, nn.Module):
         print(f"error: {a.module} returned {type(module).__name__}, not a torch.nn.Module",

@@ -212,6 +212,7 @@ def build(factory, seed):
 
 
 def trainable(module):
+    """The trainable parameters, (name, tensor) in named_parameters() order."""
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
@@ -362,6 +363,7 @@ def check(out_dir):
 
 
 def main(argv=None):
+    """Command line: writes the fixtures (or with --check verifies them); the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=OUT, help=f"fixtures folder (default {OUT})")
     ap.add_argument("--check", action="store_true",

@@ -66,11 +66,16 @@ def _block(inner_name, inner):
 
 def test_fixture_networks_export_to_committed_json():
     for name, factory, seed in make_net_fixtures.CASES:
-        module = make_net_fixtures.build(factory, seed)
+        module = make_net_fixtures.build(factory, seed).train()
+        state = {k: v.clone() for k, v in module.state_dict().items()}
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "network.json")
             net = export_torch.export(module, path, input_shape=(3, 32, 32))
             got = open(path, encoding="utf-8").read()
+        # the shape run leaves the module as it was: train mode, running statistics untouched
+        assert all(m.training for m in module.modules()), name
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, state[k]), (name, k)
         want = open(os.path.join(NETS, name, "network.json"), encoding="utf-8").read()
         assert got == want, f"{name}: exported JSON differs from the committed network.json"
         assert net["flatmin_network"] == 1 and net["input"] == [3, 32, 32]
