@@ -20,8 +20,8 @@ Layout: models/tests/fixtures/nets/<case>/ for each case in
                   (names `features.0`, `classifier.3`, ...), MaxPool2d, AvgPool2d,
                   x.view(x.size(0), -1), an Identity (dropout switched off); seed 1
     gelu_mlp      AvgPool2d(4) -> Flatten -> Linear(192, 32) -> GELU -> Linear(32, 32) -> Tanh
-                  -> Linear(32, 10), one nn.Sequential (names `1`, `2`, ...); no BatchNorm;
-                  seed 2
+                  -> Linear(32, 10), one nn.Sequential (layers `0` ... `6`, parameters
+                  `2.weight`, `2.bias`, `4.*`, `6.*`); no BatchNorm; seed 2
     small_resnet  conv-BN-ReLU stem, two fx-traced BasicBlocks (8 -> 16 with stride 2 and a
                   1x1-conv + BN projection shortcut; 16 -> 16 with an identity shortcut, an empty
                   nn.Sequential, so the Add reads the block's input directly), F.relu,
