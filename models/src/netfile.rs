@@ -192,13 +192,16 @@ impl Args<'_> {
 
     /// Requires `key`, when present, to hold the only supported value `want`.
     fn only(&self, key: &str, want: &Value) -> std::result::Result<(), LayerError> {
+        let same = |v: &Value| match (v.as_f64(), want.as_f64()) {
+            (Some(a), Some(b)) => a == b,
+            _ => v == want,
+        };
         match self.obj.get(key) {
-            Some(v) if v != want && !(v.is_array() && v == &json!([want, want])) => {
-                Err(self.fail(format!(
-                    "{} with \"{key}\" {v} is not supported (only {want})",
-                    self.kind
-                )))
-            }
+            Some(Value::Array(a)) if a.len() == 2 && same(&a[0]) && same(&a[1]) => Ok(()),
+            Some(v) if !same(v) => Err(self.fail(format!(
+                "{} with \"{key}\" {v} is not supported (only {want})",
+                self.kind
+            ))),
             _ => Ok(()),
         }
     }

@@ -49,6 +49,11 @@ impl NodeId {
     pub fn index(self) -> usize {
         self.0
     }
+
+    /// The node at position `i` (checked against the net when used).
+    pub fn from_index(i: usize) -> Self {
+        NodeId(i)
+    }
 }
 
 /// An elementwise activation layer.
