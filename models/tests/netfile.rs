@@ -109,7 +109,7 @@ fn pytorch_defaults_pairs_and_implicit_inputs_are_read() {
 
 /// A valid file with `layers[i]` replaced by `layer`.
 fn with_layer(i: usize, layer: &str) -> String {
-    let mut layers = vec![
+    let mut layers = [
         r#"{"name": "conv", "type": "Conv2d", "in_channels": 3, "out_channels": 4, "kernel_size": 3}"#.to_string(),
         r#"{"name": "relu", "type": "ReLU"}"#.to_string(),
         r#"{"name": "flat", "type": "Flatten"}"#.to_string(),
