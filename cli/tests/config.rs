@@ -27,7 +27,18 @@ fn enum_words_are_the_historical_ones() {
     }
     assert_eq!(
         words(Optimizer::ALL, Optimizer::name),
-        ["sgd", "adamw", "sam", "asam", "usam", "sam1", "rps", "label-noise", "rs", "sa"]
+        [
+            "sgd",
+            "adamw",
+            "sam",
+            "asam",
+            "usam",
+            "sam1",
+            "rps",
+            "label-noise",
+            "rs",
+            "sa"
+        ]
     );
     assert_eq!(
         words(Schedule::ALL, Schedule::name),
@@ -320,7 +331,13 @@ fn optimizer_flags() {
     assert_eq!(names("--label-noise"), ["label-noise"]);
     assert_eq!(names("--t-gd"), ["sa"]);
     assert_eq!(names("--zero-grad-xi"), ["sa"]);
-    for flag in ["--eta-prime", "--eps0", "--project", "--no-project", "--output-iterate"] {
+    for flag in [
+        "--eta-prime",
+        "--eps0",
+        "--project",
+        "--no-project",
+        "--output-iterate",
+    ] {
         assert_eq!(names(flag), ["rs", "sa"], "{flag}");
     }
     assert!(Optimizer::Sgd.flags().is_empty() && Optimizer::AdamW.flags().is_empty());

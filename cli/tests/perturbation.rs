@@ -3,7 +3,7 @@
 //! probe batches, random output iterates and the final GD phase) resume bit for bit, also
 //! with BatchNorm; bad optimizer flags give one-line errors naming the flag.
 
-use flatmin::train::{Optimizer, OutputIterate, ProbeData, Outcome, Silent, TrainConfig, Trainer};
+use flatmin::train::{Optimizer, Outcome, OutputIterate, ProbeData, Silent, TrainConfig, Trainer};
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -152,6 +152,13 @@ word_enum! {
     }
 }
 
+impl TraceMethod {
+    /// Whether the structural trace is tried (where it applies): `auto` and `structural`.
+    pub fn tries_structural(self) -> bool {
+        self != TraceMethod::Hutchinson
+    }
+}
+
 impl From<ProbeData> for flatmin_optim::ProbeData {
     fn from(p: ProbeData) -> Self {
         match p {
@@ -383,7 +390,11 @@ impl Optimizer {
 
     /// The optimizers that take the optimizer-specific `flag`, in [`Optimizer::ALL`] order.
     pub fn taking(flag: &str) -> Vec<Optimizer> {
-        Self::ALL.iter().copied().filter(|o| o.takes(flag)).collect()
+        Self::ALL
+            .iter()
+            .copied()
+            .filter(|o| o.takes(flag))
+            .collect()
     }
 }
 

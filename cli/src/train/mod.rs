@@ -195,13 +195,9 @@ fn build_optimizer<T: Scalar>(
             s.weight_decay,
             seed,
         )?),
-        OptimizerSpec::Rps { rho, sgd: s } => Box::new(Rps::new(
-            rho,
-            s.momentum,
-            s.nesterov,
-            s.weight_decay,
-            seed,
-        )?),
+        OptimizerSpec::Rps { rho, sgd: s } => {
+            Box::new(Rps::new(rho, s.momentum, s.nesterov, s.weight_decay, seed)?)
+        }
         OptimizerSpec::LabelNoise { p, sgd: s } => Box::new(LabelNoiseSgd::new(
             p,
             s.momentum,
@@ -641,7 +637,7 @@ impl<T: Scalar + Element> Trainer<T> {
                 );
             }
         }
-        let (trace, method) = if support.applies() && self.cfg.trace_method != TraceMethod::Hutchinson {
+        let (trace, method) = if support.applies() && self.cfg.trace_method.tries_structural() {
             let mut acc = StructuralAccumulator::new(&net, params, &[3, 32, 32], &opts)
                 .context("--trace-every: structural trace")?;
             for (x, labels) in &self.trace_set {
