@@ -311,8 +311,7 @@ fn hutchinson_trace_log_brackets_the_structural_one() {
     let mut v = serde_json::to_value(&c).unwrap();
     v["trace_method"] = "lanczos".into();
     let e = TrainConfig::from_json(&v.to_string())
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(
         e.contains("trace_method") && e.contains("lanczos") && e.contains("hutchinson"),
