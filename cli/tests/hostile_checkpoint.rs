@@ -5,7 +5,7 @@
 //! replay here in the stable suite.
 
 use flatmin::data::DataSource;
-use flatmin::train::{Silent, TrainConfig, Trainer};
+use flatmin::train::{OutputIterate, Silent, TrainConfig, Trainer};
 use flatmin_models::io::{read_safetensors, write_safetensors, RawData, RawTensor};
 use std::path::{Path, PathBuf};
 
@@ -29,7 +29,7 @@ fn run(opt: &str, name: &str) -> PathBuf {
     let dir = common::tmp("hostile-ckpt", name);
     let cfg = TrainConfig {
         model: "mlp:48,4,10:tanh:pool8".into(),
-        optimizer: opt.into(),
+        optimizer: opt.parse().unwrap(),
         lr: 0.01,
         epochs: 2,
         batch_size: 10,
@@ -37,9 +37,9 @@ fn run(opt: &str, name: &str) -> PathBuf {
         test_size: 0,
         data: "synthetic".into(),
         output_iterate: if opt == "rs" || opt == "sa" {
-            "random".into()
+            OutputIterate::Random
         } else {
-            "last".into()
+            OutputIterate::Last
         },
         t_gd: if opt == "sa" { 1 } else { 0 },
         ..TrainConfig::default()

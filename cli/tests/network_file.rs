@@ -2,7 +2,7 @@
 //! run folder keeps its own copy of the network (the original may go away), resume is bit for
 //! bit, the logged trace is measured by structure, and the saved state loads back by name.
 
-use flatmin::train::{Outcome, Silent, Trainer, OPTIMIZERS};
+use flatmin::train::{Optimizer, Outcome, Silent, Trainer};
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -21,9 +21,9 @@ fn network_copy(name: &str) -> PathBuf {
 #[test]
 fn every_optimizer_trains_an_exported_network() {
     let net = network_copy("optimizers");
-    for opt in OPTIMIZERS {
+    for &opt in Optimizer::ALL.iter() {
         let mut c = cfg(net.to_str().unwrap());
-        c.optimizer = opt.to_string();
+        c.optimizer = opt;
         c.epochs = 1;
         let dir = common::tmp("netfile", &format!("opt-{opt}"));
         let mut t = Trainer::<f32>::new(c, data(), &dir).unwrap_or_else(|e| panic!("{opt}: {e}"));
@@ -45,7 +45,7 @@ fn every_optimizer_trains_an_exported_network() {
 fn the_run_folder_keeps_the_network_and_resumes_bit_for_bit() {
     let net = network_copy("resume");
     let mut c = cfg(net.to_str().unwrap());
-    c.optimizer = "rs".into();
+    c.optimizer = Optimizer::Rs;
     c.epochs = 2;
     c.trace_every = 4;
     c.trace_size = 16;

@@ -3,7 +3,7 @@
 //! probe batches, random output iterates and the final GD phase) resume bit for bit, also
 //! with BatchNorm; bad optimizer flags give one-line errors naming the flag.
 
-use flatmin::train::{Outcome, Silent, TrainConfig, Trainer, OPTIMIZERS};
+use flatmin::train::{Optimizer, Outcome, OutputIterate, ProbeData, Silent, TrainConfig, Trainer};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -17,7 +17,7 @@ fn tmp(name: &str) -> PathBuf {
 fn cfg(optimizer: &str) -> TrainConfig {
     TrainConfig {
         model: "tiny-tanh".into(),
-        optimizer: optimizer.into(),
+        optimizer: optimizer.parse().unwrap(),
         epochs: 3,
         batch_size: 32,
         train_size: 0,
@@ -72,11 +72,12 @@ fn every_optimizer_trains_and_logs_its_step() {
             2,
         ),
         ("sa", |c| c.probe_batch = 1, &["sign", "probe_grad_norm"], 3),
-        ("sa", |c| c.probe_data = "fresh".into(), &["sign"], 3),
+        ("sa", |c| c.probe_data = ProbeData::Fresh, &["sign"], 3),
     ];
     let mut names: Vec<&str> = cases.iter().map(|c| c.0).collect();
     names.dedup();
-    assert_eq!(names, OPTIMIZERS, "every optimizer name is covered");
+    let all: Vec<&str> = Optimizer::ALL.iter().map(|o| o.name()).collect();
+    assert_eq!(names, all, "every optimizer name is covered");
     for (k, (name, tweak, keys, evals)) in cases.into_iter().enumerate() {
         let mut c = cfg(name);
         c.epochs = 1;
@@ -162,14 +163,14 @@ fn resume_is_bit_identical_for_sam_rs_and_sa() {
     sam.m_sharpness = 8;
     resume_matches("sam", sam, &[3, 5, 12]);
     let mut rs = cfg("rs");
-    rs.output_iterate = "random".into();
-    rs.probe_data = "fresh".into();
+    rs.output_iterate = OutputIterate::Random;
+    rs.probe_data = ProbeData::Fresh;
     rs.probe_batch = 16;
     rs.eps0 = Some(5.0);
     rs.eta_prime = Some(0.02);
     resume_matches("rs", rs, &[3, 5, 12]);
     let mut sa = cfg("sa");
-    sa.output_iterate = "random".into();
+    sa.output_iterate = OutputIterate::Random;
     sa.probe_batch = 1;
     sa.t_gd = 4;
     sa.momentum = 0.0;
@@ -184,7 +185,7 @@ fn resume_is_bit_identical_for_sa_with_batchnorm() {
     sa.epochs = 1;
     sa.probe_batch = 4;
     sa.t_gd = 1;
-    sa.output_iterate = "random".into();
+    sa.output_iterate = OutputIterate::Random;
     resume_matches("sa-bn", sa, &[2]);
 }
 
@@ -193,7 +194,7 @@ fn sa_hands_its_random_iterate_to_the_gd_phase() {
     let mut c = cfg("sa");
     c.epochs = 1;
     c.t_gd = 2;
-    c.output_iterate = "random".into();
+    c.output_iterate = OutputIterate::Random;
     let dir = tmp("phases");
     let mut t = Trainer::<f32>::new(c, data(), &dir).unwrap();
     t.run(&mut Silent).unwrap();

@@ -61,7 +61,7 @@ fn resume_is_bit_identical_for_sgd_and_adamw_with_batchnorm() {
         ("tiny-tanh", "adamw"),
     ] {
         let mut c = cfg(model);
-        c.optimizer = opt.into();
+        c.optimizer = opt.parse().unwrap();
         if model == "resnet20" {
             c.epochs = 2;
         }

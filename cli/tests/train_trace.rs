@@ -70,7 +70,7 @@ fn cfg(model: &str) -> TrainConfig {
 fn trace_every_logs_traces_and_resumes_bit_identically() {
     for (model, opt) in [("tiny-tanh", "sa"), ("resnet20", "sgd")] {
         let mut c = cfg(model);
-        c.optimizer = opt.into();
+        c.optimizer = opt.parse().unwrap();
         if opt == "sa" {
             c.momentum = 0.0;
             c.weight_decay = 0.0;
@@ -256,7 +256,7 @@ fn hutchinson_trace_log_brackets_the_structural_one() {
     let mut t = Trainer::<f32>::new(c.clone(), data(), &exact_dir).unwrap();
     t.run(&mut Silent).unwrap();
     let exact = t.run_dir().records().unwrap();
-    c.trace_method = "hutchinson".into();
+    c.trace_method = flatmin::train::TraceMethod::Hutchinson;
     c.trace_probes = 64;
     let est_dir = tmp("trace-hutchinson");
     let mut t = Trainer::<f32>::new(c.clone(), data(), &est_dir).unwrap();
@@ -306,13 +306,17 @@ fn hutchinson_trace_log_brackets_the_structural_one() {
             "step {sa}: {tb} ± {se} vs {ta}"
         );
     }
-    // An unknown method is refused when the configuration is checked.
-    c.trace_method = "lanczos".into();
-    let e = Trainer::<f32>::new(c, data(), &tmp("trace-bad"))
-        .err()
-        .expect("refused")
+    // An unknown method is refused when the configuration is read, naming the key and the
+    // choices.
+    let mut v = serde_json::to_value(&c).unwrap();
+    v["trace_method"] = "lanczos".into();
+    let e = TrainConfig::from_json(&v.to_string())
+        .expect_err("refused")
         .to_string();
-    assert!(e.contains("--trace-method"), "{e}");
+    assert!(
+        e.contains("trace_method") && e.contains("lanczos") && e.contains("hutchinson"),
+        "{e}"
+    );
 }
 
 /// `data_seed` fixes the data choices (subsets, random labels) apart from `seed`: runs with
@@ -394,7 +398,7 @@ fn grad_samples_count_the_images_of_every_gradient_evaluation() {
     assert_eq!(summary["grad_samples"], 300);
     // SA with a probe batch of B: the minibatch gradient, then the probe gradient and the
     // perturbed probe gradient on B images each (the gate is always open without eps0).
-    c.optimizer = "sa".into();
+    c.optimizer = flatmin::train::Optimizer::Sa;
     c.probe_batch = 4;
     let sa = tmp("samples-sa");
     Trainer::<f32>::new(c, data(), &sa)

@@ -11,7 +11,7 @@
 #![no_main]
 
 use flatmin::data::DataSource;
-use flatmin::train::{Silent, TrainConfig, Trainer};
+use flatmin::train::{OutputIterate, Silent, TrainConfig, Trainer};
 use flatmin_datasets::Batch;
 use libfuzzer_sys::fuzz_target;
 use std::path::PathBuf;
@@ -53,7 +53,7 @@ fn fixtures() -> &'static [Fixture] {
             .map(|(i, opt)| {
                 let cfg = TrainConfig {
                     model: "mlp:48,4,10:tanh:pool8".into(),
-                    optimizer: (*opt).into(),
+                    optimizer: opt.parse().expect("an optimizer name"),
                     lr: 0.01,
                     epochs: 2,
                     batch_size: 10,
@@ -61,9 +61,9 @@ fn fixtures() -> &'static [Fixture] {
                     test_size: 0,
                     data: "synthetic".into(),
                     output_iterate: if *opt == "rs" || *opt == "sa" {
-                        "random".into()
+                        OutputIterate::Random
                     } else {
-                        "last".into()
+                        OutputIterate::Last
                     },
                     t_gd: if *opt == "sa" { 1 } else { 0 },
                     ..TrainConfig::default()

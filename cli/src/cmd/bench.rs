@@ -257,7 +257,7 @@ fn measure(args: &BenchArgs) -> Result<()> {
                     out["method"] = json!(name);
                     out["trace"] = json!(trace);
                     out["bn_mode"] = json!(if args.method == TraceMethod::Structural {
-                        "eval"
+                        flatmin_models::BnUse::Eval.name()
                     } else {
                         w.bn.name()
                     });

@@ -9,7 +9,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use flatmin::data::{auto_candidates, resolve, sized_subset};
-use flatmin::train::{count_correct, evaluate, RunDir, TrainConfig};
+use flatmin::train::{count_correct, evaluate, DType, RunDir, TrainConfig};
 use flatmin_datasets::{Batch, Element};
 use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::{BnUse, Model};
@@ -48,11 +48,11 @@ pub struct EvalArgs {
     #[arg(long, value_name = "N")]
     pub size: Option<usize>,
     /// BatchNorm normalization: eval (running statistics) or train (batch statistics).
-    #[arg(long, default_value = "eval", value_parser = ["eval", "train"])]
-    pub bn_mode: String,
+    #[arg(long, default_value = "eval", value_parser = super::bn_mode())]
+    pub bn_mode: BnUse,
     /// Float type [default: the run's, else f32].
-    #[arg(long, value_parser = ["f32", "f64"])]
-    pub dtype: Option<String>,
+    #[arg(long, value_enum)]
+    pub dtype: Option<DType>,
     /// Seed of the subset and of synthetic data [default: the run's, else 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -154,17 +154,12 @@ fn dispatch(args: &EvalArgs) -> Result<()> {
             args.path().display()
         ),
     };
-    let dtype = args
-        .dtype
-        .clone()
-        .or_else(|| cfg.map(|c| c.dtype.clone()))
-        .unwrap_or_else(|| "f32".into());
+    let dtype = args.dtype.or(cfg.map(|c| c.dtype)).unwrap_or(DType::F32);
     let seed = args.seed.or(cfg.map(|c| c.data_seed())).unwrap_or(0);
-    let bn = BnUse::parse(&args.bn_mode).context("--bn-mode: expected eval or train")?;
-    match dtype.as_str() {
-        "f32" => eval_as::<f32>(args, &target, &model, seed, bn, &dtype),
-        "f64" => eval_as::<f64>(args, &target, &model, seed, bn, &dtype),
-        other => bail!("--dtype must be f32 or f64, got '{other}'"),
+    let bn = args.bn_mode;
+    match dtype {
+        DType::F32 => eval_as::<f32>(args, &target, &model, seed, bn, dtype),
+        DType::F64 => eval_as::<f64>(args, &target, &model, seed, bn, dtype),
     }
 }
 
@@ -175,7 +170,7 @@ fn eval_as<T: Scalar + Element>(
     model: &str,
     seed: u64,
     bn: BnUse,
-    dtype: &str,
+    dtype: DType,
 ) -> Result<()> {
     let mut net = flatmin::cifar_model::<T>(model, seed)?;
     // A training checkpoint also holds optimizer and trainer state; only the model's

@@ -2,41 +2,14 @@
 //! model on one CIFAR-10 batch file, written to a safetensors file.
 
 use anyhow::{Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
+use flatmin::train::DType;
 use flatmin_datasets::{normalize_f64, read_batch_file};
 use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::io::{write_safetensors, RawTensor};
 use flatmin_models::model::float_raw;
 use flatmin_models::BnUse;
 use std::path::{Path, PathBuf};
-
-/// Float type the computation runs in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Dtype {
-    /// Single precision.
-    F32,
-    /// Double precision.
-    F64,
-}
-
-/// How BatchNorm layers normalize.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum BnMode {
-    /// Batch statistics (running statistics are left untouched).
-    Train,
-    /// Running statistics from the weights file.
-    Eval,
-}
-
-impl BnMode {
-    fn bn_use(self) -> BnUse {
-        let name = match self {
-            BnMode::Train => "train",
-            BnMode::Eval => "eval",
-        };
-        BnUse::parse(name).expect("train and eval are BatchNorm modes")
-    }
-}
 
 /// Arguments of `flatmin hvp`.
 #[derive(Debug, Args)]
@@ -54,11 +27,11 @@ pub struct HvpArgs {
     #[arg(long)]
     pub vector: PathBuf,
     /// Float type of the computation and of the output tensors.
-    #[arg(long, value_enum, default_value_t = Dtype::F32)]
-    pub dtype: Dtype,
+    #[arg(long, value_enum, default_value_t = DType::F32)]
+    pub dtype: DType,
     /// BatchNorm normalization: batch statistics (train) or running statistics (eval).
-    #[arg(long, value_enum, default_value_t = BnMode::Eval)]
-    pub bn_mode: BnMode,
+    #[arg(long, default_value = "eval", value_parser = super::bn_mode())]
+    pub bn_mode: BnUse,
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
     #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
     pub threads: Option<usize>,
@@ -75,8 +48,8 @@ pub fn run(args: &HvpArgs) -> Result<()> {
 fn dispatch(args: &HvpArgs) -> Result<()> {
     check_out_path(&args.out)?;
     let tensors = match args.dtype {
-        Dtype::F32 => compute::<f32>(args)?,
-        Dtype::F64 => compute::<f64>(args)?,
+        DType::F32 => compute::<f32>(args)?,
+        DType::F64 => compute::<f64>(args)?,
     };
     write_safetensors(&args.out, &tensors).with_context(|| format!("--out {}", args.out.display()))
 }
@@ -115,7 +88,7 @@ pub fn compute<T: Scalar>(args: &HvpArgs) -> Result<Vec<RawTensor>> {
     let x = Tensor::<T>::from_vec(&[n, 3, 32, 32], data).context("--data")?;
     let labels = batch.labels_usize();
     let eval = model
-        .evaluate(&x, &labels, &[v], args.bn_mode.bn_use(), true)
+        .evaluate(&x, &labels, &[v], args.bn_mode, true)
         .with_context(|| format!("evaluating {} on {}", args.model, args.data.display()))?;
 
     let names = model.param_names();

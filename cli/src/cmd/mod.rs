@@ -10,6 +10,7 @@ pub mod trace;
 pub mod train;
 
 use clap::error::ErrorKind;
+use flatmin_models::BnUse;
 use std::process::ExitCode;
 
 /// Parses `--threads`: a positive integer.
@@ -19,6 +20,31 @@ pub fn parse_threads(s: &str) -> std::result::Result<usize, String> {
         Ok(n) => Ok(n),
         Err(_) => Err("expected a positive integer".into()),
     }
+}
+
+/// A `--bn-mode` choice: one [`BnUse`], named by [`BnUse::name`].
+#[derive(Clone, Copy, Debug)]
+struct BnModeArg(BnUse);
+
+impl clap::ValueEnum for BnModeArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[BnModeArg(BnUse::Eval), BnModeArg(BnUse::Train)]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        let help = match self.0 {
+            BnUse::Eval => "running statistics",
+            BnUse::Train => "batch statistics",
+        };
+        Some(clap::builder::PossibleValue::new(self.0.name()).help(help))
+    }
+}
+
+/// The value parser of `--bn-mode`: parses `eval` or `train` straight into a [`BnUse`]
+/// (`--help` and the error for another word list the choices).
+pub fn bn_mode() -> impl clap::builder::TypedValueParser<Value = BnUse> {
+    use clap::builder::TypedValueParser;
+    clap::builder::EnumValueParser::<BnModeArg>::new().map(|m| m.0)
 }
 
 /// Runs `f` with `threads` rayon workers (or rayon's default, which honours

@@ -9,7 +9,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{ArgGroup, Args, ValueEnum};
 use flatmin::data::{auto_candidates, resolve, sized_subset};
-use flatmin::train::{RunDir, TrainConfig};
+use flatmin::train::{DType, RunDir, TrainConfig};
 use flatmin_datasets::{read_batch_file, Batch, Element};
 use flatmin_engine::curvature::{
     exact_trace, exact_trace_of, hutch_plus_plus, hutchinson, lanczos, slq, structural_support,
@@ -119,8 +119,8 @@ pub struct MeasureArgs {
     )]
     pub batch: usize,
     /// BatchNorm normalization: eval (running statistics) or train (batch statistics).
-    #[arg(long, default_value = "eval", value_parser = ["eval", "train"])]
-    pub bn_mode: String,
+    #[arg(long, default_value = "eval", value_parser = super::bn_mode())]
+    pub bn_mode: BnUse,
     /// HVP directions per forward-over-reverse pass [default: as many as fit in 512 MiB,
     /// at most 64].
     #[arg(long, value_name = "K")]
@@ -130,8 +130,8 @@ pub struct MeasureArgs {
     #[arg(long)]
     pub seed: Option<u64>,
     /// Float type [default: the run's, else f32].
-    #[arg(long, value_parser = ["f32", "f64"])]
-    pub dtype: Option<String>,
+    #[arg(long, value_enum)]
+    pub dtype: Option<DType>,
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
     #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
     pub threads: Option<usize>,
@@ -335,7 +335,7 @@ struct Setup {
     source_flag: &'static str,
     /// The run folder whose settings are the defaults, if any.
     run: Option<PathBuf>,
-    dtype: String,
+    dtype: DType,
     seed: u64,
     bn: BnUse,
     images: Batch,
@@ -469,13 +469,9 @@ fn dispatch(r: &Request) -> Result<()> {
             "--model is needed with {source_flag} (which preset or mlp:... spec the weights belong to)"
         ),
     };
-    let dtype = c
-        .dtype
-        .clone()
-        .or_else(|| cfg.map(|cf| cf.dtype.clone()))
-        .unwrap_or_else(|| "f32".into());
+    let dtype = c.dtype.or(cfg.map(|cf| cf.dtype)).unwrap_or(DType::F32);
     let seed = c.seed.or(cfg.map(|cf| cf.data_seed())).unwrap_or(0);
-    let bn = BnUse::parse(&c.bn_mode).context("--bn-mode: expected eval or train")?;
+    let bn = c.bn_mode;
     let spec = c
         .data
         .clone()
@@ -495,10 +491,9 @@ fn dispatch(r: &Request) -> Result<()> {
         synthetic,
         split,
     };
-    match setup.dtype.as_str() {
-        "f32" => measure::<f32>(r, &setup),
-        "f64" => measure::<f64>(r, &setup),
-        other => bail!("--dtype must be f32 or f64, got '{other}'"),
+    match setup.dtype {
+        DType::F32 => measure::<f32>(r, &setup),
+        DType::F64 => measure::<f64>(r, &setup),
     }
 }
 

@@ -3,7 +3,10 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use flatmin::data::{auto_candidates, resolve};
-use flatmin::train::{Observer, Outcome, Record, RunLock, TrainConfig, Trainer, OPTIMIZER_FLAGS};
+use flatmin::train::{
+    DType, NonFinitePolicy, Observer, Optimizer, Outcome, OutputIterate, ProbeData, Record,
+    RunLock, Schedule, TraceMethod, TrainConfig, Trainer,
+};
 use flatmin_datasets::Element;
 use flatmin_engine::Scalar;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -24,8 +27,8 @@ pub struct TrainArgs {
     /// (Algorithm 2, sharpness-aware perturbation) [default: sgd]. All but adamw take
     /// --momentum, --nesterov and --weight-decay (the paper's algorithms use neither:
     /// pass --momentum 0 --weight-decay 0).
-    #[arg(long)]
-    pub optimizer: Option<String>,
+    #[arg(long, value_enum)]
+    pub optimizer: Option<Optimizer>,
     /// Base learning rate [default: 0.05].
     #[arg(long, allow_hyphen_values = true)]
     pub lr: Option<f64>,
@@ -42,8 +45,8 @@ pub struct TrainArgs {
     #[arg(long, allow_hyphen_values = true)]
     pub weight_decay: Option<f64>,
     /// Learning-rate schedule: constant, cosine or step [default: cosine].
-    #[arg(long)]
-    pub schedule: Option<String>,
+    #[arg(long, value_enum)]
+    pub schedule: Option<Schedule>,
     /// Step schedule: epochs between decays [default: 30].
     #[arg(long)]
     pub step_every: Option<usize>,
@@ -79,8 +82,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "SEED")]
     pub data_seed: Option<u64>,
     /// Float type: f32 or f64 [default: f32].
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[arg(long, value_enum)]
+    pub dtype: Option<DType>,
     /// Evaluate every this many epochs [default: 1].
     #[arg(long)]
     pub eval_every: Option<usize>,
@@ -117,8 +120,8 @@ pub struct TrainArgs {
     pub max_memory: Option<String>,
     /// On a NaN or infinite loss or gradient: stop (keeping the last good checkpoint) or
     /// skip-step (leave the parameters unchanged for that batch) [default: stop].
-    #[arg(long, value_name = "POLICY")]
-    pub on_nonfinite: Option<String>,
+    #[arg(long, value_name = "POLICY", value_enum)]
+    pub on_nonfinite: Option<NonFinitePolicy>,
     /// Perturbation radius ρ (sam, asam, usam, sam1, rps, rs, sa) [default: 0.05].
     #[arg(long, allow_hyphen_values = true)]
     pub rho: Option<f64>,
@@ -135,8 +138,8 @@ pub struct TrainArgs {
     pub probe_batch: Option<usize>,
     /// Probe gradients from the step's batch (same) or a fresh batch (fresh) (rs, sa, sam1)
     /// [default: same].
-    #[arg(long)]
-    pub probe_data: Option<String>,
+    #[arg(long, value_enum)]
+    pub probe_data: Option<ProbeData>,
     /// Project the probe gradient against the batch gradient (rs, sa) [default].
     #[arg(long, overrides_with = "no_project")]
     pub project: bool,
@@ -157,8 +160,8 @@ pub struct TrainArgs {
     pub t_gd: Option<usize>,
     /// Iterate handed on after the perturbed phase (rs, sa): last, or random (uniformly drawn,
     /// as in the paper's algorithms) [default: last].
-    #[arg(long)]
-    pub output_iterate: Option<String>,
+    #[arg(long, value_enum)]
+    pub output_iterate: Option<OutputIterate>,
     /// Radius of the random shift used when sa's probe gradient is exactly zero (Remark 2)
     /// [default: 1e-6].
     #[arg(long, allow_hyphen_values = true)]
@@ -184,8 +187,8 @@ pub struct TrainArgs {
     /// How the logged trace is measured: auto (structural where it applies, else
     /// Hutchinson), structural (exact; refused where it does not apply) or hutchinson
     /// (estimate with --trace-probes probes, logged with its standard error) [default: auto].
-    #[arg(long, value_name = "METHOD", value_parser = ["auto", "structural", "hutchinson"])]
-    pub trace_method: Option<String>,
+    #[arg(long, value_name = "METHOD", value_enum)]
+    pub trace_method: Option<TraceMethod>,
     /// Probes of a Hutchinson-logged trace [default: 32].
     #[arg(long, value_name = "P")]
     pub trace_probes: Option<usize>,
@@ -268,14 +271,13 @@ impl TrainArgs {
             c.project = true;
         }
         for flag in self.optimizer_flags() {
-            if let Some((_, opts)) = OPTIMIZER_FLAGS.iter().find(|(f, _)| *f == flag) {
-                if !opts.contains(&c.optimizer.as_str()) {
-                    bail!(
-                        "{flag} applies to --optimizer {} only, not {}",
-                        opts.join(", "),
-                        c.optimizer
-                    );
-                }
+            if !c.optimizer.takes(flag) {
+                let opts: Vec<&str> = Optimizer::taking(flag).iter().map(|o| o.name()).collect();
+                bail!(
+                    "{flag} applies to --optimizer {} only, not {}",
+                    opts.join(", "),
+                    c.optimizer
+                );
             }
         }
         if self.no_nesterov {
@@ -290,10 +292,10 @@ impl TrainArgs {
         if self.augment {
             c.augment = true;
         }
-        if self.optimizer.as_deref() == Some("adamw") && self.lr.is_none() {
+        if self.optimizer == Some(Optimizer::AdamW) && self.lr.is_none() {
             c.lr = 1e-3;
         }
-        if c.optimizer != "sgd" && !self.nesterov {
+        if c.optimizer != Optimizer::Sgd && !self.nesterov {
             c.nesterov = false;
         }
         Ok(c)
@@ -460,9 +462,9 @@ fn dispatch(args: &TrainArgs) -> Result<()> {
         eprintln!("warning: get CIFAR-10 with `flatmin data fetch cifar10`, or pass --data DIR / set FLATMIN_DATA.");
     }
     let origin = data.origin.clone();
-    match cfg.dtype.as_str() {
-        "f64" => train::<f64>(args, cfg, data, resume, &origin),
-        _ => train::<f32>(args, cfg, data, resume, &origin),
+    match cfg.dtype {
+        DType::F64 => train::<f64>(args, cfg, data, resume, &origin),
+        DType::F32 => train::<f32>(args, cfg, data, resume, &origin),
     }
 }
 

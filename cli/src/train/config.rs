@@ -1,16 +1,190 @@
 //! The training recipe: every knob of a run, saved as `config.json` in the run folder.
+//!
+//! Settings with a fixed set of values are enums ([`Optimizer`], [`Schedule`], [`DType`],
+//! [`NonFinitePolicy`], [`ProbeData`], [`OutputIterate`], [`TraceMethod`]): `config.json`
+//! holds their words (`"sgd"`, `"skip-step"`, ...), the command line accepts the same words
+//! and `--help` lists them. [`TrainConfig::optimizer_spec`] gives the chosen optimizer with
+//! exactly the hyperparameters it uses.
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Defines a setting with a fixed set of words: serde and clap use the words, `name()` and
+/// `Display` give the word, `FromStr` parses it (the error lists the choices).
+macro_rules! word_enum {
+    (
+        $(#[$meta:meta])*
+        $name:ident, $what:literal {
+            $( $(#[$vmeta:meta])* $var:ident => $word:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+        pub enum $name {
+            $( $(#[$vmeta])* #[serde(rename = $word)] #[value(name = $word)] $var, )+
+        }
+
+        impl $name {
+            /// Every choice, in the order `--help` lists them.
+            pub const ALL: &'static [$name] = &[$($name::$var),+];
+
+            /// The word of this choice (as in `config.json` and on the command line).
+            pub fn name(self) -> &'static str {
+                match self {
+                    $( $name::$var => $word, )+
+                }
+            }
+
+            /// The words of all choices, comma-separated.
+            pub fn choices() -> String {
+                Self::ALL.iter().map(|v| v.name()).collect::<Vec<_>>().join(", ")
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = anyhow::Error;
+            fn from_str(s: &str) -> Result<Self> {
+                Self::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.name() == s)
+                    .ok_or_else(|| anyhow!("unknown {} '{s}' (one of {})", $what, Self::choices()))
+            }
+        }
+    };
+}
+
+word_enum! {
+    /// The optimizer of a run (`--optimizer`).
+    Optimizer, "optimizer" {
+        /// SGD with (Nesterov) momentum and coupled weight decay.
+        Sgd => "sgd",
+        /// AdamW (decoupled weight decay).
+        AdamW => "adamw",
+        /// SAM (normalized perturbation).
+        Sam => "sam",
+        /// Adaptive SAM (perturbation scaled by |w| + η).
+        Asam => "asam",
+        /// Unnormalized SAM.
+        Usam => "usam",
+        /// SAM whose perturbation comes from a batch of one sample.
+        Sam1 => "sam1",
+        /// Random-perturbation SGD.
+        Rps => "rps",
+        /// SGD on labels flipped at random with probability p.
+        LabelNoise => "label-noise",
+        /// Algorithm 1: randomly smoothed perturbation.
+        Rs => "rs",
+        /// Algorithm 2: sharpness-aware perturbation.
+        Sa => "sa",
+    }
+}
+
+word_enum! {
+    /// The learning-rate schedule (`--schedule`).
+    Schedule, "schedule" {
+        /// The base rate throughout.
+        Constant => "constant",
+        /// Cosine decay to 0.
+        Cosine => "cosine",
+        /// Multiply by `--step-gamma` every `--step-every` epochs.
+        Step => "step",
+    }
+}
+
+word_enum! {
+    /// The float type of a run (`--dtype`).
+    DType, "float type" {
+        /// Single precision.
+        F32 => "f32",
+        /// Double precision.
+        F64 => "f64",
+    }
+}
+
+word_enum! {
+    /// What a NaN or infinite loss or gradient does (`--on-nonfinite`).
+    NonFinitePolicy, "policy" {
+        /// Keep the last good checkpoint and exit, naming the step and tensor.
+        Stop => "stop",
+        /// Leave the parameters unchanged for that batch and go on.
+        SkipStep => "skip-step",
+    }
+}
+
+word_enum! {
+    /// Where probe gradients come from (`--probe-data`).
+    ProbeData, "probe data" {
+        /// The step's batch.
+        Same => "same",
+        /// Another batch, drawn deterministically from the seed and the step.
+        Fresh => "fresh",
+    }
+}
+
+word_enum! {
+    /// The iterate rs and sa hand on after their perturbed phase (`--output-iterate`).
+    OutputIterate, "output iterate" {
+        /// The last iterate (practice).
+        Last => "last",
+        /// A uniformly random iterate (as in the paper's algorithms).
+        Random => "random",
+    }
+}
+
+word_enum! {
+    /// How the logged trace is measured (`--trace-method`).
+    TraceMethod, "trace method" {
+        /// Structural where it applies, else Hutchinson.
+        Auto => "auto",
+        /// Exact, structural; refused where it does not apply.
+        Structural => "structural",
+        /// Hutchinson estimate with `--trace-probes` probes.
+        Hutchinson => "hutchinson",
+    }
+}
+
+impl TraceMethod {
+    /// Whether the structural trace is tried (where it applies): `auto` and `structural`.
+    pub fn tries_structural(self) -> bool {
+        self != TraceMethod::Hutchinson
+    }
+}
+
+impl From<ProbeData> for flatmin_optim::ProbeData {
+    fn from(p: ProbeData) -> Self {
+        match p {
+            ProbeData::Same => flatmin_optim::ProbeData::Same,
+            ProbeData::Fresh => flatmin_optim::ProbeData::Fresh,
+        }
+    }
+}
+
+impl From<OutputIterate> for flatmin_optim::OutputIterate {
+    fn from(o: OutputIterate) -> Self {
+        match o {
+            OutputIterate::Last => flatmin_optim::OutputIterate::Last,
+            OutputIterate::Random => flatmin_optim::OutputIterate::Random,
+        }
+    }
+}
 
 /// Everything that determines a training run (together with the data).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Model preset or custom MLP spec.
     pub model: String,
-    /// Optimizer name (one of [`OPTIMIZERS`]).
-    pub optimizer: String,
+    /// The optimizer.
+    pub optimizer: Optimizer,
     /// Base learning rate.
     pub lr: f64,
     /// SGD momentum.
@@ -20,7 +194,7 @@ pub struct TrainConfig {
     /// Weight decay (coupled for SGD, decoupled for AdamW).
     pub weight_decay: f64,
     /// Learning-rate schedule: `constant`, `cosine` or `step`.
-    pub schedule: String,
+    pub schedule: Schedule,
     /// `step` schedule: epochs between decays.
     pub step_every: usize,
     /// `step` schedule: decay factor.
@@ -50,7 +224,7 @@ pub struct TrainConfig {
     /// subset); `None`: `seed`. Replicates from one starting point vary `seed` and keep this.
     pub data_seed: Option<u64>,
     /// Float type: `f32` or `f64`.
-    pub dtype: String,
+    pub dtype: DType,
     /// Evaluate on the test subset every this many epochs (and after the last).
     pub eval_every: usize,
     /// Keep a numbered checkpoint every this many epochs (0: only the latest).
@@ -60,7 +234,7 @@ pub struct TrainConfig {
     /// What a NaN or infinite loss or gradient does: `stop` (keep the last good checkpoint and
     /// exit with the step and tensor named) or `skip-step` (leave the parameters unchanged
     /// for that batch and go on).
-    pub on_nonfinite: String,
+    pub on_nonfinite: NonFinitePolicy,
     /// Perturbation radius ρ (sam, asam, usam, sam1, rps, rs, sa).
     pub rho: f64,
     /// Rate η' of the perturbation term (rs, sa); `None`: η' = η, the scheduled rate (paper.md
@@ -74,7 +248,7 @@ pub struct TrainConfig {
     pub probe_batch: usize,
     /// Where probe gradients come from (rs, sa, sam1): `same` (the step's batch) or `fresh`
     /// (another batch, drawn deterministically from the seed and the step).
-    pub probe_data: String,
+    pub probe_data: ProbeData,
     /// Project the probe gradient against the batch gradient (rs, sa; Algorithms 1 and 2: on).
     pub project: bool,
     /// Label-noise probability p (label-noise): each label replaced by another class with
@@ -89,7 +263,7 @@ pub struct TrainConfig {
     pub t_gd: usize,
     /// Iterate rs/sa hand on at the end of their perturbed phase: `last` (practice, (X)) or
     /// `random` (uniformly random iterate, reservoir-sampled, as in Algorithms 1 and 2).
-    pub output_iterate: String,
+    pub output_iterate: OutputIterate,
     /// Radius of the random shift ξ used when sa's probe gradient is exactly zero (Remark 2;
     /// (R): the paper suggests about ε³).
     pub zero_grad_xi: f64,
@@ -111,7 +285,7 @@ pub struct TrainConfig {
     pub trace_size: usize,
     /// How the logged trace is measured: `auto` (structural where it applies, else
     /// Hutchinson), `structural` (refused where it does not apply) or `hutchinson`.
-    pub trace_method: String,
+    pub trace_method: TraceMethod,
     /// Probes of a Hutchinson-logged trace.
     pub trace_probes: usize,
 }
@@ -123,12 +297,12 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             model: "cnn-s".into(),
-            optimizer: "sgd".into(),
+            optimizer: Optimizer::Sgd,
             lr: 0.05,
             momentum: 0.9,
             nesterov: false,
             weight_decay: 5e-4,
-            schedule: "cosine".into(),
+            schedule: Schedule::Cosine,
             step_every: 30,
             step_gamma: 0.1,
             warmup: 0,
@@ -142,65 +316,235 @@ impl Default for TrainConfig {
             augment: true,
             seed: 0,
             data_seed: None,
-            dtype: "f32".into(),
+            dtype: DType::F32,
             eval_every: 1,
             checkpoint_every: 0,
             data: "auto".into(),
-            on_nonfinite: "stop".into(),
+            on_nonfinite: NonFinitePolicy::Stop,
             rho: 0.05,
             eta_prime: None,
             eps0: None,
             probe_batch: 0,
-            probe_data: "same".into(),
+            probe_data: ProbeData::Same,
             project: true,
             label_noise: 0.1,
             m_sharpness: 0,
             asam_eta: 0.01,
             t_gd: 0,
-            output_iterate: "last".into(),
+            output_iterate: OutputIterate::Last,
             zero_grad_xi: 1e-6,
             random_labels: false,
             init_from: None,
             init_sha256: None,
             trace_every: 0,
             trace_size: 256,
-            trace_method: "auto".into(),
+            trace_method: TraceMethod::Auto,
             trace_probes: 32,
         }
     }
 }
 
-/// Optimizer names `flatmin train --optimizer` accepts.
-pub const OPTIMIZERS: [&str; 10] = [
-    "sgd",
-    "adamw",
-    "sam",
-    "asam",
-    "usam",
-    "sam1",
-    "rps",
-    "label-noise",
-    "rs",
-    "sa",
-];
+impl Optimizer {
+    /// The optimizer-specific flags this optimizer takes; giving one to another optimizer is
+    /// an error rather than silently ignored. (Every optimizer but adamw also takes
+    /// `--momentum`, `--nesterov` and `--weight-decay`, which are not listed.)
+    pub fn flags(self) -> &'static [&'static str] {
+        const PERTURB: [&str; 8] = [
+            "--rho",
+            "--eta-prime",
+            "--eps0",
+            "--probe-batch",
+            "--probe-data",
+            "--project",
+            "--no-project",
+            "--output-iterate",
+        ];
+        const SA: [&str; 10] = [
+            PERTURB[0],
+            PERTURB[1],
+            PERTURB[2],
+            PERTURB[3],
+            PERTURB[4],
+            PERTURB[5],
+            PERTURB[6],
+            PERTURB[7],
+            "--t-gd",
+            "--zero-grad-xi",
+        ];
+        match self {
+            Optimizer::Sgd | Optimizer::AdamW => &[],
+            Optimizer::Sam | Optimizer::Usam => &["--rho", "--m-sharpness"],
+            Optimizer::Asam => &["--rho", "--m-sharpness", "--asam-eta"],
+            Optimizer::Sam1 => &["--rho", "--probe-batch", "--probe-data"],
+            Optimizer::Rps => &["--rho"],
+            Optimizer::LabelNoise => &["--label-noise"],
+            Optimizer::Rs => &PERTURB,
+            Optimizer::Sa => &SA,
+        }
+    }
 
-/// Optimizer-specific flags and the optimizers that use them (giving one to another optimizer
-/// is an error rather than silently ignored).
-pub const OPTIMIZER_FLAGS: [(&str, &[&str]); 13] = [
-    ("--rho", &["sam", "asam", "usam", "sam1", "rps", "rs", "sa"]),
-    ("--eta-prime", &["rs", "sa"]),
-    ("--eps0", &["rs", "sa"]),
-    ("--probe-batch", &["rs", "sa", "sam1"]),
-    ("--probe-data", &["rs", "sa", "sam1"]),
-    ("--project", &["rs", "sa"]),
-    ("--no-project", &["rs", "sa"]),
-    ("--output-iterate", &["rs", "sa"]),
-    ("--label-noise", &["label-noise"]),
-    ("--m-sharpness", &["sam", "asam", "usam"]),
-    ("--asam-eta", &["asam"]),
-    ("--t-gd", &["sa"]),
-    ("--zero-grad-xi", &["sa"]),
-];
+    /// Whether this optimizer takes the optimizer-specific `flag` (see [`Optimizer::flags`]).
+    pub fn takes(self, flag: &str) -> bool {
+        self.flags().contains(&flag)
+    }
+
+    /// The optimizers that take the optimizer-specific `flag`, in [`Optimizer::ALL`] order.
+    pub fn taking(flag: &str) -> Vec<Optimizer> {
+        Self::ALL
+            .iter()
+            .copied()
+            .filter(|o| o.takes(flag))
+            .collect()
+    }
+}
+
+/// Momentum, Nesterov and weight decay: the SGD part of every optimizer but adamw.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdParams {
+    /// Heavy-ball (or Nesterov) momentum.
+    pub momentum: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// Coupled weight decay.
+    pub weight_decay: f64,
+}
+
+/// The chosen optimizer with exactly the hyperparameters it uses (a typed view of
+/// [`TrainConfig`], see [`TrainConfig::optimizer_spec`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OptimizerSpec {
+    /// SGD.
+    Sgd(SgdParams),
+    /// AdamW.
+    AdamW {
+        /// β1.
+        beta1: f64,
+        /// β2.
+        beta2: f64,
+        /// ε.
+        eps: f64,
+        /// Decoupled weight decay.
+        weight_decay: f64,
+    },
+    /// SAM (normalized perturbation).
+    Sam {
+        /// Perturbation radius ρ.
+        rho: f64,
+        /// m-sharpness chunk size; `None`: one perturbation for the whole batch.
+        m_sharpness: Option<usize>,
+        /// The SGD step.
+        sgd: SgdParams,
+    },
+    /// Adaptive SAM.
+    Asam {
+        /// Perturbation radius ρ.
+        rho: f64,
+        /// Offset η_a of the scale `|w| + η_a`.
+        eta: f64,
+        /// m-sharpness chunk size; `None`: one perturbation for the whole batch.
+        m_sharpness: Option<usize>,
+        /// The SGD step.
+        sgd: SgdParams,
+    },
+    /// Unnormalized SAM.
+    Usam {
+        /// Perturbation radius ρ.
+        rho: f64,
+        /// m-sharpness chunk size; `None`: one perturbation for the whole batch.
+        m_sharpness: Option<usize>,
+        /// The SGD step.
+        sgd: SgdParams,
+    },
+    /// SAM with a probe batch (of one sample by default).
+    Sam1 {
+        /// Perturbation radius ρ.
+        rho: f64,
+        /// Probe batch size; `None`: 1.
+        probe_batch: Option<usize>,
+        /// Where the probe gradient comes from.
+        probe_data: ProbeData,
+        /// The SGD step.
+        sgd: SgdParams,
+    },
+    /// Random-perturbation SGD.
+    Rps {
+        /// Perturbation radius ρ.
+        rho: f64,
+        /// The SGD step.
+        sgd: SgdParams,
+    },
+    /// Label-noise SGD.
+    LabelNoise {
+        /// Probability p that a label is replaced by another class.
+        p: f64,
+        /// The SGD step.
+        sgd: SgdParams,
+    },
+    /// Algorithm 1, randomly smoothed perturbation.
+    Rs {
+        /// Perturbation radius ρ.
+        rho: f64,
+        /// Rate η' of the perturbation term; `None`: the scheduled rate.
+        eta_prime: Option<f64>,
+        /// Gradient-norm gate ε0; `None`: always perturb.
+        eps0: Option<f64>,
+        /// Probe batch size; `None`: the whole batch.
+        probe_batch: Option<usize>,
+        /// Where the probe gradient comes from.
+        probe_data: ProbeData,
+        /// Project the probe gradient against the batch gradient.
+        project: bool,
+        /// Iterate handed on at the end.
+        output_iterate: OutputIterate,
+        /// The SGD step.
+        sgd: SgdParams,
+    },
+    /// Algorithm 2, sharpness-aware perturbation.
+    Sa {
+        /// Perturbation radius ρ.
+        rho: f64,
+        /// Rate η' of the perturbation term; `None`: the scheduled rate.
+        eta_prime: Option<f64>,
+        /// Gradient-norm gate ε0; `None`: always perturb.
+        eps0: Option<f64>,
+        /// Probe batch size; `None`: the whole batch.
+        probe_batch: Option<usize>,
+        /// Where the probe gradient comes from.
+        probe_data: ProbeData,
+        /// Project the probe gradient against the batch gradient.
+        project: bool,
+        /// Iterate handed on at the end of the perturbed phase.
+        output_iterate: OutputIterate,
+        /// Final plain-GD steps.
+        t_gd: usize,
+        /// Radius of the random shift used when the probe gradient is exactly zero.
+        zero_grad_xi: f64,
+        /// The SGD step.
+        sgd: SgdParams,
+    },
+}
+
+impl OptimizerSpec {
+    /// Which optimizer this is.
+    pub fn optimizer(&self) -> Optimizer {
+        match self {
+            OptimizerSpec::Sgd(_) => Optimizer::Sgd,
+            OptimizerSpec::AdamW { .. } => Optimizer::AdamW,
+            OptimizerSpec::Sam { .. } => Optimizer::Sam,
+            OptimizerSpec::Asam { .. } => Optimizer::Asam,
+            OptimizerSpec::Usam { .. } => Optimizer::Usam,
+            OptimizerSpec::Sam1 { .. } => Optimizer::Sam1,
+            OptimizerSpec::Rps { .. } => Optimizer::Rps,
+            OptimizerSpec::LabelNoise { .. } => Optimizer::LabelNoise,
+            OptimizerSpec::Rs { .. } => Optimizer::Rs,
+            OptimizerSpec::Sa { .. } => Optimizer::Sa,
+        }
+    }
+}
+
+/// The keys of the run's metadata ([`super::RunMeta`]) that `config.json` carries beside
+/// the recipe; a configuration file may hold these and no other keys but the settings.
+pub const RUN_META_KEYS: [&str; 3] = ["flatmin_version", "threads", "dataset"];
 
 impl TrainConfig {
     /// The seed of the data choices: `data_seed`, else `seed`.
@@ -211,11 +555,106 @@ impl TrainConfig {
 
 impl TrainConfig {
     /// Parses a run configuration (`config.json`, or a file given to `--config`): a JSON
-    /// object whose known keys override the default recipe; unknown keys (the run's
-    /// metadata) are ignored. Only parses: call [`TrainConfig::validate`] on the result.
-    /// Hostile bytes give an error, never a panic (fuzzed by `fuzz/fuzz_targets/run_config.rs`).
+    /// object whose keys override the default recipe. Besides the settings, only the run's
+    /// metadata keys ([`RUN_META_KEYS`], ignored) are allowed: any other key is an error
+    /// naming it, as is a value of the wrong type or an unknown word (the error names the
+    /// key and lists the choices). Only parses: call [`TrainConfig::validate`] on the
+    /// result. Hostile bytes give an error, never a panic (fuzzed by
+    /// `fuzz/fuzz_targets/run_config.rs`).
     pub fn from_json(text: &str) -> Result<Self> {
-        Ok(serde_json::from_str(text)?)
+        use serde_json::{Map, Value};
+        let Value::Object(mut map) = serde_json::from_str::<Value>(text)? else {
+            bail!("expected a JSON object of settings");
+        };
+        for key in RUN_META_KEYS {
+            map.remove(key);
+        }
+        let Value::Object(known) = serde_json::to_value(TrainConfig::default())? else {
+            unreachable!("a struct serializes to an object");
+        };
+        if let Some(key) = map.keys().find(|k| !known.contains_key(*k)) {
+            bail!("unknown key '{key}'");
+        }
+        serde_json::from_value(Value::Object(map.clone())).or_else(|e| {
+            // Name the key whose value is refused.
+            for (key, v) in &map {
+                let one: Map<String, Value> = [(key.clone(), v.clone())].into_iter().collect();
+                if let Err(e) = serde_json::from_value::<TrainConfig>(Value::Object(one)) {
+                    bail!("key '{key}': {e}");
+                }
+            }
+            Err(e.into())
+        })
+    }
+
+    /// The chosen optimizer with the hyperparameters it uses.
+    pub fn optimizer_spec(&self) -> OptimizerSpec {
+        let sgd = SgdParams {
+            momentum: self.momentum,
+            nesterov: self.nesterov,
+            weight_decay: self.weight_decay,
+        };
+        let m_sharpness = (self.m_sharpness > 0).then_some(self.m_sharpness);
+        let probe_batch = (self.probe_batch > 0).then_some(self.probe_batch);
+        let rho = self.rho;
+        match self.optimizer {
+            Optimizer::Sgd => OptimizerSpec::Sgd(sgd),
+            Optimizer::AdamW => OptimizerSpec::AdamW {
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                weight_decay: self.weight_decay,
+            },
+            Optimizer::Sam => OptimizerSpec::Sam {
+                rho,
+                m_sharpness,
+                sgd,
+            },
+            Optimizer::Asam => OptimizerSpec::Asam {
+                rho,
+                eta: self.asam_eta,
+                m_sharpness,
+                sgd,
+            },
+            Optimizer::Usam => OptimizerSpec::Usam {
+                rho,
+                m_sharpness,
+                sgd,
+            },
+            Optimizer::Sam1 => OptimizerSpec::Sam1 {
+                rho,
+                probe_batch,
+                probe_data: self.probe_data,
+                sgd,
+            },
+            Optimizer::Rps => OptimizerSpec::Rps { rho, sgd },
+            Optimizer::LabelNoise => OptimizerSpec::LabelNoise {
+                p: self.label_noise,
+                sgd,
+            },
+            Optimizer::Rs => OptimizerSpec::Rs {
+                rho,
+                eta_prime: self.eta_prime,
+                eps0: self.eps0,
+                probe_batch,
+                probe_data: self.probe_data,
+                project: self.project,
+                output_iterate: self.output_iterate,
+                sgd,
+            },
+            Optimizer::Sa => OptimizerSpec::Sa {
+                rho,
+                eta_prime: self.eta_prime,
+                eps0: self.eps0,
+                probe_batch,
+                probe_data: self.probe_data,
+                project: self.project,
+                output_iterate: self.output_iterate,
+                t_gd: self.t_gd,
+                zero_grad_xi: self.zero_grad_xi,
+                sgd,
+            },
+        }
     }
 
     /// Checks every value; the error names the flag.
@@ -233,24 +672,11 @@ impl TrainConfig {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             bail!("--weight-decay must be >= 0, got {}", self.weight_decay);
         }
-        if !OPTIMIZERS.contains(&self.optimizer.as_str()) {
-            bail!(
-                "--optimizer: unknown optimizer '{}' (one of {})",
-                self.optimizer,
-                OPTIMIZERS.join(", ")
-            );
-        }
-        if self.nesterov && self.optimizer != "adamw" && self.momentum == 0.0 {
+        if self.nesterov && self.optimizer != Optimizer::AdamW && self.momentum == 0.0 {
             bail!("--nesterov needs --momentum > 0");
         }
         self.validate_perturbation()?;
-        if !["constant", "cosine", "step"].contains(&self.schedule.as_str()) {
-            bail!(
-                "--schedule: unknown schedule '{}' (constant, cosine or step)",
-                self.schedule
-            );
-        }
-        if self.schedule == "step" {
+        if self.schedule == Schedule::Step {
             if self.step_every == 0 {
                 bail!("--step-every must be at least 1");
             }
@@ -267,16 +693,7 @@ impl TrainConfig {
                 bail!("{flag} must be at least 1");
             }
         }
-        if !["stop", "skip-step"].contains(&self.on_nonfinite.as_str()) {
-            bail!(
-                "--on-nonfinite must be stop or skip-step, got '{}'",
-                self.on_nonfinite
-            );
-        }
-        if !["f32", "f64"].contains(&self.dtype.as_str()) {
-            bail!("--dtype must be f32 or f64, got '{}'", self.dtype);
-        }
-        if self.optimizer == "adamw" {
+        if self.optimizer == Optimizer::AdamW {
             if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
                 bail!("--beta1 and --beta2 must be in [0, 1)");
             }
@@ -284,12 +701,6 @@ impl TrainConfig {
         }
         if self.trace_every > 0 && self.trace_size == 0 {
             bail!("--trace-samples must be at least 1");
-        }
-        if !["auto", "structural", "hutchinson"].contains(&self.trace_method.as_str()) {
-            bail!(
-                "--trace-method must be auto, structural or hutchinson, got '{}'",
-                self.trace_method
-            );
         }
         if self.trace_probes < 2 {
             bail!(
@@ -307,11 +718,7 @@ impl TrainConfig {
 
     /// Checks the settings of the perturbation optimizers (those the chosen one uses).
     fn validate_perturbation(&self) -> Result<()> {
-        let uses = |flag: &str| {
-            OPTIMIZER_FLAGS
-                .iter()
-                .any(|(f, opts)| *f == flag && opts.contains(&self.optimizer.as_str()))
-        };
+        let uses = |flag: &str| self.optimizer.takes(flag);
         if uses("--rho") && !(self.rho.is_finite() && self.rho > 0.0) {
             bail!("--rho must be a positive number, got {}", self.rho);
         }
@@ -328,18 +735,6 @@ impl TrainConfig {
                     bail!("--eps0 must be >= 0, got {v}");
                 }
             }
-        }
-        if uses("--probe-data") && !["same", "fresh"].contains(&self.probe_data.as_str()) {
-            bail!(
-                "--probe-data must be same or fresh, got '{}'",
-                self.probe_data
-            );
-        }
-        if uses("--output-iterate") && !["last", "random"].contains(&self.output_iterate.as_str()) {
-            bail!(
-                "--output-iterate must be last or random, got '{}'",
-                self.output_iterate
-            );
         }
         if uses("--label-noise") && !(self.label_noise > 0.0 && self.label_noise <= 1.0) {
             bail!("--label-noise must be in (0, 1], got {}", self.label_noise);

@@ -20,7 +20,7 @@
 //! measured peak resident memory of short runs it was within 25% either way (see
 //! docs/reliability.md). `--max-memory` replaces the budget when it is wrong.
 
-use super::config::TrainConfig;
+use super::config::{DType, TrainConfig};
 use anyhow::{bail, Context, Result};
 
 /// Images of the CIFAR-10 training set (what `--train-size 0` means).
@@ -55,7 +55,7 @@ impl MemoryEstimate {
 pub fn param_bytes(cfg: &TrainConfig) -> Result<f64> {
     let net = flatmin_models::netfile::resolve(&cfg.model)
         .with_context(|| format!("--model {}", cfg.model))?;
-    let elem = if cfg.dtype == "f64" { 8.0 } else { 4.0 };
+    let elem = if cfg.dtype == DType::F64 { 8.0 } else { 4.0 };
     Ok(PARAM_COPIES * net.num_params() as f64 * elem)
 }
 
@@ -63,8 +63,8 @@ pub fn param_bytes(cfg: &TrainConfig) -> Result<f64> {
 /// once and records two tiny forward passes; allocates nothing in proportion to the batch,
 /// but the model itself: check [`param_bytes`] first when the model may not fit.
 pub fn estimate_memory(cfg: &TrainConfig) -> Result<MemoryEstimate> {
-    let elem = if cfg.dtype == "f64" { 8.0 } else { 4.0 };
-    let (one, two, params) = if cfg.dtype == "f64" {
+    let elem = if cfg.dtype == DType::F64 { 8.0 } else { 4.0 };
+    let (one, two, params) = if cfg.dtype == DType::F64 {
         tape_sizes::<f64>(&cfg.model)?
     } else {
         tape_sizes::<f32>(&cfg.model)?

@@ -7,7 +7,10 @@ mod lock;
 mod memory;
 mod run_dir;
 
-pub use config::{TrainConfig, OPTIMIZERS, OPTIMIZER_FLAGS};
+pub use config::{
+    DType, NonFinitePolicy, Optimizer, OptimizerSpec, OutputIterate, ProbeData, Schedule,
+    SgdParams, TraceMethod, TrainConfig, RUN_META_KEYS,
+};
 pub use lock::{RunLock, LOCK_FILE};
 pub use memory::{
     available_memory, check_memory, estimate_memory, human_bytes, param_bytes, parse_size,
@@ -31,10 +34,10 @@ use flatmin_models::model::float_raw;
 use flatmin_models::ModelError;
 use flatmin_models::{BnUse, Model};
 use flatmin_optim::rng::{derive_seed, Rng};
+use flatmin_optim::Optimizer as StepRule;
 use flatmin_optim::{
-    corrupt_labels, AdamW, EtaPrime, LabelNoise, LabelNoiseSgd, LrSchedule, OptimError, Optimizer,
-    Oracle, OutputIterate, Probe, ProbeData, ProbeSpec, Rps, Rs, RsConfig, Sa, SaConfig, Sam, Sam1,
-    SamVariant, Schedule, Sgd,
+    corrupt_labels, AdamW, EtaPrime, LabelNoise, LabelNoiseSgd, LrSchedule, OptimError, Oracle,
+    Probe, ProbeSpec, Rps, Rs, RsConfig, Sa, SaConfig, Sam, Sam1, SamVariant, Sgd,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -61,7 +64,7 @@ pub struct Trainer<T: Scalar + Element> {
     cfg: TrainConfig,
     model: Model<T>,
     params: Vec<Tensor<T>>,
-    opt: Box<dyn Optimizer<T>>,
+    opt: Box<dyn StepRule<T>>,
     sched: LrSchedule,
     loader: Loader,
     test: Batch,
@@ -138,95 +141,123 @@ fn engine_err(e: ModelError) -> EngineError {
 fn build_optimizer<T: Scalar>(
     cfg: &TrainConfig,
     total_steps: usize,
-) -> Result<Box<dyn Optimizer<T>>> {
-    let (mu, nesterov, wd) = (cfg.momentum, cfg.nesterov, cfg.weight_decay);
+) -> Result<Box<dyn StepRule<T>>> {
     let seed = derive_seed(cfg.seed, OPTIMIZER_SEED_TAG);
-    let probe = |default: Option<usize>| ProbeSpec {
-        size: if cfg.probe_batch == 0 {
-            default
-        } else {
-            Some(cfg.probe_batch)
-        },
-        data: if cfg.probe_data == "fresh" {
-            ProbeData::Fresh
-        } else {
-            ProbeData::Same
-        },
+    let probe = |size: Option<usize>, data: ProbeData| ProbeSpec {
+        size,
+        data: data.into(),
     };
-    let eta_prime = cfg.eta_prime.map_or(EtaPrime::SameAsLr, EtaPrime::Fixed);
-    let output = if cfg.output_iterate == "random" {
-        OutputIterate::Random
-    } else {
-        OutputIterate::Last
+    let eta_prime = |v: Option<f64>| v.map_or(EtaPrime::SameAsLr, EtaPrime::Fixed);
+    let sam = |rho, variant, m: Option<usize>, sgd: SgdParams| -> Result<Box<dyn StepRule<T>>> {
+        Ok(Box::new(Sam::new(
+            rho,
+            variant,
+            m,
+            sgd.momentum,
+            sgd.nesterov,
+            sgd.weight_decay,
+        )?))
     };
-    let m = (cfg.m_sharpness > 0).then_some(cfg.m_sharpness);
-    Ok(match cfg.optimizer.as_str() {
-        "sgd" => Box::new(Sgd::new(mu, nesterov, wd)?),
-        "adamw" => Box::new(AdamW::new(cfg.beta1, cfg.beta2, cfg.eps, wd)?),
-        "sam" => Box::new(Sam::new(
-            cfg.rho,
-            SamVariant::Normalized,
-            m,
-            mu,
-            nesterov,
-            wd,
+    Ok(match cfg.optimizer_spec() {
+        OptimizerSpec::Sgd(s) => Box::new(Sgd::new(s.momentum, s.nesterov, s.weight_decay)?),
+        OptimizerSpec::AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } => Box::new(AdamW::new(beta1, beta2, eps, weight_decay)?),
+        OptimizerSpec::Sam {
+            rho,
+            m_sharpness,
+            sgd,
+        } => sam(rho, SamVariant::Normalized, m_sharpness, sgd)?,
+        OptimizerSpec::Usam {
+            rho,
+            m_sharpness,
+            sgd,
+        } => sam(rho, SamVariant::Unnormalized, m_sharpness, sgd)?,
+        OptimizerSpec::Asam {
+            rho,
+            eta,
+            m_sharpness,
+            sgd,
+        } => sam(rho, SamVariant::Adaptive { eta }, m_sharpness, sgd)?,
+        OptimizerSpec::Sam1 {
+            rho,
+            probe_batch,
+            probe_data,
+            sgd: s,
+        } => Box::new(Sam1::new(
+            rho,
+            probe(probe_batch.or(Some(1)), probe_data),
+            s.momentum,
+            s.nesterov,
+            s.weight_decay,
+            seed,
         )?),
-        "usam" => Box::new(Sam::new(
-            cfg.rho,
-            SamVariant::Unnormalized,
-            m,
-            mu,
-            nesterov,
-            wd,
+        OptimizerSpec::Rps { rho, sgd: s } => {
+            Box::new(Rps::new(rho, s.momentum, s.nesterov, s.weight_decay, seed)?)
+        }
+        OptimizerSpec::LabelNoise { p, sgd: s } => Box::new(LabelNoiseSgd::new(
+            p,
+            s.momentum,
+            s.nesterov,
+            s.weight_decay,
+            seed,
         )?),
-        "asam" => Box::new(Sam::new(
-            cfg.rho,
-            SamVariant::Adaptive { eta: cfg.asam_eta },
-            m,
-            mu,
-            nesterov,
-            wd,
-        )?),
-        "sam1" => Box::new(Sam1::new(cfg.rho, probe(Some(1)), mu, nesterov, wd, seed)?),
-        "rps" => Box::new(Rps::new(cfg.rho, mu, nesterov, wd, seed)?),
-        "label-noise" => Box::new(LabelNoiseSgd::new(cfg.label_noise, mu, nesterov, wd, seed)?),
-        "rs" => Box::new(Rs::new(RsConfig {
-            rho: cfg.rho,
-            eta_prime,
-            eps0: cfg.eps0,
-            project: cfg.project,
-            probe: probe(None),
-            output,
+        OptimizerSpec::Rs {
+            rho,
+            eta_prime: ep,
+            eps0,
+            probe_batch,
+            probe_data,
+            project,
+            output_iterate,
+            sgd: s,
+        } => Box::new(Rs::new(RsConfig {
+            rho,
+            eta_prime: eta_prime(ep),
+            eps0,
+            project,
+            probe: probe(probe_batch, probe_data),
+            output: output_iterate.into(),
             horizon: Some(total_steps as u64),
-            momentum: mu,
-            nesterov,
-            weight_decay: wd,
+            momentum: s.momentum,
+            nesterov: s.nesterov,
+            weight_decay: s.weight_decay,
             seed,
         })?),
-        "sa" => {
-            if cfg.t_gd >= total_steps {
-                bail!(
-                    "--t-gd {} leaves no perturbed steps: the run has {total_steps} steps",
-                    cfg.t_gd
-                );
+        OptimizerSpec::Sa {
+            rho,
+            eta_prime: ep,
+            eps0,
+            probe_batch,
+            probe_data,
+            project,
+            output_iterate,
+            t_gd,
+            zero_grad_xi,
+            sgd: s,
+        } => {
+            if t_gd >= total_steps {
+                bail!("--t-gd {t_gd} leaves no perturbed steps: the run has {total_steps} steps");
             }
             Box::new(Sa::new(SaConfig {
-                rho: cfg.rho,
-                eta_prime,
-                eps0: cfg.eps0,
-                project: cfg.project,
+                rho,
+                eta_prime: eta_prime(ep),
+                eps0,
+                project,
                 random_sign: true,
-                probe: probe(None),
-                xi: cfg.zero_grad_xi,
-                output,
-                horizon: Some((total_steps - cfg.t_gd) as u64),
-                momentum: mu,
-                nesterov,
-                weight_decay: wd,
+                probe: probe(probe_batch, probe_data),
+                xi: zero_grad_xi,
+                output: output_iterate.into(),
+                horizon: Some((total_steps - t_gd) as u64),
+                momentum: s.momentum,
+                nesterov: s.nesterov,
+                weight_decay: s.weight_decay,
                 seed,
             })?)
         }
-        other => bail!("--optimizer: unknown optimizer '{other}'"),
     })
 }
 
@@ -388,10 +419,10 @@ impl<T: Scalar + Element> Trainer<T> {
         };
         let total = steps("--epochs", cfg.epochs)?;
         let opt = build_optimizer(&cfg, total)?;
-        let kind = match cfg.schedule.as_str() {
-            "constant" => Schedule::Constant,
-            "cosine" => Schedule::Cosine,
-            _ => Schedule::Step {
+        let kind = match cfg.schedule {
+            Schedule::Constant => flatmin_optim::Schedule::Constant,
+            Schedule::Cosine => flatmin_optim::Schedule::Cosine,
+            Schedule::Step => flatmin_optim::Schedule::Step {
                 every: steps("--step-every", cfg.step_every)?,
                 gamma: cfg.step_gamma,
             },
@@ -480,7 +511,7 @@ impl<T: Scalar + Element> Trainer<T> {
                     Ok(r) => r,
                     Err(e) => match e.downcast_ref::<OptimError>() {
                         Some(OptimError::NonFinite(what))
-                            if self.cfg.on_nonfinite == "skip-step" =>
+                            if self.cfg.on_nonfinite == NonFinitePolicy::SkipStep =>
                         {
                             // The batch is consumed; parameters and optimizer state stay.
                             self.step += 1;
@@ -599,7 +630,7 @@ impl<T: Scalar + Element> Trainer<T> {
         let mut extra = std::collections::BTreeMap::new();
         let support = structural_support(net, params, &norm, &opts)
             .context("--trace-every: structural trace")?;
-        if self.cfg.trace_method == "structural" {
+        if self.cfg.trace_method == TraceMethod::Structural {
             if let Some(reason) = &support.refusal {
                 bail!(
                     "--trace-method structural does not apply to {}: {reason}",
@@ -607,7 +638,7 @@ impl<T: Scalar + Element> Trainer<T> {
                 );
             }
         }
-        let (trace, method) = if support.applies() && self.cfg.trace_method != "hutchinson" {
+        let (trace, method) = if support.applies() && self.cfg.trace_method.tries_structural() {
             let mut acc = StructuralAccumulator::new(net, params, &norm, &opts)
                 .context("--trace-every: structural trace")?;
             for (x, labels) in &self.trace_set {
