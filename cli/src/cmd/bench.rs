@@ -105,7 +105,7 @@ pub struct BenchArgs {
     /// What to time.
     #[arg(value_enum)]
     pub task: Task,
-    /// Model preset.
+    /// Model preset, `mlp:...` spec or network file NET.json.
     #[arg(long, default_value = "mlp-s")]
     pub model: String,
     /// Batch size.

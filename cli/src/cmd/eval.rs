@@ -33,7 +33,7 @@ pub struct EvalArgs {
     /// The same as the positional argument, as a flag: `--checkpoint C`.
     #[arg(long, value_name = "C", conflicts_with = "target")]
     pub checkpoint: Option<PathBuf>,
-    /// Model preset or `mlp:...` spec of a checkpoint outside a run folder [default: the
+    /// Model preset, `mlp:...` spec or network file NET.json of a checkpoint outside a run folder [default: the
     /// run's, from its config.json].
     #[arg(long)]
     pub model: Option<String>,

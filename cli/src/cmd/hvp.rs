@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 /// Arguments of `flatmin hvp`.
 #[derive(Debug, Args)]
 pub struct HvpArgs {
-    /// Model preset (tiny-tanh, mlp-s, cnn-s, resnet20, resnet18) or custom `mlp:W0,...:ACT`.
+    /// Model preset (tiny-tanh, mlp-s, cnn-s, resnet20, resnet18), custom `mlp:W0,...:ACT`, or a
+    /// network file NET.json (docs/network-file.md).
     #[arg(long)]
     pub model: String,
     /// Model state (safetensors, f32 or f64; a PyTorch state_dict is accepted).

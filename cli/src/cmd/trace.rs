@@ -84,7 +84,8 @@ impl Method {
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("source").required(true).args(["weights", "run", "checkpoint"])))]
 pub struct MeasureArgs {
-    /// Model preset (tiny-tanh, mlp-s, cnn-s, resnet20, resnet18) or `mlp:W0,...:ACT`
+    /// Model preset (tiny-tanh, mlp-s, cnn-s, resnet20, resnet18), `mlp:W0,...:ACT` or a network
+    /// file NET.json
     /// [default with --run or --checkpoint: the run's].
     #[arg(long)]
     pub model: Option<String>,

@@ -19,7 +19,8 @@ use std::time::Instant;
 /// Arguments of `flatmin train`. Unset flags take the default recipe (see `TrainConfig`).
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Model preset (tiny-tanh, mlp-s, cnn-s, resnet20, resnet18) or `mlp:W0,...:ACT` [default: cnn-s].
+    /// Model preset (tiny-tanh, mlp-s, cnn-s, resnet20, resnet18), `mlp:W0,...:ACT` or a network
+    /// file NET.json (docs/network-file.md) [default: cnn-s].
     #[arg(long)]
     pub model: Option<String>,
     /// Optimizer: sgd, adamw, sam, asam, usam, sam1 (SAM with batch size 1), rps (random-
