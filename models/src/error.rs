@@ -96,6 +96,9 @@ pub enum ModelError {
         /// The limit.
         max: usize,
     },
+    /// A curvature measurement that cannot be made as asked ([`crate::measure`]).
+    #[error(transparent)]
+    Measure(#[from] crate::measure::MeasureError),
     /// An engine error (shapes, labels).
     #[error(transparent)]
     Engine(#[from] flatmin_engine::EngineError),

@@ -8,6 +8,7 @@
 pub mod arch;
 pub mod error;
 pub mod io;
+pub mod measure;
 pub mod model;
 pub mod netfile;
 

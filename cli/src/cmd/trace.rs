@@ -6,18 +6,20 @@
 //! `--batch`; the loss is the mean over all images, so batch `b` weighs `|b| / N`. The
 //! BatchNorm mode is part of the measured function and is named in every output.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{ArgGroup, Args, ValueEnum};
 use flatmin::data::{auto_candidates, resolve, sized_subset};
 use flatmin::train::{DType, RunDir, TrainConfig};
 use flatmin_datasets::{read_batch_file, Batch, Element};
 use flatmin_engine::curvature::{
-    exact_trace, exact_trace_of, hutch_plus_plus, hutchinson, lanczos, slq, structural_support,
-    Batches, Hessian, HutchPlusPlusOptions, HutchinsonOptions, HvpConfig, LanczosOptions,
-    SlqOptions, StructuralAccumulator, StructuralOptions, Which,
+    lanczos, slq, BatchLoss, Hessian, LanczosOptions, SlqOptions, Which,
 };
-use flatmin_engine::{EngineError, Scalar, Tape, Tensor, Var};
-use flatmin_models::{BnUse, ModelError};
+use flatmin_engine::{Scalar, Tensor};
+use flatmin_models::measure::{
+    self, MeasureError, ProgressFn, TensorDiagonal, TraceDetails, TraceMethod, TraceOptions,
+    TraceProgress, TraceReport,
+};
+use flatmin_models::{BnUse, Model, ModelError};
 use serde_json::{json, Value};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -27,13 +29,6 @@ use std::time::Instant;
 const TEST_SUBSET_SEED: u64 = 0x7e57;
 /// Images measured when `--size` is not given and the data is not a single batch file.
 const DEFAULT_SIZE: usize = 1000;
-/// `--method auto` takes basis HVPs up to this many parameters (when structure does not
-/// apply), Hutchinson above.
-const AUTO_BASIS_MAX_DIM: usize = 20_000;
-/// Tangent memory one HVP pass may use when `--directions` is not given.
-const DIRECTION_BYTES: usize = 512 << 20;
-/// Most directions per pass chosen automatically.
-const MAX_AUTO_DIRECTIONS: usize = 64;
 /// Bins of the SLQ density histogram.
 const DENSITY_BINS: usize = 12;
 
@@ -542,16 +537,6 @@ fn load_images(
     Ok((batch, data.origin, data.synthetic, Some(args.split.clone())))
 }
 
-fn engine_err(e: ModelError) -> EngineError {
-    match e {
-        ModelError::Engine(e) => e,
-        other => EngineError::Shape {
-            op: "forward",
-            detail: other.to_string(),
-        },
-    }
-}
-
 /// What one method found, for both reports.
 struct Found {
     /// The method actually used.
@@ -616,12 +601,11 @@ fn select_tensors(names: &[String], filters: &[String]) -> Result<Vec<usize>> {
     Ok((0..names.len()).filter(|&i| keep[i]).collect())
 }
 
-fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
-    let args = r.common;
+/// Loads the model and its state from the weights file (a training checkpoint's optimizer
+/// and trainer tensors are skipped).
+fn load_model<T: Scalar>(s: &Setup) -> Result<Model<T>> {
     let mut model = flatmin::cifar_model::<T>(&s.model, s.seed)?;
     let what = s.source_flag;
-    // A training checkpoint also holds optimizer and trainer state; only the model's tensors
-    // are loaded.
     let raw: Vec<_> = flatmin_models::io::read_safetensors(&s.weights)
         .with_context(|| what.to_string())?
         .into_iter()
@@ -630,480 +614,444 @@ fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
     model
         .load_raw(&s.weights, raw)
         .with_context(|| what.to_string())?;
-    let params = model.params_cloned();
-    let names: Vec<String> = model.param_names().iter().map(|n| n.to_string()).collect();
-    let d = model.num_params();
-    let selected = match &r.per_layer {
-        Some(filters) => select_tensors(&names, filters)?,
-        None => (0..names.len()).collect(),
-    };
+    Ok(model)
+}
 
-    let n = s.images.len();
-    let batches: Vec<(Tensor<T>, Vec<usize>)> = (0..n)
-        .step_by(args.batch)
+/// The images cut into batches of `batch`.
+fn make_batches<T: Scalar + Element>(
+    images: &Batch,
+    batch: usize,
+) -> Result<Vec<(Tensor<T>, Vec<usize>)>> {
+    let n = images.len();
+    (0..n)
+        .step_by(batch)
         .map(|start| {
-            let end = (start + args.batch).min(n);
-            let pixels = s.images.pixels[start * 3072..end * 3072].to_vec();
+            let end = (start + batch).min(n);
+            let pixels = images.pixels[start * 3072..end * 3072].to_vec();
             let x = Tensor::from_vec(&[end - start, 3, 32, 32], T::from_pixels(pixels))?;
-            let labels = s.images.labels[start..end]
+            let labels = images.labels[start..end]
                 .iter()
                 .map(|&l| usize::from(l))
                 .collect();
             Ok((x, labels))
         })
-        .collect::<Result<_>>()?;
-    let sizes: Vec<f64> = batches.iter().map(|b| b.1.len() as f64).collect();
+        .collect()
+}
 
-    let (net, norm) = (model.net(), model.norm_stats(s.bn));
-    let sopts = StructuralOptions {
-        chunk_size: args.batch,
-        diagonal: r.diagonal_out.is_some(),
-        ..StructuralOptions::default()
+fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
+    let model = load_model::<T>(s)?;
+    let params = model.params_cloned();
+    let names: Vec<String> = model.param_names().iter().map(|n| n.to_string()).collect();
+    let selected = match &r.per_layer {
+        Some(filters) => select_tensors(&names, filters)?,
+        None => (0..names.len()).collect(),
     };
+    let batches = make_batches::<T>(&s.images, r.common.batch)?;
     let started = Instant::now();
-    let mut method = r.method;
-    let mut note = None;
-    if matches!(method, Method::Auto | Method::Exact | Method::Structural) {
-        let support =
-            structural_support(net, &params, &norm, &sopts).context("structural trace")?;
-        match (&support.refusal, method) {
-            (None, _) => method = Method::Structural,
-            (Some(reason), Method::Structural) => {
-                bail!(
-                    "--method structural does not apply to {} with --bn-mode {}: {reason}",
-                    s.model,
-                    s.bn.name()
-                )
-            }
-            (Some(reason), Method::Exact) => {
-                method = Method::Basis;
-                note = Some(format!(
-                    "structural does not apply ({reason}); basis HVPs instead"
-                ));
-            }
-            (Some(reason), _) => {
-                method = if d <= AUTO_BASIS_MAX_DIM {
-                    Method::Basis
-                } else {
-                    Method::Hutchinson
-                };
-                note = Some(format!(
-                    "structural does not apply ({reason}); {} instead",
-                    method.name()
-                ));
-            }
-        }
-        if matches!(r.method, Method::Auto | Method::Exact) && note.is_none() {
-            note = Some("structural applies".into());
-        }
-    }
-
-    let mut found = if method == Method::Structural {
-        let mut acc =
-            StructuralAccumulator::new(net, &params, &norm, &sopts).context("structural trace")?;
-        let live = std::io::stderr().is_terminal();
-        for (x, labels) in &batches {
-            acc.add_batch(x, labels).context("structural trace")?;
-            if live {
-                eprint!("\rstructural: {}/{n} images", acc.samples());
-            }
-        }
-        if live {
-            eprint!("\r\x1b[K");
-        }
-        let res = acc.finish().context("structural trace")?;
-        let mut f = Found::new(method);
-        if let Some(out) = &r.diagonal_out {
-            let diag = res
-                .blocks
-                .iter()
-                .map(|b| (b.index, b.diagonal.clone().unwrap_or_default()))
-                .collect();
-            write_diagonal(out, &names, &params, diag)?;
-        }
-        let r = res;
-        f.trace = Some(r.trace);
-        f.blocks = Some(
-            r.blocks
-                .iter()
-                .enumerate()
-                .map(|(i, b)| (i, b.trace, None))
-                .collect(),
-        );
-        f.extra.insert("ggn_trace".into(), json!(r.ggn_trace));
-        f.extra
-            .insert("activation_trace".into(), json!(r.activation_trace));
-        f.extra.insert("loss".into(), json!(r.loss));
-        f.extra
-            .insert("class_columns".into(), json!(r.class_columns));
-        f.extra
-            .insert("source_columns".into(), json!(r.source_columns));
-        f.extra.insert("hvps".into(), json!(0));
-        f.lines.push(format!(
-            "  GGN part {:.6e} + smooth-activation part {:.6e} ({} curvature sources), loss {:.4}, no HVPs",
-            r.ggn_trace, r.activation_trace, r.source_columns, r.loss
-        ));
-        f
-    } else {
-        let loss = Batches::new(sizes, |b: usize, tape: &mut Tape<T>, vars: &[Var]| {
-            let (x, labels) = &batches[b];
-            let xv = tape.constant(x.clone());
-            let (z, _) = model.forward(tape, vars, xv, s.bn).map_err(engine_err)?;
-            tape.cross_entropy(z, labels)
-        });
-        let mut h =
-            Hessian::new(&params, loss, HvpConfig::with_directions(1)).context("Hessian")?;
-        let live = std::io::stderr().is_terminal();
-        let k = match args.directions {
-            Some(k) => k,
-            None => h
-                .directions_for_budget(DIRECTION_BYTES)
-                .context("Hessian")?
-                .min(MAX_AUTO_DIRECTIONS),
-        };
-        h.set_config(HvpConfig::with_directions(k))
-            .context("--directions")?;
-        let (mut timing_hvps, mut timing_passes) = (0, 0);
-        let sel: usize = selected.iter().map(|&i| params[i].numel()).sum();
-        if method == Method::Basis {
-            match basis_cost(&h, sel, k)? {
-                Some((secs, pass_s)) if secs > r.max_hours * 3600.0 => {
-                    if r.method == Method::Auto {
-                        method = Method::Hutchinson;
-                        note = Some(format!(
-                            "{}; basis HVPs would take about {}, so hutchinson",
-                            note.unwrap_or_default(),
-                            human_duration(secs)
-                        ));
-                    } else {
-                        if live {
-                            eprint!("\r\x1b[K");
-                        }
-                        bail!(
-                            "--method {}: {sel} basis HVPs on {} images would take about {} (one pass of {k} directions: {pass_s:.2} s), more than --max-hours {}; estimate instead (--method hutchinson or hutch++), measure fewer images (--size), some tensors only (--per-layer NAMES), or raise --max-hours",
-                            r.method.name(),
-                            n,
-                            human_duration(secs),
-                            r.max_hours
-                        );
-                    }
-                }
-                _ => {}
-            }
-            (timing_hvps, timing_passes) = (h.hvps(), h.passes());
-        }
-        if live {
-            let total = (method == Method::Basis).then_some(sel + timing_hvps);
-            h = h.with_progress(move |p| match total {
-                Some(t) => eprint!("\r{}: {}/{t} HVPs", method.name(), p.hvps),
-                None => eprint!("\r{}: {} HVPs", method.name(), p.hvps),
-            });
-        }
-        let filtered = r.per_layer.as_ref().is_some_and(|f| !f.is_empty());
-        if r.diagonal_out.is_some() && method != Method::Basis {
-            if live {
-                eprint!("\r\x1b[K");
-            }
-            bail!(
-                "--diagonal: no exact method applies here ({} chose {}); use --method exact-hvp",
-                r.method.name(),
-                method.name()
-            );
-        }
-        let result = hvp_method(
-            r,
-            method,
-            &h,
-            d,
-            s.seed,
-            filtered.then_some(&selected[..]),
-            &names,
-        );
-        if live {
-            eprint!("\r\x1b[K");
-        }
-        let mut f = result?;
-        f.extra.insert("hvps".into(), json!(h.hvps() - timing_hvps));
-        f.extra
-            .insert("passes".into(), json!(h.passes() - timing_passes));
-        f.extra.insert("directions_per_pass".into(), json!(k));
-        f
+    let found = match r.method {
+        Method::Lanczos | Method::Slq => spectral(r, s, &model, &params, &batches)?,
+        _ => traced(r, s, &model, &batches, &selected)?,
     };
     let compute_s = started.elapsed().as_secs_f64();
-    if found.note.is_none() {
-        found.note = note;
-    }
     let has_bn = model.net().has_batch_norm();
     report(r, s, &names, &params, &selected, has_bn, &found, compute_s)
 }
 
-/// Estimated seconds of `sel` basis HVPs in passes of `k` directions (and of one pass),
-/// from one timed pass; `None` when at most 4 passes are needed (not worth timing).
-fn basis_cost<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
-    h: &Hessian<'_, T, L>,
-    sel: usize,
-    k: usize,
-) -> Result<Option<(f64, f64)>> {
-    let passes = sel.div_ceil(k.max(1));
-    if passes <= 4 {
-        return Ok(None);
+/// The library's trace method for a trace `--method`.
+fn trace_method(m: Method) -> TraceMethod {
+    match m {
+        Method::Exact => TraceMethod::Exact,
+        Method::Structural => TraceMethod::Structural,
+        Method::Basis => TraceMethod::Basis,
+        Method::Hutchinson => TraceMethod::Hutchinson,
+        Method::HutchPlusPlus => TraceMethod::HutchPlusPlus,
+        Method::Auto | Method::Lanczos | Method::Slq => TraceMethod::Auto,
     }
-    let probe = vec![vec![0.0; h.dim()]; k];
-    let t = Instant::now();
-    h.apply(&probe).context("timing one HVP pass")?;
-    let pass_s = t.elapsed().as_secs_f64();
-    Ok(Some((pass_s * passes as f64, pass_s)))
 }
 
-/// Writes the exact diagonal blocks `(tensor index, values)` to `out` as float64 tensors
-/// named and shaped like their parameters.
-fn write_diagonal<T: Scalar>(
-    out: &Path,
-    names: &[String],
-    params: &[Tensor<T>],
-    diag: Vec<(usize, Vec<f64>)>,
-) -> Result<()> {
+/// The `--method` value of a library trace method.
+fn cli_method(m: TraceMethod) -> Method {
+    match m {
+        TraceMethod::Auto => Method::Auto,
+        TraceMethod::Exact => Method::Exact,
+        TraceMethod::Structural => Method::Structural,
+        TraceMethod::Basis => Method::Basis,
+        TraceMethod::Hutchinson => Method::Hutchinson,
+        TraceMethod::HutchPlusPlus => Method::HutchPlusPlus,
+    }
+}
+
+/// Draws live progress on a terminal's stderr.
+fn draw_progress(p: TraceProgress) {
+    match p {
+        TraceProgress::Samples { done, total } => eprint!("\rstructural: {done}/{total} images"),
+        TraceProgress::Hvps {
+            method,
+            done,
+            total: Some(t),
+        } => eprint!("\r{}: {done}/{t} HVPs", method.name()),
+        TraceProgress::Hvps { method, done, .. } => eprint!("\r{}: {done} HVPs", method.name()),
+    }
+}
+
+/// Measures the trace with the library's policy ([`flatmin_models::measure::trace`]) and
+/// writes the diagonal with `--diagonal`.
+fn traced<T: Scalar>(
+    r: &Request,
+    s: &Setup,
+    model: &Model<T>,
+    batches: &[(Tensor<T>, Vec<usize>)],
+    selected: &[usize],
+) -> Result<Found> {
+    let filtered = r.per_layer.as_ref().is_some_and(|f| !f.is_empty());
+    let opts = TraceOptions {
+        method: trace_method(r.method),
+        bn: s.bn,
+        seed: s.seed,
+        tol: r.tol,
+        max_probes: r.max_probes,
+        probes: r.fixed_probes,
+        budget: r.budget,
+        chunk_size: r.common.batch,
+        directions: r.common.directions,
+        tensors: filtered.then(|| selected.to_vec()),
+        diagonal: r.diagonal_out.is_some(),
+        max_seconds: r.max_hours * 3600.0,
+        basis_max_dim: measure::AUTO_BASIS_MAX_DIM,
+    };
+    let live = std::io::stderr().is_terminal();
+    let draw: ProgressFn = &draw_progress;
+    let result = measure::trace_with_progress(model, batches, &opts, live.then_some(draw));
+    if live {
+        eprint!("\r\x1b[K");
+    }
+    let rep = result.map_err(|e| trace_error(e, r, s))?;
+    if let (Some(out), Some(diag)) = (&r.diagonal_out, &rep.diagonal) {
+        write_diagonal(out, diag)?;
+    }
+    Ok(found_of(r, &rep))
+}
+
+/// A library error in the words of the command line (naming its flags).
+fn trace_error(e: ModelError, r: &Request, s: &Setup) -> anyhow::Error {
+    let ModelError::Measure(m) = e else {
+        return e.into();
+    };
+    match m {
+        MeasureError::NotStructural { reason } => anyhow!(
+            "--method structural does not apply to {} with --bn-mode {}: {reason}",
+            s.model,
+            s.bn.name()
+        ),
+        MeasureError::TooSlow {
+            hvps,
+            samples,
+            directions,
+            estimate_seconds,
+            pass_seconds,
+            ..
+        } => anyhow!(
+            "--method {}: {hvps} basis HVPs on {samples} images would take about {} (one pass of {directions} directions: {pass_seconds:.2} s), more than --max-hours {}; estimate instead (--method hutchinson or hutch++), measure fewer images (--size), some tensors only (--per-layer NAMES), or raise --max-hours",
+            r.method.name(),
+            measure::human_duration(estimate_seconds),
+            r.max_hours
+        ),
+        MeasureError::NoExactDiagonal { requested, chosen } => anyhow!(
+            "--diagonal: no exact method applies here ({} chose {}); use --method exact-hvp",
+            cli_method(requested).name(),
+            cli_method(chosen).name()
+        ),
+        MeasureError::Curvature { step, source } => {
+            let step = match step {
+                "directions" => "--directions",
+                "hutch++" => "--budget",
+                other => other,
+            };
+            anyhow::Error::new(source).context(step)
+        }
+        other => other.into(),
+    }
+}
+
+/// The library's report as the command's findings (JSON fields and report lines).
+fn found_of(r: &Request, rep: &TraceReport) -> Found {
+    let mut f = Found::new(cli_method(rep.method_used));
+    f.note = rep.note.clone();
+    f.trace = rep.trace;
+    f.std_error = rep.std_error;
+    f.blocks = Some(
+        rep.blocks
+            .iter()
+            .map(|b| (b.index, b.trace, b.std_error))
+            .collect(),
+    );
+    let x = &mut f.extra;
+    match &rep.details {
+        TraceDetails::Structural {
+            ggn_trace,
+            activation_trace,
+            class_columns,
+            source_columns,
+        } => {
+            let loss = rep.loss.unwrap_or(f64::NAN);
+            x.insert("ggn_trace".into(), json!(ggn_trace));
+            x.insert("activation_trace".into(), json!(activation_trace));
+            x.insert("loss".into(), json!(loss));
+            x.insert("class_columns".into(), json!(class_columns));
+            x.insert("source_columns".into(), json!(source_columns));
+            x.insert("hvps".into(), json!(0));
+            f.lines.push(format!(
+                "  GGN part {ggn_trace:.6e} + smooth-activation part {activation_trace:.6e} ({source_columns} curvature sources), loss {loss:.4}, no HVPs",
+            ));
+            return f;
+        }
+        TraceDetails::Basis { selected } => {
+            if let Some((trace, dim)) = selected {
+                x.insert("selected_trace".into(), json!(trace));
+                x.insert("selected_params".into(), json!(dim));
+                f.lines.push(format!(
+                    "  the selected tensors only ({dim} parameters): trace {trace:.6e}; the total is not measured"
+                ));
+            }
+        }
+        TraceDetails::Hutchinson { .. } => hutchinson_found(&mut f, r, rep),
+        TraceDetails::HutchPlusPlus { .. } => hutchpp_found(&mut f, r, rep),
+    }
+    f.extra.insert("hvps".into(), json!(rep.hvps));
+    f.extra.insert("passes".into(), json!(rep.passes));
+    f.extra
+        .insert("directions_per_pass".into(), json!(rep.directions));
+    f
+}
+
+/// The JSON fields and report line of a Hutchinson estimate.
+fn hutchinson_found(f: &mut Found, r: &Request, rep: &TraceReport) {
+    let TraceDetails::Hutchinson {
+        half_width,
+        relative_half_width,
+        converged,
+        fixed,
+    } = rep.details
+    else {
+        return;
+    };
+    let probes = rep.probes.unwrap_or_default();
+    f.extra.insert("probes".into(), json!(probes));
+    f.extra.insert("ci95_half_width".into(), json!(half_width));
+    f.extra.insert("converged".into(), json!(converged));
+    f.extra
+        .insert("relative_half_width".into(), json!(relative_half_width));
+    f.extra.insert("tol".into(), json!(r.tol));
+    let stop = match (fixed, converged) {
+        (true, _) => "--probes fixed the count".to_string(),
+        (false, true) => format!("converged, --tol {}", r.tol),
+        (false, false) => format!("stopped at --max-probes, --tol {}", r.tol),
+    };
+    f.lines.push(format!(
+        "  {probes} probes, 95% half-width {:.2}% of the estimate ({stop})",
+        100.0 * relative_half_width,
+    ));
+}
+
+/// The JSON fields and report line of a Hutch++ estimate.
+fn hutchpp_found(f: &mut Found, r: &Request, rep: &TraceReport) {
+    let TraceDetails::HutchPlusPlus {
+        half_width,
+        rank,
+        top_trace,
+        residual_estimate,
+        residual_probes,
+    } = rep.details
+    else {
+        return;
+    };
+    f.extra.insert("budget".into(), json!(r.budget));
+    f.extra.insert("ci95_half_width".into(), json!(half_width));
+    f.extra.insert("probes".into(), json!(r.budget));
+    f.extra.insert("sketch_rank".into(), json!(rank));
+    f.extra.insert("top_trace".into(), json!(top_trace));
+    f.extra
+        .insert("residual_estimate".into(), json!(residual_estimate));
+    f.extra
+        .insert("residual_probes".into(), json!(residual_probes));
+    f.lines.push(format!(
+        "  {} HVPs: exact {top_trace:.6e} on a rank-{rank} sketch + {residual_estimate:.6e} from {residual_probes} residual probes; 95% interval ± {half_width:.3e} (Student t)",
+        r.budget
+    ));
+}
+
+/// Writes the exact diagonal to `out` as float64 tensors named and shaped like their
+/// parameters.
+fn write_diagonal(out: &Path, diag: &[TensorDiagonal]) -> Result<()> {
     let tensors: Vec<flatmin_models::io::RawTensor> = diag
-        .into_iter()
-        .map(|(i, values)| flatmin_models::io::RawTensor {
-            name: names[i].clone(),
-            shape: params[i].shape().to_vec(),
-            data: flatmin_models::io::RawData::F64(values),
+        .iter()
+        .map(|d| flatmin_models::io::RawTensor {
+            name: d.name.clone(),
+            shape: d.shape.clone(),
+            data: flatmin_models::io::RawData::F64(d.values.clone()),
         })
         .collect();
     flatmin_models::io::write_safetensors(out, &tensors)
         .with_context(|| format!("--diagonal {}", out.display()))
 }
 
-/// `secs` as e.g. `3.2 h`, `14 min` or `45 s`.
-fn human_duration(secs: f64) -> String {
-    if secs >= 3600.0 {
-        format!("{:.1} h", secs / 3600.0)
-    } else if secs >= 60.0 {
-        format!("{:.0} min", secs / 60.0)
-    } else {
-        format!("{secs:.0} s")
+/// Lanczos eigenvalues or the SLQ density, on the library's Hessian of the loss.
+fn spectral<T: Scalar>(
+    r: &Request,
+    s: &Setup,
+    model: &Model<T>,
+    params: &[Tensor<T>],
+    batches: &[(Tensor<T>, Vec<usize>)],
+) -> Result<Found> {
+    let c = r.common;
+    let (mut h, k) = measure::hessian(model, params, batches, s.bn, c.directions)
+        .map_err(|e| trace_error(e, r, s))?;
+    let live = std::io::stderr().is_terminal();
+    let method = r.method;
+    if live {
+        h = h.with_progress(move |p| eprint!("\r{}: {} HVPs", method.name(), p.hvps));
     }
+    let result = match method {
+        Method::Lanczos => lanczos_found(r, &h, s.seed),
+        _ => slq_found(r, &h, s.seed),
+    };
+    if live {
+        eprint!("\r\x1b[K");
+    }
+    let mut f = result?;
+    f.extra.insert("hvps".into(), json!(h.hvps()));
+    f.extra.insert("passes".into(), json!(h.passes()));
+    f.extra.insert("directions_per_pass".into(), json!(k));
+    Ok(f)
 }
 
-/// Runs one of the HVP-based methods on `h`.
-/// With `only` (from `--per-layer NAMES`), basis HVPs measure those tensors alone and the
-/// total trace is left unknown.
-fn hvp_method<T: Scalar, L: flatmin_engine::curvature::BatchLoss<T>>(
+/// Top eigenvalues by Lanczos.
+fn lanczos_found<T: Scalar, L: BatchLoss<T>>(
     args: &Request,
-    method: Method,
     h: &Hessian<'_, T, L>,
-    d: usize,
     seed: u64,
-    only: Option<&[usize]>,
-    names: &[String],
 ) -> Result<Found> {
-    let mut f = Found::new(method);
-    match method {
-        Method::Basis => {
-            let r = match only {
-                Some(tensors) => exact_trace_of(h, tensors),
-                None => exact_trace(h),
-            }
-            .context("basis trace")?;
-            if let Some(out) = &args.diagonal_out {
-                let diag = r
-                    .blocks
-                    .iter()
-                    .map(|b| (b.index, b.diagonal.clone()))
-                    .collect();
-                write_diagonal(out, names, h.params(), diag)?;
-            }
-            if only.is_some() {
-                f.extra.insert("selected_trace".into(), json!(r.trace));
-                f.extra.insert("selected_params".into(), json!(r.dim));
-                f.lines.push(format!(
-                    "  the selected tensors only ({} parameters): trace {:.6e}; the total is not measured",
-                    r.dim, r.trace
-                ));
-            } else {
-                f.trace = Some(r.trace);
-            }
-            f.blocks = Some(r.blocks.iter().map(|b| (b.index, b.trace, None)).collect());
+    let mut f = Found::new(Method::Lanczos);
+    let d = h.dim();
+    if args.top_k > d {
+        bail!("--top {} exceeds the {d} parameters", args.top_k);
+    }
+    let opts = LanczosOptions {
+        k: args.top_k,
+        max_iters: args.steps.unwrap_or(100).max(args.top_k),
+        which: Which::Largest,
+        seed,
+        ..LanczosOptions::default()
+    };
+    let r = lanczos(h, &opts).context("lanczos")?;
+    f.extra.insert("eigenvalues".into(), json!(r.eigenvalues));
+    f.extra.insert("residuals".into(), json!(r.residuals));
+    f.extra.insert("iterations".into(), json!(r.iterations));
+    f.extra.insert("converged".into(), json!(r.converged));
+    f.lines.push(format!(
+        "  top {} eigenvalue(s) after {} iterations ({}):",
+        args.top_k,
+        r.iterations,
+        if r.converged {
+            "converged"
+        } else {
+            "not converged: raise --steps"
         }
-        Method::Hutchinson | Method::Auto | Method::Exact | Method::Structural => {
-            let opts = HutchinsonOptions {
-                seed,
-                min_probes: args.fixed_probes.unwrap_or(10.min(args.max_probes)),
-                max_probes: args.max_probes,
-                rel_tol: if args.fixed_probes.is_some() {
-                    0.0
-                } else {
-                    args.tol
-                },
-                ..HutchinsonOptions::default()
-            };
-            let r = hutchinson(h, &opts).context("hutchinson")?;
-            f.trace = Some(r.estimate);
-            f.std_error = Some(r.std_error);
-            f.blocks = Some(
-                r.block_estimates
-                    .iter()
-                    .zip(&r.block_std_errors)
-                    .enumerate()
-                    .map(|(i, (&e, &s))| (i, e, Some(s)))
-                    .collect(),
-            );
-            f.extra.insert("probes".into(), json!(r.probes));
-            f.extra
-                .insert("ci95_half_width".into(), json!(r.half_width));
-            f.extra.insert("converged".into(), json!(r.converged));
-            f.extra
-                .insert("relative_half_width".into(), json!(r.relative_half_width));
-            f.extra.insert("tol".into(), json!(args.tol));
-            let stop = match (args.fixed_probes, r.converged) {
-                (Some(_), _) => "--probes fixed the count".to_string(),
-                (None, true) => format!("converged, --tol {}", args.tol),
-                (None, false) => format!("stopped at --max-probes, --tol {}", args.tol),
-            };
-            f.lines.push(format!(
-                "  {} probes, 95% half-width {:.2}% of the estimate ({stop})",
-                r.probes,
-                100.0 * r.relative_half_width,
-            ));
+    ));
+    for (i, (v, res)) in r.eigenvalues.iter().zip(&r.residuals).enumerate() {
+        f.lines
+            .push(format!("    λ{} = {v:.6e}  (residual {res:.1e})", i + 1));
+    }
+    Ok(f)
+}
+
+/// Spectral density by stochastic Lanczos quadrature.
+fn slq_found<T: Scalar, L: BatchLoss<T>>(
+    args: &Request,
+    h: &Hessian<'_, T, L>,
+    seed: u64,
+) -> Result<Found> {
+    let mut f = Found::new(Method::Slq);
+    let opts = SlqOptions {
+        probes: args.slq_probes,
+        steps: args.steps.unwrap_or(64),
+        seed,
+        reorthogonalize: true,
+    };
+    // Every probe keeps its Lanczos basis (full reorthogonalization): refuse, before
+    // allocating, what the memory available cannot hold.
+    let d = h.dim();
+    let need = opts.probes as f64 * (opts.steps.min(d) + 2) as f64 * d as f64 * 8.0;
+    if let Some(avail) = flatmin::train::available_memory() {
+        if need > avail {
+            bail!(
+                    "--probes {} with --steps {}: the Lanczos bases need about {} ({} parameters each), but only {} are available (MemAvailable); lower --probes or --steps",
+                    opts.probes,
+                    opts.steps,
+                    flatmin::train::human_bytes(need),
+                    d,
+                    flatmin::train::human_bytes(avail)
+                );
         }
-        Method::HutchPlusPlus => {
-            let opts = HutchPlusPlusOptions {
-                budget: args.budget,
-                seed,
-            };
-            let r = hutch_plus_plus(h, &opts).context("--budget")?;
-            f.trace = Some(r.estimate);
-            f.std_error = Some(r.std_error);
-            f.extra.insert("budget".into(), json!(args.budget));
-            f.extra
-                .insert("ci95_half_width".into(), json!(r.half_width));
-            f.extra.insert("probes".into(), json!(args.budget));
-            f.extra.insert("sketch_rank".into(), json!(r.rank));
-            f.extra.insert("top_trace".into(), json!(r.top_trace));
-            f.extra
-                .insert("residual_estimate".into(), json!(r.residual_estimate));
-            f.extra
-                .insert("residual_probes".into(), json!(r.residual_probes));
-            f.lines.push(format!(
-                "  {} HVPs: exact {:.6e} on a rank-{} sketch + {:.6e} from {} residual probes; 95% interval ± {:.3e} (Student t)",
-                args.budget, r.top_trace, r.rank, r.residual_estimate, r.residual_probes, r.half_width
-            ));
-        }
-        Method::Lanczos => {
-            if args.top_k > d {
-                bail!("--top {} exceeds the {d} parameters", args.top_k);
-            }
-            let opts = LanczosOptions {
-                k: args.top_k,
-                max_iters: args.steps.unwrap_or(100).max(args.top_k),
-                which: Which::Largest,
-                seed,
-                ..LanczosOptions::default()
-            };
-            let r = lanczos(h, &opts).context("lanczos")?;
-            f.extra.insert("eigenvalues".into(), json!(r.eigenvalues));
-            f.extra.insert("residuals".into(), json!(r.residuals));
-            f.extra.insert("iterations".into(), json!(r.iterations));
-            f.extra.insert("converged".into(), json!(r.converged));
-            f.lines.push(format!(
-                "  top {} eigenvalue(s) after {} iterations ({}):",
-                args.top_k,
-                r.iterations,
-                if r.converged {
-                    "converged"
-                } else {
-                    "not converged: raise --steps"
-                }
-            ));
-            for (i, (v, res)) in r.eigenvalues.iter().zip(&r.residuals).enumerate() {
-                f.lines
-                    .push(format!("    λ{} = {v:.6e}  (residual {res:.1e})", i + 1));
-            }
-        }
-        Method::Slq => {
-            let opts = SlqOptions {
-                probes: args.slq_probes,
-                steps: args.steps.unwrap_or(64),
-                seed,
-                reorthogonalize: true,
-            };
-            // Every probe keeps its Lanczos basis (full reorthogonalization): refuse, before
-            // allocating, what the memory available cannot hold.
-            let d = h.dim();
-            let need = opts.probes as f64 * (opts.steps.min(d) + 2) as f64 * d as f64 * 8.0;
-            if let Some(avail) = flatmin::train::available_memory() {
-                if need > avail {
-                    bail!(
-                        "--probes {} with --steps {}: the Lanczos bases need about {} ({} parameters each), but only {} are available (MemAvailable); lower --probes or --steps",
-                        opts.probes,
-                        opts.steps,
-                        flatmin::train::human_bytes(need),
-                        d,
-                        flatmin::train::human_bytes(avail)
-                    );
-                }
-            }
-            let r = slq(h, &opts).context("slq")?;
-            f.trace = Some(r.trace_estimate);
-            f.std_error = r.trace_std_error.is_finite().then_some(r.trace_std_error);
-            let (nodes, weights) = r.nodes_and_weights();
-            let lo = nodes.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = nodes.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let negative: f64 = nodes
-                .iter()
-                .zip(&weights)
-                .filter(|(x, _)| **x < 0.0)
-                .map(|(_, w)| w)
-                .sum();
-            let width = (hi - lo) / DENSITY_BINS as f64;
-            let mut mass = vec![0.0; DENSITY_BINS];
-            for (&x, &w) in nodes.iter().zip(&weights) {
-                let bin = if width > 0.0 {
-                    (((x - lo) / width) as usize).min(DENSITY_BINS - 1)
-                } else {
-                    0
-                };
-                mass[bin] += w;
-            }
-            let edges: Vec<f64> = (0..=DENSITY_BINS).map(|i| lo + width * i as f64).collect();
-            f.extra.insert(
-                "density".into(),
-                json!({
-                    "probes": args.slq_probes,
-                    "steps": opts.steps,
-                    "min": lo,
-                    "max": hi,
-                    "mean": r.moment(1),
-                    "second_moment": r.moment(2),
-                    "negative_mass": negative,
-                    "histogram": {"edges": edges, "mass": mass},
-                }),
-            );
-            f.lines.push(format!(
-                "  spectral density ({} probes x {} steps): support [{lo:.4e}, {hi:.4e}], mean {:.4e}, second moment {:.4e}, negative mass {:.3}",
-                args.slq_probes,
-                opts.steps,
-                r.moment(1),
-                r.moment(2),
-                negative
-            ));
-            for (i, m) in mass.iter().enumerate() {
-                f.lines.push(format!(
-                    "    [{:>11.4e}, {:>11.4e})  {:>6.2}%",
-                    edges[i],
-                    edges[i + 1],
-                    100.0 * m
-                ));
-            }
-            f.extra.insert("probes".into(), json!(args.slq_probes));
-            if let Some(out) = &args.density_out {
-                plot_density(&nodes, &weights, out)?;
-                f.extra
-                    .insert("density_plot".into(), json!(out.display().to_string()));
-                f.lines.push(format!("  density plot: {}", out.display()));
-            }
-        }
+    }
+    let r = slq(h, &opts).context("slq")?;
+    f.trace = Some(r.trace_estimate);
+    f.std_error = r.trace_std_error.is_finite().then_some(r.trace_std_error);
+    let (nodes, weights) = r.nodes_and_weights();
+    let lo = nodes.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = nodes.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let negative: f64 = nodes
+        .iter()
+        .zip(&weights)
+        .filter(|(x, _)| **x < 0.0)
+        .map(|(_, w)| w)
+        .sum();
+    let width = (hi - lo) / DENSITY_BINS as f64;
+    let mut mass = vec![0.0; DENSITY_BINS];
+    for (&x, &w) in nodes.iter().zip(&weights) {
+        let bin = if width > 0.0 {
+            (((x - lo) / width) as usize).min(DENSITY_BINS - 1)
+        } else {
+            0
+        };
+        mass[bin] += w;
+    }
+    let edges: Vec<f64> = (0..=DENSITY_BINS).map(|i| lo + width * i as f64).collect();
+    f.extra.insert(
+        "density".into(),
+        json!({
+            "probes": args.slq_probes,
+            "steps": opts.steps,
+            "min": lo,
+            "max": hi,
+            "mean": r.moment(1),
+            "second_moment": r.moment(2),
+            "negative_mass": negative,
+            "histogram": {"edges": edges, "mass": mass},
+        }),
+    );
+    f.lines.push(format!(
+            "  spectral density ({} probes x {} steps): support [{lo:.4e}, {hi:.4e}], mean {:.4e}, second moment {:.4e}, negative mass {:.3}",
+            args.slq_probes,
+            opts.steps,
+            r.moment(1),
+            r.moment(2),
+            negative
+        ));
+    for (i, m) in mass.iter().enumerate() {
+        f.lines.push(format!(
+            "    [{:>11.4e}, {:>11.4e})  {:>6.2}%",
+            edges[i],
+            edges[i + 1],
+            100.0 * m
+        ));
+    }
+    f.extra.insert("probes".into(), json!(args.slq_probes));
+    if let Some(out) = &args.density_out {
+        plot_density(&nodes, &weights, out)?;
+        f.extra
+            .insert("density_plot".into(), json!(out.display().to_string()));
+        f.lines.push(format!("  density plot: {}", out.display()));
     }
     Ok(f)
 }
