@@ -1,8 +1,8 @@
 //! Curvature measurements of a model's mean cross-entropy over a set of batches, as library
-//! calls: the Hessian trace by the policy `flatmin trace` uses (structural where it applies,
-//! else basis HVPs when the model is small enough, else Hutchinson), with its per-tensor
-//! breakdown and, for the exact methods, the diagonal. (`train --trace-every` still applies
-//! its own structural-else-Hutchinson rule; moving it here is open work.)
+//! calls: the Hessian trace by the policy `flatmin trace` and `train --trace-every` use
+//! (structural where it applies, else basis HVPs when the model is small enough, else
+//! Hutchinson; the trainer sets [`TraceOptions::basis_max_dim`] to 0), with its per-tensor
+//! breakdown and, for the exact methods, the diagonal.
 //!
 //! The loss is the mean over all images, so batch `b` weighs `|b| / N`; the BatchNorm mode
 //! ([`BnUse`]) is part of the measured function.

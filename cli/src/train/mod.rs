@@ -23,11 +23,6 @@ pub use run_dir::{
 use crate::data::{sized_subset, DataSource};
 use anyhow::{bail, Context, Result};
 use flatmin_datasets::{Augment, Batch, Element, Loader};
-use flatmin_engine::curvature::{
-    hutchinson, structural_support, Batches, Hessian, HutchinsonOptions, HvpConfig,
-    StructuralAccumulator, StructuralOptions,
-};
-use flatmin_engine::{EngineError, Tape, Var};
 use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::io::{RawData, RawTensor};
 use flatmin_models::model::float_raw;
@@ -122,16 +117,6 @@ fn randomize_labels(data: &mut Batch, seed: u64) {
     let mut rng = Rng::new(derive_seed(seed, RANDOM_LABELS_SEED_TAG));
     for l in data.labels.iter_mut() {
         *l = rng.below(CLASSES as u64) as u8;
-    }
-}
-
-fn engine_err(e: ModelError) -> EngineError {
-    match e {
-        ModelError::Engine(e) => e,
-        other => EngineError::Shape {
-            op: "forward",
-            detail: other.to_string(),
-        },
     }
 }
 
@@ -619,58 +604,41 @@ impl<T: Scalar + Element> Trainer<T> {
     /// structure when it applies, else a Hutchinson estimate with a fixed number of probes
     /// (seeded by the run's seed and the step). Changes no training state.
     fn log_trace(&mut self, epoch: usize, started: &Instant) -> Result<()> {
+        use flatmin_models::measure::{self, MeasureError, TraceMethod as Measure, TraceOptions};
         self.sync_model();
-        let (net, norm) = (self.model.net(), self.model.norm_stats(BnUse::Eval));
-        let opts = StructuralOptions {
+        let opts = TraceOptions {
+            method: match self.cfg.trace_method {
+                TraceMethod::Auto => Measure::Auto,
+                TraceMethod::Structural => Measure::Structural,
+                TraceMethod::Hutchinson => Measure::Hutchinson,
+            },
+            bn: BnUse::Eval,
+            seed: derive_seed(self.cfg.seed, TRACE_SUBSET_SEED_TAG ^ self.step as u64),
+            probes: Some(self.cfg.trace_probes),
             chunk_size: TRACE_BATCH,
-            ..StructuralOptions::default()
+            directions: Some(8),
+            // Where the structural trace does not apply: Hutchinson, never d basis HVPs.
+            basis_max_dim: 0,
+            ..TraceOptions::default()
         };
-        let params = &self.params;
+        let r = match measure::trace(&self.model, &self.trace_set, &opts) {
+            Ok(r) => r,
+            Err(ModelError::Measure(MeasureError::NotStructural { reason })) => bail!(
+                "--trace-method structural does not apply to {}: {reason}",
+                self.cfg.model
+            ),
+            Err(e) => return Err(e).context("--trace-every"),
+        };
         let d = self.model.num_params();
         let mut extra = std::collections::BTreeMap::new();
-        let support = structural_support(net, params, &norm, &opts)
-            .context("--trace-every: structural trace")?;
-        if self.cfg.trace_method == TraceMethod::Structural {
-            if let Some(reason) = &support.refusal {
-                bail!(
-                    "--trace-method structural does not apply to {}: {reason}",
-                    self.cfg.model
-                );
-            }
-        }
-        let (trace, method) = if support.applies() && self.cfg.trace_method.tries_structural() {
-            let mut acc = StructuralAccumulator::new(net, params, &norm, &opts)
-                .context("--trace-every: structural trace")?;
-            for (x, labels) in &self.trace_set {
-                acc.add_batch(x, labels)
-                    .context("--trace-every: structural trace")?;
-            }
-            let r = acc.finish().context("--trace-every: structural trace")?;
-            extra.insert("trace_loss".to_string(), r.loss);
-            (r.trace, "structural")
+        let trace = r.trace.context("--trace-every: no trace was measured")?;
+        let method = if r.method_used == Measure::Structural {
+            extra.extend(r.loss.map(|l| ("trace_loss".to_string(), l)));
+            "structural"
         } else {
-            let sizes: Vec<f64> = self.trace_set.iter().map(|b| b.1.len() as f64).collect();
-            let (model, set) = (&self.model, &self.trace_set);
-            let loss = Batches::new(sizes, |b: usize, tape: &mut Tape<T>, vars: &[Var]| {
-                let (x, labels) = &set[b];
-                let xv = tape.constant(x.clone());
-                let (z, _) = model
-                    .forward(tape, vars, xv, BnUse::Eval)
-                    .map_err(engine_err)?;
-                tape.cross_entropy(z, labels)
-            });
-            let h = Hessian::new(params, loss, HvpConfig::with_directions(8))
-                .context("--trace-every: Hessian")?;
-            let hopts = HutchinsonOptions {
-                seed: derive_seed(self.cfg.seed, TRACE_SUBSET_SEED_TAG ^ self.step as u64),
-                min_probes: self.cfg.trace_probes,
-                max_probes: self.cfg.trace_probes,
-                ..HutchinsonOptions::default()
-            };
-            let r = hutchinson(&h, &hopts).context("--trace-every: hutchinson")?;
-            extra.insert("trace_std_error".to_string(), r.std_error);
-            extra.insert("trace_probes".to_string(), r.probes as f64);
-            (r.estimate, "hutchinson")
+            extra.extend(r.std_error.map(|e| ("trace_std_error".to_string(), e)));
+            extra.extend(r.probes.map(|p| ("trace_probes".to_string(), p as f64)));
+            "hutchinson"
         };
         extra.insert("trace".to_string(), trace);
         extra.insert("trace_norm".to_string(), trace / d.max(1) as f64);
