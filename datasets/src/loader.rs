@@ -570,14 +570,22 @@ mod tests {
         }
         // Epochs 900000.. name their workers "fm-load-e900000" ..., which no other test uses.
         let l = loader(2000, 4, true, false, Augment::standard()).with_prefetch(2);
+        // At most one worker per live epoch; seen running at least once (the names work). Not
+        // every time: on a loaded machine /proc can miss a thread for a moment (seen once in
+        // CI under a concurrent build), which says nothing about joining.
+        let mut seen = 0;
         for e in 900_000..900_020 {
             let mut it = l.epoch::<u8>(e);
             it.next();
             it.next();
             if let Some(n) = live(&format!("fm-load-e{e}")) {
-                assert_eq!(n, 1, "the worker of epoch {e} is running");
+                assert!(n <= 1, "{n} workers of epoch {e} are running");
+                seen += n;
+            } else {
+                seen += 1; // no /proc: nothing to check
             }
         }
+        assert!(seen > 0, "no epoch worker was ever seen running");
         if let Some(n) = live("fm-load-e9000") {
             assert_eq!(n, 0, "every dropped iterator joined its worker");
         }
