@@ -104,5 +104,19 @@ pub enum ModelError {
     Engine(#[from] flatmin_engine::EngineError),
 }
 
+impl From<ModelError> for flatmin_engine::EngineError {
+    /// An engine error as it was; any other model error as a shape error of the forward pass
+    /// carrying its message (for loss closures that must return engine errors).
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Engine(e) => e,
+            other => flatmin_engine::EngineError::Shape {
+                op: "forward",
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, ModelError>;

@@ -353,16 +353,6 @@ fn curv(step: &'static str) -> impl FnOnce(CurvatureError) -> ModelError {
     move |source| ModelError::Measure(MeasureError::Curvature { step, source })
 }
 
-fn engine_err(e: ModelError) -> EngineError {
-    match e {
-        ModelError::Engine(e) => e,
-        other => EngineError::Shape {
-            op: "forward",
-            detail: other.to_string(),
-        },
-    }
-}
-
 /// The Hessian of `model`'s mean cross-entropy over `batches` (BatchNorm mode `bn`) at
 /// `params`, with `directions` HVP directions per pass (`None`: as many as fit in
 /// [`DIRECTION_BYTES`], at most [`MAX_AUTO_DIRECTIONS`]); also returns the directions.
@@ -377,7 +367,9 @@ pub fn hessian<'a, T: Scalar>(
     let loss = Batches::new(sizes, move |b: usize, tape: &mut Tape<T>, vars: &[Var]| {
         let (x, labels) = &batches[b];
         let xv = tape.constant(x.clone());
-        let (z, _) = model.forward(tape, vars, xv, bn).map_err(engine_err)?;
+        let (z, _) = model
+            .forward(tape, vars, xv, bn)
+            .map_err(EngineError::from)?;
         tape.cross_entropy(z, labels)
     });
     let mut h =

@@ -8,7 +8,7 @@ use flatmin_engine::curvature::{
     HvpConfig, StructuralOptions, StructuralTrace,
 };
 use flatmin_engine::{EngineError, Tape, Tensor};
-use flatmin_models::{Arch, BnUse, EntryKind, Model, ModelError};
+use flatmin_models::{Arch, BnUse, EntryKind, Model};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -52,16 +52,6 @@ fn data(n: usize, seed: u64) -> (Tensor<f64>, Vec<usize>) {
     (x, labels)
 }
 
-fn engine_err(e: ModelError) -> EngineError {
-    match e {
-        ModelError::Engine(e) => e,
-        other => EngineError::Shape {
-            op: "forward",
-            detail: other.to_string(),
-        },
-    }
-}
-
 /// Basis-HVP trace of the given tensors (all when `None`) of the loss through
 /// `Model::forward`, `k` directions per pass.
 fn basis(
@@ -76,7 +66,9 @@ fn basis(
         &params,
         |t: &mut Tape<f64>, v| {
             let xv = t.constant(x.clone());
-            let (z, _) = m.forward(t, v, xv, BnUse::Eval).map_err(engine_err)?;
+            let (z, _) = m
+                .forward(t, v, xv, BnUse::Eval)
+                .map_err(EngineError::from)?;
             t.cross_entropy(z, labels)
         },
         HvpConfig::with_directions(k),
