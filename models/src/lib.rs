@@ -11,6 +11,7 @@ pub mod io;
 pub mod measure;
 pub mod model;
 pub mod netfile;
+pub mod spectrum;
 
 pub use arch::{Activation, Arch, MAX_PARAMS, PRESETS};
 pub use error::{ModelError, Result};

@@ -257,6 +257,88 @@ pub struct TraceReport {
     pub details: TraceDetails,
 }
 
+impl TraceReport {
+    /// The report as the JSON object `flatmin trace --json` prints (and the Python package
+    /// returns), without what only the caller knows (model, data, dtype): `method`,
+    /// `method_note`, `exact`, `trace`, `normalized_trace`, `std_error` (and its alias
+    /// `stderr`), `normalized_std_error`, `num_params`/`dim`, `samples`, `seconds`, `hvps`,
+    /// `passes`, `directions_per_pass`, and the method's own fields (structural: `ggn_trace`,
+    /// `activation_trace`, `loss`, `class_columns`, `source_columns`; Hutchinson: `probes`,
+    /// `ci95_half_width`, `relative_half_width`, `converged`; Hutch++: `budget`, `probes`,
+    /// `ci95_half_width`, `sketch_rank`, `top_trace`, `residual_estimate`,
+    /// `residual_probes`; basis HVPs on some tensors: `selected_trace`, `selected_params`).
+    pub fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        use serde_json::json;
+        let d = self.dim as f64;
+        let mut x = serde_json::Map::new();
+        let mut put = |k: &str, v: serde_json::Value| {
+            x.insert(k.to_string(), v);
+        };
+        put("method", json!(self.method_used.name()));
+        put("method_note", json!(self.note));
+        put("exact", json!(self.method_used.is_exact()));
+        put("trace", json!(self.trace));
+        put("normalized_trace", json!(self.normalized_trace));
+        put("std_error", json!(self.std_error));
+        put("stderr", json!(self.std_error));
+        put("normalized_std_error", json!(self.std_error.map(|e| e / d)));
+        put("num_params", json!(self.dim));
+        put("dim", json!(self.dim));
+        put("samples", json!(self.samples));
+        put("seconds", json!(self.seconds));
+        put("hvps", json!(self.hvps));
+        put("passes", json!(self.passes));
+        put("directions_per_pass", json!(self.directions));
+        match &self.details {
+            TraceDetails::Structural {
+                ggn_trace,
+                activation_trace,
+                class_columns,
+                source_columns,
+            } => {
+                put("ggn_trace", json!(ggn_trace));
+                put("activation_trace", json!(activation_trace));
+                put("loss", json!(self.loss));
+                put("class_columns", json!(class_columns));
+                put("source_columns", json!(source_columns));
+            }
+            TraceDetails::Basis { selected } => {
+                if let Some((trace, dim)) = selected {
+                    put("selected_trace", json!(trace));
+                    put("selected_params", json!(dim));
+                }
+            }
+            TraceDetails::Hutchinson {
+                half_width,
+                relative_half_width,
+                converged,
+                ..
+            } => {
+                put("probes", json!(self.probes.unwrap_or_default()));
+                put("ci95_half_width", json!(half_width));
+                put("relative_half_width", json!(relative_half_width));
+                put("converged", json!(converged));
+            }
+            TraceDetails::HutchPlusPlus {
+                half_width,
+                rank,
+                top_trace,
+                residual_estimate,
+                residual_probes,
+            } => {
+                put("budget", json!(self.probes));
+                put("probes", json!(self.probes));
+                put("ci95_half_width", json!(half_width));
+                put("sketch_rank", json!(rank));
+                put("top_trace", json!(top_trace));
+                put("residual_estimate", json!(residual_estimate));
+                put("residual_probes", json!(residual_probes));
+            }
+        }
+        x
+    }
+}
+
 /// Why a measurement could not be made as asked.
 #[derive(Clone, Debug, PartialEq, Error)]
 pub enum MeasureError {

@@ -320,6 +320,61 @@ impl<T: Scalar> Model<T> {
         self.evaluate_at(&self.params(), x, labels, dirs, bn, grad)
     }
 
+    /// [`Model::evaluate`] of the mean cross-entropy over several batches: batch `b` weighs
+    /// `|b| / N`, so the loss, gradient and HVPs are those of the mean over all `N` images
+    /// (with BatchNorm in train mode, each batch normalized by its own statistics). The
+    /// logits are concatenated and the batch statistics are those of every batch in turn.
+    /// One batch gives exactly [`Model::evaluate`]'s result.
+    pub fn evaluate_batches(
+        &self,
+        batches: &[(Tensor<T>, Vec<usize>)],
+        dirs: &[Vec<Tensor<T>>],
+        bn: BnUse,
+        grad: bool,
+    ) -> Result<Evaluation<T>> {
+        let total: usize = batches.iter().map(|b| b.1.len()).sum();
+        let Some(((x0, l0), rest)) = batches.split_first() else {
+            return Err(ModelError::Engine(flatmin_engine::EngineError::Shape {
+                op: "evaluate_batches",
+                detail: "no batches".into(),
+            }));
+        };
+        let mut acc = self.evaluate(x0, l0, dirs, bn, grad)?;
+        if rest.is_empty() {
+            return Ok(acc);
+        }
+        let weigh = |t: &mut Tensor<T>, w: T| t.data_mut().iter_mut().for_each(|v| *v = *v * w);
+        let w0 = T::c(l0.len() as f64 / total as f64);
+        acc.loss = acc.loss * w0;
+        acc.grads.iter_mut().for_each(|g| weigh(g, w0));
+        acc.hvps.iter_mut().flatten().for_each(|h| weigh(h, w0));
+        let mut logits = vec![acc.logits.clone()];
+        for (x, labels) in rest {
+            let e = self.evaluate(x, labels, dirs, bn, grad)?;
+            let w = T::c(labels.len() as f64 / total as f64);
+            acc.loss = acc.loss + w * e.loss;
+            let pairs = acc.grads.iter_mut().zip(&e.grads);
+            let hvp_pairs = acc.hvps.iter_mut().flatten().zip(e.hvps.iter().flatten());
+            for (a, b) in pairs.chain(hvp_pairs) {
+                a.data_mut()
+                    .iter_mut()
+                    .zip(b.data())
+                    .for_each(|(a, &b)| *a = *a + w * b);
+            }
+            logits.push(e.logits);
+            acc.bn_stats.extend(e.bn_stats);
+        }
+        let rows: usize = logits.iter().map(|t| t.shape()[0]).sum();
+        let mut shape = acc.logits.shape().to_vec();
+        shape[0] = rows;
+        let data = logits
+            .iter()
+            .flat_map(|t| t.data().iter().copied())
+            .collect();
+        acc.logits = Tensor::from_vec(&shape, data)?;
+        Ok(acc)
+    }
+
     /// Like [`Model::evaluate`], at other parameter values `params` (one tensor per trainable
     /// parameter, in order; e.g. a perturbed point), with this model's BatchNorm buffers.
     pub fn evaluate_at(

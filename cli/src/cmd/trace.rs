@@ -11,14 +11,13 @@ use clap::{ArgGroup, Args, ValueEnum};
 use flatmin::data::{auto_candidates, resolve, sized_subset};
 use flatmin::train::{DType, RunDir, TrainConfig};
 use flatmin_datasets::{read_batch_file, Batch, Element};
-use flatmin_engine::curvature::{
-    lanczos, slq, BatchLoss, Hessian, LanczosOptions, SlqOptions, Which,
-};
+use flatmin_engine::curvature::SlqResult;
 use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::measure::{
     self, MeasureError, ProgressFn, TensorDiagonal, TraceDetails, TraceMethod, TraceOptions,
     TraceProgress, TraceReport,
 };
+use flatmin_models::spectrum::{self, DensityOptions, EigenOptions, HvpProgressFn};
 use flatmin_models::{BnUse, Model, ModelError};
 use serde_json::{json, Value};
 use std::io::IsTerminal;
@@ -649,7 +648,7 @@ fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
     let batches = make_batches::<T>(&s.images, r.common.batch)?;
     let started = Instant::now();
     let found = match r.method {
-        Method::Lanczos | Method::Slq => spectral(r, s, &model, &params, &batches)?,
+        Method::Lanczos | Method::Slq => spectral(r, s, &model, &batches)?,
         _ => traced(r, s, &model, &batches, &selected)?,
     };
     let compute_s = started.elapsed().as_secs_f64();
@@ -769,11 +768,25 @@ fn trace_error(e: ModelError, r: &Request, s: &Setup) -> anyhow::Error {
             };
             anyhow::Error::new(source).context(step)
         }
+        MeasureError::Invalid {
+            what: "probes / steps",
+            detail,
+        } => {
+            // The library's detail starts with "PROBES x STEPS: ".
+            let why = detail.split_once(": ").map_or(detail.as_str(), |(_, w)| w);
+            anyhow!(
+                "--probes {} with --steps {}: {why}",
+                r.slq_probes,
+                r.steps.unwrap_or(64)
+            )
+        }
+        MeasureError::Invalid { what: "k", detail } => anyhow!("--top: {detail}"),
         other => other.into(),
     }
 }
 
-/// The library's report as the command's findings (JSON fields and report lines).
+/// The library's report as the command's findings: its method-specific JSON fields
+/// ([`TraceReport::to_json`]) and report lines.
 fn found_of(r: &Request, rep: &TraceReport) -> Found {
     let mut f = Found::new(cli_method(rep.method_used));
     f.note = rep.note.clone();
@@ -785,99 +798,77 @@ fn found_of(r: &Request, rep: &TraceReport) -> Found {
             .map(|b| (b.index, b.trace, b.std_error))
             .collect(),
     );
-    let x = &mut f.extra;
-    match &rep.details {
+    // The common fields come from the command's own report; keep the method's.
+    const COMMON: [&str; 13] = [
+        "method",
+        "method_note",
+        "exact",
+        "trace",
+        "normalized_trace",
+        "std_error",
+        "stderr",
+        "normalized_std_error",
+        "num_params",
+        "dim",
+        "samples",
+        "seconds",
+        "directions_per_pass",
+    ];
+    f.extra = rep.to_json();
+    f.extra.retain(|k, _| !COMMON.contains(&k.as_str()));
+    match rep.details {
         TraceDetails::Structural {
             ggn_trace,
             activation_trace,
-            class_columns,
             source_columns,
+            ..
         } => {
             let loss = rep.loss.unwrap_or(f64::NAN);
-            x.insert("ggn_trace".into(), json!(ggn_trace));
-            x.insert("activation_trace".into(), json!(activation_trace));
-            x.insert("loss".into(), json!(loss));
-            x.insert("class_columns".into(), json!(class_columns));
-            x.insert("source_columns".into(), json!(source_columns));
-            x.insert("hvps".into(), json!(0));
+            f.extra.insert("hvps".into(), json!(0));
+            f.extra.remove("passes");
             f.lines.push(format!(
                 "  GGN part {ggn_trace:.6e} + smooth-activation part {activation_trace:.6e} ({source_columns} curvature sources), loss {loss:.4}, no HVPs",
             ));
             return f;
         }
-        TraceDetails::Basis { selected } => {
-            if let Some((trace, dim)) = selected {
-                x.insert("selected_trace".into(), json!(trace));
-                x.insert("selected_params".into(), json!(dim));
-                f.lines.push(format!(
-                    "  the selected tensors only ({dim} parameters): trace {trace:.6e}; the total is not measured"
-                ));
-            }
+        TraceDetails::Basis {
+            selected: Some((trace, dim)),
+        } => f.lines.push(format!(
+            "  the selected tensors only ({dim} parameters): trace {trace:.6e}; the total is not measured"
+        )),
+        TraceDetails::Basis { selected: None } => {}
+        TraceDetails::Hutchinson {
+            relative_half_width,
+            converged,
+            fixed,
+            ..
+        } => {
+            f.extra.insert("tol".into(), json!(r.tol));
+            let stop = match (fixed, converged) {
+                (true, _) => "--probes fixed the count".to_string(),
+                (false, true) => format!("converged, --tol {}", r.tol),
+                (false, false) => format!("stopped at --max-probes, --tol {}", r.tol),
+            };
+            f.lines.push(format!(
+                "  {} probes, 95% half-width {:.2}% of the estimate ({stop})",
+                rep.probes.unwrap_or_default(),
+                100.0 * relative_half_width,
+            ));
         }
-        TraceDetails::Hutchinson { .. } => hutchinson_found(&mut f, r, rep),
-        TraceDetails::HutchPlusPlus { .. } => hutchpp_found(&mut f, r, rep),
+        TraceDetails::HutchPlusPlus {
+            half_width,
+            rank,
+            top_trace,
+            residual_estimate,
+            residual_probes,
+        } => f.lines.push(format!(
+            "  {} HVPs: exact {top_trace:.6e} on a rank-{rank} sketch + {residual_estimate:.6e} from {residual_probes} residual probes; 95% interval ± {half_width:.3e} (Student t)",
+            r.budget
+        )),
     }
-    f.extra.insert("hvps".into(), json!(rep.hvps));
-    f.extra.insert("passes".into(), json!(rep.passes));
     f.extra
         .insert("directions_per_pass".into(), json!(rep.directions));
     f
-}
-
-/// The JSON fields and report line of a Hutchinson estimate.
-fn hutchinson_found(f: &mut Found, r: &Request, rep: &TraceReport) {
-    let TraceDetails::Hutchinson {
-        half_width,
-        relative_half_width,
-        converged,
-        fixed,
-    } = rep.details
-    else {
-        return;
-    };
-    let probes = rep.probes.unwrap_or_default();
-    f.extra.insert("probes".into(), json!(probes));
-    f.extra.insert("ci95_half_width".into(), json!(half_width));
-    f.extra.insert("converged".into(), json!(converged));
-    f.extra
-        .insert("relative_half_width".into(), json!(relative_half_width));
-    f.extra.insert("tol".into(), json!(r.tol));
-    let stop = match (fixed, converged) {
-        (true, _) => "--probes fixed the count".to_string(),
-        (false, true) => format!("converged, --tol {}", r.tol),
-        (false, false) => format!("stopped at --max-probes, --tol {}", r.tol),
-    };
-    f.lines.push(format!(
-        "  {probes} probes, 95% half-width {:.2}% of the estimate ({stop})",
-        100.0 * relative_half_width,
-    ));
-}
-
-/// The JSON fields and report line of a Hutch++ estimate.
-fn hutchpp_found(f: &mut Found, r: &Request, rep: &TraceReport) {
-    let TraceDetails::HutchPlusPlus {
-        half_width,
-        rank,
-        top_trace,
-        residual_estimate,
-        residual_probes,
-    } = rep.details
-    else {
-        return;
-    };
-    f.extra.insert("budget".into(), json!(r.budget));
-    f.extra.insert("ci95_half_width".into(), json!(half_width));
-    f.extra.insert("probes".into(), json!(r.budget));
-    f.extra.insert("sketch_rank".into(), json!(rank));
-    f.extra.insert("top_trace".into(), json!(top_trace));
-    f.extra
-        .insert("residual_estimate".into(), json!(residual_estimate));
-    f.extra
-        .insert("residual_probes".into(), json!(residual_probes));
-    f.lines.push(format!(
-        "  {} HVPs: exact {top_trace:.6e} on a rank-{rank} sketch + {residual_estimate:.6e} from {residual_probes} residual probes; 95% interval ± {half_width:.3e} (Student t)",
-        r.budget
-    ));
 }
 
 /// Writes the exact diagonal to `out` as float64 tensors named and shaped like their
@@ -895,59 +886,56 @@ fn write_diagonal(out: &Path, diag: &[TensorDiagonal]) -> Result<()> {
         .with_context(|| format!("--diagonal {}", out.display()))
 }
 
-/// Lanczos eigenvalues or the SLQ density, on the library's Hessian of the loss.
+/// Lanczos eigenvalues or the SLQ density, by the library's calls
+/// ([`flatmin_models::spectrum`]).
 fn spectral<T: Scalar>(
     r: &Request,
     s: &Setup,
     model: &Model<T>,
-    params: &[Tensor<T>],
     batches: &[(Tensor<T>, Vec<usize>)],
 ) -> Result<Found> {
-    let c = r.common;
-    let (mut h, k) = measure::hessian(model, params, batches, s.bn, c.directions)
-        .map_err(|e| trace_error(e, r, s))?;
     let live = std::io::stderr().is_terminal();
     let method = r.method;
-    if live {
-        h = h.with_progress(move |p| eprint!("\r{}: {} HVPs", method.name(), p.hvps));
-    }
+    let progress: Option<HvpProgressFn> = live.then(|| -> HvpProgressFn {
+        Box::new(move |hvps| eprint!("\r{}: {hvps} HVPs", method.name()))
+    });
     let result = match method {
-        Method::Lanczos => lanczos_found(r, &h, s.seed),
-        _ => slq_found(r, &h, s.seed),
+        Method::Lanczos => lanczos_found(r, s, model, batches, progress),
+        _ => slq_found(r, s, model, batches, progress),
     };
     if live {
         eprint!("\r\x1b[K");
     }
-    let mut f = result?;
-    f.extra.insert("hvps".into(), json!(h.hvps()));
-    f.extra.insert("passes".into(), json!(h.passes()));
-    f.extra.insert("directions_per_pass".into(), json!(k));
-    Ok(f)
+    result
 }
 
 /// Top eigenvalues by Lanczos.
-fn lanczos_found<T: Scalar, L: BatchLoss<T>>(
+fn lanczos_found<T: Scalar>(
     args: &Request,
-    h: &Hessian<'_, T, L>,
-    seed: u64,
+    s: &Setup,
+    model: &Model<T>,
+    batches: &[(Tensor<T>, Vec<usize>)],
+    progress: Option<HvpProgressFn>,
 ) -> Result<Found> {
     let mut f = Found::new(Method::Lanczos);
-    let d = h.dim();
-    if args.top_k > d {
-        bail!("--top {} exceeds the {d} parameters", args.top_k);
-    }
-    let opts = LanczosOptions {
+    let opts = EigenOptions {
         k: args.top_k,
-        max_iters: args.steps.unwrap_or(100).max(args.top_k),
-        which: Which::Largest,
-        seed,
-        ..LanczosOptions::default()
+        max_iters: args.steps.unwrap_or(100),
+        seed: s.seed,
+        bn: s.bn,
+        ..EigenOptions::default()
     };
-    let r = lanczos(h, &opts).context("lanczos")?;
+    let rep = spectrum::eigenvalues_with_progress(model, batches, &opts, progress)
+        .map_err(|e| trace_error(e, args, s))?;
+    let r = &rep.lanczos;
     f.extra.insert("eigenvalues".into(), json!(r.eigenvalues));
     f.extra.insert("residuals".into(), json!(r.residuals));
     f.extra.insert("iterations".into(), json!(r.iterations));
     f.extra.insert("converged".into(), json!(r.converged));
+    f.extra.insert("hvps".into(), json!(r.hvps));
+    f.extra.insert("passes".into(), json!(rep.passes));
+    f.extra
+        .insert("directions_per_pass".into(), json!(rep.directions));
     f.lines.push(format!(
         "  top {} eigenvalue(s) after {} iterations ({}):",
         args.top_k,
@@ -966,49 +954,62 @@ fn lanczos_found<T: Scalar, L: BatchLoss<T>>(
 }
 
 /// Spectral density by stochastic Lanczos quadrature.
-fn slq_found<T: Scalar, L: BatchLoss<T>>(
+fn slq_found<T: Scalar>(
     args: &Request,
-    h: &Hessian<'_, T, L>,
-    seed: u64,
+    s: &Setup,
+    model: &Model<T>,
+    batches: &[(Tensor<T>, Vec<usize>)],
+    progress: Option<HvpProgressFn>,
 ) -> Result<Found> {
     let mut f = Found::new(Method::Slq);
-    let opts = SlqOptions {
+    let opts = DensityOptions {
         probes: args.slq_probes,
         steps: args.steps.unwrap_or(64),
-        seed,
-        reorthogonalize: true,
+        seed: s.seed,
+        bn: s.bn,
+        directions: args.common.directions,
     };
-    // Every probe keeps its Lanczos basis (full reorthogonalization): refuse, before
-    // allocating, what the memory available cannot hold.
-    let d = h.dim();
-    let need = opts.probes as f64 * (opts.steps.min(d) + 2) as f64 * d as f64 * 8.0;
-    if let Some(avail) = flatmin::train::available_memory() {
-        if need > avail {
-            bail!(
-                    "--probes {} with --steps {}: the Lanczos bases need about {} ({} parameters each), but only {} are available (MemAvailable); lower --probes or --steps",
-                    opts.probes,
-                    opts.steps,
-                    flatmin::train::human_bytes(need),
-                    d,
-                    flatmin::train::human_bytes(avail)
-                );
-        }
-    }
-    let r = slq(h, &opts).context("slq")?;
+    let rep = spectrum::density_with_progress(model, batches, &opts, progress)
+        .map_err(|e| trace_error(e, args, s))?;
+    let r = &rep.slq;
     f.trace = Some(r.trace_estimate);
     f.std_error = r.trace_std_error.is_finite().then_some(r.trace_std_error);
+    f.extra.insert("hvps".into(), json!(r.hvps));
+    f.extra.insert("passes".into(), json!(r.passes));
+    f.extra
+        .insert("directions_per_pass".into(), json!(rep.directions));
     let (nodes, weights) = r.nodes_and_weights();
+    density_summary(&mut f, args, opts.steps, r, &nodes, &weights);
+    if let Some(out) = &args.density_out {
+        plot_density(&nodes, &weights, out)?;
+        f.extra
+            .insert("density_plot".into(), json!(out.display().to_string()));
+        f.lines.push(format!("  density plot: {}", out.display()));
+    }
+    Ok(f)
+}
+
+/// The density's support, moments, negative mass and a coarse histogram, as JSON fields
+/// and report lines.
+fn density_summary(
+    f: &mut Found,
+    args: &Request,
+    steps: usize,
+    r: &SlqResult,
+    nodes: &[f64],
+    weights: &[f64],
+) {
     let lo = nodes.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = nodes.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let negative: f64 = nodes
         .iter()
-        .zip(&weights)
+        .zip(weights)
         .filter(|(x, _)| **x < 0.0)
         .map(|(_, w)| w)
         .sum();
     let width = (hi - lo) / DENSITY_BINS as f64;
     let mut mass = vec![0.0; DENSITY_BINS];
-    for (&x, &w) in nodes.iter().zip(&weights) {
+    for (&x, &w) in nodes.iter().zip(weights) {
         let bin = if width > 0.0 {
             (((x - lo) / width) as usize).min(DENSITY_BINS - 1)
         } else {
@@ -1021,7 +1022,7 @@ fn slq_found<T: Scalar, L: BatchLoss<T>>(
         "density".into(),
         json!({
             "probes": args.slq_probes,
-            "steps": opts.steps,
+            "steps": steps,
             "min": lo,
             "max": hi,
             "mean": r.moment(1),
@@ -1033,7 +1034,7 @@ fn slq_found<T: Scalar, L: BatchLoss<T>>(
     f.lines.push(format!(
             "  spectral density ({} probes x {} steps): support [{lo:.4e}, {hi:.4e}], mean {:.4e}, second moment {:.4e}, negative mass {:.3}",
             args.slq_probes,
-            opts.steps,
+            steps,
             r.moment(1),
             r.moment(2),
             negative
@@ -1047,13 +1048,6 @@ fn slq_found<T: Scalar, L: BatchLoss<T>>(
         ));
     }
     f.extra.insert("probes".into(), json!(args.slq_probes));
-    if let Some(out) = &args.density_out {
-        plot_density(&nodes, &weights, out)?;
-        f.extra
-            .insert("density_plot".into(), json!(out.display().to_string()));
-        f.lines.push(format!("  density plot: {}", out.display()));
-    }
-    Ok(f)
 }
 
 /// Points of the quadrature's density broadened by a Gaussian of width 1% of the spectrum's

@@ -94,29 +94,7 @@ fn tape_sizes<T: flatmin_engine::Scalar>(model: &str) -> Result<(usize, usize, u
     Ok((one, two, m.num_params()))
 }
 
-/// Bytes of memory available to this process: `MemAvailable` of `/proc/meminfo`, lowered to
-/// the cgroup's remaining allowance (`memory.max - memory.current`, cgroup v2) when there is
-/// one. `None` when `/proc/meminfo` cannot be read (then no check is made).
-pub fn available_memory() -> Option<f64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: f64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    let mut avail = kib * 1024.0;
-    let read = |p: &str| -> Option<f64> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
-    if let (Some(max), Some(cur)) = (
-        read("/sys/fs/cgroup/memory.max"),
-        read("/sys/fs/cgroup/memory.current"),
-    ) {
-        avail = avail.min((max - cur).max(0.0));
-    }
-    Some(avail)
-}
+pub use flatmin_models::spectrum::available_memory;
 
 /// Parses a `--max-memory` size: a number with a binary unit, `K`, `M`, `G` or `T`
 /// (optionally followed by `iB` or `B`), e.g. `512M`, `16GiB`, `1.5T`.
