@@ -50,21 +50,28 @@ def _numpy(a: ArrayLike) -> np.ndarray:
 def _floats(a: ArrayLike, what: str) -> np.ndarray:
     """A C-contiguous float32 or float64 array (other float and integer types become
     float64)."""
-    arr = _numpy(a)
+    try:
+        arr = _numpy(a)
+    except ValueError as e:
+        raise ValueError(f"{what}: not an array: {e}") from None
+    # np.asarray(order="C") keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
     if arr.dtype == np.float32 or arr.dtype == np.float64:
-        return np.ascontiguousarray(arr)
+        return np.asarray(arr, order="C")
     if arr.dtype.kind in "fiu" or arr.dtype == np.bool_:
-        return np.ascontiguousarray(arr, dtype=np.float64)
+        return np.asarray(arr, dtype=np.float64, order="C")
     raise ValueError(f"{what}: expected a float array, got dtype {arr.dtype}")
 
 
 def _labels(a: ArrayLike, what: str) -> np.ndarray:
-    arr = _numpy(a)
+    try:
+        arr = _numpy(a)
+    except ValueError as e:
+        raise ValueError(f"{what}: not an array of labels: {e}") from None
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{what}: expected integer class labels, got dtype {arr.dtype}")
     if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{what}: label {arr.max()} is out of range")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    return np.asarray(arr, dtype=np.int64, order="C")
 
 
 def _batches(x: Union[ArrayLike, Batches], y: Optional[ArrayLike]) -> List[Tuple[np.ndarray, np.ndarray]]:
@@ -185,7 +192,7 @@ class Net:
         for k, a in state.items():
             arr = _numpy(a)
             if arr.dtype.kind in "iu":
-                arr = np.ascontiguousarray(arr, dtype=np.int64)
+                arr = np.asarray(arr, dtype=np.int64, order="C")
             else:
                 arr = _floats(arr, f"state_dict[{k!r}]")
             items.append((str(k), arr))
