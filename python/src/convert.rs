@@ -38,21 +38,23 @@ pub fn model_error(e: ModelError) -> PyErr {
 }
 
 /// The elements and shape of a float32 or float64 numpy array, converted to `T`.
+/// Contiguous arrays (what the Python layer passes) are copied as slices, a plain memory copy
+/// when the types agree.
 pub fn tensor<T: Scalar>(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Tensor<T>> {
     let (shape, data): (Vec<usize>, Vec<T>) = if let Ok(a) = obj.cast::<PyArrayDyn<f64>>() {
         let ro = a.readonly();
-        let view = ro.as_array();
-        (
-            view.shape().to_vec(),
-            view.iter().map(|&x| T::c(x)).collect(),
-        )
+        let data = match ro.as_slice() {
+            Ok(s) => converted(s),
+            Err(_) => ro.as_array().iter().map(|&x| T::c(x)).collect(),
+        };
+        (a.shape().to_vec(), data)
     } else if let Ok(a) = obj.cast::<PyArrayDyn<f32>>() {
         let ro = a.readonly();
-        let view = ro.as_array();
-        (
-            view.shape().to_vec(),
-            view.iter().map(|&x| T::c(x as f64)).collect(),
-        )
+        let data = match ro.as_slice() {
+            Ok(s) => converted(s),
+            Err(_) => ro.as_array().iter().map(|&x| T::c(x as f64)).collect(),
+        };
+        (a.shape().to_vec(), data)
     } else {
         return Err(value_error(format!(
             "{what}: expected a float32 or float64 numpy array, got {}",
@@ -60,6 +62,23 @@ pub fn tensor<T: Scalar>(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Tensor<
         )));
     };
     Tensor::from_vec(&shape, data).map_err(|e| value_error(format!("{what}: {e}")))
+}
+
+/// `s` in the float type `T`: a plain copy when `S` is `T`, else element by element.
+fn converted<S: Scalar, T: Scalar>(s: &[S]) -> Vec<T> {
+    let copy: Box<dyn std::any::Any> = Box::new(s.to_vec());
+    match copy.downcast::<Vec<T>>() {
+        Ok(same) => *same,
+        Err(_) => s
+            .iter()
+            .map(|&x| T::c(x.to_f64().unwrap_or(f64::NAN)))
+            .collect(),
+    }
+}
+
+/// Whether every element is finite (a fold without early exit, which vectorizes).
+pub fn all_finite<T: Scalar>(v: &[T]) -> bool {
+    v.iter().fold(true, |ok, x| ok & x.is_finite())
 }
 
 /// Labels from an int64 numpy array of shape `[n]`, each in `0..classes`.

@@ -95,11 +95,38 @@ fn bn_mode(s: &str) -> PyResult<BnUse> {
     })
 }
 
-/// A network with its state (parameters and buffers, kept in float64; float32 computations
-/// use them rounded).
+/// A network with its state: parameters and buffers in float64, and the same state rounded
+/// to float32 for float32 computations (both replaced together by `load_state_items`).
 #[pyclass(module = "flatmin._native", name = "Net")]
 struct Net {
     model: Model<f64>,
+    model32: Model<f32>,
+}
+
+impl Net {
+    fn new(model: Model<f64>) -> Self {
+        Net {
+            model32: model.cast(),
+            model,
+        }
+    }
+}
+
+/// The float types a computation runs in, and the matching copy of a [`Net`]'s model.
+trait Compute: Scalar + numpy::Element {
+    fn model(net: &Net) -> &Model<Self>;
+}
+
+impl Compute for f64 {
+    fn model(net: &Net) -> &Model<f64> {
+        &net.model
+    }
+}
+
+impl Compute for f32 {
+    fn model(net: &Net) -> &Model<f32> {
+        &net.model32
+    }
 }
 
 #[pymethods]
@@ -110,9 +137,7 @@ impl Net {
     #[staticmethod]
     #[pyo3(signature = (name, seed=0))]
     fn preset(name: &str, seed: u64) -> PyResult<Self> {
-        Ok(Net {
-            model: Model::named(name, seed).map_err(model_error)?,
-        })
+        Ok(Net::new(Model::named(name, seed).map_err(model_error)?))
     }
 
     /// Reads a network file (docs/network-file.md).
@@ -120,9 +145,7 @@ impl Net {
     #[pyo3(signature = (path, seed=0))]
     fn load(path: &str, seed: u64) -> PyResult<Self> {
         let net = flatmin_models::read_network(Path::new(path)).map_err(model_error)?;
-        Ok(Net {
-            model: Model::new(net, seed),
-        })
+        Ok(Net::new(Model::new(net, seed)))
     }
 
     /// Parses the text of a network file; `origin` names it in errors.
@@ -130,9 +153,7 @@ impl Net {
     #[pyo3(signature = (text, origin="network", seed=0))]
     fn from_json(text: &str, origin: &str, seed: u64) -> PyResult<Self> {
         let net = flatmin_models::parse_network(text, origin).map_err(model_error)?;
-        Ok(Net {
-            model: Model::new(net, seed),
-        })
+        Ok(Net::new(Model::new(net, seed)))
     }
 
     /// The network file text of this network.
@@ -210,7 +231,9 @@ impl Net {
             .collect::<PyResult<Vec<_>>>()?;
         self.model
             .load_raw(Path::new("state_dict"), raw)
-            .map_err(model_error)
+            .map_err(model_error)?;
+        self.model32 = self.model.cast();
+        Ok(())
     }
 
     /// Logits, loss, gradient and `H v` for each direction, over the batches (the mean
@@ -393,10 +416,6 @@ struct Grid {
 
 /// The generic bodies of the methods, in the compute type `T`.
 impl Net {
-    fn model_in<T: Scalar>(&self) -> Model<T> {
-        self.model.cast::<T>()
-    }
-
     fn batches<T: Scalar>(&self, batches: &PyBatches<'_>) -> PyResult<Batches<T>> {
         if batches.is_empty() {
             return Err(value_error("x: no images (an empty batch iterator?)"));
@@ -425,7 +444,7 @@ impl Net {
                             .join(", ")
                     )));
                 }
-                if x.data().iter().any(|v| !v.is_finite()) {
+                if !convert::all_finite(x.data()) {
                     return Err(value_error(format!(
                         "x{at}: contains NaN or infinite values"
                     )));
@@ -464,7 +483,7 @@ impl Net {
                             shapes[i]
                         )));
                     }
-                    if t.data().iter().any(|v| !v.is_finite()) {
+                    if !convert::all_finite(t.data()) {
                         return Err(value_error(format!(
                             "{what}[{name:?}]: contains NaN or infinite values"
                         )));
@@ -495,7 +514,7 @@ impl Net {
         Ok(d)
     }
 
-    fn hvp_in<'py, T: Scalar + numpy::Element>(
+    fn hvp_in<'py, T: Compute>(
         &self,
         py: Python<'py>,
         batches: &PyBatches<'py>,
@@ -504,7 +523,7 @@ impl Net {
     ) -> PyResult<Bound<'py, PyDict>> {
         let data = self.batches::<T>(batches)?;
         let dirs = self.directions::<T>(directions)?;
-        let model = self.model_in::<T>();
+        let model = T::model(self);
         let eval =
             compute(py, || model.evaluate_batches(&data, &dirs, bn, true)).map_err(model_error)?;
         let out = PyDict::new(py);
@@ -519,14 +538,14 @@ impl Net {
         Ok(out)
     }
 
-    fn trace_in<'py, T: Scalar>(
+    fn trace_in<'py, T: Compute>(
         &self,
         py: Python<'py>,
         batches: &PyBatches<'py>,
         opts: &TraceOptions,
     ) -> PyResult<Bound<'py, PyDict>> {
         let data = self.batches::<T>(batches)?;
-        let model = self.model_in::<T>();
+        let model = T::model(self);
         let rep = compute(py, || measure::trace(&model, &data, opts)).map_err(model_error)?;
         let out = PyDict::new(py);
         out.set_item("json", serde_json_text(&rep.to_json()))?;
@@ -554,14 +573,14 @@ impl Net {
         Ok(out)
     }
 
-    fn eigen_in<'py, T: Scalar>(
+    fn eigen_in<'py, T: Compute>(
         &self,
         py: Python<'py>,
         batches: &PyBatches<'py>,
         opts: &EigenOptions,
     ) -> PyResult<Bound<'py, PyDict>> {
         let data = self.batches::<T>(batches)?;
-        let model = self.model_in::<T>();
+        let model = T::model(self);
         let rep =
             compute(py, || spectrum::eigenvalues(&model, &data, opts)).map_err(model_error)?;
         let r = rep.lanczos;
@@ -598,7 +617,7 @@ impl Net {
             .collect()
     }
 
-    fn density_in<'py, T: Scalar>(
+    fn density_in<'py, T: Compute>(
         &self,
         py: Python<'py>,
         batches: &PyBatches<'py>,
@@ -606,7 +625,7 @@ impl Net {
         grid: Grid,
     ) -> PyResult<Bound<'py, PyDict>> {
         let data = self.batches::<T>(batches)?;
-        let model = self.model_in::<T>();
+        let model = T::model(self);
         let rep = compute(py, || spectrum::density(&model, &data, opts)).map_err(model_error)?;
         let r = rep.slq;
         let (nodes, weights) = r.nodes_and_weights();
@@ -676,8 +695,16 @@ fn raw_tensor(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<RawTensor> {
 }
 
 /// flatmin's native layer (see the `flatmin` package).
+///
+/// Importing it tunes glibc's allocator as the `flatmin` binary does
+/// ([`flatmin_engine::runtime::tune_allocator`]: freed memory is kept for reuse instead of
+/// being returned to the system after every op, which otherwise costs page faults and zeroing
+/// on every call); `FLATMIN_TUNE_ALLOCATOR=0` in the environment leaves the allocator alone.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    if std::env::var_os("FLATMIN_TUNE_ALLOCATOR").is_none_or(|v| v != "0") {
+        flatmin_engine::runtime::tune_allocator();
+    }
     m.add_class::<Net>()?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
