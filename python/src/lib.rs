@@ -546,7 +546,7 @@ impl Net {
     ) -> PyResult<Bound<'py, PyDict>> {
         let data = self.batches::<T>(batches)?;
         let model = T::model(self);
-        let rep = compute(py, || measure::trace(&model, &data, opts)).map_err(model_error)?;
+        let rep = compute(py, || measure::trace(model, &data, opts)).map_err(model_error)?;
         let out = PyDict::new(py);
         out.set_item("json", serde_json_text(&rep.to_json()))?;
         let layers = PyDict::new(py);
@@ -582,7 +582,7 @@ impl Net {
         let data = self.batches::<T>(batches)?;
         let model = T::model(self);
         let rep =
-            compute(py, || spectrum::eigenvalues(&model, &data, opts)).map_err(model_error)?;
+            compute(py, || spectrum::eigenvalues(model, &data, opts)).map_err(model_error)?;
         let r = rep.lanczos;
         let out = PyDict::new(py);
         out.set_item("eigenvalues", vector(py, r.eigenvalues))?;
@@ -626,7 +626,7 @@ impl Net {
     ) -> PyResult<Bound<'py, PyDict>> {
         let data = self.batches::<T>(batches)?;
         let model = T::model(self);
-        let rep = compute(py, || spectrum::density(&model, &data, opts)).map_err(model_error)?;
+        let rep = compute(py, || spectrum::density(model, &data, opts)).map_err(model_error)?;
         let r = rep.slq;
         let (nodes, weights) = r.nodes_and_weights();
         let lo = nodes.iter().copied().fold(f64::INFINITY, f64::min);
