@@ -47,7 +47,7 @@ Cases (seed in parentheses):
   resnet20-train, resnet20-eval  the same, BatchNorm with batch statistics (model.train()) or
                                  running statistics (model.eval()); N = 8. The train case also
                                  stores the running statistics after one train-mode forward.
-  resnet18-train, resnet18-eval  logits and loss only, N = 2
+  resnet18-train, resnet18-eval  the same with N = 2 (gradients and HVPs stored as samples)
   backpack-tiny-tanh, backpack-cnn-s
                                  BackPACK's DiagHessian (exact Hessian diagonal of the mean
                                  cross-entropy, float64) on generated weights and N = 32
@@ -339,8 +339,8 @@ CASES = [
     ("cnn-s", "cnn-s", "none", 8, 1003, True),
     ("resnet20-train", "resnet20", "train", 8, 1004, True),
     ("resnet20-eval", "resnet20", "eval", 8, 1005, True),
-    ("resnet18-train", "resnet18", "train", 2, 1006, False),
-    ("resnet18-eval", "resnet18", "eval", 2, 1007, False),
+    ("resnet18-train", "resnet18", "train", 2, 1006, True),
+    ("resnet18-eval", "resnet18", "eval", 2, 1007, True),
 ]
 
 BACKPACK_CASES = [

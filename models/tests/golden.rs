@@ -455,12 +455,12 @@ fn golden_resnet20_eval() {
 
 #[test]
 fn golden_resnet18_train() {
-    golden("resnet18-train", "resnet18", "train", false);
+    golden("resnet18-train", "resnet18", "train", true);
 }
 
 #[test]
 fn golden_resnet18_eval() {
-    golden("resnet18-eval", "resnet18", "eval", false);
+    golden("resnet18-eval", "resnet18", "eval", true);
 }
 
 #[test]

@@ -24,8 +24,8 @@ CASES = [
     ("cnn-s", "cnn-s", "none", True),
     ("resnet20-train", "resnet20", "train", True),
     ("resnet20-eval", "resnet20", "eval", True),
-    ("resnet18-train", "resnet18", "train", False),
-    ("resnet18-eval", "resnet18", "eval", False),
+    ("resnet18-train", "resnet18", "train", True),
+    ("resnet18-eval", "resnet18", "eval", True),
 ]
 
 
