@@ -21,20 +21,20 @@ impl<T: Scalar> AdamW<T> {
     /// AdamW with moment decays `beta1`, `beta2 ∈ [0, 1)`, `eps > 0`, weight decay `λ ≥ 0`.
     pub fn new(beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Result<Self> {
         check_hyper(
-            "--beta1",
+            "beta1",
             beta1,
             (0.0..1.0).contains(&beta1),
             "must be in [0, 1)",
         )?;
         check_hyper(
-            "--beta2",
+            "beta2",
             beta2,
             (0.0..1.0).contains(&beta2),
             "must be in [0, 1)",
         )?;
-        check_hyper("--eps", eps, eps > 0.0, "must be > 0")?;
+        check_hyper("eps", eps, eps > 0.0, "must be > 0")?;
         check_hyper(
-            "--weight-decay",
+            "weight_decay",
             weight_decay,
             weight_decay >= 0.0,
             "must be >= 0",

@@ -58,7 +58,7 @@ impl<T: Scalar> LabelNoiseSgd<T> {
         seed: u64,
     ) -> Result<Self> {
         check_hyper(
-            "--label-noise",
+            "label_noise",
             prob,
             prob > 0.0 && prob <= 1.0,
             "must be in (0, 1]",

@@ -77,7 +77,8 @@ pub enum OptimError {
     /// A hyperparameter is out of range.
     #[error("invalid hyperparameter {name} = {value}: {why}")]
     Hyper {
-        /// Flag-style name of the hyperparameter.
+        /// Name of the hyperparameter, as its configuration field (`rho`, `eta_prime`; the
+        /// command line's flag is the same with dashes: `--rho`, `--eta-prime`).
         name: &'static str,
         /// The value given.
         value: f64,

@@ -48,7 +48,7 @@ impl ProbeSpec {
     /// Checks the size (`--probe-batch`).
     pub fn validate(&self) -> Result<()> {
         if let Some(k) = self.size {
-            crate::check_hyper("--probe-batch", k as f64, k > 0, "must be at least 1")?;
+            crate::check_hyper("probe_batch", k as f64, k > 0, "must be at least 1")?;
         }
         Ok(())
     }
@@ -100,7 +100,7 @@ impl EtaPrime {
     /// Checks a fixed value (`--eta-prime`, ≥ 0).
     pub fn validate(&self) -> Result<()> {
         if let EtaPrime::Fixed(v) = *self {
-            crate::check_hyper("--eta-prime", v, v >= 0.0, "must be >= 0")?;
+            crate::check_hyper("eta_prime", v, v >= 0.0, "must be >= 0")?;
         }
         Ok(())
     }
@@ -259,7 +259,7 @@ impl<T: Scalar> Iterates<T> {
 pub(crate) fn check_eps0(eps0: Option<f64>) -> Result<()> {
     match eps0 {
         Some(e) if e.is_nan() || e < 0.0 => Err(OptimError::Hyper {
-            name: "--eps0",
+            name: "eps0",
             value: e,
             why: "must be >= 0",
         }),

@@ -29,7 +29,7 @@ impl<T: Scalar> Rps<T> {
         weight_decay: f64,
         seed: u64,
     ) -> Result<Self> {
-        check_hyper("--rho", rho, rho > 0.0, "must be > 0")?;
+        check_hyper("rho", rho, rho > 0.0, "must be > 0")?;
         Ok(Rps {
             rho,
             sgd: Sgd::new(momentum, nesterov, weight_decay)?,

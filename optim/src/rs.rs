@@ -97,7 +97,7 @@ pub struct Rs<T> {
 impl<T: Scalar> Rs<T> {
     /// Validates the settings (errors name the CLI flag).
     pub fn new(cfg: RsConfig) -> Result<Self> {
-        check_hyper("--rho", cfg.rho, cfg.rho > 0.0, "must be > 0")?;
+        check_hyper("rho", cfg.rho, cfg.rho > 0.0, "must be > 0")?;
         cfg.eta_prime.validate()?;
         check_eps0(cfg.eps0)?;
         cfg.probe.validate()?;

@@ -110,10 +110,10 @@ pub struct Sa<T> {
 impl<T: Scalar> Sa<T> {
     /// Validates the settings (errors name the CLI flag).
     pub fn new(cfg: SaConfig) -> Result<Self> {
-        check_hyper("--rho", cfg.rho, cfg.rho > 0.0, "must be > 0")?;
+        check_hyper("rho", cfg.rho, cfg.rho > 0.0, "must be > 0")?;
         cfg.eta_prime.validate()?;
         check_eps0(cfg.eps0)?;
-        check_hyper("--zero-grad-xi", cfg.xi, cfg.xi > 0.0, "must be > 0")?;
+        check_hyper("zero_grad_xi", cfg.xi, cfg.xi > 0.0, "must be > 0")?;
         cfg.probe.validate()?;
         let sgd = Sgd::new(cfg.momentum, cfg.nesterov, cfg.weight_decay)?;
         Ok(Sa {

@@ -104,12 +104,12 @@ impl<T: Scalar> Sam<T> {
         nesterov: bool,
         weight_decay: f64,
     ) -> Result<Self> {
-        check_hyper("--rho", rho, rho > 0.0, "must be > 0")?;
+        check_hyper("rho", rho, rho > 0.0, "must be > 0")?;
         if let SamVariant::Adaptive { eta } = variant {
-            check_hyper("--asam-eta", eta, eta >= 0.0, "must be >= 0")?;
+            check_hyper("asam_eta", eta, eta >= 0.0, "must be >= 0")?;
         }
         if let Some(m) = m {
-            check_hyper("--m-sharpness", m as f64, m > 0, "must be at least 1")?;
+            check_hyper("m_sharpness", m as f64, m > 0, "must be at least 1")?;
         }
         Ok(Sam {
             rho,
@@ -218,7 +218,7 @@ impl<T: Scalar> Sam1<T> {
         weight_decay: f64,
         seed: u64,
     ) -> Result<Self> {
-        check_hyper("--rho", rho, rho > 0.0, "must be > 0")?;
+        check_hyper("rho", rho, rho > 0.0, "must be > 0")?;
         probe.validate()?;
         Ok(Sam1 {
             rho,

@@ -35,11 +35,11 @@ pub struct LrSchedule {
 impl LrSchedule {
     /// Validates and binds a schedule.
     pub fn new(base: f64, kind: Schedule, warmup: usize, total: usize) -> Result<Self> {
-        check_hyper("--lr", base, base > 0.0, "must be > 0")?;
+        check_hyper("lr", base, base > 0.0, "must be > 0")?;
         if let Schedule::Step { every, gamma } = kind {
-            check_hyper("--step-every", every as f64, every > 0, "must be > 0")?;
+            check_hyper("step_every", every as f64, every > 0, "must be > 0")?;
             check_hyper(
-                "--step-gamma",
+                "step_gamma",
                 gamma,
                 gamma > 0.0 && gamma <= 1.0,
                 "must be in (0, 1]",

@@ -18,20 +18,20 @@ impl<T: Scalar> Sgd<T> {
     /// SGD with momentum `μ ∈ [0, 1)`, optional Nesterov (needs μ > 0), weight decay `λ ≥ 0`.
     pub fn new(momentum: f64, nesterov: bool, weight_decay: f64) -> Result<Self> {
         check_hyper(
-            "--momentum",
+            "momentum",
             momentum,
             (0.0..1.0).contains(&momentum),
             "must be in [0, 1)",
         )?;
         check_hyper(
-            "--weight-decay",
+            "weight_decay",
             weight_decay,
             weight_decay >= 0.0,
             "must be >= 0",
         )?;
         if nesterov {
             check_hyper(
-                "--momentum",
+                "momentum",
                 momentum,
                 momentum > 0.0,
                 "Nesterov needs momentum > 0",

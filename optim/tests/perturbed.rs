@@ -281,7 +281,7 @@ fn label_noise_descends_on_the_noisy_labels() {
     let err = LabelNoiseSgd::<f64>::new(1.5, 0.0, false, 0.0, 4)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("--label-noise"), "{err}");
+    assert!(err.contains("label_noise"), "{err}");
 }
 
 fn rs_cfg(project: bool, eps0: Option<f64>) -> RsConfig {

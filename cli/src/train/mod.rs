@@ -120,6 +120,18 @@ fn randomize_labels(data: &mut Batch, seed: u64) {
     }
 }
 
+/// An optimizer's out-of-range hyperparameter in the words of the command line: the library
+/// names its field (`eta_prime`), the message names the flag (`--eta-prime`).
+fn flag_names(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast_ref::<OptimError>() {
+        Some(OptimError::Hyper { name, value, why }) => anyhow::anyhow!(
+            "invalid hyperparameter --{} = {value}: {why}",
+            name.replace('_', "-")
+        ),
+        _ => e,
+    }
+}
+
 /// The optimizer of a run of `total_steps` steps. Perturbation methods draw from a seed
 /// derived from `--seed`; every SGD-based one takes `--momentum`, `--nesterov` and
 /// `--weight-decay` (see each optimizer's documentation for how they compose).
@@ -403,7 +415,7 @@ impl<T: Scalar + Element> Trainer<T> {
             })
         };
         let total = steps("--epochs", cfg.epochs)?;
-        let opt = build_optimizer(&cfg, total)?;
+        let opt = build_optimizer(&cfg, total).map_err(flag_names)?;
         let kind = match cfg.schedule {
             Schedule::Constant => flatmin_optim::Schedule::Constant,
             Schedule::Cosine => flatmin_optim::Schedule::Cosine,
@@ -412,7 +424,8 @@ impl<T: Scalar + Element> Trainer<T> {
                 gamma: cfg.step_gamma,
             },
         };
-        let sched = LrSchedule::new(cfg.lr, kind, steps("--warmup", cfg.warmup)?, total)?;
+        let sched = LrSchedule::new(cfg.lr, kind, steps("--warmup", cfg.warmup)?, total)
+            .map_err(|e| flag_names(e.into()))?;
         Ok(Trainer {
             cfg,
             model,
