@@ -668,18 +668,18 @@ fn state_round_trip_continues_bit_identically_f32() {
 }
 
 #[test]
-fn hyperparameters_are_validated_with_the_flag_name() {
+fn hyperparameters_are_validated_with_their_field_name() {
     let bad = |r: Result<()>, flag: &str| {
         let e = r.unwrap_err().to_string();
         assert!(e.contains(flag), "{e} should name {flag}");
     };
     bad(
         Sam::<f64>::new(0.0, SamVariant::Normalized, None, 0.0, false, 0.0).map(|_| ()),
-        "--rho",
+        "rho",
     );
     bad(
         Sam::<f64>::new(0.1, SamVariant::Normalized, Some(0), 0.0, false, 0.0).map(|_| ()),
-        "--m-sharpness",
+        "m_sharpness",
     );
     bad(
         Sam::<f64>::new(
@@ -691,17 +691,17 @@ fn hyperparameters_are_validated_with_the_flag_name() {
             0.0,
         )
         .map(|_| ()),
-        "--asam-eta",
+        "asam_eta",
     );
     let mut c = RsConfig::paper(0.1, -1.0, 0.1, 0);
-    bad(Rs::<f64>::new(c.clone()).map(|_| ()), "--eta-prime");
+    bad(Rs::<f64>::new(c.clone()).map(|_| ()), "eta_prime");
     c.eta_prime = EtaPrime::SameAsLr;
     c.eps0 = Some(-1.0);
-    bad(Rs::<f64>::new(c).map(|_| ()), "--eps0");
+    bad(Rs::<f64>::new(c).map(|_| ()), "eps0");
     let mut s = SaConfig::paper(0.1, 0.1, None, 0);
     s.probe = ProbeSpec::samples(0);
-    bad(Sa::<f64>::new(s.clone()).map(|_| ()), "--probe-batch");
+    bad(Sa::<f64>::new(s.clone()).map(|_| ()), "probe_batch");
     s.probe = ProbeSpec::samples(1);
     s.xi = 0.0;
-    bad(Sa::<f64>::new(s).map(|_| ()), "--zero-grad-xi");
+    bad(Sa::<f64>::new(s).map(|_| ()), "zero_grad_xi");
 }
