@@ -170,3 +170,17 @@ fn gemm_shapes_and_the_fma_peak() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("40x0x20") && err.contains("MxKxN"), "{err}");
 }
+
+#[test]
+fn a_network_file_is_benchmarked_like_a_preset() {
+    let net = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/tests/fixtures/nets/small_resnet/network.json");
+    let net = net.to_str().unwrap();
+    for task in ["grad", "hvp", "trace"] {
+        let v = json(&[task, "--model", net, "--batch", "4", "--reps", "1"]);
+        assert_eq!(v["model"], net, "{task}");
+        assert!(v["median_ms"].as_f64().unwrap() > 0.0, "{task}: {v}");
+    }
+    let t = json(&["trace", "--model", net, "--batch", "4", "--reps", "1"]);
+    assert!(t["trace"].as_f64().unwrap().is_finite(), "{t}");
+}

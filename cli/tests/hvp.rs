@@ -276,6 +276,26 @@ fn output_matches_in_process_evaluation() {
 }
 
 #[test]
+fn a_network_file_works_like_a_preset() {
+    // The exported small ResNet (BatchNorm, projection shortcut) as `--model NET.json`.
+    let net = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/tests/fixtures/nets/small_resnet/network.json");
+    let inputs = Inputs::new("network-file", net.to_str().unwrap(), 3, DType::F64);
+    for bn in ["train", "eval"] {
+        let out = inputs.dir.join(format!("out-{bn}.safetensors"));
+        run_ok(
+            &inputs.args(&out, &["--dtype", "f64", "--bn-mode", bn]),
+            &[],
+        );
+        let got = bits(read_safetensors(&out).unwrap());
+        let names: Vec<String> = got.keys().cloned().collect();
+        assert_eq!(names, expected_names(&inputs.preset), "{bn}");
+        let want = bits(reference::<f64>(&inputs, BnUse::parse(bn).unwrap()));
+        assert!(got == want, "{bn}: output differs from evaluate");
+    }
+}
+
+#[test]
 fn hessian_is_symmetric_end_to_end() {
     // <w, H v> = <v, H w> through the binary (tiny-tanh, f64).
     let inputs = Inputs::new("symmetric", "tiny-tanh", 6, DType::F64);
