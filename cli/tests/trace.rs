@@ -615,3 +615,68 @@ fn checkpoint_aliases_per_layer_eigen_and_density() {
     let e = run_err(&["--checkpoint", dir.join("nope").to_str().unwrap()]);
     assert!(e.contains("--checkpoint"), "{e}");
 }
+
+/// A network file (the exported small ResNet) as `--model` of `trace`, `eigen` and `density`:
+/// the exact trace equals the library's on the same batch file (structural, BatchNorm eval),
+/// exact-hvp agrees with it, and the spectral commands run on it.
+#[test]
+fn a_network_file_is_measured_like_a_preset() {
+    let dir = scratch("network-file");
+    let net = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/tests/fixtures/nets/small_resnet/network.json");
+    let net = net.to_str().unwrap();
+    let w = dir.join("w.safetensors");
+    let data = dir.join("batch.bin");
+    let model = write_weights(&w, net, 7);
+    write_cifar(&data, 3, 4);
+    let (ws, ds) = (w.display().to_string(), data.display().to_string());
+    let common = [
+        "--model",
+        net,
+        "--weights",
+        &ws,
+        "--data",
+        &ds,
+        "--dtype",
+        "f64",
+    ];
+    let s = run_json(&[&common[..], &["--method", "exact", "--per-layer"]].concat());
+    assert_eq!(s["method"], "structural");
+
+    let batch = read_batch_file(&data).unwrap();
+    let x = Tensor::from_vec(&[3, 3, 32, 32], normalize_f64(&batch)).unwrap();
+    let batches = vec![(x, batch.labels_usize())];
+    let want = flatmin_models::measure::trace(
+        &model,
+        &batches,
+        &flatmin_models::measure::TraceOptions::default(),
+    )
+    .unwrap()
+    .trace
+    .unwrap();
+    assert_eq!(
+        trace_of(&s),
+        want,
+        "the binary's trace differs from the library's"
+    );
+    // Basis HVPs on the classifier's tensors only (cheap) agree with the structural blocks.
+    let b = run_json(&[&common[..], &["--method", "exact-hvp", "--per-layer", "fc"]].concat());
+    let structural = layer_traces(&s);
+    for (name, t) in layer_traces(&b) {
+        let (_, st) = structural.iter().find(|(n, _)| *n == name).unwrap();
+        assert!(rel(t, *st) < 1e-10, "{name}: {t} vs {st}");
+    }
+
+    let e = last_json(run_cmd(
+        "eigen",
+        &[&common[..], &["--top", "2", "--steps", "20", "--json"]].concat(),
+    ));
+    let ev = e["eigenvalues"].as_array().unwrap();
+    assert_eq!(ev.len(), 2);
+    assert!(ev[0].as_f64().unwrap() >= ev[1].as_f64().unwrap());
+    let d = last_json(run_cmd(
+        "density",
+        &[&common[..], &["--probes", "2", "--steps", "8", "--json"]].concat(),
+    ));
+    assert!(d["trace"].as_f64().unwrap().is_finite());
+}
