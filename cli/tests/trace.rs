@@ -674,6 +674,16 @@ fn a_network_file_is_measured_like_a_preset() {
     let ev = e["eigenvalues"].as_array().unwrap();
     assert_eq!(ev.len(), 2);
     assert!(ev[0].as_f64().unwrap() >= ev[1].as_f64().unwrap());
+    // Fewer Lanczos steps than eigenvalues asked for is refused, naming both flags.
+    let few = run_cmd(
+        "eigen",
+        &[&common[..], &["--top", "3", "--steps", "2"]].concat(),
+    );
+    let msg = String::from_utf8_lossy(&few.stderr);
+    assert!(
+        !few.status.success() && msg.contains("--steps") && msg.contains("--top"),
+        "{msg}"
+    );
     let d = last_json(run_cmd(
         "density",
         &[&common[..], &["--probes", "2", "--steps", "8", "--json"]].concat(),

@@ -33,7 +33,7 @@ pub type HvpProgressFn = Box<dyn Fn(usize) + Send + Sync>;
 pub struct EigenOptions {
     /// Number of eigenvalues wanted (at least 1, at most the number of parameters).
     pub k: usize,
-    /// Most Lanczos iterations (each one HVP); raised to `k` if smaller.
+    /// Most Lanczos iterations (each one HVP); at least `k`.
     pub max_iters: usize,
     /// Ritz residual tolerance, relative to the eigenvalue ([`LanczosOptions::tol`]).
     pub tol: f64,
@@ -132,13 +132,22 @@ pub fn eigenvalues_with_progress<T: Scalar>(
             format!("must be between 1 and the {d} parameters, got {}", opts.k),
         );
     }
+    if opts.max_iters < opts.k {
+        return invalid(
+            "steps",
+            format!(
+                "{} Lanczos steps cannot give {} eigenvalues; take at least {}",
+                opts.max_iters, opts.k, opts.k
+            ),
+        );
+    }
     let params = model.params_cloned();
     // Lanczos is sequential: one direction per pass.
     let (h, k) = measure::hessian(model, &params, batches, opts.bn, Some(1))?;
     let h = with_progress(h, progress);
     let lopts = LanczosOptions {
         k: opts.k,
-        max_iters: opts.max_iters.max(opts.k),
+        max_iters: opts.max_iters,
         tol: opts.tol,
         which: opts.which,
         seed: opts.seed,

@@ -254,11 +254,12 @@ class Net:
         return out
 
     def eigenvalues(self, x: Union[ArrayLike, Batches], y: Optional[ArrayLike] = None, *,
-                    k: int = 1, steps: int = 100, tol: float = 1e-6, which: str = "largest",
+                    k: int = 1, steps: Optional[int] = None, tol: float = 1e-6,
+                    which: str = "largest",
                     eigenvectors: bool = False, seed: int = 0, dtype: str = "f64",
                     bn_mode: str = "eval") -> Dict[str, Any]:
         """The `k` extreme Hessian eigenvalues by Lanczos with full reorthogonalization (at
-        most `steps` HVPs). `which`: "largest", "smallest" or "magnitude". Returns
+        most `steps` HVPs, default max(100, k); fewer than `k` raises). `which`: "largest", "smallest" or "magnitude". Returns
         `eigenvalues` and `residuals` (arrays, most extreme first), `iterations`, `converged`,
         `hvps`, and `eigenvectors` (a list of k {name: array}, unit norm) when asked for."""
         return self._net.eigenvalues(_batches(x, y), k=k, steps=steps, tol=tol, which=which,

@@ -39,7 +39,7 @@ class Net:
               tol: float = 0.01, max_probes: int = 1000, budget: int = 99,
               chunk_size: int = 128, directions: Optional[int] = None,
               diagonal: bool = False, max_seconds: float = 3600.0) -> Dict[str, Any]: ...
-    def eigenvalues(self, batches: Batches, k: int = 1, steps: int = 100, tol: float = 1e-6,
+    def eigenvalues(self, batches: Batches, k: int = 1, steps: Optional[int] = None, tol: float = 1e-6,
                     which: str = "largest", seed: int = 0, eigenvectors: bool = False,
                     dtype: str = "f64", bn_mode: str = "eval") -> Dict[str, Any]: ...
     def density(self, batches: Batches, probes: int = 8, steps: int = 64, points: int = 1000,

@@ -307,7 +307,7 @@ impl Net {
     /// The `k` extreme Hessian eigenvalues by Lanczos: dict with `eigenvalues`, `residuals`
     /// (arrays), `iterations`, `converged`, `hvps`, and `eigenvectors` (a list of
     /// {name: array}) when asked for.
-    #[pyo3(signature = (batches, k=1, steps=100, tol=1e-6, which="largest", seed=0,
+    #[pyo3(signature = (batches, k=1, steps=None, tol=1e-6, which="largest", seed=0,
         eigenvectors=false, dtype="f64", bn_mode="eval"))]
     #[allow(clippy::too_many_arguments)]
     fn eigenvalues<'py>(
@@ -315,7 +315,7 @@ impl Net {
         py: Python<'py>,
         batches: PyBatches<'py>,
         k: usize,
-        steps: usize,
+        steps: Option<usize>,
         tol: f64,
         which: &str,
         seed: u64,
@@ -338,7 +338,7 @@ impl Net {
         }
         let opts = EigenOptions {
             k,
-            max_iters: steps,
+            max_iters: steps.unwrap_or(100.max(k)),
             tol,
             which,
             seed,
@@ -581,8 +581,7 @@ impl Net {
     ) -> PyResult<Bound<'py, PyDict>> {
         let data = self.batches::<T>(batches)?;
         let model = T::model(self);
-        let rep =
-            compute(py, || spectrum::eigenvalues(model, &data, opts)).map_err(model_error)?;
+        let rep = compute(py, || spectrum::eigenvalues(model, &data, opts)).map_err(model_error)?;
         let r = rep.lanczos;
         let out = PyDict::new(py);
         out.set_item("eigenvalues", vector(py, r.eigenvalues))?;

@@ -181,6 +181,14 @@ def test_unknown_method():
         net.trace(x, y, method="bogus-method")
 
 
+def test_fewer_lanczos_steps_than_eigenvalues():
+    net, x, y, v = small()
+    with pytest.raises(ValueError, match="steps"):
+        net.eigenvalues(x, y, k=3, steps=2)
+    with pytest.raises(ValueError, match="k"):
+        net.eigenvalues(x, y, k=0)
+
+
 @pytest.mark.parametrize("call", ["hvp", "trace", "eigenvalues", "density"])
 def test_bad_dtype(call):
     net, x, y, v = small()

@@ -781,6 +781,10 @@ fn trace_error(e: ModelError, r: &Request, s: &Setup) -> anyhow::Error {
             )
         }
         MeasureError::Invalid { what: "k", detail } => anyhow!("--top: {detail}"),
+        MeasureError::Invalid {
+            what: "steps",
+            detail,
+        } => anyhow!("--steps with --top: {detail}"),
         other => other.into(),
     }
 }
@@ -920,7 +924,7 @@ fn lanczos_found<T: Scalar>(
     let mut f = Found::new(Method::Lanczos);
     let opts = EigenOptions {
         k: args.top_k,
-        max_iters: args.steps.unwrap_or(100),
+        max_iters: args.steps.unwrap_or(100.max(args.top_k)),
         seed: s.seed,
         bn: s.bn,
         ..EigenOptions::default()
