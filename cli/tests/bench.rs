@@ -52,6 +52,7 @@ fn every_task_reports_json() {
             assert!(v.get(key).is_some(), "{task}: no {key} in {v}");
         }
         assert_eq!(v["task"], task);
+        assert_eq!(v["bn_mode"], "eval", "tiny-tanh has no BatchNorm: {v}");
         assert_eq!(v["batch"], 4);
         assert_eq!(v["threads"], 2);
         assert_eq!(v["reps"], 2);
@@ -179,6 +180,9 @@ fn a_network_file_is_benchmarked_like_a_preset() {
     for task in ["grad", "hvp", "trace"] {
         let v = json(&[task, "--model", net, "--batch", "4", "--reps", "1"]);
         assert_eq!(v["model"], net, "{task}");
+        // BatchNorm: gradients and HVPs are timed in train mode, the structural trace in eval.
+        let bn = if task == "trace" { "eval" } else { "train" };
+        assert_eq!(v["bn_mode"], bn, "{task}");
         assert!(v["median_ms"].as_f64().unwrap() > 0.0, "{task}: {v}");
     }
     let t = json(&["trace", "--model", net, "--batch", "4", "--reps", "1"]);

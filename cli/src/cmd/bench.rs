@@ -224,6 +224,8 @@ fn measure(args: &BenchArgs) -> Result<()> {
             rows.push(("gradient".into(), g_med, g_min));
             out["model"] = json!(args.model);
             out["batch"] = json!(args.batch);
+            // The BatchNorm mode of the timed loss (`trace` below sets its own).
+            out["bn_mode"] = json!(w.bn.name());
             out["vectors"] = json!(match task {
                 Task::Grad => 0,
                 Task::Trace if args.method == TraceMethod::Structural => 0,
