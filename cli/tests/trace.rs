@@ -689,4 +689,10 @@ fn a_network_file_is_measured_like_a_preset() {
         &[&common[..], &["--probes", "2", "--steps", "8", "--json"]].concat(),
     ));
     assert!(d["trace"].as_f64().unwrap().is_finite());
+    let (mass, tol) = (
+        &d["density"]["negative_mass"],
+        &d["density"]["negative_tolerance"],
+    );
+    assert!((0.0..=1.0).contains(&mass.as_f64().unwrap()), "{d}");
+    assert!(tol.as_f64().unwrap() > 0.0, "{d}");
 }
