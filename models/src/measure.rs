@@ -257,6 +257,20 @@ pub struct TraceReport {
     pub details: TraceDetails,
 }
 
+impl TensorTrace {
+    /// The tensor's entry of the `layers` object of `flatmin trace --json --per-layer` (and
+    /// of the Python package): `shape`, `numel`, `trace`, `normalized_trace`, `stderr`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "shape": self.shape,
+            "numel": self.shape.iter().product::<usize>(),
+            "trace": self.trace,
+            "normalized_trace": self.normalized,
+            "stderr": self.std_error,
+        })
+    }
+}
+
 impl TraceReport {
     /// The report as the JSON object `flatmin trace --json` prints (and the Python package
     /// returns), without what only the caller knows (model, data, dtype): `method`,
@@ -266,7 +280,8 @@ impl TraceReport {
     /// `activation_trace`, `loss`, `class_columns`, `source_columns`; Hutchinson: `probes`,
     /// `ci95_half_width`, `relative_half_width`, `converged`; Hutch++: `budget`, `probes`,
     /// `ci95_half_width`, `sketch_rank`, `top_trace`, `residual_estimate`,
-    /// `residual_probes`; basis HVPs on some tensors: `selected_trace`, `selected_params`).
+    /// `residual_probes`; basis HVPs on some tensors: `selected_trace`, `selected_params`),
+    /// and `layers`: every measured tensor's [`TensorTrace::to_json`] under its name.
     pub fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
         use serde_json::json;
         let d = self.dim as f64;
@@ -289,6 +304,8 @@ impl TraceReport {
         put("hvps", json!(self.hvps));
         put("passes", json!(self.passes));
         put("directions_per_pass", json!(self.directions));
+        let layers = self.blocks.iter().map(|b| (b.name.clone(), b.to_json()));
+        put("layers", serde_json::Value::Object(layers.collect()));
         match &self.details {
             TraceDetails::Structural {
                 ggn_trace,

@@ -247,9 +247,9 @@ class Net:
         out = json.loads(raw.pop("json"))
         out.update(requested_method=method, bn_mode=bn_mode, dtype=dtype, seed=seed,
                    images=out["samples"], batches=len(batches))
-        layers = raw.pop("layers")
-        if per_layer:
-            out["layers"] = layers
+        layers = out.pop("layers")
+        if per_layer:  # in parameter order (JSON objects come back sorted by name)
+            out["layers"] = {n: layers[n] for n in self.param_names if n in layers}
         out.update(raw)
         return out
 

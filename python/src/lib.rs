@@ -549,18 +549,6 @@ impl Net {
         let rep = compute(py, || measure::trace(model, &data, opts)).map_err(model_error)?;
         let out = PyDict::new(py);
         out.set_item("json", serde_json_text(&rep.to_json()))?;
-        let layers = PyDict::new(py);
-        for b in &rep.blocks {
-            let numel: usize = b.shape.iter().product();
-            let l = PyDict::new(py);
-            l.set_item("shape", b.shape.clone())?;
-            l.set_item("numel", numel)?;
-            l.set_item("trace", b.trace)?;
-            l.set_item("normalized_trace", b.normalized)?;
-            l.set_item("stderr", b.std_error)?;
-            layers.set_item(&b.name, l)?;
-        }
-        out.set_item("layers", layers)?;
         if let Some(diag) = rep.diagonal {
             let d = PyDict::new(py);
             for t in diag {

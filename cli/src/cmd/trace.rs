@@ -14,8 +14,8 @@ use flatmin_datasets::{read_batch_file, Batch, Element};
 use flatmin_engine::curvature::SlqResult;
 use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::measure::{
-    self, MeasureError, ProgressFn, TensorDiagonal, TraceDetails, TraceMethod, TraceOptions,
-    TraceProgress, TraceReport,
+    self, MeasureError, ProgressFn, TensorDiagonal, TensorTrace, TraceDetails, TraceMethod,
+    TraceOptions, TraceProgress, TraceReport,
 };
 use flatmin_models::spectrum::{self, DensityOptions, EigenOptions, HvpProgressFn};
 use flatmin_models::{BnUse, Model, ModelError};
@@ -546,8 +546,8 @@ struct Found {
     note: Option<String>,
     trace: Option<f64>,
     std_error: Option<f64>,
-    /// Per measured parameter tensor: (index, trace, standard error).
-    blocks: Option<Vec<(usize, f64, Option<f64>)>>,
+    /// Per measured parameter tensor.
+    blocks: Option<Vec<TensorTrace>>,
     /// Method-specific fields for JSON.
     extra: serde_json::Map<String, Value>,
     /// Method-specific lines for the human report.
@@ -655,7 +655,7 @@ fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
     };
     let compute_s = started.elapsed().as_secs_f64();
     let has_bn = model.net().has_batch_norm();
-    report(r, s, &names, &params, &selected, has_bn, &found, compute_s)
+    report(r, s, &params, &selected, has_bn, &found, compute_s)
 }
 
 /// The library's trace method for a trace `--method`.
@@ -798,14 +798,10 @@ fn found_of(r: &Request, rep: &TraceReport) -> Found {
     f.note = rep.note.clone();
     f.trace = rep.trace;
     f.std_error = rep.std_error;
-    f.blocks = Some(
-        rep.blocks
-            .iter()
-            .map(|b| (b.index, b.trace, b.std_error))
-            .collect(),
-    );
+    f.blocks = Some(rep.blocks.clone());
     // The common fields come from the command's own report; keep the method's.
-    const COMMON: [&str; 13] = [
+    const COMMON: [&str; 14] = [
+        "layers",
         "method",
         "method_note",
         "exact",
@@ -1123,7 +1119,6 @@ fn plot_density(nodes: &[f64], weights: &[f64], out: &Path) -> Result<()> {
 fn report<T: Scalar>(
     r: &Request,
     s: &Setup,
-    names: &[String],
     params: &[Tensor<T>],
     selected: &[usize],
     has_bn: bool,
@@ -1174,12 +1169,11 @@ fn report<T: Scalar>(
     }
     out.extend(f.lines.iter().cloned());
     // The measured tensors `--per-layer` asked for (all of them without the flag).
-    let shown: Vec<(usize, f64, Option<f64>)> = f
+    let shown: Vec<&TensorTrace> = f
         .blocks
         .iter()
         .flatten()
-        .filter(|b| selected.contains(&b.0))
-        .copied()
+        .filter(|b| selected.contains(&b.index))
         .collect();
     let share_of = f
         .trace
@@ -1189,14 +1183,22 @@ fn report<T: Scalar>(
             "{:<30} {:>10} {:>14} {:>12} {:>8}",
             "parameter tensor", "numel", "trace", "tr/numel", "share"
         ));
-        for &(i, t, se) in &shown {
-            let numel = params[i].numel();
-            let se = se.map(|e| format!(" ±{e:.1e}")).unwrap_or_default();
+        for b in &shown {
+            let numel = params[b.index].numel();
+            let se = b
+                .std_error
+                .map(|e| format!(" ±{e:.1e}"))
+                .unwrap_or_default();
             out.push(format!(
-                "{:<30} {numel:>10} {t:>14.6e} {:>12.4e} {:>7.2}%{se}",
-                names[i],
-                if numel == 0 { 0.0 } else { t / numel as f64 },
-                if total != 0.0 { 100.0 * t / total } else { 0.0 }
+                "{:<30} {numel:>10} {:>14.6e} {:>12.4e} {:>7.2}%{se}",
+                b.name,
+                b.trace,
+                b.normalized,
+                if total != 0.0 {
+                    100.0 * b.trace / total
+                } else {
+                    0.0
+                }
             ));
         }
     }
@@ -1240,17 +1242,7 @@ fn report<T: Scalar>(
         if r.per_layer.is_some() {
             let layers: serde_json::Map<String, Value> = shown
                 .iter()
-                .map(|&(i, t, se)| {
-                    let numel = params[i].numel();
-                    let v = json!({
-                        "shape": params[i].shape(),
-                        "numel": numel,
-                        "trace": t,
-                        "normalized_trace": if numel == 0 { 0.0 } else { t / numel as f64 },
-                        "stderr": se,
-                    });
-                    (names[i].clone(), v)
-                })
+                .map(|b| (b.name.clone(), b.to_json()))
                 .collect();
             map.insert("layers".into(), Value::Object(layers));
         }
