@@ -290,7 +290,8 @@ pub fn read_run(dir: &Path) -> Result<Run> {
     if !file.is_file() {
         bail!("{}: not a run folder (no metrics.jsonl)", dir.display());
     }
-    let bytes = std::fs::read(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+    let bytes = flatmin_engine::fsread::read_regular_file(&file, crate::train::MAX_METRICS_BYTES)
+        .with_context(|| format!("{}: cannot read", file.display()))?;
     let records = parse_run_records(&file, &bytes)?;
     Ok(Run {
         label: folder_name(dir),

@@ -342,3 +342,70 @@ fn optimizer_flags() {
     }
     assert!(Optimizer::Sgd.flags().is_empty() && Optimizer::AdamW.flags().is_empty());
 }
+
+/// A FIFO or `/dev/zero` as `--config` is refused at once with one line naming the file and
+/// what it is (before the fix the FIFO blocked for ever and `/dev/zero` was read until
+/// memory ran out; the child is killed after 20 s). A FIFO as a run folder's `config.json`
+/// (`eval RUN`, `train --resume RUN`) was already refused ("no config.json", an `is_file`
+/// check), and still is.
+#[test]
+fn config_fifos_and_devices_are_refused_without_blocking() {
+    let dir = common::scratch("config", "special");
+    let fifo = dir.join("recipe.json");
+    common::mkfifo(&fifo);
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    common::mkfifo(&run.join("config.json"));
+    let s = |p: &std::path::Path| p.display().to_string();
+    let out = s(&dir.join("out"));
+    let train = |config: &str| -> Vec<String> {
+        [
+            "train",
+            "--data",
+            "synthetic",
+            "--quiet",
+            "--config",
+            config,
+            "--out",
+            &out,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let cases: Vec<(Vec<String>, Vec<String>)> = vec![
+        (
+            train(&s(&fifo)),
+            vec!["--config".into(), s(&fifo), "a FIFO".into()],
+        ),
+        (
+            train("/dev/zero"),
+            vec![
+                "--config".into(),
+                "/dev/zero".into(),
+                "a character device".into(),
+            ],
+        ),
+        (
+            vec!["eval".into(), s(&run)],
+            vec![s(&run), "config.json".into()],
+        ),
+        (
+            vec!["train".into(), "--resume".into(), s(&run), "--quiet".into()],
+            vec![s(&run), "config.json".into()],
+        ),
+    ];
+    for (args, needles) in cases {
+        let (status, stderr) = common::run_bounded(BIN, &args, std::time::Duration::from_secs(20));
+        eprintln!("{args:?}: {}", stderr.trim_end());
+        assert!(
+            status.code().is_some_and(|c| c != 0),
+            "{args:?}: {status:?}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr:?}");
+        for needle in needles {
+            assert!(stderr.contains(&needle), "{needle:?} not in {stderr:?}");
+        }
+        assert!(!dir.join("out").exists(), "nothing was created");
+    }
+}

@@ -662,3 +662,110 @@ fn bad_inputs_give_one_line_errors() {
         assert!(!o.stdout.is_empty());
     }
 }
+
+/// A FIFO, a character device (`/dev/zero`) or a folder given as `--weights`, `--data`,
+/// `--vector` or as the network file of `--model X.json` is refused at once with one line
+/// naming the flag, the path and what it is. Before the fix a FIFO blocked `open` for ever
+/// and `/dev/zero` was read until memory ran out; the child is killed after 20 s.
+#[test]
+fn fifos_devices_and_folders_are_refused_without_blocking() {
+    let inputs = Inputs::new("special", "tiny-tanh", 2, DType::F32);
+    let dir = inputs.dir.clone();
+    let out = dir.join("out.safetensors");
+    let args = inputs.args(&out, &[]);
+    let fifo = dir.join("fifo");
+    common::mkfifo(&fifo);
+    let net = dir.join("net.json");
+    common::mkfifo(&net);
+    let folder = dir.join("folder.safetensors");
+    std::fs::create_dir_all(&folder).unwrap();
+    let f = fifo.display().to_string();
+    let cases: Vec<(&str, Vec<String>, Vec<&str>)> = vec![
+        (
+            "--weights fifo",
+            with(&args, "--weights", &f),
+            vec!["--weights", &f, "a FIFO"],
+        ),
+        (
+            "--data fifo",
+            with(&args, "--data", &f),
+            vec!["--data", &f, "a FIFO"],
+        ),
+        (
+            "--vector fifo",
+            with(&args, "--vector", &f),
+            vec!["--vector", &f, "a FIFO"],
+        ),
+        (
+            "--model fifo.json",
+            with(&args, "--model", &net.display().to_string()),
+            vec!["net.json", "a FIFO"],
+        ),
+        (
+            "--weights /dev/zero",
+            with(&args, "--weights", "/dev/zero"),
+            vec!["--weights", "/dev/zero", "a character device"],
+        ),
+        (
+            "--data /dev/zero",
+            with(&args, "--data", "/dev/zero"),
+            vec!["--data", "/dev/zero", "a character device"],
+        ),
+        (
+            "--weights folder",
+            with(&args, "--weights", &folder.display().to_string()),
+            vec!["--weights", "folder.safetensors", "a folder"],
+        ),
+    ];
+    for (case, a, needles) in cases {
+        let (status, stderr) = common::run_bounded(BIN, &a, std::time::Duration::from_secs(20));
+        eprintln!("{case}: {}", stderr.trim_end());
+        assert!(
+            status.code().is_some_and(|c| c != 0),
+            "{case}: {status:?} {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{case}: {stderr}");
+        let text = stderr.trim_end();
+        assert_eq!(text.lines().count(), 1, "{case}: not one line: {stderr:?}");
+        assert!(text.starts_with("error: "), "{case}: {stderr:?}");
+        for needle in needles {
+            assert!(
+                text.contains(needle),
+                "{case}: {needle:?} not in {stderr:?}"
+            );
+        }
+        assert!(!out.exists(), "{case}: output written despite the error");
+    }
+}
+
+/// Weights so large that the logits overflow f32 make the loss non-finite: `flatmin hvp`
+/// fails with one line naming the loss value and the inputs, and writes nothing. Before the
+/// fix it wrote the NaN/inf tensors and exited 0 without a word.
+#[test]
+fn non_finite_loss_is_an_error_and_nothing_is_written() {
+    let inputs = Inputs::new("nonfinite", "tiny-tanh", 2, DType::F32);
+    let dir = inputs.dir.clone();
+    let out = dir.join("out.safetensors");
+    let args = inputs.args(&out, &[]);
+    let huge = edited(&dir, "huge.safetensors", &inputs.weights, |t| {
+        for t in t.iter_mut() {
+            if let RawData::F32(v) = &mut t.data {
+                v.iter_mut().for_each(|x| *x = 3.0e38);
+            }
+        }
+    });
+    let a = with(&args, "--weights", &huge);
+    expect_error(
+        &inputs,
+        "non-finite loss",
+        &a,
+        &[
+            "the loss is",
+            "not finite",
+            "--weights",
+            "huge.safetensors",
+            "--data",
+            "batch.bin",
+        ],
+    );
+}

@@ -129,17 +129,11 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
     }
 }
 
-/// Opens `path` as a regular file and returns it with its size in bytes.
+/// Opens `path` as a regular file and returns it with its size in bytes. A FIFO, a device
+/// or a folder is refused without blocking, naming what it is
+/// ([`flatmin_engine::fsread::open_regular_file`]).
 fn open_file(path: &Path) -> Result<(std::fs::File, u64)> {
-    let file = std::fs::File::open(path).map_err(io_error(path))?;
-    let meta = file.metadata().map_err(io_error(path))?;
-    if meta.is_dir() {
-        return Err(DataError::Io {
-            path: path.to_path_buf(),
-            error: std::io::Error::other("is a directory, not a CIFAR-10 batch file"),
-        });
-    }
-    Ok((file, meta.len()))
+    flatmin_engine::fsread::open_regular_file(path).map_err(io_error(path))
 }
 
 /// Number of records in a batch file, from its size alone (`size / 3073`), without reading
@@ -217,7 +211,10 @@ mod tests {
         let dir = TempDir::new("directory");
         let err = read_batch_file(dir.path()).unwrap_err();
         assert!(matches!(err, DataError::Io { .. }), "{err:?}");
-        assert!(err.to_string().contains("is a directory"), "{err}");
+        assert!(
+            err.to_string().contains("is a folder, not a regular file"),
+            "{err}"
+        );
     }
 
     #[test]

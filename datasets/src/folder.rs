@@ -109,14 +109,20 @@ impl Cifar10Files {
     }
 }
 
+/// Largest `batches.meta.txt` read (bytes): ten class names (the official file has 61 bytes).
+const MAX_META_BYTES: u64 = 1 << 20;
+
 /// Parses `batches.meta.txt`: ten class names, one per line, in label order. Surrounding
 /// whitespace (and CR of CRLF line endings) is ignored, as are blank lines (the official
 /// file ends with some).
 pub fn read_class_names(path: &Path) -> Result<Vec<String>> {
-    let bytes = std::fs::read(path).map_err(|error| DataError::Io {
-        path: path.to_path_buf(),
-        error,
-    })?;
+    let bytes =
+        flatmin_engine::fsread::read_regular_file(path, MAX_META_BYTES).map_err(|error| {
+            DataError::Io {
+                path: path.to_path_buf(),
+                error,
+            }
+        })?;
     let meta_err = |detail: String| DataError::Meta {
         path: path.to_path_buf(),
         detail,

@@ -60,3 +60,55 @@ fn unreadable_or_odd_folders_fail_cleanly() {
     assert!(Cifar10::open(dir.join("missing")).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A batch file or `batches.meta.txt` that is a FIFO, and `/dev/zero` as a batch file, are
+/// refused at once naming the file and what it is (before the fix the FIFO blocked `open`
+/// for ever).
+#[test]
+fn fifo_and_device_batch_files_are_refused_without_blocking() {
+    let dir = std::env::temp_dir().join(format!("flatmin-fuzz-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mkfifo = |p: &std::path::Path| {
+        assert!(std::process::Command::new("mkfifo")
+            .arg(p)
+            .status()
+            .unwrap()
+            .success())
+    };
+    let start = std::time::Instant::now();
+    let batch = dir.join("data_batch_1.bin");
+    mkfifo(&batch);
+    let e = Cifar10::open(&dir).unwrap_err().to_string();
+    assert!(
+        e.contains("data_batch_1.bin") && e.contains("is a FIFO"),
+        "{e}"
+    );
+    let e = flatmin_datasets::read_batch_file(&batch)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("data_batch_1.bin") && e.contains("is a FIFO"),
+        "{e}"
+    );
+    let e = flatmin_datasets::read_batch_file("/dev/zero")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("/dev/zero") && e.contains("a character device"),
+        "{e}"
+    );
+    std::fs::remove_file(&batch).unwrap();
+    std::fs::write(&batch, vec![0u8; RECORD_BYTES]).unwrap();
+    let meta = dir.join("batches.meta.txt");
+    mkfifo(&meta);
+    let e = flatmin_datasets::read_class_names(&meta)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("batches.meta.txt") && e.contains("is a FIFO"),
+        "{e}"
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -30,6 +30,7 @@
 pub mod check;
 pub mod curvature;
 pub mod error;
+pub mod fsread;
 pub mod kernels;
 pub mod net;
 mod ops;

@@ -64,14 +64,9 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
         path: path.to_path_buf(),
         cause,
     };
-    let len = std::fs::metadata(path).map_err(io)?.len();
-    if len > MAX_FILE_BYTES {
-        return Err(format_err(
-            path,
-            format!("file of {len} bytes is larger than the {MAX_FILE_BYTES}-byte limit"),
-        ));
-    }
-    let bytes = std::fs::read(path).map_err(io)?;
+    // Only a regular file is read (a FIFO or a device would block or never end), and never
+    // more than the limit, even if the file grows while it is read.
+    let bytes = flatmin_engine::fsread::read_regular_file(path, MAX_FILE_BYTES).map_err(io)?;
     parse_safetensors(path, &bytes)
 }
 

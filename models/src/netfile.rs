@@ -24,12 +24,17 @@ pub fn resolve(name: &str) -> Result<Net> {
     }
 }
 
-/// Reads a network file; errors name the file and the layer.
+/// Largest network file read (bytes): a network file describes layers, not weights.
+pub const MAX_NETWORK_FILE_BYTES: u64 = 64 << 20;
+
+/// Reads a network file; errors name the file and the layer. Only a regular file of at most
+/// [`MAX_NETWORK_FILE_BYTES`] is read (a FIFO or a device is refused without blocking).
 pub fn read_network(path: &Path) -> Result<Net> {
-    let text = std::fs::read_to_string(path).map_err(|cause| ModelError::Io {
-        path: path.to_path_buf(),
-        cause,
-    })?;
+    let text = flatmin_engine::fsread::read_regular_to_string(path, MAX_NETWORK_FILE_BYTES)
+        .map_err(|cause| ModelError::Io {
+            path: path.to_path_buf(),
+            cause,
+        })?;
     parse_network(&text, &path.display().to_string())
 }
 

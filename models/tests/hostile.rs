@@ -152,3 +152,48 @@ fn random_mutations_never_panic() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A FIFO, a character device and a folder given as a weights or network file are refused
+/// at once, naming the file and what it is (before the fix a FIFO blocked for ever in
+/// `open`, and `/dev/zero` was read until memory ran out).
+#[test]
+fn only_regular_files_are_read() {
+    let dir = std::env::temp_dir().join(format!("flatmin-hostile-special-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("w.safetensors");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let net_fifo = dir.join("net.json");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&net_fifo)
+        .status()
+        .unwrap()
+        .success());
+    let start = std::time::Instant::now();
+    let cases: [(&Path, &str); 3] = [
+        (&fifo, "is a FIFO, not a regular file"),
+        (
+            Path::new("/dev/zero"),
+            "is a character device, not a regular file",
+        ),
+        (&dir, "is a folder, not a regular file"),
+    ];
+    for (path, needle) in cases {
+        let err = read_safetensors(path).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains(needle), "{err}");
+    }
+    let err = flatmin_models::netfile::read_network(&net_fifo)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("net.json") && err.contains("is a FIFO"),
+        "{err}"
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

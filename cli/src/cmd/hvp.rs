@@ -77,8 +77,50 @@ fn check_out_path(out: &Path) -> Result<()> {
     }
 }
 
+/// Refuses a non-finite loss, gradient or HVP entry (an overflow in the weights, the data
+/// or the direction): the error names the value, the tensor and the inputs, and nothing is
+/// written to `--out`.
+fn check_finite<T: Scalar>(
+    args: &HvpArgs,
+    loss: T,
+    names: &[&str],
+    grads: &[Tensor<T>],
+    hvps: &[Tensor<T>],
+) -> Result<()> {
+    let inputs = || {
+        format!(
+            "--model {} --weights {} --data {} --vector {}",
+            args.model,
+            args.weights.display(),
+            args.data.display(),
+            args.vector.display()
+        )
+    };
+    if !loss.is_finite() {
+        anyhow::bail!(
+            "the loss is {loss:?}, not finite, for {}; nothing written to --out {}",
+            inputs(),
+            args.out.display()
+        );
+    }
+    for (what, blocks) in [("gradient", grads), ("Hessian-vector product", hvps)] {
+        for (name, t) in names.iter().zip(blocks) {
+            if let Some(x) = t.data().iter().find(|x| !x.is_finite()) {
+                anyhow::bail!(
+                    "the {what} of '{name}' holds {x:?}, not finite (loss {loss:?}), for {}; \
+                     nothing written to --out {}",
+                    inputs(),
+                    args.out.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Everything `flatmin hvp` writes, computed in `T`: `logits` `[N, 10]`, `loss` `[]`, and
-/// `grad.NAME` and `hvp.NAME` for every trainable parameter.
+/// `grad.NAME` and `hvp.NAME` for every trainable parameter. A non-finite loss, gradient
+/// or HVP entry is an error naming the value and the inputs.
 pub fn compute<T: Scalar>(args: &HvpArgs) -> Result<Vec<RawTensor>> {
     let mut model = flatmin::cifar_model::<T>(&args.model, 0)?;
     model.load(&args.weights).context("--weights")?;
@@ -104,6 +146,7 @@ pub fn compute<T: Scalar>(args: &HvpArgs) -> Result<Vec<RawTensor>> {
         hvps.len(),
         names.len()
     );
+    check_finite(args, eval.loss, &names, &eval.grads, hvps)?;
     let mut out = Vec::with_capacity(2 + 2 * names.len());
     out.push(RawTensor {
         name: "logits".into(),

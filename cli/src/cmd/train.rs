@@ -200,8 +200,11 @@ impl TrainArgs {
     pub fn config(&self) -> Result<TrainConfig> {
         let mut c = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+                let text = flatmin_engine::fsread::read_regular_to_string(
+                    path,
+                    flatmin::train::MAX_CONFIG_BYTES,
+                )
+                .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
                 TrainConfig::from_json(&text).map_err(|e| {
                     anyhow::anyhow!(
                         "--config {}: not a flatmin run configuration: {e}",

@@ -17,7 +17,8 @@ pub use memory::{
     MemoryEstimate,
 };
 pub use run_dir::{
-    batch_sha256, parse_records, read_records, DatasetIdentity, Record, RunDir, RunMeta, CSV_HEADER,
+    batch_sha256, parse_records, read_records, DatasetIdentity, Record, RunDir, RunMeta,
+    CSV_HEADER, MAX_CONFIG_BYTES, MAX_METRICS_BYTES,
 };
 
 use crate::data::{sized_subset, DataSource};
@@ -105,7 +106,8 @@ const TRACE_BATCH: usize = 128;
 /// SHA-256 (hex) of a file's bytes.
 pub fn file_sha256(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    let bytes = flatmin_engine::fsread::read_regular_file(path, flatmin_models::io::MAX_FILE_BYTES)
+        .with_context(|| path.display().to_string())?;
     Ok(Sha256::digest(&bytes)
         .iter()
         .map(|x| format!("{x:02x}"))

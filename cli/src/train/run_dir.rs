@@ -7,6 +7,7 @@
 use super::config::TrainConfig;
 use super::lock::{RunLock, LOCK_FILE};
 use anyhow::{bail, Context, Result};
+use flatmin_engine::fsread::{read_regular_file, read_regular_to_string};
 use flatmin_engine::Scalar;
 use flatmin_models::io::{write_atomic, write_safetensors, RawTensor};
 use flatmin_models::netfile::is_network_file;
@@ -15,6 +16,11 @@ use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+/// Largest run configuration read (`config.json`, `--config`), in bytes.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+/// Largest metrics file read (`metrics.jsonl`, `metrics.csv`), in bytes.
+pub const MAX_METRICS_BYTES: u64 = 4 << 30;
 
 /// One line of `metrics.jsonl` (and one row of `metrics.csv`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -343,7 +349,8 @@ impl RunDir {
     /// back as its path).
     pub fn config(&self) -> Result<TrainConfig> {
         let p = self.root.join("config.json");
-        let text = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
+        let text = read_regular_to_string(&p, MAX_CONFIG_BYTES)
+            .with_context(|| p.display().to_string())?;
         let mut cfg = TrainConfig::from_json(&text)
             .with_context(|| format!("{}: invalid run configuration", p.display()))?;
         if is_network_file(&cfg.model) && Path::new(&cfg.model).is_relative() {
@@ -379,7 +386,7 @@ impl RunDir {
     /// run's files are byte-identical to an uninterrupted run's (no float re-formatting).
     pub fn truncate_metrics(&self, step: usize) -> Result<()> {
         let jsonl_path = self.root.join("metrics.jsonl");
-        let text = std::fs::read_to_string(&jsonl_path)
+        let text = read_regular_to_string(&jsonl_path, MAX_METRICS_BYTES)
             .with_context(|| jsonl_path.display().to_string())?;
         let mut kept_json = String::new();
         let mut kept_records = Vec::new();
@@ -409,7 +416,7 @@ impl RunDir {
             kept_records.push(r);
         }
         let csv_path = self.root.join("metrics.csv");
-        let csv_text = std::fs::read_to_string(&csv_path).unwrap_or_default();
+        let csv_text = read_regular_to_string(&csv_path, MAX_METRICS_BYTES).unwrap_or_default();
         let csv_complete = match csv_text.rfind('\n') {
             Some(end) => &csv_text[..=end],
             None => "",
@@ -496,7 +503,8 @@ fn clear_except_lock(root: &Path) -> Result<()> {
 
 /// Reads a `metrics.jsonl` file; a malformed line is an error naming the file and line.
 pub fn read_records(path: &Path) -> Result<Vec<Record>> {
-    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    let bytes =
+        read_regular_file(path, MAX_METRICS_BYTES).with_context(|| path.display().to_string())?;
     Ok(parse_records(path, &bytes)?
         .into_iter()
         .map(|(_, r)| r)

@@ -100,3 +100,51 @@ pub fn write_cifar(path: &Path, n: usize, seed: u64) {
     }
     std::fs::write(path, bytes).unwrap();
 }
+
+/// Makes a FIFO (named pipe) at `path` with `mkfifo`.
+pub fn mkfifo(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("run mkfifo");
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+/// Runs the `flatmin` binary `bin` with `args`, killing it and failing the test if it has
+/// not exited within `limit` (a process blocked on a FIFO or reading a device for ever).
+/// Returns its exit status and its stderr.
+pub fn run_bounded(
+    bin: &str,
+    args: &[String],
+    limit: std::time::Duration,
+) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let mut child = std::process::Command::new(bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the flatmin binary");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("flatmin {args:?} still running after {limit:?}; killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status, stderr)
+}
