@@ -70,6 +70,58 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
     parse_safetensors(path, &bytes)
 }
 
+/// Largest safetensors header read before the data (bytes).
+pub const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// Names and shapes of the tensors of a safetensors file, read from its header alone (at
+/// most [`MAX_HEADER_BYTES`]), so that a file can be refused for what it holds before its
+/// data is read. The order is the header's; `__metadata__` is skipped.
+pub fn read_safetensors_header(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    use std::io::Read;
+    let io = |cause| ModelError::Io {
+        path: path.to_path_buf(),
+        cause,
+    };
+    let (file, len) = flatmin_engine::fsread::open_regular_file(path).map_err(io)?;
+    let mut file = file.take(8 + MAX_HEADER_BYTES);
+    let mut head = [0u8; 8];
+    if len < 8 || file.read_exact(&mut head).is_err() {
+        return Err(format_err(
+            path,
+            format!("too short ({len} bytes) to be a safetensors file"),
+        ));
+    }
+    let n = u64::from_le_bytes(head);
+    if n > len - 8 || n > MAX_HEADER_BYTES {
+        return Err(format_err(
+            path,
+            format!(
+                "the header length field ({n}) exceeds the file size ({len} bytes) or the \
+                 {MAX_HEADER_BYTES}-byte header limit: not a safetensors file, or truncated"
+            ),
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let bad = |detail: String| format_err(path, format!("header: {detail}"));
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+    map.iter()
+        .filter(|(name, _)| name.as_str() != "__metadata__")
+        .map(|(name, info)| {
+            let shape = info["shape"]
+                .as_array()
+                .and_then(|dims| {
+                    dims.iter()
+                        .map(|d| d.as_u64().map(|d| d as usize))
+                        .collect()
+                })
+                .ok_or_else(|| bad(format!("tensor '{name}' has no valid shape")))?;
+            Ok((name.clone(), shape))
+        })
+        .collect()
+}
+
 /// The first key that appears twice in the header's top-level JSON object, if any (a JSON
 /// map would otherwise keep the last one silently). Malformed JSON is left to the parser.
 fn duplicate_name(header: &[u8]) -> Option<String> {

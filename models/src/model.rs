@@ -3,7 +3,7 @@
 //! tape; evaluation of loss, gradient and Hessian-vector products; safetensors load and save.
 
 use crate::error::{ModelError, Result};
-use crate::io::{read_safetensors, write_safetensors, RawData, RawTensor};
+use crate::io::{read_safetensors, read_safetensors_header, write_safetensors, RawData, RawTensor};
 use flatmin_engine::net::{Layer, Net, NormStats, RunningStats};
 use flatmin_engine::{BatchStats, Scalar, Tape, Tensor, Var};
 use rand::rngs::StdRng;
@@ -489,52 +489,44 @@ impl<T: Scalar> Model<T> {
     /// tensors may be f32 or f64; every tensor must be present with the right shape, and
     /// no extra tensor may be present. Parameters and statistics must be finite.
     pub fn load(&mut self, path: &Path) -> Result<()> {
+        // Names and shapes from the header first: a file holding other tensors (or a huge
+        // extra one) is refused before its data is read.
+        let header = read_safetensors_header(path)?;
+        check_layout(path, &self.state_layout(), &header)?;
         let raw = read_safetensors(path)?;
         self.load_raw(path, raw)
     }
 
+    /// Names and shapes of every state entry, in `state_dict` order.
+    fn state_layout(&self) -> Vec<(&str, &[usize])> {
+        self.entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.shape.as_slice()))
+            .collect()
+    }
+
+    /// Names and shapes of the trainable parameters, in order.
+    fn param_layout(&self) -> Vec<(&str, &[usize])> {
+        self.param_names()
+            .into_iter()
+            .zip(self.params().into_iter().map(|p| p.shape()))
+            .collect()
+    }
+
     /// Like [`Model::load`], from tensors already read (`path` names them in errors).
     pub fn load_raw(&mut self, path: &Path, raw: Vec<RawTensor>) -> Result<()> {
-        // Report missing tensors first, then the alphabetically first unexpected one, so the
-        // message does not depend on the file's data order.
-        let mut unexpected: Vec<&str> = raw
+        let found: Vec<(String, Vec<usize>)> = raw
             .iter()
-            .filter(|t| !self.entries.iter().any(|e| e.name == t.name))
-            .map(|t| t.name.as_str())
+            .map(|t| (t.name.clone(), t.shape.clone()))
             .collect();
-        unexpected.sort_unstable();
-        if let Some(missing) = self
-            .entries
-            .iter()
-            .find(|e| !raw.iter().any(|t| t.name == e.name))
-        {
-            return Err(ModelError::Missing {
-                path: path.to_path_buf(),
-                name: missing.name.clone(),
-            });
-        }
-        if let Some(name) = unexpected.first() {
-            return Err(ModelError::Unexpected {
-                path: path.to_path_buf(),
-                name: name.to_string(),
-            });
-        }
+        check_layout(path, &self.state_layout(), &found)?;
         let mut by_name: std::collections::HashMap<String, RawTensor> =
             raw.into_iter().map(|t| (t.name.clone(), t)).collect();
         let mut new_values = Vec::with_capacity(self.entries.len());
         for e in &self.entries {
-            let t = by_name.remove(&e.name).ok_or_else(|| ModelError::Missing {
-                path: path.to_path_buf(),
-                name: e.name.clone(),
-            })?;
-            if t.shape != e.shape {
-                return Err(ModelError::Shape {
-                    path: path.to_path_buf(),
-                    name: e.name.clone(),
-                    expected: e.shape.clone(),
-                    got: t.shape,
-                });
-            }
+            let t = by_name
+                .remove(&e.name)
+                .expect("check_layout found every entry");
             new_values.push(match (&e.value, &t.data) {
                 (EntryValue::Count(_), RawData::I64(v)) => EntryValue::Count(v[0]),
                 (EntryValue::Count(_), other) => {
@@ -592,31 +584,21 @@ impl<T: Scalar> Model<T> {
     /// Reads one tensor per trainable parameter, by name (e.g. HVP directions), from a
     /// safetensors file; missing, extra or mis-shaped tensors are errors naming them.
     pub fn load_param_like(&self, path: &Path) -> Result<Vec<Tensor<T>>> {
+        let layout = self.param_layout();
+        check_layout(path, &layout, &read_safetensors_header(path)?)?;
         let raw = read_safetensors(path)?;
-        let names = self.param_names();
-        let mut extra: Vec<&str> = raw
+        let found: Vec<(String, Vec<usize>)> = raw
             .iter()
-            .map(|t| t.name.as_str())
-            .filter(|n| !names.contains(n))
+            .map(|t| (t.name.clone(), t.shape.clone()))
             .collect();
-        extra.sort_unstable();
+        check_layout(path, &layout, &found)?;
+        let names = self.param_names();
         let mut out = Vec::with_capacity(names.len());
         for (name, p) in names.iter().zip(self.params()) {
             let t = raw
                 .iter()
                 .find(|t| t.name == *name)
-                .ok_or_else(|| ModelError::Missing {
-                    path: path.to_path_buf(),
-                    name: name.to_string(),
-                })?;
-            if t.shape != p.shape() {
-                return Err(ModelError::Shape {
-                    path: path.to_path_buf(),
-                    name: name.to_string(),
-                    expected: p.shape().to_vec(),
-                    got: t.shape.clone(),
-                });
-            }
+                .expect("check_layout found every parameter");
             let v = t.data.to_f64().ok_or_else(|| ModelError::Dtype {
                 path: path.to_path_buf(),
                 name: name.to_string(),
@@ -634,14 +616,50 @@ impl<T: Scalar> Model<T> {
                 v.into_iter().map(T::c).collect(),
             )?);
         }
-        if let Some(name) = extra.first() {
-            return Err(ModelError::Unexpected {
-                path: path.to_path_buf(),
-                name: name.to_string(),
-            });
-        }
         Ok(out)
     }
+}
+
+/// Checks the tensors a file holds (`found`: names and shapes) against the ones expected,
+/// in this order so the message does not depend on the file's layout: the first expected
+/// tensor that is missing, then the alphabetically first unexpected one, then the first
+/// expected tensor whose shape differs.
+fn check_layout(
+    path: &Path,
+    expected: &[(&str, &[usize])],
+    found: &[(String, Vec<usize>)],
+) -> Result<()> {
+    let shape_of = |name: &str| found.iter().find(|(n, _)| n == name).map(|(_, s)| s);
+    if let Some((name, _)) = expected.iter().find(|(n, _)| shape_of(n).is_none()) {
+        return Err(ModelError::Missing {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+        });
+    }
+    let mut unexpected: Vec<&str> = found
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !expected.iter().any(|(e, _)| e == n))
+        .collect();
+    unexpected.sort_unstable();
+    if let Some(name) = unexpected.first() {
+        return Err(ModelError::Unexpected {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+        });
+    }
+    for (name, shape) in expected {
+        let got = shape_of(name).expect("checked above");
+        if got.as_slice() != *shape {
+            return Err(ModelError::Shape {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: got.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A float tensor as raw file data in its own precision.

@@ -197,3 +197,66 @@ fn only_regular_files_are_read() {
     assert!(start.elapsed() < std::time::Duration::from_secs(10));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A weights file holding the model's tensors and a huge extra one (12 GiB, a sparse file
+/// that takes no disk space) is refused from its header, before any data is read: at once
+/// and without allocating the tensor. Also as a direction file (`load_param_like`), and a
+/// file whose header says a tensor has another shape.
+#[test]
+fn files_are_refused_from_their_header_before_the_data_is_read() {
+    let dir = std::env::temp_dir().join(format!("flatmin-header-first-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut model = Model::<f32>::named("tiny-tanh", 0).unwrap();
+    let huge = dir.join("huge-extra.safetensors");
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for e in model.entries() {
+        let bytes = 4 * e.shape.iter().product::<usize>() as u64;
+        header.insert(
+            e.name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": e.shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let junk = 12u64 << 30;
+    header.insert(
+        "junk".into(),
+        serde_json::json!({"dtype": "F32", "shape": [junk / 4], "data_offsets": [offset, offset + junk]}),
+    );
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&huge).unwrap();
+        f.write_all(&(h.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(&h).unwrap();
+        f.set_len(8 + h.len() as u64 + offset + junk).unwrap();
+    }
+    let started = std::time::Instant::now();
+    let err = model.load(&huge).unwrap_err().to_string();
+    assert!(
+        err.contains("huge-extra.safetensors") && err.contains("unexpected tensor 'junk'"),
+        "{err}"
+    );
+    let err = model.load_param_like(&huge).unwrap_err().to_string();
+    assert!(err.contains("unexpected tensor 'junk'"), "{err}");
+    assert!(
+        started.elapsed().as_secs_f64() < 3.0,
+        "took {:?}: the data was read",
+        started.elapsed()
+    );
+
+    // A header whose shape differs is named from the header too.
+    let mut raw = model.to_raw();
+    raw[0].shape = vec![raw[0].shape.iter().product()];
+    let reshaped = dir.join("reshaped.safetensors");
+    write_safetensors(&reshaped, &raw).unwrap();
+    let err = model.load(&reshaped).unwrap_err().to_string();
+    assert!(
+        err.contains("has shape") && err.contains(&raw[0].name),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
