@@ -224,7 +224,7 @@ fn files_are_refused_from_their_header_before_the_data_is_read() {
         serde_json::json!({"dtype": "F32", "shape": [junk / 4], "data_offsets": [offset, offset + junk]}),
     );
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     {
