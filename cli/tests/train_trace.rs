@@ -92,6 +92,11 @@ fn trace_every_logs_traces_and_resumes_bit_identically() {
         assert_eq!(got_steps, want_steps, "{model}/{opt}");
         for r in &traces {
             assert_eq!(r.method.as_deref(), Some("structural"));
+            assert_eq!(
+                r.bn_mode.as_deref(),
+                Some("eval"),
+                "the measured loss is named"
+            );
             let norm = r.extra["trace_norm"];
             assert!(norm.is_finite() && norm > 0.0, "{norm}");
         }

@@ -668,6 +668,7 @@ impl<T: Scalar + Element> Trainer<T> {
             grad_queries: Some(self.grad_queries),
             grad_samples: Some(self.grad_samples),
             method: Some(method.into()),
+            bn_mode: Some(opts.bn.name().into()),
             wall_s: started.elapsed().as_secs_f64(),
             extra,
             ..Default::default()

@@ -58,6 +58,10 @@ pub struct Record {
     /// How a `trace` record's Hessian trace was measured (`structural` or `hutchinson`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    /// The BatchNorm mode of a `trace` record's measured loss (`eval`: running statistics).
+    /// In `metrics.jsonl` only (not a CSV column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bn_mode: Option<String>,
     /// Mean training loss over the epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub train_loss: Option<f64>,
