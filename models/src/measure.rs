@@ -448,7 +448,8 @@ pub enum TraceProgress {
 /// A progress callback.
 pub type ProgressFn<'a> = &'a (dyn Fn(TraceProgress) + Send + Sync);
 
-fn curv(step: &'static str) -> impl FnOnce(CurvatureError) -> ModelError {
+/// Wraps a curvature error of `step` as a measurement error.
+pub(crate) fn curv(step: &'static str) -> impl FnOnce(CurvatureError) -> ModelError {
     move |source| ModelError::Measure(MeasureError::Curvature { step, source })
 }
 

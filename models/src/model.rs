@@ -12,12 +12,14 @@ use std::path::Path;
 
 pub use flatmin_engine::net::{BN_EPS, BN_MOMENTUM};
 
-/// How BatchNorm layers normalize during a forward pass.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How BatchNorm layers normalize during a forward pass (default: running statistics, as
+/// every measurement assumes unless told otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum BnUse {
     /// Batch statistics (the batch statistics are returned; running ones are not touched).
     Train,
     /// Running statistics.
+    #[default]
     Eval,
 }
 

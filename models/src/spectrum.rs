@@ -8,11 +8,13 @@
 //!
 //! ```
 //! use flatmin_models::spectrum::{eigenvalues, EigenOptions};
+//! use flatmin_engine::curvature::LanczosOptions;
 //! use flatmin_models::Model;
 //! use flatmin_engine::Tensor;
 //! let model = Model::<f64>::named("tiny-tanh", 0).unwrap();
 //! let batches = vec![(Tensor::zeros(&[4, 3, 32, 32]), vec![0, 1, 2, 3])];
-//! let opts = EigenOptions { k: 2, max_iters: 30, ..EigenOptions::default() };
+//! let lanczos = LanczosOptions { k: 2, max_iters: 30, ..LanczosOptions::default() };
+//! let opts = EigenOptions { lanczos, ..EigenOptions::default() };
 //! let r = eigenvalues(&model, &batches, &opts).unwrap();
 //! assert!(r.lanczos.eigenvalues[0] >= r.lanczos.eigenvalues[1]);
 //! ```
@@ -21,44 +23,22 @@ use crate::error::{ModelError, Result};
 use crate::measure::{self, MeasureError};
 use crate::model::{BnUse, Model};
 use flatmin_engine::curvature::{
-    lanczos, slq, BatchLoss, Hessian, LanczosOptions, LanczosResult, SlqOptions, SlqResult, Which,
+    lanczos, slq, BatchLoss, Hessian, LanczosOptions, LanczosResult, SlqOptions, SlqResult,
 };
 use flatmin_engine::{Scalar, Tensor};
 
 /// A callback told the number of HVPs done so far.
 pub type HvpProgressFn = Box<dyn Fn(usize) + Send + Sync>;
 
-/// What [`eigenvalues`] computes and how.
-#[derive(Clone, Debug, PartialEq)]
+/// What [`eigenvalues`] computes and how: the engine's Lanczos options and the BatchNorm
+/// mode of the measured loss.
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct EigenOptions {
-    /// Number of eigenvalues wanted (at least 1, at most the number of parameters).
-    pub k: usize,
-    /// Most Lanczos iterations (each one HVP); at least `k`.
-    pub max_iters: usize,
-    /// Ritz residual tolerance, relative to the eigenvalue ([`LanczosOptions::tol`]).
-    pub tol: f64,
-    /// Which end of the spectrum.
-    pub which: Which,
-    /// Seed of the start vector.
-    pub seed: u64,
-    /// Also return the unit eigenvectors (flat, in parameter order).
-    pub eigenvectors: bool,
+    /// Eigenvalues wanted, iterations (at least `k`), tolerance, end of the spectrum, seed,
+    /// and whether to return the eigenvectors (flat, in parameter order).
+    pub lanczos: LanczosOptions,
     /// BatchNorm normalization of the measured loss.
     pub bn: BnUse,
-}
-
-impl Default for EigenOptions {
-    fn default() -> Self {
-        EigenOptions {
-            k: 1,
-            max_iters: 100,
-            tol: LanczosOptions::default().tol,
-            which: Which::Largest,
-            seed: 0,
-            eigenvectors: false,
-            bn: BnUse::Eval,
-        }
-    }
 }
 
 /// Result of [`eigenvalues`].
@@ -72,31 +52,16 @@ pub struct EigenReport {
     pub directions: usize,
 }
 
-/// What [`density`] computes and how.
-#[derive(Clone, Debug, PartialEq)]
+/// What [`density`] computes and how: the engine's SLQ options, the BatchNorm mode of the
+/// measured loss, and the HVP directions per pass.
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct DensityOptions {
-    /// Random probe vectors (at least 1).
-    pub probes: usize,
-    /// Lanczos steps per probe (at least 1).
-    pub steps: usize,
-    /// Seed of the probes.
-    pub seed: u64,
+    /// Probes, Lanczos steps per probe, seed, reorthogonalization.
+    pub slq: SlqOptions,
     /// BatchNorm normalization of the measured loss.
     pub bn: BnUse,
     /// HVP directions per pass (`None`: as many as fit, as in [`measure::hessian`]).
     pub directions: Option<usize>,
-}
-
-impl Default for DensityOptions {
-    fn default() -> Self {
-        DensityOptions {
-            probes: 8,
-            steps: 64,
-            seed: 0,
-            bn: BnUse::Eval,
-            directions: None,
-        }
-    }
 }
 
 /// Result of [`density`].
@@ -125,19 +90,19 @@ pub fn eigenvalues_with_progress<T: Scalar>(
     opts: &EigenOptions,
     progress: Option<HvpProgressFn>,
 ) -> Result<EigenReport> {
-    let d = model.num_params();
-    if opts.k == 0 || opts.k > d {
+    let (d, l) = (model.num_params(), &opts.lanczos);
+    if l.k == 0 || l.k > d {
         return invalid(
             "k",
-            format!("must be between 1 and the {d} parameters, got {}", opts.k),
+            format!("must be between 1 and the {d} parameters, got {}", l.k),
         );
     }
-    if opts.max_iters < opts.k {
+    if l.max_iters < l.k {
         return invalid(
             "steps",
             format!(
                 "{} Lanczos steps cannot give {} eigenvalues; take at least {}",
-                opts.max_iters, opts.k, opts.k
+                l.max_iters, l.k, l.k
             ),
         );
     }
@@ -145,15 +110,7 @@ pub fn eigenvalues_with_progress<T: Scalar>(
     // Lanczos is sequential: one direction per pass.
     let (h, k) = measure::hessian(model, &params, batches, opts.bn, Some(1))?;
     let h = with_progress(h, progress);
-    let lopts = LanczosOptions {
-        k: opts.k,
-        max_iters: opts.max_iters,
-        tol: opts.tol,
-        which: opts.which,
-        seed: opts.seed,
-        eigenvectors: opts.eigenvectors,
-    };
-    let r = lanczos(&h, &lopts).map_err(curvature("lanczos"))?;
+    let r = lanczos(&h, l).map_err(measure::curv("lanczos"))?;
     Ok(EigenReport {
         passes: h.passes(),
         lanczos: r,
@@ -178,26 +135,29 @@ pub fn density_with_progress<T: Scalar>(
     opts: &DensityOptions,
     progress: Option<HvpProgressFn>,
 ) -> Result<DensityReport> {
-    if opts.probes == 0 || opts.steps == 0 {
+    let sl = &opts.slq;
+    if sl.probes == 0 || sl.steps == 0 {
         return invalid(
             "probes / steps",
-            format!(
-                "need at least 1 each, got {} and {}",
-                opts.probes, opts.steps
-            ),
+            format!("need at least 1 each, got {} and {}", sl.probes, sl.steps),
         );
     }
-    // Every probe keeps its Lanczos basis (full reorthogonalization).
+    // With full reorthogonalization every probe keeps its Lanczos basis.
     let d = model.num_params();
-    let need = opts.probes as f64 * (opts.steps.min(d) + 2) as f64 * d as f64 * 8.0;
+    let kept = if sl.reorthogonalize {
+        sl.steps.min(d) + 2
+    } else {
+        3
+    };
+    let need = sl.probes as f64 * kept as f64 * d as f64 * 8.0;
     if let Some(avail) = available_memory() {
         if need > avail {
             return invalid(
                 "probes / steps",
                 format!(
                     "{} x {}: the Lanczos bases need about {:.1} GiB ({d} parameters each), but only {:.1} GiB are available (MemAvailable); lower the probes or the steps",
-                    opts.probes,
-                    opts.steps,
+                    sl.probes,
+                    sl.steps,
                     need / GIB,
                     avail / GIB
                 ),
@@ -207,13 +167,7 @@ pub fn density_with_progress<T: Scalar>(
     let params = model.params_cloned();
     let (h, k) = measure::hessian(model, &params, batches, opts.bn, opts.directions)?;
     let h = with_progress(h, progress);
-    let sopts = SlqOptions {
-        probes: opts.probes,
-        steps: opts.steps,
-        seed: opts.seed,
-        reorthogonalize: true,
-    };
-    let r = slq(&h, &sopts).map_err(curvature("slq"))?;
+    let r = slq(&h, sl).map_err(measure::curv("slq"))?;
     Ok(DensityReport {
         slq: r,
         directions: k,
@@ -234,12 +188,6 @@ fn with_progress<'a, T: Scalar, L: BatchLoss<T>>(
 
 fn invalid<R>(what: &'static str, detail: String) -> Result<R> {
     Err(ModelError::Measure(MeasureError::Invalid { what, detail }))
-}
-
-fn curvature(
-    step: &'static str,
-) -> impl FnOnce(flatmin_engine::curvature::CurvatureError) -> ModelError {
-    move |source| ModelError::Measure(MeasureError::Curvature { step, source })
 }
 
 /// Bytes of memory available to this process: `MemAvailable` of `/proc/meminfo`, capped by

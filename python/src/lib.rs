@@ -8,7 +8,7 @@
 mod convert;
 
 use convert::{array, labels, model_error, tensor, value_error, vector};
-use flatmin_engine::curvature::Which;
+use flatmin_engine::curvature::{LanczosOptions, SlqOptions, Which};
 use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::io::{RawData, RawTensor};
 use flatmin_models::measure::{self, TraceMethod, TraceOptions};
@@ -337,12 +337,14 @@ impl Net {
             return Err(value_error(format!("tol: must be positive, got {tol}")));
         }
         let opts = EigenOptions {
-            k,
-            max_iters: steps.unwrap_or(100.max(k)),
-            tol,
-            which,
-            seed,
-            eigenvectors,
+            lanczos: LanczosOptions {
+                k,
+                max_iters: steps.unwrap_or(100.max(k)),
+                tol,
+                which,
+                seed,
+                eigenvectors,
+            },
             bn: self::bn_mode(bn_mode)?,
         };
         match self::dtype(dtype)? {
@@ -377,9 +379,12 @@ impl Net {
             return Err(value_error("points: must be at least 1"));
         }
         let opts = DensityOptions {
-            probes,
-            steps,
-            seed,
+            slq: SlqOptions {
+                probes,
+                steps,
+                seed,
+                reorthogonalize: true,
+            },
             bn: self::bn_mode(bn_mode)?,
             directions: None,
         };
@@ -641,7 +646,7 @@ impl Net {
         out.set_item("normalized_trace", r.normalized_trace_estimate)?;
         out.set_item("second_moment", r.moment(2))?;
         out.set_item("probes", r.probes.len())?;
-        out.set_item("steps", opts.steps)?;
+        out.set_item("steps", opts.slq.steps)?;
         out.set_item("hvps", r.hvps)?;
         out.set_item("passes", r.passes)?;
         out.set_item("dim", r.dim)?;

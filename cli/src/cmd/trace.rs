@@ -11,7 +11,7 @@ use clap::{ArgGroup, Args, ValueEnum};
 use flatmin::data::{auto_candidates, resolve, sized_subset};
 use flatmin::train::{DType, RunDir, TrainConfig};
 use flatmin_datasets::{read_batch_file, Batch, Element};
-use flatmin_engine::curvature::SlqResult;
+use flatmin_engine::curvature::{LanczosOptions, SlqOptions, SlqResult};
 use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::measure::{
     self, MeasureError, ProgressFn, TensorDiagonal, TensorTrace, TraceDetails, TraceMethod,
@@ -921,11 +921,13 @@ fn lanczos_found<T: Scalar>(
 ) -> Result<Found> {
     let mut f = Found::new(Method::Lanczos);
     let opts = EigenOptions {
-        k: args.top_k,
-        max_iters: args.steps.unwrap_or(100.max(args.top_k)),
-        seed: s.seed,
+        lanczos: LanczosOptions {
+            k: args.top_k,
+            max_iters: args.steps.unwrap_or(100.max(args.top_k)),
+            seed: s.seed,
+            ..LanczosOptions::default()
+        },
         bn: s.bn,
-        ..EigenOptions::default()
     };
     let rep = spectrum::eigenvalues_with_progress(model, batches, &opts, progress)
         .map_err(|e| trace_error(e, args, s))?;
@@ -965,9 +967,12 @@ fn slq_found<T: Scalar>(
 ) -> Result<Found> {
     let mut f = Found::new(Method::Slq);
     let opts = DensityOptions {
-        probes: args.slq_probes,
-        steps: args.steps.unwrap_or(64),
-        seed: s.seed,
+        slq: SlqOptions {
+            probes: args.slq_probes,
+            steps: args.steps.unwrap_or(64),
+            seed: s.seed,
+            reorthogonalize: true,
+        },
         bn: s.bn,
         directions: args.common.directions,
     };
@@ -981,7 +986,7 @@ fn slq_found<T: Scalar>(
     f.extra
         .insert("directions_per_pass".into(), json!(rep.directions));
     let (nodes, weights) = r.nodes_and_weights();
-    density_summary(&mut f, args, opts.steps, r, &nodes, &weights);
+    density_summary(&mut f, args, opts.slq.steps, r, &nodes, &weights);
     if let Some(out) = &args.density_out {
         plot_density(&nodes, &weights, out)?;
         f.extra
