@@ -8,7 +8,7 @@ use flatmin_engine::curvature::{
     StructuralAccumulator, StructuralOptions, StructuralTrace,
 };
 use flatmin_engine::net::{Activation, ConvOptions, Net, NodeId, NormStats, RunningStats};
-use flatmin_engine::{Scalar, Tensor};
+use flatmin_engine::{Loss, Scalar, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -20,6 +20,8 @@ struct Case<T> {
     running: Option<Vec<(Vec<T>, Vec<T>)>>,
     x: Tensor<T>,
     labels: Vec<usize>,
+    /// The objective on the logits.
+    loss_fn: Loss,
 }
 
 fn uniform<T: Scalar>(rng: &mut StdRng, shape: &[usize], lo: f64, hi: f64) -> Tensor<T> {
@@ -46,7 +48,13 @@ impl<T: Scalar> Case<T> {
             running,
             x,
             labels,
+            loss_fn: Loss::CrossEntropy,
         }
+    }
+
+    fn with_loss(mut self, loss_fn: Loss) -> Self {
+        self.loss_fn = loss_fn;
+        self
     }
 
     fn norm(&self) -> NormStats<'_, T> {
@@ -67,12 +75,13 @@ impl<T: Scalar> Case<T> {
         x: flatmin_engine::Var,
         labels: &[usize],
     ) -> flatmin_engine::Result<flatmin_engine::Var> {
-        self.net.loss(t, v, x, &self.norm(), labels)
+        self.net.loss(t, v, x, &self.norm(), labels, self.loss_fn)
     }
 
     fn structural(&self, diagonal: bool) -> StructuralTrace {
         let opts = StructuralOptions {
             diagonal,
+            loss: self.loss_fn,
             ..StructuralOptions::default()
         };
         structural_trace(
@@ -335,6 +344,26 @@ fn residual_net_with_batchnorm_eval_and_max_pool() {
 }
 
 #[test]
+fn mse_objective_is_traced_exactly_on_every_net_class() {
+    // The one-hot MSE has a constant Hessian in the logits, (2/C) I: the GGN part changes,
+    // the activation sources follow the MSE gradient.
+    let cases = [
+        (
+            "tanh mlp, mse",
+            mlp::<f64>(&[12, 9, 4], &[Activation::Tanh], 7, 1),
+        ),
+        ("conv net, mse", conv_net::<f64>(4, 4)),
+        ("resnet [4, 8], mse", resnet::<f64>(3, 5, false)),
+    ];
+    for (name, case) in cases {
+        let ce = case.structural(false).trace;
+        let case = case.with_loss(Loss::Mse);
+        let s = check_against_basis(name, &case);
+        assert!(rel(s.trace, ce) > 1e-3, "{name}: the MSE trace equals CE's");
+    }
+}
+
+#[test]
 fn refusals_name_the_reason() {
     let opts = StructuralOptions::default();
     // BatchNorm on batch statistics.
@@ -472,6 +501,7 @@ fn same_bits_for_any_thread_count_and_f32_agrees() {
         }),
         x: case.x.cast(),
         labels: case.labels.clone(),
+        loss_fn: case.loss_fn,
     };
     let s32 = case32.structural(false);
     let err = rel(s32.trace, one.trace);

@@ -6,7 +6,7 @@ use flatmin_engine::check::check_op;
 use flatmin_engine::net::{
     Activation, ConvOptions, Layer, Net, NodeId, NormStats, RunningStats, StateKind,
 };
-use flatmin_engine::{EngineError, Tensor};
+use flatmin_engine::{EngineError, Loss, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -177,7 +177,7 @@ fn the_recorded_net_passes_the_finite_difference_checker() {
         let name = format!("net ({mode} statistics)");
         let report = check_op(&name, &theta, 1e-6, |t, v| {
             let xv = t.constant(x.clone());
-            net.loss(t, v, xv, &norm, &[0, 2, 1])
+            net.loss(t, v, xv, &norm, &[0, 2, 1], Loss::CrossEntropy)
         })
         .unwrap_or_else(|e| panic!("{e}"));
         eprintln!("{name}: worst {:.2e}", report.worst());

@@ -2,7 +2,7 @@
 //! batched-vs-single HVP.
 
 use flatmin_engine::check::check_op;
-use flatmin_engine::{BnMode, Tensor, Unary};
+use flatmin_engine::{BnMode, Loss, Tensor, Unary};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -187,6 +187,9 @@ fn losses() {
     run("mse", &[randn(&[3, 4], 72), randn(&[3, 4], 73)], |t, v| {
         t.mse(v[0], v[1])
     });
+    run("mse_one_hot", &[randn(&[3, 5], 74)], |t, v| {
+        t.loss(Loss::Mse, v[0], &labels)
+    });
 }
 
 #[test]
@@ -214,6 +217,26 @@ fn composite_network() {
         let h = t.tanh(h)?;
         let z = t.linear(h, v[6], None)?;
         let l = t.cross_entropy(z, &labels)?;
+        t.reshape(l, &[1])
+    });
+}
+
+#[test]
+fn mse_objective_through_a_smooth_network() {
+    // linear -> tanh -> linear -> one-hot MSE: the HVP mixes the loss's constant Hessian with
+    // the activation's curvature.
+    let theta = vec![
+        randn(&[4, 6], 91),
+        randn(&[5, 6], 92),
+        randn(&[5], 93),
+        randn(&[3, 5], 94),
+    ];
+    let labels = [2usize, 0, 1, 2];
+    run("mse network", &theta, |t, v| {
+        let h = t.linear(v[0], v[1], Some(v[2]))?;
+        let h = t.tanh(h)?;
+        let z = t.linear(h, v[3], None)?;
+        let l = t.loss(Loss::Mse, z, &labels)?;
         t.reshape(l, &[1])
     });
 }

@@ -26,7 +26,7 @@ use flatmin_engine::curvature::{
     Batches, CurvatureError, Hessian, HutchPlusPlusOptions, HutchinsonOptions, HvpConfig,
     StructuralAccumulator, StructuralOptions, StructuralTrace,
 };
-use flatmin_engine::{EngineError, Scalar, Tape, Tensor, Var};
+use flatmin_engine::{EngineError, Loss, Scalar, Tape, Tensor, Var};
 use std::time::Instant;
 use thiserror::Error;
 
@@ -239,6 +239,8 @@ pub struct TraceReport {
     pub seconds: f64,
     /// Mean loss over the images (structural only).
     pub loss: Option<f64>,
+    /// The objective whose Hessian was measured (the model's [`Model::loss_fn`]).
+    pub loss_fn: Loss,
     /// Images measured.
     pub samples: usize,
     /// Why `Auto`/`Exact` chose the method (or why structural was passed over).
@@ -273,7 +275,7 @@ impl TensorTrace {
 
 impl TraceReport {
     /// The report as the JSON object `flatmin trace --json` prints (and the Python package
-    /// returns), without what only the caller knows (model, data, dtype): `method`,
+    /// returns), without what only the caller knows (model, data, dtype): `method`, `loss_fn`,
     /// `method_note`, `exact`, `trace`, `normalized_trace`, `std_error` (and its alias
     /// `stderr`), `normalized_std_error`, `num_params`/`dim`, `samples`, `seconds`, `hvps`,
     /// `passes`, `directions_per_pass`, and the method's own fields (structural: `ggn_trace`,
@@ -290,6 +292,7 @@ impl TraceReport {
             x.insert(k.to_string(), v);
         };
         put("method", json!(self.method_used.name()));
+        put("loss_fn", json!(self.loss_fn.name()));
         put("method_note", json!(self.note));
         put("exact", json!(self.method_used.is_exact()));
         put("trace", json!(self.trace));
@@ -453,7 +456,7 @@ pub(crate) fn curv(step: &'static str) -> impl FnOnce(CurvatureError) -> ModelEr
     move |source| ModelError::Measure(MeasureError::Curvature { step, source })
 }
 
-/// The Hessian of `model`'s mean cross-entropy over `batches` (BatchNorm mode `bn`) at
+/// The Hessian of `model`'s mean loss ([`Model::loss_fn`]) over `batches` (BatchNorm mode `bn`) at
 /// `params`, with `directions` HVP directions per pass (`None`: as many as fit in
 /// [`DIRECTION_BYTES`], at most [`MAX_AUTO_DIRECTIONS`]); also returns the directions.
 pub fn hessian<'a, T: Scalar>(
@@ -470,7 +473,7 @@ pub fn hessian<'a, T: Scalar>(
         let (z, _) = model
             .forward(tape, vars, xv, bn)
             .map_err(EngineError::from)?;
-        tape.cross_entropy(z, labels)
+        tape.loss(model.loss_fn(), z, labels)
     });
     let mut h =
         Hessian::new(params, loss, HvpConfig::with_directions(1)).map_err(curv("Hessian"))?;
@@ -486,7 +489,7 @@ pub fn hessian<'a, T: Scalar>(
     Ok((h, k))
 }
 
-/// The Hessian trace of `model`'s mean cross-entropy over `batches`, by the policy of
+/// The Hessian trace of `model`'s mean loss ([`Model::loss_fn`]) over `batches`, by the policy of
 /// [`TraceMethod`]; see [`trace_with_progress`].
 pub fn trace<T: Scalar>(
     model: &Model<T>,
@@ -522,6 +525,7 @@ pub fn trace_with_progress<T: Scalar>(
     };
     report.samples = batches.iter().map(|b| b.1.len()).sum();
     report.seconds = started.elapsed().as_secs_f64();
+    report.loss_fn = model.loss_fn();
     if report.note.is_none() {
         report.note = note;
     }
@@ -569,10 +573,11 @@ fn check_options(opts: &TraceOptions) -> Result<()> {
     Ok(())
 }
 
-fn structural_options(opts: &TraceOptions) -> StructuralOptions {
+fn structural_options<T: Scalar>(model: &Model<T>, opts: &TraceOptions) -> StructuralOptions {
     StructuralOptions {
         chunk_size: opts.chunk_size,
         diagonal: opts.diagonal,
+        loss: model.loss_fn(),
         ..StructuralOptions::default()
     }
 }
@@ -590,7 +595,7 @@ fn choose_method<T: Scalar>(
         return Ok((asked, None));
     }
     let norm = model.norm_stats(opts.bn);
-    let support = structural_support(model.net(), params, &norm, &structural_options(opts))
+    let support = structural_support(model.net(), params, &norm, &structural_options(model, opts))
         .map_err(curv("structural trace"))?;
     let Some(reason) = support.refusal else {
         let note = (asked != Structural).then(|| "structural applies".to_string());
@@ -622,7 +627,7 @@ fn structural<T: Scalar>(
     progress: Option<ProgressFn<'_>>,
 ) -> Result<TraceReport> {
     let norm = model.norm_stats(opts.bn);
-    let sopts = structural_options(opts);
+    let sopts = structural_options(model, opts);
     let err = curv("structural trace");
     let mut acc = StructuralAccumulator::new(model.net(), params, &norm, &sopts)
         .map_err(curv("structural trace"))?;
@@ -666,6 +671,7 @@ fn structural<T: Scalar>(
         std_error: None,
         seconds: 0.0,
         loss: Some(r.loss),
+        loss_fn: model.loss_fn(),
         samples: r.samples,
         note: None,
         blocks,
@@ -816,6 +822,7 @@ fn hvp_report(dim: usize, method: TraceMethod, details: TraceDetails) -> TraceRe
         std_error: None,
         seconds: 0.0,
         loss: None,
+        loss_fn: Loss::default(),
         samples: 0,
         note: None,
         blocks: Vec::new(),

@@ -5,7 +5,7 @@
 use crate::error::{ModelError, Result};
 use crate::io::{read_safetensors, read_safetensors_header, write_safetensors, RawData, RawTensor};
 use flatmin_engine::net::{Layer, Net, NormStats, RunningStats};
-use flatmin_engine::{BatchStats, Scalar, Tape, Tensor, Var};
+use flatmin_engine::{BatchStats, Loss, Scalar, Tape, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::path::Path;
@@ -75,6 +75,8 @@ pub struct Model<T> {
     params: Vec<usize>,
     /// Per BatchNorm layer: entry indices of running_mean, running_var, num_batches_tracked.
     bns: Vec<[usize; 3]>,
+    /// The objective every loss, gradient, HVP and curvature measurement of this model uses.
+    loss: Loss,
 }
 
 /// Loss, logits, gradient and Hessian-vector products of a model on one batch.
@@ -82,7 +84,7 @@ pub struct Model<T> {
 pub struct Evaluation<T> {
     /// Logits `[N, 10]`.
     pub logits: Tensor<T>,
-    /// Mean cross-entropy.
+    /// Mean loss (the model's [`Model::loss_fn`]).
     pub loss: T,
     /// Gradient per trainable parameter (empty when not requested).
     pub grads: Vec<Tensor<T>>,
@@ -138,7 +140,24 @@ impl<T: Scalar> Model<T> {
             entries,
             params,
             bns,
+            loss: Loss::default(),
         }
+    }
+
+    /// The objective (cross-entropy unless set with [`Model::set_loss_fn`]).
+    pub fn loss_fn(&self) -> Loss {
+        self.loss
+    }
+
+    /// Sets the objective of every later evaluation and measurement.
+    pub fn set_loss_fn(&mut self, loss: Loss) {
+        self.loss = loss;
+    }
+
+    /// This model with objective `loss`.
+    pub fn with_loss_fn(mut self, loss: Loss) -> Self {
+        self.loss = loss;
+        self
     }
 
     /// A preset, a custom MLP spec (see [`Arch::parse`]) or a network file (a path ending in
@@ -421,7 +440,7 @@ impl<T: Scalar> Model<T> {
         }
         let xv = tape.constant(x.clone());
         let (logits, bn_stats) = self.forward(&mut tape, &vars, xv, bn)?;
-        let loss = tape.cross_entropy(logits, labels)?;
+        let loss = tape.loss(self.loss, logits, labels)?;
         let mut out = Evaluation {
             logits: tape.value(logits).clone(),
             loss: tape.value(loss).data()[0],
@@ -463,7 +482,7 @@ impl<T: Scalar> Model<T> {
         shape.extend_from_slice(self.net.input_shape());
         let xv = tape.constant(Tensor::zeros(&shape));
         let (logits, _) = self.forward(&mut tape, &vars, xv, BnUse::Train)?;
-        tape.cross_entropy(logits, &vec![0; n])?;
+        tape.loss(self.loss, logits, &vec![0; n])?;
         Ok(tape.value_elements())
     }
 
@@ -580,7 +599,7 @@ impl<T: Scalar> Model<T> {
                 },
             })
             .collect();
-        Model::from_entries(self.net.clone(), entries)
+        Model::from_entries(self.net.clone(), entries).with_loss_fn(self.loss)
     }
 
     /// Reads one tensor per trainable parameter, by name (e.g. HVP directions), from a

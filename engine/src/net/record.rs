@@ -2,7 +2,7 @@
 
 use super::{Layer, Net, NormStats};
 use crate::error::{EngineError, Result};
-use crate::ops::{BatchStats, BnMode};
+use crate::ops::{BatchStats, BnMode, Loss};
 use crate::scalar::Scalar;
 use crate::tape::{Tape, Var};
 
@@ -106,7 +106,7 @@ impl Net {
         Ok(Recorded { vars, batch_stats })
     }
 
-    /// Records the net and the mean cross-entropy of its logits against `labels`.
+    /// Records the net and the objective `kind` of its logits against `labels`.
     pub fn loss<T: Scalar>(
         &self,
         tape: &mut Tape<T>,
@@ -114,9 +114,10 @@ impl Net {
         x: Var,
         norm: &NormStats<'_, T>,
         labels: &[usize],
+        kind: Loss,
     ) -> Result<Var> {
         let rec = self.record(tape, params, x, norm)?;
-        tape.cross_entropy(rec.output(), labels)
+        tape.loss(kind, rec.output(), labels)
     }
 }
 

@@ -9,13 +9,128 @@
 //! - VJP: z̄ = (L̄/N)(p − e_y)
 //! - tangent of VJP: z̄˙ = (L̄˙/N)(p − e_y) + (L̄/N) ṗ, with ṗ = p ⊙ (ż − ⟨p, ż⟩)
 //!
-//! mse(a, b) = mean((a − b)²) is composed from sub, square and mean, which carry its rules.
+//! mse(a, b) = mean((a − b)²) is composed from sub, square and mean, which carry its rules;
+//! so is the one-hot MSE objective ([`Loss::Mse`]).
+//!
+//! [`Loss`] names the training objective; [`Loss::sample_head`] gives, per sample, the loss,
+//! its gradient in the logits and a square-root factor of its Hessian in the logits, the
+//! three things the structural trace needs from a loss.
 
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
+
+/// The training objective on logits `[N, C]` and integer labels, averaged over samples.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Loss {
+    /// Mean softmax cross-entropy, (1/N) Σ_n (lse(z_n) − z_n[y_n]).
+    #[default]
+    CrossEntropy,
+    /// Mean squared error against one-hot targets, averaged over all N·C logits as PyTorch's
+    /// `mse_loss(z, one_hot(y))`: (1/(N·C)) Σ_n ‖z_n − e_{y_n}‖². Its minima are attained
+    /// (zero loss), unlike cross-entropy's.
+    Mse,
+}
+
+/// One sample's loss, its gradient in the logits and a factor `S` of its Hessian in the
+/// logits (`Σ_c s_c s_cᵀ = ∇²_z ℓ`, one row per column `s_c`), in f64.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleHead {
+    /// The sample's loss ℓ_n (its mean over samples is the batch loss).
+    pub loss: f64,
+    /// ∂ℓ_n/∂z_n.
+    pub grad: Vec<f64>,
+    /// The rows `s_c` of the Hessian factor, `C` of them.
+    pub factor: Vec<Vec<f64>>,
+}
+
+impl Loss {
+    /// Every objective, in the order the command line lists them.
+    pub const ALL: [Loss; 2] = [Loss::CrossEntropy, Loss::Mse];
+
+    /// The name used by the command line and in records: `ce` or `mse`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Loss::CrossEntropy => "ce",
+            Loss::Mse => "mse",
+        }
+    }
+
+    /// Parses `ce` (also `cross-entropy`) or `mse`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ce" | "cross-entropy" | "cross_entropy" => Some(Loss::CrossEntropy),
+            "mse" => Some(Loss::Mse),
+            _ => None,
+        }
+    }
+
+    /// The loss of one sample with logits `z` and label `label` (`< z.len()`), its gradient
+    /// and its Hessian factor: for cross-entropy `p − e_y` and `s_c = √p_c (e_c − p)`; for the
+    /// one-hot MSE `(2/C)(z − e_y)` and `s_c = √(2/C) e_c`.
+    pub fn sample_head(self, z: &[f64], label: usize) -> SampleHead {
+        let c = z.len();
+        let onehot = |j: usize| if j == label { 1.0 } else { 0.0 };
+        match self {
+            Loss::CrossEntropy => {
+                let mx = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = z.iter().map(|&v| (v - mx).exp()).collect();
+                let s: f64 = e.iter().sum();
+                let p: Vec<f64> = e.iter().map(|&v| v / s).collect();
+                SampleHead {
+                    loss: s.ln() + mx - z[label],
+                    grad: (0..c).map(|j| p[j] - onehot(j)).collect(),
+                    factor: (0..c)
+                        .map(|k| {
+                            let sk = p[k].sqrt();
+                            (0..c)
+                                .map(|j| sk * (if j == k { 1.0 } else { 0.0 } - p[j]))
+                                .collect()
+                        })
+                        .collect(),
+                }
+            }
+            Loss::Mse => {
+                let scale = 2.0 / c as f64;
+                let root = scale.sqrt();
+                SampleHead {
+                    loss: (0..c).map(|j| (z[j] - onehot(j)).powi(2)).sum::<f64>() / c as f64,
+                    grad: (0..c).map(|j| scale * (z[j] - onehot(j))).collect(),
+                    factor: (0..c)
+                        .map(|k| (0..c).map(|j| if j == k { root } else { 0.0 }).collect())
+                        .collect(),
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Loss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Checks logits `[N, C]` (N, C ≥ 1) against `N` labels below `C`; returns `(N, C)`.
+fn check_logits(op: &'static str, s: &[usize], labels: &[usize]) -> Result<(usize, usize)> {
+    if s.len() != 2 || s[0] != labels.len() || s[1] == 0 || s[0] == 0 {
+        return Err(EngineError::Shape {
+            op,
+            detail: format!("logits {s:?} with {} labels", labels.len()),
+        });
+    }
+    if let Some((row, &label)) = labels.iter().enumerate().find(|(_, &l)| l >= s[1]) {
+        return Err(EngineError::Label {
+            op,
+            label,
+            row,
+            classes: s[1],
+        });
+    }
+    Ok((s[0], s[1]))
+}
 
 pub(crate) struct LogSoftmax {
     z: usize,
@@ -101,22 +216,7 @@ impl<T: Scalar> Tape<T> {
     pub fn cross_entropy(&mut self, z: Var, labels: &[usize]) -> Result<Var> {
         self.check_var(z)?;
         let zv = self.value(z);
-        let s = zv.shape();
-        if s.len() != 2 || s[0] != labels.len() || s[1] == 0 || s[0] == 0 {
-            return Err(EngineError::Shape {
-                op: "cross_entropy",
-                detail: format!("logits {s:?} with {} labels", labels.len()),
-            });
-        }
-        let (n, c) = (s[0], s[1]);
-        if let Some((row, &label)) = labels.iter().enumerate().find(|(_, &l)| l >= c) {
-            return Err(EngineError::Label {
-                op: "cross_entropy",
-                label,
-                row,
-                classes: c,
-            });
-        }
+        let (n, c) = check_logits("cross_entropy", zv.shape(), labels)?;
         let mut p = vec![T::zero(); n * c];
         let mut total = T::zero();
         for (r, (zr, pr)) in zv.data().chunks(c).zip(p.chunks_mut(c)).enumerate() {
@@ -153,6 +253,26 @@ impl<T: Scalar> Tape<T> {
         let d = self.sub(a, b)?;
         let d2 = self.square(d)?;
         self.mean(d2)
+    }
+
+    /// The one-hot MSE objective [`Loss::Mse`] of logits `[N, C]` against integer labels.
+    pub fn mse_one_hot(&mut self, z: Var, labels: &[usize]) -> Result<Var> {
+        self.check_var(z)?;
+        let (n, c) = check_logits("mse_one_hot", self.value(z).shape(), labels)?;
+        let mut target = Tensor::zeros(&[n, c]);
+        for (row, &l) in target.data_mut().chunks_mut(c).zip(labels) {
+            row[l] = T::one();
+        }
+        let t = self.constant(target);
+        self.mse(z, t)
+    }
+
+    /// The objective `kind` of logits `[N, C]` against integer labels.
+    pub fn loss(&mut self, kind: Loss, z: Var, labels: &[usize]) -> Result<Var> {
+        match kind {
+            Loss::CrossEntropy => self.cross_entropy(z, labels),
+            Loss::Mse => self.mse_one_hot(z, labels),
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use crate::tape::{Sink, Tape};
 use crate::tensor::Tensor;
 
 pub use activation::Unary;
+pub use loss::{Loss, SampleHead};
 pub use norm::{BatchStats, BnMode};
 
 /// Backward rules of one recorded op.

@@ -3,7 +3,8 @@
 //!
 //! For a network of linear and convolution layers, residual additions, ReLU, max / average /
 //! global pooling, BatchNorm with running statistics and elementwise smooth activations,
-//! with mean softmax cross-entropy over `N` samples,
+//! with mean softmax cross-entropy over `N` samples (or another [`crate::Loss`], through its
+//! per-sample head: gradient `g_n` and Hessian factor `s_{n,c}` in the logits),
 //!
 //! ```text
 //! tr(H) = (1/N) Σ_n [ Σ_c ‖J_nᵀ s_{n,c}‖²  +  Σ_u g_{n,u} φ''(u_n) ‖∇_θ u_n‖² ]
@@ -28,6 +29,7 @@ mod pass;
 use super::{invalid, CurvatureResult};
 use crate::kernels::par::fixed_ranges;
 use crate::net::{Layer, Net, NormStats, RunningStats};
+use crate::ops::Loss;
 use crate::scalar::Scalar;
 use crate::tape::Tape;
 use crate::tensor::Tensor;
@@ -51,6 +53,8 @@ pub struct StructuralOptions {
     /// Samples per forward recording (bounds the memory for stored activations; results do
     /// not depend on it beyond rounding in the forward pass).
     pub chunk_size: usize,
+    /// The loss whose Hessian is traced (cross-entropy by default).
+    pub loss: Loss,
 }
 
 impl Default for StructuralOptions {
@@ -59,6 +63,7 @@ impl Default for StructuralOptions {
             diagonal: false,
             max_sources_per_sample: 4096,
             chunk_size: 256,
+            loss: Loss::CrossEntropy,
         }
     }
 }
@@ -234,6 +239,7 @@ fn analyze<T: Scalar>(
     }
     Ok(Ok(Plan {
         classes: out_shape[0],
+        loss: opts.loss,
         shapes,
         needs,
         any_sources: count > 0,

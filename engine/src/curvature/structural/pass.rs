@@ -23,6 +23,7 @@ use crate::kernels::conv::{col2im_add, im2col, ConvGeom};
 use crate::kernels::gemm::{gemm, MatRef};
 use crate::kernels::pool::{avg_plane_adjoint, max_plane, PoolGeom};
 use crate::net::{Layer, Net, RunningStats};
+use crate::ops::Loss;
 use crate::scalar::Scalar;
 use crate::tensor::{numel, Tensor};
 
@@ -42,6 +43,8 @@ pub(crate) struct Plan {
     pub any_sources: bool,
     /// Number of classes (the output's per-sample size).
     pub classes: usize,
+    /// The loss on the logits.
+    pub loss: Loss,
 }
 
 /// Per-sample sums of one pass.
@@ -51,7 +54,7 @@ pub(crate) struct SampleOut {
     pub ggn: Vec<f64>,
     /// Σ over source columns of weight × squared gradient norm, per parameter tensor.
     pub src: Vec<f64>,
-    /// Cross-entropy of the sample.
+    /// Loss of the sample.
     pub loss: f64,
     /// Source columns created for this sample.
     pub sources: usize,
@@ -152,13 +155,10 @@ pub(crate) fn sample_pass<T: Scalar>(
     let out = nodes.len() - 1;
     let classes = plan.classes;
 
-    // Softmax and loss in f64.
+    // The loss head in f64: loss, gradient and Hessian factor in the logits.
     let z: Vec<f64> = sample(out).iter().map(|&v| f(v)).collect();
-    let mx = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = z.iter().map(|&v| (v - mx).exp()).collect();
-    let s: f64 = e.iter().sum();
-    let p: Vec<f64> = e.iter().map(|&v| v / s).collect();
-    let loss = s.ln() + mx - z[label];
+    let head = plan.loss.sample_head(&z, label);
+    let loss = head.loss;
 
     let nt = params.len();
     let mut acc = Acc {
@@ -179,19 +179,15 @@ pub(crate) fn sample_pass<T: Scalar>(
     let first = usize::from(plan.any_sources);
     let mut top = Cols::<T>::zeros(first + classes, classes);
     if plan.any_sources {
-        let r = top.row_mut(0);
-        for (j, v) in r.iter_mut().enumerate() {
-            *v = T::c(p[j] - if j == label { 1.0 } else { 0.0 });
+        for (v, &g) in top.row_mut(0).iter_mut().zip(&head.grad) {
+            *v = T::c(g);
         }
         acc.wg.push(0.0);
         acc.ws.push(0.0);
     }
-    for c in 0..classes {
-        let sc = p[c].sqrt();
-        let r = top.row_mut(first + c);
-        for (j, v) in r.iter_mut().enumerate() {
-            let ej = if j == c { 1.0 } else { 0.0 };
-            *v = T::c(sc * (ej - p[j]));
+    for (c, sc) in head.factor.iter().enumerate() {
+        for (v, &s) in top.row_mut(first + c).iter_mut().zip(sc) {
+            *v = T::c(s);
         }
         acc.wg.push(1.0);
         acc.ws.push(0.0);
