@@ -333,7 +333,7 @@ def write(path, tensors, meta):
 # Cases.
 
 CASES = [
-    # name, preset, bn mode, batch, seed, with derivatives
+    # name, preset, bn mode, batch, seed, with derivatives[, loss (default ce)]
     ("tiny-tanh", "tiny-tanh", "none", 8, 1001, True),
     ("mlp-s", "mlp-s", "none", 8, 1002, True),
     ("cnn-s", "cnn-s", "none", 8, 1003, True),
@@ -341,6 +341,9 @@ CASES = [
     ("resnet20-eval", "resnet20", "eval", 8, 1005, True),
     ("resnet18-train", "resnet18", "train", 2, 1006, True),
     ("resnet18-eval", "resnet18", "eval", 2, 1007, True),
+    ("tiny-tanh-mse", "tiny-tanh", "none", 8, 1008, True, "mse"),
+    ("cnn-s-mse", "cnn-s", "none", 8, 1009, True, "mse"),
+    ("resnet20-eval-mse", "resnet20", "eval", 8, 1010, True, "mse"),
 ]
 
 BACKPACK_CASES = [
@@ -355,10 +358,19 @@ CKPT_CASES = [
 ]
 
 
-def evaluate(model, x, labels, dirs, with_derivatives):
+def objective(logits, labels, loss_fn):
+    """The training objective: mean cross-entropy, or MSE against one-hot targets (mean over
+    all N*C logits, flatmin's `--loss mse`)."""
+    if loss_fn == "mse":
+        target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+        return F.mse_loss(logits, target)
+    return F.cross_entropy(logits, labels)
+
+
+def evaluate(model, x, labels, dirs, with_derivatives, loss_fn="ce"):
     params = list(model.parameters())
     logits = model(x)
-    loss = F.cross_entropy(logits, labels)
+    loss = objective(logits, labels, loss_fn)
     if not with_derivatives:
         return logits.detach(), loss.detach(), None, None
     g = torch.autograd.grad(loss, params, create_graph=True)
@@ -375,7 +387,7 @@ def perturb_running_stats(model):
                 m.running_var.mul_(7.0)
 
 
-def golden_case(name, preset, bn, n, seed, with_derivatives):
+def golden_case(name, preset, bn, n, seed, with_derivatives, loss_fn="ce"):
     model = build(preset, seed)
     names = param_names(model)
     x_np, labels_np = make_batch(seed, n)
@@ -391,7 +403,7 @@ def golden_case(name, preset, bn, n, seed, with_derivatives):
             put_stats(out, f"init.{sname}", t.numpy())
 
     model.train(bn != "eval")
-    logits, loss, grads, hvps = evaluate(model, x, labels, dirs, with_derivatives)
+    logits, loss, grads, hvps = evaluate(model, x, labels, dirs, with_derivatives, loss_fn)
     if bn == "train":
         # PyTorch's train-mode forward just folded the batch statistics into the running
         # statistics (momentum 0.1, unbiased variance): store them for flatmin's update.
@@ -405,7 +417,7 @@ def golden_case(name, preset, bn, n, seed, with_derivatives):
         other = build(preset, seed)
         perturb_running_stats(other)
         other.train()
-        l2, s2, g2, h2 = evaluate(other, x, labels, dirs, with_derivatives)
+        l2, s2, g2, h2 = evaluate(other, x, labels, dirs, with_derivatives, loss_fn)
         assert torch.equal(l2, logits) and torch.equal(s2, loss)
         if with_derivatives:
             assert all(torch.equal(a, b) for a, b in zip(g2 + h2, grads + hvps))
@@ -422,6 +434,9 @@ def golden_case(name, preset, bn, n, seed, with_derivatives):
         "state_dict": state_order(model), "params": ",".join(names),
         "torch": torch.__version__,
     }
+    if loss_fn != "ce":
+        # Absent means cross-entropy (the fixtures written before the key existed).
+        meta["loss"] = loss_fn
     print(f"{name}: loss {loss.item():.6f}")
     return write(os.path.join(OUT, f"{name}.safetensors"), out, meta)
 

@@ -32,11 +32,19 @@ const STEP_METRICS: [(&str, &str); 6] = [
 ];
 
 /// Per-evaluation metrics (from `eval` records) and what they mean.
-const EVAL_METRICS: [(&str, &str); 4] = [
+const EVAL_METRICS: [(&str, &str); 6] = [
     ("test_acc", "test accuracy"),
     ("test_loss", "test loss"),
-    ("train_acc", "training accuracy (epoch)"),
-    ("train_loss", "training loss (epoch mean)"),
+    ("train_acc", "training accuracy (evaluation)"),
+    ("train_loss", "training loss (evaluation)"),
+    (
+        "train_acc_running",
+        "training accuracy (running minibatch mean)",
+    ),
+    (
+        "train_loss_running",
+        "training loss (running minibatch mean)",
+    ),
 ];
 
 /// Width and height in pixels of one panel.
@@ -108,7 +116,10 @@ pub struct Metric {
 impl Metric {
     /// True for accuracies, which are drawn in percent.
     pub fn is_accuracy(&self) -> bool {
-        matches!(self.name.as_str(), "acc" | "test_acc" | "train_acc")
+        matches!(
+            self.name.as_str(),
+            "acc" | "test_acc" | "train_acc" | "train_acc_running"
+        )
     }
 
     /// The metric's value in a record of the right kind, if finite.
@@ -132,6 +143,8 @@ impl Metric {
             "test_loss" => r.test_loss,
             "train_acc" => r.train_acc,
             "train_loss" => r.train_loss,
+            "train_acc_running" => r.train_acc_running,
+            "train_loss_running" => r.train_loss_running,
             other => r.extra.get(other).copied(),
         };
         v.filter(|v| v.is_finite())

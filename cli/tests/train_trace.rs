@@ -113,14 +113,16 @@ fn trace_every_logs_traces_and_resumes_bit_identically() {
         let (header, rows) = csv_table(&full.join("metrics.csv"));
         assert_eq!(header.join(","), flatmin::train::CSV_HEADER);
         assert_eq!(
-            header[header.len() - 6..],
+            header[header.len() - 8..],
             [
                 "grad_queries",
                 "method",
                 "trace",
                 "trace_norm",
                 "trace_std_error",
-                "grad_samples"
+                "grad_samples",
+                "train_loss_running",
+                "train_acc_running"
             ]
         );
         let col = |name: &str| header.iter().position(|h| h == name).unwrap();

@@ -197,7 +197,9 @@ fn golden(case: &str, preset: &str, bn: &str, derivatives: bool) {
         want_bits,
         "{p}: generator bits differ from Python's"
     );
-    let model = generated_model(preset, seed);
+    let loss_fn = flatmin_engine::Loss::parse(fx.meta_or("loss", "ce"))
+        .unwrap_or_else(|| panic!("{p}: unknown loss {}", fx.meta("loss")));
+    let model = generated_model(preset, seed).with_loss_fn(loss_fn);
     check_state_order(&fx, &model);
     assert_eq!(
         fx.meta("params"),
@@ -431,6 +433,13 @@ fn generator_is_stable() {
 #[test]
 fn golden_tiny_tanh() {
     golden("tiny-tanh", "tiny-tanh", "none", true);
+}
+
+#[test]
+fn golden_mse_tiny_tanh_cnn_s_and_resnet20() {
+    golden("tiny-tanh-mse", "tiny-tanh", "none", true);
+    golden("cnn-s-mse", "cnn-s", "none", true);
+    golden("resnet20-eval-mse", "resnet20", "eval", true);
 }
 
 #[test]

@@ -9,7 +9,9 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use flatmin::data::{auto_candidates, resolve, sized_subset};
-use flatmin::train::{count_correct, evaluate, DType, RunDir, TrainConfig};
+use flatmin::train::{
+    count_correct, evaluate, training_subset, DType, LossFn, RunDir, TrainConfig,
+};
 use flatmin_datasets::{Batch, Element};
 use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::{BnUse, Model};
@@ -50,6 +52,9 @@ pub struct EvalArgs {
     /// BatchNorm normalization: eval (running statistics) or train (batch statistics).
     #[arg(long, default_value = "eval", value_parser = super::bn_mode())]
     pub bn_mode: BnUse,
+    /// The loss reported: ce or mse [default: the run's --loss, else ce].
+    #[arg(long, value_enum)]
+    pub loss: Option<LossFn>,
     /// Float type [default: the run's, else f32].
     #[arg(long, value_enum)]
     pub dtype: Option<DType>,
@@ -181,8 +186,77 @@ fn eval_as<T: Scalar + Element>(
         .collect();
     net.load_raw(&target.weights, raw)
         .with_context(|| format!("the weights do not fit model {model}"))?;
-
     let cfg = target.run.as_ref().map(|(_, c)| c);
+    let loss_fn = args.loss.or(cfg.map(|c| c.loss)).unwrap_or(LossFn::Ce);
+    net.set_loss_fn(loss_fn.engine());
+
+    let images = eval_images(args, cfg, seed)?;
+    let batch = &images.batch;
+    let out = match bn {
+        BnUse::Eval => {
+            let (loss, acc) = evaluate(&net, batch)?;
+            Outcome { loss, acc }
+        }
+        BnUse::Train => evaluate_batch_stats(&net, batch)?,
+    };
+
+    let human = format!(
+        "{}: {} accuracy {:.2}%, {} loss {:.4} on {} {} images{} ({}; {}, {}, BatchNorm {})",
+        args.path().display(),
+        args.split,
+        100.0 * out.acc,
+        loss_fn,
+        out.loss,
+        batch.len(),
+        args.split,
+        if images.random_labels {
+            " with the run's random labels"
+        } else {
+            ""
+        },
+        images.origin,
+        model,
+        dtype,
+        bn.name()
+    );
+    if !args.json {
+        println!("{human}");
+        return Ok(());
+    }
+    eprintln!("{human}");
+    let line = serde_json::json!({
+        "target": args.path().display().to_string(),
+        "weights": target.weights.display().to_string(),
+        "model": model,
+        "split": args.split,
+        "images": batch.len(),
+        "data": images.origin,
+        "synthetic": images.synthetic,
+        "bn_mode": bn.name(),
+        "loss_fn": loss_fn.name(),
+        "random_labels": images.random_labels,
+        "dtype": dtype,
+        "seed": seed,
+        "loss": out.loss,
+        "acc": out.acc,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// The images `flatmin eval` evaluates on.
+struct EvalImages {
+    batch: Batch,
+    origin: String,
+    synthetic: bool,
+    /// The run's random training labels are applied.
+    random_labels: bool,
+}
+
+/// The split's class-balanced subset: for `--split train` of a run, the run's own training
+/// subset (its random labels included) unless `--size` or `--seed` asks for another; else
+/// the run's subset size of the split (or `--size`).
+fn eval_images(args: &EvalArgs, cfg: Option<&TrainConfig>, seed: u64) -> Result<EvalImages> {
     let spec = args
         .data
         .clone()
@@ -199,60 +273,29 @@ fn eval_as<T: Scalar + Element>(
             looked.join(", ")
         );
     }
-    let (batch, run_size, subset_seed) = match args.split.as_str() {
-        "train" => (data.train, cfg.map(|c| c.train_size), seed),
-        _ => (data.test, cfg.map(|c| c.test_size), seed ^ TEST_SUBSET_SEED),
-    };
-    let size = args.size.or(run_size).unwrap_or(0);
-    let batch = sized_subset(
-        batch,
-        size,
-        subset_seed,
-        "--size",
-        &format!("--split {}", args.split),
-    )?;
-    let out = match bn {
-        BnUse::Eval => {
-            let (loss, acc) = evaluate(&net, &batch)?;
-            Outcome { loss, acc }
+    let as_trained = cfg.filter(|c| {
+        args.split == "train"
+            && args.size.is_none_or(|n| n == c.train_size)
+            && seed == c.data_seed()
+    });
+    let batch = match as_trained {
+        Some(c) => training_subset(c, data.train)?,
+        None => {
+            let (batch, run_size, subset_seed) = match args.split.as_str() {
+                "train" => (data.train, cfg.map(|c| c.train_size), seed),
+                _ => (data.test, cfg.map(|c| c.test_size), seed ^ TEST_SUBSET_SEED),
+            };
+            let size = args.size.or(run_size).unwrap_or(0);
+            let what = format!("--split {}", args.split);
+            sized_subset(batch, size, subset_seed, "--size", &what)?
         }
-        BnUse::Train => evaluate_batch_stats(&net, &batch)?,
     };
-
-    let human = format!(
-        "{}: {} accuracy {:.2}%, loss {:.4} on {} {} images ({}; {}, {}, BatchNorm {})",
-        args.path().display(),
-        args.split,
-        100.0 * out.acc,
-        out.loss,
-        batch.len(),
-        args.split,
-        data.origin,
-        model,
-        dtype,
-        bn.name()
-    );
-    if args.json {
-        eprintln!("{human}");
-        let line = serde_json::json!({
-            "target": args.path().display().to_string(),
-            "weights": target.weights.display().to_string(),
-            "model": model,
-            "split": args.split,
-            "images": batch.len(),
-            "data": data.origin,
-            "synthetic": data.synthetic,
-            "bn_mode": bn.name(),
-            "dtype": dtype,
-            "seed": seed,
-            "loss": out.loss,
-            "acc": out.acc,
-        });
-        println!("{line}");
-    } else {
-        println!("{human}");
-    }
-    Ok(())
+    Ok(EvalImages {
+        batch,
+        origin: data.origin,
+        synthetic: data.synthetic,
+        random_labels: as_trained.is_some_and(|c| c.random_labels),
+    })
 }
 
 /// Mean loss and accuracy with BatchNorm on the statistics of each chunk of

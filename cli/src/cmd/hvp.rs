@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use flatmin::train::DType;
+use flatmin::train::{DType, LossFn};
 use flatmin_datasets::{normalize_f64, read_batch_file};
 use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::io::{write_safetensors, RawTensor};
@@ -33,6 +33,9 @@ pub struct HvpArgs {
     /// BatchNorm normalization: batch statistics (train) or running statistics (eval).
     #[arg(long, default_value = "eval", value_parser = super::bn_mode())]
     pub bn_mode: BnUse,
+    /// The loss: ce (softmax cross-entropy) or mse (squared error against one-hot targets).
+    #[arg(long, value_enum, default_value_t = LossFn::Ce)]
+    pub loss: LossFn,
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
     #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
     pub threads: Option<usize>,
@@ -123,6 +126,7 @@ fn check_finite<T: Scalar>(
 /// or HVP entry is an error naming the value and the inputs.
 pub fn compute<T: Scalar>(args: &HvpArgs) -> Result<Vec<RawTensor>> {
     let mut model = flatmin::cifar_model::<T>(&args.model, 0)?;
+    model.set_loss_fn(args.loss.engine());
     model.load(&args.weights).context("--weights")?;
     let v = model.load_param_like(&args.vector).context("--vector")?;
     let batch = read_batch_file(&args.data).context("--data")?;

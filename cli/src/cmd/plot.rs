@@ -13,7 +13,8 @@ pub struct PlotArgs {
     #[arg(value_name = "RUN", required = true)]
     pub runs: Vec<PathBuf>,
     /// Metric to draw, one panel each (repeatable): test_acc, test_loss, train_acc,
-    /// train_loss (per evaluation), loss, acc, lr, grad_norm, grad_evals, images_per_s
+    /// train_loss (per evaluation; train_acc_running, train_loss_running: the epoch's running
+    /// minibatch means), loss, acc, lr, grad_norm, grad_evals, images_per_s
     /// (per step), trace_norm, trace (with --trace-every), or an optimizer extra [default: test_acc and loss].
     #[arg(long = "metric", value_name = "NAME")]
     pub metrics: Vec<String>,

@@ -9,7 +9,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{ArgGroup, Args, ValueEnum};
 use flatmin::data::{auto_candidates, resolve, sized_subset};
-use flatmin::train::{DType, RunDir, TrainConfig};
+use flatmin::train::{DType, LossFn, RunDir, TrainConfig};
 use flatmin_datasets::{read_batch_file, Batch, Element};
 use flatmin_engine::curvature::{LanczosOptions, SlqOptions, SlqResult};
 use flatmin_engine::{Scalar, Tensor};
@@ -118,6 +118,9 @@ pub struct MeasureArgs {
     /// BatchNorm normalization: eval (running statistics) or train (batch statistics).
     #[arg(long, default_value = "eval", value_parser = super::bn_mode())]
     pub bn_mode: BnUse,
+    /// The loss whose Hessian is measured: ce or mse [default: the run's --loss, else ce].
+    #[arg(long, value_enum)]
+    pub loss: Option<LossFn>,
     /// HVP directions per forward-over-reverse pass [default: as many as fit in 512 MiB,
     /// at most 64].
     #[arg(long, value_name = "K")]
@@ -335,6 +338,7 @@ struct Setup {
     dtype: DType,
     seed: u64,
     bn: BnUse,
+    loss: LossFn,
     images: Batch,
     data_origin: String,
     synthetic: bool,
@@ -469,6 +473,7 @@ fn dispatch(r: &Request) -> Result<()> {
     let dtype = c.dtype.or(cfg.map(|cf| cf.dtype)).unwrap_or(DType::F32);
     let seed = c.seed.or(cfg.map(|cf| cf.data_seed())).unwrap_or(0);
     let bn = c.bn_mode;
+    let loss = c.loss.or(cfg.map(|cf| cf.loss)).unwrap_or(LossFn::Ce);
     let spec = c
         .data
         .clone()
@@ -483,6 +488,7 @@ fn dispatch(r: &Request) -> Result<()> {
         dtype,
         seed,
         bn,
+        loss,
         images,
         data_origin,
         synthetic,
@@ -606,6 +612,7 @@ fn select_tensors(names: &[String], filters: &[String]) -> Result<Vec<usize>> {
 /// and trainer tensors are skipped).
 fn load_model<T: Scalar>(s: &Setup) -> Result<Model<T>> {
     let mut model = flatmin::cifar_model::<T>(&s.model, s.seed)?;
+    model.set_loss_fn(s.loss.engine());
     let what = s.source_flag;
     let raw: Vec<_> = flatmin_models::io::read_safetensors(&s.weights)
         .with_context(|| what.to_string())?
@@ -1140,11 +1147,12 @@ fn report<T: Scalar>(
         None => format!("{} images of {}", s.images.len(), s.data_origin),
     };
     out.push(format!(
-        "{}: {d} parameters, {images}, {batches} batch(es) of at most {}, BatchNorm {}{bn_note}, {}",
+        "{}: {d} parameters, {images}, {batches} batch(es) of at most {}, BatchNorm {}{bn_note}, {}, loss {}",
         s.model,
         args.batch,
         s.bn.name(),
-        s.dtype
+        s.dtype,
+        s.loss
     ));
     let exact = matches!(f.method, Method::Structural | Method::Basis);
     let kind = if exact {
@@ -1226,6 +1234,7 @@ fn report<T: Scalar>(
         "batch_size": args.batch,
         "batches": batches,
         "bn_mode": s.bn.name(),
+        "loss_fn": s.loss.name(),
         "batch_norm_layers": has_bn,
         "dtype": s.dtype,
         "seed": s.seed,

@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use flatmin::data::{auto_candidates, resolve};
 use flatmin::train::{
-    DType, NonFinitePolicy, Observer, Optimizer, Outcome, OutputIterate, ProbeData, Record,
+    DType, LossFn, NonFinitePolicy, Observer, Optimizer, Outcome, OutputIterate, ProbeData, Record,
     RunLock, Schedule, TraceMethod, TrainConfig, Trainer,
 };
 use flatmin_datasets::Element;
@@ -23,6 +23,11 @@ pub struct TrainArgs {
     /// file NET.json (docs/network-file.md) [default: cnn-s].
     #[arg(long)]
     pub model: Option<String>,
+    /// Training objective: ce (softmax cross-entropy) or mse (squared error against one-hot
+    /// targets, mean over all logits; its minima are attained) [default: ce]. Traces logged
+    /// with --trace-every, and the curvature commands run on the run, measure this loss.
+    #[arg(long, value_enum)]
+    pub loss: Option<LossFn>,
     /// Optimizer: sgd, adamw, sam, asam, usam, sam1 (SAM with batch size 1), rps (random-
     /// perturbation SGD), label-noise, rs (Algorithm 1, randomly smoothed perturbation), sa
     /// (Algorithm 2, sharpness-aware perturbation) [default: sgd]. All but adamw take
@@ -219,6 +224,7 @@ impl TrainArgs {
         }
         set!(
             model,
+            loss,
             optimizer,
             lr,
             momentum,
@@ -333,7 +339,7 @@ impl TrainArgs {
             ($($f:ident => $flag:expr),*) => { $( if self.$f.is_some() { v.push($flag); } )* };
         }
         given!(on_nonfinite => "--on-nonfinite");
-        given!(model => "--model", optimizer => "--optimizer", lr => "--lr", momentum => "--momentum",
+        given!(model => "--model", loss => "--loss", optimizer => "--optimizer", lr => "--lr", momentum => "--momentum",
             weight_decay => "--weight-decay", schedule => "--schedule", step_every => "--step-every",
             step_gamma => "--step-gamma", warmup => "--warmup", epochs => "--epochs",
             batch_size => "--batch-size", train_size => "--train-size", test_size => "--test-size",

@@ -1,6 +1,6 @@
 //! The training recipe: every knob of a run, saved as `config.json` in the run folder.
 //!
-//! Settings with a fixed set of values are enums ([`Optimizer`], [`Schedule`], [`DType`],
+//! Settings with a fixed set of values are enums ([`Optimizer`], [`LossFn`], [`Schedule`], [`DType`],
 //! [`NonFinitePolicy`], [`ProbeData`], [`OutputIterate`], [`TraceMethod`]): `config.json`
 //! holds their words (`"sgd"`, `"skip-step"`, ...), the command line accepts the same words
 //! and `--help` lists them. [`TrainConfig::optimizer_spec`] gives the chosen optimizer with
@@ -152,6 +152,28 @@ word_enum! {
     }
 }
 
+word_enum! {
+    /// The training objective (`--loss`): every loss, gradient, HVP and trace of the run
+    /// (and of the curvature commands run on it) is of this loss.
+    LossFn, "loss" {
+        /// Mean softmax cross-entropy.
+        Ce => "ce",
+        /// Mean squared error against one-hot targets (PyTorch's `mse_loss(z, one_hot(y))`,
+        /// mean over all logits): its minima are attained.
+        Mse => "mse",
+    }
+}
+
+impl LossFn {
+    /// The engine's objective.
+    pub fn engine(self) -> flatmin_engine::Loss {
+        match self {
+            LossFn::Ce => flatmin_engine::Loss::CrossEntropy,
+            LossFn::Mse => flatmin_engine::Loss::Mse,
+        }
+    }
+}
+
 impl TraceMethod {
     /// Whether the structural trace is tried (where it applies): `auto` and `structural`.
     pub fn tries_structural(self) -> bool {
@@ -183,6 +205,8 @@ impl From<OutputIterate> for flatmin_optim::OutputIterate {
 pub struct TrainConfig {
     /// Model preset or custom MLP spec.
     pub model: String,
+    /// The training objective.
+    pub loss: LossFn,
     /// The optimizer.
     pub optimizer: Optimizer,
     /// Base learning rate.
@@ -297,6 +321,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             model: "cnn-s".into(),
+            loss: LossFn::Ce,
             optimizer: Optimizer::Sgd,
             lr: 0.05,
             momentum: 0.9,
@@ -749,5 +774,19 @@ impl TrainConfig {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LossFn;
+
+    #[test]
+    fn loss_words_are_the_engine_names() {
+        for &l in LossFn::ALL {
+            assert_eq!(l.name(), l.engine().name());
+            assert_eq!(flatmin_engine::Loss::parse(l.name()), Some(l.engine()));
+        }
+        assert_eq!(LossFn::ALL.len(), flatmin_engine::Loss::ALL.len());
     }
 }

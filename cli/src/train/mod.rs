@@ -8,7 +8,7 @@ mod memory;
 mod run_dir;
 
 pub use config::{
-    DType, NonFinitePolicy, Optimizer, OptimizerSpec, OutputIterate, ProbeData, Schedule,
+    DType, LossFn, NonFinitePolicy, Optimizer, OptimizerSpec, OutputIterate, ProbeData, Schedule,
     SgdParams, TraceMethod, TrainConfig, RUN_META_KEYS,
 };
 pub use lock::{RunLock, LOCK_FILE};
@@ -63,6 +63,9 @@ pub struct Trainer<T: Scalar + Element> {
     opt: Box<dyn StepRule<T>>,
     sched: LrSchedule,
     loader: Loader,
+    /// The training subset as trained on (random labels applied), evaluated at each
+    /// evaluation record.
+    train: Arc<Batch>,
     test: Batch,
     run: RunDir,
     step: usize,
@@ -112,6 +115,23 @@ pub fn file_sha256(path: &Path) -> Result<String> {
         .iter()
         .map(|x| format!("{x:02x}"))
         .collect())
+}
+
+/// The images a run with recipe `cfg` trains on, from the training split `split`: its
+/// class-balanced subset of `train_size` images (seeded by the data seed), with random labels
+/// when the run trains on them. `flatmin eval --split train` of a run evaluates the same.
+pub fn training_subset(cfg: &TrainConfig, split: Batch) -> Result<Batch> {
+    let mut train = sized_subset(
+        split,
+        cfg.train_size,
+        cfg.data_seed(),
+        "--train-size",
+        "the training split",
+    )?;
+    if cfg.random_labels {
+        randomize_labels(&mut train, cfg.data_seed());
+    }
+    Ok(train)
 }
 
 /// Replaces every label of `data` by one drawn uniformly from the 10 classes (seeded).
@@ -333,16 +353,7 @@ impl<T: Scalar + Element> Trainer<T> {
     }
 
     fn assemble(cfg: TrainConfig, data: DataSource, run: RunDir) -> Result<Self> {
-        let mut train = sized_subset(
-            data.train,
-            cfg.train_size,
-            cfg.data_seed(),
-            "--train-size",
-            "the training split",
-        )?;
-        if cfg.random_labels {
-            randomize_labels(&mut train, cfg.data_seed());
-        }
+        let train = training_subset(&cfg, data.train)?;
         let trace_set = if cfg.trace_every > 0 {
             let n = cfg.trace_size.min(train.len());
             let seed = derive_seed(cfg.data_seed(), TRACE_SUBSET_SEED_TAG);
@@ -378,8 +389,9 @@ impl<T: Scalar + Element> Trainer<T> {
         } else {
             Augment::none()
         };
+        let train = Arc::new(train);
         let loader = Loader::new(
-            Arc::new(train),
+            Arc::clone(&train),
             cfg.batch_size,
             true,
             false,
@@ -388,6 +400,7 @@ impl<T: Scalar + Element> Trainer<T> {
         )
         .context("--batch-size")?;
         let mut model = crate::cifar_model::<T>(&cfg.model, cfg.seed)?;
+        model.set_loss_fn(cfg.loss.engine());
         if let Some(init) = &cfg.init_from {
             let path = Path::new(init);
             if let Some(want) = &cfg.init_sha256 {
@@ -435,6 +448,7 @@ impl<T: Scalar + Element> Trainer<T> {
             opt,
             sched,
             loader,
+            train,
             test,
             run,
             step: 0,
@@ -587,14 +601,14 @@ impl<T: Scalar + Element> Trainer<T> {
             let done = epoch + 1;
             if done.is_multiple_of(self.cfg.eval_every) || done == self.cfg.epochs {
                 let (test_loss, test_acc) = self.evaluate_test()?;
+                let (train_loss, train_acc) = self.evaluate_train()?;
                 let s = self.epoch_sums;
                 let rec = Record::eval(
                     epoch,
                     self.step,
-                    s.0 / s.2.max(1) as f64,
-                    s.1 as f64 / s.2.max(1) as f64,
-                    test_loss,
-                    test_acc,
+                    (train_loss, train_acc),
+                    (s.0 / s.2.max(1) as f64, s.1 as f64 / s.2.max(1) as f64),
+                    (test_loss, test_acc),
                     started.elapsed().as_secs_f64(),
                 )
                 .with_grad_counts(self.grad_queries, self.grad_samples);
@@ -669,6 +683,7 @@ impl<T: Scalar + Element> Trainer<T> {
             grad_samples: Some(self.grad_samples),
             method: Some(method.into()),
             bn_mode: Some(opts.bn.name().into()),
+            loss_fn: Some(self.cfg.loss.name().into()),
             wall_s: started.elapsed().as_secs_f64(),
             extra,
             ..Default::default()
@@ -744,6 +759,13 @@ impl<T: Scalar + Element> Trainer<T> {
     pub fn evaluate_test(&mut self) -> Result<(f64, f64)> {
         self.sync_model();
         evaluate(&self.model, &self.test)
+    }
+
+    /// Mean loss and accuracy on the training subset as trained on (labels as trained,
+    /// no augmentation, BatchNorm in eval mode): what `flatmin eval --split train` gives.
+    pub fn evaluate_train(&mut self) -> Result<(f64, f64)> {
+        self.sync_model();
+        evaluate(&self.model, &self.train)
     }
 
     /// Writes the checkpoint (atomically) and the plain model state; with `keep = Some(e)`
@@ -1053,7 +1075,8 @@ pub fn count_correct<T: Scalar>(logits: &Tensor<T>, labels: &[usize]) -> usize {
         .count()
 }
 
-/// Mean cross-entropy and accuracy of `model` on `data` (BatchNorm in eval mode).
+/// Mean loss (the model's objective) and accuracy of `model` on `data` (BatchNorm in eval
+/// mode).
 pub fn evaluate<T: Scalar + Element>(model: &Model<T>, data: &Batch) -> Result<(f64, f64)> {
     let (mut loss, mut correct) = (0.0, 0usize);
     for start in (0..data.len()).step_by(EVAL_BATCH) {

@@ -62,12 +62,24 @@ pub struct Record {
     /// In `metrics.jsonl` only (not a CSV column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bn_mode: Option<String>,
-    /// Mean training loss over the epoch.
+    /// The objective of a `trace` record's measured loss (`ce` or `mse`, the run's
+    /// `--loss`). In `metrics.jsonl` only (not a CSV column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_fn: Option<String>,
+    /// Mean loss on the training subset, by evaluation at the end of the epoch (labels as
+    /// trained, no augmentation, BatchNorm in eval mode: as `flatmin eval --split train`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub train_loss: Option<f64>,
-    /// Training accuracy over the epoch.
+    /// Accuracy on the training subset, by evaluation (as `train_loss`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub train_acc: Option<f64>,
+    /// Running mean of the epoch's minibatch losses (augmented batches, parameters changing
+    /// during the epoch, BatchNorm on batch statistics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_loss_running: Option<f64>,
+    /// Running accuracy over the epoch's minibatches (as `train_loss_running`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_acc_running: Option<f64>,
     /// Test loss.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_loss: Option<f64>,
@@ -86,7 +98,7 @@ pub struct Record {
 
 /// The columns of `metrics.csv`. `trace`, `trace_norm` and `trace_std_error` are the `extra`
 /// figures of `trace` records (`trace_std_error` only with `--trace-method hutchinson`).
-pub const CSV_HEADER: &str = "kind,epoch,step,lr,loss,acc,grad_norm,grad_evals,train_loss,train_acc,test_loss,test_acc,images_per_s,wall_s,grad_queries,method,trace,trace_norm,trace_std_error,grad_samples";
+pub const CSV_HEADER: &str = "kind,epoch,step,lr,loss,acc,grad_norm,grad_evals,train_loss,train_acc,test_loss,test_acc,images_per_s,wall_s,grad_queries,method,trace,trace_norm,trace_std_error,grad_samples,train_loss_running,train_acc_running";
 
 impl Record {
     /// A training-step record.
@@ -136,22 +148,24 @@ impl Record {
         }
     }
 
-    /// An evaluation record.
+    /// An evaluation record: `(loss, accuracy)` on the training subset by evaluation, as
+    /// running minibatch means over the epoch, and on the test subset.
     pub fn eval(
         epoch: usize,
         step: usize,
-        train_loss: f64,
-        train_acc: f64,
-        test_loss: f64,
-        test_acc: f64,
+        train: (f64, f64),
+        running: (f64, f64),
+        (test_loss, test_acc): (f64, f64),
         wall_s: f64,
     ) -> Self {
         Record {
             kind: "eval".into(),
             epoch,
             step,
-            train_loss: Some(train_loss),
-            train_acc: Some(train_acc),
+            train_loss: Some(train.0),
+            train_acc: Some(train.1),
+            train_loss_running: Some(running.0),
+            train_acc_running: Some(running.1),
             test_loss: Some(test_loss),
             test_acc: Some(test_acc),
             wall_s,
@@ -164,7 +178,7 @@ impl Record {
         let f = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
         let x = |k: &str| f(self.extra.get(k).copied());
         format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             self.kind,
             self.epoch,
             self.step,
@@ -185,6 +199,8 @@ impl Record {
             x("trace_norm"),
             x("trace_std_error"),
             self.grad_samples.map(|v| v.to_string()).unwrap_or_default(),
+            f(self.train_loss_running),
+            f(self.train_acc_running),
         )
     }
 }

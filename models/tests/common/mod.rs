@@ -250,6 +250,11 @@ impl Fixture {
             .unwrap_or_else(|| panic!("{}: metadata '{key}' missing", self.path.display()))
     }
 
+    /// Metadata `key`, or `default` when the fixture does not have it.
+    pub fn meta_or<'a>(&'a self, key: &str, default: &'a str) -> &'a str {
+        self.meta.get(key).map(String::as_str).unwrap_or(default)
+    }
+
     /// A raw tensor by name (panics naming the path when absent).
     pub fn raw(&self, name: &str) -> &RawTensor {
         self.tensors
