@@ -172,6 +172,17 @@ class Net:
         """Whether `bn_mode` matters."""
         return self._net.has_batch_norm
 
+    @property
+    def loss(self) -> str:
+        """The objective every loss, gradient, HVP, trace and spectrum is of: "ce" (softmax
+        cross-entropy, the default) or "mse" (squared error against one-hot targets, mean over
+        all logits, as `torch.nn.functional.mse_loss(z, one_hot(y))`). Settable."""
+        return self._net.loss
+
+    @loss.setter
+    def loss(self, name: str) -> None:
+        self._net.loss = name
+
     def network_json(self) -> str:
         """The network file text of this network."""
         return self._net.network_json()

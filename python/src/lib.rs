@@ -9,12 +9,13 @@ mod convert;
 
 use convert::{array, labels, model_error, tensor, value_error, vector};
 use flatmin_engine::curvature::{LanczosOptions, SlqOptions, Which};
-use flatmin_engine::{Scalar, Tensor};
+use flatmin_engine::{Loss, Scalar, Tensor};
 use flatmin_models::io::{RawData, RawTensor};
 use flatmin_models::measure::{self, TraceMethod, TraceOptions};
 use flatmin_models::spectrum::{self, DensityOptions, EigenOptions};
 use flatmin_models::{BnUse, EntryValue, Model};
 use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use std::path::Path;
@@ -179,6 +180,27 @@ impl Net {
             .iter()
             .map(|p| p.shape().to_vec())
             .collect()
+    }
+
+    /// The objective of every loss, gradient, HVP and curvature measurement: `"ce"` (softmax
+    /// cross-entropy, the default) or `"mse"` (squared error against one-hot targets, mean
+    /// over all logits).
+    #[getter]
+    fn loss(&self) -> &'static str {
+        self.model.loss_fn().name()
+    }
+
+    /// Sets the objective (`"ce"` or `"mse"`).
+    #[setter]
+    fn set_loss(&mut self, name: &str) -> PyResult<()> {
+        let loss = Loss::parse(name).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "loss: expected 'ce' (cross-entropy) or 'mse' (one-hot squared error), got {name:?}"
+            ))
+        })?;
+        self.model.set_loss_fn(loss);
+        self.model32.set_loss_fn(loss);
+        Ok(())
     }
 
     /// Number of trainable scalars.

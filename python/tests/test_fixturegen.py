@@ -15,7 +15,8 @@ import pytest
 import fixturegen as fg
 
 GOLDEN_CASES = ["tiny-tanh", "mlp-s", "cnn-s", "resnet20-train", "resnet20-eval",
-                "resnet18-train", "resnet18-eval"]
+                "resnet18-train", "resnet18-eval", "tiny-tanh-mse", "cnn-s-mse",
+                "resnet20-eval-mse"]
 BACKPACK_CASES = ["backpack-tiny-tanh", "backpack-cnn-s"]
 MAKE_FIXTURES = os.path.join(fg.REPO, "tools", "make_fixtures.py")
 

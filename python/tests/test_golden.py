@@ -26,6 +26,9 @@ CASES = [
     ("resnet20-eval", "resnet20", "eval", True),
     ("resnet18-train", "resnet18", "train", True),
     ("resnet18-eval", "resnet18", "eval", True),
+    ("tiny-tanh-mse", "tiny-tanh", "none", True),
+    ("cnn-s-mse", "cnn-s", "none", True),
+    ("resnet20-eval-mse", "resnet20", "eval", True),
 ]
 
 
@@ -43,6 +46,9 @@ def golden_setup(case, preset):
     assert entries == fx.state_order(), f"{case}: state_dict differs from PyTorch's"
     assert list(net.param_names) == fx.params()
     fg.load_generated(net, fx.seed)
+    # The fixture's objective ("loss" metadata; absent: cross-entropy).
+    net.loss = fx.meta.get("loss", "ce")
+    assert net.loss == fx.meta.get("loss", "ce")
     x, y = fg.make_batch(fx.seed, fx.batch)
     v = fg.net_directions(net, fx.seed)
     return fx, net, x, y, v
@@ -89,6 +95,18 @@ def test_float64_matches_pytorch(case, preset, bn, derivatives):
     bad = {k: e for k, e in errors.items() if not e <= F64_TOL}
     worst = max(errors, key=lambda k: errors[k])
     assert not bad, f"{case}: float64 errors above {F64_TOL:g}: {bad} (worst {worst})"
+
+
+def test_loss_is_checked_and_changes_the_objective():
+    fx, net, x, y, v = golden_setup("tiny-tanh", "tiny-tanh")
+    with pytest.raises(ValueError, match="loss"):
+        net.loss = "hinge"
+    assert net.loss == "ce"
+    ce = net.hvp(x, y, None)["loss"]
+    net.loss = "mse"
+    mse = net.hvp(x, y, None)["loss"]
+    assert net.trace(x, y, method="structural")["loss_fn"] == "mse"
+    assert abs(ce - mse) > 0.5, (ce, mse)
 
 
 def test_train_mode_ignores_running_statistics():

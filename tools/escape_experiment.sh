@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The escape experiment of docs/escape.md, end to end: a good-minimum reference, a bad minimum
+# (random-label pre-training, then clean-label fitting), and GD, RS, SA (B = 1, 16, 64, full)
+# with controls (SA at ρ → 0, SA without projection, label-noise GD) from the bad minimum,
+# 3 seeds each, every run full-batch with the one-hot MSE loss and the exact trace logged.
+#
+# Usage: bash tools/escape_experiment.sh [OUT_DIR] [DATA_DIR]
+#   OUT_DIR   where the run folders go [runs/escape]
+#   DATA_DIR  a cifar-10-batches-bin folder [../shared/data/cifar10-subset]
+# Environment: FLATMIN (binary) [target/release/flatmin, built if missing], JOBS (runs at once)
+# [2], STEPS (steps of each escape run) [5000], SEEDS [1 2 3], ONLY_MINIMA=1 (stop after
+# building the two minima).
+# Then: python tools/escape_report.py OUT_DIR docs (figures and the verdict table; needs
+# matplotlib). Runs that finished are kept: rerunning skips them, an interrupted one resumes.
+set -euo pipefail
+
+OUT=${1:-runs/escape}
+DATA=${2:-../shared/data/cifar10-subset}
+F=${FLATMIN:-target/release/flatmin}
+JOBS=${JOBS:-2}
+STEPS=${STEPS:-5000}
+SEEDS=${SEEDS:-"1 2 3"}
+if [ ! -x "$F" ]; then
+    cargo build --release -p flatmin
+fi
+mkdir -p "$OUT"
+
+# One model, one loss, one data subset for every run: a tanh MLP on 8x8-pooled images
+# (192 -> 128 -> 10, d = 25,994 parameters, more than the 10,000 outputs of 1,000 images, so the
+# minima of the one-hot MSE form a manifold), full-batch steps, float64, exact traces on all
+# 1,000 training images.
+BASE="--model mlp:192,128,10:tanh:pool4 --loss mse --dtype f64 --data $DATA --train-size 1000"
+BASE+=" --test-size 2000 --batch-size 1000 --no-augment --weight-decay 0 --schedule constant"
+BASE+=" --threads 1 --quiet --data-seed 0"
+
+# Runs a training job unless its folder holds a finished run; resumes an interrupted one.
+train() {
+    local out=$1
+    shift
+    if [ -f "$out/summary.json" ]; then
+        return 0
+    fi
+    if [ -f "$out/config.json" ]; then
+        "$F" train --resume "$out" --quiet --threads 1
+    else
+        # shellcheck disable=SC2086
+        "$F" train $BASE "$@" --out "$out"
+    fi
+}
+export -f train
+export F BASE
+
+# Phase 1: the two minima (seed 0), in parallel.
+PRE="--momentum 0.9 --lr 0.1 --eval-every 250 --trace-every 500 --trace-size 1000 --seed 0"
+train "$OUT/good" $PRE --epochs 4000 &
+train "$OUT/random-labels" $PRE --epochs 4000 --random-labels &
+wait
+train "$OUT/bad" $PRE --epochs 4000 --init-from "$OUT/random-labels/model.safetensors"
+if [ "${ONLY_MINIMA:-0}" = 1 ]; then
+    echo "minima done: $OUT"
+    exit 0
+fi
+
+# Phase 2: the escape runs from the bad minimum, plain full-batch GD steps of rate 0.05 plus
+# each method's perturbation (rates and radii: docs/escape.md, "Choosing ρ and η'"). Full-batch
+# GD is deterministic, so it runs once.
+ESC="--momentum 0 --lr 0.05 --epochs $STEPS --eval-every 250 --trace-every 250"
+ESC+=" --trace-size 1000 --init-from $OUT/bad/model.safetensors"
+export ESC
+{
+    echo "gd-s1 --optimizer sgd --seed 1"
+    for s in $SEEDS; do
+        SA="--optimizer sa --rho 0.4 --eta-prime 0.0005 --seed $s"
+        echo "sa-b1-s$s $SA --probe-batch 1"
+        echo "sa-b16-s$s $SA --probe-batch 16"
+        echo "sa-b64-s$s $SA --probe-batch 64"
+        echo "sa-full-s$s $SA"
+        echo "rs-s$s --optimizer rs --rho 2 --eta-prime 0.02 --seed $s"
+        echo "rs-eq-s$s --optimizer rs --rho 2 --eta-prime 0.0005 --seed $s"
+        echo "sa-rho0-s$s --optimizer sa --rho 0.0001 --eta-prime 0.0005 --probe-batch 1 --seed $s"
+        echo "sa-noproj-s$s $SA --probe-batch 1 --no-project"
+        echo "label-noise-s$s --optimizer label-noise --label-noise 0.2 --seed $s"
+    done
+} | OUT=$OUT xargs -P "$JOBS" -L 1 bash -c 'train "$OUT/$0" $ESC "$@"'
+echo "done: $OUT"

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Figures and the verdict table of docs/escape.md from the runs of tools/escape_experiment.sh.
+
+Usage: python tools/escape_report.py RUNS_DIR [FIGURES_DIR]
+Reads RUNS_DIR/{good,bad,<arm>-s<seed>}/metrics.jsonl; writes escape-trace.png,
+escape-trace-vs-loss.png and escape-test-acc.png into FIGURES_DIR (default docs/) and prints a
+Markdown table per arm (mean ± std over seeds) and the figures each claim is judged on. Needs
+matplotlib (figures) and numpy.
+"""
+
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+# Arms in the order of the figures, with their labels.
+ARMS = [
+    ("gd", "GD (no perturbation)"),
+    ("sa-b1", "SA, B = 1"),
+    ("sa-b16", "SA, B = 16"),
+    ("sa-b64", "SA, B = 64"),
+    ("sa-full", "SA, B = 1000 (full)"),
+    ("rs", "RS, η' = 0.02"),
+    ("rs-eq", "RS, η' = 5e-4 (SA's)"),
+    ("sa-rho0", "control: SA, ρ = 1e-4"),
+    ("sa-noproj", "control: SA, no projection"),
+    ("label-noise", "control: label-noise GD"),
+]
+
+
+def records(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def series(run):
+    """Per step: exact trace, evaluation train loss/acc, test acc."""
+    tr, ev = {}, {}
+    for r in records(run):
+        if r["kind"] == "trace":
+            tr[r["step"]] = r["extra"]["trace"]
+        elif r["kind"] == "eval":
+            ev[r["step"]] = (r["train_loss"], r["train_acc"], r["test_acc"])
+    steps = sorted(set(tr) & set(ev))
+    return {
+        "step": np.array(steps, dtype=float),
+        "trace": np.array([tr[s] for s in steps]),
+        "train_loss": np.array([ev[s][0] for s in steps]),
+        "train_acc": np.array([ev[s][1] for s in steps]),
+        "test_acc": np.array([ev[s][2] for s in steps]),
+    }
+
+
+def collect(root):
+    arms = defaultdict(list)
+    for name in sorted(os.listdir(root)):
+        m = re.fullmatch(r"(.+)-s(\d+)", name)
+        if m and os.path.exists(os.path.join(root, name, "metrics.jsonl")):
+            arms[m.group(1)].append(series(os.path.join(root, name)))
+    return arms
+
+
+def stacked(runs, key):
+    n = min(len(r[key]) for r in runs)
+    return runs[0]["step"][:n], np.stack([r[key][:n] for r in runs])
+
+
+def fmt(values, scale=1.0, digits=1):
+    v = np.asarray(values) * scale
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f} (1 run)"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def table(arms, start):
+    print(f"bad minimum: trace {start['trace'][-1]:.1f}, train loss {start['train_loss'][-1]:.2e}, "
+          f"train acc {100 * start['train_acc'][-1]:.1f}%, test acc {100 * start['test_acc'][-1]:.1f}%")
+    print()
+    print("| arm | runs | steps | trace at the end | trace change | train loss (end) "
+          "| min train acc | test acc (end) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for key, label in ARMS:
+        runs = arms.get(key)
+        if not runs:
+            continue
+        steps, tr = stacked(runs, "trace")
+        _, loss = stacked(runs, "train_loss")
+        _, tra = stacked(runs, "train_acc")
+        _, te = stacked(runs, "test_acc")
+        change = 100 * (tr[:, -1] / tr[:, 0] - 1)
+        print(f"| {label} | {len(runs)} | {int(steps[-1])} | {fmt(tr[:, -1])} | {fmt(change)}% "
+              f"| {fmt(loss[:, -1], 1e4, 2)}e-4 | {fmt(tra.min(axis=1), 100)}% "
+              f"| {fmt(te[:, -1], 100)}% |")
+
+
+def band(ax, x, ys, label, **kw):
+    mean = ys.mean(axis=0)
+    line, = ax.plot(x, mean, label=f"{label} ({len(ys)})", lw=1.6, **kw)
+    if len(ys) > 1:
+        sd = ys.std(axis=0, ddof=1)
+        ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.18, lw=0)
+
+
+def figures(arms, good, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    styles = {"sa-rho0": "--", "sa-noproj": "--", "label-noise": "--"}
+    specs = [
+        ("escape-trace.png", "step", "trace", "steps from the bad minimum", "exact Hessian trace tr(H)"),
+        ("escape-trace-vs-loss.png", "train_loss", "trace", "training loss (evaluation, MSE)",
+         "exact Hessian trace tr(H)"),
+        ("escape-test-acc.png", "step", "test_acc", "steps from the bad minimum", "test accuracy"),
+    ]
+    for fname, xkey, ykey, xlabel, ylabel in specs:
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+        for key, label in ARMS:
+            runs = arms.get(key)
+            if not runs:
+                continue
+            _, ys = stacked(runs, ykey)
+            if xkey == "step":
+                x = runs[0]["step"][: ys.shape[1]]
+                band(ax, x, ys, label, ls=styles.get(key, "-"))
+            else:
+                for i, r in enumerate(runs):
+                    ax.plot(r[xkey], r[ykey], ls=styles.get(key, "-"), lw=1.0,
+                            color=f"C{[k for k, _ in ARMS].index(key)}",
+                            label=f"{label}" if i == 0 else None, marker=".", ms=3)
+        if ykey == "trace" and good is not None:
+            ax.axhline(good["trace"][-1], color="k", lw=0.8, ls=":", label="good minimum")
+        if ykey == "test_acc" and good is not None:
+            ax.axhline(good["test_acc"][-1], color="k", lw=0.8, ls=":", label="good minimum")
+        if xkey == "train_loss":
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, fname))
+        plt.close(fig)
+        print(f"wrote {os.path.join(out, fname)}")
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    root = sys.argv[1]
+    out = sys.argv[2] if len(sys.argv) > 2 else "docs"
+    arms = collect(root)
+    good = series(os.path.join(root, "good")) if os.path.isdir(os.path.join(root, "good")) else None
+    bad = series(os.path.join(root, "bad"))
+    if good is not None:
+        print(f"good minimum: trace {good['trace'][-1]:.1f}, train loss {good['train_loss'][-1]:.2e}, "
+              f"train acc {100 * good['train_acc'][-1]:.1f}%, test acc {100 * good['test_acc'][-1]:.1f}%")
+    table(arms, bad)
+    figures(arms, good, out)
+
+
+if __name__ == "__main__":
+    main()
