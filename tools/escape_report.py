@@ -36,14 +36,17 @@ def records(run):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def series(run):
-    """Per step: exact trace, evaluation train loss/acc, test acc."""
+def series(run, start=None):
+    """The run's exact traces and evaluations by step; `start` (the starting minimum's series)
+    supplies step 0's evaluation, which a run does not log itself."""
     tr, ev = {}, {}
     for r in records(run):
         if r["kind"] == "trace":
             tr[r["step"]] = r["extra"]["trace"]
         elif r["kind"] == "eval":
             ev[r["step"]] = (r["train_loss"], r["train_acc"], r["test_acc"])
+    if start is not None:
+        ev.setdefault(0, (start["train_loss"][-1], start["train_acc"][-1], start["test_acc"][-1]))
     steps = sorted(set(tr) & set(ev))
     return {
         "step": np.array(steps, dtype=float),
@@ -51,15 +54,21 @@ def series(run):
         "train_loss": np.array([ev[s][0] for s in steps]),
         "train_acc": np.array([ev[s][1] for s in steps]),
         "test_acc": np.array([ev[s][2] for s in steps]),
+        "finished": os.path.exists(os.path.join(run, "summary.json")),
     }
 
 
-def collect(root):
+def collect(root, start):
+    """Finished runs `<arm>-s<seed>` by arm (unfinished ones are reported and left out)."""
     arms = defaultdict(list)
     for name in sorted(os.listdir(root)):
         m = re.fullmatch(r"(.+)-s(\d+)", name)
         if m and os.path.exists(os.path.join(root, name, "metrics.jsonl")):
-            arms[m.group(1)].append(series(os.path.join(root, name)))
+            run = series(os.path.join(root, name), start)
+            if run["finished"]:
+                arms[m.group(1)].append(run)
+            else:
+                print(f"left out (not finished): {name}", file=sys.stderr)
     return arms
 
 
@@ -69,9 +78,10 @@ def stacked(runs, key):
 
 
 def fmt(values, scale=1.0, digits=1):
+    """mean ± sample standard deviation over runs (the value alone for one run)."""
     v = np.asarray(values) * scale
     if len(v) == 1:
-        return f"{v[0]:.{digits}f} (1 run)"
+        return f"{v[0]:.{digits}f}"
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
@@ -104,7 +114,7 @@ def band(ax, x, ys, label, **kw):
         ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.18, lw=0)
 
 
-def figures(arms, good, out):
+def figures(arms, good, bad, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -130,7 +140,12 @@ def figures(arms, good, out):
                     ax.plot(r[xkey], r[ykey], ls=styles.get(key, "-"), lw=1.0,
                             color=f"C{[k for k, _ in ARMS].index(key)}",
                             label=f"{label}" if i == 0 else None, marker=".", ms=3)
-        if ykey == "trace" and good is not None:
+        if xkey == "train_loss":
+            # The paths that built the two minima: the trace of a fit along its own descent.
+            for ref, label, ls in ((bad, "fit to the bad minimum", "-."), (good, "fit to the good minimum", ":")):
+                if ref is not None:
+                    ax.plot(ref["train_loss"], ref["trace"], color="0.45", ls=ls, lw=1.0, label=label)
+        if xkey == "step" and ykey == "trace" and good is not None:
             ax.axhline(good["trace"][-1], color="k", lw=0.8, ls=":", label="good minimum")
         if ykey == "test_acc" and good is not None:
             ax.axhline(good["test_acc"][-1], color="k", lw=0.8, ls=":", label="good minimum")
@@ -151,14 +166,14 @@ def main():
         sys.exit(__doc__)
     root = sys.argv[1]
     out = sys.argv[2] if len(sys.argv) > 2 else "docs"
-    arms = collect(root)
     good = series(os.path.join(root, "good")) if os.path.isdir(os.path.join(root, "good")) else None
     bad = series(os.path.join(root, "bad"))
+    arms = collect(root, bad)
     if good is not None:
         print(f"good minimum: trace {good['trace'][-1]:.1f}, train loss {good['train_loss'][-1]:.2e}, "
               f"train acc {100 * good['train_acc'][-1]:.1f}%, test acc {100 * good['test_acc'][-1]:.1f}%")
     table(arms, bad)
-    figures(arms, good, out)
+    figures(arms, good, bad, out)
 
 
 if __name__ == "__main__":
