@@ -3,11 +3,14 @@
 
 Usage: python tools/escape_report.py RUNS_DIR [FIGURES_DIR]
 Reads RUNS_DIR/{good,bad,<arm>-s<seed>}/metrics.jsonl; writes escape-trace.png,
-escape-trace-vs-loss.png and escape-test-acc.png into FIGURES_DIR (default docs/) and prints a
-Markdown table per arm (mean ± std over seeds) and the figures each claim is judged on. Needs
+escape-trace-vs-loss.png and escape-test-acc.png into FIGURES_DIR (default docs/), and
+escape-runs.json there: every run's logged trace and evaluation series and the SHA-256 of its
+model.safetensors (a rerun of tools/escape_experiment.sh with the same flatmin on the same kind
+of CPU gives the same bits); prints a Markdown table per arm (mean ± std over seeds). Needs
 matplotlib (figures) and numpy.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -161,6 +164,33 @@ def figures(arms, good, bad, out):
         print(f"wrote {os.path.join(out, fname)}")
 
 
+def dump(root, out):
+    """escape-runs.json: each run's series and the SHA-256 of its final weights."""
+    runs = {}
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        weights = os.path.join(path, "model.safetensors")
+        if not (os.path.isfile(os.path.join(path, "summary.json")) and os.path.isfile(weights)):
+            continue
+        with open(weights, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        r = series(path)
+        runs[name] = {
+            "model_sha256": digest,
+            "optimizer": cfg["optimizer"], "seed": cfg["seed"], "rho": cfg["rho"],
+            "eta_prime": cfg.get("eta_prime"), "probe_batch": cfg["probe_batch"],
+            "project": cfg["project"], "lr": cfg["lr"], "label_noise": cfg["label_noise"],
+            **{k: [float(x) for x in r[k]] for k in ("step", "trace", "train_loss", "train_acc", "test_acc")},
+        }
+    path = os.path.join(out, "escape-runs.json")
+    with open(path, "w") as f:
+        json.dump(runs, f, indent=None, separators=(",", ":"))
+        f.write("\n")
+    print(f"wrote {path} ({len(runs)} runs)")
+
+
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
@@ -174,6 +204,7 @@ def main():
               f"train acc {100 * good['train_acc'][-1]:.1f}%, test acc {100 * good['test_acc'][-1]:.1f}%")
     table(arms, bad)
     figures(arms, good, bad, out)
+    dump(root, out)
 
 
 if __name__ == "__main__":
