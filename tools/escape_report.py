@@ -92,9 +92,18 @@ def table(arms, start):
     print(f"bad minimum: trace {start['trace'][-1]:.1f}, train loss {start['train_loss'][-1]:.2e}, "
           f"train acc {100 * start['train_acc'][-1]:.1f}%, test acc {100 * start['test_acc'][-1]:.1f}%")
     print()
+    # The fit that built the bad minimum, as trace against training loss: the trace a plain
+    # descent has at a given loss (interpolated in log loss; None outside its range).
+    order = np.argsort(start["train_loss"])
+    path_loss, path_trace = np.log(start["train_loss"][order]), start["trace"][order]
+
+    def on_path(loss):
+        x = np.log(loss)
+        return np.interp(x, path_loss, path_trace) if path_loss[0] <= x <= path_loss[-1] else None
+
     print("| arm | runs | steps | trace at the end | trace change | train loss (end) "
-          "| min train acc | test acc (end) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| fit path's trace at that loss | min train acc | test acc (end) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for key, label in ARMS:
         runs = arms.get(key)
         if not runs:
@@ -104,8 +113,10 @@ def table(arms, start):
         _, tra = stacked(runs, "train_acc")
         _, te = stacked(runs, "test_acc")
         change = 100 * (tr[:, -1] / tr[:, 0] - 1)
+        path = [on_path(v) for v in loss[:, -1]]
+        path = fmt(path) if all(p is not None for p in path) else "outside the path"
         print(f"| {label} | {len(runs)} | {int(steps[-1])} | {fmt(tr[:, -1])} | {fmt(change)}% "
-              f"| {fmt(loss[:, -1], 1e4, 2)}e-4 | {fmt(tra.min(axis=1), 100)}% "
+              f"| {fmt(loss[:, -1], 1e4, 2)}e-4 | {path} | {fmt(tra.min(axis=1), 100)}% "
               f"| {fmt(te[:, -1], 100)}% |")
 
 
