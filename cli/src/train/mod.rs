@@ -11,7 +11,7 @@ pub use config::{
     DType, NonFinitePolicy, Optimizer, OptimizerSpec, OutputIterate, ProbeData, Schedule,
     SgdParams, TraceMethod, TrainConfig, RUN_META_KEYS,
 };
-pub use lock::{RunLock, LOCK_FILE};
+pub use lock::{Locked, RunLock, LOCK_FILE};
 pub use memory::{
     available_memory, check_memory, estimate_memory, human_bytes, param_bytes, parse_size,
     MemoryEstimate,
