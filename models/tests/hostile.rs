@@ -273,8 +273,9 @@ fn offset_faults_are_named_for_what_they_are() {
         )
     };
     let one = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
-    // (file, bytes, must contain, must not contain)
-    let cases: Vec<(&str, Vec<u8>, &[&str], &[&str])> = vec![
+    /// A file, its bytes, what the error must contain and what it must not.
+    type Case<'a> = (&'a str, Vec<u8>, &'a [&'a str], &'a [&'a str]);
+    let cases: Vec<Case> = vec![
         (
             "longer.st",
             file(one, &[0; 13]),
