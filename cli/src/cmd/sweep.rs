@@ -494,23 +494,35 @@ fn run_pool(args: &SweepArgs, exe: &Path, jobs: &[Job], runs: &Path, logs: &Path
             }
         }
     }
-    if let Some(sig) = forwarded {
+    pool_outcome(forwarded, &stopped, &failed, queue.len(), logs)
+}
+
+/// The end of [`run_pool`]: success, or one line naming the signal and the runs it stopped
+/// (and those that failed), else the runs that failed.
+fn pool_outcome(
+    signal: Option<i32>,
+    stopped: &[String],
+    failed: &[String],
+    not_started: usize,
+    logs: &Path,
+) -> Result<()> {
+    let failed_too = if failed.is_empty() {
+        String::new()
+    } else {
+        format!(", {} failed before it: {}", failed.len(), failed.join(", "))
+    };
+    if let Some(sig) = signal {
+        let names = if stopped.is_empty() {
+            "none".to_string()
+        } else {
+            stopped.join(", ")
+        };
         bail!(
-            "interrupted by {}: {} running run(s) stopped at their last checkpoint ({}), {} not \
-             started{}; rerun the same `flatmin sweep` command to resume",
+            "interrupted by {}: {} running run(s) stopped at their last checkpoint ({names}), \
+             {not_started} not started{failed_too}; rerun the same `flatmin sweep` command to \
+             resume",
             super::signal_name(sig),
             stopped.len(),
-            if stopped.is_empty() {
-                "none".to_string()
-            } else {
-                stopped.join(", ")
-            },
-            queue.len(),
-            if failed.is_empty() {
-                String::new()
-            } else {
-                format!(", {} failed before it: {}", failed.len(), failed.join(", "))
-            }
         );
     }
     if !failed.is_empty() {
