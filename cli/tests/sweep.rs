@@ -177,7 +177,7 @@ fn sweep_accepts_quiet_among_the_common_flags() {
 fn huge_grids_duplicates_and_colliding_names_are_refused() {
     let hundred: Vec<String> = (0..100).map(|i| i.to_string()).collect();
     let hundred = hundred.join(",");
-    let million = format!("seed={hundred} data-seed={hundred} epochs={hundred}");
+    let million = format!("seed={hundred} data-seed={hundred} checkpoint-every={hundred}");
     let ten = "0,1,2,3,4,5,6,7,8,9";
     let overflow = (0..20)
         .map(|i| format!("k{i}={ten}"))
@@ -257,17 +257,28 @@ fn trains_under(pid: u32, root: &Path) -> bool {
     !zombie && cmdline.contains("train") && cmdline.contains(root.to_str().unwrap())
 }
 
-/// SIGTERM to a running `flatmin sweep` (a real child process, two runs at a time, three in
-/// the grid): the parent forwards it to its runs, which checkpoint and exit, waits for them,
-/// then fails with one line naming the signal, the stopped runs and how to resume; no
-/// `flatmin train` survives it. A second sweep on the same folder meanwhile is refused.
-/// Rerunning the sweep resumes the stopped runs and finishes all three.
-#[test]
-fn sigterm_to_a_sweep_stops_its_runs_at_a_checkpoint_and_a_rerun_finishes() {
-    let out = tmp("sigterm");
-    let out_s = out.display().to_string();
-    let grid = "seed=1,2,3";
-    let common = [
+/// A running `flatmin sweep` of three runs, two at a time (a real child process), once both
+/// running runs have logged a step: its folder, its arguments, the process, the running
+/// runs' folders and their `flatmin train` pids (from their `.lock` files).
+struct Running {
+    out: PathBuf,
+    args: Vec<String>,
+    parent: std::process::Child,
+    runs: [PathBuf; 2],
+    pids: Vec<u32>,
+}
+
+fn running_sweep(name: &str) -> Running {
+    let out = tmp(name);
+    let args: Vec<String> = [
+        "sweep",
+        "--grid",
+        "seed=1,2,3",
+        "--jobs",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--",
         "--model",
         "cnn-s",
         "--data",
@@ -280,11 +291,10 @@ fn sigterm_to_a_sweep_stops_its_runs_at_a_checkpoint_and_a_rerun_finishes() {
         "100",
         "--batch-size",
         "40",
-    ];
-    let mut args = vec![
-        "sweep", "--grid", grid, "--jobs", "2", "--out", &out_s, "--",
-    ];
-    args.extend_from_slice(&common);
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
     let mut parent = Command::new(env!("CARGO_BIN_EXE_flatmin"))
         .args(&args)
         .stdin(Stdio::null())
@@ -312,6 +322,63 @@ fn sigterm_to_a_sweep_stops_its_runs_at_a_checkpoint_and_a_rerun_finishes() {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    Running {
+        out,
+        args,
+        parent,
+        runs,
+        pids,
+    }
+}
+
+/// Each stopped run has a checkpoint and no summary, its log says it was interrupted, the
+/// third run was not started; then rerunning the sweep resumes the two, runs the third and
+/// writes the summary.
+fn stopped_runs_resume(out: &Path, args: &[String], runs: &[PathBuf]) {
+    for run in runs {
+        assert!(
+            run.join("checkpoints/last.safetensors").is_file(),
+            "{}: no checkpoint",
+            run.display()
+        );
+        assert!(
+            !run.join("summary.json").exists(),
+            "{} finished",
+            run.display()
+        );
+        let name = run.file_name().unwrap().to_str().unwrap();
+        let log = std::fs::read_to_string(out.join("logs").join(format!("{name}.log")));
+        assert!(log.unwrap().contains("interrupted after step"), "{name}");
+    }
+    assert!(!out.join("runs/seed-3").exists());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = flatmin(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for n in ["seed-1", "seed-2", "seed-3"] {
+        assert!(
+            out.join("runs").join(n).join("summary.json").is_file(),
+            "{n}"
+        );
+    }
+    let csv = std::fs::read_to_string(out.join("summary.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+}
+
+/// SIGTERM to a running `flatmin sweep` (a real child process, two runs at a time, three in
+/// the grid): the parent forwards it to its runs, which checkpoint and exit, waits for them,
+/// then fails with one line naming the signal, the stopped runs and how to resume; no
+/// `flatmin train` survives it. A second sweep on the same folder meanwhile is refused.
+/// Rerunning the sweep resumes the stopped runs and finishes all three.
+#[test]
+fn sigterm_to_a_sweep_stops_its_runs_at_a_checkpoint_and_a_rerun_finishes() {
+    let Running {
+        out,
+        args: owned_args,
+        parent,
+        runs,
+        pids,
+    } = running_sweep("sigterm");
+    let args: Vec<&str> = owned_args.iter().map(String::as_str).collect();
     // A second sweep into the same folder is refused while this one runs.
     let second = flatmin(&args);
     let err = String::from_utf8_lossy(&second.stderr);
@@ -339,30 +406,32 @@ fn sigterm_to_a_sweep_stops_its_runs_at_a_checkpoint_and_a_rerun_finishes() {
             "flatmin train {pid} survived the sweep"
         );
     }
-    for r in &runs {
+    stopped_runs_resume(&out, &owned_args, &runs);
+}
+
+/// `kill -9` of a running `flatmin sweep`: its runs are not left behind as orphans; each
+/// gets SIGTERM from the kernel as the sweep dies (`PR_SET_PDEATHSIG`), checkpoints and
+/// exits; rerunning the sweep resumes them and finishes all three.
+#[cfg(target_os = "linux")]
+#[test]
+fn kill9_of_a_sweep_stops_its_runs_at_a_checkpoint() {
+    let Running {
+        out,
+        args,
+        mut parent,
+        runs,
+        pids,
+    } = running_sweep("kill9");
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    // The runs checkpoint and exit on their own; wait for that (bounded, a hang guard).
+    let started = Instant::now();
+    while pids.iter().any(|&p| trains_under(p, &out)) {
         assert!(
-            r.join("checkpoints/last.safetensors").is_file(),
-            "{}: no checkpoint",
-            r.display()
+            started.elapsed() < Duration::from_secs(120),
+            "the runs outlived the killed sweep by 120 s"
         );
-        assert!(!r.join("summary.json").exists(), "{} finished", r.display());
-        let log = std::fs::read_to_string(
-            out.join("logs")
-                .join(format!("{}.log", r.file_name().unwrap().to_str().unwrap())),
-        )
-        .unwrap();
-        assert!(log.contains("interrupted after step"), "{log}");
+        std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(!out.join("runs/seed-3").exists());
-    // The rerun resumes the two runs, starts the third and writes the summary.
-    let o = flatmin(&args);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for n in ["seed-1", "seed-2", "seed-3"] {
-        assert!(
-            out.join("runs").join(n).join("summary.json").is_file(),
-            "{n}"
-        );
-    }
-    let csv = std::fs::read_to_string(out.join("summary.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 4, "{csv}");
+    stopped_runs_resume(&out, &args, &runs);
 }

@@ -494,6 +494,9 @@ fn run_pool(args: &SweepArgs, exe: &Path, jobs: &[Job], runs: &Path, logs: &Path
             }
         }
     }
+    // In name order, not the order in which they happened to exit.
+    stopped.sort_unstable();
+    failed.sort_unstable();
     pool_outcome(forwarded, &stopped, &failed, queue.len(), logs)
 }
 
