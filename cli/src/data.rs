@@ -100,8 +100,13 @@ pub fn auto_release() -> Result<Option<Located>> {
     if let Some(named) = env_data() {
         let shown = named.display();
         if !named.is_dir() {
+            let what = if named.exists() {
+                "not a folder"
+            } else {
+                "no such folder"
+            };
             bail!(
-                "FLATMIN_DATA={shown}: no such folder (set it to a cifar-10-batches-bin folder \
+                "FLATMIN_DATA={shown}: {what} (set it to a cifar-10-batches-bin folder \
                  or its parent, e.g. one installed by `flatmin data fetch cifar10 --dir DIR`, \
                  or unset it)"
             );

@@ -553,9 +553,7 @@ fn panel(
     };
     let mut lines = Vec::new();
     for (run, mut points) in runs.iter().zip(all) {
-        if opts.log_y {
-            points.retain(|p| p.1 > 0.0);
-        }
+        points.retain(|p| drawable(p.1, opts.log_y));
         let (points, raw) = if window > 1 && points.len() > 1 {
             (moving_average(&points, window), Some(points))
         } else {
@@ -568,9 +566,16 @@ fn panel(
             markers: metric.source != Source::Step,
         });
     }
-    if opts.log_y && lines.iter().all(|l| l.points.is_empty()) {
+    if lines.iter().all(|l| l.points.is_empty()) {
+        if opts.log_y {
+            bail!(
+                "--log-y: metric {} has no values from {LOG_FLOOR:e} to {PLOT_LIMIT:e} (positive \
+                 and not huge) to draw on a log axis",
+                metric.name
+            );
+        }
         bail!(
-            "--log-y: metric {} has no positive values to draw on a log axis",
+            "--metric {}: every value is beyond ±{PLOT_LIMIT:e}, too large to plot",
             metric.name
         );
     }
@@ -756,7 +761,25 @@ fn text_anchor_center() -> plotters::style::text_anchor::Pos {
     Pos::new(HPos::Center, VPos::Center)
 }
 
-/// The extent of the points of a panel: `(x range, y range)`, padded a little.
+/// Largest magnitude of a value that is drawn: larger ones (a diverged run's loss of 1e308)
+/// are left out like NaN and infinity, so that axis ranges, their padding, moving averages
+/// and tick arithmetic stay finite and every tick loop is short.
+pub const PLOT_LIMIT: f64 = 1e300;
+/// Smallest value drawn on a log axis (the log axis spans at most 10^-307 to 10^307).
+pub const LOG_FLOOR: f64 = 1e-300;
+
+/// True when `v` can be drawn: within ±[`PLOT_LIMIT`], and on a log axis at least
+/// [`LOG_FLOOR`].
+fn drawable(v: f64, log_y: bool) -> bool {
+    if log_y {
+        (LOG_FLOOR..=PLOT_LIMIT).contains(&v)
+    } else {
+        v.abs() <= PLOT_LIMIT
+    }
+}
+
+/// The extent of the points of a panel: `(x range, y range)`, padded a little. The points
+/// are [`drawable`], so every bound is finite (a log axis's within 10^±307).
 fn extent(panel: &Panel, log_y: bool) -> (Range<f64>, Range<f64>) {
     let pts = panel
         .lines
@@ -786,8 +809,10 @@ fn extent(panel: &Panel, log_y: bool) -> (Range<f64>, Range<f64>) {
         } else {
             (y0 / 2.0, y0 * 2.0)
         };
-        let pad = (hi / lo).powf(0.05);
-        lo / pad..hi * pad
+        // In powers of ten: hi / lo may overflow (1e300 / 1e-300).
+        let (l0, l1) = (lo.log10(), hi.log10());
+        let pad = 0.05 * (l1 - l0);
+        10f64.powf((l0 - pad).max(-307.0))..10f64.powf((l1 + pad).min(307.0))
     } else {
         let (lo, hi) = if y1 > y0 {
             (y0, y1)

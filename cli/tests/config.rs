@@ -259,6 +259,48 @@ fn unknown_key_is_an_error_naming_it() {
     assert!(err.contains("momentun"), "{err}");
     assert!(err.contains("recipe.json"), "{err}");
     assert!(!dir.join("run").exists(), "nothing was created");
+
+    // A run folder's config.json with an unknown key: `eval RUN`, `trace --run RUN` and
+    // `train --resume RUN` refuse it naming the file and the key, and change nothing.
+    let out = Command::new(BIN)
+        .args([
+            "train",
+            "--data",
+            "synthetic",
+            "--model",
+            "tiny-tanh",
+            "--quiet",
+        ])
+        .args(["--epochs", "1", "--train-size", "32", "--test-size", "16"])
+        .arg("--out")
+        .arg(dir.join("done"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let config = dir.join("done/config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let edited = text.replacen('{', "{\"epochz\": 3,", 1);
+    std::fs::write(&config, &edited).unwrap();
+    let metrics = std::fs::read(dir.join("done/metrics.jsonl")).unwrap();
+    for args in [&["eval"][..], &["trace", "--run"], &["train", "--resume"]] {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg(dir.join("done"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("done/config.json") && err.contains("unknown key 'epochz'"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), edited);
+    assert_eq!(
+        std::fs::read(dir.join("done/metrics.jsonl")).unwrap(),
+        metrics
+    );
 }
 
 /// An unknown word is refused with the choices listed: in a configuration file (naming the

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+mod common;
+
 /// A fresh folder under the target's temporary folder.
 fn tmp(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("plot-eval-{name}"));
@@ -508,4 +510,78 @@ fn eval_errors_are_one_line() {
         s(&f.data),
     ]));
     assert!(e.contains("broken.safetensors"), "{e}");
+}
+
+/// A run folder holding only a `metrics.jsonl` whose train records have the losses `losses`
+/// (JSON number text) and whose eval records have them as test losses.
+fn run_with_losses(dir: &Path, losses: &[&str]) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut text = String::new();
+    for (i, l) in losses.iter().enumerate() {
+        let step = i + 1;
+        text.push_str(&format!(
+            "{{\"kind\":\"train\",\"epoch\":0,\"step\":{step},\"lr\":0.1,\"loss\":{l},\"acc\":0.5,\"grad_queries\":{step},\"wall_s\":0.1}}\n"
+        ));
+        text.push_str(&format!(
+            "{{\"kind\":\"eval\",\"epoch\":0,\"step\":{step},\"grad_queries\":{step},\"test_loss\":{l},\"test_acc\":0.5,\"wall_s\":0.1}}\n"
+        ));
+    }
+    std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
+    dir.to_path_buf()
+}
+
+/// Huge metric values (1e308, -1.7e308, the smallest subnormal) are plotted, linear and log,
+/// in bounded time: values beyond ±1e300 (or below 1e-300 on a log axis) are left out like
+/// NaN, so the axis range and its ticks stay finite. A metric with only such values is
+/// refused naming it, and a value out of the f64 range (`1e400`, JSON's nearest to
+/// infinity) is refused naming the file and line. Before the fix several of these spun in
+/// the tick computation for ever (the child is killed after 60 s).
+#[test]
+fn huge_and_extreme_values_plot_or_are_refused_in_bounded_time() {
+    let dir = tmp("huge-values");
+    let bin = env!("CARGO_BIN_EXE_flatmin");
+    let limit = std::time::Duration::from_secs(60);
+    let plot = |run: &Path, extra: &[&str], out: &str| {
+        let mut args: Vec<String> = ["plot", s(run), "--metric", "loss", "--metric", "test_loss"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.extend(["--out".to_string(), dir.join(out).display().to_string()]);
+        common::run_bounded(bin, &args, limit)
+    };
+    let mixed = run_with_losses(
+        &dir.join("mixed"),
+        &["1.0", "1e308", "-1.7e308", "2.0", "5e-324", "1e300", "3.0"],
+    );
+    for (extra, out) in [(&[][..], "mixed.png"), (&["--log-y"][..], "mixed-log.svg")] {
+        let (status, err) = plot(&mixed, extra, out);
+        assert!(status.success(), "{extra:?}: {err}");
+        assert!(dir.join(out).is_file(), "{extra:?}");
+    }
+    // Only huge values: refused, naming the metric.
+    let huge = run_with_losses(&dir.join("huge"), &["1e308", "-1e308", "1.7e308"]);
+    let (status, err) = plot(&huge, &[], "huge.png");
+    assert!(!status.success());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--metric loss") && err.contains("too large to plot"),
+        "{err}"
+    );
+    let (status, err) = plot(&huge, &["--log-y"], "huge-log.png");
+    assert!(!status.success());
+    assert!(err.contains("--log-y") && err.contains("log axis"), "{err}");
+    // One value each side of the log range.
+    let ends = run_with_losses(&dir.join("ends"), &["5e-324", "1e308"]);
+    let (status, err) = plot(&ends, &["--log-y"], "ends.png");
+    assert!(!status.success(), "{err}");
+    // Out of the f64 range: refused with the file and line.
+    let inf = run_with_losses(&dir.join("inf"), &["1.0", "1e400"]);
+    let (status, err) = plot(&inf, &[], "inf.png");
+    assert!(!status.success());
+    assert!(
+        err.contains("metrics.jsonl") && err.contains("line 3"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -220,6 +220,11 @@ fn divergence_stops_with_step_and_tensor_or_skips() {
         stderr.contains("diverged: non-finite") && stderr.contains("at step"),
         "{stderr}"
     );
+    // No checkpoint exists yet: the message must not claim one is kept.
+    assert!(
+        stderr.contains("no checkpoint was written yet") && !stderr.contains("is kept"),
+        "{stderr}"
+    );
     let mut args = base.to_vec();
     args.extend(["--out", "skip", "--on-nonfinite", "skip-step"]);
     let out = run(&args, &dir);
@@ -394,4 +399,45 @@ fn kill9_during_a_checkpoint_write_keeps_the_previous_checkpoint() {
     // Resuming from it finishes the run despite the leftover temporary file.
     resume_to_the_end(&dir);
     assert_eq!(train_records(&dir.join("r")), 12);
+}
+
+/// A divergence in the parameters themselves on the very first step (`--lr 1e39` is infinite
+/// in f32, so the first update makes the weights infinite though the loss and gradient were
+/// finite) says that no checkpoint exists, not that "the last good checkpoint is kept".
+#[test]
+fn parameter_divergence_on_the_first_step_claims_no_checkpoint() {
+    let dir = tmp("nan-first-step");
+    let out = run(
+        &[
+            "train",
+            "--data",
+            "synthetic",
+            "--model",
+            "tiny-tanh",
+            "--epochs",
+            "1",
+            "--train-size",
+            "64",
+            "--test-size",
+            "32",
+            "--lr",
+            "1e39",
+            "--quiet",
+            "--out",
+            "first",
+        ],
+        &dir,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("parameter '") && stderr.contains("at step 1 "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("no checkpoint was written yet") && !stderr.contains("is kept"),
+        "{stderr}"
+    );
+    assert!(!dir.join("first/checkpoints/last.safetensors").exists());
 }

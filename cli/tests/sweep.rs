@@ -3,7 +3,10 @@
 //! Slurm outputs, and rerunning a finished sweep.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
 
 fn tmp(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("sweep-{name}"));
@@ -164,4 +167,271 @@ fn sweep_accepts_quiet_among_the_common_flags() {
     let o = flatmin(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.join("runs/seed-0/summary.json").is_file());
+}
+
+/// A grid of millions of runs (or more than 2^64) is refused from the product of its axis
+/// lengths, at once and naming the count, before any combination is built; so are a value
+/// given twice (literally or as two spellings of one number) and values or settings whose
+/// run-folder names would be the same. Nothing is created.
+#[test]
+fn huge_grids_duplicates_and_colliding_names_are_refused() {
+    let hundred: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+    let hundred = hundred.join(",");
+    let million = format!("seed={hundred} data-seed={hundred} checkpoint-every={hundred}");
+    let ten = "0,1,2,3,4,5,6,7,8,9";
+    let overflow = (0..20)
+        .map(|i| format!("k{i}={ten}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let cases = [
+        (
+            million.as_str(),
+            vec!["1000000 runs", "100 x 100 x 100", "10000"],
+        ),
+        (overflow.as_str(), vec!["more than 2^64 runs", "10000"]),
+        ("seed=0,1 lr=0.1,0.2,0.1", vec!["lr=0.1 is given twice"]),
+        (
+            "lr=0.1,1e-1",
+            vec!["lr=0.1 and lr=1e-1 are the same number"],
+        ),
+        ("seed=0,-0", vec!["same number"]),
+        (
+            "model=mlp:10:relu,mlp_10_relu",
+            vec!["share the run folder name 'model-mlp_10_relu'"],
+        ),
+        (
+            "aa=1_bb-2,1 bb=3,2_bb-3",
+            vec!["aa=1_bb-2 bb=3 and aa=1 bb=2_bb-3", "aa-1_bb-2_bb-3"],
+        ),
+    ];
+    for (grid, want) in cases {
+        let out = tmp("huge");
+        let args: Vec<String> = [
+            "sweep",
+            "--grid",
+            grid,
+            "--out",
+            out.to_str().unwrap(),
+            "--emit",
+            "parallel",
+            "--",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(COMMON.iter().map(|s| s.to_string()))
+        .collect();
+        let bin = env!("CARGO_BIN_EXE_flatmin");
+        let (status, err) = common::run_bounded(bin, &args, Duration::from_secs(60));
+        assert!(!status.success(), "{grid:.80}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("error: --grid: "), "{err}");
+        for w in want {
+            assert!(err.contains(w), "{grid:.80}: no '{w}' in {err}");
+        }
+        assert!(!out.exists(), "{grid:.80}: the sweep folder was created");
+    }
+    // Distinct values still make distinct runs.
+    let o = sweep(
+        &tmp("distinct"),
+        "lr=0.1,0.01 seed=1,10",
+        &["--emit", "parallel"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The `pid N` that a run's `.lock` file records, once it is written.
+fn lock_pid(run: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(run.join(".lock")).ok()?;
+    text.strip_prefix("pid ")?.split(' ').next()?.parse().ok()
+}
+
+/// True while a process `pid` runs `flatmin train` into a folder under `root` (a pid that
+/// was reused by another program does not count).
+fn trains_under(pid: u32, root: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat.rsplit(") ").next().is_some_and(|s| s.starts_with('Z'));
+    !zombie && cmdline.contains("train") && cmdline.contains(root.to_str().unwrap())
+}
+
+/// A running `flatmin sweep` of three runs, two at a time (a real child process), once both
+/// running runs have logged a step: its folder, its arguments, the process, the running
+/// runs' folders and their `flatmin train` pids (from their `.lock` files).
+struct Running {
+    out: PathBuf,
+    args: Vec<String>,
+    parent: std::process::Child,
+    runs: [PathBuf; 2],
+    pids: Vec<u32>,
+}
+
+fn running_sweep(name: &str) -> Running {
+    let out = tmp(name);
+    let args: Vec<String> = [
+        "sweep",
+        "--grid",
+        "seed=1,2,3",
+        "--jobs",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--",
+        "--model",
+        "cnn-s",
+        "--data",
+        "synthetic",
+        "--epochs",
+        "12",
+        "--train-size",
+        "400",
+        "--test-size",
+        "100",
+        "--batch-size",
+        "40",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let mut parent = Command::new(env!("CARGO_BIN_EXE_flatmin"))
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait (bounded, as a hang guard) until both running runs have logged a step.
+    let runs = [out.join("runs/seed-1"), out.join("runs/seed-2")];
+    let started = Instant::now();
+    let pids: Vec<u32> = loop {
+        let pids: Vec<u32> = runs.iter().filter_map(|r| lock_pid(r)).collect();
+        let logged = runs.iter().all(|r| {
+            std::fs::read_to_string(r.join("metrics.jsonl")).is_ok_and(|m| m.contains("\"train\""))
+        });
+        if pids.len() == 2 && logged {
+            break pids;
+        }
+        if started.elapsed() > Duration::from_secs(120) || parent.try_wait().unwrap().is_some() {
+            let _ = parent.kill();
+            panic!(
+                "the sweep's runs did not start: {:?}",
+                parent.wait_with_output()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Running {
+        out,
+        args,
+        parent,
+        runs,
+        pids,
+    }
+}
+
+/// Each stopped run has a checkpoint and no summary, its log says it was interrupted, the
+/// third run was not started; then rerunning the sweep resumes the two, runs the third and
+/// writes the summary.
+fn stopped_runs_resume(out: &Path, args: &[String], runs: &[PathBuf]) {
+    for run in runs {
+        assert!(
+            run.join("checkpoints/last.safetensors").is_file(),
+            "{}: no checkpoint",
+            run.display()
+        );
+        assert!(
+            !run.join("summary.json").exists(),
+            "{} finished",
+            run.display()
+        );
+        let name = run.file_name().unwrap().to_str().unwrap();
+        let log = std::fs::read_to_string(out.join("logs").join(format!("{name}.log")));
+        assert!(log.unwrap().contains("interrupted after step"), "{name}");
+    }
+    assert!(!out.join("runs/seed-3").exists());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = flatmin(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for n in ["seed-1", "seed-2", "seed-3"] {
+        assert!(
+            out.join("runs").join(n).join("summary.json").is_file(),
+            "{n}"
+        );
+    }
+    let csv = std::fs::read_to_string(out.join("summary.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+}
+
+/// SIGTERM to a running `flatmin sweep` (a real child process, two runs at a time, three in
+/// the grid): the parent forwards it to its runs, which checkpoint and exit, waits for them,
+/// then fails with one line naming the signal, the stopped runs and how to resume; no
+/// `flatmin train` survives it. A second sweep on the same folder meanwhile is refused.
+/// Rerunning the sweep resumes the stopped runs and finishes all three.
+#[test]
+fn sigterm_to_a_sweep_stops_its_runs_at_a_checkpoint_and_a_rerun_finishes() {
+    let Running {
+        out,
+        args: owned_args,
+        parent,
+        runs,
+        pids,
+    } = running_sweep("sigterm");
+    let args: Vec<&str> = owned_args.iter().map(String::as_str).collect();
+    // A second sweep into the same folder is refused while this one runs.
+    let second = flatmin(&args);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success());
+    assert!(
+        err.contains("the sweep folder is in use by pid") && err.lines().count() == 1,
+        "{err}"
+    );
+    let rc = unsafe { libc::kill(parent.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let o = parent.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("interrupted by SIGTERM")
+            && err.contains("seed-1, seed-2")
+            && err.contains("1 not started")
+            && err.contains("rerun the same `flatmin sweep`"),
+        "{err}"
+    );
+    for pid in &pids {
+        assert!(
+            !trains_under(*pid, &out),
+            "flatmin train {pid} survived the sweep"
+        );
+    }
+    stopped_runs_resume(&out, &owned_args, &runs);
+}
+
+/// `kill -9` of a running `flatmin sweep`: its runs are not left behind as orphans; each
+/// gets SIGTERM from the kernel as the sweep dies (`PR_SET_PDEATHSIG`), checkpoints and
+/// exits; rerunning the sweep resumes them and finishes all three.
+#[cfg(target_os = "linux")]
+#[test]
+fn kill9_of_a_sweep_stops_its_runs_at_a_checkpoint() {
+    let Running {
+        out,
+        args,
+        mut parent,
+        runs,
+        pids,
+    } = running_sweep("kill9");
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    // The runs checkpoint and exit on their own; wait for that (bounded, a hang guard).
+    let started = Instant::now();
+    while pids.iter().any(|&p| trains_under(p, &out)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the runs outlived the killed sweep by 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stopped_runs_resume(&out, &args, &runs);
 }

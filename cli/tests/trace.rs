@@ -696,3 +696,45 @@ fn a_network_file_is_measured_like_a_preset() {
     assert!((0.0..=1.0).contains(&mass.as_f64().unwrap()), "{d}");
     assert!(tol.as_f64().unwrap() > 0.0, "{d}");
 }
+
+/// Too few probes name the flag that was given: `--probes` when `--probes` set the count
+/// (for every method that reads it), `--max-probes` only when that flag did; and `--probes`
+/// for SLQ or Lanczos is not checked as a Hutchinson probe count.
+#[test]
+fn too_few_probes_name_the_flag_that_was_given() {
+    let dir = scratch("probes");
+    let w = dir.join("w.safetensors");
+    write_weights(&w, "tiny-tanh", 1);
+    let data = dir.join("batch.bin");
+    write_cifar(&data, 4, 2);
+    let (ws, ds) = (w.display().to_string(), data.display().to_string());
+    let base = ["--model", "tiny-tanh", "--weights", &ws, "--data", &ds];
+    for method in ["auto", "hutchinson", "hutch++"] {
+        for probes in ["0", "1"] {
+            let e = run_err(&[&base[..], &["--method", method, "--probes", probes]].concat());
+            assert!(
+                e.contains("--probes must be at least")
+                    && e.contains(&format!("got {probes}"))
+                    && !e.contains("--max-probes"),
+                "{method} {probes}: {e}"
+            );
+        }
+    }
+    // Exact methods take no probes: --max-probes is not blamed for --probes.
+    let out = run(&[&base[..], &["--method", "exact", "--probes", "0"]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("max-probes"), "{stderr}");
+    let e = run_err(&[&base[..], &["--method", "hutchinson", "--max-probes", "1"]].concat());
+    assert!(e.contains("--max-probes must be at least 2, got 1"), "{e}");
+    let e = run_err(&[&base[..], &["--method", "slq", "--probes", "0"]].concat());
+    assert!(e.contains("--probes must be at least 1"), "{e}");
+    // One SLQ probe vector is a valid request.
+    let j = run_json(
+        &[
+            &base[..],
+            &["--method", "slq", "--probes", "1", "--steps", "4"],
+        ]
+        .concat(),
+    );
+    assert!(j.is_object(), "{j}");
+}

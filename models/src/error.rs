@@ -1,8 +1,45 @@
 //! Errors of model construction and state I/O; every variant names the offending file,
 //! tensor or model.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use thiserror::Error;
+
+/// Most characters of a name taken from a file (a tensor name, a dtype) that a message shows.
+pub const MAX_NAME_CHARS: usize = 120;
+/// Most characters of a format error's detail that a message shows.
+const MAX_DETAIL_CHARS: usize = 400;
+/// Most dimensions of a shape that a message shows.
+pub const MAX_SHAPE_DIMS: usize = 8;
+
+/// `text` cut to at most `max` characters, with what was left out counted, so that a file
+/// cannot make an error message arbitrarily long.
+fn clip(text: &str, max: usize) -> Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => Cow::Borrowed(text),
+        Some((at, _)) => Cow::Owned(format!("{}… ({} more bytes)", &text[..at], text.len() - at)),
+    }
+}
+
+/// A name taken from a file, for a one-line message: at most [`MAX_NAME_CHARS`] characters.
+pub fn brief(name: &str) -> Cow<'_, str> {
+    clip(name, MAX_NAME_CHARS)
+}
+
+/// A shape for a one-line message: `[2, 3]`, or, beyond [`MAX_SHAPE_DIMS`] dimensions, the
+/// first ones and the count (`[1, 1, 1, 1, 1, 1, 1, 1, … (50000 dimensions)]`).
+pub fn brief_shape(shape: &[usize]) -> String {
+    let shown: Vec<String> = shape
+        .iter()
+        .take(MAX_SHAPE_DIMS)
+        .map(|d| d.to_string())
+        .collect();
+    if shape.len() > MAX_SHAPE_DIMS {
+        format!("[{}, … ({} dimensions)]", shown.join(", "), shape.len())
+    } else {
+        format!("[{}]", shown.join(", "))
+    }
+}
 
 /// What can go wrong building a model or moving its state through files.
 #[derive(Debug, Error)]
@@ -16,7 +53,7 @@ pub enum ModelError {
         cause: std::io::Error,
     },
     /// A file is not a valid safetensors file.
-    #[error("{path}: not a valid safetensors file: {detail}")]
+    #[error("{path}: not a valid safetensors file: {}", clip(.detail, MAX_DETAIL_CHARS))]
     Format {
         /// The file.
         path: PathBuf,
@@ -24,7 +61,7 @@ pub enum ModelError {
         detail: String,
     },
     /// A tensor the model needs is absent from the file.
-    #[error("{path}: missing tensor '{name}'")]
+    #[error("{path}: missing tensor '{}'", brief(.name))]
     Missing {
         /// The file.
         path: PathBuf,
@@ -32,7 +69,7 @@ pub enum ModelError {
         name: String,
     },
     /// The file holds a tensor the model does not have.
-    #[error("{path}: unexpected tensor '{name}' (not part of this model)")]
+    #[error("{path}: unexpected tensor '{}' (not part of this model)", brief(.name))]
     Unexpected {
         /// The file.
         path: PathBuf,
@@ -40,7 +77,7 @@ pub enum ModelError {
         name: String,
     },
     /// A tensor has the wrong shape.
-    #[error("{path}: tensor '{name}' has shape {got:?}, expected {expected:?}")]
+    #[error("{path}: tensor '{}' has shape {}, expected {}", brief(.name), brief_shape(.got), brief_shape(.expected))]
     Shape {
         /// The file.
         path: PathBuf,
@@ -52,7 +89,7 @@ pub enum ModelError {
         got: Vec<usize>,
     },
     /// A tensor has an unsupported element type.
-    #[error("{path}: tensor '{name}' has dtype {dtype}, expected {expected}")]
+    #[error("{path}: tensor '{}' has dtype {}, expected {expected}", brief(.name), brief(.dtype))]
     Dtype {
         /// The file.
         path: PathBuf,
@@ -64,7 +101,7 @@ pub enum ModelError {
         expected: &'static str,
     },
     /// A tensor holds NaN or infinity where finite values are required.
-    #[error("{path}: tensor '{name}' contains non-finite values")]
+    #[error("{path}: tensor '{}' contains non-finite values", brief(.name))]
     NonFinite {
         /// The file.
         path: PathBuf,

@@ -1,6 +1,6 @@
 //! Safetensors files: reading (f32/f64/i64, validated) and atomic writing.
 
-use crate::error::{ModelError, Result};
+use crate::error::{brief, ModelError, Result};
 use safetensors::{Dtype, SafeTensors};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -116,7 +116,7 @@ pub fn read_safetensors_header(path: &Path) -> Result<Vec<(String, Vec<usize>)>>
                         .map(|d| d.as_u64().map(|d| d as usize))
                         .collect()
                 })
-                .ok_or_else(|| bad(format!("tensor '{name}' has no valid shape")))?;
+                .ok_or_else(|| bad(format!("tensor '{}' has no valid shape", brief(name))))?;
             Ok((name.clone(), shape))
         })
         .collect()
@@ -150,6 +150,71 @@ fn duplicate_name(header: &[u8]) -> Option<String> {
     de.deserialize_map(Keys).ok().flatten()
 }
 
+/// Checks the header's data offsets against each other and against the data section of
+/// `data_len` bytes, naming the real fault: a tensor that ends before it starts, two tensors
+/// that overlap, a gap between tensors (or before the first), data missing at the end
+/// (truncated) or bytes after the last tensor (longer than the header says). A header that
+/// is not a table of tensors with two-number offsets is left to the parser.
+fn check_data_offsets(header: &[u8], data_len: u64) -> std::result::Result<(), String> {
+    let Ok(map) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(header)
+    else {
+        return Ok(());
+    };
+    let mut ranges = Vec::with_capacity(map.len());
+    for (name, info) in map.iter().filter(|(n, _)| n.as_str() != "__metadata__") {
+        match info["data_offsets"].as_array().map(|a| a.as_slice()) {
+            Some([s, e]) => match (s.as_u64(), e.as_u64()) {
+                (Some(s), Some(e)) => ranges.push((s, e, brief(name))),
+                _ => return Ok(()),
+            },
+            _ => return Ok(()),
+        }
+    }
+    ranges.sort_unstable_by_key(|&(s, e, _)| (s, e));
+    let mut before: Option<(u64, u64, &str)> = None;
+    for (s, e, name) in &ranges {
+        if e < s {
+            return Err(format!(
+                "tensor '{name}' ends (byte {e}) before it starts (byte {s})"
+            ));
+        }
+        let end = before.map_or(0, |(_, e, _)| e);
+        let prev = match before {
+            Some((ps, pe, p)) => format!("tensor '{p}' (bytes {ps}..{pe})"),
+            None => "the start of the data".to_string(),
+        };
+        if *s < end {
+            return Err(format!(
+                "tensor '{name}' (bytes {s}..{e}) overlaps {prev} in the data offsets"
+            ));
+        }
+        if *s > end {
+            return Err(format!(
+                "a hole of {} bytes between {prev} and tensor '{name}' (bytes {s}..{e}): the \
+                 data offsets must follow each other without gaps",
+                s - end
+            ));
+        }
+        before = Some((*s, *e, name));
+    }
+    let end = before.map_or(0, |(_, e, _)| e);
+    if end > data_len {
+        return Err(format!(
+            "truncated: the header's tensors need {end} bytes of data, the file holds {data_len} \
+             ({} bytes missing)",
+            end - data_len
+        ));
+    }
+    if end < data_len {
+        return Err(format!(
+            "{} bytes after the end of the last tensor's data (byte {end} of {data_len}): the \
+             file is longer than its header says",
+            data_len - end
+        ));
+    }
+    Ok(())
+}
+
 /// A readable description of a safetensors parsing error.
 fn describe(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
@@ -163,11 +228,13 @@ fn describe(e: &safetensors::SafeTensorError) -> String {
         E::InvalidHeaderLength => {
             "the header length field is out of range (not a safetensors file, or truncated)".into()
         }
-        E::TensorNotFound(n) => format!("tensor '{n}' not found"),
+        E::TensorNotFound(n) => format!("tensor '{}' not found", brief(n)),
         E::TensorInvalidInfo => "a tensor's shape and dtype do not match its byte range".into(),
-        E::InvalidOffset(n) => format!("tensor '{n}' has overlapping or out-of-order data offsets"),
+        // `check_data_offsets` runs first and says which of these it is; these two are
+        // fallbacks that blame nothing in particular.
+        E::InvalidOffset(n) => format!("tensor '{}' has invalid data offsets", brief(n)),
         E::MetadataIncompleteBuffer => {
-            "the data section is shorter than the header says (truncated file)".into()
+            "the data section's length does not match the header's data offsets".into()
         }
         E::ValidationOverflow => "a tensor's size overflows".into(),
         other => format!("{other:?}"),
@@ -200,12 +267,15 @@ pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<RawTensor>> {
             ),
         ));
     }
-    if let Some(dup) = duplicate_name(&bytes[8..8 + header_len as usize]) {
+    let header = &bytes[8..8 + header_len as usize];
+    if let Some(dup) = duplicate_name(header) {
         return Err(format_err(
             path,
-            format!("tensor name '{dup}' appears twice in the header"),
+            format!("tensor name '{}' appears twice in the header", brief(&dup)),
         ));
     }
+    let data_len = (bytes.len() - 8 - header.len()) as u64;
+    check_data_offsets(header, data_len).map_err(|detail| format_err(path, detail))?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| format_err(path, describe(&e)))?;
     let mut out = Vec::with_capacity(st.len());
     let mut names: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();

@@ -260,3 +260,128 @@ fn files_are_refused_from_their_header_before_the_data_is_read() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Each fault of the data offsets is named for what it is: a file longer than its header
+/// says is not "truncated", a hole between tensors is not "overlapping", and a file short of
+/// data is "truncated" with the bytes missing.
+#[test]
+fn offset_faults_are_named_for_what_they_are() {
+    let two = |a: [u64; 2], b: [u64; 2]| {
+        format!(
+            r#"{{"a":{{"dtype":"F32","shape":[2],"data_offsets":[{},{}]}},"b":{{"dtype":"F32","shape":[2],"data_offsets":[{},{}]}}}}"#,
+            a[0], a[1], b[0], b[1]
+        )
+    };
+    let one = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    /// A file, its bytes, what the error must contain and what it must not.
+    type Case<'a> = (&'a str, Vec<u8>, &'a [&'a str], &'a [&'a str]);
+    let cases: Vec<Case> = vec![
+        (
+            "longer.st",
+            file(one, &[0; 13]),
+            &["5 bytes after the end", "longer than its header says"],
+            &["truncated", "shorter"],
+        ),
+        (
+            "short.st",
+            file(one, &[0; 5]),
+            &["truncated", "3 bytes missing"],
+            &["longer"],
+        ),
+        (
+            "hole.st",
+            file(&two([0, 8], [12, 20]), &[0; 20]),
+            &[
+                "hole of 4 bytes",
+                "tensor 'a' (bytes 0..8)",
+                "tensor 'b' (bytes 12..20)",
+            ],
+            &["overlap"],
+        ),
+        (
+            "hole-first.st",
+            file(&two([4, 12], [12, 20]), &[0; 20]),
+            &["hole of 4 bytes between the start of the data and tensor 'a'"],
+            &["overlap"],
+        ),
+        (
+            "overlap.st",
+            file(&two([0, 8], [4, 12]), &[0; 12]),
+            &["tensor 'b' (bytes 4..12) overlaps tensor 'a' (bytes 0..8)"],
+            &["hole"],
+        ),
+        (
+            "backwards.st",
+            file(&two([0, 8], [8, 0]), &[0; 8]),
+            &["ends (byte 0) before it starts (byte 8)"],
+            &["overlap", "hole"],
+        ),
+    ];
+    for (name, bytes, want, not) in cases {
+        let err = parse_safetensors(Path::new(name), &bytes)
+            .expect_err(name)
+            .to_string();
+        assert!(err.contains(name), "{name}: {err}");
+        for w in want {
+            assert!(err.contains(w), "{name}: no '{w}' in: {err}");
+        }
+        for n in not {
+            assert!(!err.contains(n), "{name}: '{n}' in: {err}");
+        }
+    }
+}
+
+/// A file whose tensor has a huge shape (50,000 dimensions) or a huge name (300 KB) makes a
+/// short one-line error, not one that repeats the shape or the name in full.
+#[test]
+fn huge_shapes_and_names_make_short_messages() {
+    let dir = std::env::temp_dir().join(format!("flatmin-huge-shape-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut model = Model::<f32>::named("tiny-tanh", 0).unwrap();
+    let mut raw = model.to_raw();
+    let elems: usize = raw[0].shape.iter().product();
+    let mut shape = vec![1usize; 50_000];
+    shape[0] = elems;
+    raw[0].shape = shape;
+    let many_dims = dir.join("many-dims.safetensors");
+    write_safetensors(&many_dims, &raw).unwrap();
+    let err = model.load(&many_dims).unwrap_err().to_string();
+    assert!(err.len() < 1000, "{} bytes: {}", err.len(), &err[..1000]);
+    assert!(
+        err.contains("many-dims.safetensors")
+            && err.contains(&raw[0].name)
+            && err.contains("50000 dimensions"),
+        "{err}"
+    );
+    assert!(!err.contains('\n'), "{err}");
+
+    let mut raw = model.to_raw();
+    let long = "x".repeat(300_000);
+    raw.push(RawTensor {
+        name: long.clone(),
+        shape: vec![1],
+        data: RawData::F32(vec![0.0]),
+    });
+    let long_name = dir.join("long-name.safetensors");
+    write_safetensors(&long_name, &raw).unwrap();
+    let err = model.load(&long_name).unwrap_err().to_string();
+    assert!(err.len() < 1000, "{} bytes", err.len());
+    assert!(
+        err.contains("long-name.safetensors")
+            && err.contains("unexpected tensor 'xxxx")
+            && err.contains("more bytes"),
+        "{err}"
+    );
+    // The same name twice in a parsed header, and as a misshapen tensor.
+    let dup = format!(
+        r#"{{"{long}":{{"dtype":"F32","shape":[1],"data_offsets":[0,4]}},"{long}":{{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}}}"#
+    );
+    let err = parse_safetensors(Path::new("dup.st"), &file(&dup, &[0; 8]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.len() < 1000 && err.contains("appears twice"),
+        "{err:.1000}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -12,6 +12,53 @@ pub mod train;
 use clap::error::ErrorKind;
 use flatmin_models::BnUse;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// SIGINT and SIGTERM handling shared by `flatmin train` and `flatmin sweep`: the first
+/// signal raises a flag (the command then stops cleanly: train checkpoints, sweep forwards
+/// the signal to its runs and waits for them); a second one, of either kind, ends the
+/// process at once with status 130.
+pub struct Interrupt {
+    any: Arc<AtomicBool>,
+    int: Arc<AtomicBool>,
+}
+
+impl Interrupt {
+    /// Installs the handlers for this process.
+    pub fn install() -> anyhow::Result<Self> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let any = Arc::new(AtomicBool::new(false));
+        let int = Arc::new(AtomicBool::new(false));
+        for sig in [SIGINT, SIGTERM] {
+            // Order matters: the conditional exit sees the flag set by an earlier signal.
+            signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&any))?;
+            signal_hook::flag::register(sig, Arc::clone(&any))?;
+        }
+        signal_hook::flag::register(SIGINT, Arc::clone(&int))?;
+        Ok(Interrupt { any, int })
+    }
+
+    /// The signal that arrived (SIGINT when one did, else SIGTERM), or `None`.
+    pub fn received(&self) -> Option<i32> {
+        if !self.any.load(Ordering::SeqCst) {
+            None
+        } else if self.int.load(Ordering::SeqCst) {
+            Some(signal_hook::consts::SIGINT)
+        } else {
+            Some(signal_hook::consts::SIGTERM)
+        }
+    }
+}
+
+/// `SIGINT` or `SIGTERM` (or `signal N`), for messages.
+pub fn signal_name(sig: i32) -> String {
+    match sig {
+        signal_hook::consts::SIGINT => "SIGINT".into(),
+        signal_hook::consts::SIGTERM => "SIGTERM".into(),
+        n => format!("signal {n}"),
+    }
+}
 
 /// Parses `--threads`: a positive integer.
 pub fn parse_threads(s: &str) -> std::result::Result<usize, String> {

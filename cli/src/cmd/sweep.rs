@@ -10,7 +10,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser};
 use flatmin::plot::{plot_runs, PlotOptions, XAxis};
-use flatmin::train::{Record, RunDir};
+use flatmin::train::{Locked, Record, RunDir, RunLock};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,7 +51,16 @@ pub struct Job {
     pub name: String,
 }
 
-/// Parses a grid (`key=v1,v2 key2=w1`) into its axes, in order.
+/// Most runs a sweep may have: a larger grid is refused from the product of its axis
+/// lengths, before any combination is built.
+pub const MAX_RUNS: usize = 10_000;
+
+/// Longest run-folder name (bytes): the usual limit of a file name.
+const MAX_NAME_BYTES: usize = 255;
+
+/// Parses a grid (`key=v1,v2 key2=w1`) into its axes, in order. A value given twice in one
+/// axis (literally, or as two spellings of one number such as `0.1,1e-1`) and two values
+/// whose run-folder names would be the same are refused, naming the flag and the values.
 pub fn parse_grid(grid: &str) -> Result<Vec<(String, Vec<String>)>> {
     let mut axes: Vec<(String, Vec<String>)> = Vec::new();
     for item in grid.split_whitespace() {
@@ -72,6 +81,7 @@ pub fn parse_grid(grid: &str) -> Result<Vec<(String, Vec<String>)>> {
         if values.iter().any(String::is_empty) {
             bail!("--grid: '{item}' has an empty value");
         }
+        check_distinct(&key, &values)?;
         axes.push((key, values));
     }
     if axes.is_empty() {
@@ -80,9 +90,63 @@ pub fn parse_grid(grid: &str) -> Result<Vec<(String, Vec<String>)>> {
     Ok(axes)
 }
 
-/// Every combination of the axes (the first axis varies slowest), with folder names.
-pub fn expand(axes: &[(String, Vec<String>)]) -> Vec<Job> {
-    let mut combos: Vec<Vec<(String, String)>> = vec![Vec::new()];
+/// Refuses two values of the axis `key` that are the same run: equal, equal as numbers, or
+/// equal once made safe for a folder name (one pass, hashed: the values are user input).
+fn check_distinct(key: &str, values: &[String]) -> Result<()> {
+    use std::collections::HashMap;
+    let mut by_number: HashMap<u64, &str> = HashMap::new();
+    let mut by_name: HashMap<String, &str> = HashMap::new();
+    for a in values {
+        // -0 and 0 are one number; NaN is never equal to itself, so it is left to the names.
+        let number = a.parse::<f64>().ok().filter(|x| !x.is_nan());
+        let bits = number.map(|x| if x == 0.0 { 0 } else { x.to_bits() });
+        if let Some(b) = bits.and_then(|bits| by_number.insert(bits, a)) {
+            if a == b {
+                bail!("--grid: {key}={a} is given twice; each value makes one run");
+            }
+            bail!("--grid: {key}={b} and {key}={a} are the same number, so the same run");
+        }
+        if let Some(b) = by_name.insert(sanitize(a), a) {
+            if a == b {
+                bail!("--grid: {key}={a} is given twice; each value makes one run");
+            }
+            bail!(
+                "--grid: {key}={b} and {key}={a} would share the run folder name '{key}-{}'; \
+                 use values that differ in letters, digits, '.' or '-'",
+                sanitize(a)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The number of runs of a grid (the product of its axis lengths), refused above
+/// [`MAX_RUNS`] (an overflowing product included) before anything is built.
+pub fn grid_size(axes: &[(String, Vec<String>)]) -> Result<usize> {
+    let lengths: Vec<String> = axes.iter().map(|(_, v)| v.len().to_string()).collect();
+    let count = axes
+        .iter()
+        .try_fold(1usize, |n, (_, v)| n.checked_mul(v.len()));
+    match count {
+        Some(n) if n <= MAX_RUNS => Ok(n),
+        Some(n) => bail!(
+            "--grid: {n} runs ({}), more than the {MAX_RUNS} a sweep may have; split the grid \
+             into several sweeps",
+            lengths.join(" x ")
+        ),
+        None => bail!(
+            "--grid: more than 2^64 runs ({}), more than the {MAX_RUNS} a sweep may have",
+            lengths.join(" x ")
+        ),
+    }
+}
+
+/// Every combination of the axes (the first axis varies slowest), with folder names. The
+/// grid's size is checked first ([`grid_size`]); two runs with one folder name, or a name
+/// too long for a folder, are refused.
+pub fn expand(axes: &[(String, Vec<String>)]) -> Result<Vec<Job>> {
+    let mut combos: Vec<Vec<(String, String)>> = Vec::with_capacity(grid_size(axes)?);
+    combos.push(Vec::new());
     for (key, values) in axes {
         combos = combos
             .into_iter()
@@ -95,7 +159,7 @@ pub fn expand(axes: &[(String, Vec<String>)]) -> Vec<Job> {
             })
             .collect();
     }
-    combos
+    let jobs: Vec<Job> = combos
         .into_iter()
         .map(|settings| {
             let name = settings
@@ -105,7 +169,36 @@ pub fn expand(axes: &[(String, Vec<String>)]) -> Vec<Job> {
                 .join("_");
             Job { settings, name }
         })
-        .collect()
+        .collect();
+    let mut seen = std::collections::HashMap::with_capacity(jobs.len());
+    for job in &jobs {
+        if job.name.len() > MAX_NAME_BYTES {
+            bail!(
+                "--grid: the run folder name '{}…' is {} bytes, more than the {MAX_NAME_BYTES} a \
+                 folder name may have; use shorter values",
+                job.name.chars().take(60).collect::<String>(),
+                job.name.len()
+            );
+        }
+        if let Some(other) = seen.insert(job.name.as_str(), job) {
+            bail!(
+                "--grid: the runs {} and {} would share the run folder {}",
+                settings_text(other),
+                settings_text(job),
+                job.name
+            );
+        }
+    }
+    Ok(jobs)
+}
+
+/// A job's settings as `flag=value flag=value`, for messages.
+fn settings_text(job: &Job) -> String {
+    job.settings
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A value made safe for a folder name.
@@ -218,7 +311,7 @@ pub fn run(args: &SweepArgs) -> Result<()> {
         bail!("--jobs must be at least 1");
     }
     let axes = parse_grid(&args.grid)?;
-    let jobs = expand(&axes);
+    let jobs = expand(&axes)?;
     for job in &jobs {
         check_job(&args.common, job).with_context(|| format!("run {}", job.name))?;
     }
@@ -229,6 +322,8 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     let logs = root.join("logs");
     std::fs::create_dir_all(&runs).with_context(|| runs.display().to_string())?;
     std::fs::create_dir_all(&logs).with_context(|| logs.display().to_string())?;
+    // One sweep at a time in a folder: a second one would start the same runs again.
+    let _lock = RunLock::acquire_for(&root, "--out", Locked::Sweep)?;
     let exe = std::env::current_exe().context("cannot locate the flatmin binary")?;
     write_manifest(args, &axes, &jobs)?;
     if let Some(how) = &args.emit {
@@ -285,12 +380,68 @@ fn write_manifest(args: &SweepArgs, axes: &[(String, Vec<String>)], jobs: &[Job]
         .with_context(|| path.display().to_string())
 }
 
-/// Runs the jobs that are not finished, `--jobs` at a time; fails (after the others finish)
-/// naming the runs that failed and their logs.
-fn run_pool(args: &SweepArgs, exe: &Path, jobs: &[Job], runs: &Path, logs: &Path) -> Result<()> {
+/// Starts the `flatmin train` process of `job`, its output going to `logs/NAME.log`.
+///
+/// The child gets its own process group, so a Ctrl-C on the terminal reaches only the sweep,
+/// which forwards it once (a second signal would make the child exit without a
+/// checkpoint); and, on Linux, SIGTERM when the sweep dies in any way (`kill -9` included),
+/// so no run is left behind as an orphan: it checkpoints and exits.
+fn spawn_job(args: &SweepArgs, exe: &Path, job: &Job, runs: &Path, logs: &Path) -> Result<Child> {
+    use std::os::unix::process::CommandExt;
     let threads_given = args.common.iter().any(|a| a == "--threads");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per_job = (cores / args.jobs).max(1);
+    let dir = runs.join(&job.name);
+    let log_path = logs.join(format!("{}.log", job.name));
+    let log = std::fs::File::create(&log_path).with_context(|| log_path.display().to_string())?;
+    let mut cmd = Command::new(exe);
+    cmd.args(job_argv(&args.common, job, &dir))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0);
+    if !threads_given {
+        cmd.env("RAYON_NUM_THREADS", per_job.to_string());
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: between fork and exec only async-signal-safe calls (prctl, getppid,
+        // raise) are made, and nothing is allocated.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The sweep died before the line above: act as if the signal came.
+                if libc::getppid() != parent {
+                    libc::raise(libc::SIGTERM);
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))
+}
+
+/// Sends `sig` to each running child (one that has just exited, not yet reaped, ignores it).
+fn forward(active: &[(&Job, Child)], sig: i32) {
+    for (_, child) in active {
+        // SAFETY: kill has no memory effects; the pid is a child not yet waited for, so it
+        // cannot have been reused.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, sig);
+        }
+    }
+}
+
+/// Runs the jobs that are not finished, `--jobs` at a time; fails (after the others finish)
+/// naming the runs that failed and their logs. On the first SIGINT or SIGTERM no run is
+/// started any more, the signal is forwarded to the running ones, which checkpoint and exit,
+/// and once all have exited the sweep fails naming them and how to resume (a second signal
+/// ends the sweep at once, and its runs with it: see [`spawn_job`]).
+fn run_pool(args: &SweepArgs, exe: &Path, jobs: &[Job], runs: &Path, logs: &Path) -> Result<()> {
     let todo: Vec<&Job> = jobs
         .iter()
         .filter(|j| state(&runs.join(&j.name)) != State::Done)
@@ -302,30 +453,23 @@ fn run_pool(args: &SweepArgs, exe: &Path, jobs: &[Job], runs: &Path, logs: &Path
         args.jobs,
         args.out.display()
     );
+    let interrupt = super::Interrupt::install()?;
     let started = Instant::now();
     let mut queue = todo.into_iter();
     let mut active: Vec<(&Job, Child)> = Vec::new();
-    let mut failed = Vec::new();
+    let (mut failed, mut stopped) = (Vec::new(), Vec::new());
+    let mut forwarded = None;
     loop {
-        while active.len() < args.jobs {
-            let Some(job) = queue.next() else { break };
-            let dir = runs.join(&job.name);
-            let log_path = logs.join(format!("{}.log", job.name));
-            let log =
-                std::fs::File::create(&log_path).with_context(|| log_path.display().to_string())?;
-            let mut cmd = Command::new(exe);
-            cmd.args(job_argv(&args.common, job, &dir))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log);
-            if !threads_given {
-                cmd.env("RAYON_NUM_THREADS", per_job.to_string());
+        if forwarded.is_none() {
+            if let Some(sig) = interrupt.received() {
+                forward(&active, sig);
+                forwarded = Some(sig);
             }
-            let child = cmd
-                .spawn()
-                .with_context(|| format!("cannot start {}", exe.display()))?;
+        }
+        while forwarded.is_none() && active.len() < args.jobs {
+            let Some(job) = queue.next() else { break };
+            active.push((job, spawn_job(args, exe, job, runs, logs)?));
             println!("  start {}", job.name);
-            active.push((job, child));
         }
         if active.is_empty() {
             break;
@@ -333,22 +477,56 @@ fn run_pool(args: &SweepArgs, exe: &Path, jobs: &[Job], runs: &Path, logs: &Path
         std::thread::sleep(Duration::from_millis(50));
         let mut i = 0;
         while i < active.len() {
-            if let Some(status) = active[i].1.try_wait()? {
-                let (job, _) = active.remove(i);
-                if status.success() {
-                    println!(
-                        "  done  {} ({:.0}s into the sweep)",
-                        job.name,
-                        started.elapsed().as_secs_f64()
-                    );
-                } else {
-                    println!("  FAILED {} ({status})", job.name);
-                    failed.push(job.name.clone());
-                }
-            } else {
+            let Some(status) = active[i].1.try_wait()? else {
                 i += 1;
+                continue;
+            };
+            let (job, _) = active.remove(i);
+            if status.success() {
+                let at = started.elapsed().as_secs_f64();
+                println!("  done  {} ({at:.0}s into the sweep)", job.name);
+            } else if forwarded.is_some() {
+                println!("  stopped {} ({status})", job.name);
+                stopped.push(job.name.clone());
+            } else {
+                println!("  FAILED {} ({status})", job.name);
+                failed.push(job.name.clone());
             }
         }
+    }
+    // In name order, not the order in which they happened to exit.
+    stopped.sort_unstable();
+    failed.sort_unstable();
+    pool_outcome(forwarded, &stopped, &failed, queue.len(), logs)
+}
+
+/// The end of [`run_pool`]: success, or one line naming the signal and the runs it stopped
+/// (and those that failed), else the runs that failed.
+fn pool_outcome(
+    signal: Option<i32>,
+    stopped: &[String],
+    failed: &[String],
+    not_started: usize,
+    logs: &Path,
+) -> Result<()> {
+    let failed_too = if failed.is_empty() {
+        String::new()
+    } else {
+        format!(", {} failed before it: {}", failed.len(), failed.join(", "))
+    };
+    if let Some(sig) = signal {
+        let names = if stopped.is_empty() {
+            "none".to_string()
+        } else {
+            stopped.join(", ")
+        };
+        bail!(
+            "interrupted by {}: {} running run(s) stopped at their last checkpoint ({names}), \
+             {not_started} not started{failed_too}; rerun the same `flatmin sweep` command to \
+             resume",
+            super::signal_name(sig),
+            stopped.len(),
+        );
     }
     if !failed.is_empty() {
         bail!(

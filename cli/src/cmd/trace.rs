@@ -223,6 +223,8 @@ struct Request<'a> {
     max_probes: usize,
     /// Hutchinson with exactly this many probes.
     fixed_probes: Option<usize>,
+    /// True when `--probes` was given (and so set `max_probes` or `budget`), for messages.
+    probes_given: bool,
     budget: usize,
     top_k: usize,
     slq_probes: usize,
@@ -253,8 +255,14 @@ pub fn run(args: &TraceArgs) -> Result<()> {
         common: &args.common,
         method: args.method,
         tol: args.tol,
-        max_probes: args.probes.unwrap_or(args.max_probes),
+        // --probes is the probe count only of the methods that may run Hutchinson; for
+        // Hutch++ it is the budget and for SLQ the probe vectors (below).
+        max_probes: match args.method {
+            Method::Auto | Method::Hutchinson => args.probes.unwrap_or(args.max_probes),
+            _ => args.max_probes,
+        },
         fixed_probes: args.probes.filter(|_| args.method == Method::Hutchinson),
+        probes_given: args.probes.is_some(),
         budget: if args.method == Method::HutchPlusPlus {
             args.probes.unwrap_or(args.budget)
         } else {
@@ -315,6 +323,7 @@ impl<'a> Request<'a> {
             tol: 0.01,
             max_probes: 1000,
             fixed_probes: None,
+            probes_given: false,
             budget: 99,
             top_k: 1,
             slq_probes: 8,
@@ -353,8 +362,9 @@ fn check_args(r: &Request) -> Result<()> {
     if !(r.tol.is_finite() && r.tol >= 0.0) {
         bail!("--tol must be a finite number >= 0, got {}", r.tol);
     }
+    let probes_set = |m: &[Method]| r.probes_given && m.contains(&r.method);
     if r.max_probes < 2 {
-        let flag = if r.fixed_probes.is_some() {
+        let flag = if probes_set(&[Method::Auto, Method::Hutchinson]) {
             "--probes"
         } else {
             "--max-probes"
@@ -362,8 +372,8 @@ fn check_args(r: &Request) -> Result<()> {
         bail!("{flag} must be at least 2, got {}", r.max_probes);
     }
     if r.budget < 6 {
-        let flag = if r.method == Method::HutchPlusPlus && r.budget != 99 {
-            "--budget/--probes"
+        let flag = if probes_set(&[Method::HutchPlusPlus]) {
+            "--probes"
         } else {
             "--budget"
         };

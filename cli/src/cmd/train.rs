@@ -12,8 +12,6 @@ use flatmin_engine::Scalar;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// Arguments of `flatmin train`. Unset flags take the default recipe (see `TrainConfig`).
@@ -512,9 +510,12 @@ fn train<T: Scalar + Element>(
         );
     }
     let mut progress = Progress::new(args.quiet);
-    let stop = interrupt_flag()?;
+    // The first SIGINT or SIGTERM finishes the step, writes a checkpoint and exits non-zero;
+    // a second ends the process at once (checkpoints are written atomically, so the
+    // previous one stays intact).
+    let stop = super::Interrupt::install()?;
     let outcome = trainer
-        .run_until(&mut progress, &|_| stop.load(Ordering::SeqCst))
+        .run_until(&mut progress, &|_| stop.received().is_some())
         .map_err(|e| with_checkpoint_note(e, &trainer, &dir))?;
     progress.finish();
     if let Outcome::Stopped { step } = outcome {
@@ -541,20 +542,6 @@ fn train<T: Scalar + Element>(
         );
     }
     Ok(())
-}
-
-/// A flag raised by the first SIGINT or SIGTERM: training then finishes the current step,
-/// writes a checkpoint and exits non-zero. A second signal ends the process at once (status
-/// 130); checkpoints are written atomically, so the previous one stays intact.
-fn interrupt_flag() -> Result<Arc<AtomicBool>> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [SIGINT, SIGTERM] {
-        // Order matters: the conditional exit sees the flag set by an earlier signal.
-        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&flag))?;
-        signal_hook::flag::register(sig, Arc::clone(&flag))?;
-    }
-    Ok(flag)
 }
 
 /// Progress output: a bar on a terminal, periodic plain lines otherwise, nothing when quiet.

@@ -129,12 +129,14 @@ fn agent(opts: &HttpOptions) -> Result<(ureq::Agent, String)> {
 ///
 /// Errors name the URL (and the proxy, when one is used): an HTTP status other than success
 /// (with the status), a failed connection, a read that times out or fails, a body shorter
-/// than its Content-Length (with the number of bytes that arrived), and a failed write to
-/// `out`. Redirects are followed (at most 5).
+/// than its Content-Length (with the number of bytes that arrived), a body larger than
+/// `max_bytes` (refused from its Content-Length before any of it is read, or stopped as
+/// soon as more arrives), and a failed write to `out`. Redirects are followed (at most 5).
 pub fn download(
     url: &str,
     out: &mut impl Write,
     opts: &HttpOptions,
+    max_bytes: u64,
     progress: &mut dyn Progress,
 ) -> Result<Downloaded> {
     let (agent, via) = agent(opts)?;
@@ -159,6 +161,12 @@ pub fn download(
     let total = response
         .header("content-length")
         .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(t) = total.filter(|&t| t > max_bytes) {
+        bail!(
+            "{url}: the server announces {t} bytes, more than the {max_bytes}-byte limit for \
+             this archive; nothing was downloaded (is the URL the CIFAR-10 binary release?)"
+        );
+    }
     progress.download_started(url, total);
     let of_total = || total.map_or(String::new(), |t| format!(" of {t}"));
     let mut body = response.into_reader();
@@ -184,6 +192,13 @@ pub fn download(
                 );
             }
         };
+        if sink.bytes() + n as u64 > max_bytes {
+            bail!(
+                "{url}: the download exceeds the {max_bytes}-byte limit for this archive; \
+                 stopped after {} bytes (is the URL the CIFAR-10 binary release?)",
+                sink.bytes()
+            );
+        }
         sink.write_all(&buf[..n])
             .map_err(|e| anyhow!("{url}: cannot store the download: {e}"))?;
         progress.downloaded(sink.bytes());

@@ -44,7 +44,7 @@ pub use md5::{HashingWriter, Md5Digest};
 use crate::data::RELEASE_DIR;
 use anyhow::{bail, Context, Result};
 use flatmin_datasets::{META_FILE, RECORD_BYTES, TEST_FILE, TRAIN_FILES};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Where the official archive is published.
@@ -94,6 +94,16 @@ impl ReleaseSpec {
     /// Records per batch file.
     pub fn records_per_batch(&self) -> usize {
         (self.batch_bytes / RECORD_BYTES as u64) as usize
+    }
+
+    /// The largest archive accepted for this release (downloaded, or given with `--from`):
+    /// the six batch files uncompressed, an eighth more, and 4 MiB for the other members and
+    /// the tar and gzip framing. A valid archive is smaller (gzip grows incompressible data
+    /// by a fraction of a percent); for the official release (170,052,171 bytes) the limit
+    /// is about 212 MB.
+    pub fn max_archive_bytes(&self) -> u64 {
+        let batches = 6u64.saturating_mul(self.batch_bytes);
+        batches.saturating_add(batches / 8).saturating_add(4 << 20)
     }
 
     /// Errors unless `batch_bytes` is a positive multiple of the record size.
@@ -211,9 +221,12 @@ pub fn fetch_release(opts: &FetchOptions, progress: &mut dyn Progress) -> Result
     opts.spec.check()?;
     if let Some(file) = &opts.from {
         // Fail on a mistyped file even when there is nothing to do.
-        if !file.is_file() {
+        if !file.exists() {
             bail!("{}: no such archive file", file.display());
         }
+        // A FIFO, a device or a folder is named for what it is, before anything else.
+        flatmin_engine::fsread::open_regular_file(file)
+            .with_context(|| file.display().to_string())?;
     }
     let dest = &opts.dest;
     if !opts.force && install::occupied(dest)? {
@@ -256,12 +269,22 @@ fn check_md5(got: &Downloaded, spec: &ReleaseSpec, source: &str, noun: &str) -> 
 /// The `--from` half of [`fetch_release`]: hash the local archive, then install it.
 fn install_local(file: &Path, opts: &FetchOptions, progress: &mut dyn Progress) -> Result<Fetched> {
     let shown = file.display().to_string();
+    // Only a regular file (a FIFO would block, a device never end), and not a huge one.
+    let (reader, bytes) =
+        flatmin_engine::fsread::open_regular_file(file).with_context(|| shown.clone())?;
+    let max = opts.spec.max_archive_bytes();
+    if bytes > max {
+        bail!(
+            "{shown}: {bytes} bytes, more than the {max}-byte limit for this archive \
+             (is it the CIFAR-10 binary release, cifar-10-binary.tar.gz?)"
+        );
+    }
     progress.step(&format!("checking the MD5 of {shown}"));
+    let mut hasher = HashingWriter::new(std::io::sink());
+    std::io::copy(&mut reader.take(max), &mut hasher).with_context(|| shown.clone())?;
     let got = Downloaded {
-        bytes: std::fs::metadata(file)
-            .with_context(|| shown.clone())?
-            .len(),
-        md5: Md5Digest::of_file(file)?,
+        bytes,
+        md5: hasher.finish().1,
     };
     check_md5(&got, &opts.spec, &shown, "file")?;
     progress.step(&format!("MD5 {} verified; extracting", got.md5));
@@ -283,7 +306,8 @@ fn download_and_install(opts: &FetchOptions, progress: &mut dyn Progress) -> Res
         install::TempPath::create_file(&parent, &install::temp_stem(dest, "download"))?;
 
     let mut out = BufWriter::new(file);
-    let got = download(&opts.url, &mut out, &opts.http, progress)?;
+    let max = opts.spec.max_archive_bytes();
+    let got = download(&opts.url, &mut out, &opts.http, max, progress)?;
     out.flush()
         .and_then(|()| out.get_ref().sync_all())
         .with_context(|| format!("{}: cannot write the download", tmp.path().display()))?;

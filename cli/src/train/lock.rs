@@ -22,6 +22,25 @@ pub struct RunLock {
     _file: File,
 }
 
+/// What a locked folder holds, for the refusal's words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Locked {
+    /// A run folder, written by one `flatmin train`.
+    Run,
+    /// A sweep folder, driven by one `flatmin sweep`.
+    Sweep,
+}
+
+impl Locked {
+    /// `run` or `sweep`.
+    fn name(self) -> &'static str {
+        match self {
+            Locked::Run => "run",
+            Locked::Sweep => "sweep",
+        }
+    }
+}
+
 /// What `flock` answered.
 enum Attempt {
     Locked,
@@ -45,17 +64,18 @@ fn try_flock(file: &File) -> std::io::Result<Attempt> {
 
 /// The refusal when another process holds the lock of `root`: names the folder, the holder
 /// as recorded in the lock file, and what to do.
-fn held_error(root: &Path, flag: &str, file: &mut File) -> anyhow::Error {
+fn held_error(root: &Path, flag: &str, kind: Locked, file: &mut File) -> anyhow::Error {
     let mut text = String::new();
     let holder = match file.read_to_string(&mut text) {
         Ok(_) if !text.trim().is_empty() => text.trim().to_string(),
         _ => "another process (its pid is not recorded yet)".to_string(),
     };
     anyhow::anyhow!(
-        "{flag} {}: the run folder is in use by {holder} (lock {}); wait for that run to end \
-         or stop it first; nothing was changed",
+        "{flag} {}: the {what} folder is in use by {holder} (lock {}); wait for that {what} to \
+         end or stop it first; nothing was changed",
         root.display(),
-        root.join(LOCK_FILE).display()
+        root.join(LOCK_FILE).display(),
+        what = kind.name()
     )
 }
 
@@ -75,6 +95,11 @@ impl RunLock {
     /// anything else, when another process holds it: the error begins with `flag` (`--out`,
     /// `--resume`) and the folder, and names the holder's pid and host.
     pub fn acquire(root: &Path, flag: &str) -> Result<Self> {
+        Self::acquire_for(root, flag, Locked::Run)
+    }
+
+    /// [`RunLock::acquire`] for a folder of the given kind (the refusal says which).
+    pub fn acquire_for(root: &Path, flag: &str, kind: Locked) -> Result<Self> {
         let path = root.join(LOCK_FILE);
         let mut file = OpenOptions::new()
             .read(true)
@@ -91,7 +116,7 @@ impl RunLock {
             })?;
         match try_flock(&file) {
             Ok(Attempt::Locked) => {}
-            Ok(Attempt::Held) => return Err(held_error(root, flag, &mut file)),
+            Ok(Attempt::Held) => return Err(held_error(root, flag, kind, &mut file)),
             Err(e) => {
                 return Err(anyhow::anyhow!(
                     "{flag} {}: cannot lock {}: {e}",
@@ -126,7 +151,7 @@ impl RunLock {
         };
         match try_flock(&file) {
             Ok(Attempt::Locked) => Ok(()),
-            Ok(Attempt::Held) => Err(held_error(root, flag, &mut file)),
+            Ok(Attempt::Held) => Err(held_error(root, flag, Locked::Run, &mut file)),
             Err(e) => Err(anyhow::anyhow!(
                 "{flag} {}: cannot lock {}: {e}",
                 root.display(),

@@ -11,7 +11,7 @@ pub use config::{
     DType, LossFn, NonFinitePolicy, Optimizer, OptimizerSpec, OutputIterate, ProbeData, Schedule,
     SgdParams, TraceMethod, TrainConfig, RUN_META_KEYS,
 };
-pub use lock::{RunLock, LOCK_FILE};
+pub use lock::{Locked, RunLock, LOCK_FILE};
 pub use memory::{
     available_memory, check_memory, estimate_memory, human_bytes, param_bytes, parse_size,
     MemoryEstimate,
@@ -542,13 +542,7 @@ impl<T: Scalar + Element> Trainer<T> {
                             continue;
                         }
                         Some(OptimError::NonFinite(what)) => {
-                            let kept = self
-                                .run
-                                .last_checkpoint()
-                                .map(|p| {
-                                    format!("the last good checkpoint {} is kept", p.display())
-                                })
-                                .unwrap_or_else(|| "no checkpoint was written yet".into());
+                            let kept = kept_checkpoint(self.run.last_checkpoint());
                             bail!(
                                 "training diverged: non-finite {what} at step {} (epoch {}); stopped, {kept}; lower --lr or use --on-nonfinite skip-step",
                                 self.step + 1,
@@ -560,10 +554,11 @@ impl<T: Scalar + Element> Trainer<T> {
                 };
                 if let Some(i) = self.params.iter().position(|p| !p.all_finite()) {
                     bail!(
-                        "training diverged: parameter '{}' became non-finite at step {} (epoch {}); stopped, the last good checkpoint is kept; lower --lr",
+                        "training diverged: parameter '{}' became non-finite at step {} (epoch {}); stopped, {}; lower --lr",
                         self.model.param_names()[i],
                         self.step + 1,
-                        epoch + 1
+                        epoch + 1,
+                        kept_checkpoint(self.run.last_checkpoint())
                     );
                 }
                 self.step += 1;
@@ -883,10 +878,10 @@ fn check_per_param_state<T: Scalar>(
         for ((i, t), p) in items.iter().zip(params) {
             if t.shape() != p.shape() {
                 bail!(
-                    "{}: optimizer tensor '{list}.{i}' has shape {:?}, its parameter {:?}",
+                    "{}: optimizer tensor '{list}.{i}' has shape {}, its parameter {}",
                     path.display(),
-                    t.shape(),
-                    p.shape()
+                    flatmin_models::error::brief_shape(t.shape()),
+                    flatmin_models::error::brief_shape(p.shape())
                 );
             }
         }
@@ -1093,4 +1088,13 @@ pub fn evaluate<T: Scalar + Element>(model: &Model<T>, data: &Batch) -> Result<(
     }
     let n = data.len().max(1) as f64;
     Ok((loss / n, correct as f64 / n))
+}
+
+/// What a divergence leaves behind, for its message: the last checkpoint when one exists
+/// (it is kept), else that none was written (the run has nothing to resume from).
+fn kept_checkpoint(last: Option<std::path::PathBuf>) -> String {
+    match last {
+        Some(p) => format!("the last good checkpoint {} is kept", p.display()),
+        None => "no checkpoint was written yet, so there is nothing to resume from".into(),
+    }
 }
