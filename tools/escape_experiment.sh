@@ -63,13 +63,13 @@ fi
 
 # Phase 2: the escape runs from the bad minimum, plain full-batch GD steps of rate 0.05 plus
 # each method's perturbation (rates and radii: docs/escape.md, "Choosing ρ and η'"). Full-batch
-# GD is deterministic, so it runs once.
+# GD depends on the seed only through the order of the images inside the full batch.
 ESC="--momentum 0 --lr 0.05 --epochs $STEPS --eval-every 250 --trace-every 250"
 ESC+=" --trace-size 1000 --init-from $OUT/bad/model.safetensors"
 export ESC
 {
-    echo "gd-s1 --optimizer sgd --seed 1"
     for s in $SEEDS; do
+        echo "gd-s$s --optimizer sgd --seed $s"
         SA="--optimizer sa --rho 0.4 --eta-prime 0.0005 --seed $s"
         echo "sa-b1-s$s $SA --probe-batch 1"
         echo "sa-b16-s$s $SA --probe-batch 16"
