@@ -135,8 +135,14 @@ fn tiny_tanh_structural_equals_basis() {
     }
     for v in [&s, &b] {
         assert_eq!(v["bn_mode"], "eval");
-        assert_eq!(v["dim"], 6506);
-        assert_eq!(v["images"], 20);
+        assert_eq!(v["num_params"], 6506);
+        assert_eq!(v["samples"], 20);
+        for alias in ["dim", "images", "stderr", "compute_s"] {
+            assert!(
+                v.get(alias).is_none(),
+                "one key per quantity: {alias} in {v}"
+            );
+        }
         assert_eq!(v["batches"], 3);
         assert_eq!(v["exact"], true);
         assert_eq!(v["synthetic"], true);
@@ -214,7 +220,7 @@ fn batch_file_and_resnet20_against_in_process_basis_hvps() {
         "f64",
     ];
     let s = run_json(&[&common[..], &["--method", "structural", "--per-layer"]].concat());
-    assert_eq!(s["images"], 3);
+    assert_eq!(s["samples"], 3);
     assert_eq!(s["bn_mode"], "eval");
     assert_eq!(s["batch_norm_layers"], true);
     assert!(s["split"].is_null());
@@ -539,10 +545,10 @@ fn checkpoint_aliases_per_layer_eigen_and_density() {
         (p["method"].as_str(), p["hvps"].as_u64()),
         (Some("hutch++"), Some(12))
     );
-    assert!(p["stderr"].as_f64().unwrap() > 0.0);
+    assert!(p["std_error"].as_f64().unwrap() > 0.0);
     let h = run_json(&[&base[..], &["--method", "hutchinson", "--probes", "24"]].concat());
     assert_eq!(h["probes"], 24);
-    assert!(h["stderr"].as_f64().unwrap() > 0.0);
+    assert!(h["std_error"].as_f64().unwrap() > 0.0);
 
     // eigen --top K is trace --method lanczos --top-k K.
     let g = last_json(run_cmd(

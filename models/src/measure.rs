@@ -261,14 +261,14 @@ pub struct TraceReport {
 
 impl TensorTrace {
     /// The tensor's entry of the `layers` object of `flatmin trace --json --per-layer` (and
-    /// of the Python package): `shape`, `numel`, `trace`, `normalized_trace`, `stderr`.
+    /// of the Python package): `shape`, `numel`, `trace`, `normalized_trace`, `std_error`.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "shape": self.shape,
             "numel": self.shape.iter().product::<usize>(),
             "trace": self.trace,
             "normalized_trace": self.normalized,
-            "stderr": self.std_error,
+            "std_error": self.std_error,
         })
     }
 }
@@ -276,8 +276,8 @@ impl TensorTrace {
 impl TraceReport {
     /// The report as the JSON object `flatmin trace --json` prints (and the Python package
     /// returns), without what only the caller knows (model, data, dtype): `method`, `loss_fn`,
-    /// `method_note`, `exact`, `trace`, `normalized_trace`, `std_error` (and its alias
-    /// `stderr`), `normalized_std_error`, `num_params`/`dim`, `samples`, `seconds`, `hvps`,
+    /// `method_note`, `exact`, `trace`, `normalized_trace`, `std_error`,
+    /// `normalized_std_error`, `num_params`, `samples`, `seconds`, `hvps`,
     /// `passes`, `directions_per_pass`, and the method's own fields (structural: `ggn_trace`,
     /// `activation_trace`, `loss`, `class_columns`, `source_columns`; Hutchinson: `probes`,
     /// `ci95_half_width`, `relative_half_width`, `converged`; Hutch++: `budget`, `probes`,
@@ -298,10 +298,8 @@ impl TraceReport {
         put("trace", json!(self.trace));
         put("normalized_trace", json!(self.normalized_trace));
         put("std_error", json!(self.std_error));
-        put("stderr", json!(self.std_error));
         put("normalized_std_error", json!(self.std_error.map(|e| e / d)));
         put("num_params", json!(self.dim));
-        put("dim", json!(self.dim));
         put("samples", json!(self.samples));
         put("seconds", json!(self.seconds));
         put("hvps", json!(self.hvps));

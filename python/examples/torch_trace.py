@@ -44,7 +44,7 @@ xm, ym = x[:256], y[:256]
 t0 = time.perf_counter()
 r = net.trace(xm, ym, method="exact", dtype="f64", per_layer=True)
 t_flatmin = time.perf_counter() - t0
-print(f"flatmin: trace {r['trace']:.10e} ({r['method']}, {r['dim']} parameters) in {t_flatmin:.3f} s")
+print(f"flatmin: trace {r['trace']:.10e} ({r['method']}, {r['num_params']} parameters) in {t_flatmin:.3f} s")
 for name, layer in r["layers"].items():
     print(f"  {name:<12} {layer['trace']:.6e}")
 top = net.eigenvalues(xm, ym, k=1, steps=60)

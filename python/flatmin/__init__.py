@@ -245,9 +245,9 @@ class Net:
         "structural", "exact-hvp", "hutchinson" (`probes` fixed, else stop when the 95%
         half-width is below `tol` of the estimate, at most `max_probes`), "hutchpp" (`budget`
         HVPs) or "auto". Returns the keys of `flatmin trace --json` (`trace`,
-        `normalized_trace`, `std_error`, `method`, `requested_method`, `exact`, `dim`,
+        `normalized_trace`, `std_error`, `method`, `requested_method`, `exact`, `num_params`,
         `samples`, `seconds`, ...), `layers` {name: {shape, numel, trace, normalized_trace,
-        stderr}} with `per_layer`, and `diagonal` {name: array} (the exact Hessian diagonal)
+        std_error}} with `per_layer`, and `diagonal` {name: array} (the exact Hessian diagonal)
         with `diagonal`. Exact HVP methods estimated to take more than `max_seconds` raise.
         """
         batches = _batches(x, y)

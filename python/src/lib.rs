@@ -606,7 +606,7 @@ impl Net {
         out.set_item("converged", r.converged)?;
         out.set_item("hvps", r.hvps)?;
         out.set_item("passes", rep.passes)?;
-        out.set_item("dim", r.dim)?;
+        out.set_item("num_params", r.dim)?;
         if let Some(vecs) = r.eigenvectors {
             let list = PyList::empty(py);
             for flat in vecs {
@@ -671,7 +671,7 @@ impl Net {
         out.set_item("steps", opts.slq.steps)?;
         out.set_item("hvps", r.hvps)?;
         out.set_item("passes", r.passes)?;
-        out.set_item("dim", r.dim)?;
+        out.set_item("num_params", r.dim)?;
         Ok(out)
     }
 }

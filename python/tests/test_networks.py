@@ -102,7 +102,7 @@ def test_exact_trace_matches_pytorch(name):
                   per_layer=True)
     want = float(case["eval.trace"][0])
     assert abs(r["trace"] - want) <= TOL * abs(want), (r["trace"], want)
-    assert r["exact"] is True and r["dim"] == DIMS[name]
+    assert r["exact"] is True and r["num_params"] == DIMS[name]
     for n in net.param_names:
         w = float(case[f"eval.trace.{n}"][0])
         got = r["layers"][n]["trace"]

@@ -817,7 +817,7 @@ fn found_of(r: &Request, rep: &TraceReport) -> Found {
     f.std_error = rep.std_error;
     f.blocks = Some(rep.blocks.clone());
     // The common fields come from the command's own report; keep the method's.
-    const COMMON: [&str; 14] = [
+    const COMMON: [&str; 12] = [
         "layers",
         "method",
         "method_note",
@@ -825,10 +825,8 @@ fn found_of(r: &Request, rep: &TraceReport) -> Found {
         "trace",
         "normalized_trace",
         "std_error",
-        "stderr",
         "normalized_std_error",
         "num_params",
-        "dim",
         "samples",
         "seconds",
         "directions_per_pass",
@@ -1240,7 +1238,6 @@ fn report<T: Scalar>(
         "synthetic": s.synthetic,
         "split": s.split,
         "samples": s.images.len(),
-        "images": s.images.len(),
         "batch_size": args.batch,
         "batches": batches,
         "bn_mode": s.bn.name(),
@@ -1253,14 +1250,11 @@ fn report<T: Scalar>(
         "method_note": f.note,
         "exact": exact,
         "num_params": d,
-        "dim": d,
         "trace": f.trace,
         "normalized_trace": f.trace.map(|t| t / d as f64),
-        "stderr": f.std_error,
         "std_error": f.std_error,
         "normalized_std_error": f.std_error.map(|e| e / d as f64),
         "seconds": compute_s,
-        "compute_s": compute_s,
     });
     if let Value::Object(map) = &mut obj {
         if r.per_layer.is_some() {
