@@ -1,8 +1,9 @@
 //! What a checkpoint records about the experiment it belongs to, so that `--resume` cannot
 //! silently change it: the recipe (its canonical JSON and that JSON's SHA-256) and the
 //! identity of the images trained on ([`DatasetIdentity`]). Stored in the checkpoint as the
-//! tensor [`RUN_RECORD_TENSOR`]: the UTF-8 bytes of a JSON object, one per int64 element
-//! (safetensors has no string type, and the checkpoint stays one atomically written file).
+//! tensor [`RUN_RECORD_TENSOR`]: the UTF-8 bytes of a JSON object, padded with spaces to a
+//! multiple of 8 and packed 8 to an int64 element, little-endian (safetensors has no string
+//! type, and the checkpoint stays one atomically written file).
 
 use super::run_dir::DatasetIdentity;
 use anyhow::{bail, Result};
@@ -46,11 +47,16 @@ impl RunRecord {
 
     /// The record as a checkpoint tensor ([`RUN_RECORD_TENSOR`]).
     pub fn to_tensor(&self) -> Result<RawTensor> {
-        let bytes = serde_json::to_vec(self)?;
+        let mut bytes = serde_json::to_vec(self)?;
+        bytes.resize(bytes.len().div_ceil(8) * 8, b' ');
+        let words: Vec<i64> = bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("chunks of 8")))
+            .collect();
         Ok(RawTensor {
             name: RUN_RECORD_TENSOR.into(),
-            shape: vec![bytes.len()],
-            data: RawData::I64(bytes.into_iter().map(i64::from).collect()),
+            shape: vec![words.len()],
+            data: RawData::I64(words),
         })
     }
 
@@ -66,11 +72,7 @@ impl RunRecord {
         let RawData::I64(v) = &t.data else {
             return Err(bad("not int64"));
         };
-        let bytes = v
-            .iter()
-            .map(|&b| u8::try_from(b))
-            .collect::<Result<Vec<u8>, _>>()
-            .map_err(|_| bad("an element is not a byte"))?;
+        let bytes: Vec<u8> = v.iter().flat_map(|w| w.to_le_bytes()).collect();
         let record: RunRecord =
             serde_json::from_slice(&bytes).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
         if !record.recipe.is_object() {
@@ -227,8 +229,8 @@ mod tests {
         let p = Path::new("ck.safetensors");
         for data in [
             RawData::F32(vec![1.0]),
-            RawData::I64(vec![300]),
-            RawData::I64(b"{\"x\":1}".iter().map(|&b| b as i64).collect()),
+            RawData::I64(vec![-1]),
+            RawData::I64(vec![i64::from_le_bytes(*b"{\"x\":1} ")]),
         ] {
             let t = RawTensor {
                 name: RUN_RECORD_TENSOR.into(),
