@@ -385,4 +385,11 @@ fn a_checkpoint_without_the_record_resumes_with_a_warning() {
         err.contains("recorded in config.json vs loaded now"),
         "{err}"
     );
+    // So is a run's with no checkpoint yet.
+    std::fs::remove_file(&ckpt).unwrap();
+    let err = error_line(&resume(&dir, &["--data", "other"]));
+    assert!(
+        err.contains("recorded in config.json vs loaded now"),
+        "{err}"
+    );
 }

@@ -297,10 +297,10 @@ impl<T: Scalar + Element> Trainer<T> {
     /// Starts a new run in `out`; with `overwrite`, a run already there is replaced, unless
     /// another process is writing it (see [`RunDir::create`]).
     ///
-    /// A setup error after the folder was made (the model, `--init-from`, the data subsets,
-    /// the optimizer, writing `config.json`) removes the folder when this call created it;
-    /// a folder that existed before keeps what it held, and the `config.json` left in it
-    /// does not block the next run (see [`RunDir::create`]).
+    /// A setup error after the folder was locked (the model, `--init-from`, the data
+    /// subsets, the optimizer, writing `config.json`) removes the folder when this call made
+    /// it ([`RunDir::keep`]); a folder that existed before keeps what it held, and the
+    /// `config.json` left in it does not block the next run (see [`RunDir::create`]).
     pub fn create(
         mut cfg: TrainConfig,
         data: DataSource,
@@ -312,17 +312,6 @@ impl<T: Scalar + Element> Trainer<T> {
             Some(p) => Some(file_sha256(Path::new(p)).context("--init-from")?),
             None => None,
         };
-        let created = std::fs::symlink_metadata(out).is_err();
-        let result = Self::set_up(cfg, data, out, overwrite);
-        if result.is_err() && created {
-            // Nothing was trained and the folder is this call's own: leave no stub.
-            let _ = std::fs::remove_dir_all(out);
-        }
-        result
-    }
-
-    /// The body of [`Trainer::create`] after the recipe is checked.
-    fn set_up(mut cfg: TrainConfig, data: DataSource, out: &Path, overwrite: bool) -> Result<Self> {
         let (origin, synthetic) = (data.origin.clone(), data.synthetic);
         let run = RunDir::create(out, &cfg, overwrite)?;
         run.adopt_network(&mut cfg)?;
@@ -334,6 +323,7 @@ impl<T: Scalar + Element> Trainer<T> {
             dataset: t.dataset.clone(),
         };
         t.run.write_config(&t.cfg, &meta)?;
+        t.run.keep();
         Ok(t)
     }
 
@@ -388,17 +378,18 @@ impl<T: Scalar + Element> Trainer<T> {
             (Some(rec), _) => t
                 .dataset
                 .check_against(&rec.dataset, dir, "the checkpoint")?,
-            (None, Some(p)) => {
-                t.warnings.push(format!(
-                    "{} was written by a flatmin without a record of its recipe and data: \
-                     config.json is not checked against it",
-                    p.display()
-                ));
+            (None, ckpt) => {
+                if let Some(p) = ckpt {
+                    t.warnings.push(format!(
+                        "{} was written by a flatmin without a record of its recipe and data: \
+                         config.json is not checked against it",
+                        p.display()
+                    ));
+                }
                 if let Some(recorded) = t.run.recorded_dataset() {
                     t.dataset.check_against(&recorded, dir, "config.json")?;
                 }
             }
-            (None, None) => {}
         }
         let counters = match (ckpt, raw) {
             (Some(p), Some(raw)) => t.load_checkpoint(&p, raw)?,

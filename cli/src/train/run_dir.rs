@@ -230,7 +230,19 @@ pub fn batch_sha256(b: &flatmin_datasets::Batch) -> String {
 /// [`RunDir::open_to_write`]) holds the folder's [`RunLock`] until it is dropped.
 pub struct RunDir {
     root: PathBuf,
+    /// Set while a run this process created the folder for is being set up: dropped before
+    /// [`RunDir::keep`], the folder is removed (under the lock, which is dropped after).
+    discard: bool,
     _lock: Option<RunLock>,
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if self.discard {
+            // Best effort: the folder is this process's own and nothing was trained in it.
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
 }
 
 /// The copy of a run's network file inside its folder.
@@ -243,14 +255,21 @@ impl RunDir {
     /// `overwrite`), or is not writable. `overwrite` removes everything in the folder but its
     /// lock file. A folder whose run never trained (see [`holds_a_run_in`]: what a setup
     /// error or a kill before the first step leaves) holds no run: it is taken as it is, its
-    /// `config.json` and metrics files rewritten, its other files left alone.
+    /// `config.json` and metrics files rewritten, its other files left alone. The folder is
+    /// removed again when the value is dropped before [`RunDir::keep`], if this call made it
+    /// (not if it existed, nor if another process made it meanwhile).
     pub fn create(root: &Path, cfg: &TrainConfig, overwrite: bool) -> Result<Self> {
         let holds_run = || holds_a_run_in(root);
         if holds_run() && !overwrite {
             bail!("{}", holds_a_run(root));
         }
-        std::fs::create_dir_all(root)
-            .with_context(|| format!("--out {}: cannot create the run folder", root.display()))?;
+        let cannot = || format!("--out {}: cannot create the run folder", root.display());
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(cannot)?;
+        }
+        // Whether this process made the folder: only then may a failed setup remove it.
+        let created = std::fs::create_dir(root).is_ok();
+        std::fs::create_dir_all(root).with_context(cannot)?;
         let lock = RunLock::acquire(root, "--out")?;
         if holds_run() {
             if !overwrite {
@@ -263,6 +282,7 @@ impl RunDir {
             .with_context(|| format!("--out {}: cannot create the run folder", root.display()))?;
         let run = RunDir {
             root: root.to_path_buf(),
+            discard: created,
             _lock: Some(lock),
         };
         let json = serde_json::to_string_pretty(cfg)?;
@@ -288,6 +308,7 @@ impl RunDir {
         }
         Ok(RunDir {
             root: root.to_path_buf(),
+            discard: false,
             _lock: None,
         })
     }
@@ -299,6 +320,13 @@ impl RunDir {
         let mut run = Self::open(root)?;
         run._lock = Some(RunLock::acquire(root, "--resume")?);
         Ok(run)
+    }
+
+    /// Keeps the folder when this value is dropped: called once a new run is set up (its
+    /// `config.json` complete). Until then, dropping a folder [`RunDir::create`] made removes
+    /// it, so a setup error leaves nothing behind.
+    pub fn keep(&mut self) {
+        self.discard = false;
     }
 
     /// The folder.
