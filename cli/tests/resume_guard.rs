@@ -229,6 +229,14 @@ fn metrics_that_no_longer_reach_the_checkpoint_are_refused() {
     // The intact file resumes.
     std::fs::write(&metrics, &full).unwrap();
     ok(&resume(&dir, &[]));
+    // metrics.csv, emptied or cut, is rebuilt exactly from metrics.jsonl (a repair, since
+    // every row is one record's).
+    let csv = std::fs::read(dir.join("r/metrics.csv")).unwrap();
+    for cut in [0, 300] {
+        std::fs::write(dir.join("r/metrics.csv"), &csv[..cut]).unwrap();
+        ok(&resume(&dir, &[]));
+        assert!(std::fs::read(dir.join("r/metrics.csv")).unwrap() == csv);
+    }
 }
 
 /// A resume continues the gradient counters from the checkpoint: stopped after epoch 1 and

@@ -15,6 +15,9 @@ use std::path::Path;
 /// Name of the checkpoint tensor holding the [`RunRecord`].
 pub const RUN_RECORD_TENSOR: &str = "trainer/run_record";
 
+/// Settings that say where something is read from, not what: not compared on resume.
+const LOCATION_KEYS: [&str; 1] = ["data"];
+
 /// The recipe and data identity a checkpoint was written with.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
@@ -83,8 +86,10 @@ impl RunRecord {
 
     /// Checks that `recipe`, the recipe now in `config` (a run's `config.json`), is the one
     /// recorded. The keys compared are those of both recipes, so a setting added by a later
-    /// flatmin (absent from an older record) is no difference. The error names every
-    /// setting that differs with its recorded and its current value.
+    /// flatmin (absent from an older record) is no difference; `data` (where the images are
+    /// read from) is not compared, since the images themselves are
+    /// ([`DatasetIdentity::check_against`]), so a moved data folder can be named. The error
+    /// names every setting that differs with its recorded and its current value.
     pub fn check_recipe(&self, recipe: &Value, config: &Path) -> Result<()> {
         if recipe_sha256(recipe) == self.recipe_sha256 {
             return Ok(());
@@ -94,6 +99,7 @@ impl RunRecord {
         };
         let changed: Vec<String> = new
             .iter()
+            .filter(|(key, _)| !LOCATION_KEYS.contains(&key.as_str()))
             .filter_map(|(key, now)| {
                 let was = old.get(key)?;
                 (was != now).then(|| format!("{key} {was} -> {now}"))
@@ -219,6 +225,14 @@ mod tests {
             ),
             "{err}"
         );
+        // Where the data is read from is no difference (its identity is checked).
+        let moved = serde_json::json!({"lr": 0.1, "epochs": 5, "model": "cnn-s", "data": "/x"});
+        RunRecord::new(
+            serde_json::json!({"lr": 0.1, "epochs": 5, "model": "cnn-s", "data": "auto"}),
+            identity("a"),
+        )
+        .check_recipe(&moved, Path::new("c.json"))
+        .unwrap();
         // A setting only one side knows (added by a later version) is no difference.
         let later = serde_json::json!({"lr": 0.1, "epochs": 5, "model": "cnn-s", "new": 1});
         back.check_recipe(&later, Path::new("c.json")).unwrap();
