@@ -135,11 +135,30 @@ fn check_recipe_against(run: &RunDir, cfg: &TrainConfig, record: Option<&RunReco
 /// last checkpoint recorded; the command line calls it before the memory check and the
 /// data, and [`Trainer::resume`] checks the same again (with the data).
 pub fn check_resume_recipe(run: &RunDir, cfg: &TrainConfig) -> Result<()> {
-    let Some(p) = run.last_checkpoint() else {
-        return Ok(());
-    };
-    let raw = flatmin_models::io::read_safetensors(&p)?;
-    check_recipe_against(run, cfg, find_record(&p, &raw)?.as_ref())
+    let ckpt = LastCheckpoint::read(run)?;
+    check_recipe_against(run, cfg, ckpt.as_ref().and_then(|c| c.record.as_ref()))
+}
+
+/// A run's last checkpoint, read.
+struct LastCheckpoint {
+    /// Its file.
+    path: std::path::PathBuf,
+    /// Its tensors.
+    raw: Vec<RawTensor>,
+    /// Its run record (`None` for checkpoints written before it existed).
+    record: Option<RunRecord>,
+}
+
+impl LastCheckpoint {
+    /// Reads the last checkpoint of `run`, if it has one.
+    fn read(run: &RunDir) -> Result<Option<Self>> {
+        let Some(path) = run.last_checkpoint() else {
+            return Ok(None);
+        };
+        let raw = flatmin_models::io::read_safetensors(&path)?;
+        let record = find_record(&path, &raw)?;
+        Ok(Some(LastCheckpoint { path, raw, record }))
+    }
 }
 
 /// Replaces every label of `data` by one drawn uniformly from the 10 classes (seeded).
@@ -361,15 +380,8 @@ impl<T: Scalar + Element> Trainer<T> {
         let cfg = run.config()?;
         cfg.validate()
             .with_context(|| format!("{}: config.json", dir.display()))?;
-        let ckpt = run.last_checkpoint();
-        let raw = match &ckpt {
-            Some(p) => Some(flatmin_models::io::read_safetensors(p)?),
-            None => None,
-        };
-        let record = match (&ckpt, &raw) {
-            (Some(p), Some(raw)) => find_record(p, raw)?,
-            _ => None,
-        };
+        let ckpt = LastCheckpoint::read(&run)?;
+        let record = ckpt.as_ref().and_then(|c| c.record.clone());
         check_recipe_against(&run, &cfg, record.as_ref())?;
         let (origin, synthetic) = (data.origin.clone(), data.synthetic);
         let mut t = Self::assemble(cfg, data, run)?;
@@ -379,11 +391,11 @@ impl<T: Scalar + Element> Trainer<T> {
                 .dataset
                 .check_against(&rec.dataset, dir, "the checkpoint")?,
             (None, ckpt) => {
-                if let Some(p) = ckpt {
+                if let Some(c) = ckpt {
                     t.warnings.push(format!(
                         "{} was written by a flatmin without a record of its recipe and data: \
                          config.json is not checked against it",
-                        p.display()
+                        c.path.display()
                     ));
                 }
                 if let Some(recorded) = t.run.recorded_dataset() {
@@ -391,9 +403,9 @@ impl<T: Scalar + Element> Trainer<T> {
                 }
             }
         }
-        let counters = match (ckpt, raw) {
-            (Some(p), Some(raw)) => t.load_checkpoint(&p, raw)?,
-            _ => None,
+        let counters = match ckpt {
+            Some(c) => t.load_checkpoint(&c.path, c.raw)?,
+            None => None,
         };
         // Checked on what the truncation keeps, before anything is rewritten.
         let kept = t.run.kept_records(t.step)?;
