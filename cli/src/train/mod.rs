@@ -318,7 +318,7 @@ impl<T: Scalar + Element> Trainer<T> {
     ///
     /// A setup error after the folder was locked (the model, `--init-from`, the data
     /// subsets, the optimizer, writing `config.json`) removes the folder when this call made
-    /// it ([`RunDir::keep`]); a folder that existed before keeps what it held, and the
+    /// it ([`RunDir::discard_unless_kept`]); a folder that existed before keeps what it held, and the
     /// `config.json` left in it does not block the next run (see [`RunDir::create`]).
     pub fn create(
         mut cfg: TrainConfig,
@@ -332,7 +332,8 @@ impl<T: Scalar + Element> Trainer<T> {
             None => None,
         };
         let (origin, synthetic) = (data.origin.clone(), data.synthetic);
-        let run = RunDir::create(out, &cfg, overwrite)?;
+        let mut run = RunDir::create(out, &cfg, overwrite)?;
+        run.discard_unless_kept();
         run.adopt_network(&mut cfg)?;
         let mut t = Self::assemble(cfg, data, run)?;
         t.dataset = t.dataset_identity(origin, synthetic);

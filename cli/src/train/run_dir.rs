@@ -230,8 +230,12 @@ pub fn batch_sha256(b: &flatmin_datasets::Batch) -> String {
 /// [`RunDir::open_to_write`]) holds the folder's [`RunLock`] until it is dropped.
 pub struct RunDir {
     root: PathBuf,
-    /// Set while a run this process created the folder for is being set up: dropped before
-    /// [`RunDir::keep`], the folder is removed (under the lock, which is dropped after).
+    /// Whether [`RunDir::create`] made the folder (it did not exist, nor did another process
+    /// make it meanwhile).
+    made: bool,
+    /// Set on a folder this process made while [`RunDir::create`] writes it, and by
+    /// [`RunDir::discard_unless_kept`] until [`RunDir::keep`]: dropped while set, the folder
+    /// is removed (under the lock, which is released after).
     discard: bool,
     _lock: Option<RunLock>,
 }
@@ -255,9 +259,9 @@ impl RunDir {
     /// `overwrite`), or is not writable. `overwrite` removes everything in the folder but its
     /// lock file. A folder whose run never trained (see [`holds_a_run_in`]: what a setup
     /// error or a kill before the first step leaves) holds no run: it is taken as it is, its
-    /// `config.json` and metrics files rewritten, its other files left alone. The folder is
-    /// removed again when the value is dropped before [`RunDir::keep`], if this call made it
-    /// (not if it existed, nor if another process made it meanwhile).
+    /// `config.json` and metrics files rewritten, its other files left alone. A failure after
+    /// the lock is taken removes the folder again if this call made it; see
+    /// [`RunDir::discard_unless_kept`] for the same over a caller's setup.
     pub fn create(root: &Path, cfg: &TrainConfig, overwrite: bool) -> Result<Self> {
         let holds_run = || holds_a_run_in(root);
         if holds_run() && !overwrite {
@@ -280,8 +284,10 @@ impl RunDir {
         }
         std::fs::create_dir_all(root.join("checkpoints"))
             .with_context(|| format!("--out {}: cannot create the run folder", root.display()))?;
-        let run = RunDir {
+        // A failure below removes a folder this call made (the value is dropped).
+        let mut run = RunDir {
             root: root.to_path_buf(),
+            made: created,
             discard: created,
             _lock: Some(lock),
         };
@@ -294,6 +300,7 @@ impl RunDir {
         }
         std::fs::write(run.root.join("metrics.csv"), format!("{CSV_HEADER}\n"))
             .with_context(|| format!("--out {}: cannot write metrics.csv", root.display()))?;
+        run.discard = false;
         Ok(run)
     }
 
@@ -308,6 +315,7 @@ impl RunDir {
         }
         Ok(RunDir {
             root: root.to_path_buf(),
+            made: false,
             discard: false,
             _lock: None,
         })
@@ -322,9 +330,15 @@ impl RunDir {
         Ok(run)
     }
 
+    /// Until [`RunDir::keep`], dropping this value removes the folder if [`RunDir::create`]
+    /// made it (not if it existed, nor if another process made it meanwhile): a new run's
+    /// setup error then leaves nothing behind.
+    pub fn discard_unless_kept(&mut self) {
+        self.discard = self.made;
+    }
+
     /// Keeps the folder when this value is dropped: called once a new run is set up (its
-    /// `config.json` complete). Until then, dropping a folder [`RunDir::create`] made removes
-    /// it, so a setup error leaves nothing behind.
+    /// `config.json` complete); see [`RunDir::discard_unless_kept`].
     pub fn keep(&mut self) {
         self.discard = false;
     }
