@@ -318,8 +318,9 @@ impl<T: Scalar + Element> Trainer<T> {
     ///
     /// A setup error after the folder was locked (the model, `--init-from`, the data
     /// subsets, the optimizer, writing `config.json`) removes the folder when this call made
-    /// it ([`RunDir::discard_unless_kept`]); a folder that existed before keeps what it held, and the
-    /// `config.json` left in it does not block the next run (see [`RunDir::create`]).
+    /// it ([`RunDir::discard_unless_kept`]); a folder that existed before keeps what it held,
+    /// and the `config.json` left in it does not block the next run (see
+    /// [`RunDir::create`]).
     pub fn create(
         mut cfg: TrainConfig,
         data: DataSource,
