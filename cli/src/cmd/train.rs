@@ -433,9 +433,12 @@ fn dispatch(args: &TrainArgs) -> Result<()> {
                     flags.join(", ")
                 );
             }
-            let cfg = flatmin::train::RunDir::open(dir)?.config()?;
+            let run = flatmin::train::RunDir::open(dir)?;
+            let cfg = run.config()?;
             // Refuse a folder in use at once; the lock itself is taken by `Trainer::resume`.
             RunLock::check_free(dir, "--resume")?;
+            // A config.json edited since the checkpoint, before the memory check and data.
+            flatmin::train::check_resume_recipe(&run, &cfg)?;
             (cfg, Some(dir.clone()))
         }
         None => {
@@ -490,6 +493,9 @@ fn train<T: Scalar + Element>(
             Trainer::<T>::create(cfg, data, &out, args.overwrite)?
         }
     };
+    for w in trainer.warnings() {
+        eprintln!("warning: {w}");
+    }
     let cfg = trainer.config().clone();
     let dir = trainer.run_dir().path().to_path_buf();
     if !args.quiet {

@@ -5,6 +5,7 @@
 mod config;
 mod lock;
 mod memory;
+mod record;
 mod run_dir;
 
 pub use config::{
@@ -16,6 +17,7 @@ pub use memory::{
     available_memory, check_memory, estimate_memory, human_bytes, param_bytes, parse_size,
     MemoryEstimate,
 };
+pub use record::{find_record, recipe_sha256, RunRecord, RUN_RECORD_TENSOR};
 pub use run_dir::{
     batch_sha256, parse_records, read_records, DatasetIdentity, Record, RunDir, RunMeta,
     CSV_HEADER, MAX_CONFIG_BYTES, MAX_METRICS_BYTES,
@@ -78,6 +80,12 @@ pub struct Trainer<T: Scalar + Element> {
     grad_samples: u64,
     /// The trace subset in batches (empty without `--trace-every`).
     trace_set: Vec<(Tensor<T>, Vec<usize>)>,
+    /// Records appended to `metrics.jsonl` so far (all kinds).
+    records: u64,
+    /// The images the run trains on (recorded in every checkpoint).
+    dataset: DatasetIdentity,
+    /// Warnings for the user about how the run was opened (see [`Trainer::warnings`]).
+    warnings: Vec<String>,
 }
 
 /// How [`Trainer::run_until`] ended.
@@ -132,6 +140,45 @@ pub fn training_subset(cfg: &TrainConfig, split: Batch) -> Result<Batch> {
         randomize_labels(&mut train, cfg.data_seed());
     }
     Ok(train)
+}
+
+/// Checks the recipe `cfg` read from `run`'s `config.json` against the checkpoint's
+/// `record` (nothing to check without one).
+fn check_recipe_against(run: &RunDir, cfg: &TrainConfig, record: Option<&RunRecord>) -> Result<()> {
+    match record {
+        Some(rec) => rec.check_recipe(&run.recipe(cfg)?, &run.path().join("config.json")),
+        None => Ok(()),
+    }
+}
+
+/// Refuses to resume `run` when its `config.json` (parsed as `cfg`) is not the recipe its
+/// last checkpoint recorded; the command line calls it before the memory check and the
+/// data, and [`Trainer::resume`] checks the same again (with the data).
+pub fn check_resume_recipe(run: &RunDir, cfg: &TrainConfig) -> Result<()> {
+    let ckpt = LastCheckpoint::read(run)?;
+    check_recipe_against(run, cfg, ckpt.as_ref().and_then(|c| c.record.as_ref()))
+}
+
+/// A run's last checkpoint, read.
+struct LastCheckpoint {
+    /// Its file.
+    path: std::path::PathBuf,
+    /// Its tensors.
+    raw: Vec<RawTensor>,
+    /// Its run record (`None` for checkpoints written before it existed).
+    record: Option<RunRecord>,
+}
+
+impl LastCheckpoint {
+    /// Reads the last checkpoint of `run`, if it has one.
+    fn read(run: &RunDir) -> Result<Option<Self>> {
+        let Some(path) = run.last_checkpoint() else {
+            return Ok(None);
+        };
+        let raw = flatmin_models::io::read_safetensors(&path)?;
+        let record = find_record(&path, &raw)?;
+        Ok(Some(LastCheckpoint { path, raw, record }))
+    }
 }
 
 /// Replaces every label of `data` by one drawn uniformly from the 10 classes (seeded).
@@ -288,6 +335,12 @@ impl<T: Scalar + Element> Trainer<T> {
 
     /// Starts a new run in `out`; with `overwrite`, a run already there is replaced, unless
     /// another process is writing it (see [`RunDir::create`]).
+    ///
+    /// A setup error after the folder was locked (the model, `--init-from`, the data
+    /// subsets, the optimizer, writing `config.json`) removes the folder when this call made
+    /// it ([`RunDir::discard_unless_kept`]); a folder that existed before keeps what it held,
+    /// and the `config.json` left in it does not block the next run (see
+    /// [`RunDir::create`]).
     pub fn create(
         mut cfg: TrainConfig,
         data: DataSource,
@@ -300,56 +353,97 @@ impl<T: Scalar + Element> Trainer<T> {
             None => None,
         };
         let (origin, synthetic) = (data.origin.clone(), data.synthetic);
-        let run = RunDir::create(out, &cfg, overwrite)?;
+        let mut run = RunDir::create(out, &cfg, overwrite)?;
+        run.discard_unless_kept();
         run.adopt_network(&mut cfg)?;
-        let t = Self::assemble(cfg, data, run)?;
+        let mut t = Self::assemble(cfg, data, run)?;
+        t.dataset = t.dataset_identity(origin, synthetic);
         let meta = RunMeta {
             flatmin_version: env!("CARGO_PKG_VERSION").into(),
             threads: rayon::current_num_threads(),
-            dataset: DatasetIdentity {
-                origin,
-                synthetic,
-                train_images: t.loader.records(),
-                test_images: t.test.len(),
-                train_sha256: batch_sha256(t.loader.data()),
-                test_sha256: batch_sha256(&t.test),
-            },
+            dataset: t.dataset.clone(),
         };
         t.run.write_config(&t.cfg, &meta)?;
+        t.run.keep();
         Ok(t)
+    }
+
+    /// The identity of the images this trainer holds (after subsetting and random labels),
+    /// read from `origin`.
+    fn dataset_identity(&self, origin: String, synthetic: bool) -> DatasetIdentity {
+        DatasetIdentity {
+            origin,
+            synthetic,
+            train_images: self.loader.records(),
+            test_images: self.test.len(),
+            train_sha256: batch_sha256(self.loader.data()),
+            test_sha256: batch_sha256(&self.test),
+        }
+    }
+
+    /// Warnings about how the run was opened, one line each, for the user: a resume from a
+    /// checkpoint written before checkpoints recorded their recipe and data.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Reopens the run in `dir` at its last checkpoint (the folder's config is used). Takes
     /// the folder's lock first ([`RunDir::open_to_write`]): a folder in use by another process
     /// is refused before anything in it changes.
+    ///
+    /// The resume continues the recorded experiment or refuses, before anything changes:
+    /// `config.json` must hold the recipe the checkpoint recorded and `data` the images it
+    /// recorded ([`RunRecord`]; a checkpoint written before that record is accepted with a
+    /// warning, [`Trainer::warnings`], its data compared with `config.json`'s record), and
+    /// `metrics.jsonl` must reach the checkpoint's step ([`RunDir::check_records_reach`]).
+    /// The step and the gradient counters come from the checkpoint.
     pub fn resume(dir: &Path, data: DataSource) -> Result<Self> {
         let run = RunDir::open_to_write(dir)?;
         let cfg = run.config()?;
         cfg.validate()
             .with_context(|| format!("{}: config.json", dir.display()))?;
+        let ckpt = LastCheckpoint::read(&run)?;
+        let record = ckpt.as_ref().and_then(|c| c.record.clone());
+        check_recipe_against(&run, &cfg, record.as_ref())?;
+        let (origin, synthetic) = (data.origin.clone(), data.synthetic);
         let mut t = Self::assemble(cfg, data, run)?;
-        if let Some(ckpt) = t.run.last_checkpoint() {
-            t.load_checkpoint(&ckpt)?;
+        t.dataset = t.dataset_identity(origin, synthetic);
+        match (&record, &ckpt) {
+            (Some(rec), _) => t
+                .dataset
+                .check_against(&rec.dataset, dir, "the checkpoint")?,
+            (None, ckpt) => {
+                if let Some(c) = ckpt {
+                    t.warnings.push(format!(
+                        "{} was written by a flatmin without a record of its recipe and data: \
+                         config.json is not checked against it",
+                        c.path.display()
+                    ));
+                }
+                if let Some(recorded) = t.run.recorded_dataset() {
+                    t.dataset.check_against(&recorded, dir, "config.json")?;
+                }
+            }
         }
+        let counters = match ckpt {
+            Some(c) => t.load_checkpoint(&c.path, c.raw)?,
+            None => None,
+        };
+        // Checked on what the truncation keeps, before anything is rewritten.
+        let kept = t.run.kept_records(t.step)?;
+        t.run
+            .check_records_reach(&kept, t.step, counters.as_ref())?;
         t.run.truncate_metrics(t.step)?;
-        t.grad_queries = t
-            .run
-            .records()?
-            .iter()
-            .filter(|r| r.kind == "train")
-            .filter_map(|r| r.grad_evals)
-            .map(|g| g as u64)
-            .sum();
-        // The records carry the running count; folders written before it existed restart it
-        // from zero.
-        t.grad_samples = t
-            .run
-            .records()?
-            .iter()
-            .filter_map(|r| r.grad_samples)
-            .max()
-            .unwrap_or(0);
+        let c = counters.unwrap_or_else(|| Counters::from_records(&kept));
+        (t.grad_queries, t.grad_samples, t.records) = (c.grad_queries, c.grad_samples, c.records);
         Ok(t)
+    }
+
+    /// Appends `rec` to the metrics files and counts it.
+    fn append(&mut self, rec: &Record) -> Result<()> {
+        self.run.append(rec)?;
+        self.records += 1;
+        Ok(())
     }
 
     fn assemble(cfg: TrainConfig, data: DataSource, run: RunDir) -> Result<Self> {
@@ -455,7 +549,17 @@ impl<T: Scalar + Element> Trainer<T> {
             epoch_sums: (0.0, 0, 0),
             grad_queries: 0,
             grad_samples: 0,
+            records: 0,
             trace_set,
+            dataset: DatasetIdentity {
+                origin: String::new(),
+                synthetic: false,
+                train_images: 0,
+                test_images: 0,
+                train_sha256: String::new(),
+                test_sha256: String::new(),
+            },
+            warnings: Vec::new(),
         })
     }
 
@@ -507,6 +611,9 @@ impl<T: Scalar + Element> Trainer<T> {
         let total = self.cfg.epochs * bpe;
         obs.on_start(self.step, total, bpe);
         let started = Instant::now();
+        // A run resumed at its end may have stopped between its last checkpoint and its final
+        // files (a kill, a full disk): they are written again from the checkpoint below.
+        let already_done = self.step >= total;
         if self.cfg.trace_every > 0 && self.step == 0 {
             let logged = self.run.records()?.iter().any(|r| r.kind == "trace");
             if !logged {
@@ -537,7 +644,7 @@ impl<T: Scalar + Element> Trainer<T> {
                                 started.elapsed().as_secs_f64(),
                             );
                             rec.extra.insert("skipped".into(), 1.0);
-                            self.run.append(&rec)?;
+                            self.append(&rec)?;
                             obs.on_step(&rec);
                             continue;
                         }
@@ -578,7 +685,7 @@ impl<T: Scalar + Element> Trainer<T> {
                     started.elapsed().as_secs_f64(),
                 )
                 .with_grad_counts(self.grad_queries, self.grad_samples);
-                self.run.append(&rec)?;
+                self.append(&rec)?;
                 obs.on_step(&rec);
                 let every = self.cfg.trace_every;
                 if every > 0 && (self.step.is_multiple_of(every) || self.step == total) {
@@ -607,7 +714,7 @@ impl<T: Scalar + Element> Trainer<T> {
                     started.elapsed().as_secs_f64(),
                 )
                 .with_grad_counts(self.grad_queries, self.grad_samples);
-                self.run.append(&rec)?;
+                self.append(&rec)?;
                 obs.on_eval(&rec);
             }
             self.epoch_sums = (0.0, 0, 0);
@@ -618,6 +725,10 @@ impl<T: Scalar + Element> Trainer<T> {
             if self.step < total && stop(self.step) {
                 return Ok(Outcome::Stopped { step: self.step });
             }
+        }
+        if already_done {
+            self.sync_model();
+            self.run.write_model(&self.model)?;
         }
         self.write_summary()?;
         Ok(Outcome::Finished)
@@ -683,7 +794,7 @@ impl<T: Scalar + Element> Trainer<T> {
             extra,
             ..Default::default()
         };
-        self.run.append(&rec)
+        self.append(&rec)
     }
 
     /// Writes `summary.json`: steps, the last evaluation, the best test accuracy.
@@ -781,6 +892,10 @@ impl<T: Scalar + Element> Trainer<T> {
             data: RawData::I64(vec![v as i64]),
         };
         raw.push(scalar_i64("step", self.step as u64));
+        raw.push(scalar_i64("grad_queries", self.grad_queries));
+        raw.push(scalar_i64("grad_samples", self.grad_samples));
+        raw.push(scalar_i64("records", self.records));
+        raw.push(RunRecord::new(self.run.recipe(&self.cfg)?, self.dataset.clone()).to_tensor()?);
         raw.push(scalar_i64("epoch_correct", self.epoch_sums.1));
         raw.push(scalar_i64("epoch_seen", self.epoch_sums.2));
         raw.push(RawTensor {
@@ -793,8 +908,9 @@ impl<T: Scalar + Element> Trainer<T> {
         Ok(path)
     }
 
-    fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
-        let raw = flatmin_models::io::read_safetensors(path)?;
+    /// Loads the checkpoint `path` (its tensors `raw`): model, optimizer and trainer state.
+    /// Returns its counters, `None` for a checkpoint written before it held them.
+    fn load_checkpoint(&mut self, path: &Path, raw: Vec<RawTensor>) -> Result<Option<Counters>> {
         let (mut model_part, mut opt_part, mut trainer_part) = (Vec::new(), Vec::new(), Vec::new());
         for t in raw {
             if let Some(n) = t.name.strip_prefix("optimizer/") {
@@ -842,7 +958,55 @@ impl<T: Scalar + Element> Trainer<T> {
             ),
         };
         self.epoch_sums = (loss_sum, int("epoch_correct")?, int("epoch_seen")?);
-        Ok(())
+        let held = |name: &str| {
+            trainer_part
+                .iter()
+                .any(|t| t.name == format!("trainer/{name}"))
+        };
+        if !Counters::NAMES.iter().any(|n| held(n)) {
+            return Ok(None);
+        }
+        Ok(Some(Counters {
+            grad_queries: int("grad_queries")?,
+            grad_samples: int("grad_samples")?,
+            records: int("records")?,
+        }))
+    }
+}
+
+/// The running counts of a run a checkpoint holds (as `trainer/NAME` int64 scalars).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counters {
+    /// Gradient evaluations so far.
+    pub grad_queries: u64,
+    /// Per-sample gradient evaluations so far.
+    pub grad_samples: u64,
+    /// Records appended to `metrics.jsonl` so far.
+    pub records: u64,
+}
+
+impl Counters {
+    /// The names of the counters' checkpoint tensors (after `trainer/`).
+    const NAMES: [&'static str; 3] = ["grad_queries", "grad_samples", "records"];
+
+    /// The counters of a checkpoint written before it held them, from the metrics records
+    /// kept up to it: the queries summed over the steps, the samples from the last running
+    /// count (zero for folders written before it existed).
+    fn from_records(records: &[Record]) -> Self {
+        Counters {
+            grad_queries: records
+                .iter()
+                .filter(|r| r.kind == "train")
+                .filter_map(|r| r.grad_evals)
+                .map(|g| g as u64)
+                .sum(),
+            grad_samples: records
+                .iter()
+                .filter_map(|r| r.grad_samples)
+                .max()
+                .unwrap_or(0),
+            records: records.len() as u64,
+        }
     }
 }
 

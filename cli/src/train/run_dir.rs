@@ -246,25 +246,50 @@ pub fn batch_sha256(b: &flatmin_datasets::Batch) -> String {
 /// [`RunDir::open_to_write`]) holds the folder's [`RunLock`] until it is dropped.
 pub struct RunDir {
     root: PathBuf,
+    /// Whether [`RunDir::create`] made the folder (it did not exist, nor did another process
+    /// make it meanwhile).
+    made: bool,
+    /// Set on a folder this process made while [`RunDir::create`] writes it, and by
+    /// [`RunDir::discard_unless_kept`] until [`RunDir::keep`]: dropped while set, the folder
+    /// is removed (under the lock, which is released after).
+    discard: bool,
     _lock: Option<RunLock>,
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if self.discard {
+            // Best effort: the folder is this process's own and nothing was trained in it.
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
 }
 
 /// The copy of a run's network file inside its folder.
 pub const NETWORK_FILE: &str = "network.json";
 
 impl RunDir {
-    /// Creates a new run folder (or adopts an empty existing one), takes its lock and writes
-    /// `config.json`. Fails before any training if the folder holds a run already (unless
-    /// `overwrite`), is in use by another process (then nothing is changed, even with
+    /// Creates a new run folder (or adopts an existing one that holds no run), takes its lock
+    /// and writes `config.json`. Fails before any training if the folder holds a run already
+    /// (unless `overwrite`), is in use by another process (then nothing is changed, even with
     /// `overwrite`), or is not writable. `overwrite` removes everything in the folder but its
-    /// lock file.
+    /// lock file. A folder whose run never trained (see [`holds_a_run_in`]: what a setup
+    /// error or a kill before the first step leaves) holds no run: it is taken as it is, its
+    /// `config.json` and metrics files rewritten, its other files left alone. A failure after
+    /// the lock is taken removes the folder again if this call made it; see
+    /// [`RunDir::discard_unless_kept`] for the same over a caller's setup.
     pub fn create(root: &Path, cfg: &TrainConfig, overwrite: bool) -> Result<Self> {
-        let holds_run = || root.join("config.json").exists();
+        let holds_run = || holds_a_run_in(root);
         if holds_run() && !overwrite {
             bail!("{}", holds_a_run(root));
         }
-        std::fs::create_dir_all(root)
-            .with_context(|| format!("--out {}: cannot create the run folder", root.display()))?;
+        let cannot = || format!("--out {}: cannot create the run folder", root.display());
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(cannot)?;
+        }
+        // Whether this process made the folder: only then may a failed setup remove it.
+        let created = std::fs::create_dir(root).is_ok();
+        std::fs::create_dir_all(root).with_context(cannot)?;
         let lock = RunLock::acquire(root, "--out")?;
         if holds_run() {
             if !overwrite {
@@ -275,8 +300,11 @@ impl RunDir {
         }
         std::fs::create_dir_all(root.join("checkpoints"))
             .with_context(|| format!("--out {}: cannot create the run folder", root.display()))?;
-        let run = RunDir {
+        // A failure below removes a folder this call made (the value is dropped).
+        let mut run = RunDir {
             root: root.to_path_buf(),
+            made: created,
+            discard: created,
             _lock: Some(lock),
         };
         let json = serde_json::to_string_pretty(cfg)?;
@@ -288,6 +316,7 @@ impl RunDir {
         }
         std::fs::write(run.root.join("metrics.csv"), format!("{CSV_HEADER}\n"))
             .with_context(|| format!("--out {}: cannot write metrics.csv", root.display()))?;
+        run.discard = false;
         Ok(run)
     }
 
@@ -302,6 +331,8 @@ impl RunDir {
         }
         Ok(RunDir {
             root: root.to_path_buf(),
+            made: false,
+            discard: false,
             _lock: None,
         })
     }
@@ -313,6 +344,19 @@ impl RunDir {
         let mut run = Self::open(root)?;
         run._lock = Some(RunLock::acquire(root, "--resume")?);
         Ok(run)
+    }
+
+    /// Until [`RunDir::keep`], dropping this value removes the folder if [`RunDir::create`]
+    /// made it (not if it existed, nor if another process made it meanwhile): a new run's
+    /// setup error then leaves nothing behind.
+    pub fn discard_unless_kept(&mut self) {
+        self.discard = self.made;
+    }
+
+    /// Keeps the folder when this value is dropped: called once a new run is set up (its
+    /// `config.json` complete); see [`RunDir::discard_unless_kept`].
+    pub fn keep(&mut self) {
+        self.discard = false;
     }
 
     /// The folder.
@@ -339,11 +383,7 @@ impl RunDir {
     /// Rewrites `config.json` with the recipe and the run's metadata (a network file inside
     /// the folder is recorded by its name, so the folder can move).
     pub fn write_config(&self, cfg: &TrainConfig, meta: &RunMeta) -> Result<()> {
-        let mut cfg = cfg.clone();
-        if Path::new(&cfg.model) == self.root.join(NETWORK_FILE) {
-            cfg.model = NETWORK_FILE.to_string();
-        }
-        let mut v = serde_json::to_value(&cfg)?;
+        let mut v = self.recipe(cfg)?;
         if let (Some(o), serde_json::Value::Object(m)) =
             (v.as_object_mut(), serde_json::to_value(meta)?)
         {
@@ -354,6 +394,26 @@ impl RunDir {
             serde_json::to_string_pretty(&v)?.as_bytes(),
         )?;
         Ok(())
+    }
+
+    /// The recipe `cfg` as `config.json` holds it (a network file inside the folder by its
+    /// name, so the folder can move): what a checkpoint records and a resume compares
+    /// ([`super::RunRecord`]).
+    pub fn recipe(&self, cfg: &TrainConfig) -> Result<serde_json::Value> {
+        let mut cfg = cfg.clone();
+        if Path::new(&cfg.model) == self.root.join(NETWORK_FILE) {
+            cfg.model = NETWORK_FILE.to_string();
+        }
+        Ok(serde_json::to_value(&cfg)?)
+    }
+
+    /// The data identity `config.json` records (`None` for folders written before it was
+    /// recorded, or a `config.json` whose record is unreadable).
+    pub fn recorded_dataset(&self) -> Option<DatasetIdentity> {
+        let p = self.root.join("config.json");
+        let text = read_regular_to_string(&p, MAX_CONFIG_BYTES).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        serde_json::from_value(v.get("dataset")?.clone()).ok()
     }
 
     /// Writes `summary.json` (atomically).
@@ -401,10 +461,14 @@ impl RunDir {
         read_records(&self.root.join("metrics.jsonl"))
     }
 
-    /// Keeps only the records up to `step` (those written before the checkpoint a resumed
-    /// run restarts from) in both metrics files. Kept lines are copied verbatim, so a resumed
-    /// run's files are byte-identical to an uninterrupted run's (no float re-formatting).
-    pub fn truncate_metrics(&self, step: usize) -> Result<()> {
+    /// The records [`RunDir::truncate_metrics`] keeps for `step`, without changing the file.
+    pub fn kept_records(&self, step: usize) -> Result<Vec<Record>> {
+        Ok(self.kept_lines(step)?.1)
+    }
+
+    /// The lines of `metrics.jsonl` up to `step` (verbatim) and their records: complete
+    /// lines only, up to the first record past `step`.
+    fn kept_lines(&self, step: usize) -> Result<(String, Vec<Record>)> {
         let jsonl_path = self.root.join("metrics.jsonl");
         let text = read_regular_to_string(&jsonl_path, MAX_METRICS_BYTES)
             .with_context(|| jsonl_path.display().to_string())?;
@@ -435,6 +499,15 @@ impl RunDir {
             kept_json.push('\n');
             kept_records.push(r);
         }
+        Ok((kept_json, kept_records))
+    }
+
+    /// Keeps only the records up to `step` (those written before the checkpoint a resumed
+    /// run restarts from) in both metrics files. Kept lines are copied verbatim, so a resumed
+    /// run's files are byte-identical to an uninterrupted run's (no float re-formatting).
+    pub fn truncate_metrics(&self, step: usize) -> Result<()> {
+        let jsonl_path = self.root.join("metrics.jsonl");
+        let (kept_json, kept_records) = self.kept_lines(step)?;
         let csv_path = self.root.join("metrics.csv");
         let csv_text = read_regular_to_string(&csv_path, MAX_METRICS_BYTES).unwrap_or_default();
         let csv_complete = match csv_text.rfind('\n') {
@@ -461,6 +534,77 @@ impl RunDir {
         write_atomic(&jsonl_path, kept_json.as_bytes())?;
         write_atomic(&csv_path, csv.as_bytes())?;
         Ok(())
+    }
+
+    /// Checks that the records of `metrics.jsonl` kept for a checkpoint at `step` (`kept`,
+    /// from [`RunDir::kept_records`]) are all the records written up to it: one `train` or
+    /// `skip` record for each step 1 to `step`, in order, and, when the checkpoint holds its
+    /// `counters`, as many records as it counts, the last step's gradient-query count equal
+    /// to its. Records lost (a truncated or emptied file, a half line, lines removed) cannot
+    /// be rebuilt, so a shortfall is refused, naming the file, the last step it holds and the
+    /// checkpoint's step; nothing is changed.
+    pub fn check_records_reach(
+        &self,
+        kept: &[Record],
+        step: usize,
+        counters: Option<&super::Counters>,
+    ) -> Result<()> {
+        let path = self.root.join("metrics.jsonl");
+        let refuse = |what: String| -> Result<()> {
+            bail!(
+                "{}: {what}; the records cannot be rebuilt: restore the file, or start the \
+                 run again with --overwrite",
+                path.display()
+            )
+        };
+        let mut last: Option<&Record> = None;
+        for r in kept
+            .iter()
+            .filter(|r| r.kind == "train" || r.kind == "skip")
+        {
+            let want = last.map_or(1, |l| l.step + 1);
+            if r.step != want {
+                return refuse(format!(
+                    "the record of step {want} is missing (the next one is of step {}), but the \
+                     checkpoint is at step {step}",
+                    r.step
+                ));
+            }
+            last = Some(r);
+        }
+        match last {
+            Some(r) if r.step != step => {
+                return refuse(format!(
+                    "ends at step {}, but the checkpoint is at step {step}",
+                    r.step
+                ))
+            }
+            None if step > 0 => {
+                return refuse(format!(
+                    "holds no step, but the checkpoint is at step {step}"
+                ))
+            }
+            _ => {}
+        }
+        let Some(c) = counters else {
+            return Ok(());
+        };
+        if kept.len() as u64 != c.records {
+            return refuse(format!(
+                "holds {} records up to step {step}, but the checkpoint at step {step} was \
+                 written after {}",
+                kept.len(),
+                c.records
+            ));
+        }
+        match last.and_then(|r| r.grad_queries) {
+            Some(q) if q != c.grad_queries => refuse(format!(
+                "its record of step {step} counts {q} gradient queries, but the checkpoint at \
+                 step {step} counts {} (another run's file)",
+                c.grad_queries
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Writes `checkpoints/last.safetensors` atomically, and a numbered copy for `keep`.
@@ -490,6 +634,30 @@ impl RunDir {
         model.save(&self.root.join("model.safetensors"))?;
         Ok(())
     }
+}
+
+/// Whether `root` holds a run that a new one must not replace without `--overwrite`: a
+/// `config.json` with anything trained or recorded beside it (a checkpoint, `model.safetensors`,
+/// `summary.json`, or a `metrics.jsonl` that is not an empty regular file). A `config.json`
+/// alone, with empty metrics files, is a stub: the run never got to its first record.
+fn holds_a_run_in(root: &Path) -> bool {
+    if !root.join("config.json").exists() {
+        return false;
+    }
+    let any_checkpoint = std::fs::read_dir(root.join("checkpoints")).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| !e.file_name().to_string_lossy().starts_with('.'))
+    });
+    let records = match std::fs::symlink_metadata(root.join("metrics.jsonl")) {
+        Ok(m) => !m.file_type().is_file() || m.len() > 0,
+        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+    };
+    any_checkpoint
+        || records
+        || ["model.safetensors", "summary.json"]
+            .iter()
+            .any(|f| std::fs::symlink_metadata(root.join(f)).is_ok())
 }
 
 /// The refusal to start a run in `root`, which holds one, without `--overwrite`.
