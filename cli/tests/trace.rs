@@ -744,3 +744,74 @@ fn too_few_probes_name_the_flag_that_was_given() {
     );
     assert!(j.is_object(), "{j}");
 }
+
+#[test]
+fn eigen_out_writes_eigenvectors_that_hvp_confirms() {
+    let dir = scratch("eigen-out");
+    let w = dir.join("w.safetensors");
+    let data = dir.join("batch.bin");
+    write_weights(&w, "tiny-tanh", 3);
+    write_cifar(&data, 12, 4);
+    let (ws, ds) = (w.display().to_string(), data.display().to_string());
+    let common = ["--model", "tiny-tanh", "--weights", &ws, "--data", &ds];
+    let out = dir.join("v.safetensors");
+    let os = out.display().to_string();
+    let top2 = [
+        "--dtype", "f64", "--top", "2", "--steps", "60", "--out", &os, "--json",
+    ];
+    let e = last_json(run_cmd("eigen", &[&common[..], &top2[..]].concat()));
+    let files: Vec<String> = e["eigenvector_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect();
+    let want: Vec<String> = (1..=2)
+        .map(|k| dir.join(format!("v-{k}.safetensors")).display().to_string())
+        .collect();
+    assert_eq!(files, want);
+    for (k, file) in files.iter().enumerate() {
+        let lambda = e["eigenvalues"][k].as_f64().unwrap();
+        // The file is a --vector: H v from `flatmin hvp` on the same images is λ v.
+        let hv = dir.join(format!("hv-{k}.safetensors"));
+        let hs = hv.display().to_string();
+        let hvp_args = ["--vector", file.as_str(), "--dtype", "f64", "--out", &hs];
+        let o = run_cmd("hvp", &[&common[..], &hvp_args[..]].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v = flatmin_models::io::read_safetensors(Path::new(file)).unwrap();
+        let h = flatmin_models::io::read_safetensors(&hv).unwrap();
+        let (mut norm, mut resid) = (0.0, 0.0);
+        for t in &v {
+            let vt = t.data.to_f64().unwrap();
+            let name = format!("hvp.{}", t.name);
+            let ht = h.iter().find(|x| x.name == name).unwrap();
+            for (a, b) in vt.iter().zip(&ht.data.to_f64().unwrap()) {
+                norm += a * a;
+                resid += (b - lambda * a).powi(2);
+            }
+        }
+        assert!(
+            (norm.sqrt() - 1.0).abs() < 1e-9,
+            "unit norm: {}",
+            norm.sqrt()
+        );
+        assert!(
+            resid.sqrt() <= 1e-6 * lambda.abs(),
+            "λ{}: ‖Hv − λv‖ = {:e}, λ = {lambda:e}",
+            k + 1,
+            resid.sqrt()
+        );
+    }
+    // --top 1 writes OUT itself; a name without .safetensors is refused.
+    let one = dir.join("top.safetensors").display().to_string();
+    let top1 = ["--dtype", "f64", "--out", &one, "--json"];
+    let e1 = last_json(run_cmd("eigen", &[&common[..], &top1[..]].concat()));
+    assert_eq!(e1["eigenvector_files"][0], one.as_str());
+    let o = run_cmd("eigen", &[&common[..], &["--out", "v.bin"][..]].concat());
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        err.contains("--out v.bin") && err.contains("safetensors"),
+        "{err}"
+    );
+}

@@ -196,6 +196,11 @@ pub struct EigenArgs {
     /// Most Lanczos iterations [default: 100].
     #[arg(long, value_name = "S")]
     pub steps: Option<usize>,
+    /// Write the eigenvectors (float64, unit norm, one tensor per trainable parameter under
+    /// its name, so each file is a `flatmin hvp --vector` or a PyTorch-style state dict):
+    /// OUT.safetensors for --top 1, else OUT-1.safetensors ... OUT-K.safetensors, λ1 first.
+    #[arg(long, value_name = "OUT.safetensors")]
+    pub out: Option<PathBuf>,
 }
 
 /// Arguments of `flatmin density`.
@@ -233,6 +238,8 @@ struct Request<'a> {
     per_layer: Option<Vec<String>>,
     max_hours: f64,
     density_out: Option<PathBuf>,
+    /// `eigen --out OUT`: where the eigenvectors go.
+    eigen_out: Option<PathBuf>,
     /// `--diagonal OUT`: where the exact diagonal goes.
     diagonal_out: Option<PathBuf>,
 }
@@ -274,6 +281,7 @@ pub fn run(args: &TraceArgs) -> Result<()> {
         per_layer,
         max_hours: args.max_hours,
         density_out: None,
+        eigen_out: None,
         diagonal_out: args.diagonal.clone(),
     };
     if req.diagonal_out.is_some()
@@ -292,9 +300,18 @@ pub fn run(args: &TraceArgs) -> Result<()> {
 
 /// Runs `flatmin eigen`.
 pub fn run_eigen(args: &EigenArgs) -> Result<()> {
+    if let Some(out) = &args.out {
+        if out.extension().is_none_or(|e| e != "safetensors") {
+            bail!(
+                "--out {}: the eigenvectors are written as safetensors; name the file OUT.safetensors",
+                out.display()
+            );
+        }
+    }
     let req = Request {
         top_k: args.top,
         steps: args.steps,
+        eigen_out: args.out.clone(),
         ..Request::only(&args.common, Method::Lanczos)
     };
     super::with_threads(args.common.threads, || dispatch(&req))
@@ -331,6 +348,7 @@ impl<'a> Request<'a> {
             per_layer: None,
             max_hours: 1.0,
             density_out: None,
+            eigen_out: None,
             diagonal_out: None,
         }
     }
@@ -903,6 +921,46 @@ fn write_diagonal(out: &Path, diag: &[TensorDiagonal]) -> Result<()> {
         .with_context(|| format!("--diagonal {}", out.display()))
 }
 
+/// Writes each eigenvector (flat, in parameter order) as a safetensors file of tensors named
+/// like `model`'s trainable parameters: `out` for one vector, else `out` with `-1`, `-2`, ...
+/// before its extension. Returns the paths written.
+fn write_eigenvectors<T: Scalar>(
+    out: &Path,
+    model: &Model<T>,
+    vectors: &[Vec<f64>],
+) -> Result<Vec<String>> {
+    let names = model.param_names();
+    let params = model.params();
+    let mut written = Vec::with_capacity(vectors.len());
+    for (k, v) in vectors.iter().enumerate() {
+        let path = if vectors.len() == 1 {
+            out.to_path_buf()
+        } else {
+            let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+            out.with_file_name(format!("{stem}-{}.safetensors", k + 1))
+        };
+        let mut offset = 0;
+        let tensors: Vec<flatmin_models::io::RawTensor> = names
+            .iter()
+            .zip(&params)
+            .map(|(name, p)| {
+                let n = p.numel();
+                let data = v[offset..offset + n].to_vec();
+                offset += n;
+                flatmin_models::io::RawTensor {
+                    name: name.to_string(),
+                    shape: p.shape().to_vec(),
+                    data: flatmin_models::io::RawData::F64(data),
+                }
+            })
+            .collect();
+        flatmin_models::io::write_safetensors(&path, &tensors)
+            .with_context(|| format!("--out {}", path.display()))?;
+        written.push(path.display().to_string());
+    }
+    Ok(written)
+}
+
 /// Lanczos eigenvalues or the SLQ density, by the library's calls
 /// ([`flatmin_models::spectrum`]).
 fn spectral<T: Scalar>(
@@ -940,6 +998,7 @@ fn lanczos_found<T: Scalar>(
             k: args.top_k,
             max_iters: args.steps.unwrap_or(100.max(args.top_k)),
             seed: s.seed,
+            eigenvectors: args.eigen_out.is_some(),
             ..LanczosOptions::default()
         },
         bn: s.bn,
@@ -947,6 +1006,10 @@ fn lanczos_found<T: Scalar>(
     let rep = spectrum::eigenvalues_with_progress(model, batches, &opts, progress)
         .map_err(|e| trace_error(e, args, s))?;
     let r = &rep.lanczos;
+    if let (Some(out), Some(vectors)) = (&args.eigen_out, &r.eigenvectors) {
+        let written = write_eigenvectors(out, model, vectors)?;
+        f.extra.insert("eigenvector_files".into(), json!(written));
+    }
     f.extra.insert("eigenvalues".into(), json!(r.eigenvalues));
     f.extra.insert("residuals".into(), json!(r.residuals));
     f.extra.insert("iterations".into(), json!(r.iterations));
