@@ -141,6 +141,21 @@ fn mse_runs_log_traces_of_their_own_loss() {
         other["trace"].as_f64().unwrap(),
     );
     assert!((a - b).abs() > 1e-3 * b.abs(), "{a} vs {b}");
+    // --trace-subset measures the images of the run's trace records: the final record again.
+    let logged = trace_of(&mse).last().copied().unwrap();
+    let again = last_json(&flatmin(&[
+        "trace",
+        "--run",
+        s(&mse),
+        "--trace-subset",
+        "--json",
+    ]));
+    assert_eq!(again["samples"], 40);
+    let t = again["trace"].as_f64().unwrap();
+    assert!(
+        (t - logged).abs() <= 1e-9 * logged,
+        "logged {logged} vs --trace-subset {t}"
+    );
     // Exact by basis HVPs agrees with the structural MSE trace.
     let basis = measure(&["--method", "basis", "--dtype", "f64"]);
     let structural = measure(&["--dtype", "f64"]);

@@ -106,6 +106,11 @@ pub struct MeasureArgs {
     /// Class-balanced subset of N images (0: all) [default: 1000, or all of a batch file].
     #[arg(long, visible_alias = "limit", value_name = "N")]
     pub size: Option<usize>,
+    /// Measure on exactly the images the run's `--trace-every` records were measured on (its
+    /// trace subset of the training images, labels as trained), so a logged trace can be
+    /// reproduced; needs --run or a --checkpoint inside a run folder.
+    #[arg(long, conflicts_with_all = ["size", "split", "data", "seed"])]
+    pub trace_subset: bool,
     /// Images per batch (the loss is the mean over all batches, weighted by size; with
     /// --bn-mode train each batch has its own statistics).
     #[arg(
@@ -507,7 +512,23 @@ fn dispatch(r: &Request) -> Result<()> {
         .clone()
         .or_else(|| cfg.map(|cf| cf.data.clone()))
         .unwrap_or_else(|| "auto".into());
-    let (images, data_origin, synthetic, split) = load_images(c, &spec, seed)?;
+    let (images, data_origin, synthetic, split) = match (c.trace_subset, cfg) {
+        (false, _) => load_images(c, &spec, seed)?,
+        (true, Some(cf)) => {
+            let data = resolve(&spec, seed)?;
+            let train = flatmin::train::training_subset(cf, data.train)?;
+            let images = flatmin::train::trace_subset(cf, &train)?;
+            (
+                images,
+                data.origin,
+                data.synthetic,
+                Some("trace-subset".into()),
+            )
+        }
+        (true, None) => {
+            bail!("--trace-subset needs a run: use --run RUN or a --checkpoint inside a run folder")
+        }
+    };
     let setup = Setup {
         model,
         weights,

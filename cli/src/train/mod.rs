@@ -181,6 +181,21 @@ impl LastCheckpoint {
     }
 }
 
+/// The images the `--trace-every` records of a run with recipe `cfg` are measured on: a
+/// seeded, class-balanced subset of `trace_size` images of its training subset `train` (as
+/// [`training_subset`] gives it, labels as trained). `flatmin trace --trace-subset` uses it.
+pub fn trace_subset(cfg: &TrainConfig, train: &Batch) -> Result<Batch> {
+    let n = cfg.trace_size.min(train.len());
+    let seed = derive_seed(cfg.data_seed(), TRACE_SUBSET_SEED_TAG);
+    sized_subset(
+        train.clone(),
+        n,
+        seed,
+        "--trace-samples",
+        "the training subset",
+    )
+}
+
 /// Replaces every label of `data` by one drawn uniformly from the 10 classes (seeded).
 fn randomize_labels(data: &mut Batch, seed: u64) {
     let mut rng = Rng::new(derive_seed(seed, RANDOM_LABELS_SEED_TAG));
@@ -449,15 +464,7 @@ impl<T: Scalar + Element> Trainer<T> {
     fn assemble(cfg: TrainConfig, data: DataSource, run: RunDir) -> Result<Self> {
         let train = training_subset(&cfg, data.train)?;
         let trace_set = if cfg.trace_every > 0 {
-            let n = cfg.trace_size.min(train.len());
-            let seed = derive_seed(cfg.data_seed(), TRACE_SUBSET_SEED_TAG);
-            let b = sized_subset(
-                train.clone(),
-                n,
-                seed,
-                "--trace-samples",
-                "the training subset",
-            )?;
+            let b = trace_subset(&cfg, &train)?;
             (0..b.len())
                 .step_by(TRACE_BATCH)
                 .map(|start| {
