@@ -14,7 +14,8 @@
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
 use crate::kernels::conv::{
-    col2im_add, im2col, im2row, khwc_to_ckhw, pad_hwc, padded_hwc_len, ConvGeom,
+    col2im_add, compact_rows, flip_weight, im2col, im2row, implicit_cols, implicit_offsets,
+    khwc_to_ckhw, pad_chw, pad_hwc, padded_chw_len, padded_hwc_len, transposed_geom, ConvGeom,
 };
 use crate::kernels::gemm::{gemm, MatRef};
 use crate::kernels::nopack;
@@ -181,6 +182,83 @@ fn emit<T: Scalar>(
     }
 }
 
+/// Scratch buffers of one implicit-product task: the padded input and the product at the
+/// padded row pitch.
+struct Scratch<T> {
+    padded: Vec<T>,
+    tmp: Vec<T>,
+}
+
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Scratch {
+            padded: Vec::new(),
+            tmp: Vec::new(),
+        }
+    }
+}
+
+/// True when the stride-1 convolution `g` runs as an implicit product on this machine: the
+/// packing-free kernel reads the rows of the column matrix straight out of the padded image
+/// (no im2col copy, no col2im scatter). Depends only on the shape and the CPU.
+fn implicit<T: Scalar>(g: &ConvGeom) -> bool {
+    g.stride == 1 && nopack::accepts_type::<T>(g.c_out, implicit_cols(g))
+}
+
+/// Writes `Σ_t A_t ⊛ x_t (+ bias)` for one sample into `out` (`[c_out, ho, wo]`, every
+/// element written), each `A_t` a row-major `c_out x patch` weight and `x_t` a CHW sample;
+/// `offs` from [`implicit_offsets`], and [`implicit`] must hold for `g`.
+fn implicit_sample<T: Scalar>(
+    g: &ConvGeom,
+    offs: &[usize],
+    terms: &[(&[T], &[T])],
+    s: &mut Scratch<T>,
+    out: &mut [T],
+    bias: Option<&[T]>,
+) {
+    let n = implicit_cols(g);
+    s.tmp.resize(g.c_out * n, T::zero());
+    s.padded.resize(padded_chw_len(g), T::zero());
+    for (t, &(a, x)) in terms.iter().enumerate() {
+        assert_eq!(a.len(), g.c_out * g.patch(), "implicit conv weight");
+        pad_chw(g, x, &mut s.padded);
+        let beta = if t == 0 { T::zero() } else { T::one() };
+        // SAFETY: `a` is c_out x patch row-major (checked above), every row offset plus `n`
+        // stays inside the padded image (`implicit_offsets`), `tmp` holds c_out rows of `n`.
+        let ran = unsafe {
+            nopack::try_gemm_rows(
+                g.c_out,
+                n,
+                T::one(),
+                (a.as_ptr(), g.patch(), 1),
+                (s.padded.as_ptr(), offs),
+                beta,
+                (s.tmp.as_mut_ptr(), n),
+            )
+        };
+        assert!(ran, "implicit convolution declined by the kernel");
+    }
+    if terms.is_empty() {
+        s.tmp.fill(T::zero());
+    }
+    compact_rows(g, &s.tmp, n, out, bias);
+}
+
+/// Runs `f(k, i, out)` for every direction `k < dirs` and sample `i < n`, `out` the
+/// `[dirs, n, block]` buffer's block of that pair, in parallel with per-task scratch.
+fn per_sample<T: Scalar>(
+    buf: &mut [T],
+    n: usize,
+    block: usize,
+    f: impl Fn(usize, usize, &mut Scratch<T>, &mut [T]) + Sync + Send,
+) {
+    buf.par_chunks_mut(block)
+        .enumerate()
+        .for_each_init(Scratch::default, |s, (idx, out)| {
+            f(idx / n, idx % n, s, out)
+        });
+}
+
 /// Per-channel sums over samples and positions of a `[N, C, P]` buffer, in a fixed order.
 fn channel_sums<T: Scalar>(g: &[T], c: usize, positions: usize) -> Vec<T> {
     let mut s = vec![T::zero(); c];
@@ -190,6 +268,93 @@ fn channel_sums<T: Scalar>(g: &[T], c: usize, positions: usize) -> Vec<T> {
         }
     }
     s
+}
+
+/// The value `W ⊛ X + b` of a convolution over `n` samples, `[n, c_out, ho, wo]`.
+fn conv_value<T: Scalar>(
+    g: &ConvGeom,
+    n: usize,
+    xv: &[T],
+    wv: &[T],
+    bias: Option<&[T]>,
+) -> Tensor<T> {
+    let mut y = Tensor::zeros(&[n, g.c_out, g.ho(), g.wo()]);
+    let il = g.in_len();
+    if implicit::<T>(g) {
+        let offs = implicit_offsets(g);
+        per_sample(y.data_mut(), n, g.out_len(), |_, i, s, out| {
+            implicit_sample(g, &offs, &[(wv, &xv[i * il..(i + 1) * il])], s, out, bias);
+        });
+        return y;
+    }
+    let wm = MatRef::new(wv, g.c_out, g.patch());
+    let yp = SendPtr(y.data_mut().as_mut_ptr());
+    chunks(g, n).par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(cols, tmp), &ch| {
+            lower(g, xv, 0, ch, cols);
+            emit(g, ch, &[(wm, &cols[..])], tmp, yp, 0, bias);
+        },
+    );
+    y
+}
+
+/// The tangents (`[K, ...]`, `None` when zero) of a convolution's input, weight and bias.
+struct Tangents<'a, T> {
+    x: Option<&'a [T]>,
+    w: Option<&'a [T]>,
+    b: Option<&'a [T]>,
+}
+
+/// The tangent `Ẏ_k = Ẇ_k ⊛ X + W ⊛ Ẋ_k + ḃ_k` of a convolution, `[k, n, c_out, ho, wo]`.
+fn conv_tangent<T: Scalar>(
+    g: &ConvGeom,
+    n: usize,
+    k: usize,
+    xv: &[T],
+    wv: &[T],
+    t: Tangents<T>,
+) -> Tensor<T> {
+    let mut out_t = Tensor::zeros(&[k, n, g.c_out, g.ho(), g.wo()]);
+    let (il, wl, in_all, out_all) = (g.in_len(), wv.len(), n * g.in_len(), n * g.out_len());
+    let bias_k = |kk: usize| t.b.map(|b| &b[kk * g.c_out..(kk + 1) * g.c_out]);
+    if implicit::<T>(g) {
+        let offs = implicit_offsets(g);
+        per_sample(out_t.data_mut(), n, g.out_len(), |kk, i, s, out| {
+            let mut terms = Vec::with_capacity(2);
+            if let Some(wt) = t.w {
+                terms.push((&wt[kk * wl..(kk + 1) * wl], &xv[i * il..(i + 1) * il]));
+            }
+            if let Some(xt) = t.x {
+                terms.push((wv, &xt[kk * in_all + i * il..][..il]));
+            }
+            implicit_sample(g, &offs, &terms, s, out, bias_k(kk));
+        });
+        return out_t;
+    }
+    let wm = MatRef::new(wv, g.c_out, g.patch());
+    let tp = SendPtr(out_t.data_mut().as_mut_ptr());
+    chunks(g, n).par_iter().for_each_init(
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(cols, dcols, tmp), &ch| {
+            if t.w.is_some() {
+                lower(g, xv, 0, ch, cols);
+            }
+            for kk in 0..k {
+                let mut terms = Vec::with_capacity(2);
+                if let Some(wt) = t.w {
+                    let wk = MatRef::new(&wt[kk * wl..(kk + 1) * wl], g.c_out, g.patch());
+                    terms.push((wk, &cols[..]));
+                }
+                if let Some(xt) = t.x {
+                    lower(g, xt, kk * in_all, ch, dcols);
+                    terms.push((wm, &dcols[..]));
+                }
+                emit(g, ch, &terms, tmp, tp, kk * out_all, bias_k(kk));
+            }
+        },
+    );
+    out_t
 }
 
 impl<T: Scalar> Tape<T> {
@@ -244,55 +409,21 @@ impl<T: Scalar> Tape<T> {
             pad,
         };
         let n = xs[0];
-        let oshape = [n, g.c_out, g.ho(), g.wo()];
-        let patch = g.patch();
         let xv = self.value(x).data();
-        let wm = MatRef::new(self.value(w).data(), g.c_out, patch);
+        let wv = self.value(w).data();
         let bias = b.map(|b| self.value(b).data());
-        let parts = chunks(&g, n);
-        let mut y = Tensor::zeros(&oshape);
-        let yp = SendPtr(y.data_mut().as_mut_ptr());
-        parts.par_iter().for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(cols, tmp), &ch| {
-                lower(&g, xv, 0, ch, cols);
-                emit(&g, ch, &[(wm, &cols[..])], tmp, yp, 0, bias);
-            },
-        );
-
-        let k = self.directions();
+        let y = conv_value(&g, n, xv, wv, bias);
         let (xt, wt) = (self.tangent(x), self.tangent(w));
         let bt = b.and_then(|b| self.tangent(b));
         let tangent = if xt.is_none() && wt.is_none() && bt.is_none() {
             None
         } else {
-            let mut t = Tensor::zeros(&tangent_shape(k, &oshape));
-            let tp = SendPtr(t.data_mut().as_mut_ptr());
-            let (wl, in_all, out_all) = (g.c_out * patch, n * g.in_len(), n * g.out_len());
-            parts.par_iter().for_each_init(
-                || (Vec::new(), Vec::new(), Vec::new()),
-                |(cols, dcols, tmp), &ch| {
-                    if wt.is_some() {
-                        lower(&g, xv, 0, ch, cols);
-                    }
-                    for kk in 0..k {
-                        // Ẏ_k = Ẇ_k cols(X) + W cols(Ẋ_k) + ḃ_k
-                        let mut terms = Vec::with_capacity(2);
-                        if let Some(wt) = wt {
-                            let wk =
-                                MatRef::new(&wt.data()[kk * wl..(kk + 1) * wl], g.c_out, patch);
-                            terms.push((wk, &cols[..]));
-                        }
-                        if let Some(xt) = xt {
-                            lower(&g, xt.data(), kk * in_all, ch, dcols);
-                            terms.push((wm, &dcols[..]));
-                        }
-                        let bk = bt.map(|bt| &bt.data()[kk * g.c_out..(kk + 1) * g.c_out]);
-                        emit(&g, ch, &terms, tmp, tp, kk * out_all, bk);
-                    }
-                },
-            );
-            Some(t)
+            let t = Tangents {
+                x: xt.map(|t| t.data()),
+                w: wt.map(|t| t.data()),
+                b: bt.map(|t| t.data()),
+            };
+            Some(conv_tangent(&g, n, self.directions(), xv, wv, t))
         };
         let op = Conv2d {
             x: x.0,
@@ -302,6 +433,119 @@ impl<T: Scalar> Tape<T> {
             n,
         };
         Ok(self.push(Op::Conv2d(op), y, tangent, false))
+    }
+}
+
+/// The input gradient `X̄ = W̃ ⊛ Ȳ` of a stride-1 convolution as a convolution of the output
+/// gradient (geometry `gt` from [`transposed_geom`], weight [`flip_weight`]), and with `wt`
+/// or `gd` its tangents `X̄˙_k = W̃˙_k ⊛ Ȳ + W̃ ⊛ Ȳ˙_k`; every element written once, no
+/// scatter. `gt` must pass [`implicit`].
+fn input_grad_implicit<T: Scalar>(
+    gt: &ConvGeom,
+    n: usize,
+    k: usize,
+    wv: &[T],
+    wt: Option<&[T]>,
+    gyd: &[T],
+    gd: Option<&[T]>,
+) -> (Vec<T>, Option<Vec<T>>) {
+    // The forward geometry, whose weight layout `wv` and `wt` are in.
+    let fwd = ConvGeom {
+        c_in: gt.c_out,
+        c_out: gt.c_in,
+        ..*gt
+    };
+    let (il, ol, wl) = (gt.in_len(), gt.out_len(), wv.len());
+    let offs = implicit_offsets(gt);
+    let wf = flip_weight(&fwd, wv);
+    let mut gx = vec![T::zero(); n * ol];
+    per_sample(&mut gx, n, ol, |_, i, s, out| {
+        implicit_sample(
+            gt,
+            &offs,
+            &[(&wf, &gyd[i * il..(i + 1) * il])],
+            s,
+            out,
+            None,
+        );
+    });
+    let dot = (gd.is_some() || wt.is_some()).then(|| {
+        let wtf: Vec<Vec<T>> = wt.map_or_else(Vec::new, |wt| {
+            (0..k)
+                .map(|kk| flip_weight(&fwd, &wt[kk * wl..(kk + 1) * wl]))
+                .collect()
+        });
+        let mut d = vec![T::zero(); k * n * ol];
+        per_sample(&mut d, n, ol, |kk, i, s, out| {
+            let mut terms = Vec::with_capacity(2);
+            if let Some(w) = wtf.get(kk) {
+                terms.push((&w[..], &gyd[i * il..(i + 1) * il]));
+            }
+            if let Some(gd) = gd {
+                terms.push((&wf[..], &gd[(kk * n + i) * il..][..il]));
+            }
+            implicit_sample(gt, &offs, &terms, s, out, None);
+        });
+        d
+    });
+    (gx, dot)
+}
+
+impl Conv2d {
+    /// The input gradient `X̄ = col2im(Wᵀ Ȳ)` through the lowered column matrix, and with
+    /// `want_dot` its tangents `X̄˙_k = col2im(Ẇ_kᵀ Ȳ + Wᵀ Ȳ˙_k)`: the path for strided
+    /// convolutions and machines without the packing-free kernel.
+    fn input_grad_lowered<T: Scalar>(
+        &self,
+        k: usize,
+        wv: &[T],
+        wt: Option<&[T]>,
+        gyd: &[T],
+        gdot: Option<&[T]>,
+        want_dot: bool,
+    ) -> (Vec<T>, Option<Vec<T>>) {
+        let (g, n) = (self.g, self.n);
+        let (il, pl, patch, wl) = (g.in_len(), g.positions(), g.patch(), wv.len());
+        let (in_all, out_all) = (n * il, n * g.out_len());
+        let wm = MatRef::new(wv, g.c_out, patch);
+        let mut gx = vec![T::zero(); in_all];
+        let mut dot = want_dot.then(|| vec![T::zero(); k * in_all]);
+        let gxp = SendPtr(gx.as_mut_ptr());
+        let dp = dot.as_mut().map(|d| SendPtr(d.as_mut_ptr()));
+        chunks(&g, n).par_iter().for_each_init(
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(gyc, gdc, tmp), &ch| {
+                let cols_len = ch.len * pl;
+                let col2im_chunk = |tmp: &[T], dst: SendPtr<T>, base: usize| {
+                    for j in 0..ch.len {
+                        // SAFETY: each chunk owns its samples' input-gradient blocks.
+                        let out = unsafe { dst.slice(base + (ch.start + j) * il, il) };
+                        col2im_add(&g, tmp, cols_len, j * pl, out);
+                    }
+                };
+                gather(&g, gyd, 0, ch, gyc);
+                let gym = MatRef::new(&gyc[..], g.c_out, cols_len);
+                tmp.resize(patch * cols_len, T::zero());
+                gemm(T::one(), wm.t(), gym, T::zero(), tmp);
+                col2im_chunk(tmp, gxp, 0);
+                let Some(dp) = dp else { return };
+                for kk in 0..k {
+                    let mut beta = T::zero();
+                    if let Some(wt) = wt {
+                        let wk = MatRef::new(&wt[kk * wl..(kk + 1) * wl], g.c_out, patch);
+                        gemm(T::one(), wk.t(), gym, beta, tmp);
+                        beta = T::one();
+                    }
+                    if let Some(gd) = gdot {
+                        gather(&g, gd, kk * out_all, ch, gdc);
+                        let gdm = MatRef::new(&gdc[..], g.c_out, cols_len);
+                        gemm(T::one(), wm.t(), gdm, beta, tmp);
+                    }
+                    col2im_chunk(tmp, dp, kk * in_all);
+                }
+            },
+        );
+        (gx, dot)
     }
 }
 
@@ -329,57 +573,20 @@ impl<T: Scalar> Rule<T> for Conv2d {
         let (xv, wv) = (nx.value.data(), nw.value.data());
         let (xt, wt) = (nx.tangent.as_ref(), nw.tangent.as_ref());
         let wl = wv.len();
-        let wm = MatRef::new(wv, g.c_out, patch);
         let gyd = gy.data();
         let parts = chunks(&g, n);
 
         if tape.needs_grad(self.x) {
-            // X̄ = col2im(Wᵀ Ȳ); X̄˙_k = col2im(Ẇ_kᵀ Ȳ + Wᵀ Ȳ˙_k)
             let want_dot = gdot.is_some() || wt.is_some();
-            let mut gx = Tensor::zeros(nx.value.shape());
-            let mut dot = want_dot.then(|| Tensor::zeros(&tangent_shape(k, nx.value.shape())));
-            let gxp = SendPtr(gx.data_mut().as_mut_ptr());
-            let dp = dot.as_mut().map(|d| SendPtr(d.data_mut().as_mut_ptr()));
-            parts.par_iter().for_each_init(
-                || (Vec::new(), Vec::new(), Vec::new()),
-                |(gyc, gdc, tmp), &ch| {
-                    let cols_len = ch.len * pl;
-                    let col2im_chunk = |tmp: &[T], dst: SendPtr<T>, base: usize| {
-                        for j in 0..ch.len {
-                            // SAFETY: each chunk owns its samples' input-gradient blocks.
-                            let out = unsafe { dst.slice(base + (ch.start + j) * il, il) };
-                            col2im_add(&g, tmp, cols_len, j * pl, out);
-                        }
-                    };
-                    gather(&g, gyd, 0, ch, gyc);
-                    let gym = MatRef::new(&gyc[..], g.c_out, cols_len);
-                    tmp.resize(patch * cols_len, T::zero());
-                    gemm(T::one(), wm.t(), gym, T::zero(), tmp);
-                    col2im_chunk(tmp, gxp, 0);
-                    if let Some(dp) = dp {
-                        for kk in 0..k {
-                            let mut beta = T::zero();
-                            if let Some(wt) = wt {
-                                let wk =
-                                    MatRef::new(&wt.data()[kk * wl..(kk + 1) * wl], g.c_out, patch);
-                                gemm(T::one(), wk.t(), gym, beta, tmp);
-                                beta = T::one();
-                            }
-                            if let Some(gd) = gdot {
-                                gather(&g, gd.data(), kk * out_all, ch, gdc);
-                                gemm(
-                                    T::one(),
-                                    wm.t(),
-                                    MatRef::new(gdc, g.c_out, cols_len),
-                                    beta,
-                                    tmp,
-                                );
-                            }
-                            col2im_chunk(tmp, dp, kk * in_all);
-                        }
-                    }
-                },
-            );
+            let gd = gdot.map(|t| t.data());
+            let (gx, dot) = match transposed_geom(&g).filter(implicit::<T>) {
+                Some(gt) => input_grad_implicit(&gt, n, k, wv, wt.map(|t| t.data()), gyd, gd),
+                None => self.input_grad_lowered(k, wv, wt.map(|t| t.data()), gyd, gd, want_dot),
+            };
+            let shape = nx.value.shape();
+            let gx = Tensor::from_vec(shape, gx).expect("conv dx");
+            let dot = dot
+                .map(|d| Tensor::from_vec(&tangent_shape(k, shape), d).expect("conv dx tangent"));
             sink.add(self.x, gx, dot);
         }
 
