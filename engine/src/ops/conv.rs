@@ -19,7 +19,7 @@ use crate::kernels::conv::{
 };
 use crate::kernels::gemm::{gemm, MatRef};
 use crate::kernels::nopack;
-use crate::kernels::par::{fixed_ranges, SendPtr};
+use crate::kernels::par::{fixed_ranges, par_build, SendPtr};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
@@ -244,19 +244,17 @@ fn implicit_sample<T: Scalar>(
     compact_rows(g, &s.tmp, n, out, bias);
 }
 
-/// Runs `f(k, i, out)` for every direction `k < dirs` and sample `i < n`, `out` the
-/// `[dirs, n, block]` buffer's block of that pair, in parallel with per-task scratch.
+/// A `[dirs, n, block]` buffer whose block for direction `k` and sample `i` is written by
+/// `f(k, i, scratch, block)` (every element), in parallel with per-task scratch.
 fn per_sample<T: Scalar>(
-    buf: &mut [T],
+    dirs: usize,
     n: usize,
     block: usize,
     f: impl Fn(usize, usize, &mut Scratch<T>, &mut [T]) + Sync + Send,
-) {
-    buf.par_chunks_mut(block)
-        .enumerate()
-        .for_each_init(Scratch::default, |s, (idx, out)| {
-            f(idx / n, idx % n, s, out)
-        });
+) -> Vec<T> {
+    par_build(dirs * n * block, block, Scratch::default, |s, idx, out| {
+        f(idx / n, idx % n, s, out)
+    })
 }
 
 /// Per-channel sums over samples and positions of a `[N, C, P]` buffer, in a fixed order.
@@ -278,15 +276,16 @@ fn conv_value<T: Scalar>(
     wv: &[T],
     bias: Option<&[T]>,
 ) -> Tensor<T> {
-    let mut y = Tensor::zeros(&[n, g.c_out, g.ho(), g.wo()]);
+    let shape = [n, g.c_out, g.ho(), g.wo()];
     let il = g.in_len();
     if implicit::<T>(g) {
         let offs = implicit_offsets(g);
-        per_sample(y.data_mut(), n, g.out_len(), |_, i, s, out| {
+        let y = per_sample(1, n, g.out_len(), |_, i, s, out| {
             implicit_sample(g, &offs, &[(wv, &xv[i * il..(i + 1) * il])], s, out, bias);
         });
-        return y;
+        return Tensor::from_vec(&shape, y).expect("conv value");
     }
+    let mut y = Tensor::zeros(&shape);
     let wm = MatRef::new(wv, g.c_out, g.patch());
     let yp = SendPtr(y.data_mut().as_mut_ptr());
     chunks(g, n).par_iter().for_each_init(
@@ -315,12 +314,12 @@ fn conv_tangent<T: Scalar>(
     wv: &[T],
     t: Tangents<T>,
 ) -> Tensor<T> {
-    let mut out_t = Tensor::zeros(&[k, n, g.c_out, g.ho(), g.wo()]);
+    let shape = [k, n, g.c_out, g.ho(), g.wo()];
     let (il, wl, in_all, out_all) = (g.in_len(), wv.len(), n * g.in_len(), n * g.out_len());
     let bias_k = |kk: usize| t.b.map(|b| &b[kk * g.c_out..(kk + 1) * g.c_out]);
     if implicit::<T>(g) {
         let offs = implicit_offsets(g);
-        per_sample(out_t.data_mut(), n, g.out_len(), |kk, i, s, out| {
+        let d = per_sample(k, n, g.out_len(), |kk, i, s, out| {
             let mut terms = Vec::with_capacity(2);
             if let Some(wt) = t.w {
                 terms.push((&wt[kk * wl..(kk + 1) * wl], &xv[i * il..(i + 1) * il]));
@@ -330,8 +329,9 @@ fn conv_tangent<T: Scalar>(
             }
             implicit_sample(g, &offs, &terms, s, out, bias_k(kk));
         });
-        return out_t;
+        return Tensor::from_vec(&shape, d).expect("conv tangent");
     }
+    let mut out_t = Tensor::zeros(&shape);
     let wm = MatRef::new(wv, g.c_out, g.patch());
     let tp = SendPtr(out_t.data_mut().as_mut_ptr());
     chunks(g, n).par_iter().for_each_init(
@@ -458,8 +458,7 @@ fn input_grad_implicit<T: Scalar>(
     let (il, ol, wl) = (gt.in_len(), gt.out_len(), wv.len());
     let offs = implicit_offsets(gt);
     let wf = flip_weight(&fwd, wv);
-    let mut gx = vec![T::zero(); n * ol];
-    per_sample(&mut gx, n, ol, |_, i, s, out| {
+    let gx = per_sample(1, n, ol, |_, i, s, out| {
         implicit_sample(
             gt,
             &offs,
@@ -475,8 +474,7 @@ fn input_grad_implicit<T: Scalar>(
                 .map(|kk| flip_weight(&fwd, &wt[kk * wl..(kk + 1) * wl]))
                 .collect()
         });
-        let mut d = vec![T::zero(); k * n * ol];
-        per_sample(&mut d, n, ol, |kk, i, s, out| {
+        per_sample(k, n, ol, |kk, i, s, out| {
             let mut terms = Vec::with_capacity(2);
             if let Some(w) = wtf.get(kk) {
                 terms.push((&w[..], &gyd[i * il..(i + 1) * il]));
@@ -485,8 +483,7 @@ fn input_grad_implicit<T: Scalar>(
                 terms.push((&wf[..], &gd[(kk * n + i) * il..][..il]));
             }
             implicit_sample(gt, &offs, &terms, s, out, None);
-        });
-        d
+        })
     });
     (gx, dot)
 }
