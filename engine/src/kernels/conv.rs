@@ -180,20 +180,26 @@ pub fn implicit_offsets(g: &ConvGeom) -> Vec<usize> {
     offs
 }
 
-/// Writes the CHW sample `x` into `out` (at least [`padded_chw_len`] long) as a zero-padded
-/// CHW image; every element of the padded image is written.
+/// Makes `buf` a zeroed buffer of `len` elements unless it already has that length: scratch
+/// for [`pad_chw`] and [`expand_rows`], whose gaps stay zero while the buffer is reused for
+/// the same geometry.
+pub fn zeroed_scratch<T: Scalar>(buf: &mut Vec<T>, len: usize) {
+    if buf.len() != len {
+        buf.clear();
+        buf.resize(len, T::zero());
+    }
+}
+
+/// Writes the CHW sample `x` into the interior of the zero-padded CHW image `out`
+/// ([`padded_chw_len`] long, from [`zeroed_scratch`]): only the interior is written, so the
+/// zero borders stay as they are when the buffer is reused for the same geometry.
 pub fn pad_chw<T: Scalar>(g: &ConvGeom, x: &[T], out: &mut [T]) {
     let (hp, wp, p) = (g.h + 2 * g.pad, padded_w(g), g.pad);
     let out = &mut out[..padded_chw_len(g)];
     for (plane, src) in out.chunks_exact_mut(hp * wp).zip(x.chunks_exact(g.h * g.w)) {
-        let (top, rest) = plane.split_at_mut(p * wp);
-        top.fill(T::zero());
-        let (body, bottom) = rest.split_at_mut(g.h * wp);
-        bottom.fill(T::zero());
+        let body = &mut plane[p * wp..(p + g.h) * wp];
         for (row, s) in body.chunks_exact_mut(wp).zip(src.chunks_exact(g.w)) {
-            row[..p].fill(T::zero());
             row[p..p + g.w].copy_from_slice(s);
-            row[p + g.w..].fill(T::zero());
         }
     }
 }
@@ -220,6 +226,22 @@ pub fn compact_rows<T: Scalar>(
             } else {
                 row.copy_from_slice(src);
             }
+        }
+    }
+}
+
+/// The inverse of [`compact_rows`]: lays the `[c_out, ho, wo]` sample `src` out at the padded
+/// row pitch in `out` (`c_out` rows of [`implicit_cols`], from [`zeroed_scratch`]), leaving
+/// the zeros between output rows, so that a product over the implicit columns counts each
+/// position once.
+pub fn expand_rows<T: Scalar>(g: &ConvGeom, src: &[T], out: &mut [T]) {
+    let (wo, wp, nc) = (g.wo(), padded_w(g), implicit_cols(g));
+    for (row, plane) in out[..g.c_out * nc]
+        .chunks_exact_mut(nc)
+        .zip(src.chunks_exact(g.positions()))
+    {
+        for (oy, s) in plane.chunks_exact(wo).enumerate() {
+            row[oy * wp..oy * wp + wo].copy_from_slice(s);
         }
     }
 }

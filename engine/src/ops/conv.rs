@@ -14,12 +14,13 @@
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
 use crate::kernels::conv::{
-    col2im_add, compact_rows, flip_weight, im2col, im2row, implicit_cols, implicit_offsets,
-    khwc_to_ckhw, pad_chw, pad_hwc, padded_chw_len, padded_hwc_len, transposed_geom, ConvGeom,
+    col2im_add, compact_rows, expand_rows, flip_weight, im2col, im2row, implicit_cols,
+    implicit_offsets, khwc_to_ckhw, pad_chw, pad_hwc, padded_chw_len, padded_hwc_len,
+    transposed_geom, zeroed_scratch, ConvGeom,
 };
 use crate::kernels::gemm::{gemm, MatRef};
-use crate::kernels::nopack;
 use crate::kernels::par::{fixed_ranges, par_build, SendPtr};
+use crate::kernels::{nopack, rowdot};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
@@ -218,7 +219,7 @@ fn implicit_sample<T: Scalar>(
 ) {
     let n = implicit_cols(g);
     s.tmp.resize(g.c_out * n, T::zero());
-    s.padded.resize(padded_chw_len(g), T::zero());
+    zeroed_scratch(&mut s.padded, padded_chw_len(g));
     for (t, &(a, x)) in terms.iter().enumerate() {
         assert_eq!(a.len(), g.c_out * g.patch(), "implicit conv weight");
         pad_chw(g, x, &mut s.padded);
@@ -488,7 +489,107 @@ fn input_grad_implicit<T: Scalar>(
     (gx, dot)
 }
 
+/// What a convolution's weight gradient reads: the input and output gradient, and their
+/// tangents for the `kd` directions of the gradient's tangent (0: none wanted).
+struct WeightGradInputs<'a, T> {
+    kd: usize,
+    xv: &'a [T],
+    xt: Option<&'a [T]>,
+    gyd: &'a [T],
+    gdot: Option<&'a [T]>,
+}
+
 impl Conv2d {
+    /// The weight gradient (and its `kd` tangents, `[1 + kd, c_out, c_in, kh, kw]`) summed
+    /// over `samples` of a stride-1 convolution, without lowering: each product reads the
+    /// rows of the column matrix out of the padded image ([`rowdot`]) against the output
+    /// gradient laid out at the padded row pitch.
+    fn weight_grad_implicit<T: Scalar>(
+        &self,
+        src: &WeightGradInputs<T>,
+        offs: &[usize],
+        samples: std::ops::Range<usize>,
+    ) -> Vec<T> {
+        let (g, n) = (self.g, self.n);
+        let (il, ol, wl, nc) = (
+            g.in_len(),
+            g.out_len(),
+            g.c_out * g.patch(),
+            implicit_cols(&g),
+        );
+        let mut acc = vec![T::zero(); (1 + src.kd) * wl];
+        let (mut padded, mut dpadded, mut ye, mut de) = (vec![], vec![], vec![], vec![]);
+        zeroed_scratch(&mut padded, padded_chw_len(&g));
+        zeroed_scratch(&mut ye, g.c_out * nc);
+        let product = |a: &[T], b: &[T], dst: &mut [T]| {
+            // SAFETY: `a` holds c_out rows of `nc`, every offset plus `nc` stays inside the
+            // padded image `b` (`implicit_offsets`), `dst` is a c_out x patch block.
+            let ran = unsafe {
+                rowdot::try_gemm_abt_rows(
+                    g.c_out,
+                    nc,
+                    (a.as_ptr(), nc),
+                    (b.as_ptr(), offs),
+                    (dst.as_mut_ptr(), g.patch()),
+                )
+            };
+            assert!(ran, "implicit weight gradient declined by the kernel");
+        };
+        for i in samples {
+            pad_chw(&g, &src.xv[i * il..(i + 1) * il], &mut padded);
+            expand_rows(&g, &src.gyd[i * ol..(i + 1) * ol], &mut ye);
+            product(&ye, &padded, &mut acc[..wl]);
+            for kk in 0..src.kd {
+                let dst = &mut acc[(1 + kk) * wl..(2 + kk) * wl];
+                if let Some(gd) = src.gdot {
+                    zeroed_scratch(&mut de, g.c_out * nc);
+                    expand_rows(&g, &gd[(kk * n + i) * ol..][..ol], &mut de);
+                    product(&de, &padded, dst);
+                }
+                if let Some(xt) = src.xt {
+                    zeroed_scratch(&mut dpadded, padded.len());
+                    pad_chw(&g, &xt[(kk * n + i) * il..][..il], &mut dpadded);
+                    product(&ye, &dpadded, dst);
+                }
+            }
+        }
+        acc
+    }
+
+    /// The weight gradient (and its `kd` tangents) summed over the chunks `parts`, with the
+    /// patch in `(ki, kj, c)` order: `Σ Ȳ rows(X)` with rows(X) the im2row matrix (cols(X)ᵀ
+    /// permuted so the GEMM packs contiguous runs); the path for strided convolutions.
+    fn weight_grad_lowered<T: Scalar>(&self, src: &WeightGradInputs<T>, parts: &[Chunk]) -> Vec<T> {
+        let (g, n) = (self.g, self.n);
+        let (pl, patch, wl) = (g.positions(), g.patch(), g.c_out * g.patch());
+        let (in_all, out_all) = (n * g.in_len(), n * g.out_len());
+        let mut acc = vec![T::zero(); (1 + src.kd) * wl];
+        let (mut rows, mut drows, mut gyc, mut gdc, mut padded) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for &ch in parts {
+            let cols_len = ch.len * pl;
+            lower_rows(&g, src.xv, 0, ch, &mut padded, &mut rows);
+            gather(&g, src.gyd, 0, ch, &mut gyc);
+            let rm = MatRef::new(&rows[..], cols_len, patch);
+            let gym = MatRef::new(&gyc[..], g.c_out, cols_len);
+            gemm(T::one(), gym, rm, T::one(), &mut acc[..wl]);
+            for kk in 0..src.kd {
+                let dst = &mut acc[(1 + kk) * wl..(2 + kk) * wl];
+                if let Some(gd) = src.gdot {
+                    gather(&g, gd, kk * out_all, ch, &mut gdc);
+                    let gdm = MatRef::new(&gdc[..], g.c_out, cols_len);
+                    gemm(T::one(), gdm, rm, T::one(), dst);
+                }
+                if let Some(xt) = src.xt {
+                    lower_rows(&g, xt, kk * in_all, ch, &mut padded, &mut drows);
+                    let drm = MatRef::new(&drows[..], cols_len, patch);
+                    gemm(T::one(), gym, drm, T::one(), dst);
+                }
+            }
+        }
+        acc
+    }
+
     /// The input gradient `X̄ = col2im(Wᵀ Ȳ)` through the lowered column matrix, and with
     /// `want_dot` its tangents `X̄˙_k = col2im(Ẇ_kᵀ Ȳ + Wᵀ Ȳ˙_k)`: the path for strided
     /// convolutions and machines without the packing-free kernel.
@@ -564,8 +665,7 @@ impl<T: Scalar> Rule<T> for Conv2d {
         let g = self.g;
         let n = self.n;
         let k = tape.directions();
-        let (il, pl, patch) = (g.in_len(), g.positions(), g.patch());
-        let (in_all, out_all) = (n * il, n * g.out_len());
+        let (pl, out_all) = (g.positions(), n * g.out_len());
         let (nx, nw) = (tape.node(self.x), tape.node(self.w));
         let (xv, wv) = (nx.value.data(), nw.value.data());
         let (xt, wt) = (nx.tangent.as_ref(), nw.tangent.as_ref());
@@ -588,52 +688,46 @@ impl<T: Scalar> Rule<T> for Conv2d {
         }
 
         if tape.needs_grad(self.w) {
-            // W̄ = Σ Ȳ rows(X); W̄˙_k = Σ Ȳ˙_k rows(X) + Ȳ rows(Ẋ_k), with rows(X) the im2row
-            // matrix (cols(X)ᵀ with the patch in (ki, kj, c) order, so the GEMM packs
-            // contiguous runs), summed over chunks in fixed groups (order independent of the
-            // thread count), then reordered to the weight layout.
+            // W̄ = Σ_n Ȳ_n cols(X_n)ᵀ; W̄˙_k = Σ_n Ȳ˙_k cols(X_n)ᵀ + Ȳ_n cols(Ẋ_k)ᵀ, summed
+            // in fixed groups (order independent of the thread count).
             let want_dot = gdot.is_some() || xt.is_some();
             let kd = if want_dot { k } else { 0 };
             let groups = (PARTIAL_BUDGET / ((1 + kd) * wl).max(1)).clamp(1, MAX_GROUPS);
-            let ranges = fixed_ranges(parts.len(), groups);
-            let partials: Vec<Vec<T>> = ranges
-                .par_iter()
-                .map(|r| {
-                    let mut acc = vec![T::zero(); (1 + kd) * wl];
-                    let (mut rows, mut drows, mut gyc, mut gdc, mut padded) =
-                        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                    for &ch in &parts[r.clone()] {
-                        let cols_len = ch.len * pl;
-                        lower_rows(&g, xv, 0, ch, &mut padded, &mut rows);
-                        gather(&g, gyd, 0, ch, &mut gyc);
-                        let rm = MatRef::new(&rows[..], cols_len, patch);
-                        let gym = MatRef::new(&gyc[..], g.c_out, cols_len);
-                        gemm(T::one(), gym, rm, T::one(), &mut acc[..wl]);
-                        for kk in 0..kd {
-                            let dst = &mut acc[(1 + kk) * wl..(2 + kk) * wl];
-                            if let Some(gd) = gdot {
-                                gather(&g, gd.data(), kk * out_all, ch, &mut gdc);
-                                let gdm = MatRef::new(&gdc[..], g.c_out, cols_len);
-                                gemm(T::one(), gdm, rm, T::one(), dst);
-                            }
-                            if let Some(xt) = xt {
-                                lower_rows(&g, xt.data(), kk * in_all, ch, &mut padded, &mut drows);
-                                let drm = MatRef::new(&drows[..], cols_len, patch);
-                                gemm(T::one(), gym, drm, T::one(), dst);
-                            }
-                        }
-                    }
-                    acc
-                })
-                .collect();
+            let src = WeightGradInputs {
+                kd,
+                xv,
+                xt: xt.map(|t| t.data()),
+                gyd,
+                gdot: gdot.map(|t| t.data()),
+            };
+            let implicit_w = g.stride == 1 && rowdot::accepts_type::<T>();
+            let partials: Vec<Vec<T>> = if implicit_w {
+                let offs = implicit_offsets(&g);
+                let ranges = fixed_ranges(n, groups);
+                ranges
+                    .par_iter()
+                    .map(|r| self.weight_grad_implicit(&src, &offs, r.clone()))
+                    .collect()
+            } else {
+                let ranges = fixed_ranges(parts.len(), groups);
+                ranges
+                    .par_iter()
+                    .map(|r| self.weight_grad_lowered(&src, &parts[r.clone()]))
+                    .collect()
+            };
             let mut summed = partials[0].clone();
             for p in &partials[1..] {
                 for (a, &b) in summed.iter_mut().zip(p) {
                     *a = *a + b;
                 }
             }
-            let mut total = vec![T::zero(); summed.len()];
-            khwc_to_ckhw(&g, &summed, &mut total);
+            let total = if implicit_w {
+                summed
+            } else {
+                let mut total = vec![T::zero(); summed.len()];
+                khwc_to_ckhw(&g, &summed, &mut total);
+                total
+            };
             let gw = Tensor::from_vec(nw.value.shape(), total[..wl].to_vec()).expect("conv dw");
             let dot = want_dot.then(|| {
                 Tensor::from_vec(&tangent_shape(k, nw.value.shape()), total[wl..].to_vec())

@@ -15,7 +15,9 @@
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
 use crate::kernels::par::par_build;
-use crate::kernels::reduce::{dot, dot_centered, sum as total, sum_sq_centered};
+use crate::kernels::reduce::{
+    dot, dot_centered, sum as total, sum_and_dot_centered, sum_sq_centered,
+};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
@@ -260,10 +262,10 @@ impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
         let sums: Vec<(T, T)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let sy = channel_sum(n, |s| total(&g[vplane(g, s * c + ch)]));
-                let syx = channel_sum(n, |s| {
+                let (sy, syx) = (0..n).fold((T::zero(), T::zero()), |(sy, syx), s| {
                     let r = vplane(g, s * c + ch);
-                    dot_centered(&xv[r.clone()], self.mu[ch], &g[r])
+                    let (a, b) = sum_and_dot_centered(&xv[r.clone()], self.mu[ch], &g[r]);
+                    (sy + a, syx + b)
                 });
                 (sy, syx * self.s[ch])
             })
