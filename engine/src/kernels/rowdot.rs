@@ -20,10 +20,13 @@ const TILE_COLS: usize = 4;
 #[derive(Clone, Copy)]
 struct Operands<T> {
     k: usize,
+    segs: usize,
     a: *const T,
     lda: usize,
+    a_seg: usize,
     b: *const T,
     boff: *const usize,
+    b_seg: usize,
     c: *mut T,
     ldc: usize,
 }
@@ -37,33 +40,37 @@ pub fn accepts_type<T: Scalar>() -> bool {
     typed && cfg!(target_arch = "x86_64") && super::cpu::isa() == super::cpu::Isa::Avx512
 }
 
-/// `C (m x n) += A (m x k) Bᵀ`, with row `i` of `A` the `k` contiguous elements at
-/// `a + i·lda`, row `j` of `B` (`n = offsets.len()`) the `k` contiguous elements at
-/// `b + offsets[j]`, and `C` row-major with row stride `ldc`. Returns `false`, having done
-/// nothing, where [`accepts_type`] does not hold.
+/// `C (m x n) += Σ_s A_s (m x k) B_sᵀ` over `segs` segments (consecutive samples), with
+/// row `i` of `A_s` the `k` contiguous elements at `a + s·a_seg + i·lda`, row `j` of `B_s`
+/// (`n = offsets.len()`) the `k` contiguous elements at `b + s·b_seg + offsets[j]`, and `C`
+/// row-major with row stride `ldc`. Each register tile keeps its lane-wise sums across the
+/// segments and reduces them once. Returns `false`, having done nothing, where
+/// [`accepts_type`] does not hold.
 ///
 /// # Safety
-/// Every row of `A` and `B` must be readable for `k` elements, `c` must cover `m` rows of
-/// `n` elements `ldc` apart, initialized and not aliasing `a` or `b`.
+/// Every row of every `A_s` and `B_s` must be readable for `k` elements, `c` must cover `m`
+/// rows of `n` elements `ldc` apart, initialized and not aliasing `a` or `b`.
 pub unsafe fn try_gemm_abt_rows<T: Scalar>(
-    m: usize,
-    k: usize,
-    (a, lda): (*const T, usize),
-    (b, offsets): (*const T, &[usize]),
+    (m, k, segs): (usize, usize, usize),
+    (a, lda, a_seg): (*const T, usize, usize),
+    (b, offsets, b_seg): (*const T, &[usize], usize),
     (c, ldc): (*mut T, usize),
 ) -> bool {
     if !accepts_type::<T>() {
         return false;
     }
-    if m == 0 || k == 0 || offsets.is_empty() {
+    if m == 0 || k == 0 || segs == 0 || offsets.is_empty() {
         return true;
     }
     let ops = Operands {
         k,
+        segs,
         a,
         lda,
+        a_seg,
         b,
         boff: offsets.as_ptr(),
+        b_seg,
         c,
         ldc,
     };
@@ -121,24 +128,28 @@ mod avx512 {
             #[inline]
             unsafe fn $tile<const R: usize, const S: usize>(i: usize, j: usize, o: Operands<$t>) {
                 let mut acc = [[$zero(); S]; R];
-                let ap: [*const $t; R] = std::array::from_fn(|r| o.a.add((i + r) * o.lda));
-                let bp: [*const $t; S] = std::array::from_fn(|s| o.b.add(*o.boff.add(j + s)));
-                let mut q = 0;
-                while q < o.k {
-                    let left = o.k - q;
-                    let mask: $mask = if left >= $lanes {
-                        <$mask>::MAX
-                    } else {
-                        ((1u32 << left) - 1) as $mask
-                    };
-                    let bv: [_; S] = std::array::from_fn(|s| $load($zero(), mask, bp[s].add(q)));
-                    for (acc_r, &a_r) in acc.iter_mut().zip(&ap) {
-                        let av = $load($zero(), mask, a_r.add(q));
-                        for (x, &b) in acc_r.iter_mut().zip(&bv) {
-                            *x = $fmadd(av, b, *x);
+                for seg in 0..o.segs {
+                    let (a0, b0) = (o.a.add(seg * o.a_seg), o.b.add(seg * o.b_seg));
+                    let ap: [*const $t; R] = std::array::from_fn(|r| a0.add((i + r) * o.lda));
+                    let bp: [*const $t; S] = std::array::from_fn(|s| b0.add(*o.boff.add(j + s)));
+                    let mut q = 0;
+                    while q < o.k {
+                        let left = o.k - q;
+                        let mask: $mask = if left >= $lanes {
+                            <$mask>::MAX
+                        } else {
+                            ((1u32 << left) - 1) as $mask
+                        };
+                        let bv: [_; S] =
+                            std::array::from_fn(|s| $load($zero(), mask, bp[s].add(q)));
+                        for (acc_r, &a_r) in acc.iter_mut().zip(&ap) {
+                            let av = $load($zero(), mask, a_r.add(q));
+                            for (x, &b) in acc_r.iter_mut().zip(&bv) {
+                                *x = $fmadd(av, b, *x);
+                            }
                         }
+                        q += $lanes;
                     }
-                    q += $lanes;
                 }
                 for (r, acc_r) in acc.iter().enumerate() {
                     let cp = o.c.add((i + r) * o.ldc + j);
@@ -179,39 +190,49 @@ mod tests {
     use super::*;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
-    /// Every tile shape and tail of `k` against a naive product, f64 and f32, accumulating
-    /// into a non-zero `C`; the kernel really runs where the machine has the instructions.
+    /// Every tile shape, tail of `k` and segment count against a naive product, f64 and
+    /// f32, accumulating into a non-zero `C`; the kernel really runs where the machine has
+    /// the instructions.
     #[test]
     fn matches_naive_product_on_every_tail() {
         let mut rng = StdRng::seed_from_u64(11);
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (3, 7, 15),
-            (4, 6, 16),
-            (5, 13, 33),
-            (16, 144, 1086),
+        for &(m, n, k, segs) in &[
+            (1, 1, 1, 1),
+            (3, 7, 15, 2),
+            (4, 6, 16, 1),
+            (5, 13, 33, 3),
+            (16, 144, 1086, 1),
+            (64, 9, 78, 4),
         ] {
-            let lda = k + 2;
-            let a: Vec<f64> = (0..m * lda).map(|_| rng.gen_range(-1.0..1.0)).collect();
-            let buf: Vec<f64> = (0..k + 3 * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let (lda, a_seg) = (k + 2, m * (k + 2) + 5);
+            let b_seg = k + 3 * n + 1;
+            let a: Vec<f64> = (0..segs * a_seg)
+                .map(|_| rng.gen_range(-1.0..1.0))
+                .collect();
+            let buf: Vec<f64> = (0..segs * b_seg)
+                .map(|_| rng.gen_range(-1.0..1.0))
+                .collect();
             let offsets: Vec<usize> = (0..n).map(|_| rng.gen_range(0..=3 * n)).collect();
             let c0: Vec<f64> = (0..m * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let want: Vec<f64> = (0..m * n)
                 .map(|e| {
                     let (i, j) = (e / n, e % n);
+                    let term = |s: usize, q: usize| {
+                        a[s * a_seg + i * lda + q] * buf[s * b_seg + offsets[j] + q]
+                    };
                     c0[e]
-                        + (0..k)
-                            .map(|q| a[i * lda + q] * buf[offsets[j] + q])
+                        + (0..segs)
+                            .flat_map(|s| (0..k).map(move |q| (s, q)))
+                            .map(|(s, q)| term(s, q))
                             .sum::<f64>()
                 })
                 .collect();
             let mut c = c0.clone();
             let ran = unsafe {
                 try_gemm_abt_rows(
-                    m,
-                    k,
-                    (a.as_ptr(), lda),
-                    (buf.as_ptr(), &offsets),
+                    (m, k, segs),
+                    (a.as_ptr(), lda, a_seg),
+                    (buf.as_ptr(), &offsets, b_seg),
                     (c.as_mut_ptr(), n),
                 )
             };
@@ -230,15 +251,14 @@ mod tests {
             let mut c32: Vec<f32> = c0.iter().map(|&v| v as f32).collect();
             unsafe {
                 try_gemm_abt_rows(
-                    m,
-                    k,
-                    (a32.as_ptr(), lda),
-                    (b32.as_ptr(), &offsets),
+                    (m, k, segs),
+                    (a32.as_ptr(), lda, a_seg),
+                    (b32.as_ptr(), &offsets, b_seg),
                     (c32.as_mut_ptr(), n),
                 );
             }
             for (x, y) in c32.iter().zip(&want) {
-                let tol = 1e-5 * (1.0 + k as f64).sqrt() * (1.0 + y.abs());
+                let tol = 1e-5 * (1.0 + (segs * k) as f64).sqrt() * (1.0 + y.abs());
                 assert!((*x as f64 - y).abs() <= tol, "f32 {m}x{n}x{k}: {x} vs {y}");
             }
         }

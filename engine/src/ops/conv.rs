@@ -518,38 +518,48 @@ impl Conv2d {
             implicit_cols(&g),
         );
         let mut acc = vec![T::zero(); (1 + src.kd) * wl];
+        // Samples per kernel call: about 2048 columns, so the lanes are reduced rarely.
+        let seg = (2048 / nc).clamp(1, 8);
+        let (plen, ylen) = (padded_chw_len(&g), g.c_out * nc);
         let (mut padded, mut dpadded, mut ye, mut de) = (vec![], vec![], vec![], vec![]);
-        zeroed_scratch(&mut padded, padded_chw_len(&g));
-        zeroed_scratch(&mut ye, g.c_out * nc);
-        let product = |a: &[T], b: &[T], dst: &mut [T]| {
-            // SAFETY: `a` holds c_out rows of `nc`, every offset plus `nc` stays inside the
-            // padded image `b` (`implicit_offsets`), `dst` is a c_out x patch block.
+        zeroed_scratch(&mut padded, seg * plen);
+        zeroed_scratch(&mut ye, seg * ylen);
+        let product = |a: &[T], b: &[T], segs: usize, dst: &mut [T]| {
+            // SAFETY: `a` holds `segs` blocks of c_out rows of `nc` (`ylen` apart), every
+            // offset plus `nc` stays inside each padded image of `b` (`plen` apart;
+            // `implicit_offsets`), `dst` is a c_out x patch block.
             let ran = unsafe {
                 rowdot::try_gemm_abt_rows(
-                    g.c_out,
-                    nc,
-                    (a.as_ptr(), nc),
-                    (b.as_ptr(), offs),
+                    (g.c_out, nc, segs),
+                    (a.as_ptr(), nc, ylen),
+                    (b.as_ptr(), offs, plen),
                     (dst.as_mut_ptr(), g.patch()),
                 )
             };
             assert!(ran, "implicit weight gradient declined by the kernel");
         };
-        for i in samples {
-            pad_chw(&g, &src.xv[i * il..(i + 1) * il], &mut padded);
-            expand_rows(&g, &src.gyd[i * ol..(i + 1) * ol], &mut ye);
-            product(&ye, &padded, &mut acc[..wl]);
+        let samples: Vec<usize> = samples.collect();
+        for batch in samples.chunks(seg) {
+            for (s, &i) in batch.iter().enumerate() {
+                pad_chw(&g, &src.xv[i * il..(i + 1) * il], &mut padded[s * plen..]);
+                expand_rows(&g, &src.gyd[i * ol..(i + 1) * ol], &mut ye[s * ylen..]);
+            }
+            product(&ye, &padded, batch.len(), &mut acc[..wl]);
             for kk in 0..src.kd {
                 let dst = &mut acc[(1 + kk) * wl..(2 + kk) * wl];
                 if let Some(gd) = src.gdot {
-                    zeroed_scratch(&mut de, g.c_out * nc);
-                    expand_rows(&g, &gd[(kk * n + i) * ol..][..ol], &mut de);
-                    product(&de, &padded, dst);
+                    zeroed_scratch(&mut de, seg * ylen);
+                    for (s, &i) in batch.iter().enumerate() {
+                        expand_rows(&g, &gd[(kk * n + i) * ol..][..ol], &mut de[s * ylen..]);
+                    }
+                    product(&de, &padded, batch.len(), dst);
                 }
                 if let Some(xt) = src.xt {
-                    zeroed_scratch(&mut dpadded, padded.len());
-                    pad_chw(&g, &xt[(kk * n + i) * il..][..il], &mut dpadded);
-                    product(&ye, &dpadded, dst);
+                    zeroed_scratch(&mut dpadded, seg * plen);
+                    for (s, &i) in batch.iter().enumerate() {
+                        pad_chw(&g, &xt[(kk * n + i) * il..][..il], &mut dpadded[s * plen..]);
+                    }
+                    product(&ye, &dpadded, batch.len(), dst);
                 }
             }
         }
