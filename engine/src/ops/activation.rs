@@ -11,7 +11,7 @@
 
 use super::{tangent_shape, Rule};
 use crate::error::Result;
-use crate::kernels::par::{par_from_fn, par_map, par_map2};
+use crate::kernels::par::{par_chunks, par_map, par_map2};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
@@ -196,14 +196,25 @@ fn relu_d1<T: Scalar>(v: T) -> T {
 /// `out[k][i] = Σ_terms a_t[i] · b_t[k][i]` over `[K, m]` blocks, where each term pairs a
 /// per-element factor `a` (length m) with a `[K, m]` array `b`.
 pub(crate) fn scale_blocks<T: Scalar>(m: usize, k: usize, terms: &[(&[T], &[T])]) -> Vec<T> {
-    let Some((&(a0, b0), rest)) = terms.split_first() else {
-        return vec![T::zero(); k * m];
-    };
-    par_from_fn(k * m, |j| {
-        let i = j % m;
-        rest.iter()
-            .fold(a0[i] * b0[j], |o, &(a, b)| o + a[i] * b[j])
-    })
+    let mut out = vec![T::zero(); k * m];
+    for kk in 0..k {
+        par_chunks(&mut out[kk * m..(kk + 1) * m], |off, c| {
+            for (t, (a, b)) in terms.iter().enumerate() {
+                let a = &a[off..off + c.len()];
+                let b = &b[kk * m + off..kk * m + off + c.len()];
+                if t == 0 {
+                    for ((o, &ai), &bi) in c.iter_mut().zip(a).zip(b) {
+                        *o = ai * bi;
+                    }
+                } else {
+                    for ((o, &ai), &bi) in c.iter_mut().zip(a).zip(b) {
+                        *o = *o + ai * bi;
+                    }
+                }
+            }
+        });
+    }
+    out
 }
 
 impl<T: Scalar> Tape<T> {
