@@ -1,5 +1,8 @@
 //! 2-D convolution (NCHW input, `[C_out, C_in, kh, kw]` weight, optional bias, stride, zero
-//! padding), lowered per sample to im2col + GEMM.
+//! padding). Stride-1 convolutions on AVX-512 machines run as implicit products that read
+//! the column matrix straight out of a zero-padded copy of each sample (no lowering; the input
+//! gradient as a convolution of Ȳ with the flipped weight); the rest are lowered to
+//! im2col + GEMM. The formulas below are written with the column matrix cols(X) either way.
 //!
 //! Convolution Y = W ⊛ X + b is bilinear in (W, X) and affine in b:
 //! - value: Y_n = W cols(X_n) + b
@@ -500,6 +503,42 @@ struct WeightGradInputs<'a, T> {
 }
 
 impl Conv2d {
+    /// `W̄ = Σ_n Ȳ_n cols(X_n)ᵀ` and its `kd` tangents `W̄˙_k = Σ_n Ȳ˙_k cols(X_n)ᵀ +
+    /// Ȳ_n cols(Ẋ_k)ᵀ`, `[1 + kd, c_out, c_in, kh, kw]`, summed in fixed groups reduced in
+    /// order (independent of the thread count): without lowering for stride 1 where
+    /// [`rowdot`] runs, else through the im2row matrix.
+    fn weight_grad<T: Scalar>(&self, src: &WeightGradInputs<T>) -> Vec<T> {
+        let (g, n) = (self.g, self.n);
+        let wl = g.c_out * g.patch();
+        let groups = (PARTIAL_BUDGET / ((1 + src.kd) * wl).max(1)).clamp(1, MAX_GROUPS);
+        let implicit_w = g.stride == 1 && rowdot::accepts_type::<T>();
+        let partials: Vec<Vec<T>> = if implicit_w {
+            let offs = implicit_offsets(&g);
+            fixed_ranges(n, groups)
+                .par_iter()
+                .map(|r| self.weight_grad_implicit(src, &offs, r.clone()))
+                .collect()
+        } else {
+            let parts = chunks(&g, n);
+            fixed_ranges(parts.len(), groups)
+                .par_iter()
+                .map(|r| self.weight_grad_lowered(src, &parts[r.clone()]))
+                .collect()
+        };
+        let mut summed = partials[0].clone();
+        for p in &partials[1..] {
+            for (a, &b) in summed.iter_mut().zip(p) {
+                *a = *a + b;
+            }
+        }
+        if implicit_w {
+            return summed;
+        }
+        let mut total = vec![T::zero(); summed.len()];
+        khwc_to_ckhw(&g, &summed, &mut total);
+        total
+    }
+
     /// The weight gradient (and its `kd` tangents, `[1 + kd, c_out, c_in, kh, kw]`) summed
     /// over `samples` of a stride-1 convolution, without lowering: each product reads the
     /// rows of the column matrix out of the padded image ([`rowdot`]) against the output
@@ -681,7 +720,6 @@ impl<T: Scalar> Rule<T> for Conv2d {
         let (xt, wt) = (nx.tangent.as_ref(), nw.tangent.as_ref());
         let wl = wv.len();
         let gyd = gy.data();
-        let parts = chunks(&g, n);
 
         if tape.needs_grad(self.x) {
             let want_dot = gdot.is_some() || wt.is_some();
@@ -698,46 +736,15 @@ impl<T: Scalar> Rule<T> for Conv2d {
         }
 
         if tape.needs_grad(self.w) {
-            // W̄ = Σ_n Ȳ_n cols(X_n)ᵀ; W̄˙_k = Σ_n Ȳ˙_k cols(X_n)ᵀ + Ȳ_n cols(Ẋ_k)ᵀ, summed
-            // in fixed groups (order independent of the thread count).
             let want_dot = gdot.is_some() || xt.is_some();
-            let kd = if want_dot { k } else { 0 };
-            let groups = (PARTIAL_BUDGET / ((1 + kd) * wl).max(1)).clamp(1, MAX_GROUPS);
             let src = WeightGradInputs {
-                kd,
+                kd: if want_dot { k } else { 0 },
                 xv,
                 xt: xt.map(|t| t.data()),
                 gyd,
                 gdot: gdot.map(|t| t.data()),
             };
-            let implicit_w = g.stride == 1 && rowdot::accepts_type::<T>();
-            let partials: Vec<Vec<T>> = if implicit_w {
-                let offs = implicit_offsets(&g);
-                let ranges = fixed_ranges(n, groups);
-                ranges
-                    .par_iter()
-                    .map(|r| self.weight_grad_implicit(&src, &offs, r.clone()))
-                    .collect()
-            } else {
-                let ranges = fixed_ranges(parts.len(), groups);
-                ranges
-                    .par_iter()
-                    .map(|r| self.weight_grad_lowered(&src, &parts[r.clone()]))
-                    .collect()
-            };
-            let mut summed = partials[0].clone();
-            for p in &partials[1..] {
-                for (a, &b) in summed.iter_mut().zip(p) {
-                    *a = *a + b;
-                }
-            }
-            let total = if implicit_w {
-                summed
-            } else {
-                let mut total = vec![T::zero(); summed.len()];
-                khwc_to_ckhw(&g, &summed, &mut total);
-                total
-            };
+            let total = self.weight_grad(&src);
             let gw = Tensor::from_vec(nw.value.shape(), total[..wl].to_vec()).expect("conv dw");
             let dot = want_dot.then(|| {
                 Tensor::from_vec(&tangent_shape(k, nw.value.shape()), total[wl..].to_vec())
