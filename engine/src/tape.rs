@@ -216,6 +216,13 @@ fn accumulate<T: Scalar>(slot: &mut Option<Tensor<T>>, t: Tensor<T>) {
     match slot {
         None => *slot = Some(t),
         Some(acc) => {
+            let mut t = t;
+            if !acc.is_unique() && t.is_unique() {
+                // Add into the buffer nobody else holds, instead of copying the shared one
+                // first (the residual add hands the same adjoint to both of its inputs);
+                // elementwise addition commutes, so the sums are the same.
+                std::mem::swap(acc, &mut t);
+            }
             let src = t.data();
             crate::kernels::par::par_chunks(acc.data_mut(), |off, c| {
                 for (j, a) in c.iter_mut().enumerate() {

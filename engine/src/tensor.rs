@@ -107,6 +107,11 @@ impl<T: Scalar> Tensor<T> {
         Arc::make_mut(&mut self.data).as_mut_slice()
     }
 
+    /// True when no clone shares the buffer (a write would not copy it first).
+    pub(crate) fn is_unique(&self) -> bool {
+        Arc::strong_count(&self.data) == 1
+    }
+
     /// Consumes the tensor, returning its buffer (a copy if a clone shares it).
     pub fn into_vec(self) -> Vec<T> {
         Arc::try_unwrap(self.data).unwrap_or_else(|shared| shared.as_ref().clone())

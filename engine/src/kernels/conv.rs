@@ -142,6 +142,146 @@ pub fn col2im_add<T: Scalar>(g: &ConvGeom, cols: &[T], ld: usize, col0: usize, d
     }
 }
 
+/// Padded width of a stride-1 implicit convolution's input: `w + 2 pad`.
+fn padded_w(g: &ConvGeom) -> usize {
+    g.w + 2 * g.pad
+}
+
+/// Length of one sample as a zero-padded CHW image: `c_in (h + 2 pad) (w + 2 pad)`.
+pub fn padded_chw_len(g: &ConvGeom) -> usize {
+    g.c_in * (g.h + 2 * g.pad) * padded_w(g)
+}
+
+/// Columns of a stride-1 implicit convolution over one sample: the output positions laid out
+/// at the padded row pitch, `(ho - 1)(w + 2 pad) + wo` (the `wp - wo` columns between output
+/// rows are computed and dropped by [`compact_rows`]).
+pub fn implicit_cols(g: &ConvGeom) -> usize {
+    (g.ho() - 1) * padded_w(g) + g.wo()
+}
+
+/// Row offsets of the implicit column matrix of a stride-1 convolution, in the `(c, ki, kj)`
+/// order of [`im2col`]: row `(c, ki, kj)` is the padded CHW image (see [`pad_chw`]) read from
+/// `(c (h + 2 pad) + ki)(w + 2 pad) + kj` for [`implicit_cols`] elements, which is the same
+/// matrix as [`im2col`]'s at the padded row pitch. Every row ends inside the image.
+pub fn implicit_offsets(g: &ConvGeom) -> Vec<usize> {
+    debug_assert_eq!(g.stride, 1, "implicit convolution needs stride 1");
+    let (hp, wp) = (g.h + 2 * g.pad, padded_w(g));
+    let mut offs = Vec::with_capacity(g.patch());
+    for c in 0..g.c_in {
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                offs.push((c * hp + ki) * wp + kj);
+            }
+        }
+    }
+    debug_assert!(offs
+        .iter()
+        .all(|&o| o + implicit_cols(g) <= padded_chw_len(g)));
+    offs
+}
+
+/// Makes `buf` a zeroed buffer of `len` elements unless it already has that length: scratch
+/// for [`pad_chw`] and [`expand_rows`], whose gaps stay zero while the buffer is reused for
+/// the same geometry.
+pub fn zeroed_scratch<T: Scalar>(buf: &mut Vec<T>, len: usize) {
+    if buf.len() != len {
+        buf.clear();
+        buf.resize(len, T::zero());
+    }
+}
+
+/// Writes the CHW sample `x` into the interior of the zero-padded CHW image `out`
+/// ([`padded_chw_len`] long, from [`zeroed_scratch`]): only the interior is written, so the
+/// zero borders stay as they are when the buffer is reused for the same geometry.
+pub fn pad_chw<T: Scalar>(g: &ConvGeom, x: &[T], out: &mut [T]) {
+    let (hp, wp, p) = (g.h + 2 * g.pad, padded_w(g), g.pad);
+    let out = &mut out[..padded_chw_len(g)];
+    for (plane, src) in out.chunks_exact_mut(hp * wp).zip(x.chunks_exact(g.h * g.w)) {
+        let body = &mut plane[p * wp..(p + g.h) * wp];
+        for (row, s) in body.chunks_exact_mut(wp).zip(src.chunks_exact(g.w)) {
+            row[p..p + g.w].copy_from_slice(s);
+        }
+    }
+}
+
+/// Copies the `c_out` rows of an implicit product (`tmp`, rows `ld` apart, output rows at
+/// the padded pitch `w + 2 pad`) into the `[c_out, ho, wo]` sample `out`, adding `bias[c]` per
+/// channel when given; every element of `out` is written.
+pub fn compact_rows<T: Scalar>(
+    g: &ConvGeom,
+    tmp: &[T],
+    ld: usize,
+    out: &mut [T],
+    bias: Option<&[T]>,
+) {
+    let (wo, wp) = (g.wo(), padded_w(g));
+    for (co, plane) in out.chunks_exact_mut(g.positions()).enumerate() {
+        let b = bias.map_or(T::zero(), |b| b[co]);
+        for (oy, row) in plane.chunks_exact_mut(wo).enumerate() {
+            let src = &tmp[co * ld + oy * wp..co * ld + oy * wp + wo];
+            if bias.is_some() {
+                for (o, &v) in row.iter_mut().zip(src) {
+                    *o = v + b;
+                }
+            } else {
+                row.copy_from_slice(src);
+            }
+        }
+    }
+}
+
+/// The inverse of [`compact_rows`]: lays the `[c_out, ho, wo]` sample `src` out at the padded
+/// row pitch in `out` (`c_out` rows of [`implicit_cols`], from [`zeroed_scratch`]), leaving
+/// the zeros between output rows, so that a product over the implicit columns counts each
+/// position once.
+pub fn expand_rows<T: Scalar>(g: &ConvGeom, src: &[T], out: &mut [T]) {
+    let (wo, wp, nc) = (g.wo(), padded_w(g), implicit_cols(g));
+    for (row, plane) in out[..g.c_out * nc]
+        .chunks_exact_mut(nc)
+        .zip(src.chunks_exact(g.positions()))
+    {
+        for (oy, s) in plane.chunks_exact(wo).enumerate() {
+            row[oy * wp..oy * wp + wo].copy_from_slice(s);
+        }
+    }
+}
+
+/// The weight of the input gradient of a stride-1 convolution as a convolution of the output
+/// gradient: `[c_in, c_out, kh, kw]` with `out[c, co, ki, kj] = w[co, c, kh-1-ki, kw-1-kj]`,
+/// from one `[c_out, c_in, kh, kw]` weight `w`.
+pub fn flip_weight<T: Scalar>(g: &ConvGeom, w: &[T]) -> Vec<T> {
+    let (kh, kw) = (g.kh, g.kw);
+    let mut out = Vec::with_capacity(w.len());
+    for c in 0..g.c_in {
+        for co in 0..g.c_out {
+            let base = (co * g.c_in + c) * kh * kw;
+            for ki in 0..kh {
+                for kj in 0..kw {
+                    out.push(w[base + (kh - 1 - ki) * kw + (kw - 1 - kj)]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The geometry of a stride-1 convolution's input gradient as a convolution of the output
+/// gradient with [`flip_weight`]: `c_out` input channels of `ho x wo`, padding
+/// `kh - 1 - pad`, `c_in` outputs of `h x w`. `None` unless stride 1, a square kernel and
+/// `pad < kh`.
+pub fn transposed_geom(g: &ConvGeom) -> Option<ConvGeom> {
+    (g.stride == 1 && g.kh == g.kw && g.pad < g.kh).then(|| ConvGeom {
+        c_in: g.c_out,
+        h: g.ho(),
+        w: g.wo(),
+        c_out: g.c_in,
+        kh: g.kh,
+        kw: g.kw,
+        stride: 1,
+        pad: g.kh - 1 - g.pad,
+    })
+}
+
 /// Length of one sample as a zero-padded HWC image: `(h + 2 pad) (w + 2 pad) c_in`.
 pub fn padded_hwc_len(g: &ConvGeom) -> usize {
     (g.h + 2 * g.pad) * (g.w + 2 * g.pad) * g.c_in

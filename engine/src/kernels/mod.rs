@@ -12,3 +12,4 @@ pub mod packed;
 pub mod par;
 pub mod pool;
 pub mod reduce;
+pub mod rowdot;

@@ -32,6 +32,8 @@ struct Operands<T> {
     csa: usize,
     b: *const T,
     ldb: usize,
+    /// When not null: row `p` of `b` starts at `b + boff[p]` instead of `b + p * ldb`.
+    boff: *const usize,
     beta: T,
     c: *mut T,
     ldc: usize,
@@ -56,7 +58,7 @@ pub unsafe fn try_gemm<T: Scalar>(
     beta: T,
     (c, ldc): (*mut T, usize),
 ) -> bool {
-    if m == 0 || m > MAX_ROWS || n < MIN_COLS || k == 0 {
+    if k == 0 || !accepts(m, n) {
         return false;
     }
     let ops = Operands {
@@ -67,6 +69,70 @@ pub unsafe fn try_gemm<T: Scalar>(
         csa,
         b,
         ldb,
+        boff: std::ptr::null(),
+        beta,
+        c,
+        ldc,
+    };
+    dispatch(m, n, ops)
+}
+
+/// True when [`try_gemm`] and [`try_gemm_rows`] run this kernel for an `m x n` product of
+/// element type `T` on this machine (a choice that depends only on the shape and the CPU).
+pub fn accepts_type<T: Scalar>(m: usize, n: usize) -> bool {
+    use std::any::TypeId;
+    let typed =
+        TypeId::of::<T>() == TypeId::of::<f32>() || TypeId::of::<T>() == TypeId::of::<f64>();
+    typed && accepts(m, n) && has_kernel()
+}
+
+fn accepts(m: usize, n: usize) -> bool {
+    m > 0 && m <= MAX_ROWS && n >= MIN_COLS
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_kernel() -> bool {
+    super::cpu::isa() == super::cpu::Isa::Avx512
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_kernel() -> bool {
+    false
+}
+
+/// [`try_gemm`] with the rows of `B` anywhere in one buffer: row `p` (for `p` in
+/// `0..offsets.len()`, so `k = offsets.len()`) is the `n` contiguous elements at
+/// `b + offsets[p]`. A stride-1 convolution over a zero-padded image is such a product with
+/// no lowered copy at all: row `(c, ki, kj)` of its column matrix is the padded image read
+/// from offset `(c·hp + ki)·wp + kj` on (see `ops::conv`). Same order of operations per
+/// element of `C` as [`try_gemm`].
+///
+/// # Safety
+/// `a` must cover `m x k` elements at strides `(rsa, csa)`, `b + offsets[p] .. + n` must be
+/// readable for every `p`, and `c` must cover `m` rows of `n` elements `ldc` apart,
+/// initialized and not aliasing `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn try_gemm_rows<T: Scalar>(
+    m: usize,
+    n: usize,
+    alpha: T,
+    (a, rsa, csa): (*const T, usize, usize),
+    (b, offsets): (*const T, &[usize]),
+    beta: T,
+    (c, ldc): (*mut T, usize),
+) -> bool {
+    if offsets.is_empty() || !accepts(m, n) {
+        return false;
+    }
+    let ops = Operands {
+        k: offsets.len(),
+        alpha,
+        a,
+        rsa,
+        csa,
+        b,
+        ldb: 0,
+        boff: offsets.as_ptr(),
         beta,
         c,
         ldc,
@@ -77,23 +143,25 @@ pub unsafe fn try_gemm<T: Scalar>(
 #[cfg(target_arch = "x86_64")]
 unsafe fn dispatch<T: Scalar>(m: usize, n: usize, ops: Operands<T>) -> bool {
     use std::any::TypeId;
-    if super::cpu::isa() != super::cpu::Isa::Avx512 {
+    if !has_kernel() {
         return false;
     }
     // SAFETY (both casts): T is exactly the type named by the TypeId test.
     if TypeId::of::<T>() == TypeId::of::<f32>() {
-        avx512::f32_strips(
-            m,
-            n,
-            std::mem::transmute_copy::<Operands<T>, Operands<f32>>(&ops),
-        );
+        let ops = std::mem::transmute_copy::<Operands<T>, Operands<f32>>(&ops);
+        if ops.boff.is_null() {
+            avx512::f32_strips::<false>(m, n, ops);
+        } else {
+            avx512::f32_strips::<true>(m, n, ops);
+        }
         true
     } else if TypeId::of::<T>() == TypeId::of::<f64>() {
-        avx512::f64_strips(
-            m,
-            n,
-            std::mem::transmute_copy::<Operands<T>, Operands<f64>>(&ops),
-        );
+        let ops = std::mem::transmute_copy::<Operands<T>, Operands<f64>>(&ops);
+        if ops.boff.is_null() {
+            avx512::f64_strips::<false>(m, n, ops);
+        } else {
+            avx512::f64_strips::<true>(m, n, ops);
+        }
         true
     } else {
         false
@@ -117,7 +185,7 @@ mod avx512 {
          $load:ident, $store:ident, $fmadd:ident, $mul:ident) => {
             /// Every column strip and row tile of the product.
             #[target_feature(enable = "avx512f")]
-            pub(super) unsafe fn $strips(m: usize, n: usize, o: Operands<$t>) {
+            pub(super) unsafe fn $strips<const TABLE: bool>(m: usize, n: usize, o: Operands<$t>) {
                 let mut j = 0;
                 while j < n {
                     let cols = (n - j).min(2 * $lanes);
@@ -131,19 +199,19 @@ mod avx512 {
                     let masks = [lane_mask(cols), lane_mask(cols.saturating_sub($lanes))];
                     let mut i = 0;
                     while i + 8 <= m {
-                        $tile::<8>(i, j, masks, o);
+                        $tile::<8, TABLE>(i, j, masks, o);
                         i += 8;
                     }
                     if i + 4 <= m {
-                        $tile::<4>(i, j, masks, o);
+                        $tile::<4, TABLE>(i, j, masks, o);
                         i += 4;
                     }
                     if i + 2 <= m {
-                        $tile::<2>(i, j, masks, o);
+                        $tile::<2, TABLE>(i, j, masks, o);
                         i += 2;
                     }
                     if i < m {
-                        $tile::<1>(i, j, masks, o);
+                        $tile::<1, TABLE>(i, j, masks, o);
                     }
                     j += 2 * $lanes;
                 }
@@ -152,7 +220,7 @@ mod avx512 {
             /// Rows `i..i+R`, columns `j..` under `masks` (one per vector).
             #[target_feature(enable = "avx512f")]
             #[inline]
-            unsafe fn $tile<const R: usize>(
+            unsafe fn $tile<const R: usize, const TABLE: bool>(
                 i: usize,
                 j: usize,
                 masks: [$mask; 2],
@@ -162,7 +230,11 @@ mod avx512 {
                 let a = o.a.add(i * o.rsa);
                 let b = o.b.add(j);
                 for p in 0..o.k {
-                    let bp = b.add(p * o.ldb);
+                    let bp = if TABLE {
+                        b.add(*o.boff.add(p))
+                    } else {
+                        b.add(p * o.ldb)
+                    };
                     let b0 = $load($zero(), masks[0], bp);
                     let b1 = $load($zero(), masks[1], bp.wrapping_add($lanes));
                     let ap = a.add(p * o.csa);
@@ -220,10 +292,6 @@ mod avx512 {
 mod tests {
     use super::*;
     use rand::{rngs::StdRng, Rng, SeedableRng};
-
-    fn has_kernel() -> bool {
-        crate::kernels::cpu::isa() == crate::kernels::cpu::Isa::Avx512
-    }
 
     /// Every tile shape (row and column tails), strided A (plain and transposed), beta 0 and
     /// not, in f64 and f32, against a naive product; and the kernel really runs where the
@@ -302,6 +370,56 @@ mod tests {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Rows of B read through an offset table (overlapping, out of order) give the product
+    /// of the matrix those rows form, bit for bit the same as the strided call on a copy.
+    #[test]
+    fn offset_rows_match_the_gathered_product() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for &(m, n, k) in &[(1, 16, 1), (5, 45, 9), (16, 78, 144), (64, 100, 27)] {
+            let buf: Vec<f32> = (0..n + 4 * k)
+                .map(|_| rng.gen_range(-1.0f32..1.0))
+                .collect();
+            let offsets: Vec<usize> = (0..k).map(|_| rng.gen_range(0..=4 * k)).collect();
+            let a: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            let gathered: Vec<f32> = offsets
+                .iter()
+                .flat_map(|&o| buf[o..o + n].iter().copied())
+                .collect();
+            let c0: Vec<f32> = (0..m * n).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            for beta in [0.0f32, 0.5] {
+                let (mut want, mut got) = (c0.clone(), c0.clone());
+                let ran = unsafe {
+                    try_gemm(
+                        m,
+                        k,
+                        n,
+                        1.5,
+                        (a.as_ptr(), k, 1),
+                        (gathered.as_ptr(), n),
+                        beta,
+                        (want.as_mut_ptr(), n),
+                    )
+                };
+                let ran_rows = unsafe {
+                    try_gemm_rows(
+                        m,
+                        n,
+                        1.5,
+                        (a.as_ptr(), k, 1),
+                        (buf.as_ptr(), &offsets),
+                        beta,
+                        (got.as_mut_ptr(), n),
+                    )
+                };
+                assert_eq!((ran, ran_rows), (has_kernel(), has_kernel()));
+                assert_eq!(accepts_type::<f32>(m, n), has_kernel());
+                if ran {
+                    assert_eq!(got, want, "m={m} n={n} k={k} beta={beta}");
                 }
             }
         }

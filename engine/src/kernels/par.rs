@@ -60,6 +60,56 @@ pub fn par_map2<T: Copy + Send + Sync>(
     out
 }
 
+/// A vector of `n` elements written only by `fill(index, block)` over the fixed blocks of
+/// `block` elements (the last one shorter), in parallel, with `init` making each task's
+/// scratch: no zero fill first, for buffers that are overwritten whole. `fill` must write
+/// every element of its block; debug builds fill the buffer with NaN first, so that an
+/// element left unwritten shows up in the tests (which compare every value).
+pub fn par_build<T, S>(
+    n: usize,
+    block: usize,
+    init: impl Fn() -> S + Sync + Send,
+    fill: impl Fn(&mut S, usize, &mut [T]) + Sync + Send,
+) -> Vec<T>
+where
+    T: crate::scalar::Scalar,
+{
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    let spare = &mut out.spare_capacity_mut()[..n];
+    if cfg!(debug_assertions) {
+        spare.iter_mut().for_each(|v| {
+            v.write(T::nan());
+        });
+    }
+    // SAFETY: the capacity holds `n` elements; they are only written (every one, by the
+    // contract of `fill`) before the length is set, and `T` is a plain float.
+    let all = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<T>(), n) };
+    all.par_chunks_mut(block.max(1))
+        .enumerate()
+        .for_each_init(init, |s, (i, c)| fill(s, i, c));
+    // SAFETY: every element was written above.
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// `f(i)` for every index `i < n`, as a new vector written once in the fixed chunks of
+/// [`par_fill`] (no zero fill first).
+pub fn par_from_fn<T: crate::scalar::Scalar>(
+    n: usize,
+    f: impl Fn(usize) -> T + Sync + Send,
+) -> Vec<T> {
+    par_build(
+        n,
+        ELEMWISE_CHUNK,
+        || (),
+        |_, b, c| {
+            for (j, o) in c.iter_mut().enumerate() {
+                *o = f(b * ELEMWISE_CHUNK + j);
+            }
+        },
+    )
+}
+
 /// A raw pointer that may cross threads; used only to hand out provably disjoint regions.
 #[derive(Clone, Copy)]
 pub struct SendPtr<T>(pub *mut T);
@@ -97,6 +147,24 @@ pub fn fixed_ranges(n: usize, max_chunks: usize) -> Vec<std::ops::Range<usize>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every block is handed out once, with its index, and the vector has the asked length.
+    #[test]
+    fn par_build_covers_every_block() {
+        for (n, block) in [(0, 4), (1, 4), (12, 4), (13, 4), (1000, 7)] {
+            let v: Vec<f64> = par_build(
+                n,
+                block,
+                || (),
+                |_, i, c| {
+                    for (j, o) in c.iter_mut().enumerate() {
+                        *o = (i * block + j) as f64;
+                    }
+                },
+            );
+            assert_eq!(v, (0..n).map(|i| i as f64).collect::<Vec<_>>());
+        }
+    }
 
     /// Every element is written, across chunk boundaries and in a short tail.
     #[test]

@@ -30,6 +30,26 @@ fn sum_zip<T: crate::Scalar>(x: &[T], y: &[T], f: impl Fn(T, T) -> T) -> T {
         .fold(combine(acc), |s, (&a, &b)| s + f(a, b))
 }
 
+/// `(Σ_i w_i, Σ_i (x_i − mu) w_i)` in one pass, each bit for bit [`sum`] and
+/// [`dot_centered`] (the same partial sums in the same order).
+pub fn sum_and_dot_centered<T: crate::Scalar>(x: &[T], mu: T, w: &[T]) -> (T, T) {
+    assert_eq!(x.len(), w.len(), "reduction operands differ in length");
+    let (mut s, mut d) = ([T::zero(); LANES], [T::zero(); LANES]);
+    let (xc, wc) = (x.chunks_exact(LANES), w.chunks_exact(LANES));
+    let (xr, wr) = (xc.remainder(), wc.remainder());
+    for (a, b) in xc.zip(wc) {
+        for l in 0..LANES {
+            s[l] = s[l] + b[l];
+            d[l] = d[l] + (a[l] - mu) * b[l];
+        }
+    }
+    xr.iter()
+        .zip(wr)
+        .fold((combine(s), combine(d)), |(s, d), (&a, &b)| {
+            (s + b, d + (a - mu) * b)
+        })
+}
+
 /// `Σ_i x_i`.
 pub fn sum<T: crate::Scalar>(x: &[T]) -> T {
     sum_zip(x, x, |a, _| a)
@@ -68,6 +88,10 @@ mod tests {
             assert_eq!(
                 dot_centered(&x, 1.0, &y),
                 x.iter().zip(&y).map(|(a, b)| (a - 1.0) * b).sum::<f64>()
+            );
+            assert_eq!(
+                sum_and_dot_centered(&x, 1.0, &y),
+                (sum(&y), dot_centered(&x, 1.0, &y))
             );
             assert_eq!(
                 sum_sq_centered(&x, 2.0),

@@ -1,5 +1,8 @@
 //! 2-D convolution (NCHW input, `[C_out, C_in, kh, kw]` weight, optional bias, stride, zero
-//! padding), lowered per sample to im2col + GEMM.
+//! padding). Stride-1 convolutions on AVX-512 machines run as implicit products that read
+//! the column matrix straight out of a zero-padded copy of each sample (no lowering; the input
+//! gradient as a convolution of Ȳ with the flipped weight); the rest are lowered to
+//! im2col + GEMM. The formulas below are written with the column matrix cols(X) either way.
 //!
 //! Convolution Y = W ⊛ X + b is bilinear in (W, X) and affine in b:
 //! - value: Y_n = W cols(X_n) + b
@@ -14,11 +17,13 @@
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
 use crate::kernels::conv::{
-    col2im_add, im2col, im2row, khwc_to_ckhw, pad_hwc, padded_hwc_len, ConvGeom,
+    col2im_add, compact_rows, expand_rows, flip_weight, im2col, im2row, implicit_cols,
+    implicit_offsets, khwc_to_ckhw, pad_chw, pad_hwc, padded_chw_len, padded_hwc_len,
+    transposed_geom, zeroed_scratch, ConvGeom,
 };
 use crate::kernels::gemm::{gemm, MatRef};
-use crate::kernels::nopack;
-use crate::kernels::par::{fixed_ranges, SendPtr};
+use crate::kernels::par::{fixed_ranges, par_build, SendPtr};
+use crate::kernels::{nopack, rowdot};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
@@ -181,6 +186,81 @@ fn emit<T: Scalar>(
     }
 }
 
+/// Scratch buffers of one implicit-product task: the padded input and the product at the
+/// padded row pitch.
+struct Scratch<T> {
+    padded: Vec<T>,
+    tmp: Vec<T>,
+}
+
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Scratch {
+            padded: Vec::new(),
+            tmp: Vec::new(),
+        }
+    }
+}
+
+/// True when the stride-1 convolution `g` runs as an implicit product on this machine: the
+/// packing-free kernel reads the rows of the column matrix straight out of the padded image
+/// (no im2col copy, no col2im scatter). Depends only on the shape and the CPU.
+fn implicit<T: Scalar>(g: &ConvGeom) -> bool {
+    g.stride == 1 && nopack::accepts_type::<T>(g.c_out, implicit_cols(g))
+}
+
+/// Writes `Σ_t A_t ⊛ x_t (+ bias)` for one sample into `out` (`[c_out, ho, wo]`, every
+/// element written), each `A_t` a row-major `c_out x patch` weight and `x_t` a CHW sample;
+/// `offs` from [`implicit_offsets`], and [`implicit`] must hold for `g`.
+fn implicit_sample<T: Scalar>(
+    g: &ConvGeom,
+    offs: &[usize],
+    terms: &[(&[T], &[T])],
+    s: &mut Scratch<T>,
+    out: &mut [T],
+    bias: Option<&[T]>,
+) {
+    let n = implicit_cols(g);
+    s.tmp.resize(g.c_out * n, T::zero());
+    zeroed_scratch(&mut s.padded, padded_chw_len(g));
+    for (t, &(a, x)) in terms.iter().enumerate() {
+        assert_eq!(a.len(), g.c_out * g.patch(), "implicit conv weight");
+        pad_chw(g, x, &mut s.padded);
+        let beta = if t == 0 { T::zero() } else { T::one() };
+        // SAFETY: `a` is c_out x patch row-major (checked above), every row offset plus `n`
+        // stays inside the padded image (`implicit_offsets`), `tmp` holds c_out rows of `n`.
+        let ran = unsafe {
+            nopack::try_gemm_rows(
+                g.c_out,
+                n,
+                T::one(),
+                (a.as_ptr(), g.patch(), 1),
+                (s.padded.as_ptr(), offs),
+                beta,
+                (s.tmp.as_mut_ptr(), n),
+            )
+        };
+        assert!(ran, "implicit convolution declined by the kernel");
+    }
+    if terms.is_empty() {
+        s.tmp.fill(T::zero());
+    }
+    compact_rows(g, &s.tmp, n, out, bias);
+}
+
+/// A `[dirs, n, block]` buffer whose block for direction `k` and sample `i` is written by
+/// `f(k, i, scratch, block)` (every element), in parallel with per-task scratch.
+fn per_sample<T: Scalar>(
+    dirs: usize,
+    n: usize,
+    block: usize,
+    f: impl Fn(usize, usize, &mut Scratch<T>, &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    par_build(dirs * n * block, block, Scratch::default, |s, idx, out| {
+        f(idx / n, idx % n, s, out)
+    })
+}
+
 /// Per-channel sums over samples and positions of a `[N, C, P]` buffer, in a fixed order.
 fn channel_sums<T: Scalar>(g: &[T], c: usize, positions: usize) -> Vec<T> {
     let mut s = vec![T::zero(); c];
@@ -190,6 +270,95 @@ fn channel_sums<T: Scalar>(g: &[T], c: usize, positions: usize) -> Vec<T> {
         }
     }
     s
+}
+
+/// The value `W ⊛ X + b` of a convolution over `n` samples, `[n, c_out, ho, wo]`.
+fn conv_value<T: Scalar>(
+    g: &ConvGeom,
+    n: usize,
+    xv: &[T],
+    wv: &[T],
+    bias: Option<&[T]>,
+) -> Tensor<T> {
+    let shape = [n, g.c_out, g.ho(), g.wo()];
+    let il = g.in_len();
+    if implicit::<T>(g) {
+        let offs = implicit_offsets(g);
+        let y = per_sample(1, n, g.out_len(), |_, i, s, out| {
+            implicit_sample(g, &offs, &[(wv, &xv[i * il..(i + 1) * il])], s, out, bias);
+        });
+        return Tensor::from_vec(&shape, y).expect("conv value");
+    }
+    let mut y = Tensor::zeros(&shape);
+    let wm = MatRef::new(wv, g.c_out, g.patch());
+    let yp = SendPtr(y.data_mut().as_mut_ptr());
+    chunks(g, n).par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(cols, tmp), &ch| {
+            lower(g, xv, 0, ch, cols);
+            emit(g, ch, &[(wm, &cols[..])], tmp, yp, 0, bias);
+        },
+    );
+    y
+}
+
+/// The tangents (`[K, ...]`, `None` when zero) of a convolution's input, weight and bias.
+struct Tangents<'a, T> {
+    x: Option<&'a [T]>,
+    w: Option<&'a [T]>,
+    b: Option<&'a [T]>,
+}
+
+/// The tangent `Ẏ_k = Ẇ_k ⊛ X + W ⊛ Ẋ_k + ḃ_k` of a convolution, `[k, n, c_out, ho, wo]`.
+fn conv_tangent<T: Scalar>(
+    g: &ConvGeom,
+    n: usize,
+    k: usize,
+    xv: &[T],
+    wv: &[T],
+    t: Tangents<T>,
+) -> Tensor<T> {
+    let shape = [k, n, g.c_out, g.ho(), g.wo()];
+    let (il, wl, in_all, out_all) = (g.in_len(), wv.len(), n * g.in_len(), n * g.out_len());
+    let bias_k = |kk: usize| t.b.map(|b| &b[kk * g.c_out..(kk + 1) * g.c_out]);
+    if implicit::<T>(g) {
+        let offs = implicit_offsets(g);
+        let d = per_sample(k, n, g.out_len(), |kk, i, s, out| {
+            let mut terms = Vec::with_capacity(2);
+            if let Some(wt) = t.w {
+                terms.push((&wt[kk * wl..(kk + 1) * wl], &xv[i * il..(i + 1) * il]));
+            }
+            if let Some(xt) = t.x {
+                terms.push((wv, &xt[kk * in_all + i * il..][..il]));
+            }
+            implicit_sample(g, &offs, &terms, s, out, bias_k(kk));
+        });
+        return Tensor::from_vec(&shape, d).expect("conv tangent");
+    }
+    let mut out_t = Tensor::zeros(&shape);
+    let wm = MatRef::new(wv, g.c_out, g.patch());
+    let tp = SendPtr(out_t.data_mut().as_mut_ptr());
+    chunks(g, n).par_iter().for_each_init(
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(cols, dcols, tmp), &ch| {
+            if t.w.is_some() {
+                lower(g, xv, 0, ch, cols);
+            }
+            for kk in 0..k {
+                let mut terms = Vec::with_capacity(2);
+                if let Some(wt) = t.w {
+                    let wk = MatRef::new(&wt[kk * wl..(kk + 1) * wl], g.c_out, g.patch());
+                    terms.push((wk, &cols[..]));
+                }
+                if let Some(xt) = t.x {
+                    lower(g, xt, kk * in_all, ch, dcols);
+                    terms.push((wm, &dcols[..]));
+                }
+                emit(g, ch, &terms, tmp, tp, kk * out_all, bias_k(kk));
+            }
+        },
+    );
+    out_t
 }
 
 impl<T: Scalar> Tape<T> {
@@ -244,55 +413,21 @@ impl<T: Scalar> Tape<T> {
             pad,
         };
         let n = xs[0];
-        let oshape = [n, g.c_out, g.ho(), g.wo()];
-        let patch = g.patch();
         let xv = self.value(x).data();
-        let wm = MatRef::new(self.value(w).data(), g.c_out, patch);
+        let wv = self.value(w).data();
         let bias = b.map(|b| self.value(b).data());
-        let parts = chunks(&g, n);
-        let mut y = Tensor::zeros(&oshape);
-        let yp = SendPtr(y.data_mut().as_mut_ptr());
-        parts.par_iter().for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(cols, tmp), &ch| {
-                lower(&g, xv, 0, ch, cols);
-                emit(&g, ch, &[(wm, &cols[..])], tmp, yp, 0, bias);
-            },
-        );
-
-        let k = self.directions();
+        let y = conv_value(&g, n, xv, wv, bias);
         let (xt, wt) = (self.tangent(x), self.tangent(w));
         let bt = b.and_then(|b| self.tangent(b));
         let tangent = if xt.is_none() && wt.is_none() && bt.is_none() {
             None
         } else {
-            let mut t = Tensor::zeros(&tangent_shape(k, &oshape));
-            let tp = SendPtr(t.data_mut().as_mut_ptr());
-            let (wl, in_all, out_all) = (g.c_out * patch, n * g.in_len(), n * g.out_len());
-            parts.par_iter().for_each_init(
-                || (Vec::new(), Vec::new(), Vec::new()),
-                |(cols, dcols, tmp), &ch| {
-                    if wt.is_some() {
-                        lower(&g, xv, 0, ch, cols);
-                    }
-                    for kk in 0..k {
-                        // Ẏ_k = Ẇ_k cols(X) + W cols(Ẋ_k) + ḃ_k
-                        let mut terms = Vec::with_capacity(2);
-                        if let Some(wt) = wt {
-                            let wk =
-                                MatRef::new(&wt.data()[kk * wl..(kk + 1) * wl], g.c_out, patch);
-                            terms.push((wk, &cols[..]));
-                        }
-                        if let Some(xt) = xt {
-                            lower(&g, xt.data(), kk * in_all, ch, dcols);
-                            terms.push((wm, &dcols[..]));
-                        }
-                        let bk = bt.map(|bt| &bt.data()[kk * g.c_out..(kk + 1) * g.c_out]);
-                        emit(&g, ch, &terms, tmp, tp, kk * out_all, bk);
-                    }
-                },
-            );
-            Some(t)
+            let t = Tangents {
+                x: xt.map(|t| t.data()),
+                w: wt.map(|t| t.data()),
+                b: bt.map(|t| t.data()),
+            };
+            Some(conv_tangent(&g, n, self.directions(), xv, wv, t))
         };
         let op = Conv2d {
             x: x.0,
@@ -302,6 +437,262 @@ impl<T: Scalar> Tape<T> {
             n,
         };
         Ok(self.push(Op::Conv2d(op), y, tangent, false))
+    }
+}
+
+/// The input gradient `X̄ = W̃ ⊛ Ȳ` of a stride-1 convolution as a convolution of the output
+/// gradient (geometry `gt` from [`transposed_geom`], weight [`flip_weight`]), and with `wt`
+/// or `gd` its tangents `X̄˙_k = W̃˙_k ⊛ Ȳ + W̃ ⊛ Ȳ˙_k`; every element written once, no
+/// scatter. `gt` must pass [`implicit`].
+fn input_grad_implicit<T: Scalar>(
+    gt: &ConvGeom,
+    n: usize,
+    k: usize,
+    wv: &[T],
+    wt: Option<&[T]>,
+    gyd: &[T],
+    gd: Option<&[T]>,
+) -> (Vec<T>, Option<Vec<T>>) {
+    // The forward geometry, whose weight layout `wv` and `wt` are in.
+    let fwd = ConvGeom {
+        c_in: gt.c_out,
+        c_out: gt.c_in,
+        ..*gt
+    };
+    let (il, ol, wl) = (gt.in_len(), gt.out_len(), wv.len());
+    let offs = implicit_offsets(gt);
+    let wf = flip_weight(&fwd, wv);
+    let gx = per_sample(1, n, ol, |_, i, s, out| {
+        implicit_sample(
+            gt,
+            &offs,
+            &[(&wf, &gyd[i * il..(i + 1) * il])],
+            s,
+            out,
+            None,
+        );
+    });
+    let dot = (gd.is_some() || wt.is_some()).then(|| {
+        let wtf: Vec<Vec<T>> = wt.map_or_else(Vec::new, |wt| {
+            (0..k)
+                .map(|kk| flip_weight(&fwd, &wt[kk * wl..(kk + 1) * wl]))
+                .collect()
+        });
+        per_sample(k, n, ol, |kk, i, s, out| {
+            let mut terms = Vec::with_capacity(2);
+            if let Some(w) = wtf.get(kk) {
+                terms.push((&w[..], &gyd[i * il..(i + 1) * il]));
+            }
+            if let Some(gd) = gd {
+                terms.push((&wf[..], &gd[(kk * n + i) * il..][..il]));
+            }
+            implicit_sample(gt, &offs, &terms, s, out, None);
+        })
+    });
+    (gx, dot)
+}
+
+/// What a convolution's weight gradient reads: the input and output gradient, and their
+/// tangents for the `kd` directions of the gradient's tangent (0: none wanted).
+struct WeightGradInputs<'a, T> {
+    kd: usize,
+    xv: &'a [T],
+    xt: Option<&'a [T]>,
+    gyd: &'a [T],
+    gdot: Option<&'a [T]>,
+}
+
+impl Conv2d {
+    /// `W̄ = Σ_n Ȳ_n cols(X_n)ᵀ` and its `kd` tangents `W̄˙_k = Σ_n Ȳ˙_k cols(X_n)ᵀ +
+    /// Ȳ_n cols(Ẋ_k)ᵀ`, `[1 + kd, c_out, c_in, kh, kw]`, summed in fixed groups reduced in
+    /// order (independent of the thread count): without lowering for stride 1 where
+    /// [`rowdot`] runs, else through the im2row matrix.
+    fn weight_grad<T: Scalar>(&self, src: &WeightGradInputs<T>) -> Vec<T> {
+        let (g, n) = (self.g, self.n);
+        let wl = g.c_out * g.patch();
+        let groups = (PARTIAL_BUDGET / ((1 + src.kd) * wl).max(1)).clamp(1, MAX_GROUPS);
+        let implicit_w = g.stride == 1 && rowdot::accepts_type::<T>();
+        let partials: Vec<Vec<T>> = if implicit_w {
+            let offs = implicit_offsets(&g);
+            fixed_ranges(n, groups)
+                .par_iter()
+                .map(|r| self.weight_grad_implicit(src, &offs, r.clone()))
+                .collect()
+        } else {
+            let parts = chunks(&g, n);
+            fixed_ranges(parts.len(), groups)
+                .par_iter()
+                .map(|r| self.weight_grad_lowered(src, &parts[r.clone()]))
+                .collect()
+        };
+        let mut summed = partials[0].clone();
+        for p in &partials[1..] {
+            for (a, &b) in summed.iter_mut().zip(p) {
+                *a = *a + b;
+            }
+        }
+        if implicit_w {
+            return summed;
+        }
+        let mut total = vec![T::zero(); summed.len()];
+        khwc_to_ckhw(&g, &summed, &mut total);
+        total
+    }
+
+    /// The weight gradient (and its `kd` tangents, `[1 + kd, c_out, c_in, kh, kw]`) summed
+    /// over `samples` of a stride-1 convolution, without lowering: each product reads the
+    /// rows of the column matrix out of the padded image ([`rowdot`]) against the output
+    /// gradient laid out at the padded row pitch.
+    fn weight_grad_implicit<T: Scalar>(
+        &self,
+        src: &WeightGradInputs<T>,
+        offs: &[usize],
+        samples: std::ops::Range<usize>,
+    ) -> Vec<T> {
+        let (g, n) = (self.g, self.n);
+        let (il, ol, wl, nc) = (
+            g.in_len(),
+            g.out_len(),
+            g.c_out * g.patch(),
+            implicit_cols(&g),
+        );
+        let mut acc = vec![T::zero(); (1 + src.kd) * wl];
+        // Samples per kernel call: about 2048 columns, so the lanes are reduced rarely.
+        let seg = (2048 / nc).clamp(1, 8);
+        let (plen, ylen) = (padded_chw_len(&g), g.c_out * nc);
+        let (mut padded, mut dpadded, mut ye, mut de) = (vec![], vec![], vec![], vec![]);
+        zeroed_scratch(&mut padded, seg * plen);
+        zeroed_scratch(&mut ye, seg * ylen);
+        let product = |a: &[T], b: &[T], segs: usize, dst: &mut [T]| {
+            // SAFETY: `a` holds `segs` blocks of c_out rows of `nc` (`ylen` apart), every
+            // offset plus `nc` stays inside each padded image of `b` (`plen` apart;
+            // `implicit_offsets`), `dst` is a c_out x patch block.
+            let ran = unsafe {
+                rowdot::try_gemm_abt_rows(
+                    (g.c_out, nc, segs),
+                    (a.as_ptr(), nc, ylen),
+                    (b.as_ptr(), offs, plen),
+                    (dst.as_mut_ptr(), g.patch()),
+                )
+            };
+            assert!(ran, "implicit weight gradient declined by the kernel");
+        };
+        let samples: Vec<usize> = samples.collect();
+        for batch in samples.chunks(seg) {
+            for (s, &i) in batch.iter().enumerate() {
+                pad_chw(&g, &src.xv[i * il..(i + 1) * il], &mut padded[s * plen..]);
+                expand_rows(&g, &src.gyd[i * ol..(i + 1) * ol], &mut ye[s * ylen..]);
+            }
+            product(&ye, &padded, batch.len(), &mut acc[..wl]);
+            for kk in 0..src.kd {
+                let dst = &mut acc[(1 + kk) * wl..(2 + kk) * wl];
+                if let Some(gd) = src.gdot {
+                    zeroed_scratch(&mut de, seg * ylen);
+                    for (s, &i) in batch.iter().enumerate() {
+                        expand_rows(&g, &gd[(kk * n + i) * ol..][..ol], &mut de[s * ylen..]);
+                    }
+                    product(&de, &padded, batch.len(), dst);
+                }
+                if let Some(xt) = src.xt {
+                    zeroed_scratch(&mut dpadded, seg * plen);
+                    for (s, &i) in batch.iter().enumerate() {
+                        pad_chw(&g, &xt[(kk * n + i) * il..][..il], &mut dpadded[s * plen..]);
+                    }
+                    product(&ye, &dpadded, batch.len(), dst);
+                }
+            }
+        }
+        acc
+    }
+
+    /// The weight gradient (and its `kd` tangents) summed over the chunks `parts`, with the
+    /// patch in `(ki, kj, c)` order: `Σ Ȳ rows(X)` with rows(X) the im2row matrix (cols(X)ᵀ
+    /// permuted so the GEMM packs contiguous runs); the path for strided convolutions.
+    fn weight_grad_lowered<T: Scalar>(&self, src: &WeightGradInputs<T>, parts: &[Chunk]) -> Vec<T> {
+        let (g, n) = (self.g, self.n);
+        let (pl, patch, wl) = (g.positions(), g.patch(), g.c_out * g.patch());
+        let (in_all, out_all) = (n * g.in_len(), n * g.out_len());
+        let mut acc = vec![T::zero(); (1 + src.kd) * wl];
+        let (mut rows, mut drows, mut gyc, mut gdc, mut padded) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for &ch in parts {
+            let cols_len = ch.len * pl;
+            lower_rows(&g, src.xv, 0, ch, &mut padded, &mut rows);
+            gather(&g, src.gyd, 0, ch, &mut gyc);
+            let rm = MatRef::new(&rows[..], cols_len, patch);
+            let gym = MatRef::new(&gyc[..], g.c_out, cols_len);
+            gemm(T::one(), gym, rm, T::one(), &mut acc[..wl]);
+            for kk in 0..src.kd {
+                let dst = &mut acc[(1 + kk) * wl..(2 + kk) * wl];
+                if let Some(gd) = src.gdot {
+                    gather(&g, gd, kk * out_all, ch, &mut gdc);
+                    let gdm = MatRef::new(&gdc[..], g.c_out, cols_len);
+                    gemm(T::one(), gdm, rm, T::one(), dst);
+                }
+                if let Some(xt) = src.xt {
+                    lower_rows(&g, xt, kk * in_all, ch, &mut padded, &mut drows);
+                    let drm = MatRef::new(&drows[..], cols_len, patch);
+                    gemm(T::one(), gym, drm, T::one(), dst);
+                }
+            }
+        }
+        acc
+    }
+
+    /// The input gradient `X̄ = col2im(Wᵀ Ȳ)` through the lowered column matrix, and with
+    /// `want_dot` its tangents `X̄˙_k = col2im(Ẇ_kᵀ Ȳ + Wᵀ Ȳ˙_k)`: the path for strided
+    /// convolutions and machines without the packing-free kernel.
+    fn input_grad_lowered<T: Scalar>(
+        &self,
+        k: usize,
+        wv: &[T],
+        wt: Option<&[T]>,
+        gyd: &[T],
+        gdot: Option<&[T]>,
+        want_dot: bool,
+    ) -> (Vec<T>, Option<Vec<T>>) {
+        let (g, n) = (self.g, self.n);
+        let (il, pl, patch, wl) = (g.in_len(), g.positions(), g.patch(), wv.len());
+        let (in_all, out_all) = (n * il, n * g.out_len());
+        let wm = MatRef::new(wv, g.c_out, patch);
+        let mut gx = vec![T::zero(); in_all];
+        let mut dot = want_dot.then(|| vec![T::zero(); k * in_all]);
+        let gxp = SendPtr(gx.as_mut_ptr());
+        let dp = dot.as_mut().map(|d| SendPtr(d.as_mut_ptr()));
+        chunks(&g, n).par_iter().for_each_init(
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(gyc, gdc, tmp), &ch| {
+                let cols_len = ch.len * pl;
+                let col2im_chunk = |tmp: &[T], dst: SendPtr<T>, base: usize| {
+                    for j in 0..ch.len {
+                        // SAFETY: each chunk owns its samples' input-gradient blocks.
+                        let out = unsafe { dst.slice(base + (ch.start + j) * il, il) };
+                        col2im_add(&g, tmp, cols_len, j * pl, out);
+                    }
+                };
+                gather(&g, gyd, 0, ch, gyc);
+                let gym = MatRef::new(&gyc[..], g.c_out, cols_len);
+                tmp.resize(patch * cols_len, T::zero());
+                gemm(T::one(), wm.t(), gym, T::zero(), tmp);
+                col2im_chunk(tmp, gxp, 0);
+                let Some(dp) = dp else { return };
+                for kk in 0..k {
+                    let mut beta = T::zero();
+                    if let Some(wt) = wt {
+                        let wk = MatRef::new(&wt[kk * wl..(kk + 1) * wl], g.c_out, patch);
+                        gemm(T::one(), wk.t(), gym, beta, tmp);
+                        beta = T::one();
+                    }
+                    if let Some(gd) = gdot {
+                        gather(&g, gd, kk * out_all, ch, gdc);
+                        let gdm = MatRef::new(&gdc[..], g.c_out, cols_len);
+                        gemm(T::one(), wm.t(), gdm, beta, tmp);
+                    }
+                    col2im_chunk(tmp, dp, kk * in_all);
+                }
+            },
+        );
+        (gx, dot)
     }
 }
 
@@ -323,113 +714,37 @@ impl<T: Scalar> Rule<T> for Conv2d {
         let g = self.g;
         let n = self.n;
         let k = tape.directions();
-        let (il, pl, patch) = (g.in_len(), g.positions(), g.patch());
-        let (in_all, out_all) = (n * il, n * g.out_len());
+        let (pl, out_all) = (g.positions(), n * g.out_len());
         let (nx, nw) = (tape.node(self.x), tape.node(self.w));
         let (xv, wv) = (nx.value.data(), nw.value.data());
         let (xt, wt) = (nx.tangent.as_ref(), nw.tangent.as_ref());
         let wl = wv.len();
-        let wm = MatRef::new(wv, g.c_out, patch);
         let gyd = gy.data();
-        let parts = chunks(&g, n);
 
         if tape.needs_grad(self.x) {
-            // X̄ = col2im(Wᵀ Ȳ); X̄˙_k = col2im(Ẇ_kᵀ Ȳ + Wᵀ Ȳ˙_k)
             let want_dot = gdot.is_some() || wt.is_some();
-            let mut gx = Tensor::zeros(nx.value.shape());
-            let mut dot = want_dot.then(|| Tensor::zeros(&tangent_shape(k, nx.value.shape())));
-            let gxp = SendPtr(gx.data_mut().as_mut_ptr());
-            let dp = dot.as_mut().map(|d| SendPtr(d.data_mut().as_mut_ptr()));
-            parts.par_iter().for_each_init(
-                || (Vec::new(), Vec::new(), Vec::new()),
-                |(gyc, gdc, tmp), &ch| {
-                    let cols_len = ch.len * pl;
-                    let col2im_chunk = |tmp: &[T], dst: SendPtr<T>, base: usize| {
-                        for j in 0..ch.len {
-                            // SAFETY: each chunk owns its samples' input-gradient blocks.
-                            let out = unsafe { dst.slice(base + (ch.start + j) * il, il) };
-                            col2im_add(&g, tmp, cols_len, j * pl, out);
-                        }
-                    };
-                    gather(&g, gyd, 0, ch, gyc);
-                    let gym = MatRef::new(&gyc[..], g.c_out, cols_len);
-                    tmp.resize(patch * cols_len, T::zero());
-                    gemm(T::one(), wm.t(), gym, T::zero(), tmp);
-                    col2im_chunk(tmp, gxp, 0);
-                    if let Some(dp) = dp {
-                        for kk in 0..k {
-                            let mut beta = T::zero();
-                            if let Some(wt) = wt {
-                                let wk =
-                                    MatRef::new(&wt.data()[kk * wl..(kk + 1) * wl], g.c_out, patch);
-                                gemm(T::one(), wk.t(), gym, beta, tmp);
-                                beta = T::one();
-                            }
-                            if let Some(gd) = gdot {
-                                gather(&g, gd.data(), kk * out_all, ch, gdc);
-                                gemm(
-                                    T::one(),
-                                    wm.t(),
-                                    MatRef::new(gdc, g.c_out, cols_len),
-                                    beta,
-                                    tmp,
-                                );
-                            }
-                            col2im_chunk(tmp, dp, kk * in_all);
-                        }
-                    }
-                },
-            );
+            let gd = gdot.map(|t| t.data());
+            let (gx, dot) = match transposed_geom(&g).filter(implicit::<T>) {
+                Some(gt) => input_grad_implicit(&gt, n, k, wv, wt.map(|t| t.data()), gyd, gd),
+                None => self.input_grad_lowered(k, wv, wt.map(|t| t.data()), gyd, gd, want_dot),
+            };
+            let shape = nx.value.shape();
+            let gx = Tensor::from_vec(shape, gx).expect("conv dx");
+            let dot = dot
+                .map(|d| Tensor::from_vec(&tangent_shape(k, shape), d).expect("conv dx tangent"));
             sink.add(self.x, gx, dot);
         }
 
         if tape.needs_grad(self.w) {
-            // W̄ = Σ Ȳ rows(X); W̄˙_k = Σ Ȳ˙_k rows(X) + Ȳ rows(Ẋ_k), with rows(X) the im2row
-            // matrix (cols(X)ᵀ with the patch in (ki, kj, c) order, so the GEMM packs
-            // contiguous runs), summed over chunks in fixed groups (order independent of the
-            // thread count), then reordered to the weight layout.
             let want_dot = gdot.is_some() || xt.is_some();
-            let kd = if want_dot { k } else { 0 };
-            let groups = (PARTIAL_BUDGET / ((1 + kd) * wl).max(1)).clamp(1, MAX_GROUPS);
-            let ranges = fixed_ranges(parts.len(), groups);
-            let partials: Vec<Vec<T>> = ranges
-                .par_iter()
-                .map(|r| {
-                    let mut acc = vec![T::zero(); (1 + kd) * wl];
-                    let (mut rows, mut drows, mut gyc, mut gdc, mut padded) =
-                        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                    for &ch in &parts[r.clone()] {
-                        let cols_len = ch.len * pl;
-                        lower_rows(&g, xv, 0, ch, &mut padded, &mut rows);
-                        gather(&g, gyd, 0, ch, &mut gyc);
-                        let rm = MatRef::new(&rows[..], cols_len, patch);
-                        let gym = MatRef::new(&gyc[..], g.c_out, cols_len);
-                        gemm(T::one(), gym, rm, T::one(), &mut acc[..wl]);
-                        for kk in 0..kd {
-                            let dst = &mut acc[(1 + kk) * wl..(2 + kk) * wl];
-                            if let Some(gd) = gdot {
-                                gather(&g, gd.data(), kk * out_all, ch, &mut gdc);
-                                let gdm = MatRef::new(&gdc[..], g.c_out, cols_len);
-                                gemm(T::one(), gdm, rm, T::one(), dst);
-                            }
-                            if let Some(xt) = xt {
-                                lower_rows(&g, xt.data(), kk * in_all, ch, &mut padded, &mut drows);
-                                let drm = MatRef::new(&drows[..], cols_len, patch);
-                                gemm(T::one(), gym, drm, T::one(), dst);
-                            }
-                        }
-                    }
-                    acc
-                })
-                .collect();
-            let mut summed = partials[0].clone();
-            for p in &partials[1..] {
-                for (a, &b) in summed.iter_mut().zip(p) {
-                    *a = *a + b;
-                }
-            }
-            let mut total = vec![T::zero(); summed.len()];
-            khwc_to_ckhw(&g, &summed, &mut total);
+            let src = WeightGradInputs {
+                kd: if want_dot { k } else { 0 },
+                xv,
+                xt: xt.map(|t| t.data()),
+                gyd,
+                gdot: gdot.map(|t| t.data()),
+            };
+            let total = self.weight_grad(&src);
             let gw = Tensor::from_vec(nw.value.shape(), total[..wl].to_vec()).expect("conv dw");
             let dot = want_dot.then(|| {
                 Tensor::from_vec(&tangent_shape(k, nw.value.shape()), total[wl..].to_vec())

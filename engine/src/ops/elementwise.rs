@@ -10,10 +10,10 @@
 
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
-use crate::kernels::par::par_fill;
+use crate::kernels::par::par_from_fn;
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
-use crate::tensor::Tensor;
+use crate::tensor::{numel, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Binary {
@@ -165,19 +165,18 @@ impl<T: Scalar> Tape<T> {
         self.check_var(b)?;
         let bc = Broadcast::new(op.name(), self.value(a).shape(), self.value(b).shape())?;
         let (av, bv) = (self.value(a).data(), self.value(b).data());
-        let mut y = Tensor::zeros(&bc.out);
-        par_fill(y.data_mut(), |i| {
+        let y = par_from_fn(numel(&bc.out), |i| {
             let (ia, ib) = bc.map(i);
             op.f(av[ia], bv[ib])
         });
+        let y = Tensor::from_vec(&bc.out, y).expect("binary value");
         let (at, bt) = (self.tangent(a), self.tangent(b));
         let tangent = if at.is_none() && bt.is_none() {
             None
         } else {
             let k = self.directions();
             let (m, na, nb) = (y.numel(), av.len(), bv.len());
-            let mut t = Tensor::zeros(&tangent_shape(k, &bc.out));
-            par_fill(t.data_mut(), |i| {
+            let t = par_from_fn(k * m, |i| {
                 let (kk, e) = (i / m, i % m);
                 let (ia, ib) = bc.map(e);
                 let p = op.partials(av[ia], bv[ib]);
@@ -190,7 +189,7 @@ impl<T: Scalar> Tape<T> {
                 }
                 v
             });
-            Some(t)
+            Some(Tensor::from_vec(&tangent_shape(k, &bc.out), t).expect("binary tangent"))
         };
         Ok(self.push(
             Op::Binary(BinaryOp {
@@ -253,8 +252,6 @@ impl<T: Scalar> Rule<T> for BinaryOp {
             }
             let n_in = node.value.numel();
             let pick = |p: &Partials<T>| if side == 0 { p.a } else { p.b };
-            let mut grad = Tensor::zeros(node.value.shape());
-            let mut dot = want_dot.then(|| Tensor::zeros(&tangent_shape(k, node.value.shape())));
             if self.bc.same && matches!(self.op, Binary::Add | Binary::Sub) {
                 // Linear with unit coefficients: the adjoint (tangent) is ±ȳ (±ȳ˙).
                 let neg = side == 1 && self.op == Binary::Sub;
@@ -268,13 +265,13 @@ impl<T: Scalar> Rule<T> for BinaryOp {
                 sink.add(id, signed(gy), gdot.map(signed));
                 continue;
             }
+            let shape = node.value.shape();
             if self.bc.same {
                 // One output element per input element: no reduction, so run in parallel.
-                par_fill(grad.data_mut(), |i| {
-                    g[i] * pick(&self.op.partials(av[i], bv[i]))
-                });
-                if let Some(dot) = dot.as_mut() {
-                    par_fill(dot.data_mut(), |j| {
+                let grad = par_from_fn(m, |i| g[i] * pick(&self.op.partials(av[i], bv[i])));
+                let grad = Tensor::from_vec(shape, grad).expect("binary grad");
+                let dot = want_dot.then(|| {
+                    let d = par_from_fn(k * m, |j| {
                         let i = j % m;
                         let p = self.op.partials(av[i], bv[i]);
                         let (second_a, second_b) = if side == 0 {
@@ -294,10 +291,13 @@ impl<T: Scalar> Rule<T> for BinaryOp {
                         }
                         v
                     });
-                }
+                    Tensor::from_vec(&tangent_shape(k, shape), d).expect("binary grad tangent")
+                });
                 sink.add(id, grad, dot);
                 continue;
             }
+            let mut grad = Tensor::zeros(shape);
+            let mut dot = want_dot.then(|| Tensor::zeros(&tangent_shape(k, shape)));
             // Sequential accumulation: a fixed order, so broadcast reductions are deterministic.
             let gd = grad.data_mut();
             #[allow(clippy::needless_range_loop)] // i indexes g, gdot and the broadcast map

@@ -14,8 +14,10 @@
 
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
-use crate::kernels::par::SendPtr;
-use crate::kernels::reduce::{dot, dot_centered, sum as total, sum_sq_centered};
+use crate::kernels::par::par_build;
+use crate::kernels::reduce::{
+    dot, dot_centered, sum as total, sum_and_dot_centered, sum_sq_centered,
+};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
@@ -140,17 +142,19 @@ impl<T: Scalar> Tape<T> {
         };
         let gv = self.value(gamma).data();
         let bv = self.value(beta).data();
-        let mut y = Tensor::zeros(&xs);
-        y.data_mut()
-            .par_chunks_mut(hw)
-            .enumerate()
-            .for_each(|(p, yo)| {
+        let y = par_build(
+            n * c * hw,
+            hw,
+            || (),
+            |_, p, yo| {
                 let ch = p % c;
                 let (sc, sh) = (gv[ch] * s[ch], bv[ch] - gv[ch] * s[ch] * mu[ch]);
                 for (o, &xi) in yo.iter_mut().zip(plane(p)) {
                     *o = sc * xi + sh;
                 }
-            });
+            },
+        );
+        let y = Tensor::from_vec(&xs, y).expect("bn value");
         let mut op = BatchNorm2d {
             x: x.0,
             gamma: gamma.0,
@@ -186,12 +190,12 @@ impl<T: Scalar> Tape<T> {
                 op.tstats = tstats;
             }
             // ẏ = γ s ẋ + (γ̇ s − γ s² a) (x − μ) + (β̇ − γ s mean(ẋ)) per (k, channel).
-            let mut t = Tensor::zeros(&tangent_shape(k, &xs));
             let op = &op;
-            t.data_mut()
-                .par_chunks_mut(hw)
-                .enumerate()
-                .for_each(|(tp, to)| {
+            let t = par_build(
+                k * n * c * hw,
+                hw,
+                || (),
+                |_, tp, to| {
                     let (kk, vp) = (tp / (n * c), tp % (n * c));
                     let ch = vp % c;
                     let s = op.s[ch];
@@ -219,8 +223,9 @@ impl<T: Scalar> Tape<T> {
                             }
                         }
                     }
-                });
-            Some(t)
+                },
+            );
+            Some(Tensor::from_vec(&tangent_shape(k, &xs), t).expect("bn tangent"))
         };
         Ok((self.push(Op::BatchNorm2d(op), y, tangent, false), stats))
     }
@@ -257,10 +262,10 @@ impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
         let sums: Vec<(T, T)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let sy = channel_sum(n, |s| total(&g[vplane(g, s * c + ch)]));
-                let syx = channel_sum(n, |s| {
+                let (sy, syx) = (0..n).fold((T::zero(), T::zero()), |(sy, syx), s| {
                     let r = vplane(g, s * c + ch);
-                    dot_centered(&xv[r.clone()], self.mu[ch], &g[r])
+                    let (a, b) = sum_and_dot_centered(&xv[r.clone()], self.mu[ch], &g[r]);
+                    (sy + a, syx + b)
                 });
                 (sy, syx * self.s[ch])
             })
@@ -310,11 +315,11 @@ impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
 
         if tape.needs_grad(self.x) {
             // train: x̄ = sγ ȳ − (s²γ Syx/m)(x − μ) − sγ Sy/m;  eval: x̄ = sγ ȳ.
-            let mut gx = Tensor::zeros(nx.value.shape());
-            gx.data_mut()
-                .par_chunks_mut(hw)
-                .enumerate()
-                .for_each(|(vp, o)| {
+            let gx = par_build(
+                n * c * hw,
+                hw,
+                || (),
+                |_, vp, o| {
                     let ch = vp % c;
                     let (sy, syx) = sums[ch];
                     let (s, mu, ga) = (self.s[ch], self.mu[ch], gam[ch]);
@@ -331,54 +336,57 @@ impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
                             *oi = c_y * gi;
                         }
                     }
-                });
+                },
+            );
+            let gx = Tensor::from_vec(nx.value.shape(), gx).expect("bn dx");
             let dot = want_dot.then(|| {
                 // x̄˙ = c_x̄ x̄ + c_y ȳ + c_dy ȳ˙ + c_xd ẋ + c_xc (x − μ) + c0, per (k, channel).
-                let mut d = Tensor::zeros(&tangent_shape(k, nx.value.shape()));
                 let gxd = gx.data();
-                let dp = SendPtr(d.data_mut().as_mut_ptr());
-                (0..k * n * c).into_par_iter().for_each(|tp| {
-                    // SAFETY: each task writes its own plane.
-                    let o = unsafe { dp.slice(tp * hw, hw) };
-                    let (kk, vp) = (tp / (n * c), tp % (n * c));
-                    let ch = vp % c;
-                    let (sy, syx) = sums[ch];
-                    let (sd, sdx, syxd) = dsums[kk * c + ch];
-                    let (s, mu, ga) = (self.s[ch], self.mu[ch], gam[ch]);
-                    let gam_dot = gt.map_or(T::zero(), |t| t.data()[kk * c + ch]);
-                    let (c_y, c_dy) = (s * gam_dot, s * ga);
-                    let (mut c_xbar, mut c_xd, mut c_xc, mut c0) =
-                        (T::zero(), T::zero(), T::zero(), T::zero());
-                    if self.train {
-                        let (md, a) = self
-                            .tstats
-                            .get(kk * c + ch)
-                            .copied()
-                            .unwrap_or((T::zero(), T::zero()));
-                        let g2 = ga * syx * inv_m;
-                        let g1d = (gam_dot * sy + ga * sd) * inv_m;
-                        let g2d = (gam_dot * syx + ga * sdx + ga * syxd) * inv_m;
-                        c_xbar = -s * a;
-                        c_xd = -s * s * g2;
-                        c_xc = s * s * s * g2 * a - s * s * g2d;
-                        c0 = -s * g1d + s * s * g2 * md;
-                    }
-                    let r = vplane(g, vp);
-                    let (xp, gp, gxp) = (&xv[r.clone()], &g[r.clone()], &gxd[r]);
-                    let gdp = gdot.map(|t| &t.data()[tp * hw..(tp + 1) * hw]);
-                    let xdp = xt.map(|t| &t.data()[tp * hw..(tp + 1) * hw]);
-                    for i in 0..hw {
-                        let mut v = c_xbar * gxp[i] + c_y * gp[i] + c_xc * (xp[i] - mu) + c0;
-                        if let Some(gdp) = gdp {
-                            v = v + c_dy * gdp[i];
+                let d = par_build(
+                    k * n * c * hw,
+                    hw,
+                    || (),
+                    |_, tp, o| {
+                        let (kk, vp) = (tp / (n * c), tp % (n * c));
+                        let ch = vp % c;
+                        let (sy, syx) = sums[ch];
+                        let (sd, sdx, syxd) = dsums[kk * c + ch];
+                        let (s, mu, ga) = (self.s[ch], self.mu[ch], gam[ch]);
+                        let gam_dot = gt.map_or(T::zero(), |t| t.data()[kk * c + ch]);
+                        let (c_y, c_dy) = (s * gam_dot, s * ga);
+                        let (mut c_xbar, mut c_xd, mut c_xc, mut c0) =
+                            (T::zero(), T::zero(), T::zero(), T::zero());
+                        if self.train {
+                            let (md, a) = self
+                                .tstats
+                                .get(kk * c + ch)
+                                .copied()
+                                .unwrap_or((T::zero(), T::zero()));
+                            let g2 = ga * syx * inv_m;
+                            let g1d = (gam_dot * sy + ga * sd) * inv_m;
+                            let g2d = (gam_dot * syx + ga * sdx + ga * syxd) * inv_m;
+                            c_xbar = -s * a;
+                            c_xd = -s * s * g2;
+                            c_xc = s * s * s * g2 * a - s * s * g2d;
+                            c0 = -s * g1d + s * s * g2 * md;
                         }
-                        if let Some(xdp) = xdp {
-                            v = v + c_xd * xdp[i];
+                        let r = vplane(g, vp);
+                        let (xp, gp, gxp) = (&xv[r.clone()], &g[r.clone()], &gxd[r]);
+                        let gdp = gdot.map(|t| &t.data()[tp * hw..(tp + 1) * hw]);
+                        let xdp = xt.map(|t| &t.data()[tp * hw..(tp + 1) * hw]);
+                        for i in 0..hw {
+                            let mut v = c_xbar * gxp[i] + c_y * gp[i] + c_xc * (xp[i] - mu) + c0;
+                            if let Some(gdp) = gdp {
+                                v = v + c_dy * gdp[i];
+                            }
+                            if let Some(xdp) = xdp {
+                                v = v + c_xd * xdp[i];
+                            }
+                            o[i] = v;
                         }
-                        o[i] = v;
-                    }
-                });
-                d
+                    },
+                );
+                Tensor::from_vec(&tangent_shape(k, nx.value.shape()), d).expect("bn dx tangent")
             });
             sink.add(self.x, gx, dot);
         }
