@@ -209,3 +209,19 @@ pub fn sized_subset(
     }
     balanced_subset(&batch, size, seed).with_context(|| format!("{flag} {size}"))
 }
+
+/// Warns on stderr when `spec` (`auto` or unset) fell back to the built-in synthetic data
+/// because no CIFAR-10 was found, naming where it looked and what `doing` on it means
+/// (e.g. "measuring").
+pub fn warn_if_synthetic_fallback(spec: &str, data: &DataSource, doing: &str) {
+    if data.synthetic && spec != "synthetic" {
+        let looked: Vec<String> = auto_candidates()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        eprintln!(
+            "warning: no CIFAR-10 found (looked in {}); {doing} on the built-in SYNTHETIC dataset",
+            looked.join(", ")
+        );
+    }
+}

@@ -126,14 +126,7 @@ fn run_meta_keys_are_those_of_run_meta() {
     let meta = RunMeta {
         flatmin_version: String::new(),
         threads: 1,
-        dataset: DatasetIdentity {
-            origin: String::new(),
-            synthetic: false,
-            train_images: 0,
-            test_images: 0,
-            train_sha256: String::new(),
-            test_sha256: String::new(),
-        },
+        dataset: DatasetIdentity::default(),
     };
     let v = serde_json::to_value(meta).unwrap();
     let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();

@@ -8,7 +8,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use flatmin::data::{auto_candidates, resolve, sized_subset};
+use flatmin::data::{resolve, sized_subset, warn_if_synthetic_fallback};
 use flatmin::train::{
     count_correct, evaluate, training_subset, DType, LossFn, RunDir, TrainConfig,
 };
@@ -263,16 +263,7 @@ fn eval_images(args: &EvalArgs, cfg: Option<&TrainConfig>, seed: u64) -> Result<
         .or_else(|| cfg.map(|c| c.data.clone()))
         .unwrap_or_else(|| "auto".into());
     let data = resolve(&spec, seed)?;
-    if data.synthetic && spec != "synthetic" {
-        let looked: Vec<String> = auto_candidates()
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
-        eprintln!(
-            "warning: no CIFAR-10 found (looked in {}); evaluating on the built-in SYNTHETIC dataset",
-            looked.join(", ")
-        );
-    }
+    warn_if_synthetic_fallback(&spec, &data, "evaluating");
     let as_trained = cfg.filter(|c| {
         args.split == "train"
             && args.size.is_none_or(|n| n == c.train_size)

@@ -8,7 +8,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{ArgGroup, Args, ValueEnum};
-use flatmin::data::{auto_candidates, resolve, sized_subset};
+use flatmin::data::{resolve, sized_subset, warn_if_synthetic_fallback};
 use flatmin::train::{DType, LossFn, RunDir, TrainConfig};
 use flatmin_datasets::{read_batch_file, Batch, Element};
 use flatmin_engine::curvature::{LanczosOptions, SlqOptions, SlqResult};
@@ -568,16 +568,7 @@ fn load_images(
     // The errors name `--data PATH` or FLATMIN_DATA themselves (an unset `--data` is
     // `auto`, and must not be blamed for FLATMIN_DATA).
     let data = resolve(spec, seed)?;
-    if data.synthetic && spec != "synthetic" {
-        let looked: Vec<String> = auto_candidates()
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
-        eprintln!(
-            "warning: no CIFAR-10 found (looked in {}); measuring on the built-in SYNTHETIC dataset",
-            looked.join(", ")
-        );
-    }
+    warn_if_synthetic_fallback(spec, &data, "measuring");
     let (batch, subset_seed) = match args.split.as_str() {
         "train" => (data.train, seed),
         _ => (data.test, seed ^ TEST_SUBSET_SEED),

@@ -558,14 +558,7 @@ impl<T: Scalar + Element> Trainer<T> {
             grad_samples: 0,
             records: 0,
             trace_set,
-            dataset: DatasetIdentity {
-                origin: String::new(),
-                synthetic: false,
-                train_images: 0,
-                test_images: 0,
-                train_sha256: String::new(),
-                test_sha256: String::new(),
-            },
+            dataset: DatasetIdentity::default(),
             warnings: Vec::new(),
         })
     }

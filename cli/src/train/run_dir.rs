@@ -217,7 +217,7 @@ pub struct RunMeta {
 }
 
 /// What identifies the training and test images of a run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DatasetIdentity {
     /// Folder of the CIFAR-10 release, or `synthetic`.
     pub origin: String,
