@@ -22,8 +22,8 @@
 use crate::kernels::conv::{col2im_add, im2col, ConvGeom};
 use crate::kernels::gemm::{gemm, MatRef};
 use crate::kernels::pool::{avg_plane_adjoint, max_plane, PoolGeom};
-use crate::net::{Layer, Net, RunningStats};
-use crate::ops::Loss;
+use crate::net::{Activation, Layer, Net, RunningStats};
+use crate::ops::{Loss, SampleHead, Unary};
 use crate::scalar::Scalar;
 use crate::tensor::{numel, Tensor};
 
@@ -133,6 +133,35 @@ impl Acc<'_> {
     }
 }
 
+/// What one sample's pass reads: the net, its plan and parameters, and the chunk's node values.
+struct Ctx<'a, T> {
+    net: &'a Net,
+    plan: &'a Plan,
+    params: &'a [Tensor<T>],
+    running: &'a [Option<RunningStats<'a, T>>],
+    values: &'a [&'a [T]],
+    n: usize,
+}
+
+impl<'a, T: Scalar> Ctx<'a, T> {
+    /// Node `i`'s value for this sample.
+    fn sample(&self, i: usize) -> &'a [T] {
+        let len = numel(&self.plan.shapes[i]);
+        &self.values[i][self.n * len..(self.n + 1) * len]
+    }
+}
+
+/// What one sample's pass accumulates while it walks the net backward.
+struct Walk<'d, T> {
+    /// The columns' adjoint at each node, once some consumer has deposited it.
+    adj: Vec<Option<Cols<T>>>,
+    /// Source columns (element, weight) waiting at each node until its adjoint is complete.
+    pending: Vec<Vec<(usize, f64)>>,
+    acc: Acc<'d>,
+    /// Source columns created so far.
+    sources: usize,
+}
+
 /// Runs the pass for sample `n` of a chunk whose node values are `values` (`[Nc, ...]`
 /// each). With `diag`, adds weight × squared per-sample gradient elementwise into it (one
 /// vector per parameter tensor; the caller divides by the sample count).
@@ -147,35 +176,52 @@ pub(crate) fn sample_pass<T: Scalar>(
     label: usize,
     diag: Option<&mut [Vec<f64>]>,
 ) -> SampleOut {
-    let nodes = net.nodes();
-    let sample = |i: usize| -> &[T] {
-        let len = numel(&plan.shapes[i]);
-        &values[i][n * len..(n + 1) * len]
+    let ctx = Ctx {
+        net,
+        plan,
+        params,
+        running,
+        values,
+        n,
     };
-    let out = nodes.len() - 1;
-    let classes = plan.classes;
-
+    let nodes = net.nodes().len();
+    let out = nodes - 1;
     // The loss head in f64: loss, gradient and Hessian factor in the logits.
-    let z: Vec<f64> = sample(out).iter().map(|&v| f(v)).collect();
+    let z: Vec<f64> = ctx.sample(out).iter().map(|&v| f(v)).collect();
     let head = plan.loss.sample_head(&z, label);
-    let loss = head.loss;
-
-    let nt = params.len();
-    let mut acc = Acc {
-        wg: Vec::new(),
-        ws: Vec::new(),
-        ggn: vec![0.0; nt],
-        src: vec![0.0; nt],
-        diag,
+    let mut walk = Walk {
+        adj: (0..nodes).map(|_| None).collect(),
+        pending: vec![Vec::new(); nodes],
+        acc: Acc {
+            wg: Vec::new(),
+            ws: Vec::new(),
+            ggn: vec![0.0; params.len()],
+            src: vec![0.0; params.len()],
+            diag,
+        },
+        sources: 0,
     };
-    if !plan.needs[out] {
-        return SampleOut {
-            ggn: acc.ggn,
-            src: acc.src,
-            loss,
-            sources: 0,
-        };
+    if plan.needs[out] {
+        walk.adj[out] = Some(head_columns(plan, &head, &mut walk.acc));
+        for i in (0..nodes).rev() {
+            if let Some(d) = walk.adj[i].take() {
+                let d = walk.inject_sources(i, d);
+                walk.step(&ctx, i, d);
+            }
+        }
     }
+    SampleOut {
+        ggn: walk.acc.ggn,
+        src: walk.acc.src,
+        loss: head.loss,
+        sources: walk.sources,
+    }
+}
+
+/// The columns at the logits: the ordinary adjoint (row 0, weight 0, when the net has
+/// sources) and one GGN column per class (weight 1).
+fn head_columns<T: Scalar>(plan: &Plan, head: &SampleHead, acc: &mut Acc<'_>) -> Cols<T> {
+    let classes = plan.classes;
     let first = usize::from(plan.any_sources);
     let mut top = Cols::<T>::zeros(first + classes, classes);
     if plan.any_sources {
@@ -192,49 +238,48 @@ pub(crate) fn sample_pass<T: Scalar>(
         acc.wg.push(1.0);
         acc.ws.push(0.0);
     }
+    top
+}
 
-    let mut adj: Vec<Option<Cols<T>>> = (0..nodes.len()).map(|_| None).collect();
-    let mut pending: Vec<Vec<(usize, f64)>> = vec![Vec::new(); nodes.len()];
-    adj[out] = Some(top);
-    let mut sources = 0;
-
-    for i in (0..nodes.len()).rev() {
-        let Some(mut d) = adj[i].take() else {
-            continue;
-        };
-        // Curvature sources at this node: unit columns, one per element with a weight.
-        let inject = std::mem::take(&mut pending[i]);
+impl<T: Scalar> Walk<'_, T> {
+    /// Appends node `i`'s waiting source columns to its adjoint `d`: one unit row per
+    /// element, with its weight.
+    fn inject_sources(&mut self, i: usize, mut d: Cols<T>) -> Cols<T> {
+        let inject = std::mem::take(&mut self.pending[i]);
         if !inject.is_empty() {
-            let base = acc.wg.len();
+            let base = self.acc.wg.len();
             d.grow(base + inject.len());
             for (j, &(unit, w)) in inject.iter().enumerate() {
                 d.row_mut(base + j)[unit] = T::one();
-                acc.wg.push(0.0);
-                acc.ws.push(w);
+                self.acc.wg.push(0.0);
+                self.acc.ws.push(w);
             }
-            sources += inject.len();
+            self.sources += inject.len();
         }
-        let node = &nodes[i];
-        let needs_in = |k: usize| plan.needs[node.inputs[k].index()];
+        d
+    }
+
+    /// Takes node `i`'s complete adjoint `d` through its layer: adds the layer's per-sample
+    /// gradient norms and deposits the input adjoints where they are needed.
+    fn step(&mut self, ctx: &Ctx<'_, T>, i: usize, d: Cols<T>) {
+        let node = &ctx.net.nodes()[i];
+        let input = match node.layer {
+            Layer::Input => return,
+            Layer::Add => {
+                return self.split(ctx, node.inputs[0].index(), node.inputs[1].index(), d)
+            }
+            _ => node.inputs[0].index(),
+        };
+        let need = ctx.plan.needs[input];
+        let (x, xs) = (ctx.sample(input), &ctx.plan.shapes[input]);
         let weight = node.first_param;
         let bias_at = |has: bool| has.then_some(weight + 1);
-        match &node.layer {
-            Layer::Input => {}
+        let acc = &mut self.acc;
+        let din = match &node.layer {
+            Layer::Input | Layer::Add => unreachable!("handled above"),
             Layer::Linear { bias, .. } => {
-                let input = node.inputs[0].index();
-                let x = sample(input);
-                let din = linear(
-                    &d,
-                    x,
-                    &params[weight],
-                    weight,
-                    bias_at(*bias),
-                    needs_in(0),
-                    &mut acc,
-                );
-                if let Some(din) = din {
-                    deposit(&mut adj, input, din);
-                }
+                let w = &ctx.params[weight];
+                linear(&d, x, w, weight, bias_at(*bias), need, acc)
             }
             Layer::Conv2d {
                 bias,
@@ -242,161 +287,149 @@ pub(crate) fn sample_pass<T: Scalar>(
                 padding,
                 ..
             } => {
-                let input = node.inputs[0].index();
-                let xs = &plan.shapes[input];
-                let ws = params[weight].shape();
-                let g = ConvGeom {
-                    c_in: xs[0],
-                    h: xs[1],
-                    w: xs[2],
-                    c_out: ws[0],
-                    kh: ws[2],
-                    kw: ws[3],
-                    stride: *stride,
-                    pad: *padding,
-                };
+                let ws = ctx.params[weight].shape();
                 let conv = ConvStep {
-                    g,
-                    w: params[weight].data(),
+                    g: ConvGeom {
+                        c_in: xs[0],
+                        h: xs[1],
+                        w: xs[2],
+                        c_out: ws[0],
+                        kh: ws[2],
+                        kw: ws[3],
+                        stride: *stride,
+                        pad: *padding,
+                    },
+                    w: ctx.params[weight].data(),
                     weight,
                     bias: bias_at(*bias),
                 };
-                let din = conv.run(&d, sample(input), needs_in(0), &mut acc);
-                if let Some(din) = din {
-                    deposit(&mut adj, input, din);
-                }
+                conv.run(&d, x, need, acc)
             }
             Layer::BatchNorm2d { eps, .. } => {
-                let Some(RunningStats { mean, var }) = running[i] else {
+                let Some(RunningStats { mean, var }) = ctx.running[i] else {
                     unreachable!("the plan refuses batch statistics");
                 };
-                let input = node.inputs[0].index();
-                let xs = &plan.shapes[input];
                 let bn = BnStep {
                     c: xs[0],
                     hw: xs[1] * xs[2],
                     mean,
                     var,
                     eps: *eps,
-                    gamma_v: params[weight].data(),
+                    gamma_v: ctx.params[weight].data(),
                     gamma: weight,
                     beta: weight + 1,
                 };
-                let din = bn.run(&d, sample(input), needs_in(0), &mut acc);
-                if let Some(din) = din {
-                    deposit(&mut adj, input, din);
-                }
+                bn.run(&d, x, need, acc)
             }
             Layer::Activation(act) => {
-                let func = act.unary::<T>();
-                let input = node.inputs[0].index();
-                let u = sample(input);
-                if plan.sources[i] {
-                    let g = d.row(0);
-                    for (j, (&gj, &uj)) in g.iter().zip(u).enumerate() {
-                        let w = f(gj) * f(func.d2(uj));
-                        if w != 0.0 {
-                            pending[input].push((j, w));
-                        }
-                    }
+                if ctx.plan.sources[i] {
+                    self.pending[input].extend(source_weights(*act, d.row(0), x));
                 }
-                if needs_in(0) {
-                    let d1: Vec<T> = u.iter().map(|&x| func.d1(x)).collect();
-                    for k in 0..d.rows {
-                        for (v, &s) in d.row_mut(k).iter_mut().zip(&d1) {
-                            *v = *v * s;
-                        }
-                    }
-                    deposit(&mut adj, input, d);
-                }
+                need.then(|| scale_columns(d, act.unary::<T>(), x))
             }
             Layer::MaxPool2d { kernel, stride } => {
-                let input = node.inputs[0].index();
-                if needs_in(0) {
-                    let xs = &plan.shapes[input];
-                    let g = PoolGeom {
-                        h: xs[1],
-                        w: xs[2],
-                        kh: *kernel,
-                        kw: *kernel,
-                        stride: *stride,
-                    };
-                    let din = max_pool(&d, sample(input), xs[0], &g);
-                    deposit(&mut adj, input, din);
-                }
+                need.then(|| max_pool(&d, x, xs[0], &square_window(xs, *kernel, *stride)))
             }
             Layer::AvgPool2d { kernel, stride } => {
-                let input = node.inputs[0].index();
-                if needs_in(0) {
-                    let xs = &plan.shapes[input];
-                    let g = PoolGeom {
-                        h: xs[1],
-                        w: xs[2],
-                        kh: *kernel,
-                        kw: *kernel,
-                        stride: *stride,
-                    };
-                    let (il, ol) = (g.h * g.w, g.out_len());
-                    let mut din = Cols::zeros(d.rows, xs[0] * il);
-                    for k in 0..d.rows {
-                        let (src, dst) = (d.row(k), din.row_mut(k));
-                        for ch in 0..xs[0] {
-                            avg_plane_adjoint(
-                                &g,
-                                &src[ch * ol..(ch + 1) * ol],
-                                &mut dst[ch * il..(ch + 1) * il],
-                            );
-                        }
-                    }
-                    deposit(&mut adj, input, din);
-                }
+                need.then(|| avg_pool(&d, xs[0], &square_window(xs, *kernel, *stride)))
             }
-            Layer::AdaptiveAvgPool2d => {
-                let input = node.inputs[0].index();
-                if needs_in(0) {
-                    let xs = &plan.shapes[input];
-                    let hw = xs[1] * xs[2];
-                    let inv = T::one() / T::from_usize_lossy(hw);
-                    let mut din = Cols::zeros(d.rows, xs[0] * hw);
-                    for k in 0..d.rows {
-                        let src = d.row(k).to_vec();
-                        for (ch, plane) in din.row_mut(k).chunks_mut(hw).enumerate() {
-                            plane.fill(src[ch] * inv);
-                        }
-                    }
-                    deposit(&mut adj, input, din);
-                }
-            }
-            Layer::Flatten | Layer::Identity => {
-                if needs_in(0) {
-                    deposit(&mut adj, node.inputs[0].index(), d);
-                }
-            }
-            Layer::Add => {
-                let (a, b) = (node.inputs[0].index(), node.inputs[1].index());
-                match (plan.needs[a], plan.needs[b]) {
-                    (true, true) => {
-                        let copy = Cols {
-                            rows: d.rows,
-                            width: d.width,
-                            data: d.data.clone(),
-                        };
-                        deposit(&mut adj, a, copy);
-                        deposit(&mut adj, b, d);
-                    }
-                    (true, false) => deposit(&mut adj, a, d),
-                    (false, true) => deposit(&mut adj, b, d),
-                    (false, false) => {}
-                }
-            }
+            Layer::AdaptiveAvgPool2d => need.then(|| global_avg_pool(&d, xs)),
+            Layer::Flatten | Layer::Identity => need.then_some(d),
+        };
+        if let Some(din) = din {
+            deposit(&mut self.adj, input, din);
         }
     }
-    SampleOut {
-        ggn: acc.ggn,
-        src: acc.src,
-        loss,
-        sources,
+
+    /// A sum node's adjoint goes unchanged to both of its inputs (those that need one).
+    fn split(&mut self, ctx: &Ctx<'_, T>, a: usize, b: usize, d: Cols<T>) {
+        match (ctx.plan.needs[a], ctx.plan.needs[b]) {
+            (true, true) => {
+                let copy = Cols {
+                    rows: d.rows,
+                    width: d.width,
+                    data: d.data.clone(),
+                };
+                deposit(&mut self.adj, a, copy);
+                deposit(&mut self.adj, b, d);
+            }
+            (true, false) => deposit(&mut self.adj, a, d),
+            (false, true) => deposit(&mut self.adj, b, d),
+            (false, false) => {}
+        }
     }
+}
+
+/// The source columns of a smooth activation `a = φ(u)`: element `j` of `u` with weight
+/// `g_j φ''(u_j)`, where `g` is the ordinary adjoint at `a` (zero weights dropped).
+fn source_weights<'a, T: Scalar>(
+    act: Activation,
+    g: &'a [T],
+    u: &'a [T],
+) -> impl Iterator<Item = (usize, f64)> + 'a {
+    let func = act.unary::<T>();
+    g.iter()
+        .zip(u)
+        .enumerate()
+        .map(move |(j, (&gj, &uj))| (j, f(gj) * f(func.d2(uj))))
+        .filter(|&(_, w)| w != 0.0)
+}
+
+/// An elementwise layer's adjoint: every column times `φ'(u)`.
+fn scale_columns<T: Scalar>(mut d: Cols<T>, func: Unary<T>, u: &[T]) -> Cols<T> {
+    let d1: Vec<T> = u.iter().map(|&x| func.d1(x)).collect();
+    for k in 0..d.rows {
+        for (v, &s) in d.row_mut(k).iter_mut().zip(&d1) {
+            *v = *v * s;
+        }
+    }
+    d
+}
+
+/// The window of a square pooling layer over a `[channels, h, w]` input.
+fn square_window(xs: &[usize], kernel: usize, stride: usize) -> PoolGeom {
+    PoolGeom {
+        h: xs[1],
+        w: xs[2],
+        kh: kernel,
+        kw: kernel,
+        stride,
+    }
+}
+
+/// Average pooling's adjoint for one sample (`[channels, h, w]` input).
+fn avg_pool<T: Scalar>(d: &Cols<T>, channels: usize, g: &PoolGeom) -> Cols<T> {
+    let (il, ol) = (g.h * g.w, g.out_len());
+    let mut din = Cols::zeros(d.rows, channels * il);
+    for k in 0..d.rows {
+        let (src, dst) = (d.row(k), din.row_mut(k));
+        for ch in 0..channels {
+            avg_plane_adjoint(
+                g,
+                &src[ch * ol..(ch + 1) * ol],
+                &mut dst[ch * il..(ch + 1) * il],
+            );
+        }
+    }
+    din
+}
+
+/// Global average pooling's adjoint for one sample: each channel's adjoint spread evenly
+/// over its plane (`xs` = `[channels, h, w]`).
+fn global_avg_pool<T: Scalar>(d: &Cols<T>, xs: &[usize]) -> Cols<T> {
+    let hw = xs[1] * xs[2];
+    let inv = T::one() / T::from_usize_lossy(hw);
+    let mut din = Cols::zeros(d.rows, xs[0] * hw);
+    for k in 0..d.rows {
+        let src = d.row(k);
+        for (ch, plane) in din.data[k * xs[0] * hw..(k + 1) * xs[0] * hw]
+            .chunks_mut(hw)
+            .enumerate()
+        {
+            plane.fill(src[ch] * inv);
+        }
+    }
+    din
 }
 
 /// Adds `d` into node `j`'s adjoint (padding the shorter one with zero rows).
