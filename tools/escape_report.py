@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Figures and the verdict table of docs/escape.md from the runs of tools/escape_experiment.sh.
+"""Figures and the verdict tables of docs/escape.md from the runs of tools/escape_experiment.sh.
 
-Usage: python tools/escape_report.py RUNS_DIR [FIGURES_DIR]
-Reads RUNS_DIR/{good,bad,<arm>-s<seed>}/metrics.jsonl; writes escape-trace.png,
-escape-trace-vs-loss.png and escape-test-acc.png into FIGURES_DIR (default docs/), and
-escape-runs.json there: every run's logged trace and evaluation series and the SHA-256 of its
+Usage: python tools/escape_report.py RUNS_DIR [FIGURES_DIR] [--experiment mlp|cnn]
+Reads RUNS_DIR/{good,bad,<arm>-s<seed>}/metrics.jsonl; writes PREFIX-trace.png,
+PREFIX-trace-vs-loss.png and PREFIX-test-acc.png into FIGURES_DIR (default docs/), and
+PREFIX-runs.json there: every run's logged trace and evaluation series and the SHA-256 of its
 model.safetensors (a rerun of tools/escape_experiment.sh with the same flatmin on the same kind
-of CPU gives the same bits); prints a Markdown table per arm (mean ± std over seeds). Needs
-matplotlib (figures) and numpy.
+of CPU gives the same bits); prints a Markdown table per arm (mean ± std over seeds) and, for
+the cnn experiment, the traces at equal training loss. PREFIX is `escape` for the mlp
+experiment (RUNS_DIR = the script's OUT_DIR) and `escape-cnn` for the cnn one (RUNS_DIR =
+OUT_DIR/cnn). Needs matplotlib (figures) and numpy.
 """
 
 import hashlib
@@ -19,8 +21,8 @@ from collections import defaultdict
 
 import numpy as np
 
-# Arms in the order of the figures, with their labels.
-ARMS = [
+# Arms of the mlp experiment in the order of the figures, with their labels.
+MLP_ARMS = [
     ("gd", "GD (no perturbation)"),
     ("sa-b1", "SA, B = 1"),
     ("sa-b16", "SA, B = 16"),
@@ -32,6 +34,20 @@ ARMS = [
     ("sa-noproj", "control: SA, no projection"),
     ("label-noise", "control: label-noise GD"),
 ]
+
+# Arms of the cnn-s check (cross-entropy, minibatch SGD at rate 0.02 plus the perturbation).
+CNN_ARMS = [
+    ("sgd", "SGD (no perturbation)"),
+    ("sa-b1", "SA, B = 1, ρ = 0.05"),
+    ("rs", "RS, ρ = 3, η' = 0.02"),
+    ("sa-rho0", "control: SA, ρ = 1e-4"),
+]
+
+# Per experiment: its arms, the arm the others are compared with, the figure prefix, the loss.
+EXPERIMENTS = {
+    "mlp": {"arms": MLP_ARMS, "reference": "gd", "prefix": "escape", "loss": "MSE"},
+    "cnn": {"arms": CNN_ARMS, "reference": "sgd", "prefix": "escape-cnn", "loss": "cross-entropy"},
+}
 
 
 def records(run):
@@ -88,7 +104,7 @@ def fmt(values, scale=1.0, digits=1):
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
-def table(arms, start):
+def table(arms, start, exp):
     print(f"bad minimum: trace {start['trace'][-1]:.1f}, train loss {start['train_loss'][-1]:.2e}, "
           f"train acc {100 * start['train_acc'][-1]:.1f}%, test acc {100 * start['test_acc'][-1]:.1f}%")
     print()
@@ -104,7 +120,7 @@ def table(arms, start):
     print("| arm | runs | steps | trace at the end | trace change | train loss (end) "
           "| fit path's trace at that loss | min train acc | test acc (end) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for key, label in ARMS:
+    for key, label in exp["arms"]:
         runs = arms.get(key)
         if not runs:
             continue
@@ -120,6 +136,41 @@ def table(arms, start):
               f"| {fmt(te[:, -1], 100)}% |")
 
 
+def at_loss(run, loss):
+    """The run's trace where its training loss was `loss` (interpolated in log loss over its
+    records sorted by loss; None outside the range it covered)."""
+    order = np.argsort(run["train_loss"])
+    x, y = np.log(run["train_loss"][order]), run["trace"][order]
+    v = np.log(loss)
+    return float(np.interp(v, x, y)) if x[0] <= v <= x[-1] else None
+
+
+def equal_loss_table(arms, exp, levels=4):
+    """Each arm's trace at training losses every run reached (log-spaced from the start's loss
+    down to the highest final loss of any run), against the reference arm at the same loss."""
+    runs = [r for key, _ in exp["arms"] for r in arms.get(key, [])]
+    if not runs or exp["reference"] not in arms:
+        return
+    hi = min(r["train_loss"].max() for r in runs)
+    lo = max(r["train_loss"].min() for r in runs)
+    if not lo < hi:
+        print("no training loss common to all runs")
+        return
+    grid = np.exp(np.linspace(np.log(hi), np.log(lo), levels + 1)[1:])
+    ref = {g: np.mean([at_loss(r, g) for r in arms[exp["reference"]]]) for g in grid}
+    print("| arm | " + " | ".join(f"tr(H) at loss {g:.2e}" for g in grid) + " |")
+    print("| --- |" + " --- |" * len(grid))
+    for key, label in exp["arms"]:
+        if key not in arms:
+            continue
+        cells = []
+        for g in grid:
+            tr = [at_loss(r, g) for r in arms[key]]
+            rel = 100 * (np.mean(tr) / ref[g] - 1)
+            cells.append(f"{fmt(tr)} ({rel:+.1f}%)" if key != exp["reference"] else fmt(tr))
+        print(f"| {label} ({len(arms[key])}) | " + " | ".join(cells) + " |")
+
+
 def band(ax, x, ys, label, **kw):
     mean = ys.mean(axis=0)
     line, = ax.plot(x, mean, label=f"{label} ({len(ys)})", lw=1.6, **kw)
@@ -128,20 +179,22 @@ def band(ax, x, ys, label, **kw):
         ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.18, lw=0)
 
 
-def figures(arms, good, bad, out):
+def figures(arms, good, bad, out, exp):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     styles = {"sa-rho0": "--", "sa-noproj": "--", "label-noise": "--"}
     specs = [
-        ("escape-trace.png", "step", "trace", "steps from the bad minimum", "exact Hessian trace tr(H)"),
-        ("escape-trace-vs-loss.png", "train_loss", "trace", "training loss (evaluation, MSE)",
+        ("trace", "step", "trace", "steps from the bad minimum", "exact Hessian trace tr(H)"),
+        ("trace-vs-loss", "train_loss", "trace", f"training loss (evaluation, {exp['loss']})",
          "exact Hessian trace tr(H)"),
-        ("escape-test-acc.png", "step", "test_acc", "steps from the bad minimum", "test accuracy"),
+        ("test-acc", "step", "test_acc", "steps from the bad minimum", "test accuracy"),
     ]
-    for fname, xkey, ykey, xlabel, ylabel in specs:
+    keys = [k for k, _ in exp["arms"]]
+    for name, xkey, ykey, xlabel, ylabel in specs:
+        fname = f"{exp['prefix']}-{name}.png"
         fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-        for key, label in ARMS:
+        for key, label in exp["arms"]:
             runs = arms.get(key)
             if not runs:
                 continue
@@ -152,7 +205,7 @@ def figures(arms, good, bad, out):
             else:
                 for i, r in enumerate(runs):
                     ax.plot(r[xkey], r[ykey], ls=styles.get(key, "-"), lw=1.0,
-                            color=f"C{[k for k, _ in ARMS].index(key)}",
+                            color=f"C{keys.index(key)}",
                             label=f"{label}" if i == 0 else None, marker=".", ms=3)
         if xkey == "train_loss":
             # The paths that built the two minima: the trace of a fit along its own descent.
@@ -175,8 +228,8 @@ def figures(arms, good, bad, out):
         print(f"wrote {os.path.join(out, fname)}")
 
 
-def dump(root, out):
-    """escape-runs.json: each run's series and the SHA-256 of its final weights."""
+def dump(root, out, prefix):
+    """PREFIX-runs.json: each run's series and the SHA-256 of its final weights."""
     runs = {}
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
@@ -195,7 +248,7 @@ def dump(root, out):
             "project": cfg["project"], "lr": cfg["lr"], "label_noise": cfg["label_noise"],
             **{k: [float(x) for x in r[k]] for k in ("step", "trace", "train_loss", "train_acc", "test_acc")},
         }
-    path = os.path.join(out, "escape-runs.json")
+    path = os.path.join(out, f"{prefix}-runs.json")
     with open(path, "w") as f:
         json.dump(runs, f, indent=None, separators=(",", ":"))
         f.write("\n")
@@ -203,19 +256,31 @@ def dump(root, out):
 
 
 def main():
-    if len(sys.argv) < 2:
+    args = sys.argv[1:]
+    name = "mlp"
+    if "--experiment" in args:
+        i = args.index("--experiment")
+        if i + 1 >= len(args) or args[i + 1] not in EXPERIMENTS:
+            sys.exit(f"--experiment takes one of {', '.join(EXPERIMENTS)}")
+        name = args[i + 1]
+        del args[i : i + 2]
+    if not args:
         sys.exit(__doc__)
-    root = sys.argv[1]
-    out = sys.argv[2] if len(sys.argv) > 2 else "docs"
+    exp = EXPERIMENTS[name]
+    root = args[0]
+    out = args[1] if len(args) > 1 else "docs"
     good = series(os.path.join(root, "good")) if os.path.isdir(os.path.join(root, "good")) else None
     bad = series(os.path.join(root, "bad"))
     arms = collect(root, bad)
     if good is not None:
         print(f"good minimum: trace {good['trace'][-1]:.1f}, train loss {good['train_loss'][-1]:.2e}, "
               f"train acc {100 * good['train_acc'][-1]:.1f}%, test acc {100 * good['test_acc'][-1]:.1f}%")
-    table(arms, bad)
-    figures(arms, good, bad, out)
-    dump(root, out)
+    table(arms, bad, exp)
+    if name == "cnn":
+        print()
+        equal_loss_table(arms, exp)
+    figures(arms, good, bad, out, exp)
+    dump(root, out, exp["prefix"])
 
 
 if __name__ == "__main__":
