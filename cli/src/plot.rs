@@ -6,7 +6,10 @@
 //! as lines, smoothed by a centred moving average over the raw values (drawn faintly
 //! behind); per-epoch evaluation metrics (`test_acc`, `test_loss`, `train_loss`,
 //! `train_acc`) as points joined by lines at the steps where they were measured. Text is
-//! drawn with an embedded DejaVu Sans, so no system font library is needed.
+//! drawn with an embedded DejaVu Sans, so no system font library is needed. One legend per
+//! figure, in a column right of the panels, where it hides no data. A PNG is drawn at three
+//! times its size and averaged down (anti-aliased lines and text); an SVG is drawn in tenths
+//! of a pixel, so its coordinates are not snapped to whole pixels.
 
 use crate::train::Record;
 use anyhow::{anyhow, bail, Context, Result};
@@ -47,15 +50,26 @@ const EVAL_METRICS: [(&str, &str); 6] = [
     ),
 ];
 
-/// Width and height in pixels of one panel.
+/// Width and height in pixels of one panel (at [`BASE_DPI`]).
 const PANEL: (u32, u32) = (760, 460);
 /// Height in pixels of the figure title band.
 const TITLE_BAND: u32 = 48;
-/// Runs up to this many get a legend inside each panel; more (a sweep) get one legend column
-/// right of the panels instead, where it hides no data.
-const LEGEND_INSIDE_MAX: usize = 4;
 /// Pixels a legend-column label may take per character (DejaVu Sans at 15 px, generous).
 const LEGEND_CHAR_W: u32 = 9;
+/// The resolution at which a figure's nominal pixel sizes are meant (`--dpi 100`).
+pub const BASE_DPI: u32 = 100;
+/// A PNG is drawn this many times larger in each direction and averaged down.
+const SUPERSAMPLE: u32 = 3;
+/// Most pixels a supersampled PNG may be drawn on (a smaller factor is used above it).
+const MAX_DRAWN_PIXELS: u64 = 48_000_000;
+/// SVG drawing units per pixel (coordinates in tenths of a pixel).
+const SVG_UNITS: u32 = 10;
+/// Accepted `--width`/`--height`, in pixels at [`BASE_DPI`].
+const SIZE_RANGE: std::ops::RangeInclusive<u32> = 200..=20_000;
+/// Accepted `--dpi`.
+const DPI_RANGE: std::ops::RangeInclusive<u32> = 25..=1200;
+/// Most pixels of a PNG as written (`--width` x `--height` at `--dpi`).
+const MAX_PNG_PIXELS: u64 = 100_000_000;
 /// The line colours, one per run, in order (cycled beyond ten runs).
 const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
@@ -232,6 +246,8 @@ pub struct PlotOptions {
     pub title: Option<String>,
     /// Logarithmic vertical axes (values that are not positive are left out).
     pub log_y: bool,
+    /// Size and resolution of the image.
+    pub canvas: Canvas,
 }
 
 impl Default for PlotOptions {
@@ -243,7 +259,102 @@ impl Default for PlotOptions {
             smooth: None,
             title: None,
             log_y: false,
+            canvas: Canvas::default(),
         }
+    }
+}
+
+/// Size and resolution of a rendered figure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Canvas {
+    /// Width in pixels at [`BASE_DPI`]; `None`: two panels a row of 760 pixels, plus the legend.
+    pub width: Option<u32>,
+    /// Height in pixels at [`BASE_DPI`]; `None`: 460 pixels a row of panels, plus the title.
+    pub height: Option<u32>,
+    /// Pixels per inch of a PNG: 200 gives twice the pixels in each direction, text and lines
+    /// scaled with them (an SVG is vector and ignores it).
+    pub dpi: u32,
+}
+
+impl Default for Canvas {
+    /// The figure's natural size at [`BASE_DPI`].
+    fn default() -> Self {
+        Canvas {
+            width: None,
+            height: None,
+            dpi: BASE_DPI,
+        }
+    }
+}
+
+impl Canvas {
+    /// Checks the flags' ranges (`--width`, `--height`, `--dpi`) and the PNG's pixel count.
+    pub fn check(&self, fig: &Figure) -> Result<()> {
+        for (flag, v) in [("--width", self.width), ("--height", self.height)] {
+            if let Some(v) = v.filter(|v| !SIZE_RANGE.contains(v)) {
+                bail!(
+                    "{flag} {v}: must be {} to {} pixels",
+                    SIZE_RANGE.start(),
+                    SIZE_RANGE.end()
+                );
+            }
+        }
+        if !DPI_RANGE.contains(&self.dpi) {
+            bail!(
+                "--dpi {}: must be {} to {}",
+                self.dpi,
+                DPI_RANGE.start(),
+                DPI_RANGE.end()
+            );
+        }
+        let (w, h) = self.png_size(fig);
+        if u64::from(w) * u64::from(h) > MAX_PNG_PIXELS {
+            bail!(
+                "--dpi {}: a {w}x{h} image is more than {MAX_PNG_PIXELS} pixels; lower --dpi or the size",
+                self.dpi
+            );
+        }
+        Ok(())
+    }
+
+    /// The figure's size in pixels at [`BASE_DPI`].
+    pub fn size(&self, fig: &Figure) -> (u32, u32) {
+        let natural = figure_size(fig);
+        (
+            self.width.unwrap_or(natural.0),
+            self.height.unwrap_or(natural.1),
+        )
+    }
+
+    /// The pixel size of the figure as a PNG at this resolution.
+    pub fn png_size(&self, fig: &Figure) -> (u32, u32) {
+        let (w, h) = self.size(fig);
+        let at = |v: u32| (u64::from(v) * u64::from(self.dpi)).div_ceil(u64::from(BASE_DPI));
+        (
+            u32::try_from(at(w)).unwrap_or(u32::MAX),
+            u32::try_from(at(h)).unwrap_or(u32::MAX),
+        )
+    }
+}
+
+/// Drawing units per pixel of the figure's nominal sizes (fonts, strokes, margins).
+#[derive(Clone, Copy, Debug)]
+struct Scale(f64);
+
+impl Scale {
+    /// A length in drawing units.
+    fn u(self, px: u32) -> u32 {
+        (f64::from(px) * self.0).round() as u32
+    }
+
+    /// A coordinate in drawing units.
+    fn i(self, px: i32) -> i32 {
+        (f64::from(px) * self.0).round() as i32
+    }
+
+    /// A font size in drawing units.
+    fn font(self, px: u32) -> f64 {
+        f64::from(px) * self.0
     }
 }
 
@@ -602,7 +713,7 @@ pub fn plot_runs(dirs: &[PathBuf], opts: &PlotOptions, out: &Path) -> Result<()>
     let format = Format::of(out)?;
     let runs = read_runs(dirs)?;
     let fig = figure(&runs, opts)?;
-    render(&fig, out, format)
+    render_on(&fig, out, format, &opts.canvas)
 }
 
 /// The pixel size of a figure: two panels a row (one when there is a single panel).
@@ -623,11 +734,11 @@ fn legend_lines(fig: &Figure) -> &[Line] {
     fig.panels.first().map_or(&[], |p| &p.lines[..])
 }
 
-/// The width in pixels of the legend column right of the panels: 0 when each panel holds
-/// its own legend (at most [`LEGEND_INSIDE_MAX`] runs).
+/// The width in pixels of the figure's one legend, a column right of the panels (0 when
+/// there is no line to name).
 pub fn legend_column_width(fig: &Figure) -> u32 {
     let lines = legend_lines(fig);
-    if lines.len() <= LEGEND_INSIDE_MAX {
+    if lines.is_empty() {
         return 0;
     }
     let chars = lines.iter().map(|l| l.label.chars().count()).max();
@@ -638,53 +749,105 @@ pub fn legend_column_width(fig: &Figure) -> u32 {
 fn draw_legend_column<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     fig: &Figure,
+    sc: Scale,
 ) -> Result<()> {
     use plotters::style::text_anchor::{HPos, Pos, VPos};
-    let font = ("sans-serif", 15)
+    let font = ("sans-serif", sc.font(15))
         .into_font()
         .color(&BLACK)
         .pos(Pos::new(HPos::Left, VPos::Center));
     for (i, line) in legend_lines(fig).iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let y = 56 + 24 * i as i32;
+        let y = sc.i(56 + 24 * i as i32);
         area.draw(&PathElement::new(
-            vec![(8, y), (36, y)],
-            color.stroke_width(3),
+            vec![(sc.i(8), y), (sc.i(36), y)],
+            color.stroke_width(sc.u(3)),
         ))
         .map_err(draw_error)?;
-        area.draw_text(&line.label, &font, (46, y))
+        area.draw_text(&line.label, &font, (sc.i(46), y))
             .map_err(draw_error)?;
     }
     Ok(())
 }
 
-/// Draws `fig` into `out` (written atomically).
+/// Draws `fig` into `out` (written atomically) at its natural size.
 pub fn render(fig: &Figure, out: &Path, format: Format) -> Result<()> {
+    render_on(fig, out, format, &Canvas::default())
+}
+
+/// Draws `fig` into `out` (written atomically) at the canvas's size and resolution.
+pub fn render_on(fig: &Figure, out: &Path, format: Format, canvas: &Canvas) -> Result<()> {
     register_font()?;
-    let size = figure_size(fig);
+    canvas.check(fig)?;
     let bytes = match format {
-        Format::Png => {
-            let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
-            {
-                let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
-                draw_figure(&root, fig)?;
-                root.present().map_err(draw_error)?;
-            }
-            encode_png(&rgb, size)?
-        }
-        Format::Svg => {
-            let mut svg = String::new();
-            {
-                let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
-                draw_figure(&root, fig)?;
-                root.present().map_err(draw_error)?;
-            }
-            svg.into_bytes()
-        }
+        Format::Png => render_png(fig, canvas)?,
+        Format::Svg => render_svg(fig, canvas)?.into_bytes(),
     };
     flatmin_models::io::write_atomic(out, &bytes)
         .with_context(|| format!("--out {}: cannot write the figure", out.display()))?;
     Ok(())
+}
+
+/// The figure as PNG bytes: drawn supersampled, then each block of pixels averaged into one.
+fn render_png(fig: &Figure, canvas: &Canvas) -> Result<Vec<u8>> {
+    let size = canvas.png_size(fig);
+    let pixels = u64::from(size.0) * u64::from(size.1);
+    let k = (1..=SUPERSAMPLE)
+        .rev()
+        .find(|k| pixels * u64::from(k * k) <= MAX_DRAWN_PIXELS)
+        .unwrap_or(1);
+    let drawn = (size.0 * k, size.1 * k);
+    let mut rgb = vec![0u8; drawn.0 as usize * drawn.1 as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, drawn).into_drawing_area();
+        let sc = Scale(f64::from(canvas.dpi) / f64::from(BASE_DPI) * f64::from(k));
+        draw_figure(&root, fig, sc)?;
+        root.present().map_err(draw_error)?;
+    }
+    encode_png(&downsample(&rgb, drawn, k), size, canvas.dpi)
+}
+
+/// Averages each `k` x `k` block of an RGB image of size `drawn` into one pixel.
+fn downsample(rgb: &[u8], drawn: (u32, u32), k: u32) -> Vec<u8> {
+    if k == 1 {
+        return rgb.to_vec();
+    }
+    let (w, k) = (drawn.0 as usize, k as usize);
+    let (ow, oh) = (w / k, drawn.1 as usize / k);
+    let mut out = vec![0u8; ow * oh * 3];
+    let mut sums = vec![0u32; ow * 3];
+    for oy in 0..oh {
+        sums.fill(0);
+        for row in rgb[oy * k * w * 3..(oy + 1) * k * w * 3].chunks_exact(w * 3) {
+            for (i, &v) in row[..ow * k * 3].iter().enumerate() {
+                sums[(i / 3 / k) * 3 + i % 3] += u32::from(v);
+            }
+        }
+        let n = (k * k) as u32;
+        for (o, &t) in out[oy * ow * 3..(oy + 1) * ow * 3].iter_mut().zip(&sums) {
+            *o = ((t + n / 2) / n) as u8;
+        }
+    }
+    out
+}
+
+/// The figure as SVG text, drawn in tenths of a pixel: the root element keeps the figure's
+/// size and its `viewBox` spans the finer drawing units.
+fn render_svg(fig: &Figure, canvas: &Canvas) -> Result<String> {
+    let (w, h) = canvas.size(fig);
+    let drawn = (w * SVG_UNITS, h * SVG_UNITS);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, drawn).into_drawing_area();
+        draw_figure(&root, fig, Scale(f64::from(SVG_UNITS)))?;
+        root.present().map_err(draw_error)?;
+    }
+    let drawn_size = format!("width=\"{}\" height=\"{}\"", drawn.0, drawn.1);
+    let shown_size = format!("width=\"{w}\" height=\"{h}\"");
+    if !svg.contains(&drawn_size) {
+        bail!("cannot draw the figure: unexpected SVG header");
+    }
+    Ok(svg.replacen(&drawn_size, &shown_size, 1))
 }
 
 /// Registers the embedded font as `sans-serif` (once per process).
@@ -704,12 +867,18 @@ fn draw_error<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("cannot draw the figure: {e}")
 }
 
-/// An 8-bit RGB buffer as PNG bytes.
-fn encode_png(rgb: &[u8], (w, h): (u32, u32)) -> Result<Vec<u8>> {
+/// An 8-bit RGB buffer as PNG bytes, its resolution recorded as `dpi`.
+fn encode_png(rgb: &[u8], (w, h): (u32, u32), dpi: u32) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
     let mut enc = png::Encoder::new(&mut bytes, w, h);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
+    let per_meter = (f64::from(dpi) / 0.0254).round() as u32;
+    enc.set_pixel_dims(Some(png::PixelDimensions {
+        xppu: per_meter,
+        yppu: per_meter,
+        unit: png::Unit::Meter,
+    }));
     let mut writer = enc.write_header().context("cannot encode the PNG")?;
     writer
         .write_image_data(rgb)
@@ -719,28 +888,37 @@ fn encode_png(rgb: &[u8], (w, h): (u32, u32)) -> Result<Vec<u8>> {
 }
 
 /// Draws the title and every panel on `root`.
-fn draw_figure<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, fig: &Figure) -> Result<()> {
+fn draw_figure<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    fig: &Figure,
+    sc: Scale,
+) -> Result<()> {
     root.fill(&WHITE).map_err(draw_error)?;
     let body = match &fig.title {
         Some(t) => {
-            let (top, rest) = root.split_vertically(TITLE_BAND);
+            let (top, rest) = root.split_vertically(sc.u(TITLE_BAND));
             top.draw_text(
                 t,
-                &("sans-serif", 26)
+                &("sans-serif", sc.font(26))
                     .into_font()
                     .color(&BLACK)
                     .pos(text_anchor_center()),
-                ((figure_size(fig).0 / 2) as i32, (TITLE_BAND / 2) as i32),
+                (
+                    (root.dim_in_pixel().0 / 2) as i32,
+                    (sc.u(TITLE_BAND) / 2) as i32,
+                ),
             )
             .map_err(draw_error)?;
             rest
         }
         None => root.clone(),
     };
-    let legend_w = legend_column_width(fig);
+    let legend_w = sc
+        .u(legend_column_width(fig))
+        .min(body.dim_in_pixel().0 / 2);
     let body = if legend_w > 0 {
         let (panels, legend) = body.split_horizontally(body.dim_in_pixel().0 - legend_w);
-        draw_legend_column(&legend, fig)?;
+        draw_legend_column(&legend, fig, sc)?;
         panels
     } else {
         body
@@ -750,7 +928,7 @@ fn draw_figure<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, fig: &Figure) 
     let rows = n.div_ceil(cols);
     let areas = body.split_evenly((rows, cols));
     for (panel, area) in fig.panels.iter().zip(&areas) {
-        draw_panel(area, fig, panel)?;
+        draw_panel(area, fig, panel, sc)?;
     }
     Ok(())
 }
@@ -831,21 +1009,17 @@ fn draw_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     fig: &Figure,
     panel: &Panel,
+    sc: Scale,
 ) -> Result<()> {
     let (x, y) = extent(panel, fig.log_y);
     if fig.log_y {
-        draw_chart(
-            area,
-            fig,
-            panel,
-            x,
-            LogAxis {
-                lo: y.start,
-                hi: y.end,
-            },
-        )
+        let y = LogAxis {
+            lo: y.start,
+            hi: y.end,
+        };
+        draw_chart(area, fig, panel, (x, y), sc)
     } else {
-        draw_chart(area, fig, panel, x, y)
+        draw_chart(area, fig, panel, (x, y), sc)
     }
 }
 
@@ -941,13 +1115,13 @@ fn tick_label(v: f64) -> String {
     trim(&format!("{v:.decimals$}")).to_string()
 }
 
-/// Draws the axes, lines and legend of one panel in the coordinates `x` by `y`.
+/// Draws the axes and lines of one panel in the coordinates `x` by `y`.
 fn draw_chart<DB, Y>(
     area: &DrawingArea<DB, Shift>,
     fig: &Figure,
     panel: &Panel,
-    x: Range<f64>,
-    y: Y,
+    (x, y): (Range<f64>, Y),
+    sc: Scale,
 ) -> Result<()>
 where
     DB: DrawingBackend,
@@ -955,10 +1129,10 @@ where
     Y::CoordDescType: ValueFormatter<f64>,
 {
     let mut chart = ChartBuilder::on(area)
-        .caption(&panel.caption, ("sans-serif", 20))
-        .margin(14)
-        .x_label_area_size(46)
-        .y_label_area_size(70)
+        .caption(&panel.caption, ("sans-serif", sc.font(20)))
+        .margin(sc.u(14))
+        .x_label_area_size(sc.u(46))
+        .y_label_area_size(sc.u(70))
         .build_cartesian_2d(x, y)
         .map_err(draw_error)?;
     let fmt = |v: &f64| tick_label(*v);
@@ -968,10 +1142,12 @@ where
         .y_desc(&panel.y_label)
         .x_label_formatter(&fmt)
         .y_label_formatter(&fmt)
-        .label_style(("sans-serif", 14))
-        .axis_desc_style(("sans-serif", 16))
-        .light_line_style(BLACK.mix(0.05))
-        .bold_line_style(BLACK.mix(0.15))
+        .label_style(("sans-serif", sc.font(14)))
+        .axis_desc_style(("sans-serif", sc.font(16)))
+        .set_all_tick_mark_size(sc.u(5))
+        .axis_style(BLACK.stroke_width(sc.u(1)))
+        .light_line_style(BLACK.mix(0.05).stroke_width(sc.u(1)))
+        .bold_line_style(BLACK.mix(0.15).stroke_width(sc.u(1)))
         .draw()
         .map_err(draw_error)?;
     for (i, line) in panel.lines.iter().enumerate() {
@@ -980,57 +1156,28 @@ where
             chart
                 .draw_series(LineSeries::new(
                     raw.iter().copied(),
-                    color.mix(0.25).stroke_width(1),
+                    color.mix(0.25).stroke_width(sc.u(1)),
                 ))
                 .map_err(draw_error)?;
         }
         chart
             .draw_series(LineSeries::new(
                 line.points.iter().copied(),
-                color.stroke_width(2),
+                color.stroke_width(sc.u(2)),
             ))
-            .map_err(draw_error)?
-            .label(line.label.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-            });
+            .map_err(draw_error)?;
         if line.markers {
+            let r = sc.u(4);
             chart
                 .draw_series(
                     line.points
                         .iter()
-                        .map(|&p| Circle::new(p, 4, color.filled())),
+                        .map(|&p| Circle::new(p, r, color.filled())),
                 )
                 .map_err(draw_error)?;
         }
     }
-    if legend_column_width(fig) > 0 {
-        return Ok(());
-    }
-    chart
-        .configure_series_labels()
-        .position(legend_position(panel))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.4))
-        .label_font(("sans-serif", 15))
-        .draw()
-        .map_err(draw_error)?;
     Ok(())
-}
-
-/// Upper right for falling curves (losses), lower right for rising ones (accuracies),
-/// judged by the first and last points of the lines.
-fn legend_position(panel: &Panel) -> SeriesLabelPosition {
-    let rising: f64 = panel
-        .lines
-        .iter()
-        .filter_map(|l| Some(l.points.last()?.1 - l.points.first()?.1))
-        .sum();
-    if rising > 0.0 {
-        SeriesLabelPosition::LowerRight
-    } else {
-        SeriesLabelPosition::UpperRight
-    }
 }
 
 #[cfg(test)]
@@ -1048,9 +1195,9 @@ mod tests {
         assert_eq!(moving_average(&p, 1), p);
     }
 
-    #[test]
-    fn many_runs_get_a_legend_column_beside_the_panels() {
-        let fig = |runs: usize| Figure {
+    /// A figure of two panels with one line per run.
+    fn figure_of(runs: usize) -> Figure {
+        Figure {
             title: Some("t".into()),
             x_label: "step".into(),
             log_y: false,
@@ -1074,29 +1221,82 @@ mod tests {
                         .collect(),
                 })
                 .collect(),
-        };
-        let few = fig(LEGEND_INSIDE_MAX);
-        assert_eq!(legend_column_width(&few), 0);
-        assert_eq!(figure_size(&few), (2 * PANEL.0, PANEL.1 + TITLE_BAND));
-        let many = fig(9);
-        let w = legend_column_width(&many);
-        assert!(w >= 20 * LEGEND_CHAR_W, "{w}");
-        assert_eq!(figure_size(&many), (2 * PANEL.0 + w, PANEL.1 + TITLE_BAND));
+        }
+    }
+
+    #[test]
+    fn one_legend_column_beside_the_panels_for_any_number_of_runs() {
         let dir = std::env::temp_dir().join(format!("flatmin-legend-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for (name, f) in [("few.png", &few), ("many.svg", &many), ("many.png", &many)] {
-            render(f, &dir.join(name), Format::of(Path::new(name)).unwrap()).unwrap();
+        for runs in [1, 2, 9] {
+            let fig = figure_of(runs);
+            let w = legend_column_width(&fig);
+            assert!(w >= 20 * LEGEND_CHAR_W, "{w}");
+            assert_eq!(figure_size(&fig), (2 * PANEL.0 + w, PANEL.1 + TITLE_BAND));
+            let svg_path = dir.join(format!("{runs}.svg"));
+            render(&fig, &svg_path, Format::Svg).unwrap();
+            let svg = std::fs::read_to_string(&svg_path).unwrap();
+            // Every label once: in the legend column, not again inside each panel.
+            for i in 0..runs {
+                let label = format!("eta-prime-{i}\n</text>");
+                assert_eq!(svg.matches(&label).count(), 1, "{runs} runs, run {i}");
+            }
         }
-        let svg = std::fs::read_to_string(dir.join("many.svg")).unwrap();
-        // Every label once, in the legend column.
-        for i in 0..9 {
-            assert_eq!(
-                svg.matches(&format!("eta-prime-{i}\n</text>")).count(),
-                1,
-                "{i}"
-            );
-        }
+        assert_eq!(legend_column_width(&figure_of(0)), 0);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn svg_keeps_its_size_and_draws_in_tenths_of_a_pixel() {
+        let fig = figure_of(2);
+        let (w, h) = figure_size(&fig);
+        let svg = render_svg(&fig, &Canvas::default()).unwrap();
+        let head = &svg[..svg.find('>').unwrap()];
+        let expected = format!(
+            "width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {} {}\"",
+            w * SVG_UNITS,
+            h * SVG_UNITS
+        );
+        assert!(head.contains(&expected), "{head}");
+    }
+
+    #[test]
+    fn png_size_follows_width_height_and_dpi_and_its_edges_are_smoothed() {
+        let fig = figure_of(2);
+        let canvas = Canvas {
+            width: Some(900),
+            height: Some(500),
+            dpi: 200,
+        };
+        assert_eq!(canvas.png_size(&fig), (1800, 1000));
+        canvas.check(&fig).unwrap();
+        let png = render_png(&fig, &canvas).unwrap();
+        let be = |i: usize| u32::from_be_bytes(png[i..i + 4].try_into().unwrap());
+        assert_eq!((be(16), be(20)), (1800, 1000));
+        // 200 dpi recorded as pixels per metre.
+        let phys = png.windows(4).position(|w| w == b"pHYs").unwrap();
+        assert_eq!(be(phys + 4), 7874);
+        for bad in [
+            Canvas { dpi: 0, ..canvas },
+            Canvas {
+                width: Some(10),
+                ..canvas
+            },
+            Canvas {
+                height: Some(1 << 30),
+                ..canvas
+            },
+            Canvas {
+                dpi: 1200,
+                width: Some(20_000),
+                height: Some(20_000),
+            },
+        ] {
+            assert!(bad.check(&fig).is_err(), "{bad:?}");
+        }
+        // Anti-aliasing: a 2x2 block of black and white averages to grey.
+        let small = downsample(&[0, 0, 0, 255, 255, 255, 0, 0, 0, 255, 255, 255], (2, 2), 2);
+        assert_eq!(small, vec![128, 128, 128]);
     }
 
     #[test]

@@ -226,6 +226,38 @@ fn plot_of_two_runs_as_png_and_svg() {
 }
 
 #[test]
+fn plot_size_and_resolution_flags() {
+    let f = fixture();
+    let dir = tmp("sized");
+    let png = dir.join("sized.png");
+    let sized = |extra: &[&str], out: &Path| {
+        let mut args = vec!["plot", s(&f.a), s(&f.b), "--out", s(out)];
+        args.extend_from_slice(extra);
+        flatmin(&args)
+    };
+    let flags = ["--width", "900", "--height", "500", "--dpi", "200"];
+    assert_ok(&sized(&flags, &png));
+    assert_eq!(png_size(&png), (1800, 1000), "900x500 at 200 dpi");
+    let svg = dir.join("sized.svg");
+    assert_ok(&sized(&flags, &svg));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        text.starts_with("<svg width=\"900\" height=\"500\" viewBox=\"0 0 9000 5000\""),
+        "{}",
+        &text[..120]
+    );
+    for (bad, flag) in [
+        (&["--dpi", "0"][..], "--dpi"),
+        (&["--width", "50"][..], "--width"),
+        (&["--height", "99999"][..], "--height"),
+    ] {
+        let e = error_line(&sized(bad, &dir.join("bad.png")));
+        assert!(e.starts_with(&format!("error: {flag}")), "{e}");
+    }
+    assert!(!dir.join("bad.png").exists());
+}
+
+#[test]
 fn plot_errors_are_one_line() {
     let f = fixture();
     let dir = tmp("plot-errors");

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use flatmin::plot::{plot_runs, PlotOptions, XAxis};
+use flatmin::plot::{plot_runs, Canvas, PlotOptions, XAxis, BASE_DPI};
 use std::path::PathBuf;
 
 /// Arguments of `flatmin plot`.
@@ -36,6 +36,16 @@ pub struct PlotArgs {
     /// steps, at most 50].
     #[arg(long, value_name = "N")]
     pub smooth: Option<usize>,
+    /// Figure width in pixels at 100 dpi [default: 760 per panel column, plus the legend].
+    #[arg(long, value_name = "PX")]
+    pub width: Option<u32>,
+    /// Figure height in pixels at 100 dpi [default: 460 per panel row, plus the title].
+    #[arg(long, value_name = "PX")]
+    pub height: Option<u32>,
+    /// Resolution of a PNG: 200 doubles its pixels in each direction, text and lines included
+    /// (an SVG ignores it).
+    #[arg(long, value_name = "N", default_value_t = BASE_DPI)]
+    pub dpi: u32,
 }
 
 /// Runs `flatmin plot`.
@@ -46,6 +56,11 @@ pub fn run(args: &PlotArgs) -> Result<()> {
         smooth: args.smooth,
         title: args.title.clone(),
         log_y: args.log_y,
+        canvas: Canvas {
+            width: args.width,
+            height: args.height,
+            dpi: args.dpi,
+        },
     };
     let out = match (&args.out, args.runs.as_slice()) {
         (Some(out), _) => out.clone(),
