@@ -7,7 +7,7 @@ PREFIX-trace-vs-loss.png and PREFIX-test-acc.png into FIGURES_DIR (default docs/
 PREFIX-runs.json there: every run's logged trace and evaluation series and the SHA-256 of its
 model.safetensors (a rerun of tools/escape_experiment.sh with the same flatmin on the same kind
 of CPU gives the same bits); prints a Markdown table per arm (mean ± std over seeds) and, for
-the cnn experiment, the traces at equal training loss. PREFIX is `escape` for the mlp
+the cnn experiment, each arm's trace against plain descent at equal training loss. PREFIX is `escape` for the mlp
 experiment (RUNS_DIR = the script's OUT_DIR) and `escape-cnn` for the cnn one (RUNS_DIR =
 OUT_DIR/cnn). Needs matplotlib (figures) and numpy.
 """
@@ -45,8 +45,9 @@ CNN_ARMS = [
 
 # Per experiment: its arms, the arm the others are compared with, the figure prefix, the loss.
 EXPERIMENTS = {
-    "mlp": {"arms": MLP_ARMS, "reference": "gd", "prefix": "escape", "loss": "MSE"},
-    "cnn": {"arms": CNN_ARMS, "reference": "sgd", "prefix": "escape-cnn", "loss": "cross-entropy"},
+    "mlp": {"arms": MLP_ARMS, "reference": "gd", "prefix": "escape", "loss": "MSE", "zoom": False},
+    "cnn": {"arms": CNN_ARMS, "reference": "sgd", "prefix": "escape-cnn", "loss": "cross-entropy",
+            "zoom": True},
 }
 
 
@@ -138,37 +139,57 @@ def table(arms, start, exp):
 
 def at_loss(run, loss):
     """The run's trace where its training loss was `loss` (interpolated in log loss over its
-    records sorted by loss; None outside the range it covered)."""
+    records sorted by loss; None more than 1% outside the range it covered)."""
     order = np.argsort(run["train_loss"])
     x, y = np.log(run["train_loss"][order]), run["trace"][order]
     v = np.log(loss)
-    return float(np.interp(v, x, y)) if x[0] <= v <= x[-1] else None
+    return float(np.interp(v, x, y)) if x[0] - 0.01 <= v <= x[-1] + 0.01 else None
 
 
-def equal_loss_table(arms, exp, levels=4):
-    """Each arm's trace at training losses every run reached (log-spaced from the start's loss
-    down to the highest final loss of any run), against the reference arm at the same loss."""
-    runs = [r for key, _ in exp["arms"] for r in arms.get(key, [])]
-    if not runs or exp["reference"] not in arms:
+def equal_loss_table(arms, exp, fit):
+    """Each arm against plain descent at equal training loss: every logged point of a run
+    (after the start) is compared with the reference runs' mean trace where their training
+    loss was the same or, above the start's loss, with the fit that built the bad minimum
+    (`fit`); points outside both are left out."""
+    refs = arms.get(exp["reference"])
+    if not refs:
         return
-    hi = min(r["train_loss"].max() for r in runs)
-    lo = max(r["train_loss"].min() for r in runs)
-    if not lo < hi:
-        print("no training loss common to all runs")
-        return
-    grid = np.exp(np.linspace(np.log(hi), np.log(lo), levels + 1)[1:])
-    ref = {g: np.mean([at_loss(r, g) for r in arms[exp["reference"]]]) for g in grid}
-    print("| arm | " + " | ".join(f"tr(H) at loss {g:.2e}" for g in grid) + " |")
-    print("| --- |" + " --- |" * len(grid))
+    ref_label = dict(exp["arms"])[exp["reference"]]
+
+    def descent_at(loss):
+        vals = [at_loss(r, loss) for r in refs]
+        if all(v is not None for v in vals):
+            return float(np.mean(vals)), "ref"
+        v = at_loss(fit, loss)
+        return (v, "fit") if v is not None else (None, None)
+
+    print(f"| arm | runs | train loss (end) | trace (end) | plain descent at that loss | ratio at the end "
+          f"| ratio over the run (mean of its points) | points vs {ref_label} / vs the fit |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for key, label in exp["arms"]:
-        if key not in arms:
+        runs = arms.get(key)
+        if not runs or key == exp["reference"]:
             continue
-        cells = []
-        for g in grid:
-            tr = [at_loss(r, g) for r in arms[key]]
-            rel = 100 * (np.mean(tr) / ref[g] - 1)
-            cells.append(f"{fmt(tr)} ({rel:+.1f}%)" if key != exp["reference"] else fmt(tr))
-        print(f"| {label} ({len(arms[key])}) | " + " | ".join(cells) + " |")
+        end_ratio, mean_ratio, ref_end, used = [], [], [], {"ref": 0, "fit": 0}
+        for r in runs:
+            ratios = []
+            for t, loss in zip(r["trace"][1:], r["train_loss"][1:]):
+                q, which = descent_at(loss)
+                if q is not None:
+                    ratios.append(t / q)
+                    used[which] += 1
+            if ratios:
+                mean_ratio.append(np.mean(ratios))
+            q, _ = descent_at(r["train_loss"][-1])
+            if q is not None:
+                end_ratio.append(r["trace"][-1] / q)
+                ref_end.append(q)
+        loss = [r["train_loss"][-1] for r in runs]
+        trace = [r["trace"][-1] for r in runs]
+        end = fmt(end_ratio, digits=3) if len(end_ratio) == len(runs) else "outside"
+        over = fmt(mean_ratio, digits=3) if mean_ratio else "outside"
+        print(f"| {label} | {len(runs)} | {fmt(loss, 1e4, 2)}e-4 | {fmt(trace)} "
+              f"| {fmt(ref_end) if ref_end else '–'} | {end} | {over} | {used['ref']} / {used['fit']} |")
 
 
 def band(ax, x, ys, label, **kw):
@@ -218,6 +239,13 @@ def figures(arms, good, bad, out, exp):
             ax.axhline(good["test_acc"][-1], color="k", lw=0.8, ls=":", label="good minimum")
         if xkey == "train_loss":
             ax.set_xscale("log")
+            if exp["zoom"]:
+                # The escape runs' region only (the fits start at losses 100x higher).
+                pts = [(l, t) for key, _ in exp["arms"] for r in arms.get(key, [])
+                       for l, t in zip(r["train_loss"], r["trace"])]
+                lo, hi = min(p[0] for p in pts), max(p[0] for p in pts)
+                ax.set_xlim(lo / 1.5, hi * 1.5)
+                ax.set_ylim(0, 1.2 * max(p[1] for p in pts))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -278,7 +306,7 @@ def main():
     table(arms, bad, exp)
     if name == "cnn":
         print()
-        equal_loss_table(arms, exp)
+        equal_loss_table(arms, exp, bad)
     figures(arms, good, bad, out, exp)
     dump(root, out, exp["prefix"])
 
