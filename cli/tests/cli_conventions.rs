@@ -133,8 +133,8 @@ fn misspelt_names_get_did_you_mean() {
     common::assert_error(&out, "a similar argument exists: '--lr'", "sweep key");
 }
 
-/// `train --help` groups its flags under headings; old flag names are accepted but no
-/// longer shown.
+/// `train --help` groups its flags under headings (as do `trace`, `eigen`, `density`); old
+/// flag names are accepted but no longer shown.
 #[test]
 fn train_help_has_headings_and_old_names_are_hidden() {
     let out = flatmin(&["train", "--help"]);
@@ -158,6 +158,17 @@ fn train_help_has_headings_and_old_names_are_hidden() {
         at = pos;
     }
     assert!(!help.contains("trace-samples"), "{help}");
+    for (cmd, heading) in [
+        ("trace", "Method:"),
+        ("eigen", "Lanczos:"),
+        ("density", "Stochastic Lanczos quadrature:"),
+    ] {
+        let h = text(&flatmin(&[cmd, "--help"]).stdout);
+        let lines: Vec<&str> = h.lines().collect();
+        let at = |name: &str| lines.iter().position(|l| *l == name);
+        let (images, own) = (at("Model and images:"), at(heading));
+        assert!(images.is_some() && own > images, "{cmd}: {h}");
+    }
     for (cmd, old) in [("trace", "limit"), ("trace", "top-k"), ("eigen", "top-k")] {
         let h = text(&flatmin(&[cmd, "--help"]).stdout);
         assert!(!h.contains(&format!("--{old}")), "{cmd}: {h}");

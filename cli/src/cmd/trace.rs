@@ -78,6 +78,7 @@ impl Method {
 
 /// What is measured and on which images: shared by `flatmin trace`, `eigen` and `density`.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Model and images")]
 #[command(group(ArgGroup::new("source").required(true).args(["weights", "run", "checkpoint"])))]
 pub struct MeasureArgs {
     /// Model preset (tiny-tanh, mlp-s, cnn-s, resnet20, resnet18), `mlp:W0,...:ACT` or a network
@@ -133,11 +134,11 @@ pub struct MeasureArgs {
     #[arg(long, value_enum)]
     pub dtype: Option<DType>,
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
-    #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
+    #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true, help_heading = "Run")]
     pub threads: Option<usize>,
     /// Print one JSON object as the last line of stdout (the human report then goes to
     /// stderr).
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub json: bool,
 }
 
@@ -148,39 +149,55 @@ pub struct TraceArgs {
     #[command(flatten)]
     pub common: MeasureArgs,
     /// How to get the trace.
-    #[arg(long, value_enum, default_value_t = Method::Auto)]
+    #[arg(long, value_enum, default_value_t = Method::Auto, help_heading = "Method")]
     pub method: Method,
     /// Hutchinson: stop when the 95% confidence half-width is below this fraction of the
     /// estimate.
-    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        default_value_t = 0.01,
+        allow_negative_numbers = true,
+        help_heading = "Method"
+    )]
     pub tol: f64,
     /// Hutchinson: most probes (HVPs).
-    #[arg(long, value_name = "P", default_value_t = 1000)]
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 1000,
+        help_heading = "Method"
+    )]
     pub max_probes: usize,
     /// Hutch++: HVPs to spend (at least 6).
-    #[arg(long, value_name = "M", default_value_t = 99)]
+    #[arg(long, value_name = "M", default_value_t = 99, help_heading = "Method")]
     pub budget: usize,
     /// Hutchinson: exactly P probes (no stopping rule); Hutch++: P HVPs (as --budget);
     /// SLQ: P probe vectors [default 8].
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", help_heading = "Method")]
     pub probes: Option<usize>,
     /// Lanczos: number of top eigenvalues.
-    #[arg(long = "top", alias = "top-k", value_name = "K", default_value_t = 1)]
+    #[arg(
+        long = "top",
+        alias = "top-k",
+        value_name = "K",
+        default_value_t = 1,
+        help_heading = "Method"
+    )]
     pub top_k: usize,
     /// Lanczos: most iterations [default 100]; SLQ: steps per probe [default 64].
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", help_heading = "Method")]
     pub steps: Option<usize>,
     /// Report the trace per parameter tensor (JSON: a `layers` object); optionally only of
     /// the named tensors or modules (comma-separated, e.g. `conv1,layer1`), which basis
     /// HVPs then measure alone.
-    #[arg(long, value_name = "NAMES", num_args = 0..=1, default_missing_value = "")]
+    #[arg(long, value_name = "NAMES", num_args = 0..=1, default_missing_value = "", help_heading = "Method")]
     pub per_layer: Option<String>,
     /// Basis HVPs: refuse when the estimated time exceeds this many hours.
-    #[arg(long, value_name = "H", default_value_t = 1.0)]
+    #[arg(long, value_name = "H", default_value_t = 1.0, help_heading = "Method")]
     pub max_hours: f64,
     /// Exact methods: also write the Hessian diagonal, one float64 tensor per parameter
     /// (named like the parameters), to this safetensors file (written atomically).
-    #[arg(long, value_name = "OUT.safetensors")]
+    #[arg(long, value_name = "OUT.safetensors", help_heading = "Method")]
     pub diagonal: Option<PathBuf>,
 }
 
@@ -191,15 +208,21 @@ pub struct EigenArgs {
     #[command(flatten)]
     pub common: MeasureArgs,
     /// Number of top eigenvalues.
-    #[arg(long, alias = "top-k", value_name = "K", default_value_t = 1)]
+    #[arg(
+        long,
+        alias = "top-k",
+        value_name = "K",
+        default_value_t = 1,
+        help_heading = "Lanczos"
+    )]
     pub top: usize,
     /// Most Lanczos iterations [default: 100].
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", help_heading = "Lanczos")]
     pub steps: Option<usize>,
     /// Write the eigenvectors (float64, unit norm, one tensor per trainable parameter under
     /// its name, so each file is a `flatmin hvp --vector` or a PyTorch-style state dict):
     /// OUT.safetensors for --top 1, else OUT-1.safetensors ... OUT-K.safetensors, λ1 first.
-    #[arg(long, value_name = "OUT.safetensors")]
+    #[arg(long, value_name = "OUT.safetensors", help_heading = "Lanczos")]
     pub out: Option<PathBuf>,
 }
 
@@ -210,13 +233,27 @@ pub struct DensityArgs {
     #[command(flatten)]
     pub common: MeasureArgs,
     /// Random probe vectors.
-    #[arg(long, value_name = "P", default_value_t = 8)]
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 8,
+        help_heading = "Stochastic Lanczos quadrature"
+    )]
     pub probes: usize,
     /// Lanczos steps per probe.
-    #[arg(long, value_name = "S", default_value_t = 64)]
+    #[arg(
+        long,
+        value_name = "S",
+        default_value_t = 64,
+        help_heading = "Stochastic Lanczos quadrature"
+    )]
     pub steps: usize,
     /// Plot of the density (Gaussian-broadened quadrature, log scale): .svg or .png.
-    #[arg(long, value_name = "density.svg")]
+    #[arg(
+        long,
+        value_name = "density.svg",
+        help_heading = "Stochastic Lanczos quadrature"
+    )]
     pub out: Option<PathBuf>,
 }
 
