@@ -180,7 +180,8 @@ fn train_help_has_headings_and_old_names_are_hidden() {
     assert!(!err.contains("unexpected argument"), "{err}");
 }
 
-/// `completions bash|zsh|fish` print scripts naming the subcommands; bash accepts its own.
+/// `completions bash|zsh|fish` print scripts naming the subcommands; bash accepts its own; a
+/// stdout that cannot take the script is an error line, not a panic.
 #[test]
 fn completions_are_printed_and_bash_accepts_them() {
     for shell in ["bash", "zsh", "fish"] {
@@ -198,6 +199,18 @@ fn completions_are_printed_and_bash_accepts_them() {
     assert!(check.status.success(), "{}", text(&check.stderr));
     let out = flatmin(&["completions", "tcsh"]);
     assert_eq!(out.status.code(), Some(2));
+    // A full disk behind stdout: one error line, no panic (clap_complete's own writer
+    // panics on a write error).
+    if Path::new("/dev/full").exists() {
+        for args in [&["completions", "bash"][..], &["man"][..]] {
+            let full = std::fs::File::options()
+                .write(true)
+                .open("/dev/full")
+                .unwrap();
+            let out = Command::new(BIN).args(args).stdout(full).output().unwrap();
+            common::assert_error(&out, "No space left on device", &format!("{args:?}"));
+        }
+    }
 }
 
 /// `man` prints the flatmin(1) page as roff; `man --out DIR` writes one page per command.

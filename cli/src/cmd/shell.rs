@@ -23,19 +23,30 @@ pub struct ManArgs {
     pub out: Option<PathBuf>,
 }
 
-/// Prints the completion script for `args.shell` to stdout.
+/// Prints the completion script for `args.shell` to stdout (an error, not clap_complete's
+/// panic, when stdout cannot take it: the script is built in memory first).
 pub fn completions(args: &CompletionsArgs, mut cmd: clap::Command) -> Result<()> {
+    use std::io::Write;
     let name = cmd.get_name().to_string();
-    clap_complete::generate(args.shell, &mut cmd, name, &mut std::io::stdout());
-    Ok(())
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut cmd, name, &mut script);
+    let mut out = std::io::stdout().lock();
+    out.write_all(&script)
+        .and_then(|()| out.flush())
+        .context("writing the completion script to stdout")
 }
 
 /// Prints the flatmin(1) page, or writes every command's page into `--out`.
 pub fn man(args: &ManArgs, cmd: clap::Command) -> Result<()> {
+    use std::io::Write;
     match &args.out {
-        None => clap_mangen::Man::new(cmd)
-            .render(&mut std::io::stdout())
-            .context("writing the manual page to stdout"),
+        None => {
+            let mut out = std::io::stdout().lock();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .and_then(|()| out.flush())
+                .context("writing the manual page to stdout")
+        }
         Some(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("--out {}", dir.display()))?;
             clap_mangen::generate_to(cmd, dir)
