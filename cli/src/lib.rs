@@ -6,6 +6,7 @@
 pub mod data;
 pub mod fetch;
 pub mod plot;
+pub mod suggest;
 pub mod train;
 
 /// The model `--model` names (a preset, a custom MLP spec or a network file), initialized from
@@ -16,7 +17,7 @@ pub fn cifar_model<T: flatmin_engine::Scalar>(
     seed: u64,
 ) -> anyhow::Result<flatmin_models::Model<T>> {
     let m = flatmin_models::Model::<T>::named(model, seed)
-        .map_err(|e| anyhow::anyhow!("--model {model}: {e}"))?;
+        .map_err(|e| suggest::model_error(model, e))?;
     let (input, output) = (m.net().input_shape(), m.net().output_shape());
     if input != [3, 32, 32] || output != [10] {
         anyhow::bail!(

@@ -1,12 +1,13 @@
 //! `flatmin`: the command line of the flatmin stack.
 //!
-//! Each subcommand lives in its own module under `cmd/`. Every failure ends the process with
-//! one line on stderr, `error: <message>`, and a non-zero exit status (2 for a malformed
-//! command line, 1 for anything else); no user input makes it panic.
+//! Each subcommand lives in its own module under `cmd/`. A malformed command line gets
+//! clap's own error (the error, a tip such as "a similar argument exists", the usage line)
+//! and exit status 2; every other failure ends the process with one line on stderr,
+//! `error: <message>`, and status 1; no user input makes it panic.
 
 mod cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 /// Flat-minima research on the CPU: exact Hessian-vector products, training, traces.
@@ -42,11 +43,22 @@ enum Command {
     /// Run a grid of `flatmin train` settings (N at a time, or as a GNU parallel job list /
     /// Slurm array), then summarize it in a table and a plot.
     Sweep(Box<cmd::sweep::SweepArgs>),
+    /// Print a shell completion script (`flatmin completions bash > ...`).
+    Completions(cmd::shell::CompletionsArgs),
+    /// Print the manual page, or write one page per command with `--out DIR`.
+    Man(cmd::shell::ManArgs),
+}
+
+/// Parses the command line, with colour as [`cmd::term::color_choice`] allows.
+fn parse() -> Result<Cli, clap::Error> {
+    let mut command = Cli::command().color(cmd::term::color_choice());
+    let mut matches = command.try_get_matches_from_mut(std::env::args_os())?;
+    Cli::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut command))
 }
 
 fn main() -> ExitCode {
     flatmin_engine::runtime::tune_allocator();
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(cli) => cli,
         Err(e) => return cmd::report_clap_error(e),
     };
@@ -61,6 +73,8 @@ fn main() -> ExitCode {
         Command::Eigen(args) => cmd::trace::run_eigen(&args),
         Command::Density(args) => cmd::trace::run_density(&args),
         Command::Sweep(args) => cmd::sweep::run(&args),
+        Command::Completions(args) => cmd::shell::completions(&args, Cli::command()),
+        Command::Man(args) => cmd::shell::man(&args, Cli::command()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

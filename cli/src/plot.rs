@@ -165,6 +165,9 @@ impl Metric {
     }
 }
 
+/// The words of [`XAxis::parse`].
+const XAXIS_NAMES: [&str; 4] = ["step", "epoch", "grad_queries", "grad_samples"];
+
 /// The horizontal axis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XAxis {
@@ -189,7 +192,10 @@ impl XAxis {
             "grad_queries" => Ok(XAxis::GradQueries),
             "grad_samples" => Ok(XAxis::GradSamples),
             other => {
-                bail!("--x: unknown axis '{other}' (step, epoch, grad_queries or grad_samples)")
+                let hint = crate::suggest::did_you_mean(other, XAXIS_NAMES.iter());
+                bail!(
+                    "--x: unknown axis '{other}' (step, epoch, grad_queries or grad_samples){hint}"
+                )
             }
         }
     }
@@ -533,8 +539,9 @@ pub fn find_metric(name: &str, runs: &[Run]) -> Result<Metric> {
     }
     let names: Vec<&str> = all.iter().map(|m| m.name.as_str()).collect();
     bail!(
-        "--metric {name}: unknown metric (available: {})",
-        names.join(", ")
+        "--metric {name}: unknown metric (available: {}){}",
+        names.join(", "),
+        crate::suggest::did_you_mean(name, names.iter())
     )
 }
 

@@ -262,16 +262,6 @@ fn bad_optimizer_flags_give_one_line_errors() {
             .current_dir(&dir)
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{extra:?} succeeded");
-        let lines: Vec<&str> = stderr
-            .lines()
-            .filter(|l| !l.starts_with("warning:"))
-            .collect();
-        assert_eq!(lines.len(), 1, "{extra:?}: {stderr}");
-        assert!(
-            lines[0].starts_with("error: ") && lines[0].contains(needle),
-            "{extra:?}: {stderr}"
-        );
+        common::assert_error(&out, needle, &format!("{extra:?}"));
     }
 }

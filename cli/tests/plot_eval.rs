@@ -112,12 +112,7 @@ fn error_line(out: &Output) -> String {
         "expected a failure; stdout: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one stderr line, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    lines[0].to_string()
+    common::error_text(out, "flatmin")
 }
 
 /// Checks the PNG signature and header, and returns the image's width and height.

@@ -70,15 +70,7 @@ fn run_json(args: &[&str]) -> Value {
 fn run_err(args: &[&str]) -> String {
     let out = run(args);
     assert!(!out.status.success(), "flatmin trace {args:?} should fail");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| !l.starts_with("warning:"))
-        .collect();
-    assert_eq!(lines.len(), 1, "one line: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    lines[0].to_string()
+    common::error_text(&out, &format!("flatmin trace {args:?}"))
 }
 
 fn trace_of(v: &Value) -> f64 {

@@ -441,7 +441,8 @@ pub enum TraceProgress {
         method: TraceMethod,
         /// HVPs done (counting the timing pass).
         done: usize,
-        /// HVPs needed, when known.
+        /// HVPs needed, when known (Hutchinson with its stopping rule: the most it may take,
+        /// `max_probes`; it may stop sooner).
         total: Option<usize>,
     },
 }
@@ -786,7 +787,12 @@ fn by_hvps<T: Scalar>(
         (timing_hvps, timing_passes) = (h.hvps(), h.passes());
     }
     if let Some(p) = progress {
-        let total = (method == TraceMethod::Basis).then_some(sel + timing_hvps);
+        let total = match method {
+            TraceMethod::Basis => Some(sel + timing_hvps),
+            TraceMethod::Hutchinson => Some(opts.probes.unwrap_or(opts.max_probes)),
+            TraceMethod::HutchPlusPlus => Some(opts.budget),
+            _ => None,
+        };
         h = h.with_progress(move |q| {
             p(TraceProgress::Hvps {
                 method,

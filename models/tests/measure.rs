@@ -226,3 +226,70 @@ fn method_names_round_trip() {
     }
     assert_eq!(TraceMethod::parse("nope"), None);
 }
+
+/// A progress callback only watches: the trace (structural, basis, Hutchinson, Hutch++), the
+/// Lanczos eigenvalues and the SLQ density are the same bits with and without one, and the
+/// callback is told the HVPs with their total.
+#[test]
+fn progress_callbacks_leave_the_results_bit_identical() {
+    use flatmin_engine::curvature::{LanczosOptions, SlqOptions};
+    use flatmin_models::measure::{trace_with_progress, TraceProgress};
+    use flatmin_models::spectrum::{self, DensityOptions, EigenOptions};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let (model, data) = (tiny(), batches(4));
+    for method in [
+        TraceMethod::Structural,
+        TraceMethod::Basis,
+        TraceMethod::Hutchinson,
+        TraceMethod::HutchPlusPlus,
+    ] {
+        let o = TraceOptions {
+            probes: Some(12),
+            budget: 12,
+            ..opts(method)
+        };
+        let events = AtomicUsize::new(0);
+        let watch = |p: TraceProgress| {
+            if let TraceProgress::Hvps { total, done, .. } = p {
+                assert!(total.is_some_and(|t| done <= t), "{method:?}: {p:?}");
+            }
+            events.fetch_add(1, Ordering::SeqCst);
+        };
+        let mut with = trace_with_progress(&model, &data, &o, Some(&watch)).unwrap();
+        let mut without = trace(&model, &data, &o).unwrap();
+        (with.seconds, without.seconds) = (0.0, 0.0);
+        assert_eq!(with, without, "{method:?}");
+        assert!(events.load(Ordering::SeqCst) > 0, "{method:?}: no progress");
+    }
+    let eigen = EigenOptions {
+        lanczos: LanczosOptions {
+            k: 2,
+            max_iters: 15,
+            ..LanczosOptions::default()
+        },
+        bn: BnUse::Eval,
+    };
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = Arc::clone(&seen);
+    let tell = Box::new(move |h: usize| s.store(h, Ordering::SeqCst));
+    let with = spectrum::eigenvalues_with_progress(&model, &data, &eigen, Some(tell)).unwrap();
+    assert_eq!(with, spectrum::eigenvalues(&model, &data, &eigen).unwrap());
+    assert_eq!(seen.load(Ordering::SeqCst), with.lanczos.hvps);
+    let density = DensityOptions {
+        slq: SlqOptions {
+            probes: 2,
+            steps: 8,
+            seed: 1,
+            reorthogonalize: true,
+        },
+        bn: BnUse::Eval,
+        directions: None,
+    };
+    let s = Arc::clone(&seen);
+    let tell = Box::new(move |h: usize| s.store(h, Ordering::SeqCst));
+    let with = spectrum::density_with_progress(&model, &data, &density, Some(tell)).unwrap();
+    assert_eq!(with, spectrum::density(&model, &data, &density).unwrap());
+    assert_eq!(seen.load(Ordering::SeqCst), with.slq.hvps);
+}

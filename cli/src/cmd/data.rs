@@ -15,7 +15,6 @@ use flatmin::fetch::{
 };
 use flatmin_datasets::RECORD_BYTES;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -149,8 +148,9 @@ fn fetch(args: &FetchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Progress output: a bar on a terminal, a line every 10% (or 10 s) otherwise, nothing when
-/// quiet.
+/// Progress output: a bar where stderr can show one live ([`super::term::live_progress`]),
+/// else a line on stderr every 10% (or 10 s), nothing when quiet; the steps ("downloading
+/// URL", ...) are lines on stdout.
 struct Report {
     quiet: bool,
     bar: Option<ProgressBar>,
@@ -171,7 +171,7 @@ impl Report {
     }
 
     fn terminal(&self) -> bool {
-        !self.quiet && std::io::stdout().is_terminal()
+        !self.quiet && super::term::live_progress()
     }
 
     fn say(&self, line: &str) {
@@ -179,7 +179,7 @@ impl Report {
             return;
         }
         match &self.bar {
-            Some(b) => b.println(line),
+            Some(b) => b.suspend(|| println!("{line}")),
             None => println!("{line}"),
         }
     }
@@ -201,27 +201,14 @@ impl Progress for Report {
         let size = total.map_or_else(|| "size unknown".to_string(), megabytes);
         self.say(&format!("downloading {url} ({size})"));
         if self.terminal() {
-            let bar = match total {
-                Some(t) => {
-                    let b = ProgressBar::new(t);
-                    b.set_style(
-                        ProgressStyle::with_template(
-                            "[{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-                        )
-                        .unwrap_or_else(|_| ProgressStyle::default_bar())
-                        .progress_chars("=> "),
-                    );
-                    b
-                }
-                None => {
-                    let b = ProgressBar::new_spinner();
-                    b.set_style(
-                        ProgressStyle::with_template("{spinner} {bytes} {bytes_per_sec}")
-                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-                    );
-                    b
-                }
+            let bar = super::term::bar("", total, "", true);
+            let template = match total {
+                Some(_) => "[{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                None => "{spinner} {bytes} {bytes_per_sec}",
             };
+            if let Ok(style) = ProgressStyle::with_template(template) {
+                bar.set_style(style.progress_chars("=> "));
+            }
             self.bar = Some(bar);
         }
         self.last_line = Instant::now();
@@ -243,7 +230,7 @@ impl Progress for Report {
                 Some(t) => format!(" of {} ({}%)", megabytes(t), bytes * 100 / t.max(1)),
                 None => String::new(),
             };
-            println!("downloaded {}{of}", megabytes(bytes));
+            eprintln!("downloaded {}{of}", megabytes(bytes));
             self.last_tenth = tenth;
             self.last_line = Instant::now();
         }

@@ -5,11 +5,12 @@ pub mod data;
 pub mod eval;
 pub mod hvp;
 pub mod plot;
+pub mod shell;
 pub mod sweep;
+pub mod term;
 pub mod trace;
 pub mod train;
 
-use clap::error::ErrorKind;
 use flatmin_models::BnUse;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -152,28 +153,27 @@ pub fn report_error(e: &anyhow::Error) {
     eprintln!("error: {}", error_line(e));
 }
 
-/// Handles a command line that clap did not turn into arguments: help and version are
-/// printed as clap prints them, with clap's status; a usage error becomes one
-/// `error: ...` line on stderr (clap's first paragraph, which names the offending flag or
-/// value) with status 2.
+/// Handles a command line that clap did not turn into arguments: help, version and usage
+/// errors are printed as clap renders them (a usage error: the error, clap's tip such as "a
+/// similar argument exists", the usage line), with clap's status (2 for a usage error).
 pub fn report_clap_error(e: clap::Error) -> ExitCode {
-    match e.kind() {
-        ErrorKind::DisplayHelp
-        | ErrorKind::DisplayVersion
-        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            // Printing help can only fail on a closed pipe; nothing useful is left to do then.
-            let _ = e.print();
-            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
-        }
-        _ => {
-            let rendered = e.render().to_string();
-            let first_paragraph = rendered.split("\n\n").next().unwrap_or_default();
-            let msg = one_line(first_paragraph);
-            let msg = msg.strip_prefix("error:").map_or(msg.as_str(), str::trim);
-            eprintln!("error: {msg} (see --help)");
-            ExitCode::from(2)
-        }
-    }
+    // Printing can only fail on a closed pipe; nothing useful is left to do then.
+    let _ = e.print();
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+}
+
+/// A clap error on one line, its tip included (`unexpected argument '--lrr' found; tip: a
+/// similar argument exists: '--lr'`), without the usage and `--help` lines: for a command
+/// line checked inside another command (a sweep's runs).
+pub fn clap_error_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let kept: Vec<String> = rendered
+        .split("\n\n")
+        .map(one_line)
+        .filter(|p| !p.is_empty() && !p.starts_with("Usage:") && !p.starts_with("For more"))
+        .collect();
+    let line = kept.join("; ");
+    line.strip_prefix("error: ").unwrap_or(&line).to_string()
 }
 
 #[cfg(test)]

@@ -241,12 +241,9 @@ fn check_job(common: &[String], job: &Job) -> Result<()> {
     let argv = std::iter::once("flatmin-train".to_string())
         .chain(common.iter().cloned())
         .chain(setting_flags(job));
-    let p = Probe::try_parse_from(argv).map_err(|e| {
-        let text = e.to_string();
-        let first = text.lines().next().unwrap_or("");
-        // The caller prints its own `error: `.
-        anyhow::anyhow!("{}", first.strip_prefix("error: ").unwrap_or(first))
-    })?;
+    // The caller prints its own `error: `.
+    let p = Probe::try_parse_from(argv)
+        .map_err(|e| anyhow::anyhow!("{}", super::clap_error_line(&e)))?;
     p.train.config()?.validate()
 }
 

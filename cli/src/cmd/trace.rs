@@ -19,8 +19,8 @@ use flatmin_models::measure::{
 };
 use flatmin_models::spectrum::{self, DensityOptions, EigenOptions, HvpProgressFn};
 use flatmin_models::{BnUse, Model, ModelError};
+use indicatif::ProgressBar;
 use serde_json::{json, Value};
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -54,7 +54,7 @@ pub enum Method {
     /// Hutch++ estimate with --budget (or --probes) HVPs.
     #[value(name = "hutch++", alias = "hutchpp")]
     HutchPlusPlus,
-    /// Top --top-k eigenvalues by Lanczos (no trace; also `flatmin eigen`).
+    /// Top --top eigenvalues by Lanczos (no trace; also `flatmin eigen`).
     Lanczos,
     /// Spectral density by stochastic Lanczos quadrature (--probes x --steps), and its
     /// trace estimate (also `flatmin density`).
@@ -78,6 +78,7 @@ impl Method {
 
 /// What is measured and on which images: shared by `flatmin trace`, `eigen` and `density`.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Model and images")]
 #[command(group(ArgGroup::new("source").required(true).args(["weights", "run", "checkpoint"])))]
 pub struct MeasureArgs {
     /// Model preset (tiny-tanh, mlp-s, cnn-s, resnet20, resnet18), `mlp:W0,...:ACT` or a network
@@ -104,7 +105,7 @@ pub struct MeasureArgs {
     #[arg(long, default_value = "test", value_parser = ["test", "train"])]
     pub split: String,
     /// Class-balanced subset of N images (0: all) [default: 1000, or all of a batch file].
-    #[arg(long, visible_alias = "limit", value_name = "N")]
+    #[arg(long, alias = "limit", value_name = "N")]
     pub size: Option<usize>,
     /// Measure on exactly the images the run's `--trace-every` records were measured on (its
     /// trace subset of the training images, labels as trained), so a logged trace can be
@@ -113,12 +114,7 @@ pub struct MeasureArgs {
     pub trace_subset: bool,
     /// Images per batch (the loss is the mean over all batches, weighted by size; with
     /// --bn-mode train each batch has its own statistics).
-    #[arg(
-        long,
-        visible_alias = "batch-size",
-        value_name = "B",
-        default_value_t = 128
-    )]
+    #[arg(long, alias = "batch-size", value_name = "B", default_value_t = 128)]
     pub batch: usize,
     /// BatchNorm normalization: eval (running statistics) or train (batch statistics).
     #[arg(long, default_value = "eval", value_parser = super::bn_mode())]
@@ -138,11 +134,11 @@ pub struct MeasureArgs {
     #[arg(long, value_enum)]
     pub dtype: Option<DType>,
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
-    #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
+    #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true, help_heading = "Run")]
     pub threads: Option<usize>,
     /// Print one JSON object as the last line of stdout (the human report then goes to
     /// stderr).
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub json: bool,
 }
 
@@ -153,39 +149,55 @@ pub struct TraceArgs {
     #[command(flatten)]
     pub common: MeasureArgs,
     /// How to get the trace.
-    #[arg(long, value_enum, default_value_t = Method::Auto)]
+    #[arg(long, value_enum, default_value_t = Method::Auto, help_heading = "Method")]
     pub method: Method,
     /// Hutchinson: stop when the 95% confidence half-width is below this fraction of the
     /// estimate.
-    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        default_value_t = 0.01,
+        allow_negative_numbers = true,
+        help_heading = "Method"
+    )]
     pub tol: f64,
     /// Hutchinson: most probes (HVPs).
-    #[arg(long, value_name = "P", default_value_t = 1000)]
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 1000,
+        help_heading = "Method"
+    )]
     pub max_probes: usize,
     /// Hutch++: HVPs to spend (at least 6).
-    #[arg(long, value_name = "M", default_value_t = 99)]
+    #[arg(long, value_name = "M", default_value_t = 99, help_heading = "Method")]
     pub budget: usize,
     /// Hutchinson: exactly P probes (no stopping rule); Hutch++: P HVPs (as --budget);
     /// SLQ: P probe vectors [default 8].
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", help_heading = "Method")]
     pub probes: Option<usize>,
     /// Lanczos: number of top eigenvalues.
-    #[arg(long, visible_alias = "top", value_name = "K", default_value_t = 1)]
+    #[arg(
+        long = "top",
+        alias = "top-k",
+        value_name = "K",
+        default_value_t = 1,
+        help_heading = "Method"
+    )]
     pub top_k: usize,
     /// Lanczos: most iterations [default 100]; SLQ: steps per probe [default 64].
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", help_heading = "Method")]
     pub steps: Option<usize>,
     /// Report the trace per parameter tensor (JSON: a `layers` object); optionally only of
     /// the named tensors or modules (comma-separated, e.g. `conv1,layer1`), which basis
     /// HVPs then measure alone.
-    #[arg(long, value_name = "NAMES", num_args = 0..=1, default_missing_value = "")]
+    #[arg(long, value_name = "NAMES", num_args = 0..=1, default_missing_value = "", help_heading = "Method")]
     pub per_layer: Option<String>,
     /// Basis HVPs: refuse when the estimated time exceeds this many hours.
-    #[arg(long, value_name = "H", default_value_t = 1.0)]
+    #[arg(long, value_name = "H", default_value_t = 1.0, help_heading = "Method")]
     pub max_hours: f64,
     /// Exact methods: also write the Hessian diagonal, one float64 tensor per parameter
     /// (named like the parameters), to this safetensors file (written atomically).
-    #[arg(long, value_name = "OUT.safetensors")]
+    #[arg(long, value_name = "OUT.safetensors", help_heading = "Method")]
     pub diagonal: Option<PathBuf>,
 }
 
@@ -196,15 +208,21 @@ pub struct EigenArgs {
     #[command(flatten)]
     pub common: MeasureArgs,
     /// Number of top eigenvalues.
-    #[arg(long, visible_alias = "top-k", value_name = "K", default_value_t = 1)]
+    #[arg(
+        long,
+        alias = "top-k",
+        value_name = "K",
+        default_value_t = 1,
+        help_heading = "Lanczos"
+    )]
     pub top: usize,
     /// Most Lanczos iterations [default: 100].
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", help_heading = "Lanczos")]
     pub steps: Option<usize>,
     /// Write the eigenvectors (float64, unit norm, one tensor per trainable parameter under
     /// its name, so each file is a `flatmin hvp --vector` or a PyTorch-style state dict):
     /// OUT.safetensors for --top 1, else OUT-1.safetensors ... OUT-K.safetensors, λ1 first.
-    #[arg(long, value_name = "OUT.safetensors")]
+    #[arg(long, value_name = "OUT.safetensors", help_heading = "Lanczos")]
     pub out: Option<PathBuf>,
 }
 
@@ -215,13 +233,27 @@ pub struct DensityArgs {
     #[command(flatten)]
     pub common: MeasureArgs,
     /// Random probe vectors.
-    #[arg(long, value_name = "P", default_value_t = 8)]
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 8,
+        help_heading = "Stochastic Lanczos quadrature"
+    )]
     pub probes: usize,
     /// Lanczos steps per probe.
-    #[arg(long, value_name = "S", default_value_t = 64)]
+    #[arg(
+        long,
+        value_name = "S",
+        default_value_t = 64,
+        help_heading = "Stochastic Lanczos quadrature"
+    )]
     pub steps: usize,
     /// Plot of the density (Gaussian-broadened quadrature, log scale): .svg or .png.
-    #[arg(long, value_name = "density.svg")]
+    #[arg(
+        long,
+        value_name = "density.svg",
+        help_heading = "Stochastic Lanczos quadrature"
+    )]
     pub out: Option<PathBuf>,
 }
 
@@ -729,16 +761,23 @@ fn cli_method(m: TraceMethod) -> Method {
     }
 }
 
-/// Draws live progress on a terminal's stderr.
-fn draw_progress(p: TraceProgress) {
-    match p {
-        TraceProgress::Samples { done, total } => eprint!("\rstructural: {done}/{total} images"),
+/// Shows a library progress event on `bar`: images of a structural trace, or HVPs (of the
+/// total when known) of an HVP method.
+fn show_trace_progress(bar: &ProgressBar, p: TraceProgress) {
+    let (label, unit, done, total) = match p {
+        TraceProgress::Samples { done, total } => ("structural", "images", done, Some(total)),
         TraceProgress::Hvps {
             method,
             done,
-            total: Some(t),
-        } => eprint!("\r{}: {done}/{t} HVPs", method.name()),
-        TraceProgress::Hvps { method, done, .. } => eprint!("\r{}: {done} HVPs", method.name()),
+            total,
+        } => (method.name(), "HVPs", done, total),
+    };
+    if let Some(t) = total {
+        bar.set_length(t.max(done) as u64);
+    }
+    bar.set_position(done as u64);
+    if bar.prefix() != label {
+        super::term::restyle(bar, label, total.is_some(), unit);
     }
 }
 
@@ -767,12 +806,11 @@ fn traced<T: Scalar>(
         max_seconds: r.max_hours * 3600.0,
         basis_max_dim: measure::AUTO_BASIS_MAX_DIM,
     };
-    let live = std::io::stderr().is_terminal();
-    let draw: ProgressFn = &draw_progress;
-    let result = measure::trace_with_progress(model, batches, &opts, live.then_some(draw));
-    if live {
-        eprint!("\r\x1b[K");
-    }
+    let bar = super::term::bar("trace", None, "HVPs", !r.common.json);
+    let draw = |p| show_trace_progress(&bar, p);
+    let draw: ProgressFn = &draw;
+    let result = measure::trace_with_progress(model, batches, &opts, Some(draw));
+    bar.finish_and_clear();
     let rep = result.map_err(|e| trace_error(e, r, s))?;
     if let (Some(out), Some(diag)) = (&r.diagonal_out, &rep.diagonal) {
         write_diagonal(out, diag)?;
@@ -981,19 +1019,36 @@ fn spectral<T: Scalar>(
     model: &Model<T>,
     batches: &[(Tensor<T>, Vec<usize>)],
 ) -> Result<Found> {
-    let live = std::io::stderr().is_terminal();
-    let method = r.method;
-    let progress: Option<HvpProgressFn> = live.then(|| -> HvpProgressFn {
-        Box::new(move |hvps| eprint!("\r{}: {hvps} HVPs", method.name()))
-    });
-    let result = match method {
-        Method::Lanczos => lanczos_found(r, s, model, batches, progress),
-        _ => slq_found(r, s, model, batches, progress),
+    // The most HVPs the run can take: Lanczos stops early once converged.
+    let total = match r.method {
+        Method::Lanczos => lanczos_steps(r),
+        _ => r.slq_probes.saturating_mul(slq_steps(r)),
     };
-    if live {
-        eprint!("\r\x1b[K");
-    }
+    let bar = super::term::bar(r.method.name(), Some(total as u64), "HVPs", !r.common.json);
+    let shown = bar.clone();
+    let progress: HvpProgressFn = Box::new(move |hvps| {
+        let done = hvps as u64;
+        if shown.length().is_some_and(|len| done > len) {
+            shown.set_length(done);
+        }
+        shown.set_position(done);
+    });
+    let result = match r.method {
+        Method::Lanczos => lanczos_found(r, s, model, batches, Some(progress)),
+        _ => slq_found(r, s, model, batches, Some(progress)),
+    };
+    bar.finish_and_clear();
     result
+}
+
+/// Most Lanczos iterations: `--steps`, else 100 (at least `--top`).
+fn lanczos_steps(r: &Request) -> usize {
+    r.steps.unwrap_or(100.max(r.top_k))
+}
+
+/// SLQ steps per probe: `--steps`, else 64.
+fn slq_steps(r: &Request) -> usize {
+    r.steps.unwrap_or(64)
 }
 
 /// Top eigenvalues by Lanczos.
@@ -1008,7 +1063,7 @@ fn lanczos_found<T: Scalar>(
     let opts = EigenOptions {
         lanczos: LanczosOptions {
             k: args.top_k,
-            max_iters: args.steps.unwrap_or(100.max(args.top_k)),
+            max_iters: lanczos_steps(args),
             seed: s.seed,
             eigenvectors: args.eigen_out.is_some(),
             ..LanczosOptions::default()
@@ -1059,7 +1114,7 @@ fn slq_found<T: Scalar>(
     let opts = DensityOptions {
         slq: SlqOptions {
             probes: args.slq_probes,
-            steps: args.steps.unwrap_or(64),
+            steps: slq_steps(args),
             seed: s.seed,
             reorthogonalize: true,
         },

@@ -9,8 +9,7 @@ use flatmin::train::{
 };
 use flatmin_datasets::Element;
 use flatmin_engine::Scalar;
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
+use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -19,97 +18,102 @@ use std::time::Instant;
 pub struct TrainArgs {
     /// Model preset (tiny-tanh, mlp-s, cnn-s, resnet20, resnet18), `mlp:W0,...:ACT` or a network
     /// file NET.json (docs/network-file.md) [default: cnn-s].
-    #[arg(long)]
+    #[arg(long, help_heading = "Model")]
     pub model: Option<String>,
     /// Training objective: ce (softmax cross-entropy) or mse (squared error against one-hot
     /// targets, mean over all logits; its minima are attained) [default: ce]. Traces logged
     /// with --trace-every, and the curvature commands run on the run, measure this loss.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Model")]
     pub loss: Option<LossFn>,
     /// Optimizer: sgd, adamw, sam, asam, usam, sam1 (SAM with batch size 1), rps (random-
     /// perturbation SGD), label-noise, rs (Algorithm 1, randomly smoothed perturbation), sa
     /// (Algorithm 2, sharpness-aware perturbation) [default: sgd]. All but adamw take
     /// --momentum, --nesterov and --weight-decay (the paper's algorithms use neither:
     /// pass --momentum 0 --weight-decay 0).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Optimizer")]
     pub optimizer: Option<Optimizer>,
     /// Base learning rate [default: 0.05].
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Optimizer")]
     pub lr: Option<f64>,
     /// SGD momentum [default: 0.9].
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Optimizer")]
     pub momentum: Option<f64>,
     /// Nesterov momentum.
-    #[arg(long, overrides_with = "no_nesterov")]
+    #[arg(long, overrides_with = "no_nesterov", help_heading = "Optimizer")]
     pub nesterov: bool,
     /// Plain (heavy-ball) momentum [default].
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimizer")]
     pub no_nesterov: bool,
     /// Weight decay [default: 5e-4].
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Optimizer")]
     pub weight_decay: Option<f64>,
     /// Learning-rate schedule: constant, cosine or step [default: cosine].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Schedule")]
     pub schedule: Option<Schedule>,
     /// Step schedule: epochs between decays [default: 30].
-    #[arg(long)]
+    #[arg(long, help_heading = "Schedule")]
     pub step_every: Option<usize>,
     /// Step schedule: decay factor [default: 0.1].
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Schedule")]
     pub step_gamma: Option<f64>,
     /// Epochs of linear warmup [default: 0].
-    #[arg(long)]
+    #[arg(long, help_heading = "Schedule")]
     pub warmup: Option<usize>,
     /// Number of epochs [default: 10].
-    #[arg(long)]
+    #[arg(long, help_heading = "Schedule")]
     pub epochs: Option<usize>,
     /// Mini-batch size [default: 128].
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub batch_size: Option<usize>,
     /// Training images, a class-balanced subset (0: all) [default: 10000].
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub train_size: Option<usize>,
     /// Test images, a class-balanced subset (0: all) [default: 2000].
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub test_size: Option<usize>,
     /// Random crop and flip on [default].
-    #[arg(long, overrides_with = "no_augment")]
+    #[arg(long, overrides_with = "no_augment", help_heading = "Data")]
     pub augment: bool,
     /// No augmentation.
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub no_augment: bool,
     /// Seed of initialization, subsets, order, augmentation and optimizer noise [default: 0].
-    #[arg(long)]
+    #[arg(long, help_heading = "Model")]
     pub seed: Option<u64>,
     /// Seed of the data choices alone (training/test subsets, random labels, trace subset),
     /// so that runs with different --seed train on the same images [default: --seed].
-    #[arg(long, value_name = "SEED")]
+    #[arg(long, value_name = "SEED", help_heading = "Data")]
     pub data_seed: Option<u64>,
     /// Float type: f32 or f64 [default: f32].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Model")]
     pub dtype: Option<DType>,
     /// Evaluate every this many epochs [default: 1].
-    #[arg(long)]
+    #[arg(long, help_heading = "Schedule")]
     pub eval_every: Option<usize>,
     /// Keep a numbered checkpoint every this many epochs (0: only the latest) [default: 0].
-    #[arg(long)]
+    #[arg(long, help_heading = "Run folder")]
     pub checkpoint_every: Option<usize>,
     /// Data: auto, synthetic, or a cifar-10-batches-bin folder [default: auto].
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub data: Option<String>,
     /// Run folder [default: runs/MODEL-OPTIMIZER-sSEED, numbered if taken].
-    #[arg(long)]
+    #[arg(long, help_heading = "Run folder")]
     pub out: Option<PathBuf>,
     /// Resume the run in this folder from its last checkpoint (its config.json is used).
     /// Refused at once while another process is training in the folder.
-    #[arg(long, value_name = "RUN", conflicts_with = "config")]
+    #[arg(
+        long,
+        value_name = "RUN",
+        conflicts_with = "config",
+        help_heading = "Run folder"
+    )]
     pub resume: Option<PathBuf>,
     /// Rerun a recorded experiment: take the recipe from this config.json (flags override it).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = "Run folder")]
     pub config: Option<PathBuf>,
     /// Replace a run already in --out (refused, with nothing removed, while another process
     /// is training in it).
-    #[arg(long)]
+    #[arg(long, help_heading = "Run folder")]
     pub overwrite: bool,
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
     #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
@@ -127,74 +131,84 @@ pub struct TrainArgs {
     #[arg(long, value_name = "POLICY", value_enum)]
     pub on_nonfinite: Option<NonFinitePolicy>,
     /// Perturbation radius ρ (sam, asam, usam, sam1, rps, rs, sa) [default: 0.05].
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Perturbation")]
     pub rho: Option<f64>,
     /// Rate η' on the perturbation term (rs, sa) [default: η, the scheduled learning rate].
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Perturbation")]
     pub eta_prime: Option<f64>,
     /// Gradient-norm gate ε0 (rs, sa): perturb only when the batch gradient norm is at most ε0
     /// [default: no gate].
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Perturbation")]
     pub eps0: Option<f64>,
     /// Probe batch size B (rs, sa, sam1): samples drawn from the step's batch, or the size of a
     /// fresh batch [default: the whole batch; sam1: 1].
-    #[arg(long)]
+    #[arg(long, help_heading = "Perturbation")]
     pub probe_batch: Option<usize>,
     /// Probe gradients from the step's batch (same) or a fresh batch (fresh) (rs, sa, sam1)
     /// [default: same].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Perturbation")]
     pub probe_data: Option<ProbeData>,
     /// Project the probe gradient against the batch gradient (rs, sa) [default].
-    #[arg(long, overrides_with = "no_project")]
+    #[arg(long, overrides_with = "no_project", help_heading = "Perturbation")]
     pub project: bool,
     /// Do not project the probe gradient (rs, sa ablation).
-    #[arg(long)]
+    #[arg(long, help_heading = "Perturbation")]
     pub no_project: bool,
     /// Label-noise probability p (label-noise) [default: 0.1].
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Perturbation")]
     pub label_noise: Option<f64>,
     /// m-sharpness: samples per perturbation (sam, asam, usam) [default: 0, the whole batch].
-    #[arg(long)]
+    #[arg(long, help_heading = "Perturbation")]
     pub m_sharpness: Option<usize>,
     /// ASAM's η of the scale |w| + η (asam) [default: 0.01].
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Perturbation")]
     pub asam_eta: Option<f64>,
     /// Final plain-GD steps after the perturbed phase (sa) [default: 0].
-    #[arg(long)]
+    #[arg(long, help_heading = "Perturbation")]
     pub t_gd: Option<usize>,
     /// Iterate handed on after the perturbed phase (rs, sa): last, or random (uniformly drawn,
     /// as in the paper's algorithms) [default: last].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Perturbation")]
     pub output_iterate: Option<OutputIterate>,
     /// Radius of the random shift used when sa's probe gradient is exactly zero (Remark 2)
     /// [default: 1e-6].
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_hyphen_values = true, help_heading = "Perturbation")]
     pub zero_grad_xi: Option<f64>,
     /// Train on random labels (fixed for the run, drawn from --seed): the random-label
     /// pre-training of Liu et al. (2020).
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub random_labels: bool,
     /// Start from this model state (a run's model.safetensors or a checkpoint; optimizer and
     /// trainer entries are ignored) instead of a fresh initialization; its path and SHA-256
     /// go into config.json.
-    #[arg(long, value_name = "CKPT")]
+    #[arg(long, value_name = "CKPT", help_heading = "Model")]
     pub init_from: Option<PathBuf>,
     /// Log the exact normalized Hessian trace tr(H)/d (structural, BatchNorm eval; Hutchinson
     /// with fixed probes where structure does not apply) every N steps, at the start and at
     /// the end, as `trace` records of metrics.jsonl (0: never) [default: 0].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = "Curvature logging")]
     pub trace_every: Option<usize>,
     /// Training images (fixed, seeded, class-balanced subset) of the logged trace
     /// [default: 256].
-    #[arg(long, visible_alias = "trace-samples", value_name = "N")]
+    #[arg(
+        long,
+        alias = "trace-samples",
+        value_name = "N",
+        help_heading = "Curvature logging"
+    )]
     pub trace_size: Option<usize>,
     /// How the logged trace is measured: auto (structural where it applies, else
     /// Hutchinson), structural (exact; refused where it does not apply) or hutchinson
     /// (estimate with --trace-probes probes, logged with its standard error) [default: auto].
-    #[arg(long, value_name = "METHOD", value_enum)]
+    #[arg(
+        long,
+        value_name = "METHOD",
+        value_enum,
+        help_heading = "Curvature logging"
+    )]
     pub trace_method: Option<TraceMethod>,
     /// Probes of a Hutchinson-logged trace [default: 32].
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", help_heading = "Curvature logging")]
     pub trace_probes: Option<usize>,
 }
 
@@ -343,7 +357,7 @@ impl TrainArgs {
             batch_size => "--batch-size", train_size => "--train-size", test_size => "--test-size",
             seed => "--seed", data_seed => "--data-seed", dtype => "--dtype", eval_every => "--eval-every",
             checkpoint_every => "--checkpoint-every", out => "--out", init_from => "--init-from",
-            trace_every => "--trace-every", trace_size => "--trace-samples",
+            trace_every => "--trace-every", trace_size => "--trace-size",
             trace_method => "--trace-method", trace_probes => "--trace-probes");
         if self.random_labels {
             v.push("--random-labels");
@@ -550,7 +564,8 @@ fn train<T: Scalar + Element>(
     Ok(())
 }
 
-/// Progress output: a bar on a terminal, periodic plain lines otherwise, nothing when quiet.
+/// Progress output on stderr: a bar where stderr can show one live
+/// ([`super::term::live_progress`]), periodic plain lines otherwise, nothing when quiet.
 struct Progress {
     bar: Option<ProgressBar>,
     plain: bool,
@@ -560,26 +575,13 @@ struct Progress {
 
 impl Progress {
     fn new(quiet: bool) -> Self {
+        let live = !quiet && super::term::live_progress();
         Progress {
-            bar: None,
-            plain: !quiet && !std::io::stdout().is_terminal(),
+            bar: live.then(|| super::term::bar("", Some(0), "steps", true)),
+            plain: !quiet && !live,
             steps_per_epoch: 1,
             last_line: Instant::now(),
         }
-        .with_bar(quiet)
-    }
-
-    fn with_bar(mut self, quiet: bool) -> Self {
-        if !quiet && std::io::stdout().is_terminal() {
-            let bar = ProgressBar::new(0);
-            bar.set_style(
-                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            );
-            self.bar = Some(bar);
-        }
-        self
     }
 
     fn finish(&self) {
@@ -613,7 +615,7 @@ impl Observer for Progress {
             && (self.last_line.elapsed().as_secs_f64() >= 10.0
                 || r.step.is_multiple_of(self.steps_per_epoch))
         {
-            println!("epoch {} step {}: {msg}", r.epoch + 1, r.step);
+            eprintln!("epoch {} step {}: {msg}", r.epoch + 1, r.step);
             self.last_line = Instant::now();
         }
     }
@@ -630,7 +632,7 @@ impl Observer for Progress {
         );
         match &self.bar {
             Some(b) => b.println(line),
-            None if self.plain => println!("{line}"),
+            None if self.plain => eprintln!("{line}"),
             None => {}
         }
     }

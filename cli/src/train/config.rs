@@ -21,7 +21,7 @@ macro_rules! word_enum {
         }
     ) => {
         $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
         pub enum $name {
             $( $(#[$vmeta])* #[serde(rename = $word)] #[value(name = $word)] $var, )+
         }
@@ -43,6 +43,15 @@ macro_rules! word_enum {
             }
         }
 
+        /// Reads the word as `FromStr` does, so a misspelt word in a configuration file gets
+        /// the same error (the choices and a suggestion) as on the command line.
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                let word = String::deserialize(d)?;
+                word.parse().map_err(serde::de::Error::custom)
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(self.name())
@@ -56,7 +65,10 @@ macro_rules! word_enum {
                     .iter()
                     .copied()
                     .find(|v| v.name() == s)
-                    .ok_or_else(|| anyhow!("unknown {} '{s}' (one of {})", $what, Self::choices()))
+                    .ok_or_else(|| {
+                        let hint = crate::suggest::did_you_mean(s, Self::ALL.iter().map(|v| v.name()));
+                        anyhow!("unknown {} '{s}' (one of {}){hint}", $what, Self::choices())
+                    })
             }
         }
     };
@@ -598,7 +610,8 @@ impl TrainConfig {
             unreachable!("a struct serializes to an object");
         };
         if let Some(key) = map.keys().find(|k| !known.contains_key(*k)) {
-            bail!("unknown key '{key}'");
+            let hint = crate::suggest::did_you_mean(key, known.keys());
+            bail!("unknown key '{key}'{hint}");
         }
         serde_json::from_value(Value::Object(map.clone())).or_else(|e| {
             // Name the key whose value is refused.
@@ -725,7 +738,7 @@ impl TrainConfig {
             positive("--eps", self.eps)?;
         }
         if self.trace_every > 0 && self.trace_size == 0 {
-            bail!("--trace-samples must be at least 1");
+            bail!("--trace-size must be at least 1");
         }
         if self.trace_probes < 2 {
             bail!(
@@ -736,7 +749,7 @@ impl TrainConfig {
         // A network file is read (and its errors reported) where the model is built.
         if !flatmin_models::netfile::is_network_file(&self.model) {
             flatmin_models::Arch::parse(&self.model)
-                .map_err(|e| anyhow::anyhow!("--model: {e}"))?;
+                .map_err(|e| crate::suggest::model_error(&self.model, e))?;
         }
         Ok(())
     }

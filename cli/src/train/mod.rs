@@ -191,7 +191,7 @@ pub fn trace_subset(cfg: &TrainConfig, train: &Batch) -> Result<Batch> {
         train.clone(),
         n,
         seed,
-        "--trace-samples",
+        "--trace-size",
         "the training subset",
     )
 }

@@ -148,3 +148,37 @@ pub fn run_bounded(
         .unwrap();
     (status, stderr)
 }
+
+/// The error report of a failed `flatmin` run, checked: a usage error (status 2) is clap's
+/// own rendering, whose first line is `error: ...` and which ends with the `--help` line
+/// (returned whole, the tip and usage included); any other failure is exactly one
+/// `error: ...` line (returned), `warning:` lines aside. Never a panic.
+pub fn error_text(out: &std::process::Output, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{what} succeeded");
+    assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("warning:"))
+        .collect();
+    assert!(
+        lines.first().is_some_and(|l| l.starts_with("error: ")),
+        "{what}: {stderr}"
+    );
+    if out.status.code() == Some(2) {
+        assert!(
+            stderr.contains("For more information, try '--help'."),
+            "{what}: {stderr}"
+        );
+        stderr
+    } else {
+        assert_eq!(lines.len(), 1, "{what}: {stderr}");
+        lines[0].to_string()
+    }
+}
+
+/// Checks a failed run's report ([`error_text`]) names `needle`.
+pub fn assert_error(out: &std::process::Output, needle: &str, what: &str) {
+    let text = error_text(out, what);
+    assert!(text.contains(needle), "{what}: no '{needle}' in {text}");
+}
