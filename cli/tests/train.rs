@@ -128,3 +128,54 @@ fn same_seed_same_bits_for_one_and_two_threads() {
         "weights differ between 1 and 2 threads"
     );
 }
+
+/// `metrics.csv` (read back with the csv crate) has the columns of the run's optimizer after
+/// the common ones, for every optimizer: each figure a step reports (`StepInfo::extra`) has
+/// its column and its value there, none is left in `metrics.jsonl` only; `epoch` counts
+/// from 1 as on screen; one row per record.
+#[test]
+fn metrics_csv_has_the_optimizers_figures_as_columns() {
+    for &opt in flatmin::train::Optimizer::ALL {
+        let dir = tmp(&format!("csv-{}", opt.name()));
+        let mut c = cfg("tiny-tanh");
+        c.optimizer = opt;
+        c.epochs = 1;
+        let mut t = Trainer::<f32>::new(c, data(), &dir).unwrap();
+        t.run(&mut Silent).unwrap();
+        let recs = t.run_dir().records().unwrap();
+        let mut reader = csv::Reader::from_path(dir.join("metrics.csv")).unwrap();
+        let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+        assert_eq!(header, flatmin::train::csv_columns(opt), "{}", opt.name());
+        let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), recs.len(), "{}", opt.name());
+        let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+        for (row, r) in rows.iter().zip(&recs) {
+            assert_eq!(row[col("epoch")], (r.epoch + 1).to_string());
+            if r.kind != "train" {
+                continue;
+            }
+            for (k, v) in &r.extra {
+                assert!(
+                    opt.step_figures().contains(&k.as_str()),
+                    "{}: {k} has no column",
+                    opt.name()
+                );
+                assert_eq!(
+                    row[col(k)].parse::<f64>().unwrap(),
+                    *v,
+                    "{}: {k}",
+                    opt.name()
+                );
+            }
+        }
+        let with_figures = recs
+            .iter()
+            .any(|r| r.kind == "train" && !r.extra.is_empty());
+        assert_eq!(
+            with_figures,
+            !opt.step_figures().is_empty(),
+            "{}",
+            opt.name()
+        );
+    }
+}

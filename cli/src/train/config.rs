@@ -88,6 +88,45 @@ word_enum! {
     }
 }
 
+impl Optimizer {
+    /// The names of the per-step figures this optimizer reports (its `StepInfo::extra`),
+    /// in `metrics.csv` column order: fixed by the optimizer, so a run's CSV header is fixed
+    /// at its start. A figure reported only on some steps is empty on the others.
+    pub fn step_figures(self) -> &'static [&'static str] {
+        match self {
+            Optimizer::Sgd | Optimizer::AdamW => &[],
+            Optimizer::Sam | Optimizer::Asam | Optimizer::Usam => {
+                &["pert_norm", "perturbed_grad_norm", "chunks"]
+            }
+            Optimizer::Sam1 => &["probe_grad_norm", "pert_norm", "perturbed_grad_norm"],
+            Optimizer::Rps => &["pert_norm", "perturbed_grad_norm"],
+            Optimizer::LabelNoise => &["label_noise"],
+            Optimizer::Rs => &[
+                "gate",
+                "pert_norm",
+                "probe_grad_norm",
+                "v_norm",
+                "v_cos_grad",
+                "eta_prime",
+                "output_pick",
+            ],
+            Optimizer::Sa => &[
+                "phase",
+                "gate",
+                "sign",
+                "probe_grad_norm",
+                "pert_norm",
+                "perturbed_grad_norm",
+                "v_norm",
+                "v_cos_grad",
+                "zero_grad_fix",
+                "eta_prime",
+                "output_pick",
+            ],
+        }
+    }
+}
+
 word_enum! {
     /// The learning-rate schedule (`--schedule`).
     Schedule, "schedule" {

@@ -19,8 +19,8 @@ pub use memory::{
 };
 pub use record::{find_record, recipe_sha256, RunRecord, RUN_RECORD_TENSOR};
 pub use run_dir::{
-    batch_sha256, parse_records, read_records, DatasetIdentity, Record, RunDir, RunMeta,
-    CSV_HEADER, MAX_CONFIG_BYTES, MAX_METRICS_BYTES,
+    batch_sha256, csv_columns, parse_records, read_records, DatasetIdentity, Record, RunDir,
+    RunMeta, CSV_HEADER, MAX_CONFIG_BYTES, MAX_METRICS_BYTES,
 };
 
 use crate::data::{sized_subset, DataSource};
