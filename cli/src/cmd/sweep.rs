@@ -10,7 +10,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser};
 use flatmin::plot::{plot_runs, PlotOptions, XAxis};
-use flatmin::train::{Locked, Record, RunDir, RunLock};
+use flatmin::train::{BestModel, Locked, Record, RunDir, RunLock};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -763,10 +763,7 @@ pub fn summarize_records(recs: &[Record]) -> RunSummary {
     let traces: Vec<&Record> = recs.iter().filter(|r| r.kind == "trace").collect();
     RunSummary {
         final_test_acc: evals.last().and_then(|r| r.test_acc),
-        best_test_acc: evals
-            .iter()
-            .filter_map(|r| r.test_acc)
-            .fold(None, |b: Option<f64>, a| Some(b.map_or(a, |b| b.max(a)))),
+        best_test_acc: BestModel::of_records(evals.iter().copied()).map(|b| b.test_acc),
         final_train_acc: evals.last().and_then(|r| r.train_acc),
         final_trace_norm: traces
             .last()

@@ -299,6 +299,9 @@ impl Drop for RunDir {
     }
 }
 
+/// The best model of a run (highest test accuracy at an evaluation, the earlier on a tie).
+pub const BEST_MODEL_FILE: &str = "best.safetensors";
+
 /// The copy of a run's network file inside its folder.
 pub const NETWORK_FILE: &str = "network.json";
 
@@ -655,6 +658,13 @@ impl RunDir {
     pub fn last_checkpoint(&self) -> Option<PathBuf> {
         let p = self.root.join("checkpoints").join("last.safetensors");
         p.is_file().then_some(p)
+    }
+
+    /// Writes `best.safetensors` (atomically): the state_dict of the best model so far, as
+    /// `model.safetensors` holds the last one (see `BestModel`).
+    pub fn write_best<T: Scalar>(&self, model: &Model<T>) -> Result<()> {
+        model.save(&self.root.join(BEST_MODEL_FILE))?;
+        Ok(())
     }
 
     /// Writes `model.safetensors`: the model's state_dict alone (PyTorch-loadable).
