@@ -196,6 +196,10 @@ pub struct TrainArgs {
     /// Probes of a Hutchinson-logged trace [default: 32].
     #[arg(long, value_name = "P")]
     pub trace_probes: Option<usize>,
+    /// Remove this prefix from the --init-from file's tensor names where present: a wrapped
+    /// PyTorch state_dict (`--strip-prefix model.` for `model.layers.0.weight`).
+    #[arg(long, value_name = "PREFIX", requires = "init_from")]
+    pub strip_prefix: Option<String>,
 }
 
 impl TrainArgs {
@@ -262,6 +266,9 @@ impl TrainArgs {
         }
         if self.data_seed.is_some() {
             c.data_seed = self.data_seed;
+        }
+        if self.strip_prefix.is_some() {
+            c.init_strip_prefix = self.strip_prefix.clone();
         }
         if let Some(p) = &self.init_from {
             c.init_from = Some(p.display().to_string());
@@ -342,7 +349,7 @@ impl TrainArgs {
             step_gamma => "--step-gamma", warmup => "--warmup", epochs => "--epochs",
             batch_size => "--batch-size", train_size => "--train-size", test_size => "--test-size",
             seed => "--seed", data_seed => "--data-seed", dtype => "--dtype", eval_every => "--eval-every",
-            checkpoint_every => "--checkpoint-every", out => "--out", init_from => "--init-from",
+            checkpoint_every => "--checkpoint-every", out => "--out", init_from => "--init-from", strip_prefix => "--strip-prefix",
             trace_every => "--trace-every", trace_size => "--trace-samples",
             trace_method => "--trace-method", trace_probes => "--trace-probes");
         if self.random_labels {

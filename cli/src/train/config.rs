@@ -340,6 +340,10 @@ pub struct TrainConfig {
     /// SHA-256 of the `init_from` file, recorded when the run is created (and checked when
     /// a run resumes without a checkpoint of its own).
     pub init_sha256: Option<String>,
+    /// Prefix removed from the `init_from` file's tensor names where present
+    /// (`--strip-prefix`, for a wrapped PyTorch state_dict).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_strip_prefix: Option<String>,
     /// Log the exact normalized Hessian trace tr(H)/d every this many optimizer steps, at
     /// the start and at the end (0: never).
     pub trace_every: usize,
@@ -400,6 +404,7 @@ impl Default for TrainConfig {
             random_labels: false,
             init_from: None,
             init_sha256: None,
+            init_strip_prefix: None,
             trace_every: 0,
             trace_size: 256,
             trace_method: TraceMethod::Auto,

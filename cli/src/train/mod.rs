@@ -549,11 +549,9 @@ impl<T: Scalar + Element> Trainer<T> {
                     );
                 }
             }
-            let raw: Vec<_> = flatmin_models::io::read_safetensors(path)
-                .with_context(|| format!("--init-from {init}"))?
-                .into_iter()
-                .filter(|t| !t.name.starts_with("optimizer/") && !t.name.starts_with("trainer/"))
-                .collect();
+            let raw =
+                flatmin_models::io::read_model_tensors(path, cfg.init_strip_prefix.as_deref())
+                    .with_context(|| format!("--init-from {init}"))?;
             model
                 .load_raw(path, raw)
                 .with_context(|| format!("--init-from {init}"))?;
