@@ -42,6 +42,8 @@ enum Command {
     /// Run a grid of `flatmin train` settings (N at a time, or as a GNU parallel job list /
     /// Slurm array), then summarize it in a table and a plot.
     Sweep(Box<cmd::sweep::SweepArgs>),
+    /// Export runs' records for other tools: TensorBoard event files (`--tensorboard DIR`).
+    Export(cmd::export::ExportArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
         Command::Eigen(args) => cmd::trace::run_eigen(&args),
         Command::Density(args) => cmd::trace::run_density(&args),
         Command::Sweep(args) => cmd::sweep::run(&args),
+        Command::Export(args) => cmd::export::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
