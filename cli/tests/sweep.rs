@@ -180,6 +180,35 @@ fn sweep_emits_parallel_and_slurm_and_rejects_bad_grids() {
     ] {
         assert!(sb.contains(&format!("#SBATCH {line}\n")), "{line}: {sb}");
     }
+    // A relative --out: the script and the job lines still name absolute paths.
+    let parent = out2.parent().unwrap();
+    let rel = Command::new(env!("CARGO_BIN_EXE_flatmin"))
+        .args([
+            "sweep",
+            "--grid",
+            "seed=0,1",
+            "--out",
+            "slurm-rel",
+            "--emit",
+            "slurm",
+        ])
+        .args(["--", "--model", "tiny-tanh"])
+        .current_dir(parent)
+        .output()
+        .unwrap();
+    assert!(
+        rel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rel.stderr)
+    );
+    let abs = parent.join("slurm-rel");
+    let sb = std::fs::read_to_string(abs.join("sweep.sbatch")).unwrap();
+    assert!(sb.contains(&format!(" {}/jobs.txt", abs.display())), "{sb}");
+    let jobs = std::fs::read_to_string(abs.join("jobs.txt")).unwrap();
+    assert!(
+        jobs.contains(&format!("--out {}/runs/seed-0 ", abs.display())),
+        "{jobs}"
+    );
     let o = slurm(&["--cpus-per-task", "2"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
