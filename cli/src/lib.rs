@@ -7,6 +7,7 @@ pub mod data;
 pub mod fetch;
 pub mod plot;
 pub mod suggest;
+pub mod tensorboard;
 pub mod train;
 
 /// The model `--model` names (a preset, a custom MLP spec or a network file), initialized from

@@ -43,6 +43,8 @@ enum Command {
     /// Run a grid of `flatmin train` settings (N at a time, or as a GNU parallel job list /
     /// Slurm array), then summarize it in a table and a plot.
     Sweep(Box<cmd::sweep::SweepArgs>),
+    /// Export runs' records for other tools: TensorBoard event files (`--tensorboard DIR`).
+    Export(cmd::export::ExportArgs),
     /// Print a shell completion script (`flatmin completions bash > ...`).
     Completions(cmd::shell::CompletionsArgs),
     /// Print the manual page, or write one page per command with `--out DIR`.
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
         Command::Eigen(args) => cmd::trace::run_eigen(&args),
         Command::Density(args) => cmd::trace::run_density(&args),
         Command::Sweep(args) => cmd::sweep::run(&args),
+        Command::Export(args) => cmd::export::run(&args),
         Command::Completions(args) => cmd::shell::completions(&args, Cli::command()),
         Command::Man(args) => cmd::shell::man(&args, Cli::command()),
     };

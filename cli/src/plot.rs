@@ -571,7 +571,7 @@ pub fn series(run: &Run, metric: &Metric, x: XAxis) -> Result<Vec<(f64, f64)>> {
                 (XAxis::GradSamples, _) => r.grad_samples? as f64,
                 (XAxis::Step, _) => r.step as f64,
                 (XAxis::Epoch, Some(n)) => r.step as f64 / n,
-                (XAxis::Epoch, None) => (r.epoch + 1) as f64,
+                (XAxis::Epoch, None) => r.epoch_number() as f64,
             };
             Some((at, v * scale))
         })

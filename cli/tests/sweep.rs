@@ -140,11 +140,89 @@ fn sweep_emits_parallel_and_slurm_and_rejects_bad_grids() {
         .lines()
         .all(|l| l.contains(" train ") && l.contains("--out")));
     assert!(!out.join("runs/optimizer-rs_seed-0/config.json").exists());
+    // Each line sets --threads, so `parallel -j 2` does not oversubscribe the cores.
+    let o = sweep(
+        &out,
+        "optimizer=rs,sa",
+        &["--emit", "parallel", "--jobs", "2"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_job = format!(" --threads {} ", (cores / 2).max(1));
+    let jobs = std::fs::read_to_string(out.join("jobs.txt")).unwrap();
+    assert!(
+        jobs.lines().all(|l| l.matches(&per_job).count() == 2),
+        "{jobs}"
+    );
     let out2 = tmp("slurm");
     let o = sweep(&out2, "optimizer=rs,sa seed=0,1,2", &["--emit", "slurm"]);
     assert!(o.status.success());
     let sb = std::fs::read_to_string(out2.join("sweep.sbatch")).unwrap();
     assert!(sb.contains("#SBATCH --array=0-5"), "{sb}");
+    // Slurm settings from flags; --cpus-per-task must agree with the train flags' --threads.
+    let slurm = |extra: &[&str]| {
+        let out = out2.display().to_string();
+        let mut args = vec![
+            "sweep", "--grid", "seed=0,1", "--out", &out, "--emit", "slurm",
+        ];
+        args.extend_from_slice(extra);
+        args.extend(["--", "--model", "tiny-tanh", "--threads", "3"]);
+        flatmin(&args)
+    };
+    let o = slurm(&["--time", "1:00:00", "--mem", "2G", "--partition", "cpu"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sb = std::fs::read_to_string(out2.join("sweep.sbatch")).unwrap();
+    for line in [
+        "--time=1:00:00",
+        "--mem=2G",
+        "--partition=cpu",
+        "--cpus-per-task=3",
+    ] {
+        assert!(sb.contains(&format!("#SBATCH {line}\n")), "{line}: {sb}");
+    }
+    // A relative --out: the script and the job lines still name absolute paths.
+    let parent = out2.parent().unwrap();
+    let rel = Command::new(env!("CARGO_BIN_EXE_flatmin"))
+        .args([
+            "sweep",
+            "--grid",
+            "seed=0,1",
+            "--out",
+            "slurm-rel",
+            "--emit",
+            "slurm",
+        ])
+        .args(["--", "--model", "tiny-tanh"])
+        .current_dir(parent)
+        .output()
+        .unwrap();
+    assert!(
+        rel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rel.stderr)
+    );
+    let abs = parent.join("slurm-rel");
+    let sb = std::fs::read_to_string(abs.join("sweep.sbatch")).unwrap();
+    assert!(sb.contains(&format!(" {}/jobs.txt", abs.display())), "{sb}");
+    let jobs = std::fs::read_to_string(abs.join("jobs.txt")).unwrap();
+    assert!(
+        jobs.contains(&format!("--out {}/runs/seed-0 ", abs.display())),
+        "{jobs}"
+    );
+    let o = slurm(&["--cpus-per-task", "2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--cpus-per-task 2 does not match --threads 3"),
+        "{err}"
+    );
+    let o = slurm(&["--time", "1:00 #x"]);
+    assert!(!o.status.success());
+    let o = sweep(&tmp("bad"), "seed=0,1", &["--mem", "2G"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--mem is a Slurm setting"),
+        "{err}"
+    );
     // A flag the optimizer does not take, an unknown flag, a malformed grid.
     for grid in ["optimizer=sgd probe-batch=1", "frobnicate=1,2", "optimizer"] {
         let o = sweep(&tmp("bad"), grid, &[]);
@@ -434,4 +512,108 @@ fn kill9_of_a_sweep_stops_its_runs_at_a_checkpoint() {
         std::thread::sleep(Duration::from_millis(20));
     }
     stopped_runs_resume(&out, &args, &runs);
+}
+
+/// Runs array task `task` of a Slurm script with bash, the way Slurm would (its variables
+/// set by hand), from a folder that is not the sweep's.
+fn array_task(script: &Path, task: usize, cwd: &Path) -> std::process::Child {
+    Command::new("bash")
+        .arg(script)
+        .current_dir(cwd)
+        .env("SLURM_ARRAY_TASK_ID", task.to_string())
+        .env("SLURM_CPUS_PER_TASK", "2")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The emitted Slurm scripts (split at --max-array-size, absolute paths) run with bash from
+/// another folder: a task stopped by SIGTERM (what Slurm sends on preemption or a time limit)
+/// and run again resumes its run instead of restarting or failing; running every task a
+/// second time changes nothing and fails nothing; then the sweep rerun writes the summary.
+#[test]
+fn slurm_scripts_run_from_any_folder_and_a_requeued_task_resumes() {
+    let out = tmp("slurm-run");
+    let elsewhere = tmp("slurm-elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let mut args: Vec<String> = ["sweep", "--grid", "epochs=12,1,2", "--out"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.push(out.display().to_string());
+    let common =
+        "-- --model cnn-s --data synthetic --train-size 400 --test-size 100 --batch-size 40";
+    let emit = "--emit slurm --max-array-size 2 --cpus-per-task 2 --time 0:30:00";
+    let owned: Vec<String> = args
+        .iter()
+        .cloned()
+        .chain(emit.split(' ').chain(common.split(' ')).map(String::from))
+        .collect();
+    let o = flatmin(&owned.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.join("sweep.sbatch").exists());
+    let scripts = [out.join("sweep-0.sbatch"), out.join("sweep-1.sbatch")];
+    let tasks = [(&scripts[0], 0), (&scripts[0], 1), (&scripts[1], 0)];
+    // Task 0 (epochs-12) is stopped by SIGTERM once it has logged a step.
+    let run = out.join("runs/epochs-12");
+    let child = array_task(&scripts[0], 0, &elsewhere);
+    let started = Instant::now();
+    let pid = loop {
+        let logged = std::fs::read_to_string(run.join("metrics.jsonl"))
+            .is_ok_and(|m| m.contains("\"train\""));
+        if let (Some(pid), true) = (lock_pid(&run), logged) {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the task did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) }, 0);
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    assert!(run.join("checkpoints/last.safetensors").is_file());
+    assert!(!run.join("summary.json").exists());
+    // Every task, twice: the stopped one resumes and finishes, then nothing changes.
+    for pass in 0..2 {
+        for (script, task) in tasks {
+            let o = array_task(script, task, &elsewhere)
+                .wait_with_output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "pass {pass}, {} task {task}: {}",
+                script.display(),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+    let log = std::fs::read_to_string(out.join("logs/epochs-12.log")).unwrap();
+    assert!(
+        log.contains("interrupted after step")
+            && log.contains("done: ")
+            && log.contains("epochs-12 is finished"),
+        "{log}"
+    );
+    for name in ["epochs-12", "epochs-1", "epochs-2"] {
+        assert!(
+            out.join("runs").join(name).join("summary.json").is_file(),
+            "{name}"
+        );
+    }
+    let o = flatmin(
+        &args
+            .iter()
+            .map(String::as_str)
+            .chain(common.split(' '))
+            .collect::<Vec<_>>(),
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("3 already done"), "{text}");
+    let csv = std::fs::read_to_string(out.join("summary.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
 }

@@ -128,3 +128,119 @@ fn same_seed_same_bits_for_one_and_two_threads() {
         "weights differ between 1 and 2 threads"
     );
 }
+
+/// `metrics.csv` (read back with the csv crate) has the columns of the run's optimizer after
+/// the common ones, for every optimizer: each figure a step reports (`StepInfo::extra`) has
+/// its column and its value there, none is left in `metrics.jsonl` only; `epoch` counts
+/// from 1 as on screen; one row per record.
+#[test]
+fn metrics_csv_has_the_optimizers_figures_as_columns() {
+    for &opt in flatmin::train::Optimizer::ALL {
+        let dir = tmp(&format!("csv-{}", opt.name()));
+        let mut c = cfg("tiny-tanh");
+        c.optimizer = opt;
+        c.epochs = 1;
+        let mut t = Trainer::<f32>::new(c, data(), &dir).unwrap();
+        t.run(&mut Silent).unwrap();
+        let recs = t.run_dir().records().unwrap();
+        let mut reader = csv::Reader::from_path(dir.join("metrics.csv")).unwrap();
+        let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+        assert_eq!(header, flatmin::train::csv_columns(opt), "{}", opt.name());
+        let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), recs.len(), "{}", opt.name());
+        let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+        for (row, r) in rows.iter().zip(&recs) {
+            assert_eq!(row[col("epoch")], (r.epoch + 1).to_string());
+            if r.kind != "train" {
+                continue;
+            }
+            for (k, v) in &r.extra {
+                assert!(
+                    opt.step_figures().contains(&k.as_str()),
+                    "{}: {k} has no column",
+                    opt.name()
+                );
+                assert_eq!(
+                    row[col(k)].parse::<f64>().unwrap(),
+                    *v,
+                    "{}: {k}",
+                    opt.name()
+                );
+            }
+        }
+        let with_figures = recs
+            .iter()
+            .any(|r| r.kind == "train" && !r.extra.is_empty());
+        assert_eq!(
+            with_figures,
+            !opt.step_figures().is_empty(),
+            "{}",
+            opt.name()
+        );
+    }
+}
+
+/// `best.safetensors` holds the model of the evaluation with the highest test accuracy (the
+/// earlier of two equal ones), and a run stopped after it and resumed keeps it: the file is
+/// byte-identical to the uninterrupted run's, where forgetting the best on resume would let
+/// a later, worse evaluation replace it.
+#[test]
+fn best_safetensors_keeps_the_best_evaluation_across_a_resume() {
+    let mut c = cfg("tiny-tanh");
+    c.lr = 0.5;
+    c.epochs = 6;
+    let full = tmp("best-full");
+    let mut t = Trainer::<f32>::new(c.clone(), data(), &full).unwrap();
+    t.run(&mut Silent).unwrap();
+    let best = t.best().expect("a best evaluation");
+    let evals: Vec<_> = t
+        .run_dir()
+        .records()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == "eval")
+        .collect();
+    let later: Vec<f64> = evals
+        .iter()
+        .filter(|r| r.step > best.step)
+        .map(|r| r.test_acc.unwrap())
+        .collect();
+    // Later evaluations are worse (else the resume below could not fail); two earlier
+    // ones tie, and the first of them is the best of the records up to the second.
+    assert!(
+        !later.is_empty() && later.iter().all(|&a| a < best.test_acc),
+        "{evals:?}"
+    );
+    let tie = evals
+        .windows(2)
+        .position(|w| w[0].test_acc == w[1].test_acc);
+    let tie = tie.unwrap_or_else(|| panic!("the recipe no longer has a tie: {evals:?}"));
+    let first_best = flatmin::train::BestModel::of_records(&evals[..=tie + 1]).unwrap();
+    assert_eq!(first_best.step, evals[tie].step);
+    let bytes = std::fs::read(full.join("best.safetensors")).unwrap();
+    assert_ne!(
+        bytes,
+        std::fs::read(full.join("model.safetensors")).unwrap()
+    );
+    let mut m = flatmin_models::Model::<f32>::named("tiny-tanh", 0).unwrap();
+    m.load(&full.join("best.safetensors")).unwrap();
+    let (_, acc) = flatmin::train::evaluate(&m, &data().test).unwrap();
+    assert_eq!(acc, best.test_acc);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["best_step"], best.step);
+    assert_eq!(summary["best_test_acc"], best.test_acc);
+    // Stopped two steps after the best evaluation, then resumed to the end.
+    let part = tmp("best-part");
+    let mut t = Trainer::<f32>::new(c, data(), &part).unwrap();
+    let stop = best.step + 2;
+    assert_eq!(
+        t.run_until(&mut Silent, &|s| s == stop).unwrap(),
+        Outcome::Stopped { step: stop }
+    );
+    drop(t);
+    let mut t = Trainer::<f32>::resume(&part, data()).unwrap();
+    assert_eq!(t.best(), Some(best));
+    t.run(&mut Silent).unwrap();
+    assert!(std::fs::read(part.join("best.safetensors")).unwrap() == bytes);
+}

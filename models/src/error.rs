@@ -41,6 +41,43 @@ pub fn brief_shape(shape: &[usize]) -> String {
     }
 }
 
+/// Most names of each list that a name-mismatch message shows.
+const MAX_LISTED_NAMES: usize = 6;
+
+/// Names for a one-line message: the first [`MAX_LISTED_NAMES`], each clipped, and the count.
+fn listed<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> String {
+    let n = names.len();
+    let shown: Vec<String> = names
+        .take(MAX_LISTED_NAMES)
+        .map(|s| format!("'{}'", brief(s)))
+        .collect();
+    let more = if n > MAX_LISTED_NAMES { ", …" } else { "" };
+    format!("{n}: {}{more}", shown.join(", "))
+}
+
+/// The detail of a name mismatch: what the file holds, what the model expects, and, when
+/// every name of the file is an expected one behind one prefix (a wrapped `state_dict`:
+/// `model.`, `module.`), the `--strip-prefix` that loads it.
+pub fn names_held_and_expected(found: &[&str], expected: &[&str]) -> String {
+    let mut text = format!(
+        "the file holds {}; the model expects {}",
+        listed(found.iter().copied()),
+        listed(expected.iter().copied())
+    );
+    let prefix = found.first().and_then(|n| n.find('.').map(|i| &n[..=i]));
+    if let Some(p) = prefix {
+        let stripped = |n: &&str| n.strip_prefix(p).is_some_and(|s| expected.contains(&s));
+        if found.iter().all(stripped) {
+            text.push_str(&format!(
+                "; the file's names carry the prefix '{}': pass --strip-prefix {}",
+                brief(p),
+                brief(p)
+            ));
+        }
+    }
+    text
+}
+
 /// What can go wrong building a model or moving its state through files.
 #[derive(Debug, Error)]
 pub enum ModelError {
@@ -61,20 +98,39 @@ pub enum ModelError {
         detail: String,
     },
     /// A tensor the model needs is absent from the file.
-    #[error("{path}: missing tensor '{}'", brief(.name))]
+    #[error("{path}: missing tensor '{}'; {names}", brief(.name))]
     Missing {
         /// The file.
         path: PathBuf,
         /// The tensor name.
         name: String,
+        /// What the file holds and what the model expects ([`names_held_and_expected`]).
+        names: String,
     },
     /// The file holds a tensor the model does not have.
-    #[error("{path}: unexpected tensor '{}' (not part of this model)", brief(.name))]
+    #[error("{path}: unexpected tensor '{}' (not part of this model); {names}", brief(.name))]
     Unexpected {
         /// The file.
         path: PathBuf,
         /// The tensor name.
         name: String,
+        /// What the file holds and what the model expects ([`names_held_and_expected`]).
+        names: String,
+    },
+    /// The file was written by `torch.save` (a zip archive or a legacy pickle), not as
+    /// safetensors.
+    #[error(
+        "{path}: this is a PyTorch {kind} file (torch.save), not safetensors: convert it with: \
+         python -c \"import torch; from safetensors.torch import save_file; sd = torch.load('{path}', \
+         map_location='cpu'); sd = sd.get('state_dict', sd); save_file({{k: v.contiguous() for k, v \
+         in sd.items()}}, '{converted}')\"",
+        converted = .path.with_extension("safetensors").display()
+    )]
+    Torch {
+        /// The file.
+        path: PathBuf,
+        /// `zip` or `legacy pickle`.
+        kind: &'static str,
     },
     /// A tensor has the wrong shape.
     #[error("{path}: tensor '{}' has shape {}, expected {}", brief(.name), brief_shape(.got), brief_shape(.expected))]

@@ -70,6 +70,49 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<RawTensor>> {
     parse_safetensors(path, &bytes)
 }
 
+/// `name` without `prefix` where it starts with it (`--strip-prefix`), else `name`.
+pub fn strip_name<'a>(name: &'a str, prefix: Option<&str>) -> &'a str {
+    prefix.and_then(|p| name.strip_prefix(p)).unwrap_or(name)
+}
+
+/// The model's tensors of a weights file: a training checkpoint's `optimizer/` and
+/// `trainer/` tensors left out, and `prefix` removed from the names that start with it
+/// ([`strip_name`]). For every reader of `--weights`, `--init-from` and the like.
+pub fn read_model_tensors(path: &Path, prefix: Option<&str>) -> Result<Vec<RawTensor>> {
+    let mut raw: Vec<RawTensor> = read_safetensors(path)?
+        .into_iter()
+        .filter(|t| !t.name.starts_with("optimizer/") && !t.name.starts_with("trainer/"))
+        .collect();
+    for t in &mut raw {
+        t.name = strip_name(&t.name, prefix).to_string();
+    }
+    Ok(raw)
+}
+
+/// The kind of a `torch.save` file from its first bytes (`zip`, or `legacy pickle` for a
+/// pickle stream such as `_use_new_zipfile_serialization=False` writes), if it is one.
+fn torch_kind(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(b"PK\x03\x04") {
+        Some("zip")
+    } else if head.len() >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]) {
+        Some("legacy pickle")
+    } else {
+        None
+    }
+}
+
+/// The error of a file whose header length field is out of range: a `torch.save` file
+/// named as such, else `detail`.
+fn bad_length(path: &Path, head: &[u8], detail: String) -> ModelError {
+    match torch_kind(head) {
+        Some(kind) => ModelError::Torch {
+            path: path.to_path_buf(),
+            kind,
+        },
+        None => format_err(path, detail),
+    }
+}
+
 /// Largest safetensors header read before the data (bytes).
 pub const MAX_HEADER_BYTES: u64 = 100 << 20;
 
@@ -93,8 +136,9 @@ pub fn read_safetensors_header(path: &Path) -> Result<Vec<(String, Vec<usize>)>>
     }
     let n = u64::from_le_bytes(head);
     if n > len - 8 || n > MAX_HEADER_BYTES {
-        return Err(format_err(
+        return Err(bad_length(
             path,
+            &head,
             format!(
                 "the header length field ({n}) exceeds the file size ({len} bytes) or the \
                  {MAX_HEADER_BYTES}-byte header limit: not a safetensors file, or truncated"
@@ -258,8 +302,9 @@ pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<RawTensor>> {
     }
     let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
     if header_len > (bytes.len() as u64).saturating_sub(8) {
-        return Err(format_err(
+        return Err(bad_length(
             path,
+            bytes,
             format!(
                 "the header length field ({header_len}) exceeds the file size ({} bytes): \
                  not a safetensors file, or truncated",

@@ -3,7 +3,9 @@
 //! tape; evaluation of loss, gradient and Hessian-vector products; safetensors load and save.
 
 use crate::error::{ModelError, Result};
-use crate::io::{read_safetensors, read_safetensors_header, write_safetensors, RawData, RawTensor};
+use crate::io::{
+    read_safetensors, read_safetensors_header, strip_name, write_safetensors, RawData, RawTensor,
+};
 use flatmin_engine::net::{Layer, Net, NormStats, RunningStats};
 use flatmin_engine::{BatchStats, Loss, Scalar, Tape, Tensor, Var};
 use rand::rngs::StdRng;
@@ -510,11 +512,23 @@ impl<T: Scalar> Model<T> {
     /// tensors may be f32 or f64; every tensor must be present with the right shape, and
     /// no extra tensor may be present. Parameters and statistics must be finite.
     pub fn load(&mut self, path: &Path) -> Result<()> {
+        self.load_stripped(path, None)
+    }
+
+    /// [`Model::load`] of a file whose names carry `prefix` (`--strip-prefix`, for a
+    /// wrapped `state_dict` such as `model.layers.0.weight`): it is removed where present.
+    pub fn load_stripped(&mut self, path: &Path, prefix: Option<&str>) -> Result<()> {
         // Names and shapes from the header first: a file holding other tensors (or a huge
         // extra one) is refused before its data is read.
-        let header = read_safetensors_header(path)?;
+        let header: Vec<(String, Vec<usize>)> = read_safetensors_header(path)?
+            .into_iter()
+            .map(|(n, s)| (strip_name(&n, prefix).to_string(), s))
+            .collect();
         check_layout(path, &self.state_layout(), &header)?;
-        let raw = read_safetensors(path)?;
+        let mut raw = read_safetensors(path)?;
+        for t in &mut raw {
+            t.name = strip_name(&t.name, prefix).to_string();
+        }
         self.load_raw(path, raw)
     }
 
@@ -651,10 +665,16 @@ fn check_layout(
     found: &[(String, Vec<usize>)],
 ) -> Result<()> {
     let shape_of = |name: &str| found.iter().find(|(n, _)| n == name).map(|(_, s)| s);
+    let names = || {
+        let f: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
+        let e: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
+        crate::error::names_held_and_expected(&f, &e)
+    };
     if let Some((name, _)) = expected.iter().find(|(n, _)| shape_of(n).is_none()) {
         return Err(ModelError::Missing {
             path: path.to_path_buf(),
             name: name.to_string(),
+            names: names(),
         });
     }
     let mut unexpected: Vec<&str> = found
@@ -667,6 +687,7 @@ fn check_layout(
         return Err(ModelError::Unexpected {
             path: path.to_path_buf(),
             name: name.to_string(),
+            names: names(),
         });
     }
     for (name, shape) in expected {

@@ -67,6 +67,10 @@ pub struct EvalArgs {
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
     #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
     pub threads: Option<usize>,
+    /// Remove this prefix from the weights file's tensor names where present: a wrapped
+    /// PyTorch state_dict (`--strip-prefix model.` for `model.layers.0.weight`).
+    #[arg(long, value_name = "PREFIX")]
+    pub strip_prefix: Option<String>,
 }
 
 impl EvalArgs {
@@ -180,10 +184,8 @@ fn eval_as<T: Scalar + Element>(
     let mut net = flatmin::cifar_model::<T>(model, seed)?;
     // A training checkpoint also holds optimizer and trainer state; only the model's
     // tensors are loaded.
-    let raw: Vec<_> = flatmin_models::io::read_safetensors(&target.weights)?
-        .into_iter()
-        .filter(|t| !t.name.starts_with("optimizer/") && !t.name.starts_with("trainer/"))
-        .collect();
+    let raw =
+        flatmin_models::io::read_model_tensors(&target.weights, args.strip_prefix.as_deref())?;
     net.load_raw(&target.weights, raw)
         .with_context(|| format!("the weights do not fit model {model}"))?;
     let cfg = target.run.as_ref().map(|(_, c)| c);

@@ -42,6 +42,10 @@ pub struct HvpArgs {
     /// Output safetensors file: logits, loss, grad.NAME and hvp.NAME (written atomically).
     #[arg(long)]
     pub out: PathBuf,
+    /// Remove this prefix from the weights file's tensor names where present: a wrapped
+    /// PyTorch state_dict (`--strip-prefix model.` for `model.layers.0.weight`).
+    #[arg(long, value_name = "PREFIX")]
+    pub strip_prefix: Option<String>,
 }
 
 /// Runs `flatmin hvp`.
@@ -127,7 +131,9 @@ fn check_finite<T: Scalar>(
 pub fn compute<T: Scalar>(args: &HvpArgs) -> Result<Vec<RawTensor>> {
     let mut model = flatmin::cifar_model::<T>(&args.model, 0)?;
     model.set_loss_fn(args.loss.engine());
-    model.load(&args.weights).context("--weights")?;
+    model
+        .load_stripped(&args.weights, args.strip_prefix.as_deref())
+        .context("--weights")?;
     let v = model.load_param_like(&args.vector).context("--vector")?;
     let batch = read_batch_file(&args.data).context("--data")?;
     let n = batch.len();

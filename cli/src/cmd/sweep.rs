@@ -10,7 +10,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser};
 use flatmin::plot::{plot_runs, PlotOptions, XAxis};
-use flatmin::train::{Locked, Record, RunDir, RunLock};
+use flatmin::train::{BestModel, Locked, Record, RunDir, RunLock};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,6 +37,24 @@ pub struct SweepArgs {
     /// Metric panels of the sweep plot [default: test_acc, and trace_norm when logged].
     #[arg(long = "metric", value_name = "NAME")]
     pub metrics: Vec<String>,
+    /// Slurm: the time limit of each array task (`#SBATCH --time`, e.g. 2:00:00).
+    #[arg(long, value_name = "TIME")]
+    pub time: Option<String>,
+    /// Slurm: the memory of each array task (`#SBATCH --mem`, e.g. 4G).
+    #[arg(long, value_name = "SIZE")]
+    pub mem: Option<String>,
+    /// Slurm: the partition to submit to (`#SBATCH --partition`).
+    #[arg(long, value_name = "NAME")]
+    pub partition: Option<String>,
+    /// Slurm: cores of each array task, which is also each run's --threads [default: the
+    /// train flags' --threads, else 1].
+    #[arg(long, value_name = "N", value_parser = super::parse_threads)]
+    pub cpus_per_task: Option<usize>,
+    /// Slurm: the cluster's MaxArraySize (array indices run 0..N-1); a larger sweep is
+    /// written as several scripts `sweep-0.sbatch`, `sweep-1.sbatch`, ... of at most N tasks
+    /// each (the default is Slurm's own default).
+    #[arg(long, value_name = "N", default_value_t = SLURM_MAX_ARRAY_SIZE, value_parser = super::parse_threads)]
+    pub max_array_size: usize,
     /// Common `flatmin train` flags of every run (after `--`).
     #[arg(last = true, value_name = "TRAIN FLAGS")]
     pub common: Vec<String>,
@@ -54,6 +72,9 @@ pub struct Job {
 /// Most runs a sweep may have: a larger grid is refused from the product of its axis
 /// lengths, before any combination is built.
 pub const MAX_RUNS: usize = 10_000;
+
+/// Slurm's default `MaxArraySize`: array indices 0..=1000.
+pub const SLURM_MAX_ARRAY_SIZE: usize = 1001;
 
 /// Longest run-folder name (bytes): the usual limit of a file name.
 const MAX_NAME_BYTES: usize = 255;
@@ -280,21 +301,30 @@ fn state(dir: &Path) -> State {
     }
 }
 
-/// Arguments after `flatmin` of a job's process.
-fn job_argv(common: &[String], job: &Job, dir: &Path) -> Vec<String> {
-    let mut v = vec!["train".to_string()];
-    if state(dir) == State::Partial {
-        v.push("--resume".into());
-        v.push(dir.display().to_string());
-        if let Some(i) = common.iter().position(|a| a == "--threads") {
-            v.extend(common[i..(i + 2).min(common.len())].iter().cloned());
+/// The common flags without `--threads T` (or `--threads=T`), and that `T`.
+fn split_threads(common: &[String]) -> (Vec<String>, Option<String>) {
+    let mut rest = Vec::with_capacity(common.len());
+    let mut threads = None;
+    let mut it = common.iter();
+    while let Some(a) = it.next() {
+        if a == "--threads" {
+            threads = it.next().cloned();
+        } else if let Some(t) = a.strip_prefix("--threads=") {
+            threads = Some(t.to_string());
+        } else {
+            rest.push(a.clone());
         }
-    } else {
-        v.extend(common.iter().cloned());
-        v.extend(setting_flags(job));
-        v.push("--out".into());
-        v.push(dir.display().to_string());
     }
+    (rest, threads)
+}
+
+/// Arguments after `flatmin` that start `job` in `dir` (`--threads` from the common flags).
+fn start_argv(common: &[String], job: &Job, dir: &Path) -> Vec<String> {
+    let mut v = vec!["train".to_string()];
+    v.extend(common.iter().cloned());
+    v.extend(setting_flags(job));
+    v.push("--out".into());
+    v.push(dir.display().to_string());
     // The common flags may hold --quiet already; the train flags take it once.
     if !v.iter().any(|a| a == "--quiet") {
         v.push("--quiet".into());
@@ -302,11 +332,63 @@ fn job_argv(common: &[String], job: &Job, dir: &Path) -> Vec<String> {
     v
 }
 
+/// Arguments after `flatmin` that resume the run in `dir` (only `--threads` of the common
+/// flags: the recipe comes from the run's config.json).
+fn resume_argv(common: &[String], dir: &Path) -> Vec<String> {
+    let mut v = vec![
+        "train".to_string(),
+        "--resume".into(),
+        dir.display().to_string(),
+    ];
+    if let (_, Some(t)) = split_threads(common) {
+        v.extend(["--threads".to_string(), t]);
+    }
+    v.push("--quiet".into());
+    v
+}
+
+/// Arguments after `flatmin` of a job's process: resume a started run, else start it.
+fn job_argv(common: &[String], job: &Job, dir: &Path) -> Vec<String> {
+    match state(dir) {
+        State::Partial => resume_argv(common, dir),
+        State::New | State::Done => start_argv(common, job, dir),
+    }
+}
+
+/// `argv` as one shell-quoted command line.
+fn shell_line(argv: impl IntoIterator<Item = String>) -> String {
+    argv.into_iter()
+        .map(|a| shell_quote(&a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A job as one line of `jobs.txt`, with absolute paths: decided when it runs, not when it
+/// was written, it skips a finished run, resumes a started one (so a requeued Slurm task or
+/// a rerun `parallel` continues its run) and starts a new one, with `--threads threads`,
+/// appending to `logs/NAME.log`.
+fn job_line(exe: &Path, common: &[String], job: &Job, dirs: [&Path; 2], threads: usize) -> String {
+    let [dir, log] = dirs;
+    let (mut common, _) = split_threads(common);
+    common.extend(["--threads".to_string(), threads.to_string()]);
+    let d = shell_quote(&dir.display().to_string());
+    let exe = exe.display().to_string();
+    format!(
+        "if [ -f {d}/summary.json ]; then echo 'flatmin sweep: {name} is finished'; \
+         elif [ -f {d}/config.json ]; then {resume}; else {start}; fi >> {log} 2>&1",
+        name = job.name,
+        resume = shell_line(std::iter::once(exe.clone()).chain(resume_argv(&common, dir))),
+        start = shell_line(std::iter::once(exe).chain(start_argv(&common, job, dir))),
+        log = shell_quote(&log.display().to_string()),
+    )
+}
+
 /// Runs `flatmin sweep`.
 pub fn run(args: &SweepArgs) -> Result<()> {
     if args.jobs == 0 {
         bail!("--jobs must be at least 1");
     }
+    check_slurm_flags(args)?;
     let axes = parse_grid(&args.grid)?;
     let jobs = expand(&axes)?;
     for job in &jobs {
@@ -324,40 +406,157 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     let exe = std::env::current_exe().context("cannot locate the flatmin binary")?;
     write_manifest(args, &axes, &jobs)?;
     if let Some(how) = &args.emit {
-        let lines: Vec<String> = jobs
-            .iter()
-            .map(|j| {
-                std::iter::once(exe.display().to_string())
-                    .chain(job_argv(&args.common, j, &runs.join(&j.name)))
-                    .map(|a| shell_quote(&a))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-                    + " > "
-                    + &shell_quote(&logs.join(format!("{}.log", j.name)).display().to_string())
-                    + " 2>&1"
-            })
-            .collect();
-        let list = args.out.join("jobs.txt");
-        std::fs::write(&list, lines.join("\n") + "\n")
-            .with_context(|| list.display().to_string())?;
-        println!("wrote {} ({} runs)", list.display(), jobs.len());
-        if how == "slurm" {
-            let script = args.out.join("sweep.sbatch");
-            let text = format!(
-                "#!/bin/bash\n#SBATCH --job-name=flatmin-sweep\n#SBATCH --array=0-{}\n#SBATCH --cpus-per-task=2\n#SBATCH --output={}/slurm-%A_%a.out\n# One array task per line of jobs.txt; rerun the same `flatmin sweep` afterwards for the summary.\nset -euo pipefail\nexport RAYON_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}}\nsed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" {} | bash\n",
-                jobs.len() - 1,
-                shell_quote(&logs.display().to_string()),
-                shell_quote(&list.display().to_string())
-            );
-            std::fs::write(&script, text).with_context(|| script.display().to_string())?;
-            println!("wrote {} (sbatch {})", script.display(), script.display());
-        } else {
-            println!("run with: parallel -j {} < {}", args.jobs, list.display());
-        }
-        return Ok(());
+        return emit(args, how, &exe, &jobs, &root);
     }
     run_pool(args, &exe, &jobs, &runs, &logs)?;
     summarize(args, &jobs, &runs)
+}
+
+/// Refuses the Slurm flags without `--emit slurm`, and values that would break the script
+/// (a line break or space would end its `#SBATCH` line).
+fn check_slurm_flags(args: &SweepArgs) -> Result<()> {
+    let slurm = args.emit.as_deref() == Some("slurm");
+    let given = [
+        ("--time", args.time.as_deref()),
+        ("--mem", args.mem.as_deref()),
+        ("--partition", args.partition.as_deref()),
+    ];
+    for (flag, value) in given {
+        let Some(v) = value else { continue };
+        if !slurm {
+            bail!("{flag} is a Slurm setting: it needs --emit slurm");
+        }
+        if v.is_empty() || !v.chars().all(|c| c.is_ascii_graphic() && c != '#') {
+            bail!("{flag} '{v}': expected one word of printable characters (no spaces or '#')");
+        }
+    }
+    if !slurm && args.cpus_per_task.is_some() {
+        bail!("--cpus-per-task is a Slurm setting: it needs --emit slurm (use --threads in the train flags)");
+    }
+    Ok(())
+}
+
+/// The threads of each emitted run: for Slurm `--cpus-per-task` (which must match a
+/// `--threads` of the train flags; either gives the other, 1 when neither is given), for
+/// GNU parallel the train flags' `--threads`, else this machine's cores / `--jobs`.
+fn emit_threads(args: &SweepArgs, slurm: bool) -> Result<usize> {
+    let given = match split_threads(&args.common).1 {
+        Some(t) => {
+            Some(super::parse_threads(&t).map_err(|e| anyhow::anyhow!("--threads '{t}': {e}"))?)
+        }
+        None => None,
+    };
+    if !slurm {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        return Ok(given.unwrap_or((cores / args.jobs).max(1)));
+    }
+    match (args.cpus_per_task, given) {
+        (Some(c), Some(t)) if c != t => bail!(
+            "--cpus-per-task {c} does not match --threads {t} in the train flags; give one of them"
+        ),
+        (c, t) => Ok(c.or(t).unwrap_or(1)),
+    }
+}
+
+/// `--emit parallel|slurm`: writes `jobs.txt` (one resume-or-start line per run, absolute
+/// paths, its `--threads` set) and for Slurm the array script(s); runs nothing.
+fn emit(args: &SweepArgs, how: &str, exe: &Path, jobs: &[Job], root: &Path) -> Result<()> {
+    let slurm = how == "slurm";
+    let threads = emit_threads(args, slurm)?;
+    let (runs, logs) = (root.join("runs"), root.join("logs"));
+    let lines: Vec<String> = jobs
+        .iter()
+        .map(|j| {
+            let log = logs.join(format!("{}.log", j.name));
+            job_line(exe, &args.common, j, [&runs.join(&j.name), &log], threads)
+        })
+        .collect();
+    let list = root.join("jobs.txt");
+    std::fs::write(&list, lines.join("\n") + "\n").with_context(|| list.display().to_string())?;
+    println!(
+        "wrote {} ({} runs, {threads} threads each)",
+        list.display(),
+        jobs.len()
+    );
+    if !slurm {
+        println!("run with: parallel -j {} < {}", args.jobs, list.display());
+        return Ok(());
+    }
+    let scripts = write_sbatch(args, root, jobs.len(), threads)?;
+    let submit: Vec<String> = scripts
+        .iter()
+        .map(|p| format!("sbatch {}", shell_quote(&p.display().to_string())))
+        .collect();
+    println!("submit with: {}", submit.join("; "));
+    Ok(())
+}
+
+/// Writes the Slurm array script(s) for `n` runs: `sweep.sbatch`, or when `n` exceeds
+/// `--max-array-size`, `sweep-0.sbatch`, `sweep-1.sbatch`, ... each covering the next
+/// `--max-array-size` lines of `jobs.txt` (scripts of an earlier emit are removed first).
+fn write_sbatch(args: &SweepArgs, root: &Path, n: usize, cpus: usize) -> Result<Vec<PathBuf>> {
+    for entry in std::fs::read_dir(root).with_context(|| root.display().to_string())? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("sweep") && name.ends_with(".sbatch") {
+            std::fs::remove_file(&path).with_context(|| path.display().to_string())?;
+        }
+    }
+    let size = args.max_array_size;
+    let parts = n.div_ceil(size);
+    let mut written = Vec::with_capacity(parts);
+    for part in 0..parts {
+        let (first, count) = (part * size, size.min(n - part * size));
+        let name = if parts == 1 {
+            "sweep.sbatch".to_string()
+        } else {
+            format!("sweep-{part}.sbatch")
+        };
+        let path = root.join(name);
+        let text = sbatch_text(args, root, cpus, first, count);
+        std::fs::write(&path, text).with_context(|| path.display().to_string())?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// One Slurm array script: tasks `0..count` run lines `first+1..=first+count` of
+/// `jobs.txt`. Absolute paths only, so it runs from any folder; a requeued task reruns its
+/// line, which resumes the run ([`job_line`]); output is appended, not replaced.
+fn sbatch_text(args: &SweepArgs, root: &Path, cpus: usize, first: usize, count: usize) -> String {
+    let q = |p: PathBuf| shell_quote(&p.display().to_string());
+    let mut head = vec![
+        "#!/bin/bash".to_string(),
+        "#SBATCH --job-name=flatmin-sweep".into(),
+        format!("#SBATCH --array=0-{}", count - 1),
+        format!("#SBATCH --cpus-per-task={cpus}"),
+    ];
+    for (flag, v) in [
+        ("time", &args.time),
+        ("mem", &args.mem),
+        ("partition", &args.partition),
+    ] {
+        if let Some(v) = v {
+            head.push(format!("#SBATCH --{flag}={v}"));
+        }
+    }
+    head.extend([
+        format!("#SBATCH --output={}/slurm-%A_%a.out", q(root.join("logs"))),
+        "#SBATCH --open-mode=append".into(),
+        "#SBATCH --requeue".into(),
+        format!(
+            "# Array task i runs line i+{} of jobs.txt (resume-or-start: a requeued task \
+             continues its run);\n# rerun the same `flatmin sweep` afterwards for the summary.",
+            first + 1
+        ),
+        "set -euo pipefail".into(),
+        format!("line=$((SLURM_ARRAY_TASK_ID + {}))", first + 1),
+        format!("job=$(sed -n \"${{line}}p\" {})", q(root.join("jobs.txt"))),
+        "[ -n \"$job\" ] || { echo \"flatmin sweep: no line $line in jobs.txt\" >&2; exit 1; }"
+            .into(),
+        "exec bash -c \"$job\"".into(),
+    ]);
+    head.join("\n") + "\n"
 }
 
 /// Writes `sweep.json`: the grid, the common flags, and each run's settings and folder.
@@ -561,10 +760,7 @@ pub fn summarize_records(recs: &[Record]) -> RunSummary {
     let traces: Vec<&Record> = recs.iter().filter(|r| r.kind == "trace").collect();
     RunSummary {
         final_test_acc: evals.last().and_then(|r| r.test_acc),
-        best_test_acc: evals
-            .iter()
-            .filter_map(|r| r.test_acc)
-            .fold(None, |b: Option<f64>, a| Some(b.map_or(a, |b| b.max(a)))),
+        best_test_acc: BestModel::of_records(evals.iter().copied()).map(|b| b.test_acc),
         final_train_acc: evals.last().and_then(|r| r.train_acc),
         final_trace_norm: traces
             .last()

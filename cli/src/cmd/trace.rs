@@ -140,6 +140,10 @@ pub struct MeasureArgs {
     /// stderr).
     #[arg(long, help_heading = "Run")]
     pub json: bool,
+    /// Remove this prefix from the weights file's tensor names where present: a wrapped
+    /// PyTorch state_dict (`--strip-prefix model.` for `model.layers.0.weight`).
+    #[arg(long, value_name = "PREFIX")]
+    pub strip_prefix: Option<String>,
 }
 
 /// Arguments of `flatmin trace`.
@@ -397,6 +401,8 @@ struct Setup {
     weights: PathBuf,
     /// The flag the weights came from (`--weights`, `--run` or `--checkpoint`).
     source_flag: &'static str,
+    /// `--strip-prefix`.
+    strip_prefix: Option<String>,
     /// The run folder whose settings are the defaults, if any.
     run: Option<PathBuf>,
     dtype: DType,
@@ -565,6 +571,7 @@ fn dispatch(r: &Request) -> Result<()> {
         model,
         weights,
         source_flag,
+        strip_prefix: c.strip_prefix.clone(),
         run,
         dtype,
         seed,
@@ -686,11 +693,8 @@ fn load_model<T: Scalar>(s: &Setup) -> Result<Model<T>> {
     let mut model = flatmin::cifar_model::<T>(&s.model, s.seed)?;
     model.set_loss_fn(s.loss.engine());
     let what = s.source_flag;
-    let raw: Vec<_> = flatmin_models::io::read_safetensors(&s.weights)
-        .with_context(|| what.to_string())?
-        .into_iter()
-        .filter(|t| !t.name.starts_with("optimizer/") && !t.name.starts_with("trainer/"))
-        .collect();
+    let raw = flatmin_models::io::read_model_tensors(&s.weights, s.strip_prefix.as_deref())
+        .with_context(|| what.to_string())?;
     model
         .load_raw(&s.weights, raw)
         .with_context(|| what.to_string())?;

@@ -210,6 +210,15 @@ pub struct TrainArgs {
     /// Probes of a Hutchinson-logged trace [default: 32].
     #[arg(long, value_name = "P", help_heading = "Curvature logging")]
     pub trace_probes: Option<usize>,
+    /// Remove this prefix from the --init-from file's tensor names where present: a wrapped
+    /// PyTorch state_dict (`--strip-prefix model.` for `model.layers.0.weight`).
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        requires = "init_from",
+        help_heading = "Model"
+    )]
+    pub strip_prefix: Option<String>,
 }
 
 impl TrainArgs {
@@ -276,6 +285,9 @@ impl TrainArgs {
         }
         if self.data_seed.is_some() {
             c.data_seed = self.data_seed;
+        }
+        if self.strip_prefix.is_some() {
+            c.init_strip_prefix = self.strip_prefix.clone();
         }
         if let Some(p) = &self.init_from {
             c.init_from = Some(p.display().to_string());
@@ -356,7 +368,7 @@ impl TrainArgs {
             step_gamma => "--step-gamma", warmup => "--warmup", epochs => "--epochs",
             batch_size => "--batch-size", train_size => "--train-size", test_size => "--test-size",
             seed => "--seed", data_seed => "--data-seed", dtype => "--dtype", eval_every => "--eval-every",
-            checkpoint_every => "--checkpoint-every", out => "--out", init_from => "--init-from",
+            checkpoint_every => "--checkpoint-every", out => "--out", init_from => "--init-from", strip_prefix => "--strip-prefix",
             trace_every => "--trace-every", trace_size => "--trace-size",
             trace_method => "--trace-method", trace_probes => "--trace-probes");
         if self.random_labels {
@@ -557,7 +569,7 @@ fn train<T: Scalar + Element>(
             100.0 * r.test_acc.unwrap_or(f64::NAN),
             r.test_loss.unwrap_or(f64::NAN),
             100.0 * r.train_acc.unwrap_or(f64::NAN),
-            r.epoch + 1,
+            r.epoch_number(),
             dir.display()
         );
     }
@@ -608,14 +620,14 @@ impl Observer for Progress {
             r.images_per_s.unwrap_or(0.0)
         );
         if let Some(b) = &self.bar {
-            b.set_prefix(format!("epoch {} step {}", r.epoch + 1, r.step));
+            b.set_prefix(format!("epoch {} step {}", r.epoch_number(), r.step));
             b.set_position(r.step as u64);
             b.set_message(msg);
         } else if self.plain
             && (self.last_line.elapsed().as_secs_f64() >= 10.0
                 || r.step.is_multiple_of(self.steps_per_epoch))
         {
-            eprintln!("epoch {} step {}: {msg}", r.epoch + 1, r.step);
+            eprintln!("epoch {} step {}: {msg}", r.epoch_number(), r.step);
             self.last_line = Instant::now();
         }
     }
@@ -623,7 +635,7 @@ impl Observer for Progress {
     fn on_eval(&mut self, r: &Record) {
         let line = format!(
             "epoch {}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | {:.0}s",
-            r.epoch + 1,
+            r.epoch_number(),
             r.train_loss.unwrap_or(f64::NAN),
             100.0 * r.train_acc.unwrap_or(f64::NAN),
             r.test_loss.unwrap_or(f64::NAN),

@@ -7,9 +7,15 @@
 //! `HTTPS_PROXY` (for `https://` URLs), `http_proxy` / `HTTP_PROXY` (for `http://` URLs) and
 //! `no_proxy` / `NO_PROXY` into an [`HttpProxy`], which the caller puts in [`HttpOptions`].
 
-use super::{HashingWriter, Md5Digest, Progress};
-use anyhow::{anyhow, bail, Context, Result};
-use std::io::{Read, Write};
+#[cfg(feature = "download")]
+use super::HashingWriter;
+use super::{Md5Digest, Progress};
+#[cfg(feature = "download")]
+use anyhow::anyhow;
+use anyhow::{bail, Context, Result};
+#[cfg(feature = "download")]
+use std::io::Read;
+use std::io::Write;
 use std::time::Duration;
 
 /// An HTTP proxy to connect through, and where it was set (named in errors).
@@ -74,6 +80,7 @@ pub fn proxy_for(url: &str, var: impl Fn(&str) -> Option<String>) -> Result<Opti
         return Ok(None);
     }
     let value = value.trim();
+    #[cfg(feature = "download")]
     ureq::Proxy::new(value).map_err(|e| {
         anyhow!("{name}={value}: not a usable proxy ({e}); expected [http://]HOST[:PORT]")
     })?;
@@ -107,8 +114,37 @@ pub struct Downloaded {
     pub md5: Md5Digest,
 }
 
+/// Whether this build can download (the default-on cargo feature `download`, which brings
+/// the HTTP client and its TLS stack).
+pub const CAN_DOWNLOAD: bool = cfg!(feature = "download");
+
+/// Fails, naming `url` and the way out, when this build cannot download ([`CAN_DOWNLOAD`]).
+pub fn require_download(url: &str) -> Result<()> {
+    if !CAN_DOWNLOAD {
+        bail!(
+            "{url}: this flatmin was built without downloads (cargo feature `download` off, \
+             e.g. --no-default-features); download the archive yourself and pass --from FILE"
+        );
+    }
+    Ok(())
+}
+
+/// Without the `download` feature: the error of [`require_download`], nothing written.
+#[cfg(not(feature = "download"))]
+pub fn download(
+    url: &str,
+    _out: &mut impl Write,
+    _opts: &HttpOptions,
+    _max_bytes: u64,
+    _progress: &mut dyn Progress,
+) -> Result<Downloaded> {
+    require_download(url)?;
+    bail!("{url}: downloads are not built into this flatmin")
+}
+
 /// The HTTP client for `opts`, and the words that name its proxy in errors (empty without
 /// one).
+#[cfg(feature = "download")]
 fn agent(opts: &HttpOptions) -> Result<(ureq::Agent, String)> {
     let mut agent = ureq::AgentBuilder::new()
         .timeout_connect(opts.connect_timeout)
@@ -132,6 +168,7 @@ fn agent(opts: &HttpOptions) -> Result<(ureq::Agent, String)> {
 /// than its Content-Length (with the number of bytes that arrived), a body larger than
 /// `max_bytes` (refused from its Content-Length before any of it is read, or stopped as
 /// soon as more arrives), and a failed write to `out`. Redirects are followed (at most 5).
+#[cfg(feature = "download")]
 pub fn download(
     url: &str,
     out: &mut impl Write,

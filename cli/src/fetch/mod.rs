@@ -298,6 +298,7 @@ fn install_local(file: &Path, opts: &FetchOptions, progress: &mut dyn Progress) 
 
 /// The network half of [`fetch_release`]: download into a temporary file, then install it.
 fn download_and_install(opts: &FetchOptions, progress: &mut dyn Progress) -> Result<Fetched> {
+    http::require_download(&opts.url)?;
     let dest = &opts.dest;
     let parent = install::parent_of(dest);
     std::fs::create_dir_all(&parent)

@@ -100,6 +100,45 @@ word_enum! {
     }
 }
 
+impl Optimizer {
+    /// The names of the per-step figures this optimizer reports (its `StepInfo::extra`),
+    /// in `metrics.csv` column order: fixed by the optimizer, so a run's CSV header is fixed
+    /// at its start. A figure reported only on some steps is empty on the others.
+    pub fn step_figures(self) -> &'static [&'static str] {
+        match self {
+            Optimizer::Sgd | Optimizer::AdamW => &[],
+            Optimizer::Sam | Optimizer::Asam | Optimizer::Usam => {
+                &["pert_norm", "perturbed_grad_norm", "chunks"]
+            }
+            Optimizer::Sam1 => &["probe_grad_norm", "pert_norm", "perturbed_grad_norm"],
+            Optimizer::Rps => &["pert_norm", "perturbed_grad_norm"],
+            Optimizer::LabelNoise => &["label_noise"],
+            Optimizer::Rs => &[
+                "gate",
+                "pert_norm",
+                "probe_grad_norm",
+                "v_norm",
+                "v_cos_grad",
+                "eta_prime",
+                "output_pick",
+            ],
+            Optimizer::Sa => &[
+                "phase",
+                "gate",
+                "sign",
+                "probe_grad_norm",
+                "pert_norm",
+                "perturbed_grad_norm",
+                "v_norm",
+                "v_cos_grad",
+                "zero_grad_fix",
+                "eta_prime",
+                "output_pick",
+            ],
+        }
+    }
+}
+
 word_enum! {
     /// The learning-rate schedule (`--schedule`).
     Schedule, "schedule" {
@@ -313,6 +352,10 @@ pub struct TrainConfig {
     /// SHA-256 of the `init_from` file, recorded when the run is created (and checked when
     /// a run resumes without a checkpoint of its own).
     pub init_sha256: Option<String>,
+    /// Prefix removed from the `init_from` file's tensor names where present
+    /// (`--strip-prefix`, for a wrapped PyTorch state_dict).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_strip_prefix: Option<String>,
     /// Log the exact normalized Hessian trace tr(H)/d every this many optimizer steps, at
     /// the start and at the end (0: never).
     pub trace_every: usize,
@@ -373,6 +416,7 @@ impl Default for TrainConfig {
             random_labels: false,
             init_from: None,
             init_sha256: None,
+            init_strip_prefix: None,
             trace_every: 0,
             trace_size: 256,
             trace_method: TraceMethod::Auto,

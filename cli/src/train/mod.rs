@@ -19,8 +19,8 @@ pub use memory::{
 };
 pub use record::{find_record, recipe_sha256, RunRecord, RUN_RECORD_TENSOR};
 pub use run_dir::{
-    batch_sha256, parse_records, read_records, DatasetIdentity, Record, RunDir, RunMeta,
-    CSV_HEADER, MAX_CONFIG_BYTES, MAX_METRICS_BYTES,
+    batch_sha256, csv_columns, parse_records, read_records, DatasetIdentity, Record, RunDir,
+    RunMeta, BEST_MODEL_FILE, CSV_HEADER, MAX_CONFIG_BYTES, MAX_METRICS_BYTES,
 };
 
 use crate::data::{sized_subset, DataSource};
@@ -86,6 +86,42 @@ pub struct Trainer<T: Scalar + Element> {
     dataset: DatasetIdentity,
     /// Warnings for the user about how the run was opened (see [`Trainer::warnings`]).
     warnings: Vec<String>,
+    /// The evaluation `best.safetensors` holds the model of ([`BestModel`]).
+    best: Option<BestModel>,
+}
+
+/// The best model of a run so far: the evaluation with the highest test accuracy (of the
+/// ones with a finite accuracy; a tie keeps the earlier one). Its weights are in
+/// `best.safetensors`; a resumed run finds it again in the records its checkpoint kept.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BestModel {
+    /// Its test accuracy.
+    pub test_acc: f64,
+    /// Optimizer steps completed at its evaluation.
+    pub step: usize,
+    /// Its epoch (from 0, as `metrics.jsonl`'s `epoch`).
+    pub epoch: usize,
+}
+
+impl BestModel {
+    /// The best of the `eval` records `recs` (see [`BestModel`]), `None` without one.
+    pub fn of_records<'a>(recs: impl IntoIterator<Item = &'a Record>) -> Option<Self> {
+        recs.into_iter()
+            .filter(|r| r.kind == "eval")
+            .fold(None, BestModel::improve)
+    }
+
+    /// `best`, or the evaluation `r` when it beats it (strictly higher finite accuracy).
+    fn improve(best: Option<Self>, r: &Record) -> Option<Self> {
+        match r.test_acc {
+            Some(a) if a.is_finite() && best.is_none_or(|b| a > b.test_acc) => Some(BestModel {
+                test_acc: a,
+                step: r.step,
+                epoch: r.epoch,
+            }),
+            _ => best,
+        }
+    }
 }
 
 /// How [`Trainer::run_until`] ended.
@@ -449,6 +485,7 @@ impl<T: Scalar + Element> Trainer<T> {
         t.run
             .check_records_reach(&kept, t.step, counters.as_ref())?;
         t.run.truncate_metrics(t.step)?;
+        t.best = BestModel::of_records(&kept);
         let c = counters.unwrap_or_else(|| Counters::from_records(&kept));
         (t.grad_queries, t.grad_samples, t.records) = (c.grad_queries, c.grad_samples, c.records);
         Ok(t)
@@ -512,11 +549,9 @@ impl<T: Scalar + Element> Trainer<T> {
                     );
                 }
             }
-            let raw: Vec<_> = flatmin_models::io::read_safetensors(path)
-                .with_context(|| format!("--init-from {init}"))?
-                .into_iter()
-                .filter(|t| !t.name.starts_with("optimizer/") && !t.name.starts_with("trainer/"))
-                .collect();
+            let raw =
+                flatmin_models::io::read_model_tensors(path, cfg.init_strip_prefix.as_deref())
+                    .with_context(|| format!("--init-from {init}"))?;
             model
                 .load_raw(path, raw)
                 .with_context(|| format!("--init-from {init}"))?;
@@ -560,6 +595,7 @@ impl<T: Scalar + Element> Trainer<T> {
             trace_set,
             dataset: DatasetIdentity::default(),
             warnings: Vec::new(),
+            best: None,
         })
     }
 
@@ -715,6 +751,7 @@ impl<T: Scalar + Element> Trainer<T> {
                 )
                 .with_grad_counts(self.grad_queries, self.grad_samples);
                 self.append(&rec)?;
+                self.keep_if_best(&rec)?;
                 obs.on_eval(&rec);
             }
             self.epoch_sums = (0.0, 0, 0);
@@ -801,16 +838,7 @@ impl<T: Scalar + Element> Trainer<T> {
     fn write_summary(&self) -> Result<()> {
         let recs = self.run.records()?;
         let evals: Vec<&Record> = recs.iter().filter(|r| r.kind == "eval").collect();
-        let best = evals
-            .iter()
-            .filter_map(|r| r.test_acc.map(|a| (a, r.epoch)))
-            .fold(None, |b: Option<(f64, usize)>, x| {
-                if b.is_none_or(|b| x.0 > b.0) {
-                    Some(x)
-                } else {
-                    b
-                }
-            });
+        let best = BestModel::of_records(evals.iter().copied());
         let summary = serde_json::json!({
             "model": self.cfg.model,
             "optimizer": self.cfg.optimizer,
@@ -819,8 +847,9 @@ impl<T: Scalar + Element> Trainer<T> {
             "steps": self.step,
             "parameters": self.model.num_params(),
             "final": evals.last(),
-            "best_test_acc": best.map(|b| b.0),
-            "best_epoch": best.map(|b| b.1),
+            "best_test_acc": best.map(|b| b.test_acc),
+            "best_epoch": best.map(|b| b.epoch),
+            "best_step": best.map(|b| b.step),
             "train_wall_s_last_process": recs.last().map(|r| r.wall_s),
             "grad_queries": self.grad_queries,
             "grad_samples": self.grad_samples,
@@ -859,6 +888,22 @@ impl<T: Scalar + Element> Trainer<T> {
         };
         let info = self.opt.step(&mut self.params, &mut oracle, lr)?;
         Ok((info, oracle.correct, oracle.samples))
+    }
+
+    /// After the evaluation `rec`: when it beats the best so far, writes the model (synced by
+    /// the evaluation) to `best.safetensors`, atomically, and remembers it.
+    fn keep_if_best(&mut self, rec: &Record) -> Result<()> {
+        let best = BestModel::improve(self.best, rec);
+        if best != self.best {
+            self.run.write_best(&self.model)?;
+            self.best = best;
+        }
+        Ok(())
+    }
+
+    /// The evaluation whose model `best.safetensors` holds, if any yet.
+    pub fn best(&self) -> Option<BestModel> {
+        self.best
     }
 
     /// Mean loss and accuracy on the test subset (BatchNorm in eval mode).

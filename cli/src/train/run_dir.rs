@@ -4,7 +4,7 @@
 //! by PyTorch), and `.lock`, the advisory lock of the process that writes the folder (see
 //! [`RunLock`]).
 
-use super::config::TrainConfig;
+use super::config::{Optimizer, TrainConfig};
 use super::lock::{RunLock, LOCK_FILE};
 use anyhow::{bail, Context, Result};
 use flatmin_engine::fsread::{read_regular_file, read_regular_to_string};
@@ -96,9 +96,31 @@ pub struct Record {
     pub extra: std::collections::BTreeMap<String, f64>,
 }
 
-/// The columns of `metrics.csv`. `trace`, `trace_norm` and `trace_std_error` are the `extra`
-/// figures of `trace` records (`trace_std_error` only with `--trace-method hutchinson`).
+/// The first columns of `metrics.csv`, the same for every run. `trace`, `trace_norm` and
+/// `trace_std_error` are the `extra` figures of `trace` records (`trace_std_error` only with
+/// `--trace-method hutchinson`); `epoch` counts from 1, as on screen
+/// ([`Record::epoch_number`]). The optimizer's own figures follow ([`csv_columns`]).
 pub const CSV_HEADER: &str = "kind,epoch,step,lr,loss,acc,grad_norm,grad_evals,train_loss,train_acc,test_loss,test_acc,images_per_s,wall_s,grad_queries,method,trace,trace_norm,trace_std_error,grad_samples,train_loss_running,train_acc_running";
+
+/// Every column of a run's `metrics.csv`: [`CSV_HEADER`], then the per-step figures of the
+/// run's optimizer ([`Optimizer::step_figures`]), fixed for the run by its `config.json`.
+pub fn csv_columns(optimizer: Optimizer) -> Vec<&'static str> {
+    CSV_HEADER
+        .split(',')
+        .chain(optimizer.step_figures().iter().copied())
+        .collect()
+}
+
+/// One CSV line (with its newline) of `fields`, quoted where a field needs it.
+fn csv_line<S: AsRef<[u8]>>(fields: impl IntoIterator<Item = S>) -> String {
+    let mut w = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(Vec::new());
+    // Writing to memory cannot fail; the bytes in are UTF-8, and so are the bytes out.
+    let _ = w.write_record(fields);
+    let bytes = w.into_inner().unwrap_or_default();
+    String::from_utf8(bytes).unwrap_or_default()
+}
 
 impl Record {
     /// A training-step record.
@@ -173,35 +195,44 @@ impl Record {
         }
     }
 
-    /// The record's row of `metrics.csv` (columns of [`CSV_HEADER`]; empty where unset).
-    pub fn csv_row(&self) -> String {
+    /// The epoch as numbered on screen and in `metrics.csv`: from 1 (`epoch` itself, as in
+    /// `metrics.jsonl`, counts from 0).
+    pub fn epoch_number(&self) -> usize {
+        self.epoch + 1
+    }
+
+    /// The record's row of `metrics.csv` with its newline: the columns of [`CSV_HEADER`],
+    /// then the optimizer figures `figures` from `extra`; empty where unset.
+    pub fn csv_row(&self, figures: &[&str]) -> String {
         let f = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
         let x = |k: &str| f(self.extra.get(k).copied());
-        format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
-            self.kind,
-            self.epoch,
-            self.step,
+        let n = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+        let mut row = vec![
+            self.kind.clone(),
+            self.epoch_number().to_string(),
+            self.step.to_string(),
             f(self.lr),
             f(self.loss),
             f(self.acc),
             f(self.grad_norm),
-            self.grad_evals.map(|v| v.to_string()).unwrap_or_default(),
+            n(self.grad_evals.map(|v| v as u64)),
             f(self.train_loss),
             f(self.train_acc),
             f(self.test_loss),
             f(self.test_acc),
             f(self.images_per_s),
-            self.wall_s,
-            self.grad_queries.map(|v| v.to_string()).unwrap_or_default(),
-            self.method.as_deref().unwrap_or_default(),
+            self.wall_s.to_string(),
+            n(self.grad_queries),
+            self.method.clone().unwrap_or_default(),
             x("trace"),
             x("trace_norm"),
             x("trace_std_error"),
-            self.grad_samples.map(|v| v.to_string()).unwrap_or_default(),
+            n(self.grad_samples),
             f(self.train_loss_running),
             f(self.train_acc_running),
-        )
+        ];
+        row.extend(figures.iter().map(|k| x(k)));
+        csv_line(row)
     }
 }
 
@@ -253,6 +284,9 @@ pub struct RunDir {
     /// [`RunDir::discard_unless_kept`] until [`RunDir::keep`]: dropped while set, the folder
     /// is removed (under the lock, which is released after).
     discard: bool,
+    /// The optimizer figures of `metrics.csv` (see [`csv_columns`]): from the config when
+    /// the folder is created or opened to write.
+    figures: &'static [&'static str],
     _lock: Option<RunLock>,
 }
 
@@ -264,6 +298,9 @@ impl Drop for RunDir {
         }
     }
 }
+
+/// The best model of a run (highest test accuracy at an evaluation, the earlier on a tie).
+pub const BEST_MODEL_FILE: &str = "best.safetensors";
 
 /// The copy of a run's network file inside its folder.
 pub const NETWORK_FILE: &str = "network.json";
@@ -305,6 +342,7 @@ impl RunDir {
             root: root.to_path_buf(),
             made: created,
             discard: created,
+            figures: cfg.optimizer.step_figures(),
             _lock: Some(lock),
         };
         let json = serde_json::to_string_pretty(cfg)?;
@@ -314,7 +352,7 @@ impl RunDir {
             File::create(run.root.join(name))
                 .with_context(|| format!("--out {}: cannot write {name}", root.display()))?;
         }
-        std::fs::write(run.root.join("metrics.csv"), format!("{CSV_HEADER}\n"))
+        std::fs::write(run.root.join("metrics.csv"), run.csv_header())
             .with_context(|| format!("--out {}: cannot write metrics.csv", root.display()))?;
         run.discard = false;
         Ok(run)
@@ -333,6 +371,7 @@ impl RunDir {
             root: root.to_path_buf(),
             made: false,
             discard: false,
+            figures: &[],
             _lock: None,
         })
     }
@@ -343,7 +382,13 @@ impl RunDir {
     pub fn open_to_write(root: &Path) -> Result<Self> {
         let mut run = Self::open(root)?;
         run._lock = Some(RunLock::acquire(root, "--resume")?);
+        run.figures = run.config()?.optimizer.step_figures();
         Ok(run)
+    }
+
+    /// The header line of this run's `metrics.csv` ([`csv_columns`]).
+    fn csv_header(&self) -> String {
+        csv_line(CSV_HEADER.split(',').chain(self.figures.iter().copied()))
     }
 
     /// Until [`RunDir::keep`], dropping this value removes the folder if [`RunDir::create`]
@@ -452,7 +497,7 @@ impl RunDir {
                 .with_context(|| format!("{}: cannot append a record", p.display()))
         };
         append("metrics.jsonl", format!("{}\n", serde_json::to_string(r)?))?;
-        append("metrics.csv", format!("{}\n", r.csv_row()))?;
+        append("metrics.csv", r.csv_row(self.figures))?;
         Ok(())
     }
 
@@ -503,33 +548,19 @@ impl RunDir {
     }
 
     /// Keeps only the records up to `step` (those written before the checkpoint a resumed
-    /// run restarts from) in both metrics files. Kept lines are copied verbatim, so a resumed
-    /// run's files are byte-identical to an uninterrupted run's (no float re-formatting).
+    /// run restarts from) in both metrics files. `metrics.jsonl` lines are copied verbatim
+    /// and `metrics.csv` rebuilt from them, so a resumed run's files are byte-identical to an
+    /// uninterrupted run's.
     pub fn truncate_metrics(&self, step: usize) -> Result<()> {
         let jsonl_path = self.root.join("metrics.jsonl");
         let (kept_json, kept_records) = self.kept_lines(step)?;
-        let csv_path = self.root.join("metrics.csv");
-        let csv_text = read_regular_to_string(&csv_path, MAX_METRICS_BYTES).unwrap_or_default();
-        let csv_complete = match csv_text.rfind('\n') {
-            Some(end) => &csv_text[..=end],
-            None => "",
-        };
-        let mut lines = csv_complete.lines();
-        // A folder written before the current columns (or with its header damaged) gets all
-        // its rows rebuilt from `metrics.jsonl`, so the file has one header and one width.
+        // metrics.csv is rebuilt from the kept records: in the run's columns (a folder
+        // written before them, or with rows lost or cut, gets one header and one width).
         // serde_json's `float_roundtrip` makes a rebuilt row byte-identical to a written one.
-        let rows: Vec<&str> = match lines.next() {
-            Some(h) if h == CSV_HEADER => lines.collect(),
-            _ => Vec::new(),
-        };
-        let mut csv = format!("{CSV_HEADER}\n");
-        for (i, r) in kept_records.iter().enumerate() {
-            // Rows follow records one to one; one lost in a crash is rebuilt from its record.
-            match rows.get(i) {
-                Some(row) => csv.push_str(row),
-                None => csv.push_str(&r.csv_row()),
-            }
-            csv.push('\n');
+        let csv_path = self.root.join("metrics.csv");
+        let mut csv = self.csv_header();
+        for r in &kept_records {
+            csv.push_str(&r.csv_row(self.figures));
         }
         write_atomic(&jsonl_path, kept_json.as_bytes())?;
         write_atomic(&csv_path, csv.as_bytes())?;
@@ -627,6 +658,13 @@ impl RunDir {
     pub fn last_checkpoint(&self) -> Option<PathBuf> {
         let p = self.root.join("checkpoints").join("last.safetensors");
         p.is_file().then_some(p)
+    }
+
+    /// Writes `best.safetensors` (atomically): the state_dict of the best model so far, as
+    /// `model.safetensors` holds the last one (see `BestModel`).
+    pub fn write_best<T: Scalar>(&self, model: &Model<T>) -> Result<()> {
+        model.save(&self.root.join(BEST_MODEL_FILE))?;
+        Ok(())
     }
 
     /// Writes `model.safetensors`: the model's state_dict alone (PyTorch-loadable).
