@@ -401,3 +401,63 @@ fn a_checkpoint_without_the_record_resumes_with_a_warning() {
         "{err}"
     );
 }
+
+/// The checkpoint supersedes `--init-from`: a run started from an init file resumes after
+/// the file was moved away (or replaced by other bytes), ends equal to an uninterrupted run,
+/// and its `config.json` still names the init file and its SHA-256. Without a checkpoint the
+/// init file is still needed, and its absence is one line naming `--init-from`.
+#[test]
+fn a_resume_does_not_need_the_init_file_once_a_checkpoint_exists() {
+    let dir = tmp("init-from");
+    ok(&train(&dir, "base", &["--lr", "0.1"]));
+    std::fs::copy(
+        dir.join("base/model.safetensors"),
+        dir.join("init.safetensors"),
+    )
+    .unwrap();
+    let init = ["--init-from", "init.safetensors"];
+    ok(&train(&dir, "full", &init));
+    ok(&train(
+        &dir,
+        "r",
+        &[&init[..], &["--checkpoint-every", "1"]].concat(),
+    ));
+    // Rolled back to the checkpoint after epoch 1, as if killed right after it.
+    let r = dir.join("r");
+    std::fs::copy(
+        r.join("checkpoints/epoch-0001.safetensors"),
+        r.join("checkpoints/last.safetensors"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(r.join("metrics.jsonl")).unwrap();
+    let first_epoch: String = text.lines().take(5).map(|l| format!("{l}\n")).collect();
+    std::fs::write(r.join("metrics.jsonl"), first_epoch).unwrap();
+    std::fs::remove_file(r.join("model.safetensors")).unwrap();
+    std::fs::remove_file(r.join("summary.json")).unwrap();
+    let config = std::fs::read(r.join("config.json")).unwrap();
+    std::fs::rename(dir.join("init.safetensors"), dir.join("moved.safetensors")).unwrap();
+    ok(&resume(&dir, &[]));
+    assert_eq!(common::outcome(&r), common::outcome(&dir.join("full")));
+    assert_eq!(std::fs::read(r.join("config.json")).unwrap(), config);
+    let cfg: serde_json::Value = serde_json::from_slice(&config).unwrap();
+    assert_eq!(cfg["init_from"], "init.safetensors", "{cfg}");
+    assert!(
+        cfg["init_sha256"].as_str().is_some_and(|s| s.len() == 64),
+        "{cfg}"
+    );
+    // Another file under the init's name does not matter either.
+    std::fs::write(dir.join("init.safetensors"), b"not the init").unwrap();
+    std::fs::remove_file(r.join("model.safetensors")).unwrap();
+    ok(&resume(&dir, &[]));
+    assert_eq!(common::outcome(&r), common::outcome(&dir.join("full")));
+    // A run with no checkpoint yet still loads its init file: gone, it is one line.
+    std::fs::remove_file(dir.join("init.safetensors")).unwrap();
+    std::fs::remove_dir_all(r.join("checkpoints")).unwrap();
+    std::fs::write(r.join("metrics.jsonl"), b"").unwrap();
+    std::fs::write(r.join("metrics.csv"), b"").unwrap();
+    std::fs::remove_file(r.join("model.safetensors")).unwrap();
+    std::fs::remove_file(r.join("summary.json")).unwrap();
+    let err = error_line(&resume(&dir, &[]));
+    assert!(err.contains("--init-from"), "{err}");
+    assert!(err.contains("init.safetensors"), "{err}");
+}
