@@ -638,8 +638,11 @@ impl RunDir {
 
 /// Whether `root` holds a run that a new one must not replace without `--overwrite`: a
 /// `config.json` with anything trained or recorded beside it (a checkpoint, `model.safetensors`,
-/// `summary.json`, or a `metrics.jsonl` that is not an empty regular file). A `config.json`
-/// alone, with empty metrics files, is a stub: the run never got to its first record.
+/// `summary.json`, or a `metrics.jsonl` with a record past step 0, or that cannot be read as
+/// records). A `config.json` alone, with metrics files empty or holding only step-0 records
+/// (the trace logged before the first step), is a stub: the run never completed a step (a
+/// setup error, a kill, or a divergence at the very first step), and its records can all be
+/// made again from the recipe.
 fn holds_a_run_in(root: &Path) -> bool {
     if !root.join("config.json").exists() {
         return false;
@@ -649,8 +652,9 @@ fn holds_a_run_in(root: &Path) -> bool {
             .flatten()
             .any(|e| !e.file_name().to_string_lossy().starts_with('.'))
     });
-    let records = match std::fs::symlink_metadata(root.join("metrics.jsonl")) {
-        Ok(m) => !m.file_type().is_file() || m.len() > 0,
+    let jsonl = root.join("metrics.jsonl");
+    let records = match std::fs::symlink_metadata(&jsonl) {
+        Ok(m) => !m.file_type().is_file() || (m.len() > 0 && !only_step_zero_records(&jsonl)),
         Err(e) => e.kind() != std::io::ErrorKind::NotFound,
     };
     any_checkpoint
@@ -658,6 +662,17 @@ fn holds_a_run_in(root: &Path) -> bool {
         || ["model.safetensors", "summary.json"]
             .iter()
             .any(|f| std::fs::symlink_metadata(root.join(f)).is_ok())
+}
+
+/// Whether the metrics file `path` (a regular file) reads as records, all of step 0. Only a
+/// small file is read (step-0 records are a few hundred bytes); a larger one, or one that
+/// does not parse, counts as holding a run.
+fn only_step_zero_records(path: &Path) -> bool {
+    const STUB_METRICS_BYTES: u64 = 1 << 20;
+    read_regular_file(path, STUB_METRICS_BYTES)
+        .ok()
+        .and_then(|bytes| parse_records(path, &bytes).ok())
+        .is_some_and(|records| records.iter().all(|(_, r)| r.step == 0))
 }
 
 /// The refusal to start a run in `root`, which holds one, without `--overwrite`.
