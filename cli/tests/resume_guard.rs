@@ -461,3 +461,77 @@ fn a_resume_does_not_need_the_init_file_once_a_checkpoint_exists() {
     assert!(err.contains("--init-from"), "{err}");
     assert!(err.contains("init.safetensors"), "{err}");
 }
+
+/// A checkpoint path that holds something other than a regular file (a folder, a FIFO, a
+/// link to nothing), or a `checkpoints` that is a file, is refused naming it, with nothing
+/// changed: it is not taken for "no checkpoint", which would restart the run from step 0
+/// and drop its records. With the checkpoint back, the run resumes to its end.
+#[test]
+fn a_checkpoint_that_is_not_a_file_is_refused_not_taken_for_none() {
+    let dir = tmp("checkpoint-kind");
+    ok(&train(&dir, "full", &[]));
+    ok(&train(&dir, "r", &[]));
+    let ckpt = dir.join("r/checkpoints/last.safetensors");
+    let saved = std::fs::read(&ckpt).unwrap();
+    std::fs::remove_file(dir.join("r/model.safetensors")).unwrap();
+    std::fs::remove_file(dir.join("r/summary.json")).unwrap();
+    let cases: [(&str, &dyn Fn()); 4] = [
+        ("a folder", &|| std::fs::create_dir(&ckpt).unwrap()),
+        ("a FIFO", &|| common::mkfifo(&ckpt)),
+        ("a link to nothing", &|| {
+            std::os::unix::fs::symlink("gone.safetensors", &ckpt).unwrap()
+        }),
+        ("checkpoints", &|| {
+            std::fs::remove_dir_all(dir.join("r/checkpoints")).unwrap();
+            std::fs::write(dir.join("r/checkpoints"), b"").unwrap();
+        }),
+    ];
+    for (what, make) in cases {
+        let _ = std::fs::remove_file(&ckpt);
+        make();
+        // The run's own files (the checkpoint path may be a FIFO, which cannot be read).
+        let files = || {
+            ["config.json", "metrics.jsonl", "metrics.csv"]
+                .map(|f| std::fs::read(dir.join("r").join(f)).unwrap())
+        };
+        let before = files();
+        let err = error_line(&resume(&dir, &[]));
+        assert!(err.contains("r/checkpoints"), "{what}: {err}");
+        if what != "checkpoints" {
+            assert!(err.contains(what), "{what}: {err}");
+        }
+        assert!(files() == before, "{what}: the run's files changed");
+        let p = dir.join("r/checkpoints");
+        if p.is_file() {
+            std::fs::remove_file(&p).unwrap();
+            std::fs::create_dir(&p).unwrap();
+        } else if ckpt.is_dir() {
+            std::fs::remove_dir(&ckpt).unwrap();
+        } else {
+            std::fs::remove_file(&ckpt).unwrap();
+        }
+    }
+    std::fs::write(&ckpt, &saved).unwrap();
+    ok(&resume(&dir, &[]));
+    assert_eq!(
+        common::outcome(&dir.join("r")),
+        common::outcome(&dir.join("full"))
+    );
+}
+
+/// `--out` naming a regular file, or a path under one, is one line saying what it is.
+#[test]
+fn an_out_that_is_a_file_is_named_as_one() {
+    let dir = tmp("out-file");
+    std::fs::write(dir.join("afile"), b"mine").unwrap();
+    for out in ["afile", "afile/r"] {
+        let err = error_line(&train(&dir, out, &[]));
+        assert!(
+            err.contains(&format!(
+                "--out {out}: cannot create the run folder: afile is a regular file, not a folder"
+            )),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read(dir.join("afile")).unwrap(), b"mine");
+}

@@ -284,6 +284,13 @@ impl RunDir {
             bail!("{}", holds_a_run(root));
         }
         let cannot = || format!("--out {}: cannot create the run folder", root.display());
+        if let Some((path, kind)) = non_folder_on_the_way(root) {
+            bail!(
+                "{}: {} is {kind}, not a folder; nothing was changed",
+                cannot(),
+                path.display()
+            );
+        }
         if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).with_context(cannot)?;
         }
@@ -625,8 +632,36 @@ impl RunDir {
 
     /// The checkpoint a resumed run starts from, if any.
     pub fn last_checkpoint(&self) -> Option<PathBuf> {
-        let p = self.root.join("checkpoints").join("last.safetensors");
+        let p = self.checkpoint_path();
         p.is_file().then_some(p)
+    }
+
+    /// The checkpoint a resume continues from: `None` only when nothing at all is at its
+    /// path. Anything else there that is not a regular file (a folder, a FIFO, a dangling
+    /// link, a `checkpoints` that is a file) is an error naming it, not "no checkpoint":
+    /// a resume without a checkpoint restarts from step 0 and drops the records after it.
+    pub fn checkpoint_to_resume(&self) -> Result<Option<PathBuf>> {
+        let p = self.checkpoint_path();
+        match std::fs::symlink_metadata(&p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => bail!("{}: {e}; nothing was changed", p.display()),
+            Ok(_) if p.is_file() => Ok(Some(p)),
+            Ok(m) => bail!(
+                "{}: {}, not a regular file; nothing was changed (move it away to restart \
+                 the run from step 0)",
+                p.display(),
+                if m.file_type().is_symlink() {
+                    "a link to nothing"
+                } else {
+                    flatmin_engine::fsread::describe_kind(&m.file_type())
+                }
+            ),
+        }
+    }
+
+    /// Where the latest checkpoint is written.
+    fn checkpoint_path(&self) -> PathBuf {
+        self.root.join("checkpoints").join("last.safetensors")
     }
 
     /// Writes `model.safetensors`: the model's state_dict alone (PyTorch-loadable).
@@ -673,6 +708,22 @@ fn only_step_zero_records(path: &Path) -> bool {
         .ok()
         .and_then(|bytes| parse_records(path, &bytes).ok())
         .is_some_and(|records| records.iter().all(|(_, r)| r.step == 0))
+}
+
+/// The nearest existing path of `root` and its ancestors when it is not a folder (links
+/// followed), with what it is: `--out` naming a file, or a path under one.
+fn non_folder_on_the_way(root: &Path) -> Option<(PathBuf, &'static str)> {
+    let existing = root
+        .ancestors()
+        .find(|p| std::fs::symlink_metadata(p).is_ok())?;
+    match std::fs::metadata(existing) {
+        Ok(m) if m.is_dir() => None,
+        Ok(m) => Some((
+            existing.to_path_buf(),
+            flatmin_engine::fsread::describe_kind(&m.file_type()),
+        )),
+        Err(_) => Some((existing.to_path_buf(), "a link to nothing")),
+    }
 }
 
 /// The refusal to start a run in `root`, which holds one, without `--overwrite`.
