@@ -17,10 +17,10 @@ pub use memory::{
     available_memory, check_memory, estimate_memory, human_bytes, param_bytes, parse_size,
     MemoryEstimate,
 };
-pub use record::{find_record, recipe_sha256, RunRecord, RUN_RECORD_TENSOR};
+pub use record::{find_record, recipe_differences, recipe_sha256, RunRecord, RUN_RECORD_TENSOR};
 pub use run_dir::{
     batch_sha256, parse_records, read_records, DatasetIdentity, Record, RunDir, RunMeta,
-    CSV_HEADER, MAX_CONFIG_BYTES, MAX_METRICS_BYTES,
+    CSV_HEADER, MAX_CONFIG_BYTES, MAX_METRICS_BYTES, NETWORK_FILE,
 };
 
 use crate::data::{sized_subset, DataSource};
@@ -205,7 +205,7 @@ struct LastCheckpoint {
 impl LastCheckpoint {
     /// Reads the last checkpoint of `run`, if it has one.
     fn read(run: &RunDir) -> Result<Option<Self>> {
-        let Some(path) = run.last_checkpoint() else {
+        let Some(path) = run.checkpoint_to_resume()? else {
             return Ok(None);
         };
         let raw = flatmin_models::io::read_safetensors(&path)?;
