@@ -250,6 +250,9 @@ fn overwrite_of_an_idle_run_keeps_the_lock_file_and_nothing_else() {
     assert!(run_dir.join(".lock").is_file());
 }
 
+/// Makes something at a path (a test case's odd file).
+type MakeAt<'a> = &'a dyn Fn(&Path);
+
 /// A `.lock` that is not a regular file (a FIFO, a folder, a link to the user's file) makes
 /// `--resume`, `--overwrite` and `flatmin sweep` fail at once with one line naming it and
 /// what it is: the lock file is opened without blocking and without following links. The
@@ -277,7 +280,7 @@ fn a_lock_file_that_is_not_a_file_is_refused_at_once() {
         "sweep", "--grid", "seed=1", "--out", &s, "--", "--epochs", "1",
     ]);
     let resume = arg(&["train", "--resume", &r, "--quiet"]);
-    let cases: [(&str, &dyn Fn(&Path)); 3] = [
+    let cases: [(&str, MakeAt); 3] = [
         ("is a FIFO", &|p| {
             let status = Command::new("mkfifo").arg(p).status().unwrap();
             assert!(status.success());
