@@ -401,3 +401,137 @@ fn a_checkpoint_without_the_record_resumes_with_a_warning() {
         "{err}"
     );
 }
+
+/// The checkpoint supersedes `--init-from`: a run started from an init file resumes after
+/// the file was moved away (or replaced by other bytes), ends equal to an uninterrupted run,
+/// and its `config.json` still names the init file and its SHA-256. Without a checkpoint the
+/// init file is still needed, and its absence is one line naming `--init-from`.
+#[test]
+fn a_resume_does_not_need_the_init_file_once_a_checkpoint_exists() {
+    let dir = tmp("init-from");
+    ok(&train(&dir, "base", &["--lr", "0.1"]));
+    std::fs::copy(
+        dir.join("base/model.safetensors"),
+        dir.join("init.safetensors"),
+    )
+    .unwrap();
+    let init = ["--init-from", "init.safetensors"];
+    ok(&train(&dir, "full", &init));
+    ok(&train(
+        &dir,
+        "r",
+        &[&init[..], &["--checkpoint-every", "1"]].concat(),
+    ));
+    // Rolled back to the checkpoint after epoch 1, as if killed right after it.
+    let r = dir.join("r");
+    std::fs::copy(
+        r.join("checkpoints/epoch-0001.safetensors"),
+        r.join("checkpoints/last.safetensors"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(r.join("metrics.jsonl")).unwrap();
+    let first_epoch: String = text.lines().take(5).map(|l| format!("{l}\n")).collect();
+    std::fs::write(r.join("metrics.jsonl"), first_epoch).unwrap();
+    std::fs::remove_file(r.join("model.safetensors")).unwrap();
+    std::fs::remove_file(r.join("summary.json")).unwrap();
+    let config = std::fs::read(r.join("config.json")).unwrap();
+    std::fs::rename(dir.join("init.safetensors"), dir.join("moved.safetensors")).unwrap();
+    ok(&resume(&dir, &[]));
+    assert_eq!(common::outcome(&r), common::outcome(&dir.join("full")));
+    assert_eq!(std::fs::read(r.join("config.json")).unwrap(), config);
+    let cfg: serde_json::Value = serde_json::from_slice(&config).unwrap();
+    assert_eq!(cfg["init_from"], "init.safetensors", "{cfg}");
+    assert!(
+        cfg["init_sha256"].as_str().is_some_and(|s| s.len() == 64),
+        "{cfg}"
+    );
+    // Another file under the init's name does not matter either.
+    std::fs::write(dir.join("init.safetensors"), b"not the init").unwrap();
+    std::fs::remove_file(r.join("model.safetensors")).unwrap();
+    ok(&resume(&dir, &[]));
+    assert_eq!(common::outcome(&r), common::outcome(&dir.join("full")));
+    // A run with no checkpoint yet still loads its init file: gone, it is one line.
+    std::fs::remove_file(dir.join("init.safetensors")).unwrap();
+    std::fs::remove_dir_all(r.join("checkpoints")).unwrap();
+    std::fs::write(r.join("metrics.jsonl"), b"").unwrap();
+    std::fs::write(r.join("metrics.csv"), b"").unwrap();
+    std::fs::remove_file(r.join("model.safetensors")).unwrap();
+    std::fs::remove_file(r.join("summary.json")).unwrap();
+    let err = error_line(&resume(&dir, &[]));
+    assert!(err.contains("--init-from"), "{err}");
+    assert!(err.contains("init.safetensors"), "{err}");
+}
+
+/// A checkpoint path that holds something other than a regular file (a folder, a FIFO, a
+/// link to nothing), or a `checkpoints` that is a file, is refused naming it, with nothing
+/// changed: it is not taken for "no checkpoint", which would restart the run from step 0
+/// and drop its records. With the checkpoint back, the run resumes to its end.
+#[test]
+fn a_checkpoint_that_is_not_a_file_is_refused_not_taken_for_none() {
+    let dir = tmp("checkpoint-kind");
+    ok(&train(&dir, "full", &[]));
+    ok(&train(&dir, "r", &[]));
+    let ckpt = dir.join("r/checkpoints/last.safetensors");
+    let saved = std::fs::read(&ckpt).unwrap();
+    std::fs::remove_file(dir.join("r/model.safetensors")).unwrap();
+    std::fs::remove_file(dir.join("r/summary.json")).unwrap();
+    let cases: [(&str, &dyn Fn()); 4] = [
+        ("a folder", &|| std::fs::create_dir(&ckpt).unwrap()),
+        ("a FIFO", &|| common::mkfifo(&ckpt)),
+        ("a link to nothing", &|| {
+            std::os::unix::fs::symlink("gone.safetensors", &ckpt).unwrap()
+        }),
+        ("checkpoints", &|| {
+            std::fs::remove_dir_all(dir.join("r/checkpoints")).unwrap();
+            std::fs::write(dir.join("r/checkpoints"), b"").unwrap();
+        }),
+    ];
+    for (what, make) in cases {
+        let _ = std::fs::remove_file(&ckpt);
+        make();
+        // The run's own files (the checkpoint path may be a FIFO, which cannot be read).
+        let files = || {
+            ["config.json", "metrics.jsonl", "metrics.csv"]
+                .map(|f| std::fs::read(dir.join("r").join(f)).unwrap())
+        };
+        let before = files();
+        let err = error_line(&resume(&dir, &[]));
+        assert!(err.contains("r/checkpoints"), "{what}: {err}");
+        if what != "checkpoints" {
+            assert!(err.contains(what), "{what}: {err}");
+        }
+        assert!(files() == before, "{what}: the run's files changed");
+        let p = dir.join("r/checkpoints");
+        if p.is_file() {
+            std::fs::remove_file(&p).unwrap();
+            std::fs::create_dir(&p).unwrap();
+        } else if ckpt.is_dir() {
+            std::fs::remove_dir(&ckpt).unwrap();
+        } else {
+            std::fs::remove_file(&ckpt).unwrap();
+        }
+    }
+    std::fs::write(&ckpt, &saved).unwrap();
+    ok(&resume(&dir, &[]));
+    assert_eq!(
+        common::outcome(&dir.join("r")),
+        common::outcome(&dir.join("full"))
+    );
+}
+
+/// `--out` naming a regular file, or a path under one, is one line saying what it is.
+#[test]
+fn an_out_that_is_a_file_is_named_as_one() {
+    let dir = tmp("out-file");
+    std::fs::write(dir.join("afile"), b"mine").unwrap();
+    for out in ["afile", "afile/r"] {
+        let err = error_line(&train(&dir, out, &[]));
+        assert!(
+            err.contains(&format!(
+                "--out {out}: cannot create the run folder: afile is a regular file, not a folder"
+            )),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read(dir.join("afile")).unwrap(), b"mine");
+}

@@ -407,8 +407,8 @@ fn kill9_during_a_checkpoint_write_keeps_the_previous_checkpoint() {
 #[test]
 fn parameter_divergence_on_the_first_step_claims_no_checkpoint() {
     let dir = tmp("nan-first-step");
-    let out = run(
-        &[
+    let train = |out: &str, lr: &str, extra: &[&str]| {
+        let mut args = vec![
             "train",
             "--data",
             "synthetic",
@@ -421,23 +421,41 @@ fn parameter_divergence_on_the_first_step_claims_no_checkpoint() {
             "--test-size",
             "32",
             "--lr",
-            "1e39",
+            lr,
             "--quiet",
             "--out",
-            "first",
-        ],
-        &dir,
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("parameter '") && stderr.contains("at step 1 "),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("no checkpoint was written yet") && !stderr.contains("is kept"),
-        "{stderr}"
-    );
-    assert!(!dir.join("first/checkpoints/last.safetensors").exists());
+            out,
+        ];
+        args.extend_from_slice(extra);
+        run(&args, &dir)
+    };
+    // Without and with a trace logged before the first step (a step-0 record).
+    for (out, extra) in [("first", &[][..]), ("traced", &["--trace-every", "1"][..])] {
+        let failed = train(out, "1e39", extra);
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert!(!failed.status.success());
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("parameter '") && stderr.contains("at step 1 "),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("no checkpoint was written yet") && !stderr.contains("is kept"),
+            "{stderr}"
+        );
+        assert!(!dir.join(out).join("checkpoints/last.safetensors").exists());
+        // Nothing was trained: the same --out takes a new run without --overwrite, and its
+        // metrics hold each record once (one step-0 trace, not the failed run's as well).
+        let again = train(out, "0.05", extra);
+        let stderr = String::from_utf8_lossy(&again.stderr);
+        assert!(again.status.success(), "{out}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let lines = metrics_without_wall_time(&dir.join(out).join("metrics.jsonl"));
+        let step0 = lines
+            .iter()
+            .filter(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"] == 0)
+            .count();
+        assert_eq!(step0, usize::from(!extra.is_empty()), "{lines:?}");
+        assert!(dir.join(out).join("model.safetensors").is_file());
+    }
 }

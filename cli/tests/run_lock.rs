@@ -249,3 +249,96 @@ fn overwrite_of_an_idle_run_keeps_the_lock_file_and_nothing_else() {
     assert_eq!(train_records(&run_dir), 10);
     assert!(run_dir.join(".lock").is_file());
 }
+
+/// Makes something at a path (a test case's odd file).
+type MakeAt<'a> = &'a dyn Fn(&Path);
+
+/// A `.lock` that is not a regular file (a FIFO, a folder, a link to the user's file) makes
+/// `--resume`, `--overwrite` and `flatmin sweep` fail at once with one line naming it and
+/// what it is: the lock file is opened without blocking and without following links. The
+/// linked file is left as it was. Before the fix a FIFO hung `--resume` and `--overwrite`
+/// for ever (the child is killed after 20 s), and a link had its target truncated and
+/// overwritten with the pid.
+#[test]
+fn a_lock_file_that_is_not_a_file_is_refused_at_once() {
+    let dir = tmp("odd-lock");
+    let (out, _) = run(&train_args("1", "r"), &dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(dir.join("notes.txt"), b"mine").unwrap();
+    std::fs::create_dir(dir.join("s")).unwrap();
+    let bin = env!("CARGO_BIN_EXE_flatmin");
+    let arg = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let r = dir.join("r").display().to_string();
+    let s = dir.join("s").display().to_string();
+    let mut overwrite = arg(&train_args("1", &r));
+    overwrite.push("--overwrite".into());
+    let sweep = arg(&[
+        "sweep", "--grid", "seed=1", "--out", &s, "--", "--epochs", "1",
+    ]);
+    let resume = arg(&["train", "--resume", &r, "--quiet"]);
+    let cases: [(&str, MakeAt); 3] = [
+        ("is a FIFO", &|p| {
+            let status = Command::new("mkfifo").arg(p).status().unwrap();
+            assert!(status.success());
+        }),
+        ("is a folder", &|p| std::fs::create_dir(p).unwrap()),
+        ("is a symbolic link", &|p| {
+            std::os::unix::fs::symlink(dir.join("notes.txt"), p).unwrap()
+        }),
+    ];
+    for (what, make) in cases {
+        for (args, folder) in [(&resume, "r"), (&overwrite, "r"), (&sweep, "s")] {
+            let lock = dir.join(folder).join(".lock");
+            let _ = std::fs::remove_file(&lock);
+            let _ = std::fs::remove_dir(&lock);
+            make(&lock);
+            let config = std::fs::read(dir.join("r/config.json")).unwrap();
+            let (status, err) = run_bounded(bin, args, DEADLINE / 6);
+            assert_eq!(status.code(), Some(1), "{what}: {err}");
+            assert!(!err.contains("panicked"), "{err}");
+            let line = err.trim_end();
+            assert_eq!(line.lines().count(), 1, "{err}");
+            assert!(line.contains(".lock") && line.contains(what), "{err}");
+            assert_eq!(std::fs::read(dir.join("r/config.json")).unwrap(), config);
+            assert_eq!(std::fs::read(dir.join("notes.txt")).unwrap(), b"mine");
+        }
+    }
+}
+
+/// Runs `bin args`, killing it and failing past `limit`; returns its status and stderr.
+fn run_bounded(bin: &str, args: &[String], limit: Duration) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let mut child = Running(
+        Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "flatmin {args:?} still running after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status, err)
+}

@@ -617,3 +617,57 @@ fn slurm_scripts_run_from_any_folder_and_a_requeued_task_resumes() {
     let csv = std::fs::read_to_string(out.join("summary.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4, "{csv}");
 }
+
+/// A sweep rerun into the same folder with other common flags (or a grid that gives an
+/// existing run folder other settings) is refused, naming the run and each setting that
+/// differs, before any run starts: otherwise a finished run would be counted as done and a
+/// stopped one resumed with its old recipe, both reported under the new settings. The same
+/// sweep, and a grid that only adds runs, still rerun.
+#[test]
+fn a_rerun_with_other_settings_is_refused_naming_the_run_and_setting() {
+    let out = tmp("changed");
+    let o = sweep(&out, "seed=0,1", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let snapshot = || {
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        for run in ["seed-0", "seed-1"] {
+            for f in ["config.json", "metrics.jsonl", "summary.json"] {
+                let p = out.join("runs").join(run).join(f);
+                files.push((
+                    p.display().to_string(),
+                    std::fs::read(&p).unwrap_or_default(),
+                ));
+            }
+        }
+        files
+    };
+    let before = snapshot();
+    // Other common flags (a later --lr overrides the first); then one run stopped midway.
+    for stopped in [false, true] {
+        if stopped {
+            std::fs::remove_file(out.join("runs/seed-1/summary.json")).unwrap();
+        }
+        let before = snapshot();
+        let dir = out.display().to_string();
+        let mut args = vec!["sweep", "--grid", "seed=0,1", "--out", &dir, "--"];
+        args.extend_from_slice(&COMMON);
+        args.extend_from_slice(&["--lr", "0.2"]);
+        let o = flatmin(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("error: --out: the run seed-0"), "{err}");
+        assert!(err.contains("lr 0.05 -> 0.2"), "{err}");
+        assert_eq!(snapshot(), before, "a refused sweep changed a run");
+    }
+    // The same sweep resumes the stopped run; a grid that adds a run runs only that one.
+    let o = sweep(&out, "seed=0,1", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(snapshot()[..3], before[..3]);
+    let o = sweep(&out, "seed=0,1,2", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("2 already done"), "{text}");
+    assert!(out.join("runs/seed-2/summary.json").is_file());
+}

@@ -10,7 +10,9 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser};
 use flatmin::plot::{plot_runs, PlotOptions, XAxis};
-use flatmin::train::{BestModel, Locked, Record, RunDir, RunLock};
+use flatmin::train::{
+    recipe_differences, BestModel, Locked, Record, RunDir, RunLock, TrainConfig, NETWORK_FILE,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -252,8 +254,8 @@ fn setting_flags(job: &Job) -> Vec<String> {
 }
 
 /// Checks a job's full `flatmin train` command line (flags known, recipe valid) without
-/// running it.
-fn check_job(common: &[String], job: &Job) -> Result<()> {
+/// running it; returns the recipe it gives the run.
+fn check_job(common: &[String], job: &Job) -> Result<TrainConfig> {
     #[derive(Parser)]
     struct Probe {
         #[command(flatten)]
@@ -265,7 +267,39 @@ fn check_job(common: &[String], job: &Job) -> Result<()> {
     // The caller prints its own `error: `.
     let p = Probe::try_parse_from(argv)
         .map_err(|e| anyhow::anyhow!("{}", super::clap_error_line(&e)))?;
-    p.train.config()?.validate()
+    let cfg = p.train.config()?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Refuses a sweep that would give the run `name`, already in `dir` (started or finished by
+/// an earlier sweep into the same folder), another recipe than its `config.json` holds: a
+/// rerun with a changed grid or changed common flags would otherwise resume that run with
+/// its old recipe, or count it as done, and report it under the new settings. The recipes
+/// are compared as `--resume` compares them ([`recipe_differences`]); a network file
+/// `--model` is compared by being one (its copy in the run folder is what the run uses).
+fn check_existing_run(dir: &Path, name: &str, mut cfg: TrainConfig) -> Result<()> {
+    if state(dir) == State::New {
+        return Ok(());
+    }
+    let run = RunDir::open(dir)?;
+    let made = run.config()?;
+    // Recorded when the run was made; the sweep cannot know it before.
+    cfg.init_sha256.clone_from(&made.init_sha256);
+    let was = run.recipe(&made)?;
+    let mut now = run.recipe(&cfg)?;
+    if was["model"] == NETWORK_FILE && flatmin_models::netfile::is_network_file(&cfg.model) {
+        now["model"] = was["model"].clone();
+    }
+    let changed = recipe_differences(&was, &now).unwrap_or_default();
+    if !changed.is_empty() {
+        bail!(
+            "--out: the run {name} ({}) was made with other settings than this sweep gives              it: {}; rerun the sweep with the grid and flags it was made with, or pick              another --out",
+            dir.display(),
+            changed.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Quotes an argument for a POSIX shell where needed.
@@ -391,9 +425,10 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     check_slurm_flags(args)?;
     let axes = parse_grid(&args.grid)?;
     let jobs = expand(&axes)?;
-    for job in &jobs {
-        check_job(&args.common, job).with_context(|| format!("run {}", job.name))?;
-    }
+    let recipes = jobs
+        .iter()
+        .map(|job| check_job(&args.common, job).with_context(|| format!("run {}", job.name)))
+        .collect::<Result<Vec<_>>>()?;
     std::fs::create_dir_all(&args.out).with_context(|| args.out.display().to_string())?;
     // Absolute, so the emitted job lines work from any folder.
     let root = std::path::absolute(&args.out).with_context(|| args.out.display().to_string())?;
@@ -403,6 +438,9 @@ pub fn run(args: &SweepArgs) -> Result<()> {
     std::fs::create_dir_all(&logs).with_context(|| logs.display().to_string())?;
     // One sweep at a time in a folder: a second one would start the same runs again.
     let _lock = RunLock::acquire_for(&root, "--out", Locked::Sweep)?;
+    for (job, cfg) in jobs.iter().zip(recipes) {
+        check_existing_run(&runs.join(&job.name), &job.name, cfg)?;
+    }
     let exe = std::env::current_exe().context("cannot locate the flatmin binary")?;
     write_manifest(args, &axes, &jobs)?;
     if let Some(how) = &args.emit {

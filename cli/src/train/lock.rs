@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// The lock file's name inside a run folder.
@@ -62,6 +63,33 @@ fn try_flock(file: &File) -> std::io::Result<Attempt> {
     }
 }
 
+/// Opens the lock file `path` (created when `create`) without following a link and without
+/// blocking: a FIFO put there must not hang `flatmin train`, and a link must not make it
+/// truncate and write the file it points to. Anything but a regular file is an error saying
+/// what it is.
+fn open_lock_file(path: &Path, create: bool) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(create)
+        .create(create)
+        .truncate(false)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => std::io::Error::other("is a symbolic link, not a regular file"),
+            Some(libc::EISDIR) => std::io::Error::other("is a folder, not a regular file"),
+            _ => e,
+        })?;
+    let kind = file.metadata()?.file_type();
+    if !kind.is_file() {
+        return Err(std::io::Error::other(format!(
+            "is {}, not a regular file",
+            flatmin_engine::fsread::describe_kind(&kind)
+        )));
+    }
+    Ok(file)
+}
+
 /// The refusal when another process holds the lock of `root`: names the folder, the holder
 /// as recorded in the lock file, and what to do.
 fn held_error(root: &Path, flag: &str, kind: Locked, file: &mut File) -> anyhow::Error {
@@ -101,19 +129,13 @@ impl RunLock {
     /// [`RunLock::acquire`] for a folder of the given kind (the refusal says which).
     pub fn acquire_for(root: &Path, flag: &str, kind: Locked) -> Result<Self> {
         let path = root.join(LOCK_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| {
-                format!(
-                    "{flag} {}: cannot create the lock file {}",
-                    root.display(),
-                    path.display()
-                )
-            })?;
+        let mut file = open_lock_file(&path, true).with_context(|| {
+            format!(
+                "{flag} {}: cannot open the lock file {}",
+                root.display(),
+                path.display()
+            )
+        })?;
         match try_flock(&file) {
             Ok(Attempt::Locked) => {}
             Ok(Attempt::Held) => return Err(held_error(root, flag, kind, &mut file)),
@@ -138,7 +160,7 @@ impl RunLock {
     /// refused as if the folder were in use.)
     pub fn check_free(root: &Path, flag: &str) -> Result<()> {
         let path = root.join(LOCK_FILE);
-        let mut file = match File::open(&path) {
+        let mut file = match open_lock_file(&path, false) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => {

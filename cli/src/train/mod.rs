@@ -17,10 +17,10 @@ pub use memory::{
     available_memory, check_memory, estimate_memory, human_bytes, param_bytes, parse_size,
     MemoryEstimate,
 };
-pub use record::{find_record, recipe_sha256, RunRecord, RUN_RECORD_TENSOR};
+pub use record::{find_record, recipe_differences, recipe_sha256, RunRecord, RUN_RECORD_TENSOR};
 pub use run_dir::{
     batch_sha256, csv_columns, parse_records, read_records, DatasetIdentity, Record, RunDir,
-    RunMeta, BEST_MODEL_FILE, CSV_HEADER, MAX_CONFIG_BYTES, MAX_METRICS_BYTES,
+    RunMeta, BEST_MODEL_FILE, CSV_HEADER, MAX_CONFIG_BYTES, MAX_METRICS_BYTES, NETWORK_FILE,
 };
 
 use crate::data::{sized_subset, DataSource};
@@ -195,6 +195,36 @@ pub fn check_resume_recipe(run: &RunDir, cfg: &TrainConfig) -> Result<()> {
     check_recipe_against(run, cfg, ckpt.as_ref().and_then(|c| c.record.as_ref()))
 }
 
+/// Loads the model state of the recipe's `--init-from` file into `model` (optimizer and
+/// trainer entries ignored), after checking the file still has the recorded SHA-256.
+fn load_init_from<T: Scalar + Element>(cfg: &TrainConfig, model: &mut Model<T>) -> Result<()> {
+    let Some(init) = &cfg.init_from else {
+        return Ok(());
+    };
+    let path = Path::new(init);
+    if let Some(want) = &cfg.init_sha256 {
+        let got = file_sha256(path).context("--init-from")?;
+        if &got != want {
+            bail!("--init-from {init}: SHA-256 {got} differs from the recorded {want} (the file changed)");
+        }
+    }
+    let raw = flatmin_models::io::read_model_tensors(path, cfg.init_strip_prefix.as_deref())
+        .with_context(|| format!("--init-from {init}"))?;
+    model
+        .load_raw(path, raw)
+        .with_context(|| format!("--init-from {init}"))?;
+    Ok(())
+}
+
+/// Whether a trainer being assembled loads the recipe's `--init-from` file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InitFrom {
+    /// Load it (a new run, or a resume with no checkpoint yet).
+    Load,
+    /// Skip it: a checkpoint will replace every model tensor.
+    Superseded,
+}
+
 /// A run's last checkpoint, read.
 struct LastCheckpoint {
     /// Its file.
@@ -208,7 +238,7 @@ struct LastCheckpoint {
 impl LastCheckpoint {
     /// Reads the last checkpoint of `run`, if it has one.
     fn read(run: &RunDir) -> Result<Option<Self>> {
-        let Some(path) = run.last_checkpoint() else {
+        let Some(path) = run.checkpoint_to_resume()? else {
             return Ok(None);
         };
         let raw = flatmin_models::io::read_safetensors(&path)?;
@@ -407,7 +437,7 @@ impl<T: Scalar + Element> Trainer<T> {
         let mut run = RunDir::create(out, &cfg, overwrite)?;
         run.discard_unless_kept();
         run.adopt_network(&mut cfg)?;
-        let mut t = Self::assemble(cfg, data, run)?;
+        let mut t = Self::assemble(cfg, data, run, InitFrom::Load)?;
         t.dataset = t.dataset_identity(origin, synthetic);
         let meta = RunMeta {
             flatmin_version: env!("CARGO_PKG_VERSION").into(),
@@ -457,7 +487,13 @@ impl<T: Scalar + Element> Trainer<T> {
         let record = ckpt.as_ref().and_then(|c| c.record.clone());
         check_recipe_against(&run, &cfg, record.as_ref())?;
         let (origin, synthetic) = (data.origin.clone(), data.synthetic);
-        let mut t = Self::assemble(cfg, data, run)?;
+        // A checkpoint holds every model tensor, so it supersedes `--init-from`: a moved or
+        // deleted init file does not block the resume (config.json still names it).
+        let init = match ckpt {
+            Some(_) => InitFrom::Superseded,
+            None => InitFrom::Load,
+        };
+        let mut t = Self::assemble(cfg, data, run, init)?;
         t.dataset = t.dataset_identity(origin, synthetic);
         match (&record, &ckpt) {
             (Some(rec), _) => t
@@ -498,7 +534,7 @@ impl<T: Scalar + Element> Trainer<T> {
         Ok(())
     }
 
-    fn assemble(cfg: TrainConfig, data: DataSource, run: RunDir) -> Result<Self> {
+    fn assemble(cfg: TrainConfig, data: DataSource, run: RunDir, init: InitFrom) -> Result<Self> {
         let train = training_subset(&cfg, data.train)?;
         let trace_set = if cfg.trace_every > 0 {
             let b = trace_subset(&cfg, &train)?;
@@ -539,22 +575,8 @@ impl<T: Scalar + Element> Trainer<T> {
         .context("--batch-size")?;
         let mut model = crate::cifar_model::<T>(&cfg.model, cfg.seed)?;
         model.set_loss_fn(cfg.loss.engine());
-        if let Some(init) = &cfg.init_from {
-            let path = Path::new(init);
-            if let Some(want) = &cfg.init_sha256 {
-                let got = file_sha256(path).context("--init-from")?;
-                if &got != want {
-                    bail!(
-                        "--init-from {init}: SHA-256 {got} differs from the recorded {want} (the file changed)"
-                    );
-                }
-            }
-            let raw =
-                flatmin_models::io::read_model_tensors(path, cfg.init_strip_prefix.as_deref())
-                    .with_context(|| format!("--init-from {init}"))?;
-            model
-                .load_raw(path, raw)
-                .with_context(|| format!("--init-from {init}"))?;
+        if init == InitFrom::Load {
+            load_init_from(&cfg, &mut model)?;
         }
         let params = model.params_cloned();
         let bpe = loader.batches_per_epoch();

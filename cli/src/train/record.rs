@@ -94,17 +94,9 @@ impl RunRecord {
         if recipe_sha256(recipe) == self.recipe_sha256 {
             return Ok(());
         }
-        let (Some(old), Some(new)) = (self.recipe.as_object(), recipe.as_object()) else {
+        let Some(changed) = recipe_differences(&self.recipe, recipe) else {
             bail!("{}: the recipe is not a JSON object", config.display());
         };
-        let changed: Vec<String> = new
-            .iter()
-            .filter(|(key, _)| !LOCATION_KEYS.contains(&key.as_str()))
-            .filter_map(|(key, now)| {
-                let was = old.get(key)?;
-                (was != now).then(|| format!("{key} {was} -> {now}"))
-            })
-            .collect();
         if changed.is_empty() {
             return Ok(());
         }
@@ -117,6 +109,24 @@ impl RunRecord {
             config.display()
         )
     }
+}
+
+/// The settings in which the recipe `now` differs from the recipe `was`, each as
+/// `key WAS -> NOW` (`None` when either is not a JSON object). Only keys both hold are
+/// compared, so a setting added by a later flatmin is no difference, and `data` (where the
+/// images are read from) is not compared. The one comparison of recipes: `--resume` against
+/// the checkpoint's record, `flatmin sweep` against the runs already in its folder.
+pub fn recipe_differences(was: &Value, now: &Value) -> Option<Vec<String>> {
+    let (old, new) = (was.as_object()?, now.as_object()?);
+    Some(
+        new.iter()
+            .filter(|(key, _)| !LOCATION_KEYS.contains(&key.as_str()))
+            .filter_map(|(key, now)| {
+                let was = old.get(key)?;
+                (was != now).then(|| format!("{key} {was} -> {now}"))
+            })
+            .collect(),
+    )
 }
 
 impl DatasetIdentity {

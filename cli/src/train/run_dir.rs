@@ -321,6 +321,13 @@ impl RunDir {
             bail!("{}", holds_a_run(root));
         }
         let cannot = || format!("--out {}: cannot create the run folder", root.display());
+        if let Some((path, kind)) = non_folder_on_the_way(root) {
+            bail!(
+                "{}: {} is {kind}, not a folder; nothing was changed",
+                cannot(),
+                path.display()
+            );
+        }
         if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).with_context(cannot)?;
         }
@@ -656,7 +663,7 @@ impl RunDir {
 
     /// The checkpoint a resumed run starts from, if any.
     pub fn last_checkpoint(&self) -> Option<PathBuf> {
-        let p = self.root.join("checkpoints").join("last.safetensors");
+        let p = self.checkpoint_path();
         p.is_file().then_some(p)
     }
 
@@ -665,6 +672,34 @@ impl RunDir {
     pub fn write_best<T: Scalar>(&self, model: &Model<T>) -> Result<()> {
         model.save(&self.root.join(BEST_MODEL_FILE))?;
         Ok(())
+    }
+
+    /// The checkpoint a resume continues from: `None` only when nothing at all is at its
+    /// path. Anything else there that is not a regular file (a folder, a FIFO, a dangling
+    /// link, a `checkpoints` that is a file) is an error naming it, not "no checkpoint":
+    /// a resume without a checkpoint restarts from step 0 and drops the records after it.
+    pub fn checkpoint_to_resume(&self) -> Result<Option<PathBuf>> {
+        let p = self.checkpoint_path();
+        match std::fs::symlink_metadata(&p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => bail!("{}: {e}; nothing was changed", p.display()),
+            Ok(_) if p.is_file() => Ok(Some(p)),
+            Ok(m) => bail!(
+                "{}: {}, not a regular file; nothing was changed (move it away to restart \
+                 the run from step 0)",
+                p.display(),
+                if m.file_type().is_symlink() {
+                    "a link to nothing"
+                } else {
+                    flatmin_engine::fsread::describe_kind(&m.file_type())
+                }
+            ),
+        }
+    }
+
+    /// Where the latest checkpoint is written.
+    fn checkpoint_path(&self) -> PathBuf {
+        self.root.join("checkpoints").join("last.safetensors")
     }
 
     /// Writes `model.safetensors`: the model's state_dict alone (PyTorch-loadable).
@@ -676,8 +711,11 @@ impl RunDir {
 
 /// Whether `root` holds a run that a new one must not replace without `--overwrite`: a
 /// `config.json` with anything trained or recorded beside it (a checkpoint, `model.safetensors`,
-/// `summary.json`, or a `metrics.jsonl` that is not an empty regular file). A `config.json`
-/// alone, with empty metrics files, is a stub: the run never got to its first record.
+/// `summary.json`, or a `metrics.jsonl` with a record past step 0, or that cannot be read as
+/// records). A `config.json` alone, with metrics files empty or holding only step-0 records
+/// (the trace logged before the first step), is a stub: the run never completed a step (a
+/// setup error, a kill, or a divergence at the very first step), and its records can all be
+/// made again from the recipe.
 fn holds_a_run_in(root: &Path) -> bool {
     if !root.join("config.json").exists() {
         return false;
@@ -687,8 +725,9 @@ fn holds_a_run_in(root: &Path) -> bool {
             .flatten()
             .any(|e| !e.file_name().to_string_lossy().starts_with('.'))
     });
-    let records = match std::fs::symlink_metadata(root.join("metrics.jsonl")) {
-        Ok(m) => !m.file_type().is_file() || m.len() > 0,
+    let jsonl = root.join("metrics.jsonl");
+    let records = match std::fs::symlink_metadata(&jsonl) {
+        Ok(m) => !m.file_type().is_file() || (m.len() > 0 && !only_step_zero_records(&jsonl)),
         Err(e) => e.kind() != std::io::ErrorKind::NotFound,
     };
     any_checkpoint
@@ -696,6 +735,33 @@ fn holds_a_run_in(root: &Path) -> bool {
         || ["model.safetensors", "summary.json"]
             .iter()
             .any(|f| std::fs::symlink_metadata(root.join(f)).is_ok())
+}
+
+/// Whether the metrics file `path` (a regular file) reads as records, all of step 0. Only a
+/// small file is read (step-0 records are a few hundred bytes); a larger one, or one that
+/// does not parse, counts as holding a run.
+fn only_step_zero_records(path: &Path) -> bool {
+    const STUB_METRICS_BYTES: u64 = 1 << 20;
+    read_regular_file(path, STUB_METRICS_BYTES)
+        .ok()
+        .and_then(|bytes| parse_records(path, &bytes).ok())
+        .is_some_and(|records| records.iter().all(|(_, r)| r.step == 0))
+}
+
+/// The nearest existing path of `root` and its ancestors when it is not a folder (links
+/// followed), with what it is: `--out` naming a file, or a path under one.
+fn non_folder_on_the_way(root: &Path) -> Option<(PathBuf, &'static str)> {
+    let existing = root
+        .ancestors()
+        .find(|p| std::fs::symlink_metadata(p).is_ok())?;
+    match std::fs::metadata(existing) {
+        Ok(m) if m.is_dir() => None,
+        Ok(m) => Some((
+            existing.to_path_buf(),
+            flatmin_engine::fsread::describe_kind(&m.file_type()),
+        )),
+        Err(_) => Some((existing.to_path_buf(), "a link to nothing")),
+    }
 }
 
 /// The refusal to start a run in `root`, which holds one, without `--overwrite`.
