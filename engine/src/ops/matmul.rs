@@ -106,8 +106,79 @@ fn col_sums<T: Scalar>(g: &[T], n: usize) -> Vec<T> {
     s
 }
 
+impl Product {
+    /// y = A B' (+ 1 cᵀ with `bias` the values of c).
+    fn value<T: Scalar>(&self, av: &[T], bv: &[T], bias: Option<&[T]>) -> Tensor<T> {
+        let (m, kd, n) = (self.m, self.kd, self.n);
+        let mut y = Tensor::zeros(&[m, n]);
+        gemm_par(
+            T::one(),
+            MatRef::new(av, m, kd),
+            self.bview(bv),
+            T::zero(),
+            y.data_mut(),
+        );
+        if let Some(c) = bias {
+            add_rows(y.data_mut(), c);
+        }
+        y
+    }
+
+    /// ẏ = Ȧ B' + A Ḃ' + ċ for all `k` directions, from the tangents `[Ȧ, Ḃ, ċ]`.
+    fn tangent<T: Scalar>(
+        &self,
+        av: &[T],
+        bv: &[T],
+        tangents: [Option<&Tensor<T>>; 3],
+        k: usize,
+    ) -> Tensor<T> {
+        let (m, kd, n) = (self.m, self.kd, self.n);
+        let [at, bt, ct] = tangents;
+        let mut t = Tensor::zeros(&[k, m, n]);
+        let td = t.data_mut();
+        if let Some(at) = at {
+            gemm_par(
+                T::one(),
+                MatRef::new(at.data(), k * m, kd),
+                self.bview(bv),
+                T::zero(),
+                td,
+            );
+        }
+        if let Some(bt) = bt {
+            if self.trans_b {
+                // All K directions in one GEMM: A [m, kd] × [Ḃ_1; …; Ḃ_K]ᵀ → [m, K, n].
+                let mut tmp = vec![T::zero(); m * k * n];
+                let stacked = MatRef::new(bt.data(), k * n, kd).t();
+                gemm_par(
+                    T::one(),
+                    MatRef::new(av, m, kd),
+                    stacked,
+                    T::zero(),
+                    &mut tmp,
+                );
+                add_direction_major(td, &tmp, k, m, n, at.is_some());
+            } else {
+                let bl = kd * n;
+                for (kk, out) in td.chunks_mut(m * n).enumerate() {
+                    let beta = if at.is_some() { T::one() } else { T::zero() };
+                    let bk = self.bview(&bt.data()[kk * bl..(kk + 1) * bl]);
+                    gemm_par(T::one(), MatRef::new(av, m, kd), bk, beta, out);
+                }
+            }
+        }
+        if let Some(ct) = ct {
+            for (kk, out) in td.chunks_mut(m * n).enumerate() {
+                add_rows(out, &ct.data()[kk * n..(kk + 1) * n]);
+            }
+        }
+        t
+    }
+}
+
 impl<T: Scalar> Tape<T> {
-    fn product(&mut self, a: Var, b: Var, bias: Option<Var>, trans_b: bool) -> Result<Var> {
+    /// Checks the operands of `a B'` (+ `bias`) and gives the op's record.
+    fn product_op(&self, a: Var, b: Var, bias: Option<Var>, trans_b: bool) -> Result<Product> {
         let op_name = if trans_b { "linear" } else { "matmul" };
         self.check_var(a)?;
         self.check_var(b)?;
@@ -137,7 +208,7 @@ impl<T: Scalar> Tape<T> {
                 )));
             }
         }
-        let p = Product {
+        Ok(Product {
             a: a.0,
             b: b.0,
             bias: bias.map(|c| c.0),
@@ -145,64 +216,21 @@ impl<T: Scalar> Tape<T> {
             m,
             kd,
             n,
-        };
+        })
+    }
+
+    /// Records y = A B' (+ 1 cᵀ), B' = Bᵀ when `trans_b`, with its tangent.
+    fn product(&mut self, a: Var, b: Var, bias: Option<Var>, trans_b: bool) -> Result<Var> {
+        let p = self.product_op(a, b, bias, trans_b)?;
         let (av, bv) = (self.value(a).data(), self.value(b).data());
-        let mut y = Tensor::zeros(&[m, n]);
-        gemm_par(
-            T::one(),
-            MatRef::new(av, m, kd),
-            p.bview(bv),
-            T::zero(),
-            y.data_mut(),
-        );
-        if let Some(c) = bias {
-            add_rows(y.data_mut(), self.value(c).data());
-        }
+        let y = p.value(av, bv, bias.map(|c| self.value(c).data()));
         let k = self.directions();
-        let (at, bt) = (self.tangent(a), self.tangent(b));
         let ct = bias.and_then(|c| self.tangent(c));
-        let tangent = if at.is_none() && bt.is_none() && ct.is_none() {
+        let tangents = [self.tangent(a), self.tangent(b), ct];
+        let tangent = if tangents.iter().all(Option::is_none) {
             None
         } else {
-            let mut t = Tensor::zeros(&[k, m, n]);
-            let td = t.data_mut();
-            if let Some(at) = at {
-                gemm_par(
-                    T::one(),
-                    MatRef::new(at.data(), k * m, kd),
-                    p.bview(bv),
-                    T::zero(),
-                    td,
-                );
-            }
-            if let Some(bt) = bt {
-                if p.trans_b {
-                    // All K directions in one GEMM: A [m, kd] × [Ḃ_1; …; Ḃ_K]ᵀ → [m, K, n].
-                    let mut tmp = vec![T::zero(); m * k * n];
-                    let stacked = MatRef::new(bt.data(), k * n, kd).t();
-                    gemm_par(
-                        T::one(),
-                        MatRef::new(av, m, kd),
-                        stacked,
-                        T::zero(),
-                        &mut tmp,
-                    );
-                    add_direction_major(td, &tmp, k, m, n, at.is_some());
-                } else {
-                    let bl = kd * n;
-                    for (kk, out) in td.chunks_mut(m * n).enumerate() {
-                        let beta = if at.is_some() { T::one() } else { T::zero() };
-                        let bk = p.bview(&bt.data()[kk * bl..(kk + 1) * bl]);
-                        gemm_par(T::one(), MatRef::new(av, m, kd), bk, beta, out);
-                    }
-                }
-            }
-            if let Some(ct) = ct {
-                for (kk, out) in td.chunks_mut(m * n).enumerate() {
-                    add_rows(out, &ct.data()[kk * n..(kk + 1) * n]);
-                }
-            }
-            Some(t)
+            Some(p.tangent(av, bv, tangents, k))
         };
         Ok(self.push(Op::Product(p), y, tangent, false))
     }
