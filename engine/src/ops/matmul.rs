@@ -267,65 +267,19 @@ impl<T: Scalar> Rule<T> for Product {
         let (av, bv) = (na.value.data(), nb.value.data());
         let (at, bt) = (na.tangent.as_ref(), nb.tangent.as_ref());
         let g = MatRef::new(gy.data(), m, n);
-        let bl = bv.len();
         if tape.needs_grad(self.a) {
             let mut ga = Tensor::zeros(&[m, kd]);
             gemm_par(T::one(), g, self.bview(bv).t(), T::zero(), ga.data_mut());
-            let dot = (gdot.is_some() || bt.is_some()).then(|| {
-                let mut d = Tensor::zeros(&tangent_shape(k, &[m, kd]));
-                let mut beta = T::zero();
-                if let Some(gd) = gdot {
-                    let gdm = MatRef::new(gd.data(), k * m, n);
-                    gemm_par(T::one(), gdm, self.bview(bv).t(), T::zero(), d.data_mut());
-                    beta = T::one();
-                }
-                if let Some(bt) = bt {
-                    for (kk, out) in d.data_mut().chunks_mut(m * kd).enumerate() {
-                        let btk = self.bview(&bt.data()[kk * bl..(kk + 1) * bl]);
-                        gemm_par(T::one(), g, btk.t(), beta, out);
-                    }
-                }
-                d
-            });
+            let dot =
+                (gdot.is_some() || bt.is_some()).then(|| self.grad_a_tangent(bv, bt, g, gdot, k));
             sink.add(self.a, ga, dot);
         }
         if tape.needs_grad(self.b) {
             let a = MatRef::new(av, m, kd);
             let mut gb = Tensor::zeros(nb.value.shape());
             self.grad_b(a, g, T::zero(), gb.data_mut());
-            // B̄'˙_k = Aᵀ Ȳ˙_k + Ȧ_kᵀ Ȳ for all k at once: the K directions are laid side by
-            // side (sample-major copies of Ȳ˙ and Ȧ), so each term is one GEMM.
             let dot = (gdot.is_some() || at.is_some()).then(|| {
-                let mut d = vec![T::zero(); k * bl];
-                let mut filled = false;
-                if let Some(gd) = gdot {
-                    let gd_sm = sample_major(gd.data(), k, m, n);
-                    let gdm = MatRef::new(&gd_sm, m, k * n);
-                    if self.trans_b {
-                        // [K·n, m] × A → [K, n, kd] directly.
-                        gemm_par(T::one(), gdm.t(), a, T::zero(), &mut d);
-                    } else {
-                        // Aᵀ × [m, K·n] → [kd, K, n].
-                        let mut tmp = vec![T::zero(); kd * k * n];
-                        gemm_par(T::one(), a.t(), gdm, T::zero(), &mut tmp);
-                        add_direction_major(&mut d, &tmp, k, kd, n, false);
-                    }
-                    filled = true;
-                }
-                if let Some(at) = at {
-                    let at_sm = sample_major(at.data(), k, m, kd);
-                    let atm = MatRef::new(&at_sm, m, k * kd);
-                    if self.trans_b {
-                        // Ȳᵀ × [m, K·kd] → [n, K, kd].
-                        let mut tmp = vec![T::zero(); n * k * kd];
-                        gemm_par(T::one(), g.t(), atm, T::zero(), &mut tmp);
-                        add_direction_major(&mut d, &tmp, k, n, kd, filled);
-                    } else {
-                        // [K·kd, m] × Ȳ → [K, kd, n] directly.
-                        let beta = if filled { T::one() } else { T::zero() };
-                        gemm_par(T::one(), atm.t(), g, beta, &mut d);
-                    }
-                }
+                let d = self.grad_b_tangent(a, at, g, gdot, k);
                 Tensor::from_vec(&tangent_shape(k, nb.value.shape()), d).expect("tangent shape")
             });
             sink.add(self.b, gb, dot);
@@ -341,5 +295,78 @@ impl<T: Scalar> Rule<T> for Product {
             });
             sink.add(c, gc, dot);
         }
+    }
+}
+
+impl Product {
+    /// Ā˙_k = Ȳ˙_k B'ᵀ + Ȳ Ḃ'_kᵀ, from B's values `bv`, its tangent `bt`, Ȳ `g` and Ȳ˙ `gdot`.
+    fn grad_a_tangent<T: Scalar>(
+        &self,
+        bv: &[T],
+        bt: Option<&Tensor<T>>,
+        g: MatRef<T>,
+        gdot: Option<&Tensor<T>>,
+        k: usize,
+    ) -> Tensor<T> {
+        let (m, kd, n) = (self.m, self.kd, self.n);
+        let bl = bv.len();
+        let mut d = Tensor::zeros(&tangent_shape(k, &[m, kd]));
+        let mut beta = T::zero();
+        if let Some(gd) = gdot {
+            let gdm = MatRef::new(gd.data(), k * m, n);
+            gemm_par(T::one(), gdm, self.bview(bv).t(), T::zero(), d.data_mut());
+            beta = T::one();
+        }
+        if let Some(bt) = bt {
+            for (kk, out) in d.data_mut().chunks_mut(m * kd).enumerate() {
+                let btk = self.bview(&bt.data()[kk * bl..(kk + 1) * bl]);
+                gemm_par(T::one(), g, btk.t(), beta, out);
+            }
+        }
+        d
+    }
+
+    /// B̄'˙_k = Aᵀ Ȳ˙_k + Ȧ_kᵀ Ȳ for all k at once, in B's layout: the K directions are laid
+    /// side by side (sample-major copies of Ȳ˙ and Ȧ), so each term is one GEMM.
+    fn grad_b_tangent<T: Scalar>(
+        &self,
+        a: MatRef<T>,
+        at: Option<&Tensor<T>>,
+        g: MatRef<T>,
+        gdot: Option<&Tensor<T>>,
+        k: usize,
+    ) -> Vec<T> {
+        let (m, kd, n) = (self.m, self.kd, self.n);
+        let mut d = vec![T::zero(); k * kd * n];
+        let mut filled = false;
+        if let Some(gd) = gdot {
+            let gd_sm = sample_major(gd.data(), k, m, n);
+            let gdm = MatRef::new(&gd_sm, m, k * n);
+            if self.trans_b {
+                // [K·n, m] × A → [K, n, kd] directly.
+                gemm_par(T::one(), gdm.t(), a, T::zero(), &mut d);
+            } else {
+                // Aᵀ × [m, K·n] → [kd, K, n].
+                let mut tmp = vec![T::zero(); kd * k * n];
+                gemm_par(T::one(), a.t(), gdm, T::zero(), &mut tmp);
+                add_direction_major(&mut d, &tmp, k, kd, n, false);
+            }
+            filled = true;
+        }
+        if let Some(at) = at {
+            let at_sm = sample_major(at.data(), k, m, kd);
+            let atm = MatRef::new(&at_sm, m, k * kd);
+            if self.trans_b {
+                // Ȳᵀ × [m, K·kd] → [n, K, kd].
+                let mut tmp = vec![T::zero(); n * k * kd];
+                gemm_par(T::one(), g.t(), atm, T::zero(), &mut tmp);
+                add_direction_major(&mut d, &tmp, k, n, kd, filled);
+            } else {
+                // [K·kd, m] × Ȳ → [K, kd, n] directly.
+                let beta = if filled { T::one() } else { T::zero() };
+                gemm_par(T::one(), atm.t(), g, beta, &mut d);
+            }
+        }
+        d
     }
 }
