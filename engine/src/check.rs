@@ -137,110 +137,81 @@ fn flat(ts: &[Tensor<f64>]) -> Vec<f64> {
     ts.iter().flat_map(|t| t.data().iter().copied()).collect()
 }
 
-/// Checks the op `op` at the inputs `theta` (all differentiable). Returns the report, or an
-/// error message naming the first failed check when any error exceeds `tol`.
-pub fn check_op(
-    name: &str,
-    theta: &[Tensor<f64>],
-    tol: f64,
-    op: impl Fn(&mut Tape<f64>, &[Var]) -> Result<Var>,
-) -> std::result::Result<CheckReport, String> {
-    let fail = |what: &str, e: crate::EngineError| format!("{name}: {what}: {e}");
-    let h = 1e-5;
-    let mut rng = StdRng::seed_from_u64(0x5eed ^ name.len() as u64);
-    // Output shape, for the probe weights.
+/// The probe for `op` at `theta`: records the op once for its output shape and draws the
+/// probe weights from `rng`.
+fn make_probe<'a>(theta: &[Tensor<f64>], op: &'a OpFn<'a>, rng: &mut StdRng) -> Result<Probe<'a>> {
     let mut tape = Tape::new(0);
     let vars: Vec<Var> = theta
         .iter()
         .map(|t| tape.param(t.clone(), None))
-        .collect::<Result<_>>()
-        .map_err(|e| fail("record", e))?;
-    let y = op(&mut tape, &vars).map_err(|e| fail("record", e))?;
+        .collect::<Result<_>>()?;
+    let y = op(&mut tape, &vars)?;
     let yshape = tape.value(y).shape().to_vec();
-    let probe = Probe {
-        op: &op,
-        c: Tensor::randn(&yshape, &mut rng),
-        d: Tensor::randn(&yshape, &mut rng),
-    };
-    let rand_dir = |rng: &mut StdRng| -> Vec<Tensor<f64>> {
-        theta
-            .iter()
-            .map(|t| Tensor::randn(t.shape(), rng))
-            .collect()
-    };
-    let (u, v) = (rand_dir(&mut rng), rand_dir(&mut rng));
-    let mut report = CheckReport::default();
+    Ok(Probe {
+        op,
+        c: Tensor::randn(&yshape, rng),
+        d: Tensor::randn(&yshape, rng),
+    })
+}
 
-    let (_, _, ydot, g, hv1) = probe
-        .eval(theta, std::slice::from_ref(&v))
-        .map_err(|e| fail("eval", e))?;
-    let (_, _, _, _, hv2) = probe
-        .eval(theta, &[u.clone(), v.clone()])
-        .map_err(|e| fail("eval", e))?;
-
-    // 1. JVP.
-    let (_, yp, _, gp, _) = probe
-        .eval(&shift(theta, &v, h), &[])
-        .map_err(|e| fail("eval", e))?;
-    let (_, ym, _, gm, _) = probe
-        .eval(&shift(theta, &v, -h), &[])
-        .map_err(|e| fail("eval", e))?;
-    let fd_y: Vec<f64> = yp
-        .data()
+/// A random direction with the shapes of `theta`.
+fn rand_dir(theta: &[Tensor<f64>], rng: &mut StdRng) -> Vec<Tensor<f64>> {
+    theta
         .iter()
-        .zip(ym.data())
-        .map(|(a, b)| (a - b) / (2.0 * h))
-        .collect();
-    let ydot = ydot
-        .map(|t| t.into_vec())
-        .unwrap_or_else(|| vec![0.0; fd_y.len()]);
-    report.jvp = rel_err(&ydot, &fd_y);
+        .map(|t| Tensor::randn(t.shape(), rng))
+        .collect()
+}
 
-    // 2. Gradient: every coordinate when small, and two random directions.
+/// Unit coordinate direction `j` over all entries of `theta`.
+fn coordinate(theta: &[Tensor<f64>], j: usize) -> Vec<Tensor<f64>> {
+    let mut e: Vec<Tensor<f64>> = theta.iter().map(|t| Tensor::zeros(t.shape())).collect();
+    let mut rem = j;
+    for t in e.iter_mut() {
+        if rem < t.numel() {
+            t.data_mut()[rem] = 1.0;
+            break;
+        }
+        rem -= t.numel();
+    }
+    e
+}
+
+/// Gradient vs central differences of the probe along `u`, `v` and, when there are at most
+/// 48 entries, every coordinate.
+fn grad_error(
+    probe: &Probe<'_>,
+    theta: &[Tensor<f64>],
+    g: &[f64],
+    (u, v): (&[Tensor<f64>], &[Tensor<f64>]),
+    h: f64,
+) -> Result<f64> {
     let n: usize = theta.iter().map(|t| t.numel()).sum();
     let fval = |th: &[Tensor<f64>]| probe.eval(th, &[]).map(|r| r.0);
-    let mut dirs: Vec<Vec<Tensor<f64>>> = vec![u.clone(), v.clone()];
+    let mut dirs: Vec<Vec<Tensor<f64>>> = vec![u.to_vec(), v.to_vec()];
     if n <= 48 {
-        for j in 0..n {
-            let mut e: Vec<Tensor<f64>> = theta.iter().map(|t| Tensor::zeros(t.shape())).collect();
-            let mut rem = j;
-            for t in e.iter_mut() {
-                if rem < t.numel() {
-                    t.data_mut()[rem] = 1.0;
-                    break;
-                }
-                rem -= t.numel();
-            }
-            dirs.push(e);
-        }
+        dirs.extend((0..n).map(|j| coordinate(theta, j)));
     }
     let mut got = Vec::new();
     let mut want = Vec::new();
     for d in &dirs {
-        let fp = fval(&shift(theta, d, h)).map_err(|e| fail("eval", e))?;
-        let fm = fval(&shift(theta, d, -h)).map_err(|e| fail("eval", e))?;
+        let fp = fval(&shift(theta, d, h))?;
+        let fm = fval(&shift(theta, d, -h))?;
         want.push((fp - fm) / (2.0 * h));
         got.push(g.iter().zip(flat(d)).map(|(a, b)| a * b).sum());
     }
-    report.grad = rel_err(&got, &want);
+    Ok(rel_err(&got, &want))
+}
 
-    // 3. HVP against differences of gradients.
-    let fd_hv: Vec<f64> = gp
-        .iter()
-        .zip(&gm)
-        .map(|(a, b)| (a - b) / (2.0 * h))
-        .collect();
-    report.hvp = rel_err(&hv1[0], &fd_hv);
-
-    // 4. Symmetry u·Hv = v·Hu (from the batched pass: hv2[0] = Hu, hv2[1] = Hv).
-    let (uf, vf) = (flat(&u), flat(&v));
+/// |u·Hv − v·Hu| relative to their size, from the batched pass `hv2 = [Hu, Hv]`.
+fn symmetry_error(u: &[Tensor<f64>], v: &[Tensor<f64>], hv2: &[Vec<f64>]) -> f64 {
+    let (uf, vf) = (flat(u), flat(v));
     let u_hv: f64 = uf.iter().zip(&hv2[1]).map(|(a, b)| a * b).sum();
     let v_hu: f64 = vf.iter().zip(&hv2[0]).map(|(a, b)| a * b).sum();
-    report.symmetry = (u_hv - v_hu).abs() / u_hv.abs().max(v_hu.abs()).max(1e-6);
+    (u_hv - v_hu).abs() / u_hv.abs().max(v_hu.abs()).max(1e-6)
+}
 
-    // 5. Batched vs single.
-    report.batched = rel_err(&hv2[1], &hv1[0]);
-
+/// The message naming the first check of `report` whose error exceeds `tol` (NaN fails too).
+fn first_failure(name: &str, report: &CheckReport, tol: f64) -> std::result::Result<(), String> {
     let checks = [
         ("JVP", report.jvp),
         ("gradient", report.grad),
@@ -256,5 +227,61 @@ pub fn check_op(
             ));
         }
     }
+    Ok(())
+}
+
+/// Checks the op `op` at the inputs `theta` (all differentiable). Returns the report, or an
+/// error message naming the first failed check when any error exceeds `tol`.
+pub fn check_op(
+    name: &str,
+    theta: &[Tensor<f64>],
+    tol: f64,
+    op: impl Fn(&mut Tape<f64>, &[Var]) -> Result<Var>,
+) -> std::result::Result<CheckReport, String> {
+    let fail = |what: &str, e: crate::EngineError| format!("{name}: {what}: {e}");
+    let h = 1e-5;
+    let mut rng = StdRng::seed_from_u64(0x5eed ^ name.len() as u64);
+    let probe = make_probe(theta, &op, &mut rng).map_err(|e| fail("record", e))?;
+    let (u, v) = (rand_dir(theta, &mut rng), rand_dir(theta, &mut rng));
+    let eval = |th: &[Tensor<f64>], dirs: &[Vec<Tensor<f64>>]| {
+        probe.eval(th, dirs).map_err(|e| fail("eval", e))
+    };
+    let mut report = CheckReport::default();
+
+    let (_, _, ydot, g, hv1) = eval(theta, std::slice::from_ref(&v))?;
+    let (_, _, _, _, hv2) = eval(theta, &[u.clone(), v.clone()])?;
+
+    // 1. JVP.
+    let (_, yp, _, gp, _) = eval(&shift(theta, &v, h), &[])?;
+    let (_, ym, _, gm, _) = eval(&shift(theta, &v, -h), &[])?;
+    let fd_y: Vec<f64> = yp
+        .data()
+        .iter()
+        .zip(ym.data())
+        .map(|(a, b)| (a - b) / (2.0 * h))
+        .collect();
+    let ydot = ydot
+        .map(|t| t.into_vec())
+        .unwrap_or_else(|| vec![0.0; fd_y.len()]);
+    report.jvp = rel_err(&ydot, &fd_y);
+
+    // 2. Gradient: every coordinate when small, and two random directions.
+    report.grad = grad_error(&probe, theta, &g, (&u, &v), h).map_err(|e| fail("eval", e))?;
+
+    // 3. HVP against differences of gradients.
+    let fd_hv: Vec<f64> = gp
+        .iter()
+        .zip(&gm)
+        .map(|(a, b)| (a - b) / (2.0 * h))
+        .collect();
+    report.hvp = rel_err(&hv1[0], &fd_hv);
+
+    // 4. Symmetry u·Hv = v·Hu (from the batched pass: hv2[0] = Hu, hv2[1] = Hv).
+    report.symmetry = symmetry_error(&u, &v, &hv2);
+
+    // 5. Batched vs single.
+    report.batched = rel_err(&hv2[1], &hv1[0]);
+
+    first_failure(name, &report, tol)?;
     Ok(report)
 }

@@ -171,9 +171,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     super::with_threads(args.threads, || measure(args))
 }
 
+/// Timed rows of the table: (workload, median ms, min ms).
+type Rows = Vec<(String, f64, f64)>;
+
+/// Times the task of `args` in the current pool; prints the table (unless `--json`) and the
+/// JSON line.
 fn measure(args: &BenchArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
-    let mut rows: Vec<(String, f64, f64)> = Vec::new();
+    let mut rows: Rows = Vec::new();
     let mut out = json!({
         "task": args.task.name(),
         "threads": threads,
@@ -192,155 +197,184 @@ fn measure(args: &BenchArgs) -> Result<()> {
                 }
             }
         }
-        Task::Gemm => {
-            let shape = args.shape.unwrap_or((args.size, args.size, args.size));
-            let mut w = GemmWorkload::<f32>::shaped(shape, args.layout.into());
-            let (med, min) = time(args.reps, || w.run());
-            let (m, k, n) = shape;
-            rows.push((format!("sgemm {m}x{k}x{n} {:?}", args.layout), med, min));
-            out["size"] = json!(args.size);
-            out["shape"] = json!([m, k, n]);
-            out["layout"] = json!(format!("{:?}", args.layout).to_lowercase());
-            out["median_ms"] = json!(med);
-            out["min_ms"] = json!(min);
-            out["per_second"] = json!(1e3 / med);
-            let gflops = w.flops() / (med * 1e6);
-            out["gflops"] = json!(gflops);
-            let peak = measured_peak();
-            out["peak_gflops"] = json!(peak);
-            out["peak_fraction"] = json!(peak.map(|p| gflops / p));
-        }
-        task => {
-            let k = match task {
-                Task::HvpBatched => args.vectors,
-                Task::Trace => 0,
-                _ => 1,
-            };
-            let w = Workload::<f32>::new(&args.model, args.batch, k)?;
-            let macs = layer_macs(w.model.net(), args.batch);
-            let (g_med, g_min) = time(args.reps, || {
-                std::hint::black_box(w.grad());
-            });
-            rows.push(("gradient".into(), g_med, g_min));
-            out["model"] = json!(args.model);
-            out["batch"] = json!(args.batch);
-            // The BatchNorm mode of the timed loss (`trace` below sets its own).
-            out["bn_mode"] = json!(w.bn.name());
-            out["vectors"] = json!(match task {
-                Task::Grad => 0,
-                Task::Trace if args.method == TraceMethod::Structural => 0,
-                Task::Trace => args.vectors,
-                _ => k,
-            });
-            out["grad_ms"] = json!(g_med);
-            let (med, min, flops) = match task {
-                Task::Grad => (g_med, g_min, grad_flops(&macs)),
-                Task::Trace => {
-                    let mut trace = 0.0;
-                    let (m, n) = match args.method {
-                        TraceMethod::Structural => time(args.reps, || trace = w.trace_structural()),
-                        TraceMethod::Basis => {
-                            time(args.reps, || trace = w.trace_basis(args.vectors))
-                        }
-                        TraceMethod::Hutchinson => time(args.reps, || {
-                            trace = w.trace_hutchinson(args.probes, args.vectors)
-                        }),
-                    };
-                    let name = match args.method {
-                        TraceMethod::Structural => "structural",
-                        TraceMethod::Basis => "basis",
-                        TraceMethod::Hutchinson => "hutchinson",
-                    };
-                    if args.method == TraceMethod::Hutchinson {
-                        out["probes"] = json!(args.probes);
-                        out["per_probe_ms"] = json!(m / args.probes as f64);
-                    }
-                    rows.push((format!("exact trace ({name})"), m, n));
-                    out["method"] = json!(name);
-                    out["trace"] = json!(trace);
-                    out["bn_mode"] = json!(if args.method == TraceMethod::Structural {
-                        flatmin_models::BnUse::Eval.name()
-                    } else {
-                        w.bn.name()
-                    });
-                    out["trace_over_grad"] = json!(m / g_med);
-                    (m, n, f64::NAN)
-                }
-                Task::Hvp => {
-                    let (m, n) = time(args.reps, || {
-                        std::hint::black_box(w.hvp());
-                    });
-                    rows.push(("hvp".into(), m, n));
-                    (m, n, hvp_flops(&macs, 1))
-                }
-                _ => {
-                    let (h1, h1min) = time(args.reps, || {
-                        std::hint::black_box(w.hvp());
-                    });
-                    rows.push(("hvp (single)".into(), h1, h1min));
-                    let (m, n) = time(args.reps, || {
-                        std::hint::black_box(w.hvp_batched());
-                    });
-                    rows.push((format!("hvp x{k} batched"), m, n));
-                    out["single_hvp_ms"] = json!(h1);
-                    out["batched_over_singles"] = json!(m / (k as f64 * h1));
-                    (m, n, hvp_flops(&macs, k))
-                }
-            };
-            out["median_ms"] = json!(med);
-            out["min_ms"] = json!(min);
-            let items = if task == Task::HvpBatched {
-                k as f64
-            } else {
-                1.0
-            };
-            out["per_second"] = json!(items * 1e3 / med);
-            out["gflops"] = if flops.is_nan() {
-                serde_json::Value::Null
-            } else {
-                json!(flops / (med * 1e6))
-            };
-            if !matches!(task, Task::Grad | Task::Trace) {
-                out["hvp_over_grad"] = json!(med / g_med / items);
-            }
-        }
+        Task::Gemm => measure_gemm(args, &mut rows, &mut out),
+        task => measure_model(args, task, &mut rows, &mut out)?,
     }
     if !args.json && !rows.is_empty() {
-        println!("{:<22} {:>12} {:>12}", "workload", "median ms", "min ms");
-        for (name, med, min) in &rows {
-            println!("{name:<22} {med:>12.3} {min:>12.3}");
-        }
-        if let Some(r) = out.get("hvp_over_grad") {
-            println!(
-                "HVP / gradient (per direction): {:.3}",
-                r.as_f64().unwrap_or(f64::NAN)
-            );
-        }
-        if let Some(r) = out.get("batched_over_singles") {
-            println!(
-                "batched / {} single HVPs: {:.3}",
-                args.vectors,
-                r.as_f64().unwrap_or(f64::NAN)
-            );
-        }
-        if let Some(g) = out["gflops"].as_f64() {
-            println!("GFLOP/s (GEMM work): {g:.1}");
-        }
-        if let (Some(p), Some(f)) = (out["peak_gflops"].as_f64(), out["peak_fraction"].as_f64()) {
-            println!(
-                "measured FMA peak: {p:.1} GFLOP/s; this GEMM: {:.1}% of it",
-                100.0 * f
-            );
-        }
-        if let Some(t) = out.get("trace") {
-            println!(
-                "trace {:.6e} ({}; {:.2} gradients)",
-                t.as_f64().unwrap_or(f64::NAN),
-                out["method"].as_str().unwrap_or(""),
-                out["trace_over_grad"].as_f64().unwrap_or(f64::NAN)
-            );
-        }
+        print_table(args, &rows, &out);
     }
     println!("{out}");
     Ok(())
+}
+
+/// `bench gemm`: one SGEMM of `--shape` (or `--size` cubed) and its share of the FMA peak.
+fn measure_gemm(args: &BenchArgs, rows: &mut Rows, out: &mut serde_json::Value) {
+    let shape = args.shape.unwrap_or((args.size, args.size, args.size));
+    let mut w = GemmWorkload::<f32>::shaped(shape, args.layout.into());
+    let (med, min) = time(args.reps, || w.run());
+    let (m, k, n) = shape;
+    rows.push((format!("sgemm {m}x{k}x{n} {:?}", args.layout), med, min));
+    out["size"] = json!(args.size);
+    out["shape"] = json!([m, k, n]);
+    out["layout"] = json!(format!("{:?}", args.layout).to_lowercase());
+    out["median_ms"] = json!(med);
+    out["min_ms"] = json!(min);
+    out["per_second"] = json!(1e3 / med);
+    let gflops = w.flops() / (med * 1e6);
+    out["gflops"] = json!(gflops);
+    let peak = measured_peak();
+    out["peak_gflops"] = json!(peak);
+    out["peak_fraction"] = json!(peak.map(|p| gflops / p));
+}
+
+/// The model tasks (grad, hvp, hvp-batched, trace): the gradient for the ratios, then the
+/// task itself.
+fn measure_model(
+    args: &BenchArgs,
+    task: Task,
+    rows: &mut Rows,
+    out: &mut serde_json::Value,
+) -> Result<()> {
+    let k = match task {
+        Task::HvpBatched => args.vectors,
+        Task::Trace => 0,
+        _ => 1,
+    };
+    let w = Workload::<f32>::new(&args.model, args.batch, k)?;
+    let macs = layer_macs(w.model.net(), args.batch);
+    let (g_med, g_min) = time(args.reps, || {
+        std::hint::black_box(w.grad());
+    });
+    rows.push(("gradient".into(), g_med, g_min));
+    out["model"] = json!(args.model);
+    out["batch"] = json!(args.batch);
+    // The BatchNorm mode of the timed loss (`trace` below sets its own).
+    out["bn_mode"] = json!(w.bn.name());
+    out["vectors"] = json!(match task {
+        Task::Grad => 0,
+        Task::Trace if args.method == TraceMethod::Structural => 0,
+        Task::Trace => args.vectors,
+        _ => k,
+    });
+    out["grad_ms"] = json!(g_med);
+    let (med, min, flops) = match task {
+        Task::Grad => (g_med, g_min, grad_flops(&macs)),
+        Task::Trace => {
+            let (m, n) = measure_trace(args, &w, g_med, rows, out);
+            (m, n, f64::NAN)
+        }
+        Task::Hvp => {
+            let (m, n) = time(args.reps, || {
+                std::hint::black_box(w.hvp());
+            });
+            rows.push(("hvp".into(), m, n));
+            (m, n, hvp_flops(&macs, 1))
+        }
+        _ => {
+            let (h1, h1min) = time(args.reps, || {
+                std::hint::black_box(w.hvp());
+            });
+            rows.push(("hvp (single)".into(), h1, h1min));
+            let (m, n) = time(args.reps, || {
+                std::hint::black_box(w.hvp_batched());
+            });
+            rows.push((format!("hvp x{k} batched"), m, n));
+            out["single_hvp_ms"] = json!(h1);
+            out["batched_over_singles"] = json!(m / (k as f64 * h1));
+            (m, n, hvp_flops(&macs, k))
+        }
+    };
+    out["median_ms"] = json!(med);
+    out["min_ms"] = json!(min);
+    let items = if task == Task::HvpBatched {
+        k as f64
+    } else {
+        1.0
+    };
+    out["per_second"] = json!(items * 1e3 / med);
+    out["gflops"] = if flops.is_nan() {
+        serde_json::Value::Null
+    } else {
+        json!(flops / (med * 1e6))
+    };
+    if !matches!(task, Task::Grad | Task::Trace) {
+        out["hvp_over_grad"] = json!(med / g_med / items);
+    }
+    Ok(())
+}
+
+/// `bench trace`: the trace by `--method`, its time against the gradient's `g_med`; gives
+/// (median, min) ms.
+fn measure_trace(
+    args: &BenchArgs,
+    w: &Workload<f32>,
+    g_med: f64,
+    rows: &mut Rows,
+    out: &mut serde_json::Value,
+) -> (f64, f64) {
+    let mut trace = 0.0;
+    let (m, n) = match args.method {
+        TraceMethod::Structural => time(args.reps, || trace = w.trace_structural()),
+        TraceMethod::Basis => time(args.reps, || trace = w.trace_basis(args.vectors)),
+        TraceMethod::Hutchinson => time(args.reps, || {
+            trace = w.trace_hutchinson(args.probes, args.vectors)
+        }),
+    };
+    let name = match args.method {
+        TraceMethod::Structural => "structural",
+        TraceMethod::Basis => "basis",
+        TraceMethod::Hutchinson => "hutchinson",
+    };
+    if args.method == TraceMethod::Hutchinson {
+        out["probes"] = json!(args.probes);
+        out["per_probe_ms"] = json!(m / args.probes as f64);
+    }
+    rows.push((format!("exact trace ({name})"), m, n));
+    out["method"] = json!(name);
+    out["trace"] = json!(trace);
+    out["bn_mode"] = json!(if args.method == TraceMethod::Structural {
+        flatmin_models::BnUse::Eval.name()
+    } else {
+        w.bn.name()
+    });
+    out["trace_over_grad"] = json!(m / g_med);
+    (m, n)
+}
+
+/// The human-readable table and the ratios under it.
+fn print_table(args: &BenchArgs, rows: &Rows, out: &serde_json::Value) {
+    println!("{:<22} {:>12} {:>12}", "workload", "median ms", "min ms");
+    for (name, med, min) in rows {
+        println!("{name:<22} {med:>12.3} {min:>12.3}");
+    }
+    if let Some(r) = out.get("hvp_over_grad") {
+        println!(
+            "HVP / gradient (per direction): {:.3}",
+            r.as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    if let Some(r) = out.get("batched_over_singles") {
+        println!(
+            "batched / {} single HVPs: {:.3}",
+            args.vectors,
+            r.as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    if let Some(g) = out["gflops"].as_f64() {
+        println!("GFLOP/s (GEMM work): {g:.1}");
+    }
+    if let (Some(p), Some(f)) = (out["peak_gflops"].as_f64(), out["peak_fraction"].as_f64()) {
+        println!(
+            "measured FMA peak: {p:.1} GFLOP/s; this GEMM: {:.1}% of it",
+            100.0 * f
+        );
+    }
+    if let Some(t) = out.get("trace") {
+        println!(
+            "trace {:.6e} ({}; {:.2} gradients)",
+            t.as_f64().unwrap_or(f64::NAN),
+            out["method"].as_str().unwrap_or(""),
+            out["trace_over_grad"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
 }

@@ -2,7 +2,7 @@
 //! Hutch++ (Meyer, Musco, Musco & Woodruff 2021).
 
 use super::linalg::{dot, orthogonalize, orthonormal_columns, rademacher, Running};
-use super::operator::{BatchLoss, Hessian};
+use super::operator::{BatchLoss, Hessian, ParamLayout};
 use super::{invalid, CurvatureResult};
 use crate::scalar::Scalar;
 use rand::rngs::StdRng;
@@ -77,17 +77,8 @@ pub struct HutchinsonResult {
     pub passes: usize,
 }
 
-/// Hutchinson's trace estimator with Rademacher probes `z`: `tr(H) ≈ mean(zᵀ H z)`.
-/// Probes go through the batched HVP a round at a time; after each round, once at least
-/// `min_probes` are in, it stops when the relative half-width of the confidence interval
-/// `z · se / |mean|` is at most `rel_tol`, or at `max_probes`.
-///
-/// Cost: one HVP per probe (`probes` in the result, between `min_probes` and `max_probes`,
-/// rounded up to whole rounds below the cap).
-pub fn hutchinson<T: Scalar, L: BatchLoss<T>>(
-    h: &Hessian<'_, T, L>,
-    opts: &HutchinsonOptions,
-) -> CurvatureResult<HutchinsonResult> {
+/// Checks `min_probes`, `max_probes`, `rel_tol` and `z` of [`hutchinson`].
+fn check_hutchinson_options(opts: &HutchinsonOptions) -> CurvatureResult<()> {
     if opts.min_probes < 2 {
         return invalid(
             "min_probes",
@@ -113,6 +104,56 @@ pub fn hutchinson<T: Scalar, L: BatchLoss<T>>(
             ),
         );
     }
+    Ok(())
+}
+
+/// Relative half-width `t · se / |mean|` of the confidence interval of `r` (0 when the
+/// standard error is 0), `t` the Student-t quantile of the level of `z`.
+fn relative_half_width(r: &Running, z: f64) -> f64 {
+    let se = r.std_error();
+    if se == 0.0 {
+        0.0
+    } else {
+        student_t_quantile(z, r.count().saturating_sub(1)) * se / r.mean().abs()
+    }
+}
+
+/// Hutchinson samples `zᵀ H z`, in total and per parameter tensor.
+struct Tally {
+    total: Running,
+    blocks: Vec<Running>,
+    samples: Vec<f64>,
+}
+
+impl Tally {
+    /// Adds the probes `zs` with their products `hzs`, blocks summed in tensor order.
+    fn add(&mut self, layout: &ParamLayout, zs: &[Vec<f64>], hzs: &[Vec<f64>]) {
+        for (z, hz) in zs.iter().zip(hzs) {
+            let mut s = 0.0;
+            for (i, blk) in self.blocks.iter_mut().enumerate() {
+                let r = layout.range(i);
+                let v = dot(&z[r.clone()], &hz[r]);
+                blk.push(v);
+                s += v;
+            }
+            self.total.push(s);
+            self.samples.push(s);
+        }
+    }
+}
+
+/// Hutchinson's trace estimator with Rademacher probes `z`: `tr(H) ≈ mean(zᵀ H z)`.
+/// Probes go through the batched HVP a round at a time; after each round, once at least
+/// `min_probes` are in, it stops when the relative half-width of the confidence interval
+/// `z · se / |mean|` is at most `rel_tol`, or at `max_probes`.
+///
+/// Cost: one HVP per probe (`probes` in the result, between `min_probes` and `max_probes`,
+/// rounded up to whole rounds below the cap).
+pub fn hutchinson<T: Scalar, L: BatchLoss<T>>(
+    h: &Hessian<'_, T, L>,
+    opts: &HutchinsonOptions,
+) -> CurvatureResult<HutchinsonResult> {
+    check_hutchinson_options(opts)?;
     let round = opts
         .probes_per_round
         .unwrap_or_else(|| h.config().directions_per_pass * h.config().concurrent_passes);
@@ -122,22 +163,15 @@ pub fn hutchinson<T: Scalar, L: BatchLoss<T>>(
     let start = (h.hvps(), h.passes());
     let layout = h.layout();
     let d = layout.dim();
-    let nt = layout.num_tensors();
     let mut rng = StdRng::seed_from_u64(opts.seed);
-    let mut total = Running::default();
-    let mut blocks = vec![Running::default(); nt];
-    let mut samples = Vec::new();
-    let relative = |r: &Running| {
-        let se = r.std_error();
-        if se == 0.0 {
-            0.0
-        } else {
-            student_t_quantile(opts.z, r.count().saturating_sub(1)) * se / r.mean().abs()
-        }
+    let mut tally = Tally {
+        total: Running::default(),
+        blocks: vec![Running::default(); layout.num_tensors()],
+        samples: Vec::new(),
     };
     let converged = loop {
-        let n = total.count();
-        if n >= opts.min_probes && relative(&total) <= opts.rel_tol {
+        let n = tally.total.count();
+        if n >= opts.min_probes && relative_half_width(&tally.total, opts.z) <= opts.rel_tol {
             break true;
         }
         if n >= opts.max_probes {
@@ -151,25 +185,20 @@ pub fn hutchinson<T: Scalar, L: BatchLoss<T>>(
         let take = want.min(opts.max_probes - n);
         let probes: Vec<Vec<f64>> = (0..take).map(|_| rademacher(&mut rng, d)).collect();
         let hz = h.apply(&probes)?;
-        for (z, hz) in probes.iter().zip(&hz) {
-            let mut s = 0.0;
-            for (i, blk) in blocks.iter_mut().enumerate() {
-                let r = layout.range(i);
-                let v = dot(&z[r.clone()], &hz[r]);
-                blk.push(v);
-                s += v;
-            }
-            total.push(s);
-            samples.push(s);
-        }
+        tally.add(layout, &probes, &hz);
     };
+    let Tally {
+        total,
+        blocks,
+        samples,
+    } = tally;
     let estimate = total.mean();
     let se = total.std_error();
     Ok(HutchinsonResult {
         estimate,
         std_error: se,
         half_width: student_t_quantile(opts.z, total.count().saturating_sub(1)) * se,
-        relative_half_width: relative(&total),
+        relative_half_width: relative_half_width(&total, opts.z),
         probes: total.count(),
         converged,
         dim: d,

@@ -111,6 +111,52 @@ pub fn lanczos<T: Scalar, L: BatchLoss<T>>(
     opts: &LanczosOptions,
 ) -> CurvatureResult<LanczosResult> {
     let d = h.dim();
+    check_lanczos_options(opts, d)?;
+    let start = (h.hvps(), h.passes());
+    let max_iters = opts.max_iters.min(d);
+    let breakdown = breakdown_tol::<T>();
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let mut v = gaussian(&mut rng, d);
+    let n0 = norm(&v);
+    scale(&mut v, 1.0 / n0);
+    let mut kr = Krylov::default();
+    let (mut converged, mut exhausted) = (false, false);
+    while kr.basis.len() < max_iters {
+        let w = h.apply(std::slice::from_ref(&v))?.remove(0);
+        let (w, b) = kr.step(v, w);
+        // On an invariant subspace the Ritz pairs are exact but may miss copies of repeated
+        // eigenvalues: restart before judging convergence.
+        let broke = b <= breakdown * kr.scale_est;
+        if !broke && kr.basis.len() >= opts.k {
+            converged = kr.converged(b, opts)?;
+            if converged {
+                break;
+            }
+        }
+        if kr.basis.len() == max_iters {
+            break;
+        }
+        if broke {
+            match kr.restart(&mut rng, d) {
+                Some(r) => v = r,
+                None => {
+                    exhausted = true;
+                    break;
+                }
+            }
+        } else {
+            v = kr.advance(w, b);
+        }
+    }
+    if exhausted || kr.basis.len() == d {
+        converged = true;
+    }
+    let spent = (h.hvps() - start.0, h.passes() - start.1);
+    kr.finish(opts, d, converged, spent)
+}
+
+/// Checks `k`, `max_iters` and `tol` of [`lanczos`] against the dimension `d`.
+fn check_lanczos_options(opts: &LanczosOptions, d: usize) -> CurvatureResult<()> {
     if opts.k == 0 || opts.k > d {
         return invalid("k", format!("need 1 <= k <= d = {d}, got {}", opts.k));
     }
@@ -123,113 +169,141 @@ pub fn lanczos<T: Scalar, L: BatchLoss<T>>(
     if opts.tol.is_nan() || opts.tol < 0.0 {
         return invalid("tol", format!("must be >= 0, got {}", opts.tol));
     }
-    let start = (h.hvps(), h.passes());
-    let max_iters = opts.max_iters.min(d);
-    let breakdown = 100.0 * T::epsilon().to_f64().unwrap_or(f64::EPSILON);
-    let mut rng = StdRng::seed_from_u64(opts.seed);
-    let mut v = gaussian(&mut rng, d);
-    let n0 = norm(&v);
-    scale(&mut v, 1.0 / n0);
-    let mut basis: Vec<Vec<f64>> = Vec::new();
-    let mut alpha: Vec<f64> = Vec::new();
-    let mut beta: Vec<f64> = Vec::new(); // beta[j] couples basis j and j + 1
-    let mut restarts = 0;
-    let mut scale_est: f64 = 0.0;
-    let (mut converged, mut exhausted) = (false, false);
-    let mut last_beta = 0.0;
-    while basis.len() < max_iters {
-        let j = basis.len();
-        let mut w = h.apply(std::slice::from_ref(&v))?.remove(0);
-        let a = dot(&v, &w);
-        axpy(&mut w, -a, &v);
-        if j > 0 {
-            axpy(&mut w, -beta[j - 1], &basis[j - 1]);
-        }
-        basis.push(v);
-        alpha.push(a);
-        orthogonalize(&mut w, &basis);
+    Ok(())
+}
+
+/// Relative size of a Lanczos residual below which the subspace counts as invariant.
+fn breakdown_tol<T: Scalar>() -> f64 {
+    100.0 * T::epsilon().to_f64().unwrap_or(f64::EPSILON)
+}
+
+/// The three-term recurrence: with `w = H v`, removes `α v` and `β_prev v_prev` from `w`;
+/// gives `α = v·w`.
+fn recurrence(w: &mut [f64], v: &[f64], prev: Option<(f64, &[f64])>) -> f64 {
+    let a = dot(v, w);
+    axpy(w, -a, v);
+    if let Some((b, p)) = prev {
+        axpy(w, -b, p);
+    }
+    a
+}
+
+/// The growing basis and tridiagonal matrix of [`lanczos`].
+#[derive(Default)]
+struct Krylov {
+    basis: Vec<Vec<f64>>,
+    alpha: Vec<f64>,
+    /// `beta[j]` couples basis vectors `j` and `j + 1` (0 after a restart).
+    beta: Vec<f64>,
+    restarts: usize,
+    /// Running estimate of ‖H‖, for the breakdown test and the convergence floor.
+    scale_est: f64,
+    /// Norm of the last residual (0 after a restart): Ritz residuals are it times a row.
+    last_beta: f64,
+}
+
+impl Krylov {
+    /// Appends unit `v` (with `w = H v`) to the basis; gives the fully reorthogonalized
+    /// residual `w` and its norm.
+    fn step(&mut self, v: Vec<f64>, mut w: Vec<f64>) -> (Vec<f64>, f64) {
+        let j = self.basis.len();
+        let prev = (j > 0).then(|| (self.beta[j - 1], self.basis[j - 1].as_slice()));
+        let a = recurrence(&mut w, &v, prev);
+        self.basis.push(v);
+        self.alpha.push(a);
+        orthogonalize(&mut w, &self.basis);
         let b = norm(&w);
-        last_beta = b;
-        scale_est = scale_est.max(a.abs() + b + beta.last().map_or(0.0, |x: &f64| x.abs()));
-        // On an invariant subspace the Ritz pairs are exact but may miss copies of repeated
-        // eigenvalues: restart before judging convergence.
-        let broke = b <= breakdown * scale_est;
-        if !broke && basis.len() >= opts.k {
-            let last = basis.len() - 1;
-            let eig = tridiagonal_eigen(&alpha, &beta, &[last])?;
-            let floor = f64::EPSILON.powf(2.0 / 3.0) * scale_est;
-            converged = wanted(&eig.values, opts.k, opts.which)
-                .iter()
-                .all(|&i| (b * eig.rows[0][i]).abs() <= opts.tol * eig.values[i].abs().max(floor));
-            if converged {
-                break;
-            }
-        }
-        if basis.len() == max_iters {
-            break;
-        }
-        if broke {
-            // Invariant subspace: continue with a fresh direction, uncoupled (beta = 0).
-            let mut r = gaussian(&mut rng, d);
-            orthogonalize(&mut r, &basis);
-            let nr = norm(&r);
-            if nr <= 1e-8 * (d as f64).sqrt() {
-                exhausted = true;
-                break;
-            }
-            scale(&mut r, 1.0 / nr);
-            beta.push(0.0);
-            restarts += 1;
-            last_beta = 0.0;
-            v = r;
-        } else {
-            scale(&mut w, 1.0 / b);
-            beta.push(b);
-            v = w;
-        }
+        self.last_beta = b;
+        let beta_prev = self.beta.last().map_or(0.0, |x: &f64| x.abs());
+        self.scale_est = self.scale_est.max(a.abs() + b + beta_prev);
+        (w, b)
     }
-    let iterations = basis.len();
-    let rows: Vec<usize> = if opts.eigenvectors {
-        (0..iterations).collect()
-    } else {
-        vec![iterations - 1]
-    };
-    let eig = tridiagonal_eigen(&alpha, &beta, &rows)?;
-    let last_row = if opts.eigenvectors { iterations - 1 } else { 0 };
-    let picked = wanted(&eig.values, opts.k, opts.which);
-    let residuals: Vec<f64> = picked
-        .iter()
-        .map(|&i| (last_beta * eig.rows[last_row][i]).abs())
-        .collect();
-    if exhausted || iterations == d {
-        converged = true;
-    }
-    let eigenvectors = opts.eigenvectors.then(|| {
-        picked
+
+    /// Whether every wanted Ritz pair meets the tolerance, `b` being the last residual norm.
+    fn converged(&self, b: f64, opts: &LanczosOptions) -> CurvatureResult<bool> {
+        let last = self.basis.len() - 1;
+        let eig = tridiagonal_eigen(&self.alpha, &self.beta, &[last])?;
+        let floor = f64::EPSILON.powf(2.0 / 3.0) * self.scale_est;
+        Ok(wanted(&eig.values, opts.k, opts.which)
             .iter()
-            .map(|&i| {
-                let mut y = vec![0.0; d];
-                for (r, q) in basis.iter().enumerate() {
-                    axpy(&mut y, eig.rows[r][i], q);
-                }
-                let ny = norm(&y);
-                scale(&mut y, 1.0 / ny);
-                y
-            })
-            .collect()
-    });
-    Ok(LanczosResult {
-        eigenvalues: picked.iter().map(|&i| eig.values[i]).collect(),
-        residuals,
-        eigenvectors,
-        ritz_values: eig.values,
-        iterations,
-        restarts,
-        converged,
-        dim: d,
-        hvps: h.hvps() - start.0,
-        passes: h.passes() - start.1,
-    })
+            .all(|&i| (b * eig.rows[0][i]).abs() <= opts.tol * eig.values[i].abs().max(floor)))
+    }
+
+    /// The next basis vector `w / b`.
+    fn advance(&mut self, mut w: Vec<f64>, b: f64) -> Vec<f64> {
+        scale(&mut w, 1.0 / b);
+        self.beta.push(b);
+        w
+    }
+
+    /// Invariant subspace: a fresh random unit direction orthogonal to the basis,
+    /// uncoupled (beta = 0); `None` when the basis already spans the space.
+    fn restart(&mut self, rng: &mut StdRng, d: usize) -> Option<Vec<f64>> {
+        let mut r = gaussian(rng, d);
+        orthogonalize(&mut r, &self.basis);
+        let nr = norm(&r);
+        if nr <= 1e-8 * (d as f64).sqrt() {
+            return None;
+        }
+        scale(&mut r, 1.0 / nr);
+        self.beta.push(0.0);
+        self.restarts += 1;
+        self.last_beta = 0.0;
+        Some(r)
+    }
+
+    /// Ritz values, residuals and (when asked) unit Ritz vectors of the wanted pairs;
+    /// `spent` is (HVPs, passes).
+    fn finish(
+        self,
+        opts: &LanczosOptions,
+        d: usize,
+        converged: bool,
+        spent: (usize, usize),
+    ) -> CurvatureResult<LanczosResult> {
+        let iterations = self.basis.len();
+        let rows: Vec<usize> = if opts.eigenvectors {
+            (0..iterations).collect()
+        } else {
+            vec![iterations - 1]
+        };
+        let eig = tridiagonal_eigen(&self.alpha, &self.beta, &rows)?;
+        let last_row = if opts.eigenvectors { iterations - 1 } else { 0 };
+        let picked = wanted(&eig.values, opts.k, opts.which);
+        let residuals: Vec<f64> = picked
+            .iter()
+            .map(|&i| (self.last_beta * eig.rows[last_row][i]).abs())
+            .collect();
+        let eigenvectors = opts.eigenvectors.then(|| {
+            picked
+                .iter()
+                .map(|&i| ritz_vector(&self.basis, &eig.rows, i, d))
+                .collect()
+        });
+        Ok(LanczosResult {
+            eigenvalues: picked.iter().map(|&i| eig.values[i]).collect(),
+            residuals,
+            eigenvectors,
+            ritz_values: eig.values,
+            iterations,
+            restarts: self.restarts,
+            converged,
+            dim: d,
+            hvps: spent.0,
+            passes: spent.1,
+        })
+    }
+}
+
+/// Unit Ritz vector `i`: `Σ_r rows[r][i] basis[r]`, normalized.
+fn ritz_vector(basis: &[Vec<f64>], rows: &[Vec<f64>], i: usize, d: usize) -> Vec<f64> {
+    let mut y = vec![0.0; d];
+    for (r, q) in basis.iter().enumerate() {
+        axpy(&mut y, rows[r][i], q);
+    }
+    let ny = norm(&y);
+    scale(&mut y, 1.0 / ny);
+    y
 }
 
 /// Options of [`slq`].
@@ -360,19 +434,75 @@ struct ProbeState {
     done: bool,
 }
 
-/// Stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao 2019; Ubaru, Chen & Saad 2017):
-/// for each Rademacher probe `v = z / √d`, `steps` Lanczos steps give a tridiagonal `T`
-/// whose eigenvalues are quadrature nodes and whose squared first eigenvector components
-/// are weights. All probes advance in lockstep, so each step is one batched HVP with one
-/// direction per active probe. A probe stops early on an invariant subspace (its
-/// quadrature is then exact).
-///
-/// Cost: at most `probes × min(steps, d)` HVPs, in `min(steps, d)` rounds of
-/// `ceil(probes / K)` passes per batch.
-pub fn slq<T: Scalar, L: BatchLoss<T>>(
-    h: &Hessian<'_, T, L>,
-    opts: &SlqOptions,
-) -> CurvatureResult<SlqResult> {
+impl ProbeState {
+    /// A fresh probe `v = z / √d` with Rademacher `z`.
+    fn new(rng: &mut StdRng, d: usize) -> Self {
+        let inv_sqrt_d = 1.0 / (d as f64).sqrt();
+        let mut v = rademacher(rng, d);
+        scale(&mut v, inv_sqrt_d);
+        ProbeState {
+            v,
+            prev: None,
+            basis: Vec::new(),
+            alpha: Vec::new(),
+            beta: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// One Lanczos step with `w = H v`; `last`: this is the final step. Marks the probe
+    /// done (and frees its vectors) on the final step or an invariant subspace.
+    fn step(&mut self, mut w: Vec<f64>, last: bool, reorthogonalize: bool, breakdown: f64) {
+        let prev = match self.beta.last() {
+            Some(&b) if reorthogonalize => self.basis.last().map(|p| (b, p.as_slice())),
+            Some(&b) => self.prev.as_deref().map(|p| (b, p)),
+            None => None,
+        };
+        let a = recurrence(&mut w, &self.v, prev);
+        self.alpha.push(a);
+        let v = std::mem::take(&mut self.v);
+        if reorthogonalize {
+            self.basis.push(v);
+            orthogonalize(&mut w, &self.basis);
+        } else {
+            self.prev = Some(v);
+        }
+        let b = norm(&w);
+        let scale_est = self
+            .alpha
+            .iter()
+            .map(|x| x.abs())
+            .chain(self.beta.iter().copied())
+            .fold(0.0, f64::max);
+        if last || b <= breakdown * scale_est.max(f64::MIN_POSITIVE) {
+            self.done = true;
+            self.basis = Vec::new();
+            self.prev = None;
+        } else {
+            scale(&mut w, 1.0 / b);
+            self.beta.push(b);
+            self.v = w;
+        }
+    }
+
+    /// The probe's Gauss quadrature, and its first moment `Σ_j w_j θ_j`.
+    fn quadrature(&self) -> CurvatureResult<(SlqProbe, f64)> {
+        let eig = tridiagonal_eigen(&self.alpha, &self.beta, &[0])?;
+        let raw: Vec<f64> = eig.rows[0].iter().map(|x| x * x).collect();
+        let total: f64 = raw.iter().sum();
+        let weights: Vec<f64> = raw.iter().map(|w| w / total).collect();
+        let first: f64 = eig.values.iter().zip(&weights).map(|(t, w)| t * w).sum();
+        let probe = SlqProbe {
+            nodes: eig.values,
+            weights,
+            steps: self.alpha.len(),
+        };
+        Ok((probe, first))
+    }
+}
+
+/// Checks `probes` and `steps` of [`slq`] against the dimension `d`.
+fn check_slq_options(opts: &SlqOptions, d: usize) -> CurvatureResult<()> {
     if opts.probes == 0 || opts.steps == 0 {
         return invalid(
             "probes / steps",
@@ -382,8 +512,6 @@ pub fn slq<T: Scalar, L: BatchLoss<T>>(
             ),
         );
     }
-    let start = (h.hvps(), h.passes());
-    let d = h.dim();
     if opts
         .probes
         .checked_mul(d)
@@ -397,23 +525,30 @@ pub fn slq<T: Scalar, L: BatchLoss<T>>(
             ),
         );
     }
+    Ok(())
+}
+
+/// Stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao 2019; Ubaru, Chen & Saad 2017):
+/// for each Rademacher probe `v = z / √d`, `steps` Lanczos steps give a tridiagonal `T`
+/// whose eigenvalues are quadrature nodes and whose squared first eigenvector components
+/// are weights. All probes advance in lockstep, so each step is one batched HVP with one
+/// direction per active probe. A probe stops early on an invariant subspace (its
+/// quadrature is then exact).
+///
+/// Cost: at most `probes × min(steps, d)` HVPs, in `min(steps, d)` rounds of
+/// `ceil(probes / K)` passes per batch.
+pub fn slq<T: Scalar, L: BatchLoss<T>>(
+    h: &Hessian<'_, T, L>,
+    opts: &SlqOptions,
+) -> CurvatureResult<SlqResult> {
+    let d = h.dim();
+    check_slq_options(opts, d)?;
+    let start = (h.hvps(), h.passes());
     let steps = opts.steps.min(d);
-    let breakdown = 100.0 * T::epsilon().to_f64().unwrap_or(f64::EPSILON);
+    let breakdown = breakdown_tol::<T>();
     let mut rng = StdRng::seed_from_u64(opts.seed);
-    let inv_sqrt_d = 1.0 / (d as f64).sqrt();
     let mut states: Vec<ProbeState> = (0..opts.probes)
-        .map(|_| {
-            let mut v = rademacher(&mut rng, d);
-            scale(&mut v, inv_sqrt_d);
-            ProbeState {
-                v,
-                prev: None,
-                basis: Vec::new(),
-                alpha: Vec::new(),
-                beta: Vec::new(),
-                done: false,
-            }
-        })
+        .map(|_| ProbeState::new(&mut rng, d))
         .collect();
     for step in 0..steps {
         let active: Vec<usize> = (0..states.len()).filter(|&i| !states[i].done).collect();
@@ -422,60 +557,16 @@ pub fn slq<T: Scalar, L: BatchLoss<T>>(
         }
         let vs: Vec<Vec<f64>> = active.iter().map(|&i| states[i].v.clone()).collect();
         let hv = h.apply(&vs)?;
-        for (&i, mut w) in active.iter().zip(hv) {
-            let st = &mut states[i];
-            let a = dot(&st.v, &w);
-            axpy(&mut w, -a, &st.v);
-            if let Some(&b) = st.beta.last() {
-                let prev = if opts.reorthogonalize {
-                    st.basis.last()
-                } else {
-                    st.prev.as_ref()
-                };
-                if let Some(p) = prev {
-                    axpy(&mut w, -b, p);
-                }
-            }
-            st.alpha.push(a);
-            let v = std::mem::take(&mut st.v);
-            if opts.reorthogonalize {
-                st.basis.push(v);
-                orthogonalize(&mut w, &st.basis);
-            } else {
-                st.prev = Some(v);
-            }
-            let b = norm(&w);
-            let scale_est = st
-                .alpha
-                .iter()
-                .map(|x| x.abs())
-                .chain(st.beta.iter().copied())
-                .fold(0.0, f64::max);
-            if step + 1 == steps || b <= breakdown * scale_est.max(f64::MIN_POSITIVE) {
-                st.done = true;
-                st.basis = Vec::new();
-                st.prev = None;
-            } else {
-                scale(&mut w, 1.0 / b);
-                st.beta.push(b);
-                st.v = w;
-            }
+        for (&i, w) in active.iter().zip(hv) {
+            states[i].step(w, step + 1 == steps, opts.reorthogonalize, breakdown);
         }
     }
     let mut probes = Vec::with_capacity(states.len());
     let mut tr = Running::default();
     for st in &states {
-        let eig = tridiagonal_eigen(&st.alpha, &st.beta, &[0])?;
-        let raw: Vec<f64> = eig.rows[0].iter().map(|x| x * x).collect();
-        let total: f64 = raw.iter().sum();
-        let weights: Vec<f64> = raw.iter().map(|w| w / total).collect();
-        let first: f64 = eig.values.iter().zip(&weights).map(|(t, w)| t * w).sum();
+        let (probe, first) = st.quadrature()?;
         tr.push(d as f64 * first);
-        probes.push(SlqProbe {
-            nodes: eig.values,
-            weights,
-            steps: st.alpha.len(),
-        });
+        probes.push(probe);
     }
     Ok(SlqResult {
         probes,

@@ -225,6 +225,124 @@ impl<T: Scalar> Tape<T> {
     }
 }
 
+/// What the backward rule of a [`BinaryOp`] reads for one operand (`side` 0: a, 1: b).
+struct Adjoint<'a, T> {
+    op: Binary,
+    side: usize,
+    av: &'a [T],
+    bv: &'a [T],
+    at: Option<&'a Tensor<T>>,
+    bt: Option<&'a Tensor<T>>,
+    /// ȳ.
+    g: &'a [T],
+    /// ȳ˙.
+    gdot: Option<&'a Tensor<T>>,
+    /// Number of tangent directions.
+    k: usize,
+}
+
+impl<T: Scalar> Adjoint<'_, T> {
+    /// This operand's first partial.
+    fn pick(&self, p: &Partials<T>) -> T {
+        if self.side == 0 {
+            p.a
+        } else {
+            p.b
+        }
+    }
+
+    /// One term of the tangent of the VJP: ȳ˙ φ_side + ȳ (φ_side,a ȧ + φ_side,b ḃ), from the
+    /// entries `gd` of ȳ˙, `ad` of ȧ and `bd` of ḃ (each when present).
+    fn dot_term(&self, p: &Partials<T>, gi: T, gd: Option<T>, ad: Option<T>, bd: Option<T>) -> T {
+        let (second_a, second_b) = if self.side == 0 {
+            (p.aa, p.ab)
+        } else {
+            (p.ab, p.bb)
+        };
+        let mut v = T::zero();
+        if let Some(gd) = gd {
+            v = v + gd * self.pick(p);
+        }
+        if let Some(ad) = ad {
+            v = v + gi * second_a * ad;
+        }
+        if let Some(bd) = bd {
+            v = v + gi * second_b * bd;
+        }
+        v
+    }
+
+    /// Operands of one shape: one output element per input element, no reduction, so the
+    /// gradient and its tangent run in parallel.
+    fn same_shape(&self, shape: &[usize], want_dot: bool) -> (Tensor<T>, Option<Tensor<T>>) {
+        let (g, av, bv, k) = (self.g, self.av, self.bv, self.k);
+        let m = g.len();
+        let grad = par_from_fn(m, |i| g[i] * self.pick(&self.op.partials(av[i], bv[i])));
+        let grad = Tensor::from_vec(shape, grad).expect("binary grad");
+        let dot = want_dot.then(|| {
+            let d = par_from_fn(k * m, |j| {
+                let i = j % m;
+                let p = self.op.partials(av[i], bv[i]);
+                let at_j = |t: &Tensor<T>| t.data()[j];
+                self.dot_term(
+                    &p,
+                    g[i],
+                    self.gdot.map(at_j),
+                    self.at.map(at_j),
+                    self.bt.map(at_j),
+                )
+            });
+            Tensor::from_vec(&tangent_shape(k, shape), d).expect("binary grad tangent")
+        });
+        (grad, dot)
+    }
+
+    /// Broadcast operands: gradient and tangent summed over broadcast positions,
+    /// sequentially in output order (deterministic reductions).
+    fn broadcast(
+        &self,
+        bc: &Broadcast,
+        shape: &[usize],
+        want_dot: bool,
+    ) -> (Tensor<T>, Option<Tensor<T>>) {
+        let (g, av, bv, k) = (self.g, self.av, self.bv, self.k);
+        let (m, n_in) = (g.len(), numel(shape));
+        let mut grad = Tensor::zeros(shape);
+        let mut dot = want_dot.then(|| Tensor::zeros(&tangent_shape(k, shape)));
+        let gd = grad.data_mut();
+        #[allow(clippy::needless_range_loop)] // i indexes g, gdot and the broadcast map
+        for i in 0..m {
+            let (ia, ib) = bc.map(i);
+            let p = self.op.partials(av[ia], bv[ib]);
+            let ii = if self.side == 0 { ia } else { ib };
+            gd[ii] = gd[ii] + g[i] * self.pick(&p);
+            if let Some(dot) = dot.as_mut() {
+                let dd = dot.data_mut();
+                for kk in 0..k {
+                    let v = self.dot_term(
+                        &p,
+                        g[i],
+                        self.gdot.map(|t| t.data()[kk * m + i]),
+                        self.at.map(|t| t.data()[kk * av.len() + ia]),
+                        self.bt.map(|t| t.data()[kk * bv.len() + ib]),
+                    );
+                    dd[kk * n_in + ii] = dd[kk * n_in + ii] + v;
+                }
+            }
+        }
+        (grad, dot)
+    }
+}
+
+/// `t`, negated when `neg`.
+fn signed<T: Scalar>(t: &Tensor<T>, neg: bool) -> Tensor<T> {
+    let mut t = t.clone();
+    if neg {
+        t.data_mut().iter_mut().for_each(|v| *v = -*v);
+    }
+    t
+}
+
 impl<T: Scalar> Rule<T> for BinaryOp {
     fn inputs(&self) -> Vec<usize> {
         vec![self.a, self.b]
@@ -239,95 +357,36 @@ impl<T: Scalar> Rule<T> for BinaryOp {
         sink: &mut Sink<T>,
     ) {
         let (na, nb) = (tape.node(self.a), tape.node(self.b));
-        let (av, bv) = (na.value.data(), nb.value.data());
         let (at, bt) = (na.tangent.as_ref(), nb.tangent.as_ref());
-        let g = gy.data();
-        let m = g.len();
-        let k = tape.directions();
         let want_dot = gdot.is_some() || at.is_some() || bt.is_some();
         for (side, node) in [(0usize, na), (1, nb)] {
             let id = if side == 0 { self.a } else { self.b };
             if !tape.needs_grad(id) {
                 continue;
             }
-            let n_in = node.value.numel();
-            let pick = |p: &Partials<T>| if side == 0 { p.a } else { p.b };
             if self.bc.same && matches!(self.op, Binary::Add | Binary::Sub) {
                 // Linear with unit coefficients: the adjoint (tangent) is ±ȳ (±ȳ˙).
                 let neg = side == 1 && self.op == Binary::Sub;
-                let signed = |t: &Tensor<T>| {
-                    let mut t = t.clone();
-                    if neg {
-                        t.data_mut().iter_mut().for_each(|v| *v = -*v);
-                    }
-                    t
-                };
-                sink.add(id, signed(gy), gdot.map(signed));
+                sink.add(id, signed(gy, neg), gdot.map(|t| signed(t, neg)));
                 continue;
             }
+            let adj = Adjoint {
+                op: self.op,
+                side,
+                av: na.value.data(),
+                bv: nb.value.data(),
+                at,
+                bt,
+                g: gy.data(),
+                gdot,
+                k: tape.directions(),
+            };
             let shape = node.value.shape();
-            if self.bc.same {
-                // One output element per input element: no reduction, so run in parallel.
-                let grad = par_from_fn(m, |i| g[i] * pick(&self.op.partials(av[i], bv[i])));
-                let grad = Tensor::from_vec(shape, grad).expect("binary grad");
-                let dot = want_dot.then(|| {
-                    let d = par_from_fn(k * m, |j| {
-                        let i = j % m;
-                        let p = self.op.partials(av[i], bv[i]);
-                        let (second_a, second_b) = if side == 0 {
-                            (p.aa, p.ab)
-                        } else {
-                            (p.ab, p.bb)
-                        };
-                        let mut v = T::zero();
-                        if let Some(gdot) = gdot {
-                            v = v + gdot.data()[j] * pick(&p);
-                        }
-                        if let Some(at) = at {
-                            v = v + g[i] * second_a * at.data()[j];
-                        }
-                        if let Some(bt) = bt {
-                            v = v + g[i] * second_b * bt.data()[j];
-                        }
-                        v
-                    });
-                    Tensor::from_vec(&tangent_shape(k, shape), d).expect("binary grad tangent")
-                });
-                sink.add(id, grad, dot);
-                continue;
-            }
-            let mut grad = Tensor::zeros(shape);
-            let mut dot = want_dot.then(|| Tensor::zeros(&tangent_shape(k, shape)));
-            // Sequential accumulation: a fixed order, so broadcast reductions are deterministic.
-            let gd = grad.data_mut();
-            #[allow(clippy::needless_range_loop)] // i indexes g, gdot and the broadcast map
-            for i in 0..m {
-                let (ia, ib) = self.bc.map(i);
-                let p = self.op.partials(av[ia], bv[ib]);
-                let ii = if side == 0 { ia } else { ib };
-                gd[ii] = gd[ii] + g[i] * pick(&p);
-                if let Some(dot) = dot.as_mut() {
-                    let (second_a, second_b) = if side == 0 {
-                        (p.aa, p.ab)
-                    } else {
-                        (p.ab, p.bb)
-                    };
-                    let dd = dot.data_mut();
-                    for kk in 0..k {
-                        let mut v = T::zero();
-                        if let Some(gdot) = gdot {
-                            v = v + gdot.data()[kk * m + i] * pick(&p);
-                        }
-                        if let Some(at) = at {
-                            v = v + g[i] * second_a * at.data()[kk * av.len() + ia];
-                        }
-                        if let Some(bt) = bt {
-                            v = v + g[i] * second_b * bt.data()[kk * bv.len() + ib];
-                        }
-                        dd[kk * n_in + ii] = dd[kk * n_in + ii] + v;
-                    }
-                }
-            }
+            let (grad, dot) = if self.bc.same {
+                adj.same_shape(shape, want_dot)
+            } else {
+                adj.broadcast(&self.bc, shape, want_dot)
+            };
             sink.add(id, grad, dot);
         }
     }

@@ -106,8 +106,79 @@ fn col_sums<T: Scalar>(g: &[T], n: usize) -> Vec<T> {
     s
 }
 
+impl Product {
+    /// y = A B' (+ 1 cᵀ with `bias` the values of c).
+    fn value<T: Scalar>(&self, av: &[T], bv: &[T], bias: Option<&[T]>) -> Tensor<T> {
+        let (m, kd, n) = (self.m, self.kd, self.n);
+        let mut y = Tensor::zeros(&[m, n]);
+        gemm_par(
+            T::one(),
+            MatRef::new(av, m, kd),
+            self.bview(bv),
+            T::zero(),
+            y.data_mut(),
+        );
+        if let Some(c) = bias {
+            add_rows(y.data_mut(), c);
+        }
+        y
+    }
+
+    /// ẏ = Ȧ B' + A Ḃ' + ċ for all `k` directions, from the tangents `[Ȧ, Ḃ, ċ]`.
+    fn tangent<T: Scalar>(
+        &self,
+        av: &[T],
+        bv: &[T],
+        tangents: [Option<&Tensor<T>>; 3],
+        k: usize,
+    ) -> Tensor<T> {
+        let (m, kd, n) = (self.m, self.kd, self.n);
+        let [at, bt, ct] = tangents;
+        let mut t = Tensor::zeros(&[k, m, n]);
+        let td = t.data_mut();
+        if let Some(at) = at {
+            gemm_par(
+                T::one(),
+                MatRef::new(at.data(), k * m, kd),
+                self.bview(bv),
+                T::zero(),
+                td,
+            );
+        }
+        if let Some(bt) = bt {
+            if self.trans_b {
+                // All K directions in one GEMM: A [m, kd] × [Ḃ_1; …; Ḃ_K]ᵀ → [m, K, n].
+                let mut tmp = vec![T::zero(); m * k * n];
+                let stacked = MatRef::new(bt.data(), k * n, kd).t();
+                gemm_par(
+                    T::one(),
+                    MatRef::new(av, m, kd),
+                    stacked,
+                    T::zero(),
+                    &mut tmp,
+                );
+                add_direction_major(td, &tmp, k, m, n, at.is_some());
+            } else {
+                let bl = kd * n;
+                for (kk, out) in td.chunks_mut(m * n).enumerate() {
+                    let beta = if at.is_some() { T::one() } else { T::zero() };
+                    let bk = self.bview(&bt.data()[kk * bl..(kk + 1) * bl]);
+                    gemm_par(T::one(), MatRef::new(av, m, kd), bk, beta, out);
+                }
+            }
+        }
+        if let Some(ct) = ct {
+            for (kk, out) in td.chunks_mut(m * n).enumerate() {
+                add_rows(out, &ct.data()[kk * n..(kk + 1) * n]);
+            }
+        }
+        t
+    }
+}
+
 impl<T: Scalar> Tape<T> {
-    fn product(&mut self, a: Var, b: Var, bias: Option<Var>, trans_b: bool) -> Result<Var> {
+    /// Checks the operands of `a B'` (+ `bias`) and gives the op's record.
+    fn product_op(&self, a: Var, b: Var, bias: Option<Var>, trans_b: bool) -> Result<Product> {
         let op_name = if trans_b { "linear" } else { "matmul" };
         self.check_var(a)?;
         self.check_var(b)?;
@@ -137,7 +208,7 @@ impl<T: Scalar> Tape<T> {
                 )));
             }
         }
-        let p = Product {
+        Ok(Product {
             a: a.0,
             b: b.0,
             bias: bias.map(|c| c.0),
@@ -145,64 +216,21 @@ impl<T: Scalar> Tape<T> {
             m,
             kd,
             n,
-        };
+        })
+    }
+
+    /// Records y = A B' (+ 1 cᵀ), B' = Bᵀ when `trans_b`, with its tangent.
+    fn product(&mut self, a: Var, b: Var, bias: Option<Var>, trans_b: bool) -> Result<Var> {
+        let p = self.product_op(a, b, bias, trans_b)?;
         let (av, bv) = (self.value(a).data(), self.value(b).data());
-        let mut y = Tensor::zeros(&[m, n]);
-        gemm_par(
-            T::one(),
-            MatRef::new(av, m, kd),
-            p.bview(bv),
-            T::zero(),
-            y.data_mut(),
-        );
-        if let Some(c) = bias {
-            add_rows(y.data_mut(), self.value(c).data());
-        }
+        let y = p.value(av, bv, bias.map(|c| self.value(c).data()));
         let k = self.directions();
-        let (at, bt) = (self.tangent(a), self.tangent(b));
         let ct = bias.and_then(|c| self.tangent(c));
-        let tangent = if at.is_none() && bt.is_none() && ct.is_none() {
+        let tangents = [self.tangent(a), self.tangent(b), ct];
+        let tangent = if tangents.iter().all(Option::is_none) {
             None
         } else {
-            let mut t = Tensor::zeros(&[k, m, n]);
-            let td = t.data_mut();
-            if let Some(at) = at {
-                gemm_par(
-                    T::one(),
-                    MatRef::new(at.data(), k * m, kd),
-                    p.bview(bv),
-                    T::zero(),
-                    td,
-                );
-            }
-            if let Some(bt) = bt {
-                if p.trans_b {
-                    // All K directions in one GEMM: A [m, kd] × [Ḃ_1; …; Ḃ_K]ᵀ → [m, K, n].
-                    let mut tmp = vec![T::zero(); m * k * n];
-                    let stacked = MatRef::new(bt.data(), k * n, kd).t();
-                    gemm_par(
-                        T::one(),
-                        MatRef::new(av, m, kd),
-                        stacked,
-                        T::zero(),
-                        &mut tmp,
-                    );
-                    add_direction_major(td, &tmp, k, m, n, at.is_some());
-                } else {
-                    let bl = kd * n;
-                    for (kk, out) in td.chunks_mut(m * n).enumerate() {
-                        let beta = if at.is_some() { T::one() } else { T::zero() };
-                        let bk = p.bview(&bt.data()[kk * bl..(kk + 1) * bl]);
-                        gemm_par(T::one(), MatRef::new(av, m, kd), bk, beta, out);
-                    }
-                }
-            }
-            if let Some(ct) = ct {
-                for (kk, out) in td.chunks_mut(m * n).enumerate() {
-                    add_rows(out, &ct.data()[kk * n..(kk + 1) * n]);
-                }
-            }
-            Some(t)
+            Some(p.tangent(av, bv, tangents, k))
         };
         Ok(self.push(Op::Product(p), y, tangent, false))
     }
@@ -239,65 +267,19 @@ impl<T: Scalar> Rule<T> for Product {
         let (av, bv) = (na.value.data(), nb.value.data());
         let (at, bt) = (na.tangent.as_ref(), nb.tangent.as_ref());
         let g = MatRef::new(gy.data(), m, n);
-        let bl = bv.len();
         if tape.needs_grad(self.a) {
             let mut ga = Tensor::zeros(&[m, kd]);
             gemm_par(T::one(), g, self.bview(bv).t(), T::zero(), ga.data_mut());
-            let dot = (gdot.is_some() || bt.is_some()).then(|| {
-                let mut d = Tensor::zeros(&tangent_shape(k, &[m, kd]));
-                let mut beta = T::zero();
-                if let Some(gd) = gdot {
-                    let gdm = MatRef::new(gd.data(), k * m, n);
-                    gemm_par(T::one(), gdm, self.bview(bv).t(), T::zero(), d.data_mut());
-                    beta = T::one();
-                }
-                if let Some(bt) = bt {
-                    for (kk, out) in d.data_mut().chunks_mut(m * kd).enumerate() {
-                        let btk = self.bview(&bt.data()[kk * bl..(kk + 1) * bl]);
-                        gemm_par(T::one(), g, btk.t(), beta, out);
-                    }
-                }
-                d
-            });
+            let dot =
+                (gdot.is_some() || bt.is_some()).then(|| self.grad_a_tangent(bv, bt, g, gdot, k));
             sink.add(self.a, ga, dot);
         }
         if tape.needs_grad(self.b) {
             let a = MatRef::new(av, m, kd);
             let mut gb = Tensor::zeros(nb.value.shape());
             self.grad_b(a, g, T::zero(), gb.data_mut());
-            // B̄'˙_k = Aᵀ Ȳ˙_k + Ȧ_kᵀ Ȳ for all k at once: the K directions are laid side by
-            // side (sample-major copies of Ȳ˙ and Ȧ), so each term is one GEMM.
             let dot = (gdot.is_some() || at.is_some()).then(|| {
-                let mut d = vec![T::zero(); k * bl];
-                let mut filled = false;
-                if let Some(gd) = gdot {
-                    let gd_sm = sample_major(gd.data(), k, m, n);
-                    let gdm = MatRef::new(&gd_sm, m, k * n);
-                    if self.trans_b {
-                        // [K·n, m] × A → [K, n, kd] directly.
-                        gemm_par(T::one(), gdm.t(), a, T::zero(), &mut d);
-                    } else {
-                        // Aᵀ × [m, K·n] → [kd, K, n].
-                        let mut tmp = vec![T::zero(); kd * k * n];
-                        gemm_par(T::one(), a.t(), gdm, T::zero(), &mut tmp);
-                        add_direction_major(&mut d, &tmp, k, kd, n, false);
-                    }
-                    filled = true;
-                }
-                if let Some(at) = at {
-                    let at_sm = sample_major(at.data(), k, m, kd);
-                    let atm = MatRef::new(&at_sm, m, k * kd);
-                    if self.trans_b {
-                        // Ȳᵀ × [m, K·kd] → [n, K, kd].
-                        let mut tmp = vec![T::zero(); n * k * kd];
-                        gemm_par(T::one(), g.t(), atm, T::zero(), &mut tmp);
-                        add_direction_major(&mut d, &tmp, k, n, kd, filled);
-                    } else {
-                        // [K·kd, m] × Ȳ → [K, kd, n] directly.
-                        let beta = if filled { T::one() } else { T::zero() };
-                        gemm_par(T::one(), atm.t(), g, beta, &mut d);
-                    }
-                }
+                let d = self.grad_b_tangent(a, at, g, gdot, k);
                 Tensor::from_vec(&tangent_shape(k, nb.value.shape()), d).expect("tangent shape")
             });
             sink.add(self.b, gb, dot);
@@ -313,5 +295,78 @@ impl<T: Scalar> Rule<T> for Product {
             });
             sink.add(c, gc, dot);
         }
+    }
+}
+
+impl Product {
+    /// Ā˙_k = Ȳ˙_k B'ᵀ + Ȳ Ḃ'_kᵀ, from B's values `bv`, its tangent `bt`, Ȳ `g` and Ȳ˙ `gdot`.
+    fn grad_a_tangent<T: Scalar>(
+        &self,
+        bv: &[T],
+        bt: Option<&Tensor<T>>,
+        g: MatRef<T>,
+        gdot: Option<&Tensor<T>>,
+        k: usize,
+    ) -> Tensor<T> {
+        let (m, kd, n) = (self.m, self.kd, self.n);
+        let bl = bv.len();
+        let mut d = Tensor::zeros(&tangent_shape(k, &[m, kd]));
+        let mut beta = T::zero();
+        if let Some(gd) = gdot {
+            let gdm = MatRef::new(gd.data(), k * m, n);
+            gemm_par(T::one(), gdm, self.bview(bv).t(), T::zero(), d.data_mut());
+            beta = T::one();
+        }
+        if let Some(bt) = bt {
+            for (kk, out) in d.data_mut().chunks_mut(m * kd).enumerate() {
+                let btk = self.bview(&bt.data()[kk * bl..(kk + 1) * bl]);
+                gemm_par(T::one(), g, btk.t(), beta, out);
+            }
+        }
+        d
+    }
+
+    /// B̄'˙_k = Aᵀ Ȳ˙_k + Ȧ_kᵀ Ȳ for all k at once, in B's layout: the K directions are laid
+    /// side by side (sample-major copies of Ȳ˙ and Ȧ), so each term is one GEMM.
+    fn grad_b_tangent<T: Scalar>(
+        &self,
+        a: MatRef<T>,
+        at: Option<&Tensor<T>>,
+        g: MatRef<T>,
+        gdot: Option<&Tensor<T>>,
+        k: usize,
+    ) -> Vec<T> {
+        let (m, kd, n) = (self.m, self.kd, self.n);
+        let mut d = vec![T::zero(); k * kd * n];
+        let mut filled = false;
+        if let Some(gd) = gdot {
+            let gd_sm = sample_major(gd.data(), k, m, n);
+            let gdm = MatRef::new(&gd_sm, m, k * n);
+            if self.trans_b {
+                // [K·n, m] × A → [K, n, kd] directly.
+                gemm_par(T::one(), gdm.t(), a, T::zero(), &mut d);
+            } else {
+                // Aᵀ × [m, K·n] → [kd, K, n].
+                let mut tmp = vec![T::zero(); kd * k * n];
+                gemm_par(T::one(), a.t(), gdm, T::zero(), &mut tmp);
+                add_direction_major(&mut d, &tmp, k, kd, n, false);
+            }
+            filled = true;
+        }
+        if let Some(at) = at {
+            let at_sm = sample_major(at.data(), k, m, kd);
+            let atm = MatRef::new(&at_sm, m, k * kd);
+            if self.trans_b {
+                // Ȳᵀ × [m, K·kd] → [n, K, kd].
+                let mut tmp = vec![T::zero(); n * k * kd];
+                gemm_par(T::one(), g.t(), atm, T::zero(), &mut tmp);
+                add_direction_major(&mut d, &tmp, k, n, kd, filled);
+            } else {
+                // [K·kd, m] × Ȳ → [K, kd, n] directly.
+                let beta = if filled { T::one() } else { T::zero() };
+                gemm_par(T::one(), atm.t(), g, beta, &mut d);
+            }
+        }
+        d
     }
 }

@@ -68,7 +68,194 @@ fn channel_sum<T: Scalar>(n: usize, mut plane_sum: impl FnMut(usize) -> T) -> T 
     (0..n).fold(T::zero(), |acc, s| acc + plane_sum(s))
 }
 
+/// A shape error of `batch_norm2d`.
+fn bn_shape_error(detail: String) -> EngineError {
+    EngineError::Shape {
+        op: "batch_norm2d",
+        detail,
+    }
+}
+
+/// Per-channel normalization: whether batch statistics are used, centre μ, inverse
+/// standard deviation s, and (train mode) the statistics handed back to the caller.
+struct Normalizer<T> {
+    train: bool,
+    mu: Vec<T>,
+    s: Vec<T>,
+    stats: Option<BatchStats<T>>,
+}
+
+/// Batch mean, inverse standard deviation and statistics of `xv: [N, C, H·W]` (m ≥ 2 values).
+fn train_normalizer<T: Scalar>(xv: &[T], n: usize, c: usize, hw: usize, eps: T) -> Normalizer<T> {
+    let m = n * hw;
+    let plane = |p: usize| &xv[p * hw..(p + 1) * hw];
+    let inv_m = T::one() / T::from_usize_lossy(m);
+    let per: Vec<(T, T)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = channel_sum(n, |s| total(plane(s * c + ch))) * inv_m;
+            let ss = channel_sum(n, |s| sum_sq_centered(plane(s * c + ch), mean));
+            (mean, ss * inv_m)
+        })
+        .collect();
+    let mu: Vec<T> = per.iter().map(|p| p.0).collect();
+    let s: Vec<T> = per.iter().map(|p| T::one() / (p.1 + eps).sqrt()).collect();
+    let unb = T::from_usize_lossy(m) / T::from_usize_lossy(m - 1);
+    let stats = BatchStats {
+        mean: mu.clone(),
+        var_unbiased: per.iter().map(|p| p.1 * unb).collect(),
+    };
+    Normalizer {
+        train: true,
+        mu,
+        s,
+        stats: Some(stats),
+    }
+}
+
+/// The normalizer `mode` asks for, for `x` of shape `xs` with values `xv`.
+fn normalizer<T: Scalar>(
+    xv: &[T],
+    xs: &[usize],
+    mode: BnMode<T>,
+    eps: f64,
+) -> Result<Normalizer<T>> {
+    let (n, c, hw) = (xs[0], xs[1], xs[2] * xs[3]);
+    let eps = T::c(eps);
+    match mode {
+        BnMode::Train => {
+            if n * hw < 2 {
+                return Err(bn_shape_error(format!(
+                    "train mode needs more than one value per channel, got {xs:?}"
+                )));
+            }
+            Ok(train_normalizer(xv, n, c, hw, eps))
+        }
+        BnMode::Eval { mean, var } => {
+            if mean.len() != c || var.len() != c {
+                return Err(bn_shape_error(format!(
+                    "running statistics of length {} and {}, want {c}",
+                    mean.len(),
+                    var.len()
+                )));
+            }
+            let s: Vec<T> = var.iter().map(|&v| T::one() / (v + eps).sqrt()).collect();
+            Ok(Normalizer {
+                train: false,
+                mu: mean.to_vec(),
+                s,
+                stats: None,
+            })
+        }
+    }
+}
+
+impl<T: Scalar> BatchNorm2d<T> {
+    /// Plane `p` (one sample, one channel) of an `[.., H·W]` buffer.
+    fn plane<'b>(&self, buf: &'b [T], p: usize) -> &'b [T] {
+        &buf[p * self.hw..(p + 1) * self.hw]
+    }
+
+    /// y = γ s x + (β − γ s μ), plane by plane.
+    fn value(&self, xv: &[T], gv: &[T], bv: &[T]) -> Vec<T> {
+        let (n, c, hw) = (self.n, self.c, self.hw);
+        let (mu, s) = (&self.mu, &self.s);
+        par_build(
+            n * c * hw,
+            hw,
+            || (),
+            |_, p, yo| {
+                let ch = p % c;
+                let (sc, sh) = (gv[ch] * s[ch], bv[ch] - gv[ch] * s[ch] * mu[ch]);
+                for (o, &xi) in yo.iter_mut().zip(self.plane(xv, p)) {
+                    *o = sc * xi + sh;
+                }
+            },
+        )
+    }
+
+    /// Train mode: (mean(ẋ_k), mean(x̂ ẋ_k)) per (k, channel) for input tangents `xtd`.
+    fn tangent_stats(&self, xv: &[T], xtd: &[T], k: usize) -> Vec<(T, T)> {
+        let (n, c, hw) = (self.n, self.c, self.hw);
+        let inv_m = T::one() / T::from_usize_lossy(n * hw);
+        let (mu, sd) = (&self.mu, &self.s);
+        (0..k * c)
+            .into_par_iter()
+            .map(|j| {
+                let (kk, ch) = (j / c, j % c);
+                let tplane = |s: usize| &xtd[(kk * n * c + s * c + ch) * hw..][..hw];
+                let md = channel_sum(n, |s| total(tplane(s))) * inv_m;
+                let a = channel_sum(n, |s| {
+                    dot_centered(self.plane(xv, s * c + ch), mu[ch], tplane(s))
+                });
+                (md, a * inv_m * sd[ch])
+            })
+            .collect()
+    }
+
+    /// ẏ = γ s ẋ + (γ̇ s − γ s² a) (x − μ) + (β̇ − γ s mean(ẋ)) per (k, channel).
+    fn tangent(&self, xv: &[T], gv: &[T], tangents: [Option<&Tensor<T>>; 3], k: usize) -> Vec<T> {
+        let (n, c, hw) = (self.n, self.c, self.hw);
+        let [xt, gt, bt] = tangents;
+        par_build(
+            k * n * c * hw,
+            hw,
+            || (),
+            |_, tp, to| {
+                let (kk, vp) = (tp / (n * c), tp % (n * c));
+                let ch = vp % c;
+                let s = self.s[ch];
+                let gdot = gt.map_or(T::zero(), |g| g.data()[kk * c + ch]);
+                let bdot = bt.map_or(T::zero(), |b| b.data()[kk * c + ch]);
+                let (md, a) = self
+                    .tstats
+                    .get(kk * c + ch)
+                    .copied()
+                    .unwrap_or((T::zero(), T::zero()));
+                let c_xc = gdot * s - gv[ch] * s * s * a;
+                let c0 = bdot - gv[ch] * s * md;
+                let mu = self.mu[ch];
+                match xt {
+                    Some(xt) => {
+                        let c_xd = gv[ch] * s;
+                        let tpl = &xt.data()[tp * hw..(tp + 1) * hw];
+                        for ((o, &xi), &d) in to.iter_mut().zip(self.plane(xv, vp)).zip(tpl) {
+                            *o = c_xd * d + c_xc * (xi - mu) + c0;
+                        }
+                    }
+                    None => {
+                        for (o, &xi) in to.iter_mut().zip(self.plane(xv, vp)) {
+                            *o = c_xc * (xi - mu) + c0;
+                        }
+                    }
+                }
+            },
+        )
+    }
+}
+
 impl<T: Scalar> Tape<T> {
+    /// Checks `x: [N, C, H, W]`, `gamma: [C]`, `beta: [C]`; gives the shape of `x`.
+    fn bn_shape(&self, x: Var, gamma: Var, beta: Var) -> Result<Vec<usize>> {
+        for v in [x, gamma, beta] {
+            self.check_var(v)?;
+        }
+        let xs = self.value(x).shape().to_vec();
+        if xs.len() != 4 {
+            return Err(bn_shape_error(format!("need [N, C, H, W], got {xs:?}")));
+        }
+        let c = xs[1];
+        for v in [gamma, beta] {
+            if self.value(v).shape() != [c] {
+                return Err(bn_shape_error(format!(
+                    "affine parameter {:?}, want [{c}]",
+                    self.value(v).shape()
+                )));
+            }
+        }
+        Ok(xs)
+    }
+
     /// Batch normalization of `x: [N, C, H, W]` with scale `gamma: [C]`, shift `beta: [C]`.
     /// In train mode also returns the batch statistics (running statistics are the caller's).
     pub fn batch_norm2d(
@@ -79,155 +266,216 @@ impl<T: Scalar> Tape<T> {
         mode: BnMode<T>,
         eps: f64,
     ) -> Result<(Var, Option<BatchStats<T>>)> {
-        for v in [x, gamma, beta] {
-            self.check_var(v)?;
-        }
-        let xs = self.value(x).shape().to_vec();
-        let bad = |detail: String| EngineError::Shape {
-            op: "batch_norm2d",
-            detail,
-        };
-        if xs.len() != 4 {
-            return Err(bad(format!("need [N, C, H, W], got {xs:?}")));
-        }
-        let (n, c, hw) = (xs[0], xs[1], xs[2] * xs[3]);
-        for v in [gamma, beta] {
-            if self.value(v).shape() != [c] {
-                return Err(bad(format!(
-                    "affine parameter {:?}, want [{c}]",
-                    self.value(v).shape()
-                )));
-            }
-        }
-        let m = n * hw;
+        let xs = self.bn_shape(x, gamma, beta)?;
         let xv = self.value(x).data();
-        let plane = |p: usize| &xv[p * hw..(p + 1) * hw];
-        let eps = T::c(eps);
-        let (train, mu, s, stats) = match mode {
-            BnMode::Train => {
-                if m < 2 {
-                    return Err(bad(format!(
-                        "train mode needs more than one value per channel, got {xs:?}"
-                    )));
-                }
-                let inv_m = T::one() / T::from_usize_lossy(m);
-                let per: Vec<(T, T)> = (0..c)
-                    .into_par_iter()
-                    .map(|ch| {
-                        let mean = channel_sum(n, |s| total(plane(s * c + ch))) * inv_m;
-                        let ss = channel_sum(n, |s| sum_sq_centered(plane(s * c + ch), mean));
-                        (mean, ss * inv_m)
-                    })
-                    .collect();
-                let mu: Vec<T> = per.iter().map(|p| p.0).collect();
-                let s: Vec<T> = per.iter().map(|p| T::one() / (p.1 + eps).sqrt()).collect();
-                let unb = T::from_usize_lossy(m) / T::from_usize_lossy(m - 1);
-                let stats = BatchStats {
-                    mean: mu.clone(),
-                    var_unbiased: per.iter().map(|p| p.1 * unb).collect(),
-                };
-                (true, mu, s, Some(stats))
-            }
-            BnMode::Eval { mean, var } => {
-                if mean.len() != c || var.len() != c {
-                    return Err(bad(format!(
-                        "running statistics of length {} and {}, want {c}",
-                        mean.len(),
-                        var.len()
-                    )));
-                }
-                let s: Vec<T> = var.iter().map(|&v| T::one() / (v + eps).sqrt()).collect();
-                (false, mean.to_vec(), s, None)
-            }
-        };
-        let gv = self.value(gamma).data();
-        let bv = self.value(beta).data();
-        let y = par_build(
-            n * c * hw,
-            hw,
-            || (),
-            |_, p, yo| {
-                let ch = p % c;
-                let (sc, sh) = (gv[ch] * s[ch], bv[ch] - gv[ch] * s[ch] * mu[ch]);
-                for (o, &xi) in yo.iter_mut().zip(plane(p)) {
-                    *o = sc * xi + sh;
-                }
-            },
-        );
-        let y = Tensor::from_vec(&xs, y).expect("bn value");
+        let norm = normalizer(xv, &xs, mode, eps)?;
         let mut op = BatchNorm2d {
             x: x.0,
             gamma: gamma.0,
             beta: beta.0,
-            train,
-            mu,
-            s,
+            train: norm.train,
+            mu: norm.mu,
+            s: norm.s,
             tstats: Vec::new(),
-            n,
-            c,
-            hw,
+            n: xs[0],
+            c: xs[1],
+            hw: xs[2] * xs[3],
         };
+        let gv = self.value(gamma).data();
+        let bv = self.value(beta).data();
+        let y = Tensor::from_vec(&xs, op.value(xv, gv, bv)).expect("bn value");
         let k = self.directions();
-        let (xt, gt, bt) = (self.tangent(x), self.tangent(gamma), self.tangent(beta));
-        let tangent = if xt.is_none() && gt.is_none() && bt.is_none() {
+        let tangents = [self.tangent(x), self.tangent(gamma), self.tangent(beta)];
+        let tangent = if tangents.iter().all(Option::is_none) {
             None
         } else {
-            if let (true, Some(xt)) = (train, xt) {
-                let inv_m = T::one() / T::from_usize_lossy(m);
-                let xtd = xt.data();
-                let (mu, sd) = (&op.mu, &op.s);
-                let tstats = (0..k * c)
-                    .into_par_iter()
-                    .map(|j| {
-                        let (kk, ch) = (j / c, j % c);
-                        let tplane = |s: usize| &xtd[(kk * n * c + s * c + ch) * hw..][..hw];
-                        let md = channel_sum(n, |s| total(tplane(s))) * inv_m;
-                        let a =
-                            channel_sum(n, |s| dot_centered(plane(s * c + ch), mu[ch], tplane(s)));
-                        (md, a * inv_m * sd[ch])
-                    })
-                    .collect();
-                op.tstats = tstats;
+            if let (true, Some(xt)) = (op.train, tangents[0]) {
+                op.tstats = op.tangent_stats(xv, xt.data(), k);
             }
-            // ẏ = γ s ẋ + (γ̇ s − γ s² a) (x − μ) + (β̇ − γ s mean(ẋ)) per (k, channel).
-            let op = &op;
-            let t = par_build(
-                k * n * c * hw,
-                hw,
-                || (),
-                |_, tp, to| {
-                    let (kk, vp) = (tp / (n * c), tp % (n * c));
-                    let ch = vp % c;
-                    let s = op.s[ch];
-                    let gdot = gt.map_or(T::zero(), |g| g.data()[kk * c + ch]);
-                    let bdot = bt.map_or(T::zero(), |b| b.data()[kk * c + ch]);
-                    let (md, a) = op
-                        .tstats
-                        .get(kk * c + ch)
-                        .copied()
-                        .unwrap_or((T::zero(), T::zero()));
-                    let c_xc = gdot * s - gv[ch] * s * s * a;
-                    let c0 = bdot - gv[ch] * s * md;
-                    let mu = op.mu[ch];
-                    match xt {
-                        Some(xt) => {
-                            let c_xd = gv[ch] * s;
-                            let tpl = &xt.data()[tp * hw..(tp + 1) * hw];
-                            for ((o, &xi), &d) in to.iter_mut().zip(plane(vp)).zip(tpl) {
-                                *o = c_xd * d + c_xc * (xi - mu) + c0;
-                            }
-                        }
-                        None => {
-                            for (o, &xi) in to.iter_mut().zip(plane(vp)) {
-                                *o = c_xc * (xi - mu) + c0;
-                            }
-                        }
-                    }
-                },
-            );
+            let t = op.tangent(xv, gv, tangents, k);
             Some(Tensor::from_vec(&tangent_shape(k, &xs), t).expect("bn tangent"))
         };
-        Ok((self.push(Op::BatchNorm2d(op), y, tangent, false), stats))
+        Ok((
+            self.push(Op::BatchNorm2d(op), y, tangent, false),
+            norm.stats,
+        ))
+    }
+}
+
+/// Coefficients of x̄˙ = c_x̄ x̄ + c_y ȳ + c_dy ȳ˙ + c_xd ẋ + c_xc (x − μ) + c0
+/// for one (direction, channel).
+struct DotCoef<T> {
+    xbar: T,
+    y: T,
+    dy: T,
+    xd: T,
+    xc: T,
+    c0: T,
+}
+
+/// What the backward rule reads, gathered once: the op, ȳ, ȳ˙ and the inputs' values
+/// and tangents.
+struct Back<'a, T> {
+    op: &'a BatchNorm2d<T>,
+    /// Number of tangent directions.
+    k: usize,
+    /// 1 / (N·H·W).
+    inv_m: T,
+    xv: &'a [T],
+    xt: Option<&'a Tensor<T>>,
+    gam: &'a [T],
+    gt: Option<&'a Tensor<T>>,
+    g: &'a [T],
+    gdot: Option<&'a Tensor<T>>,
+}
+
+impl<T: Scalar> Back<'_, T> {
+    /// Index range of plane `p` in an `[.., H·W]` buffer.
+    fn vplane(&self, buf: &[T], p: usize) -> std::ops::Range<usize> {
+        let hw = self.op.hw;
+        debug_assert!(buf.len() >= (p + 1) * hw);
+        p * hw..(p + 1) * hw
+    }
+
+    /// Per channel: Sy = Σȳ and Syx = Σȳx̂ = s Σ ȳ (x − μ).
+    fn sums(&self) -> Vec<(T, T)> {
+        let (op, g, xv) = (self.op, self.g, self.xv);
+        (0..op.c)
+            .into_par_iter()
+            .map(|ch| {
+                let (sy, syx) = (0..op.n).fold((T::zero(), T::zero()), |(sy, syx), s| {
+                    let r = self.vplane(g, s * op.c + ch);
+                    let (a, b) = sum_and_dot_centered(&xv[r.clone()], op.mu[ch], &g[r]);
+                    (sy + a, syx + b)
+                });
+                (sy, syx * op.s[ch])
+            })
+            .collect()
+    }
+
+    /// For direction `kk`, channel `ch`: Sd = Σȳ˙, Sdx = Σȳ˙x̂, Syxd = Σȳx̂˙.
+    fn direction_sums(&self, kk: usize, ch: usize, sums: &[(T, T)]) -> (T, T, T) {
+        let (op, g, xv) = (self.op, self.g, self.xv);
+        let (n, c, hw) = (op.n, op.c, op.hw);
+        let (mu, s) = (op.mu[ch], op.s[ch]);
+        let tp = |s_: usize| (kk * n * c + s_ * c + ch) * hw..(kk * n * c + s_ * c + ch + 1) * hw;
+        let (mut sd, mut sdx) = (T::zero(), T::zero());
+        if let Some(gd) = self.gdot {
+            let gd = gd.data();
+            sd = channel_sum(n, |s_| total(&gd[tp(s_)]));
+            sdx = channel_sum(n, |s_| {
+                dot_centered(&xv[self.vplane(xv, s_ * c + ch)], mu, &gd[tp(s_)])
+            }) * s;
+        }
+        let syxd = match self.xt {
+            None => T::zero(),
+            Some(xt) => {
+                let xd = xt.data();
+                let sy_xd = channel_sum(n, |s_| {
+                    let r = self.vplane(g, s_ * c + ch);
+                    dot(&g[r], &xd[tp(s_)])
+                });
+                if op.train {
+                    let (md, a) = op.tstats[kk * c + ch];
+                    s * (sy_xd - md * sums[ch].0 - a * sums[ch].1)
+                } else {
+                    s * sy_xd
+                }
+            }
+        };
+        (sd, sdx, syxd)
+    }
+
+    /// train: x̄ = sγ ȳ − (s²γ Syx/m)(x − μ) − sγ Sy/m;  eval: x̄ = sγ ȳ.
+    fn grad_x(&self, sums: &[(T, T)]) -> Vec<T> {
+        let (op, g, xv, inv_m) = (self.op, self.g, self.xv, self.inv_m);
+        par_build(
+            op.n * op.c * op.hw,
+            op.hw,
+            || (),
+            |_, vp, o| {
+                let ch = vp % op.c;
+                let (sy, syx) = sums[ch];
+                let (s, mu, ga) = (op.s[ch], op.mu[ch], self.gam[ch]);
+                let r = self.vplane(g, vp);
+                let c_y = s * ga;
+                if op.train {
+                    let c_xc = -s * s * ga * syx * inv_m;
+                    let c0 = -s * ga * sy * inv_m;
+                    for ((oi, &gi), &xi) in o.iter_mut().zip(&g[r.clone()]).zip(&xv[r]) {
+                        *oi = c_y * gi + c_xc * (xi - mu) + c0;
+                    }
+                } else {
+                    for (oi, &gi) in o.iter_mut().zip(&g[r]) {
+                        *oi = c_y * gi;
+                    }
+                }
+            },
+        )
+    }
+
+    /// The coefficients of x̄˙ for direction `kk`, channel `ch`.
+    fn dot_coef(&self, kk: usize, ch: usize, sums: &[(T, T)], dsums: &[(T, T, T)]) -> DotCoef<T> {
+        let (op, inv_m, c) = (self.op, self.inv_m, self.op.c);
+        let (sy, syx) = sums[ch];
+        let (sd, sdx, syxd) = dsums[kk * c + ch];
+        let (s, ga) = (op.s[ch], self.gam[ch]);
+        let gam_dot = self.gt.map_or(T::zero(), |t| t.data()[kk * c + ch]);
+        let (c_y, c_dy) = (s * gam_dot, s * ga);
+        let (mut c_xbar, mut c_xd, mut c_xc, mut c0) = (T::zero(), T::zero(), T::zero(), T::zero());
+        if op.train {
+            let (md, a) = op
+                .tstats
+                .get(kk * c + ch)
+                .copied()
+                .unwrap_or((T::zero(), T::zero()));
+            let g2 = ga * syx * inv_m;
+            let g1d = (gam_dot * sy + ga * sd) * inv_m;
+            let g2d = (gam_dot * syx + ga * sdx + ga * syxd) * inv_m;
+            c_xbar = -s * a;
+            c_xd = -s * s * g2;
+            c_xc = s * s * s * g2 * a - s * s * g2d;
+            c0 = -s * g1d + s * s * g2 * md;
+        }
+        DotCoef {
+            xbar: c_xbar,
+            y: c_y,
+            dy: c_dy,
+            xd: c_xd,
+            xc: c_xc,
+            c0,
+        }
+    }
+
+    /// x̄˙ = c_x̄ x̄ + c_y ȳ + c_dy ȳ˙ + c_xd ẋ + c_xc (x − μ) + c0, per (k, channel).
+    fn grad_x_tangent(&self, gxd: &[T], sums: &[(T, T)], dsums: &[(T, T, T)]) -> Vec<T> {
+        let (op, g, xv) = (self.op, self.g, self.xv);
+        let (n, c, hw) = (op.n, op.c, op.hw);
+        par_build(
+            self.k * n * c * hw,
+            hw,
+            || (),
+            |_, tp, o| {
+                let (kk, vp) = (tp / (n * c), tp % (n * c));
+                let ch = vp % c;
+                let mu = op.mu[ch];
+                let cf = self.dot_coef(kk, ch, sums, dsums);
+                let r = self.vplane(g, vp);
+                let (xp, gp, gxp) = (&xv[r.clone()], &g[r.clone()], &gxd[r]);
+                let gdp = self.gdot.map(|t| &t.data()[tp * hw..(tp + 1) * hw]);
+                let xdp = self.xt.map(|t| &t.data()[tp * hw..(tp + 1) * hw]);
+                for i in 0..hw {
+                    let mut v = cf.xbar * gxp[i] + cf.y * gp[i] + cf.xc * (xp[i] - mu) + cf.c0;
+                    if let Some(gdp) = gdp {
+                        v = v + cf.dy * gdp[i];
+                    }
+                    if let Some(xdp) = xdp {
+                        v = v + cf.xd * xdp[i];
+                    }
+                    o[i] = v;
+                }
+            },
+        )
     }
 }
 
@@ -244,148 +492,33 @@ impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
         gdot: Option<&Tensor<T>>,
         sink: &mut Sink<T>,
     ) {
-        let (n, c, hw) = (self.n, self.c, self.hw);
-        let k = tape.directions();
-        let inv_m = T::one() / T::from_usize_lossy(n * hw);
+        let (c, k) = (self.c, tape.directions());
         let nx = tape.node(self.x);
-        let xv = nx.value.data();
-        let xt = nx.tangent.as_ref();
-        let gam = tape.node(self.gamma).value.data();
-        let gt = tape.node(self.gamma).tangent.as_ref();
-        let g = gy.data();
-        let vplane = |buf: &'_ [T], p: usize| -> std::ops::Range<usize> {
-            debug_assert!(buf.len() >= (p + 1) * hw);
-            p * hw..(p + 1) * hw
+        let back = Back {
+            op: self,
+            k,
+            inv_m: T::one() / T::from_usize_lossy(self.n * self.hw),
+            xv: nx.value.data(),
+            xt: nx.tangent.as_ref(),
+            gam: tape.node(self.gamma).value.data(),
+            gt: tape.node(self.gamma).tangent.as_ref(),
+            g: gy.data(),
+            gdot,
         };
-
-        // Per channel: Sy = Σȳ and Syx = Σȳx̂ = s Σ ȳ (x − μ).
-        let sums: Vec<(T, T)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (sy, syx) = (0..n).fold((T::zero(), T::zero()), |(sy, syx), s| {
-                    let r = vplane(g, s * c + ch);
-                    let (a, b) = sum_and_dot_centered(&xv[r.clone()], self.mu[ch], &g[r]);
-                    (sy + a, syx + b)
-                });
-                (sy, syx * self.s[ch])
-            })
-            .collect();
-
-        // Per (k, channel): Sd = Σȳ˙, Sdx = Σȳ˙x̂, Syxd = Σȳx̂˙.
-        let want_dot = gdot.is_some() || xt.is_some() || gt.is_some();
+        let sums = back.sums();
+        let want_dot = gdot.is_some() || back.xt.is_some() || back.gt.is_some();
         let dsums: Vec<(T, T, T)> = if want_dot {
             (0..k * c)
                 .into_par_iter()
-                .map(|j| {
-                    let (kk, ch) = (j / c, j % c);
-                    let (mu, s) = (self.mu[ch], self.s[ch]);
-                    let tp = |s_: usize| {
-                        (kk * n * c + s_ * c + ch) * hw..(kk * n * c + s_ * c + ch + 1) * hw
-                    };
-                    let (mut sd, mut sdx) = (T::zero(), T::zero());
-                    if let Some(gd) = gdot {
-                        let gd = gd.data();
-                        sd = channel_sum(n, |s_| total(&gd[tp(s_)]));
-                        sdx = channel_sum(n, |s_| {
-                            dot_centered(&xv[vplane(xv, s_ * c + ch)], mu, &gd[tp(s_)])
-                        }) * s;
-                    }
-                    let syxd = match xt {
-                        None => T::zero(),
-                        Some(xt) => {
-                            let xd = xt.data();
-                            let sy_xd = channel_sum(n, |s_| {
-                                let r = vplane(g, s_ * c + ch);
-                                dot(&g[r], &xd[tp(s_)])
-                            });
-                            if self.train {
-                                let (md, a) = self.tstats[kk * c + ch];
-                                s * (sy_xd - md * sums[ch].0 - a * sums[ch].1)
-                            } else {
-                                s * sy_xd
-                            }
-                        }
-                    };
-                    (sd, sdx, syxd)
-                })
+                .map(|j| back.direction_sums(j / c, j % c, &sums))
                 .collect()
         } else {
             Vec::new()
         };
-
         if tape.needs_grad(self.x) {
-            // train: x̄ = sγ ȳ − (s²γ Syx/m)(x − μ) − sγ Sy/m;  eval: x̄ = sγ ȳ.
-            let gx = par_build(
-                n * c * hw,
-                hw,
-                || (),
-                |_, vp, o| {
-                    let ch = vp % c;
-                    let (sy, syx) = sums[ch];
-                    let (s, mu, ga) = (self.s[ch], self.mu[ch], gam[ch]);
-                    let r = vplane(g, vp);
-                    let c_y = s * ga;
-                    if self.train {
-                        let c_xc = -s * s * ga * syx * inv_m;
-                        let c0 = -s * ga * sy * inv_m;
-                        for ((oi, &gi), &xi) in o.iter_mut().zip(&g[r.clone()]).zip(&xv[r]) {
-                            *oi = c_y * gi + c_xc * (xi - mu) + c0;
-                        }
-                    } else {
-                        for (oi, &gi) in o.iter_mut().zip(&g[r]) {
-                            *oi = c_y * gi;
-                        }
-                    }
-                },
-            );
-            let gx = Tensor::from_vec(nx.value.shape(), gx).expect("bn dx");
+            let gx = Tensor::from_vec(nx.value.shape(), back.grad_x(&sums)).expect("bn dx");
             let dot = want_dot.then(|| {
-                // x̄˙ = c_x̄ x̄ + c_y ȳ + c_dy ȳ˙ + c_xd ẋ + c_xc (x − μ) + c0, per (k, channel).
-                let gxd = gx.data();
-                let d = par_build(
-                    k * n * c * hw,
-                    hw,
-                    || (),
-                    |_, tp, o| {
-                        let (kk, vp) = (tp / (n * c), tp % (n * c));
-                        let ch = vp % c;
-                        let (sy, syx) = sums[ch];
-                        let (sd, sdx, syxd) = dsums[kk * c + ch];
-                        let (s, mu, ga) = (self.s[ch], self.mu[ch], gam[ch]);
-                        let gam_dot = gt.map_or(T::zero(), |t| t.data()[kk * c + ch]);
-                        let (c_y, c_dy) = (s * gam_dot, s * ga);
-                        let (mut c_xbar, mut c_xd, mut c_xc, mut c0) =
-                            (T::zero(), T::zero(), T::zero(), T::zero());
-                        if self.train {
-                            let (md, a) = self
-                                .tstats
-                                .get(kk * c + ch)
-                                .copied()
-                                .unwrap_or((T::zero(), T::zero()));
-                            let g2 = ga * syx * inv_m;
-                            let g1d = (gam_dot * sy + ga * sd) * inv_m;
-                            let g2d = (gam_dot * syx + ga * sdx + ga * syxd) * inv_m;
-                            c_xbar = -s * a;
-                            c_xd = -s * s * g2;
-                            c_xc = s * s * s * g2 * a - s * s * g2d;
-                            c0 = -s * g1d + s * s * g2 * md;
-                        }
-                        let r = vplane(g, vp);
-                        let (xp, gp, gxp) = (&xv[r.clone()], &g[r.clone()], &gxd[r]);
-                        let gdp = gdot.map(|t| &t.data()[tp * hw..(tp + 1) * hw]);
-                        let xdp = xt.map(|t| &t.data()[tp * hw..(tp + 1) * hw]);
-                        for i in 0..hw {
-                            let mut v = c_xbar * gxp[i] + c_y * gp[i] + c_xc * (xp[i] - mu) + c0;
-                            if let Some(gdp) = gdp {
-                                v = v + c_dy * gdp[i];
-                            }
-                            if let Some(xdp) = xdp {
-                                v = v + c_xd * xdp[i];
-                            }
-                            o[i] = v;
-                        }
-                    },
-                );
+                let d = back.grad_x_tangent(gx.data(), &sums, &dsums);
                 Tensor::from_vec(&tangent_shape(k, nx.value.shape()), d).expect("bn dx tangent")
             });
             sink.add(self.x, gx, dot);

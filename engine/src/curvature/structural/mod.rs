@@ -28,7 +28,7 @@ mod pass;
 
 use super::{invalid, CurvatureResult};
 use crate::kernels::par::fixed_ranges;
-use crate::net::{Layer, Net, NormStats, RunningStats};
+use crate::net::{Layer, Net, Node, NormStats, RunningStats};
 use crate::ops::Loss;
 use crate::scalar::Scalar;
 use crate::tape::Tape;
@@ -130,16 +130,14 @@ pub struct StructuralTrace {
     pub source_columns: usize,
 }
 
-/// Static analysis of a net: `Err` for malformed input, `Ok(Err(reason))` for a refusal.
-fn analyze<T: Scalar>(
+/// Checks that the net has a layer, `params` match its parameter specs and running
+/// statistics (if any) match its BatchNorm layers.
+fn check_inputs<T: Scalar>(
     net: &Net,
     params: &[Tensor<T>],
     norm: &NormStats<'_, T>,
-    opts: &StructuralOptions,
-) -> CurvatureResult<Result<Plan, String>> {
-    let nodes = net.nodes();
-    let len = nodes.len();
-    if len < 2 {
+) -> CurvatureResult<()> {
+    if net.nodes().len() < 2 {
         return invalid("net", "has no layer after its input");
     }
     let specs = net.params();
@@ -176,6 +174,12 @@ fn analyze<T: Scalar>(
             );
         }
     }
+    Ok(())
+}
+
+/// Which nodes the output depends on.
+fn reaching_output(nodes: &[Node]) -> Vec<bool> {
+    let len = nodes.len();
     let mut reach = vec![false; len];
     reach[len - 1] = true;
     for i in (0..len).rev() {
@@ -185,36 +189,44 @@ fn analyze<T: Scalar>(
             }
         }
     }
-    if let (NormStats::Batch, Some(id)) = (norm, bns.iter().find(|id| reach[id.index()])) {
-        return Ok(Err(format!(
-            "BatchNorm layer '{}' uses batch statistics (train mode): they couple the samples of a batch and make the layer non-affine in its input; use eval mode (running statistics), basis HVPs or an estimator",
-            net.node(*id).name
-        )));
-    }
-    let shapes: Vec<Vec<usize>> = nodes.iter().map(|n| n.shape.clone()).collect();
-    let out_shape = &shapes[len - 1];
-    if out_shape.len() != 1 || out_shape[0] == 0 {
-        return invalid(
-            "net",
-            format!("the output must be logits [N, C], got per-sample shape {out_shape:?}"),
-        );
-    }
-    let mut needs = vec![false; len];
+    reach
+}
+
+/// Which nodes depend on a parameter (have parameters themselves or downstream of one).
+fn after_params(nodes: &[Node]) -> Vec<bool> {
+    let mut needs = vec![false; nodes.len()];
     for (i, node) in nodes.iter().enumerate() {
         needs[i] = node.layer.param_count() > 0 || node.inputs.iter().any(|j| needs[j.index()]);
     }
-    for (i, node) in nodes.iter().enumerate() {
-        if let Layer::Add = node.layer {
-            let (a, b) = (node.inputs[0].index(), node.inputs[1].index());
-            if reach[i] && shapes[a] != shapes[b] {
-                return Ok(Err(format!(
-                    "'{}' adds shapes {:?} and {:?} by broadcasting, which the per-sample pass does not follow",
-                    node.name, shapes[a], shapes[b]
-                )));
-            }
-        }
-    }
-    let mut sources = vec![false; len];
+    needs
+}
+
+/// The refusal for the first reachable `Add` that broadcasts, if any.
+fn broadcast_refusal(nodes: &[Node], reach: &[bool], shapes: &[Vec<usize>]) -> Option<String> {
+    nodes.iter().enumerate().find_map(|(i, node)| {
+        let Layer::Add = node.layer else {
+            return None;
+        };
+        let (a, b) = (node.inputs[0].index(), node.inputs[1].index());
+        (reach[i] && shapes[a] != shapes[b]).then(|| {
+            format!(
+                "'{}' adds shapes {:?} and {:?} by broadcasting, which the per-sample pass does not follow",
+                node.name, shapes[a], shapes[b]
+            )
+        })
+    })
+}
+
+/// The curvature sources (reachable smooth activations downstream of a parameter) and
+/// their units per sample, or the refusal when there are more than `max` units.
+fn curvature_sources<T: Scalar>(
+    nodes: &[Node],
+    reach: &[bool],
+    needs: &[bool],
+    shapes: &[Vec<usize>],
+    max: usize,
+) -> Result<(Vec<bool>, usize), String> {
+    let mut sources = vec![false; nodes.len()];
     let mut count = 0usize;
     let mut biggest: Option<(usize, usize)> = None;
     for (i, node) in nodes.iter().enumerate() {
@@ -230,13 +242,51 @@ fn analyze<T: Scalar>(
             }
         }
     }
-    if count > opts.max_sources_per_sample {
+    if count > max {
         let (i, units) = biggest.expect("count > 0");
+        return Err(format!(
+            "its smooth activations have {count} units per sample, each a curvature source costing one more backward column (limit {max}); the largest is '{}' on {:?} ({units} units), e.g. a smooth activation inside convolution layers",
+            nodes[i].name, shapes[nodes[i].inputs[0].index()]
+        ));
+    }
+    Ok((sources, count))
+}
+
+/// Static analysis of a net: `Err` for malformed input, `Ok(Err(reason))` for a refusal.
+fn analyze<T: Scalar>(
+    net: &Net,
+    params: &[Tensor<T>],
+    norm: &NormStats<'_, T>,
+    opts: &StructuralOptions,
+) -> CurvatureResult<Result<Plan, String>> {
+    check_inputs(net, params, norm)?;
+    let nodes = net.nodes();
+    let len = nodes.len();
+    let reach = reaching_output(nodes);
+    let bns = net.batch_norms();
+    if let (NormStats::Batch, Some(id)) = (norm, bns.iter().find(|id| reach[id.index()])) {
         return Ok(Err(format!(
-            "its smooth activations have {count} units per sample, each a curvature source costing one more backward column (limit {}); the largest is '{}' on {:?} ({units} units), e.g. a smooth activation inside convolution layers",
-            opts.max_sources_per_sample, nodes[i].name, shapes[nodes[i].inputs[0].index()]
+            "BatchNorm layer '{}' uses batch statistics (train mode): they couple the samples of a batch and make the layer non-affine in its input; use eval mode (running statistics), basis HVPs or an estimator",
+            net.node(*id).name
         )));
     }
+    let shapes: Vec<Vec<usize>> = nodes.iter().map(|n| n.shape.clone()).collect();
+    let out_shape = &shapes[len - 1];
+    if out_shape.len() != 1 || out_shape[0] == 0 {
+        return invalid(
+            "net",
+            format!("the output must be logits [N, C], got per-sample shape {out_shape:?}"),
+        );
+    }
+    let needs = after_params(nodes);
+    if let Some(reason) = broadcast_refusal(nodes, &reach, &shapes) {
+        return Ok(Err(reason));
+    }
+    let (sources, count) =
+        match curvature_sources::<T>(nodes, &reach, &needs, &shapes, opts.max_sources_per_sample) {
+            Ok(found) => found,
+            Err(reason) => return Ok(Err(reason)),
+        };
     Ok(Ok(Plan {
         classes: out_shape[0],
         loss: opts.loss,
