@@ -376,6 +376,40 @@ fn bit_identical_across_thread_counts() {
     }
 }
 
+/// A wrapped state_dict (`model.` before every name) is refused naming both sides and the
+/// flag; with `--strip-prefix model.` it gives the same bytes as the plain weights.
+#[test]
+fn strip_prefix_reads_a_wrapped_state_dict() {
+    let inputs = Inputs::new("strip-prefix", "cnn-s", 4, DType::F32);
+    let plain = inputs.dir.join("plain.safetensors");
+    run_ok(&inputs.args(&plain, &[]), &[]);
+    let wrapped = edited(&inputs.dir, "wrapped.safetensors", &inputs.weights, |t| {
+        for x in t.iter_mut() {
+            x.name = format!("model.{}", x.name);
+        }
+    });
+    let args = with(
+        &inputs.args(&inputs.dir.join("out.safetensors"), &[]),
+        "--weights",
+        &wrapped,
+    );
+    expect_error(
+        &inputs,
+        "wrapped",
+        &args,
+        &[
+            "wrapped.safetensors",
+            "'model.conv1.weight'",
+            "--strip-prefix model.",
+        ],
+    );
+    let out = inputs.dir.join("stripped.safetensors");
+    let mut args = with(&inputs.args(&out, &[]), "--weights", &wrapped);
+    args.extend(["--strip-prefix".to_string(), "model.".to_string()]);
+    run_ok(&args, &[]);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&plain).unwrap());
+}
+
 /// Runs a failing command and checks the one-line error report.
 fn expect_error(inputs: &Inputs, case: &str, args: &[String], needles: &[&str]) {
     let out = run(args, &[]);
