@@ -37,7 +37,9 @@ fn compute<R: Send>(py: Python<'_>, f: impl FnOnce() -> R + Send) -> R {
     let pool = POOL.lock().map(|p| p.clone()).unwrap_or(None);
     py.detach(move || match pool {
         Some(p) => p.install(f),
-        None => f(),
+        // On a worker of the global pool, as `install` does for a chosen pool: parallel
+        // regions then fork from inside the pool instead of waking it from outside.
+        None => rayon::scope(|_| f()),
     })
 }
 
