@@ -6,7 +6,13 @@ there. flatmin side: `flatmin bench ... --json` (release build). Same workloads:
 batch 128, CIFAR-shaped random inputs, PyTorch-default initialization, BatchNorm in train mode.
 
 Also SGEMM against torch.mm on square sizes and on the mlp-s layers' own shapes, with flatmin's
-fraction of the FMA peak it measures in-process (`flatmin bench gemm` reports it).
+fraction of the FMA peak it measures in-process (`flatmin bench gemm` reports it), and with
+`--train-data DIR` the default training recipe end to end: `flatmin train` as a whole process
+against `tools/torch_train_reference.py` (same recipe, seed 0) on the same CIFAR-10 folder.
+
+Repetitions follow the anchor's own rule (`measure` in ../shared/anchors/common.py: enough calls
+for about 3 s of timed work, 10 to 100 of them, fewer when one call takes over a second), so a
+short workload is timed over as many calls on both sides; `--reps N` fixes the count instead.
 
 Run from the workspace root after `cargo build --release`:
     /path/to/venv/bin/python benches/compare/compare.py [--threads 2] [--anchors ../shared/anchors]
@@ -95,12 +101,49 @@ def flatmin(binary, threads, *args):
     return rec
 
 
+def anchor_reps(binary, threads, task, *args, target_s=3.0, min_reps=10, max_reps=100):
+    """The repetitions the anchor's `measure` would pick for this workload: a 3-call probe
+    estimates one call, then enough calls for `target_s` seconds, clamped to [min_reps,
+    max_reps]; over a second per call, about 15 s of calls and at least 3."""
+    est = flatmin(binary, threads, task, *args, "--reps", "3")["median_ms"] / 1e3
+    if est > 1.0:
+        min_reps = max(3, min(min_reps, int(15.0 / est)))
+    return int(max(min_reps, min(max_reps, target_s / max(est, 1e-9))))
+
+
+def train_rows(py, binary, threads, data):
+    """The default training recipe on `data`, seed 0: whole-process wall seconds of `flatmin
+    train` and of the PyTorch reference script, and the reference's own training-loop seconds
+    (it times the loop alone; flatmin's figure includes loading, per-epoch evaluation of the
+    training and test subsets and the run folder's files)."""
+    import time
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(here, "..", "..", "tools", "torch_train_reference.py")
+    t0 = time.perf_counter()
+    out = subprocess.run([py, script, "--data", data, "--seeds", "0", "--threads", str(threads)],
+                         check=True, capture_output=True, text=True).stdout
+    torch_wall = time.perf_counter() - t0
+    ref = json.loads(out.strip().splitlines()[-1])
+    folder = tempfile.mkdtemp(prefix="flatmin-compare-train-")
+    t0 = time.perf_counter()
+    subprocess.run([binary, "train", "--data", data, "--out", os.path.join(folder, "run"), "--threads",
+                    str(threads), "--quiet"], check=True, stdout=subprocess.DEVNULL)
+    flatmin_wall = time.perf_counter() - t0
+    summary = json.load(open(os.path.join(folder, "run", "summary.json")))
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"torch_process_s": torch_wall, "torch_loop_s": ref["wall_s"], "torch_test_acc": ref["test_acc"],
+            "flatmin_process_s": flatmin_wall, "flatmin_test_acc": summary["final"]["test_acc"]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--anchors", default="../shared/anchors")
     ap.add_argument("--flatmin", default="target/release/flatmin")
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, help="fixed repetitions for every flatmin workload "
+                    "(default: the anchor's rule, about 3 s of calls, 10 to 100)")
+    ap.add_argument("--train-data", metavar="DIR", help="CIFAR-10 binary folder: also time the "
+                    "default training recipe end to end against tools/torch_train_reference.py")
     ap.add_argument("--mm-bench", help="the anchors' mm-bench binary built with feature threading "
                     "(../shared/anchors/mm-bench): standalone matrixmultiply SGEMM beside the engine's")
     a = ap.parse_args()
@@ -123,10 +166,13 @@ def main():
         return r["median_ms"] if suite != "bhvp" else r["per_vector_ms"]
 
     rows, mem = [], []
+    def reps_for(task, *args, **rule):
+        return str(a.reps or anchor_reps(a.flatmin, a.threads, task, *args, **rule))
+
     for m in MODELS:
-        reps = str(a.reps if m != "resnet20" else max(3, a.reps // 3))
-        g = flatmin(a.flatmin, a.threads, "grad", "--model", m, "--reps", reps)
-        h = flatmin(a.flatmin, a.threads, "hvp", "--model", m, "--reps", reps)
+        g = flatmin(a.flatmin, a.threads, "grad", "--model", m, "--reps", reps_for("grad", "--model", m))
+        h = flatmin(a.flatmin, a.threads, "hvp", "--model", m, "--reps",
+                    reps_for("hvp", "--model", m, max_reps=60, target_s=4.0 if m == "resnet20" else 3.0))
         tg = torch_ms("grad", m)
         rows.append((f"gradient, {m}", tg, g["median_ms"]))
         th = min(torch_ms("hvp", m, "double"), torch_ms("hvp", m, "func"))
@@ -135,20 +181,24 @@ def main():
         rss = torch_rec("hvp", m, "double").get("maxrss_mb", float("nan"))
         mem.append((f"peak RSS of an HVP process, {m} (torch: double backward)", rss, h["maxrss_mb"]))
         if m != "resnet20":
-            b = flatmin(a.flatmin, a.threads, "hvp-batched", "--model", m, "--vectors", "16", "--reps", str(max(3, a.reps // 2)))
+            vecs = ("--model", m, "--vectors", "16")
+            b = flatmin(a.flatmin, a.threads, "hvp-batched", *vecs, "--reps",
+                        reps_for("hvp-batched", *vecs, max_reps=40, target_s=4.0))
             rows.append((f"batched HVP x16 per direction, {m} (torch: vmap)", torch_ms("bhvp", m, "func_vmap"), b["median_ms"] / 16))
-    one = flatmin(a.flatmin, 1, "grad", "--model", "cnn-s", "--reps", str(a.reps))
-    two = flatmin(a.flatmin, 2, "grad", "--model", "cnn-s", "--reps", str(a.reps))
-    gemm = flatmin(a.flatmin, a.threads, "gemm", "--size", "1024", "--reps", str(a.reps))
+    reps = a.reps or 20
+    one = flatmin(a.flatmin, 1, "grad", "--model", "cnn-s", "--reps", str(reps))
+    two = flatmin(a.flatmin, 2, "grad", "--model", "cnn-s", "--reps", str(reps))
+    gemm = flatmin(a.flatmin, a.threads, "gemm", "--size", "1024", "--reps", str(reps))
     gemm_rows = []
     if a.mm_bench:
         env = dict(os.environ, MATMUL_NUM_THREADS=str(a.threads))
         out = subprocess.run([a.mm_bench, "512", "1024"], env=env, check=True, capture_output=True, text=True).stdout
         mm = {r["n"]: r for r in (json.loads(l) for l in out.splitlines() if l.startswith("{"))}
         for n in [512, 1024]:
-            g = flatmin(a.flatmin, a.threads, "gemm", "--size", str(n), "--reps", str(a.reps))
+            g = flatmin(a.flatmin, a.threads, "gemm", "--size", str(n), "--reps", str(reps))
             gemm_rows.append((n, mm[n]["gflops_median"], g["gflops"]))
-    gemms = gemm_table(sys.executable, a.flatmin, a.threads, max(10, a.reps))
+    gemms = gemm_table(sys.executable, a.flatmin, a.threads, max(10, reps))
+    train = train_rows(sys.executable, a.flatmin, a.threads, a.train_data) if a.train_data else None
     cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | head -1"], capture_output=True, text=True).stdout.strip()
     torch_version = next((r.get("torch_version") for r in recs if r.get("torch_version")), "?")
     print(f"machine: {cpu}, {a.threads} threads; torch {torch_version}; flatmin SGEMM 1024: {gemm['gflops']:.1f} GFLOP/s\n")
@@ -171,6 +221,15 @@ def main():
     for n, standalone, engine in gemm_rows:
         print(f"\nSGEMM {n}: standalone matrixmultiply {standalone:.1f} GFLOP/s, in the engine {engine:.1f} GFLOP/s "
               f"({100 * engine / standalone:.0f}%)", end="")
+    if train:
+        t = train
+        print("\n| default training recipe (cnn-s, 10 epochs, seed 0) | PyTorch s | flatmin s | speedup |")
+        print("| --- | --- | --- | --- |")
+        print(f"| whole process | {t['torch_process_s']:.1f} | {t['flatmin_process_s']:.1f} | "
+              f"{t['torch_process_s'] / t['flatmin_process_s']:.2f}x |")
+        print(f"| PyTorch's training loop alone / flatmin's whole process | {t['torch_loop_s']:.1f} | "
+              f"{t['flatmin_process_s']:.1f} | {t['torch_loop_s'] / t['flatmin_process_s']:.2f}x |")
+        print(f"| test accuracy | {100 * t['torch_test_acc']:.2f}% | {100 * t['flatmin_test_acc']:.2f}% | — |")
     print(f"\nflatmin cnn-s gradient: 1 thread {one['median_ms']:.1f} ms, 2 threads {two['median_ms']:.1f} ms, "
           f"scaling {one['median_ms'] / two['median_ms']:.2f}x")
 
