@@ -1,6 +1,6 @@
 //! Exact Hessian trace and diagonal by Hessian-vector products against unit vectors.
 
-use super::operator::{to_f64, BatchLoss, Hessian};
+use super::operator::{to_f64, BatchLoss, Hessian, ParamLayout};
 use super::{invalid, CurvatureResult};
 use crate::scalar::Scalar;
 use crate::tensor::Tensor;
@@ -57,19 +57,7 @@ pub fn exact_trace_of<T: Scalar, L: BatchLoss<T>>(
     tensors: &[usize],
 ) -> CurvatureResult<ExactTrace> {
     let layout = h.layout();
-    let mut seen = vec![false; layout.num_tensors()];
-    for &i in tensors {
-        if i >= layout.num_tensors() || seen[i] {
-            return invalid(
-                "tensors",
-                format!(
-                    "index {i} is out of range or repeated ({} tensors)",
-                    layout.num_tensors()
-                ),
-            );
-        }
-        seen[i] = true;
-    }
+    check_tensor_list(layout, tensors)?;
     // coords[j] = (tensor, index inside it) of the j-th measured scalar.
     let coords: Vec<(usize, usize)> = tensors
         .iter()
@@ -79,21 +67,7 @@ pub fn exact_trace_of<T: Scalar, L: BatchLoss<T>>(
     let start = (h.hvps(), h.passes());
     h.map_passes(
         coords.len(),
-        |r| {
-            let k = r.len();
-            let mut tangents: Vec<Tensor<T>> = (0..layout.num_tensors())
-                .map(|i| {
-                    let mut shape = vec![k];
-                    shape.extend_from_slice(layout.shape(i));
-                    Tensor::zeros(&shape)
-                })
-                .collect();
-            for (kk, &(i, e)) in coords[r].iter().enumerate() {
-                let n = layout.range(i).len();
-                tangents[i].data_mut()[kk * n + e] = T::one();
-            }
-            tangents
-        },
+        |r| basis_tangents(layout, &coords[r]),
         |r, b, hv| {
             let w = h.weights()[b];
             Ok(coords[r]
@@ -111,6 +85,56 @@ pub fn exact_trace_of<T: Scalar, L: BatchLoss<T>>(
             }
         },
     )?;
+    let blocks = blocks_of(layout, tensors, &diag);
+    let trace: f64 = blocks.iter().map(|b| b.trace).sum();
+    let dim = coords.len();
+    Ok(ExactTrace {
+        trace,
+        dim,
+        normalized_trace: if dim == 0 { 0.0 } else { trace / dim as f64 },
+        blocks,
+        hvps: h.hvps() - start.0,
+        passes: h.passes() - start.1,
+    })
+}
+
+/// Refuses tensor indices out of range or repeated.
+fn check_tensor_list(layout: &ParamLayout, tensors: &[usize]) -> CurvatureResult<()> {
+    let mut seen = vec![false; layout.num_tensors()];
+    for &i in tensors {
+        if i >= layout.num_tensors() || seen[i] {
+            return invalid(
+                "tensors",
+                format!(
+                    "index {i} is out of range or repeated ({} tensors)",
+                    layout.num_tensors()
+                ),
+            );
+        }
+        seen[i] = true;
+    }
+    Ok(())
+}
+
+/// One pass's tangents: direction `kk` is the unit vector of the scalar `coords[kk]`.
+fn basis_tangents<T: Scalar>(layout: &ParamLayout, coords: &[(usize, usize)]) -> Vec<Tensor<T>> {
+    let k = coords.len();
+    let mut tangents: Vec<Tensor<T>> = (0..layout.num_tensors())
+        .map(|i| {
+            let mut shape = vec![k];
+            shape.extend_from_slice(layout.shape(i));
+            Tensor::zeros(&shape)
+        })
+        .collect();
+    for (kk, &(i, e)) in coords.iter().enumerate() {
+        let n = layout.range(i).len();
+        tangents[i].data_mut()[kk * n + e] = T::one();
+    }
+    tangents
+}
+
+/// The per-tensor blocks of a measured diagonal (`diag` holds `tensors`' scalars in order).
+fn blocks_of(layout: &ParamLayout, tensors: &[usize], diag: &[f64]) -> Vec<BlockTrace> {
     let mut blocks = Vec::with_capacity(tensors.len());
     let mut offset = 0;
     for &i in tensors {
@@ -126,14 +150,5 @@ pub fn exact_trace_of<T: Scalar, L: BatchLoss<T>>(
             diagonal,
         });
     }
-    let trace: f64 = blocks.iter().map(|b| b.trace).sum();
-    let dim = coords.len();
-    Ok(ExactTrace {
-        trace,
-        dim,
-        normalized_trace: if dim == 0 { 0.0 } else { trace / dim as f64 },
-        blocks,
-        hvps: h.hvps() - start.0,
-        passes: h.passes() - start.1,
-    })
+    blocks
 }

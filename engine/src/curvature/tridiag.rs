@@ -25,6 +25,42 @@ pub fn tridiagonal_eigen(
     off: &[f64],
     requested: &[usize],
 ) -> CurvatureResult<TridiagonalEigen> {
+    check_tridiagonal(diag, off, requested)?;
+    let n = diag.len();
+    let mut d = diag.to_vec();
+    let mut e = off.to_vec();
+    e.push(0.0);
+    let mut z: Vec<Vec<f64>> = requested
+        .iter()
+        .map(|&r| (0..n).map(|j| if j == r { 1.0 } else { 0.0 }).collect())
+        .collect();
+    for l in 0..n {
+        let mut iterations = 0;
+        loop {
+            let m = unreduced_end(&d, &e, l);
+            if m == l {
+                break;
+            }
+            iterations += 1;
+            if iterations > 200 {
+                return Err(CurvatureError::NoConvergence { index: l, size: n });
+            }
+            ql_step(&mut d, &mut e, &mut z, l, m);
+        }
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| d[a].total_cmp(&d[b]));
+    Ok(TridiagonalEigen {
+        values: order.iter().map(|&j| d[j]).collect(),
+        rows: z
+            .iter()
+            .map(|row| order.iter().map(|&j| row[j]).collect())
+            .collect(),
+    })
+}
+
+/// Refuses mismatched lengths, out-of-range rows and non-finite entries.
+fn check_tridiagonal(diag: &[f64], off: &[f64], requested: &[usize]) -> CurvatureResult<()> {
     let n = diag.len();
     if off.len() + 1 != n.max(1) {
         return invalid(
@@ -38,82 +74,59 @@ pub fn tridiagonal_eigen(
     if diag.iter().chain(off).any(|x| !x.is_finite()) {
         return invalid("tridiagonal", "non-finite entry");
     }
-    let mut d = diag.to_vec();
-    let mut e = off.to_vec();
-    e.push(0.0);
-    let mut z: Vec<Vec<f64>> = requested
-        .iter()
-        .map(|&r| (0..n).map(|j| if j == r { 1.0 } else { 0.0 }).collect())
-        .collect();
-    for l in 0..n {
-        let mut iterations = 0;
-        loop {
-            // Find the first negligible off-diagonal entry at or after l: the block l..=m
-            // is unreduced.
-            let mut m = l;
-            while m + 1 < n {
-                let dd = d[m].abs() + d[m + 1].abs();
-                if e[m].abs() <= f64::EPSILON * dd {
-                    break;
-                }
-                m += 1;
-            }
-            if m == l {
-                break;
-            }
-            iterations += 1;
-            if iterations > 200 {
-                return Err(CurvatureError::NoConvergence { index: l, size: n });
-            }
-            // Shift: the eigenvalue of the leading 2x2 block nearer to d[l].
-            let mut g = (d[l + 1] - d[l]) / (2.0 * e[l]);
-            let mut r = g.hypot(1.0);
-            g = d[m] - d[l] + e[l] / (g + r.copysign(g));
-            let (mut s, mut c, mut p) = (1.0f64, 1.0f64, 0.0f64);
-            let mut deflated = false;
-            // Chase the bulge from the bottom of the block up to l with plane rotations.
-            for i in (l..m).rev() {
-                let f = s * e[i];
-                let b = c * e[i];
-                r = f.hypot(g);
-                e[i + 1] = r;
-                if r == 0.0 {
-                    // Underflow: the block splits at i + 1; restart on it.
-                    d[i + 1] -= p;
-                    e[m] = 0.0;
-                    deflated = true;
-                    break;
-                }
-                s = f / r;
-                c = g / r;
-                g = d[i + 1] - p;
-                r = (d[i] - g) * s + 2.0 * c * b;
-                p = s * r;
-                d[i + 1] = g + p;
-                g = c * r - b;
-                for row in z.iter_mut() {
-                    let t = row[i + 1];
-                    row[i + 1] = s * row[i] + c * t;
-                    row[i] = c * row[i] - s * t;
-                }
-            }
-            if deflated {
-                continue;
-            }
-            d[l] -= p;
-            e[l] = g;
+    Ok(())
+}
+
+/// The first negligible off-diagonal entry at or after `l`: the block `l..=m` is unreduced.
+fn unreduced_end(d: &[f64], e: &[f64], l: usize) -> usize {
+    let n = d.len();
+    let mut m = l;
+    while m + 1 < n {
+        let dd = d[m].abs() + d[m + 1].abs();
+        if e[m].abs() <= f64::EPSILON * dd {
+            break;
+        }
+        m += 1;
+    }
+    m
+}
+
+/// One implicit QL step on the unreduced block `l..=m`, rotating the kept eigenvector rows
+/// `z` along; on underflow the block splits and the step ends early.
+fn ql_step(d: &mut [f64], e: &mut [f64], z: &mut [Vec<f64>], l: usize, m: usize) {
+    // Shift: the eigenvalue of the leading 2x2 block nearer to d[l].
+    let mut g = (d[l + 1] - d[l]) / (2.0 * e[l]);
+    let mut r = g.hypot(1.0);
+    g = d[m] - d[l] + e[l] / (g + r.copysign(g));
+    let (mut s, mut c, mut p) = (1.0f64, 1.0f64, 0.0f64);
+    // Chase the bulge from the bottom of the block up to l with plane rotations.
+    for i in (l..m).rev() {
+        let f = s * e[i];
+        let b = c * e[i];
+        r = f.hypot(g);
+        e[i + 1] = r;
+        if r == 0.0 {
+            // Underflow: the block splits at i + 1; restart on it.
+            d[i + 1] -= p;
             e[m] = 0.0;
+            return;
+        }
+        s = f / r;
+        c = g / r;
+        g = d[i + 1] - p;
+        r = (d[i] - g) * s + 2.0 * c * b;
+        p = s * r;
+        d[i + 1] = g + p;
+        g = c * r - b;
+        for row in z.iter_mut() {
+            let t = row[i + 1];
+            row[i + 1] = s * row[i] + c * t;
+            row[i] = c * row[i] - s * t;
         }
     }
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| d[a].total_cmp(&d[b]));
-    Ok(TridiagonalEigen {
-        values: order.iter().map(|&j| d[j]).collect(),
-        rows: z
-            .iter()
-            .map(|row| order.iter().map(|&j| row[j]).collect())
-            .collect(),
-    })
+    d[l] -= p;
+    e[l] = g;
+    e[m] = 0.0;
 }
 
 #[cfg(test)]
