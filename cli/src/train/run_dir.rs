@@ -819,7 +819,8 @@ pub fn renumber_epochs_from_one<'a>(records: impl IntoIterator<Item = &'a mut Re
     let old = records.iter().any(|r| r.epoch == 0);
     if old {
         for r in &mut records {
-            r.epoch += 1;
+            // Saturating: a hostile file may also hold the largest epoch.
+            r.epoch = r.epoch.saturating_add(1);
         }
     }
     old
@@ -872,6 +873,13 @@ mod tests {
             err.starts_with("m.jsonl: line 2: not a metrics record"),
             "{err}"
         );
+        // An older flatmin's file (an epoch 0) reads renumbered from 1, the largest epoch
+        // without overflow; today's file as it is.
+        let huge = r#"{"kind":"eval","epoch":18446744073709551615,"step":2,"wall_s":0.7}"#;
+        let got = parse_records(p, format!("{a}\n{huge}").as_bytes()).unwrap();
+        assert_eq!((got[0].1.epoch, got[1].1.epoch), (1, usize::MAX));
+        let got = parse_records(p, b.replace("\"epoch\":0", "\"epoch\":3").as_bytes()).unwrap();
+        assert_eq!(got[0].1.epoch, 3);
         let mut bytes = format!("{a}\n").into_bytes();
         bytes.extend([b'{', 0xff, b'}']);
         let err = format!("{:#}", parse_records(p, &bytes).unwrap_err());
