@@ -810,7 +810,7 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
 }
 
 /// Renumbers the epochs of the records of one `metrics.jsonl` written by a flatmin that
-/// numbered them from 0 (0.1.0 before issue 16), so that they count from 1 like today's.
+/// numbered them from 0 (before issue 16), so that they count from 1 like today's.
 /// The numbering itself is the format marker: today's files never hold an epoch 0 (the
 /// step-0 trace belongs to epoch 1), while the older files always do (their first step is
 /// of epoch 0). Returns whether the records were renumbered; a second call does nothing.
