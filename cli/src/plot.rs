@@ -545,13 +545,13 @@ pub fn find_metric(name: &str, runs: &[Run]) -> Result<Metric> {
     )
 }
 
-/// Optimizer steps per epoch, from the step records (a step `s` of epoch `e` satisfies
-/// `e * n < s <= (e + 1) * n`); `None` without step records.
+/// Optimizer steps per epoch, from the step records (a step `s` of epoch `e`, counted from 1,
+/// satisfies `(e - 1) * n < s <= e * n`); `None` without step records.
 fn steps_per_epoch(run: &Run) -> Option<f64> {
     run.records
         .iter()
         .filter(|r| r.kind == "train" && r.step > 0)
-        .map(|r| r.step.div_ceil(r.epoch + 1))
+        .map(|r| r.step.div_ceil(r.epoch.max(1)))
         .max()
         .map(|n| n as f64)
 }
@@ -571,7 +571,7 @@ pub fn series(run: &Run, metric: &Metric, x: XAxis) -> Result<Vec<(f64, f64)>> {
                 (XAxis::GradSamples, _) => r.grad_samples? as f64,
                 (XAxis::Step, _) => r.step as f64,
                 (XAxis::Epoch, Some(n)) => r.step as f64 / n,
-                (XAxis::Epoch, None) => r.epoch_number() as f64,
+                (XAxis::Epoch, None) => r.epoch as f64,
             };
             Some((at, v * scale))
         })
@@ -1355,10 +1355,10 @@ mod tests {
             label: "r".into(),
             dir: PathBuf::from("r"),
             records: vec![
-                rec("train", 0, 1),
-                rec("train", 0, 2),
-                rec("eval", 0, 2),
-                rec("train", 1, 3),
+                rec("train", 1, 1),
+                rec("train", 1, 2),
+                rec("eval", 1, 2),
+                rec("train", 2, 3),
             ],
         };
         let m = find_metric("test_acc", std::slice::from_ref(&run)).unwrap();

@@ -180,6 +180,61 @@ fn train_help_has_headings_and_old_names_are_hidden() {
     assert!(!err.contains("unexpected argument"), "{err}");
 }
 
+/// The sections of a `--help` (`-h`) text, in order, each with the long flags listed under
+/// it: `("Options:", ["--help", "--version"])`, ...
+fn help_sections(help: &str) -> Vec<(String, Vec<String>)> {
+    let mut sections: Vec<(String, Vec<String>)> = Vec::new();
+    for line in help.lines() {
+        if !line.starts_with(' ') && line.ends_with(':') {
+            sections.push((line.to_string(), Vec::new()));
+        } else if let (Some(last), Some(at)) = (sections.last_mut(), line.find("--")) {
+            let flag = line[at..].split([' ', ',']).next().unwrap_or_default();
+            if line[..at].trim_start().is_empty() || line[..at].trim().ends_with(',') {
+                last.1.push(flag.to_string());
+            }
+        }
+    }
+    sections
+}
+
+/// `eval`, `sweep`, `hvp`, `bench` and `plot` (more than 8 flags each) group their flags
+/// under headings, in this order, as `train` does: only `--help` and `--version` stay under
+/// "Options:". `data fetch` (5 flags) and `export` (1) keep one list.
+#[test]
+fn long_helps_group_their_flags_under_headings() {
+    let cases: [(&[&str], &[&str]); 7] = [
+        (&["eval"], &["Model:", "Data:", "Evaluation:", "Run:"]),
+        (&["sweep"], &["Sweep:", "Scheduler scripts (--emit):"]),
+        (&["hvp"], &["Inputs:", "Computation:", "Run:"]),
+        (&["bench"], &["Workload:", "Trace:", "GEMM:", "Run:"]),
+        (&["plot"], &["Panels:", "Image:"]),
+        (&["data", "fetch"], &[]),
+        (&["export"], &[]),
+    ];
+    for (cmd, headings) in cases {
+        let out = flatmin(&[cmd, &["-h"]].concat());
+        assert!(out.status.success(), "{cmd:?}");
+        let help = text(&out.stdout);
+        let sections = help_sections(&help);
+        let names: Vec<&str> = sections
+            .iter()
+            .map(|s| s.0.as_str())
+            .filter(|h| *h != "Arguments:" && *h != "Options:")
+            .collect();
+        assert_eq!(names, headings, "{cmd:?}: {help}");
+        let options = &sections.iter().find(|s| s.0 == "Options:").unwrap().1;
+        if !headings.is_empty() {
+            assert_eq!(options, &["--help", "--version"], "{cmd:?}: {help}");
+        }
+        assert!(
+            sections
+                .iter()
+                .all(|s| s.0 == "Arguments:" || !s.1.is_empty()),
+            "{cmd:?}: an empty section: {help}"
+        );
+    }
+}
+
 /// `completions bash|zsh|fish` print scripts naming the subcommands; bash accepts its own; a
 /// stdout that cannot take the script is an error line, not a panic.
 #[test]

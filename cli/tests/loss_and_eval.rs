@@ -177,7 +177,7 @@ fn eval_records_match_flatmin_eval(run: &Path) -> Value {
     let evals: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "eval").collect();
     assert_eq!(evals.len(), 2);
     for r in &evals {
-        let epoch = r["epoch"].as_u64().unwrap() + 1;
+        let epoch = r["epoch"].as_u64().unwrap();
         let ckpt = run.join(format!("checkpoints/epoch-{epoch:04}.safetensors"));
         let e = last_json(&flatmin(&["eval", s(&ckpt), "--split", "train", "--json"]));
         assert_eq!(e["images"], 200);

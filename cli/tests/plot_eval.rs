@@ -612,3 +612,45 @@ fn huge_and_extreme_values_plot_or_are_refused_in_bounded_time() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `plot --x epoch` of a run folder written by an older flatmin (`metrics.jsonl`'s epochs from
+/// 0) draws the same figure as of today's folder (epochs from 1): one numbering on the axis.
+#[test]
+fn plot_by_epoch_of_an_older_flatmins_folder_matches_todays() {
+    let root = tmp("epoch-numbering");
+    let mut svgs = Vec::new();
+    for (folder, first_epoch) in [("today", 1), ("older", 0)] {
+        // 6 steps, 3 an epoch, an evaluation after each epoch.
+        let run = root.join(folder).join("r");
+        std::fs::create_dir_all(&run).unwrap();
+        let mut text = String::new();
+        for step in 1..=6usize {
+            let epoch = first_epoch + (step - 1) / 3;
+            let loss = 2.0 / step as f64;
+            text.push_str(&format!(
+                "{{\"kind\":\"train\",\"epoch\":{epoch},\"step\":{step},\"loss\":{loss},\"wall_s\":0.1}}\n"
+            ));
+            if step % 3 == 0 {
+                text.push_str(&format!(
+                    "{{\"kind\":\"eval\",\"epoch\":{epoch},\"step\":{step},\"test_acc\":{},\"wall_s\":0.1}}\n",
+                    0.1 * step as f64
+                ));
+            }
+        }
+        std::fs::write(run.join("metrics.jsonl"), text).unwrap();
+        let svg = root.join(format!("{folder}.svg"));
+        assert_ok(&flatmin(&[
+            "plot",
+            s(&run),
+            "--x",
+            "epoch",
+            "--out",
+            s(&svg),
+        ]));
+        svgs.push(std::fs::read_to_string(&svg).unwrap());
+    }
+    assert!(
+        svgs[0] == svgs[1],
+        "the two numberings draw different figures"
+    );
+}

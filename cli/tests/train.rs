@@ -131,8 +131,8 @@ fn same_seed_same_bits_for_one_and_two_threads() {
 
 /// `metrics.csv` (read back with the csv crate) has the columns of the run's optimizer after
 /// the common ones, for every optimizer: each figure a step reports (`StepInfo::extra`) has
-/// its column and its value there, none is left in `metrics.jsonl` only; `epoch` counts
-/// from 1 as on screen; one row per record.
+/// its column and its value there, none is left in `metrics.jsonl` only; `epoch` is
+/// `metrics.jsonl`'s; one row per record.
 #[test]
 fn metrics_csv_has_the_optimizers_figures_as_columns() {
     for &opt in flatmin::train::Optimizer::ALL {
@@ -150,7 +150,7 @@ fn metrics_csv_has_the_optimizers_figures_as_columns() {
         assert_eq!(rows.len(), recs.len(), "{}", opt.name());
         let col = |name: &str| header.iter().position(|h| h == name).unwrap();
         for (row, r) in rows.iter().zip(&recs) {
-            assert_eq!(row[col("epoch")], (r.epoch + 1).to_string());
+            assert_eq!(row[col("epoch")], r.epoch.to_string());
             if r.kind != "train" {
                 continue;
             }
@@ -243,4 +243,106 @@ fn best_safetensors_keeps_the_best_evaluation_across_a_resume() {
     assert_eq!(t.best(), Some(best));
     t.run(&mut Silent).unwrap();
     assert!(std::fs::read(part.join("best.safetensors")).unwrap() == bytes);
+}
+
+/// The epochs of a run's own `metrics.jsonl` lines (as written, not renumbered).
+fn written_epochs(dir: &std::path::Path) -> Vec<(String, u64, u64)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let n = |k: &str| v[k].as_u64().unwrap();
+            (
+                v["kind"].as_str().unwrap().to_string(),
+                n("epoch"),
+                n("step"),
+            )
+        })
+        .collect()
+}
+
+/// One epoch numbering everywhere, from 1 as on screen: `metrics.jsonl` (the step-0 trace
+/// included), `metrics.csv`, `summary.json`'s `best_epoch` and the numbered checkpoints.
+#[test]
+fn epochs_count_from_one_in_every_file() {
+    let dir = tmp("epochs-from-one");
+    let mut c = cfg("tiny-tanh");
+    c.checkpoint_every = 1;
+    c.trace_every = 5;
+    Trainer::<f32>::new(c, data(), &dir)
+        .unwrap()
+        .run(&mut Silent)
+        .unwrap();
+    let written = written_epochs(&dir);
+    // 5 steps an epoch: step s is of epoch ceil(s / 5), the step-0 trace of epoch 1.
+    for (kind, epoch, step) in &written {
+        assert_eq!(*epoch, step.div_ceil(5).max(1), "{kind} at step {step}");
+    }
+    let evals: Vec<u64> = written
+        .iter()
+        .filter(|r| r.0 == "eval")
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(evals, [1, 2, 3]);
+    let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    let csv_epochs: Vec<u64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(csv_epochs, written.iter().map(|r| r.1).collect::<Vec<_>>());
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    let best_step = summary["best_step"].as_u64().unwrap();
+    let best = written
+        .iter()
+        .find(|r| r.0 == "eval" && r.2 == best_step)
+        .unwrap();
+    assert_eq!(summary["best_epoch"].as_u64(), Some(best.1), "{summary}");
+    assert!(dir.join("checkpoints/epoch-0001.safetensors").is_file());
+}
+
+/// A run folder of a flatmin that numbered `metrics.jsonl`'s epochs from 0 reads in today's
+/// numbering (`flatmin plot`, `export`, `sweep`'s summary all read through one parser), and
+/// `--resume` renumbers its records, so the finished file is an uninterrupted run's.
+#[test]
+fn an_older_flatmins_run_folder_reads_and_resumes_in_one_numbering() {
+    let c = cfg("tiny-tanh");
+    let full = tmp("old-numbering-full");
+    Trainer::<f32>::new(c.clone(), data(), &full)
+        .unwrap()
+        .run(&mut Silent)
+        .unwrap();
+    let want = outcome(&full);
+    let old = tmp("old-numbering");
+    let mut t = Trainer::<f32>::new(c, data(), &old).unwrap();
+    assert_eq!(
+        t.run_until(&mut Silent, &|s| s == 7).unwrap(),
+        Outcome::Stopped { step: 7 }
+    );
+    drop(t);
+    // Rewrite its records as the older flatmin wrote them: epochs from 0.
+    let text = std::fs::read_to_string(old.join("metrics.jsonl")).unwrap();
+    let older: String = text
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["epoch"] = (v["epoch"].as_u64().unwrap() - 1).into();
+            format!("{v}\n")
+        })
+        .collect();
+    assert!(older.contains("\"epoch\":0"), "{older}");
+    std::fs::write(old.join("metrics.jsonl"), older).unwrap();
+    let run = flatmin::plot::read_run(&old).unwrap();
+    let full_recs = flatmin::plot::read_run(&full).unwrap().records;
+    let epochs = |r: &[flatmin::train::Record]| r.iter().map(|r| r.epoch).collect::<Vec<_>>();
+    assert_eq!(
+        epochs(&run.records),
+        epochs(&full_recs[..run.records.len()])
+    );
+    let mut t = Trainer::<f32>::resume(&old, data()).unwrap();
+    t.run(&mut Silent).unwrap();
+    assert_eq!(outcome(&old).1, want.1, "metrics differ after resume");
+    assert!(written_epochs(&old).iter().all(|r| r.1 >= 1));
 }

@@ -106,38 +106,38 @@ pub struct BenchArgs {
     #[arg(value_enum)]
     pub task: Task,
     /// Model preset, `mlp:...` spec or network file NET.json.
-    #[arg(long, default_value = "mlp-s")]
+    #[arg(long, default_value = "mlp-s", help_heading = "Workload")]
     pub model: String,
     /// Batch size.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, help_heading = "Workload")]
     pub batch: usize,
     /// Directions for hvp-batched (and per pass for `trace --method basis`).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, help_heading = "Workload")]
     pub vectors: usize,
     /// Trace method of `trace`.
-    #[arg(long, value_enum, default_value_t = TraceMethod::Structural)]
+    #[arg(long, value_enum, default_value_t = TraceMethod::Structural, help_heading = "Trace")]
     pub method: TraceMethod,
     /// Probes of `trace --method hutchinson`.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, help_heading = "Trace")]
     pub probes: usize,
     /// Matrix size for gemm (square).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, help_heading = "GEMM")]
     pub size: usize,
     /// A non-square gemm, `MxKxN` (overrides `--size`), e.g. a layer's `128x3072x256`.
-    #[arg(long, value_name = "MxKxN", value_parser = parse_shape)]
+    #[arg(long, value_name = "MxKxN", value_parser = parse_shape, help_heading = "GEMM")]
     pub shape: Option<(usize, usize, usize)>,
     /// Which gemm operands are stored transposed: `nn` (A B), `nt` (A Bᵀ, a linear
     /// layer's forward), `tn` (Aᵀ B, its weight gradient).
-    #[arg(long, value_enum, default_value_t = Layout::Nn)]
+    #[arg(long, value_enum, default_value_t = Layout::Nn, help_heading = "GEMM")]
     pub layout: Layout,
     /// Timed repetitions (after one warm-up).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, help_heading = "Run")]
     pub reps: usize,
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
-    #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
+    #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true, help_heading = "Run")]
     pub threads: Option<usize>,
     /// Only the JSON line.
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub json: bool,
 }
 

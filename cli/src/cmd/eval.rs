@@ -33,43 +33,48 @@ pub struct EvalArgs {
     )]
     pub target: Option<PathBuf>,
     /// The same as the positional argument, as a flag: `--checkpoint C`.
-    #[arg(long, value_name = "C", conflicts_with = "target")]
+    #[arg(
+        long,
+        value_name = "C",
+        conflicts_with = "target",
+        help_heading = "Model"
+    )]
     pub checkpoint: Option<PathBuf>,
     /// Model preset, `mlp:...` spec or network file NET.json of a checkpoint outside a run folder [default: the
     /// run's, from its config.json].
-    #[arg(long)]
+    #[arg(long, help_heading = "Model")]
     pub model: Option<String>,
     /// Data: auto, synthetic, or a cifar-10-batches-bin folder [default: the run's, else auto].
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub data: Option<String>,
     /// Split to evaluate on.
-    #[arg(long, default_value = "test", value_parser = ["test", "train"])]
+    #[arg(long, default_value = "test", value_parser = ["test", "train"], help_heading = "Data")]
     pub split: String,
     /// Evaluate a class-balanced subset of N images of the split (0: all) [default: the
     /// run's subset of that split, else all].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = "Data")]
     pub size: Option<usize>,
     /// BatchNorm normalization: eval (running statistics) or train (batch statistics).
-    #[arg(long, default_value = "eval", value_parser = super::bn_mode())]
+    #[arg(long, default_value = "eval", value_parser = super::bn_mode(), help_heading = "Evaluation")]
     pub bn_mode: BnUse,
     /// The loss reported: ce or mse [default: the run's --loss, else ce].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Evaluation")]
     pub loss: Option<LossFn>,
     /// Float type [default: the run's, else f32].
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Evaluation")]
     pub dtype: Option<DType>,
     /// Seed of the subset and of synthetic data [default: the run's, else 0].
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub seed: Option<u64>,
     /// Also print one JSON line on stdout (the human line then goes to stderr).
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub json: bool,
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
-    #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
+    #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true, help_heading = "Run")]
     pub threads: Option<usize>,
     /// Remove this prefix from the weights file's tensor names where present: a wrapped
     /// PyTorch state_dict (`--strip-prefix model.` for `model.layers.0.weight`).
-    #[arg(long, value_name = "PREFIX")]
+    #[arg(long, value_name = "PREFIX", help_heading = "Model")]
     pub strip_prefix: Option<String>,
 }
 

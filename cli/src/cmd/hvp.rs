@@ -16,35 +16,35 @@ use std::path::{Path, PathBuf};
 pub struct HvpArgs {
     /// Model preset (tiny-tanh, mlp-s, cnn-s, resnet20, resnet18), custom `mlp:W0,...:ACT`, or a
     /// network file NET.json (docs/network-file.md).
-    #[arg(long)]
+    #[arg(long, help_heading = "Inputs")]
     pub model: String,
     /// Model state (safetensors, f32 or f64; a PyTorch state_dict is accepted).
-    #[arg(long)]
+    #[arg(long, help_heading = "Inputs")]
     pub weights: PathBuf,
     /// CIFAR-10 batch file; all its records form one batch.
-    #[arg(long)]
+    #[arg(long, help_heading = "Inputs")]
     pub data: PathBuf,
     /// Direction v (safetensors): one tensor per trainable parameter, under its name.
-    #[arg(long)]
+    #[arg(long, help_heading = "Inputs")]
     pub vector: PathBuf,
     /// Float type of the computation and of the output tensors.
-    #[arg(long, value_enum, default_value_t = DType::F32)]
+    #[arg(long, value_enum, default_value_t = DType::F32, help_heading = "Computation")]
     pub dtype: DType,
     /// BatchNorm normalization: batch statistics (train) or running statistics (eval).
-    #[arg(long, default_value = "eval", value_parser = super::bn_mode())]
+    #[arg(long, default_value = "eval", value_parser = super::bn_mode(), help_heading = "Computation")]
     pub bn_mode: BnUse,
     /// The loss: ce (softmax cross-entropy) or mse (squared error against one-hot targets).
-    #[arg(long, value_enum, default_value_t = LossFn::Ce)]
+    #[arg(long, value_enum, default_value_t = LossFn::Ce, help_heading = "Computation")]
     pub loss: LossFn,
     /// Worker threads (default: rayon's default, which honours RAYON_NUM_THREADS).
-    #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true)]
+    #[arg(long, value_name = "T", value_parser = super::parse_threads, allow_hyphen_values = true, help_heading = "Run")]
     pub threads: Option<usize>,
     /// Output safetensors file: logits, loss, grad.NAME and hvp.NAME (written atomically).
-    #[arg(long)]
+    #[arg(long, help_heading = "Run")]
     pub out: PathBuf,
     /// Remove this prefix from the weights file's tensor names where present: a wrapped
     /// PyTorch state_dict (`--strip-prefix model.` for `model.layers.0.weight`).
-    #[arg(long, value_name = "PREFIX")]
+    #[arg(long, value_name = "PREFIX", help_heading = "Inputs")]
     pub strip_prefix: Option<String>,
 }
 

@@ -16,35 +16,35 @@ pub struct PlotArgs {
     /// train_loss (per evaluation; train_acc_running, train_loss_running: the epoch's running
     /// minibatch means), loss, acc, lr, grad_norm, grad_evals, images_per_s
     /// (per step), trace_norm, trace (with --trace-every), or an optimizer extra [default: test_acc and loss].
-    #[arg(long = "metric", value_name = "NAME")]
+    #[arg(long = "metric", value_name = "NAME", help_heading = "Panels")]
     pub metrics: Vec<String>,
     /// Horizontal axis: step, epoch, grad_queries (cumulative gradient evaluations, logged
     /// by runs of this version) or grad_samples (cumulative per-sample gradient evaluations:
     /// each evaluation counts the samples of its batch).
-    #[arg(long, value_name = "AXIS", default_value = "step", value_parser = ["step", "epoch", "grad_queries", "grad_samples"])]
+    #[arg(long, value_name = "AXIS", default_value = "step", value_parser = ["step", "epoch", "grad_queries", "grad_samples"], help_heading = "Panels")]
     pub x: String,
     /// Output image, .png or .svg [default: RUN/plot.png for one run, plot.png for several].
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = "Image")]
     pub out: Option<PathBuf>,
     /// Figure title.
-    #[arg(long, value_name = "T")]
+    #[arg(long, value_name = "T", help_heading = "Image")]
     pub title: Option<String>,
     /// Logarithmic vertical axes.
-    #[arg(long)]
+    #[arg(long, help_heading = "Panels")]
     pub log_y: bool,
     /// Moving-average window of per-step metrics, 1 for none [default: about 1/40 of the
     /// steps, at most 50].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = "Panels")]
     pub smooth: Option<usize>,
     /// Figure width in pixels at 100 dpi [default: 760 per panel column, plus the legend].
-    #[arg(long, value_name = "PX")]
+    #[arg(long, value_name = "PX", help_heading = "Image")]
     pub width: Option<u32>,
     /// Figure height in pixels at 100 dpi [default: 460 per panel row, plus the title].
-    #[arg(long, value_name = "PX")]
+    #[arg(long, value_name = "PX", help_heading = "Image")]
     pub height: Option<u32>,
     /// Resolution of a PNG: 200 doubles its pixels in each direction, text and lines included
     /// (an SVG ignores it).
-    #[arg(long, value_name = "N", default_value_t = BASE_DPI)]
+    #[arg(long, value_name = "N", default_value_t = BASE_DPI, help_heading = "Image")]
     pub dpi: u32,
 }
 

@@ -23,39 +23,39 @@ pub struct SweepArgs {
     /// The grid: space-separated `flag=v1,v2,...` (train flags without the leading `--`);
     /// every combination is one run. A value `on` passes the bare flag, `off` its `--no-`
     /// form (for example `augment=on,off`).
-    #[arg(long, value_name = "GRID")]
+    #[arg(long, value_name = "GRID", help_heading = "Sweep")]
     pub grid: String,
     /// Runs at a time (each gets cores / N threads unless the common flags set --threads).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, help_heading = "Sweep")]
     pub jobs: usize,
     /// Instead of running: write `jobs.txt` for GNU parallel (`parallel -j N < jobs.txt`), or
     /// `jobs.txt` and a Slurm array script `sweep.sbatch`. Rerun the sweep afterwards to
     /// write the summary.
-    #[arg(long, value_name = "HOW", value_parser = ["parallel", "slurm"])]
+    #[arg(long, value_name = "HOW", value_parser = ["parallel", "slurm"], help_heading = "Scheduler scripts (--emit)")]
     pub emit: Option<String>,
     /// Sweep folder: runs go to OUT/runs/NAME (NAME from the settings), logs to OUT/logs.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help_heading = "Sweep")]
     pub out: PathBuf,
     /// Metric panels of the sweep plot [default: test_acc, and trace_norm when logged].
-    #[arg(long = "metric", value_name = "NAME")]
+    #[arg(long = "metric", value_name = "NAME", help_heading = "Sweep")]
     pub metrics: Vec<String>,
     /// Slurm: the time limit of each array task (`#SBATCH --time`, e.g. 2:00:00).
-    #[arg(long, value_name = "TIME")]
+    #[arg(long, value_name = "TIME", help_heading = "Scheduler scripts (--emit)")]
     pub time: Option<String>,
     /// Slurm: the memory of each array task (`#SBATCH --mem`, e.g. 4G).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", help_heading = "Scheduler scripts (--emit)")]
     pub mem: Option<String>,
     /// Slurm: the partition to submit to (`#SBATCH --partition`).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", help_heading = "Scheduler scripts (--emit)")]
     pub partition: Option<String>,
     /// Slurm: cores of each array task, which is also each run's --threads [default: the
     /// train flags' --threads, else 1].
-    #[arg(long, value_name = "N", value_parser = super::parse_threads)]
+    #[arg(long, value_name = "N", value_parser = super::parse_threads, help_heading = "Scheduler scripts (--emit)")]
     pub cpus_per_task: Option<usize>,
     /// Slurm: the cluster's MaxArraySize (array indices run 0..N-1); a larger sweep is
     /// written as several scripts `sweep-0.sbatch`, `sweep-1.sbatch`, ... of at most N tasks
     /// each (the default is Slurm's own default).
-    #[arg(long, value_name = "N", default_value_t = SLURM_MAX_ARRAY_SIZE, value_parser = super::parse_threads)]
+    #[arg(long, value_name = "N", default_value_t = SLURM_MAX_ARRAY_SIZE, value_parser = super::parse_threads, help_heading = "Scheduler scripts (--emit)")]
     pub max_array_size: usize,
     /// Common `flatmin train` flags of every run (after `--`).
     #[arg(last = true, value_name = "TRAIN FLAGS")]

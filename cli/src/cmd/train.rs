@@ -569,7 +569,7 @@ fn train<T: Scalar + Element>(
             100.0 * r.test_acc.unwrap_or(f64::NAN),
             r.test_loss.unwrap_or(f64::NAN),
             100.0 * r.train_acc.unwrap_or(f64::NAN),
-            r.epoch_number(),
+            r.epoch,
             dir.display()
         );
     }
@@ -620,14 +620,14 @@ impl Observer for Progress {
             r.images_per_s.unwrap_or(0.0)
         );
         if let Some(b) = &self.bar {
-            b.set_prefix(format!("epoch {} step {}", r.epoch_number(), r.step));
+            b.set_prefix(format!("epoch {} step {}", r.epoch, r.step));
             b.set_position(r.step as u64);
             b.set_message(msg);
         } else if self.plain
             && (self.last_line.elapsed().as_secs_f64() >= 10.0
                 || r.step.is_multiple_of(self.steps_per_epoch))
         {
-            eprintln!("epoch {} step {}: {msg}", r.epoch_number(), r.step);
+            eprintln!("epoch {} step {}: {msg}", r.epoch, r.step);
             self.last_line = Instant::now();
         }
     }
@@ -635,7 +635,7 @@ impl Observer for Progress {
     fn on_eval(&mut self, r: &Record) {
         let line = format!(
             "epoch {}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | {:.0}s",
-            r.epoch_number(),
+            r.epoch,
             r.train_loss.unwrap_or(f64::NAN),
             100.0 * r.train_acc.unwrap_or(f64::NAN),
             r.test_loss.unwrap_or(f64::NAN),

@@ -99,7 +99,7 @@ pub struct BestModel {
     pub test_acc: f64,
     /// Optimizer steps completed at its evaluation.
     pub step: usize,
-    /// Its epoch (from 0, as `metrics.jsonl`'s `epoch`).
+    /// Its epoch (from 1, as `metrics.jsonl`'s `epoch`).
     pub epoch: usize,
 }
 
@@ -675,12 +675,14 @@ impl<T: Scalar + Element> Trainer<T> {
         if self.cfg.trace_every > 0 && self.step == 0 {
             let logged = self.run.records()?.iter().any(|r| r.kind == "trace");
             if !logged {
-                self.log_trace(0, &started)?;
+                self.log_trace(1, &started)?;
             }
         }
         while self.step < total {
-            let epoch = self.step / bpe;
-            let batches = self.loader.epoch_from::<T>(epoch, self.step % bpe);
+            // The loader's epoch index counts from 0; records and messages count from 1.
+            let index = self.step / bpe;
+            let epoch = index + 1;
+            let batches = self.loader.epoch_from::<T>(index, self.step % bpe);
             for mb in batches {
                 let t0 = Instant::now();
                 let n = mb.len();
@@ -711,7 +713,7 @@ impl<T: Scalar + Element> Trainer<T> {
                             bail!(
                                 "training diverged: non-finite {what} at step {} (epoch {}); stopped, {kept}; lower --lr or use --on-nonfinite skip-step",
                                 self.step + 1,
-                                epoch + 1
+                                epoch
                             );
                         }
                         _ => return Err(e),
@@ -722,7 +724,7 @@ impl<T: Scalar + Element> Trainer<T> {
                         "training diverged: parameter '{}' became non-finite at step {} (epoch {}); stopped, {}; lower --lr",
                         self.model.param_names()[i],
                         self.step + 1,
-                        epoch + 1,
+                        epoch,
                         kept_checkpoint(self.run.last_checkpoint())
                     );
                 }
@@ -758,8 +760,7 @@ impl<T: Scalar + Element> Trainer<T> {
                 }
             }
             // End of epoch: evaluate, checkpoint.
-            let done = epoch + 1;
-            if done.is_multiple_of(self.cfg.eval_every) || done == self.cfg.epochs {
+            if epoch.is_multiple_of(self.cfg.eval_every) || epoch == self.cfg.epochs {
                 let (test_loss, test_acc) = self.evaluate_test()?;
                 let (train_loss, train_acc) = self.evaluate_train()?;
                 let s = self.epoch_sums;
@@ -778,8 +779,8 @@ impl<T: Scalar + Element> Trainer<T> {
             }
             self.epoch_sums = (0.0, 0, 0);
             let keep =
-                self.cfg.checkpoint_every > 0 && done.is_multiple_of(self.cfg.checkpoint_every);
-            let path = self.checkpoint(keep.then_some(done))?;
+                self.cfg.checkpoint_every > 0 && epoch.is_multiple_of(self.cfg.checkpoint_every);
+            let path = self.checkpoint(keep.then_some(epoch))?;
             obs.on_checkpoint(&path);
             if self.step < total && stop(self.step) {
                 return Ok(Outcome::Stopped { step: self.step });

@@ -28,7 +28,9 @@ pub struct Record {
     /// `train` (one optimizer step), `eval` (end-of-epoch evaluation), `trace` (Hessian
     /// trace on the trace subset, with `--trace-every`) or `skip` (a non-finite step skipped).
     pub kind: String,
-    /// Epoch (from 0).
+    /// Epoch, counted from 1 as on screen (the step-0 trace belongs to epoch 1). Files
+    /// written before flatmin numbered epochs from 1 are renumbered when read
+    /// ([`renumber_epochs_from_one`]).
     pub epoch: usize,
     /// Optimizer steps completed.
     pub step: usize,
@@ -98,8 +100,8 @@ pub struct Record {
 
 /// The first columns of `metrics.csv`, the same for every run. `trace`, `trace_norm` and
 /// `trace_std_error` are the `extra` figures of `trace` records (`trace_std_error` only with
-/// `--trace-method hutchinson`); `epoch` counts from 1, as on screen
-/// ([`Record::epoch_number`]). The optimizer's own figures follow ([`csv_columns`]).
+/// `--trace-method hutchinson`); `epoch` counts from 1, as on screen and in `metrics.jsonl`.
+/// The optimizer's own figures follow ([`csv_columns`]).
 pub const CSV_HEADER: &str = "kind,epoch,step,lr,loss,acc,grad_norm,grad_evals,train_loss,train_acc,test_loss,test_acc,images_per_s,wall_s,grad_queries,method,trace,trace_norm,trace_std_error,grad_samples,train_loss_running,train_acc_running";
 
 /// Every column of a run's `metrics.csv`: [`CSV_HEADER`], then the per-step figures of the
@@ -195,12 +197,6 @@ impl Record {
         }
     }
 
-    /// The epoch as numbered on screen and in `metrics.csv`: from 1 (`epoch` itself, as in
-    /// `metrics.jsonl`, counts from 0).
-    pub fn epoch_number(&self) -> usize {
-        self.epoch + 1
-    }
-
     /// The record's row of `metrics.csv` with its newline: the columns of [`CSV_HEADER`],
     /// then the optimizer figures `figures` from `extra`; empty where unset.
     pub fn csv_row(&self, figures: &[&str]) -> String {
@@ -209,7 +205,7 @@ impl Record {
         let n = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
         let mut row = vec![
             self.kind.clone(),
-            self.epoch_number().to_string(),
+            self.epoch.to_string(),
             self.step.to_string(),
             f(self.lr),
             f(self.loss),
@@ -518,8 +514,9 @@ impl RunDir {
         Ok(self.kept_lines(step)?.1)
     }
 
-    /// The lines of `metrics.jsonl` up to `step` (verbatim) and their records: complete
-    /// lines only, up to the first record past `step`.
+    /// The lines of `metrics.jsonl` up to `step` (verbatim, unless an older flatmin's epochs
+    /// are renumbered: see [`renumber_epochs_from_one`]) and their records: complete lines
+    /// only, up to the first record past `step`.
     fn kept_lines(&self, step: usize) -> Result<(String, Vec<Record>)> {
         let jsonl_path = self.root.join("metrics.jsonl");
         let text = read_regular_to_string(&jsonl_path, MAX_METRICS_BYTES)
@@ -551,12 +548,21 @@ impl RunDir {
             kept_json.push('\n');
             kept_records.push(r);
         }
+        // A file of an older flatmin (epochs from 0) is renumbered, so the resumed run's
+        // records continue one numbering; its lines are then written anew.
+        if renumber_epochs_from_one(&mut kept_records) {
+            kept_json = kept_records
+                .iter()
+                .map(|r| Ok(format!("{}\n", serde_json::to_string(r)?)))
+                .collect::<Result<String>>()?;
+        }
         Ok((kept_json, kept_records))
     }
 
     /// Keeps only the records up to `step` (those written before the checkpoint a resumed
     /// run restarts from) in both metrics files. `metrics.jsonl` lines are copied verbatim
-    /// and `metrics.csv` rebuilt from them, so a resumed run's files are byte-identical to an
+    /// (a file of an older flatmin gets its epochs renumbered from 1) and `metrics.csv`
+    /// rebuilt from them, so a resumed run's files are byte-identical to an
     /// uninterrupted run's.
     pub fn truncate_metrics(&self, step: usize) -> Result<()> {
         let jsonl_path = self.root.join("metrics.jsonl");
@@ -803,10 +809,29 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
         .collect())
 }
 
+/// Renumbers the epochs of the records of one `metrics.jsonl` written by a flatmin that
+/// numbered them from 0 (before issue 16), so that they count from 1 like today's.
+/// The numbering itself is the format marker: today's files never hold an epoch 0 (the
+/// step-0 trace belongs to epoch 1), while the older files always do (their first step is
+/// of epoch 0). Returns whether the records were renumbered; a second call does nothing.
+pub fn renumber_epochs_from_one<'a>(records: impl IntoIterator<Item = &'a mut Record>) -> bool {
+    let mut records: Vec<&mut Record> = records.into_iter().collect();
+    let old = records.iter().any(|r| r.epoch == 0);
+    if old {
+        for r in &mut records {
+            // Saturating: a hostile file may also hold the largest epoch.
+            r.epoch = r.epoch.saturating_add(1);
+        }
+    }
+    old
+}
+
 /// Parses the bytes of a `metrics.jsonl` file (`path` only names it in errors): one JSON
 /// record per line, blank lines skipped, a trailing `\r` ignored. Returns each record with
-/// its line number (from 1). A line that is not UTF-8 or not a record is an error naming the
-/// file and the line. The one parser of metrics files (`--resume`, `flatmin plot`); fuzzed by
+/// its line number (from 1), epochs counted from 1 (a file of an older flatmin is renumbered,
+/// see [`renumber_epochs_from_one`]). A line that is not UTF-8 or not a record is an error
+/// naming the file and the line. The one parser of metrics files (`--resume`, `flatmin
+/// plot`, `flatmin export`, `flatmin sweep`'s summary); fuzzed by
 /// `fuzz/fuzz_targets/metrics.rs`.
 pub fn parse_records(path: &Path, bytes: &[u8]) -> Result<Vec<(usize, Record)>> {
     let mut out = Vec::new();
@@ -821,6 +846,7 @@ pub fn parse_records(path: &Path, bytes: &[u8]) -> Result<Vec<(usize, Record)>> 
             .with_context(|| format!("{}: line {}: not a metrics record", path.display(), i + 1))?;
         out.push((i + 1, r));
     }
+    renumber_epochs_from_one(out.iter_mut().map(|(_, r)| r));
     Ok(out)
 }
 
@@ -847,6 +873,13 @@ mod tests {
             err.starts_with("m.jsonl: line 2: not a metrics record"),
             "{err}"
         );
+        // An older flatmin's file (an epoch 0) reads renumbered from 1, the largest epoch
+        // without overflow; today's file as it is.
+        let huge = r#"{"kind":"eval","epoch":18446744073709551615,"step":2,"wall_s":0.7}"#;
+        let got = parse_records(p, format!("{a}\n{huge}").as_bytes()).unwrap();
+        assert_eq!((got[0].1.epoch, got[1].1.epoch), (1, usize::MAX));
+        let got = parse_records(p, b.replace("\"epoch\":0", "\"epoch\":3").as_bytes()).unwrap();
+        assert_eq!(got[0].1.epoch, 3);
         let mut bytes = format!("{a}\n").into_bytes();
         bytes.extend([b'{', 0xff, b'}']);
         let err = format!("{:#}", parse_records(p, &bytes).unwrap_err());
