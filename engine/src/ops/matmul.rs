@@ -9,9 +9,11 @@
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
 use crate::kernels::gemm::{gemm_par, MatRef};
+use crate::kernels::par::par_build;
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
+use std::borrow::Cow;
 
 pub(crate) struct Product {
     a: usize,
@@ -55,16 +57,45 @@ fn add_rows<T: Scalar>(y: &mut [T], bias: &[T]) {
     });
 }
 
-/// `[K, rows, cols]` → `[rows, K, cols]` (direction-major to sample-major).
-fn sample_major<T: Scalar>(src: &[T], k: usize, rows: usize, cols: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); src.len()];
-    for kk in 0..k {
-        for r in 0..rows {
-            let from = &src[(kk * rows + r) * cols..][..cols];
-            out[(r * k + kk) * cols..][..cols].copy_from_slice(from);
-        }
+/// A buffer of `len` elements written whole by `write` (products with `beta = 0`, then
+/// anything added onto them): no zero fill first ([`par_build`] with one block; NaN-filled in
+/// debug builds, so an element left unwritten fails the tests).
+fn written<T: Scalar>(len: usize, write: impl Fn(&mut [T]) + Sync + Send) -> Vec<T> {
+    par_build(len, len, || (), |_, _, out| write(out))
+}
+
+/// `[K, rows, cols]` → `[rows, K, cols]` (direction-major to sample-major); with one
+/// direction the two layouts are the same and `src` is used as it is.
+fn sample_major<T: Scalar>(src: &[T], k: usize, rows: usize, cols: usize) -> Cow<'_, [T]> {
+    if k == 1 {
+        return Cow::Borrowed(src);
     }
-    out
+    Cow::Owned(written(src.len(), |out| {
+        for kk in 0..k {
+            for r in 0..rows {
+                let from = &src[(kk * rows + r) * cols..][..cols];
+                out[(r * k + kk) * cols..][..cols].copy_from_slice(from);
+            }
+        }
+    }))
+}
+
+/// `dst (= or +=) P` for a product `P` that `product(out)` writes sample-major
+/// (`[rows, K, cols]`, with `beta = 0`) while `dst` is direction-major (`[K, rows, cols]`):
+/// through a temporary and [`add_direction_major`], or, with one direction (the layouts are
+/// the same), straight into `dst` with `beta = 1` when accumulating.
+fn product_direction_major<T: Scalar>(
+    dst: &mut [T],
+    (k, rows, cols): (usize, usize, usize),
+    accumulate: bool,
+    product: impl Fn(T, &mut [T]) + Sync + Send,
+) {
+    if k == 1 {
+        product(if accumulate { T::one() } else { T::zero() }, dst);
+    } else {
+        let tmp = written(dst.len(), |out| product(T::zero(), out));
+        add_direction_major(dst, &tmp, k, rows, cols, accumulate);
+    }
 }
 
 /// `dst[k][r][c] (+)= src[r][k][c]`: adds (or with `accumulate = false`, writes) a
@@ -110,18 +141,14 @@ impl Product {
     /// y = A B' (+ 1 cᵀ with `bias` the values of c).
     fn value<T: Scalar>(&self, av: &[T], bv: &[T], bias: Option<&[T]>) -> Tensor<T> {
         let (m, kd, n) = (self.m, self.kd, self.n);
-        let mut y = Tensor::zeros(&[m, n]);
-        gemm_par(
-            T::one(),
-            MatRef::new(av, m, kd),
-            self.bview(bv),
-            T::zero(),
-            y.data_mut(),
-        );
+        let a = MatRef::new(av, m, kd);
+        let mut y = written(m * n, |y| {
+            gemm_par(T::one(), a, self.bview(bv), T::zero(), y);
+        });
         if let Some(c) = bias {
-            add_rows(y.data_mut(), c);
+            add_rows(&mut y, c);
         }
-        y
+        Tensor::from_vec(&[m, n], y).expect("product shape")
     }
 
     /// ẏ = Ȧ B' + A Ḃ' + ċ for all `k` directions, from the tangents `[Ȧ, Ḃ, ċ]`.
@@ -132,47 +159,51 @@ impl Product {
         tangents: [Option<&Tensor<T>>; 3],
         k: usize,
     ) -> Tensor<T> {
-        let (m, kd, n) = (self.m, self.kd, self.n);
+        let (m, n) = (self.m, self.n);
         let [at, bt, ct] = tangents;
-        let mut t = Tensor::zeros(&[k, m, n]);
-        let td = t.data_mut();
-        if let Some(at) = at {
-            gemm_par(
-                T::one(),
-                MatRef::new(at.data(), k * m, kd),
-                self.bview(bv),
-                T::zero(),
-                td,
-            );
-        }
-        if let Some(bt) = bt {
-            if self.trans_b {
-                // All K directions in one GEMM: A [m, kd] × [Ḃ_1; …; Ḃ_K]ᵀ → [m, K, n].
-                let mut tmp = vec![T::zero(); m * k * n];
-                let stacked = MatRef::new(bt.data(), k * n, kd).t();
-                gemm_par(
-                    T::one(),
-                    MatRef::new(av, m, kd),
-                    stacked,
-                    T::zero(),
-                    &mut tmp,
-                );
-                add_direction_major(td, &tmp, k, m, n, at.is_some());
-            } else {
-                let bl = kd * n;
-                for (kk, out) in td.chunks_mut(m * n).enumerate() {
-                    let beta = if at.is_some() { T::one() } else { T::zero() };
-                    let bk = self.bview(&bt.data()[kk * bl..(kk + 1) * bl]);
-                    gemm_par(T::one(), MatRef::new(av, m, kd), bk, beta, out);
-                }
-            }
-        }
+        let mut td = if at.is_none() && bt.is_none() {
+            vec![T::zero(); k * m * n]
+        } else {
+            written(k * m * n, |td| self.tangent_products(av, bv, at, bt, k, td))
+        };
         if let Some(ct) = ct {
             for (kk, out) in td.chunks_mut(m * n).enumerate() {
                 add_rows(out, &ct.data()[kk * n..(kk + 1) * n]);
             }
         }
-        t
+        Tensor::from_vec(&[k, m, n], td).expect("tangent shape")
+    }
+
+    /// Writes Ȧ B' + A Ḃ' (the terms that are present, at least one) into `td` (`[K, m, n]`).
+    fn tangent_products<T: Scalar>(
+        &self,
+        av: &[T],
+        bv: &[T],
+        at: Option<&Tensor<T>>,
+        bt: Option<&Tensor<T>>,
+        k: usize,
+        td: &mut [T],
+    ) {
+        let (m, kd, n) = (self.m, self.kd, self.n);
+        let a = MatRef::new(av, m, kd);
+        if let Some(at) = at {
+            let atm = MatRef::new(at.data(), k * m, kd);
+            gemm_par(T::one(), atm, self.bview(bv), T::zero(), td);
+        }
+        let Some(bt) = bt else { return };
+        if self.trans_b {
+            // All K directions in one GEMM: A [m, kd] × [Ḃ_1; …; Ḃ_K]ᵀ → [m, K, n].
+            let stacked = MatRef::new(bt.data(), k * n, kd).t();
+            product_direction_major(td, (k, m, n), at.is_some(), |beta, out| {
+                gemm_par(T::one(), a, stacked, beta, out)
+            });
+        } else {
+            let (bl, beta) = (kd * n, if at.is_some() { T::one() } else { T::zero() });
+            for (kk, out) in td.chunks_mut(m * n).enumerate() {
+                let bk = self.bview(&bt.data()[kk * bl..(kk + 1) * bl]);
+                gemm_par(T::one(), a, bk, beta, out);
+            }
+        }
     }
 }
 
@@ -268,16 +299,18 @@ impl<T: Scalar> Rule<T> for Product {
         let (at, bt) = (na.tangent.as_ref(), nb.tangent.as_ref());
         let g = MatRef::new(gy.data(), m, n);
         if tape.needs_grad(self.a) {
-            let mut ga = Tensor::zeros(&[m, kd]);
-            gemm_par(T::one(), g, self.bview(bv).t(), T::zero(), ga.data_mut());
+            let ga = written(m * kd, |ga| {
+                gemm_par(T::one(), g, self.bview(bv).t(), T::zero(), ga);
+            });
+            let ga = Tensor::from_vec(&[m, kd], ga).expect("gradient shape");
             let dot =
                 (gdot.is_some() || bt.is_some()).then(|| self.grad_a_tangent(bv, bt, g, gdot, k));
             sink.add(self.a, ga, dot);
         }
         if tape.needs_grad(self.b) {
             let a = MatRef::new(av, m, kd);
-            let mut gb = Tensor::zeros(nb.value.shape());
-            self.grad_b(a, g, T::zero(), gb.data_mut());
+            let gb = written(kd * n, |gb| self.grad_b(a, g, T::zero(), gb));
+            let gb = Tensor::from_vec(nb.value.shape(), gb).expect("gradient shape");
             let dot = (gdot.is_some() || at.is_some()).then(|| {
                 let d = self.grad_b_tangent(a, at, g, gdot, k);
                 Tensor::from_vec(&tangent_shape(k, nb.value.shape()), d).expect("tangent shape")
@@ -299,7 +332,8 @@ impl<T: Scalar> Rule<T> for Product {
 }
 
 impl Product {
-    /// Ā˙_k = Ȳ˙_k B'ᵀ + Ȳ Ḃ'_kᵀ, from B's values `bv`, its tangent `bt`, Ȳ `g` and Ȳ˙ `gdot`.
+    /// Ā˙_k = Ȳ˙_k B'ᵀ + Ȳ Ḃ'_kᵀ, from B's values `bv`, its tangent `bt`, Ȳ `g` and Ȳ˙ `gdot`
+    /// (at least one of `bt` and `gdot` present).
     fn grad_a_tangent<T: Scalar>(
         &self,
         bv: &[T],
@@ -310,24 +344,25 @@ impl Product {
     ) -> Tensor<T> {
         let (m, kd, n) = (self.m, self.kd, self.n);
         let bl = bv.len();
-        let mut d = Tensor::zeros(&tangent_shape(k, &[m, kd]));
-        let mut beta = T::zero();
-        if let Some(gd) = gdot {
-            let gdm = MatRef::new(gd.data(), k * m, n);
-            gemm_par(T::one(), gdm, self.bview(bv).t(), T::zero(), d.data_mut());
-            beta = T::one();
-        }
-        if let Some(bt) = bt {
-            for (kk, out) in d.data_mut().chunks_mut(m * kd).enumerate() {
-                let btk = self.bview(&bt.data()[kk * bl..(kk + 1) * bl]);
-                gemm_par(T::one(), g, btk.t(), beta, out);
+        let d = written(k * m * kd, |d| {
+            if let Some(gd) = gdot {
+                let gdm = MatRef::new(gd.data(), k * m, n);
+                gemm_par(T::one(), gdm, self.bview(bv).t(), T::zero(), d);
             }
-        }
-        d
+            if let Some(bt) = bt {
+                let beta = if gdot.is_some() { T::one() } else { T::zero() };
+                for (kk, out) in d.chunks_mut(m * kd).enumerate() {
+                    let btk = self.bview(&bt.data()[kk * bl..(kk + 1) * bl]);
+                    gemm_par(T::one(), g, btk.t(), beta, out);
+                }
+            }
+        });
+        Tensor::from_vec(&tangent_shape(k, &[m, kd]), d).expect("tangent shape")
     }
 
-    /// B̄'˙_k = Aᵀ Ȳ˙_k + Ȧ_kᵀ Ȳ for all k at once, in B's layout: the K directions are laid
-    /// side by side (sample-major copies of Ȳ˙ and Ȧ), so each term is one GEMM.
+    /// B̄'˙_k = Aᵀ Ȳ˙_k + Ȧ_kᵀ Ȳ for all k at once, in B's layout (at least one of `at` and
+    /// `gdot` present): the K directions are laid side by side (sample-major views of Ȳ˙
+    /// and Ȧ, copies only for K > 1), so each term is one GEMM.
     fn grad_b_tangent<T: Scalar>(
         &self,
         a: MatRef<T>,
@@ -336,37 +371,53 @@ impl Product {
         gdot: Option<&Tensor<T>>,
         k: usize,
     ) -> Vec<T> {
+        written(k * self.kd * self.n, |d| {
+            if let Some(gd) = gdot {
+                self.grad_b_tangent_gdot(a, gd, k, d);
+            }
+            if let Some(at) = at {
+                self.grad_b_tangent_at(at, g, k, gdot.is_some(), d);
+            }
+        })
+    }
+
+    /// Writes Aᵀ Ȳ˙_k for all k into `d` (`[K, ...B's shape]`).
+    fn grad_b_tangent_gdot<T: Scalar>(&self, a: MatRef<T>, gd: &Tensor<T>, k: usize, d: &mut [T]) {
         let (m, kd, n) = (self.m, self.kd, self.n);
-        let mut d = vec![T::zero(); k * kd * n];
-        let mut filled = false;
-        if let Some(gd) = gdot {
-            let gd_sm = sample_major(gd.data(), k, m, n);
-            let gdm = MatRef::new(&gd_sm, m, k * n);
-            if self.trans_b {
-                // [K·n, m] × A → [K, n, kd] directly.
-                gemm_par(T::one(), gdm.t(), a, T::zero(), &mut d);
-            } else {
-                // Aᵀ × [m, K·n] → [kd, K, n].
-                let mut tmp = vec![T::zero(); kd * k * n];
-                gemm_par(T::one(), a.t(), gdm, T::zero(), &mut tmp);
-                add_direction_major(&mut d, &tmp, k, kd, n, false);
-            }
-            filled = true;
+        let gd_sm = sample_major(gd.data(), k, m, n);
+        let gdm = MatRef::new(&gd_sm, m, k * n);
+        if self.trans_b {
+            // [K·n, m] × A → [K, n, kd] directly.
+            gemm_par(T::one(), gdm.t(), a, T::zero(), d);
+        } else {
+            // Aᵀ × [m, K·n] → [kd, K, n].
+            product_direction_major(d, (k, kd, n), false, |beta, out| {
+                gemm_par(T::one(), a.t(), gdm, beta, out)
+            });
         }
-        if let Some(at) = at {
-            let at_sm = sample_major(at.data(), k, m, kd);
-            let atm = MatRef::new(&at_sm, m, k * kd);
-            if self.trans_b {
-                // Ȳᵀ × [m, K·kd] → [n, K, kd].
-                let mut tmp = vec![T::zero(); n * k * kd];
-                gemm_par(T::one(), g.t(), atm, T::zero(), &mut tmp);
-                add_direction_major(&mut d, &tmp, k, n, kd, filled);
-            } else {
-                // [K·kd, m] × Ȳ → [K, kd, n] directly.
-                let beta = if filled { T::one() } else { T::zero() };
-                gemm_par(T::one(), atm.t(), g, beta, &mut d);
-            }
+    }
+
+    /// Writes (`accumulate = false`) or adds Ȧ_kᵀ Ȳ for all k into `d` (`[K, ...B's shape]`).
+    fn grad_b_tangent_at<T: Scalar>(
+        &self,
+        at: &Tensor<T>,
+        g: MatRef<T>,
+        k: usize,
+        accumulate: bool,
+        d: &mut [T],
+    ) {
+        let (m, kd, n) = (self.m, self.kd, self.n);
+        let at_sm = sample_major(at.data(), k, m, kd);
+        let atm = MatRef::new(&at_sm, m, k * kd);
+        if self.trans_b {
+            // Ȳᵀ × [m, K·kd] → [n, K, kd].
+            product_direction_major(d, (k, n, kd), accumulate, |beta, out| {
+                gemm_par(T::one(), g.t(), atm, beta, out)
+            });
+        } else {
+            // [K·kd, m] × Ȳ → [K, kd, n] directly.
+            let beta = if accumulate { T::one() } else { T::zero() };
+            gemm_par(T::one(), atm.t(), g, beta, d);
         }
-        d
     }
 }
