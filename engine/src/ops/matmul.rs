@@ -65,11 +65,17 @@ fn written<T: Scalar>(len: usize, write: impl Fn(&mut [T]) + Sync + Send) -> Vec
     par_build(len, len, || (), |_, _, out| write(out))
 }
 
-/// Two buffers (`len.0` and `len.1` elements) written whole by `write`, as [`written`].
+/// Two buffers (`len.0` and `len.1` elements) written whole by `write`, as [`written`]
+/// (`write` runs inside the first one's build, which skips it when `len.0 == 0`: the second
+/// must then be empty too).
 fn written2<T: Scalar>(
     len: (usize, usize),
     write: impl Fn(&mut [T], &mut [T]) + Sync + Send,
 ) -> (Vec<T>, Vec<T>) {
+    assert!(
+        len.0 > 0 || len.1 == 0,
+        "written2: a non-empty second buffer needs a first"
+    );
     let second = Mutex::new(Vec::new());
     let first = written(len.0, |x| {
         let x = Mutex::new(x);
