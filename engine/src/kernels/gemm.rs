@@ -195,32 +195,129 @@ fn split_grid((m, k, n): (usize, usize, usize), threads: usize) -> (usize, usize
 /// operand it shares with the others (all of `b` for a row block, all of `a` for a column
 /// block), so the split is chosen by how much it repacks (see `split_grid`).
 pub fn gemm_par<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: &mut [T]) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert_eq!(b.rows, k, "gemm inner dimensions");
-    assert!(c.len() >= m * n, "gemm output too small");
-    let threads = rayon::current_num_threads();
+    gemm_par_group(alpha, a, Shared::Left, &mut [Part::new(b, beta, c)]);
+}
+
+/// Which operand the products of a [`gemm_par_group`] share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shared {
+    /// `c_i = a b_i`: the parts' columns side by side (`X [W; Ẇ]ᵀ`).
+    Left,
+    /// `c_i = a_i b`: the parts' rows stacked (`[Ȳ; Ȳ˙]ᵀ X`).
+    Right,
+}
+
+/// One product of a [`gemm_par_group`]: its own operand, `beta`, and its row-major output.
+pub struct Part<'a, 'c, T> {
+    operand: MatRef<'a, T>,
+    beta: T,
+    out: &'c mut [T],
+}
+
+impl<'a, 'c, T: Scalar> Part<'a, 'c, T> {
+    /// The product with operand `operand` (the one not shared), written as
+    /// `c = alpha * product + beta * c` into `out` (`beta == 0`: `out` is not read).
+    pub fn new(operand: MatRef<'a, T>, beta: T, out: &'c mut [T]) -> Self {
+        Part { operand, beta, out }
+    }
+}
+
+/// One output block of a group: its operands, `beta` and where it is written.
+#[derive(Clone, Copy)]
+struct Job<'a, T> {
+    a: MatRef<'a, T>,
+    b: MatRef<'a, T>,
+    beta: T,
+    c: SendPtr<T>,
+    ldc: usize,
+}
+
+/// Several products that share one operand, as ONE product split into parallel blocks:
+/// with [`Shared::Left`] `c_i = alpha a b_i + beta_i c_i` (the parts' columns side by side),
+/// with [`Shared::Right`] `c_i = alpha a_i b + beta_i c_i` (their rows stacked). The grid of
+/// the combined shape is chosen as in [`gemm_par`], and no block straddles two parts, so
+/// each part is written in place; every block packs the shared operand once for all the
+/// columns (rows) of its part it covers. Results are bit-identical to [`gemm_packed`] of
+/// each part alone, for any thread count.
+pub fn gemm_par_group<T: Scalar>(alpha: T, shared: MatRef<T>, side: Shared, parts: &mut [Part<T>]) {
+    let jobs: Vec<(Job<T>, usize)> = parts
+        .iter_mut()
+        .map(|p| {
+            let (a, b) = match side {
+                Shared::Left => (shared, p.operand),
+                Shared::Right => (p.operand, shared),
+            };
+            assert_eq!(b.rows, a.cols, "gemm inner dimensions");
+            assert!(p.out.len() >= a.rows * b.cols, "gemm output too small");
+            let c = SendPtr(p.out.as_mut_ptr());
+            let job = Job {
+                a,
+                b,
+                beta: p.beta,
+                c,
+                ldc: b.cols,
+            };
+            (job, if side == Shared::Left { b.cols } else { a.rows })
+        })
+        .collect();
+    let stacked: usize = jobs.iter().map(|j| j.1).sum();
+    let (k, other) = match side {
+        Shared::Left => (shared.cols, shared.rows),
+        Shared::Right => (shared.rows, shared.cols),
+    };
+    let (m, n) = match side {
+        Shared::Left => (other, stacked),
+        Shared::Right => (stacked, other),
+    };
+    let (rb, cb) = grid((m, k, n), rayon::current_num_threads());
+    let (rows, cols) = (m.div_ceil(rb), n.div_ceil(cb));
+    let blocks: Vec<Job<T>> = jobs
+        .iter()
+        .flat_map(|&(job, _)| blocks_of(job, rows, cols))
+        .collect();
+    let run = |j: &Job<T>| gemm_into(alpha, j.a, j.b, j.beta, j.c, j.ldc);
+    if blocks.len() < 2 || rb * cb < 2 {
+        blocks.iter().for_each(run);
+    } else {
+        blocks.par_iter().for_each(run);
+    }
+}
+
+/// The output blocks (at most `rows x cols` each) of one product `job`.
+fn blocks_of<T: Scalar>(job: Job<'_, T>, rows: usize, cols: usize) -> Vec<Job<'_, T>> {
+    let (m, n) = (job.a.rows, job.b.cols);
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
+    let (rows, cols) = (rows.max(1), cols.max(1));
+    let mut out = Vec::with_capacity(m.div_ceil(rows) * n.div_ceil(cols));
+    for r0 in (0..m).step_by(rows) {
+        for c0 in (0..n).step_by(cols) {
+            let (nr, nc) = (rows.min(m - r0), cols.min(n - c0));
+            // SAFETY: the offset stays inside the part's output (checked by the caller);
+            // the blocks are disjoint.
+            let c = unsafe { job.c.at(r0 * job.ldc + c0) };
+            out.push(Job {
+                a: job.a.row_block(r0, nr),
+                b: job.b.col_block(c0, nc),
+                c,
+                ..job
+            });
+        }
+    }
+    out
+}
+
+/// The parallel grid `(row blocks, column blocks)` of a product of shape `(m, k, n)`, or
+/// `(1, 1)` where it runs on one thread (too small, or one thread).
+fn grid((m, k, n): (usize, usize, usize), threads: usize) -> (usize, usize) {
     if threads < 2 || m * n * k.max(1) < PAR_MIN_WORK {
-        return gemm_packed(alpha, a, b, beta, c);
+        return (1, 1);
     }
     if m < 2 * PAR_BLOCK && n < 2 * PAR_BLOCK {
-        return gemm_packed(alpha, a, b, beta, c);
+        return (1, 1);
     }
-    let (row_blocks, col_blocks) = split_grid((m, k, n), threads);
-    if row_blocks * col_blocks < 2 {
-        return gemm_packed(alpha, a, b, beta, c);
-    }
-    let (rows, cols) = (m.div_ceil(row_blocks), n.div_ceil(col_blocks));
-    let (row_blocks, col_blocks) = (m.div_ceil(rows), n.div_ceil(cols));
-    let ptr = SendPtr(c.as_mut_ptr());
-    (0..row_blocks * col_blocks)
-        .into_par_iter()
-        .for_each(|block| {
-            let (r0, c0) = ((block / col_blocks) * rows, (block % col_blocks) * cols);
-            let (nr, nc) = (rows.min(m - r0), cols.min(n - c0));
-            // SAFETY: the blocks of the grid are disjoint.
-            let cp = unsafe { ptr.at(r0 * n + c0) };
-            gemm_into(alpha, a.row_block(r0, nr), b.col_block(c0, nc), beta, cp, n);
-        });
+    split_grid((m, k, n), threads)
 }
 
 #[cfg(test)]
@@ -294,6 +391,67 @@ mod tests {
                     bits(&want),
                     "{m}x{k}x{n} (b transposed), {threads} threads"
                 );
+            }
+        }
+    }
+
+    /// Products sharing the left operand (columns side by side) or the right one (rows
+    /// stacked), with parts of different sizes and betas, in pools of 1 to 4 threads: every
+    /// part equals the serial packed product of that part alone, bit for bit.
+    #[test]
+    fn gemm_par_group_matches_each_part_alone_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
+        let mut draw =
+            |len: usize| -> Vec<f32> { (0..len).map(|_| rng.gen_range(-0.5..0.5)).collect() };
+        let (m, k) = (128, 700);
+        let shared = draw(m * k);
+        let widths = [256, 512, 10];
+        let others: Vec<Vec<f32>> = widths.iter().map(|&w| draw(k * w)).collect();
+        let old: Vec<Vec<f32>> = widths.iter().map(|&w| draw(m * w)).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for side in [Shared::Left, Shared::Right] {
+            // Left: shared [m, k] times [k, w_i]. Right: [w_i, k] (a transposed view) times shared [k, m].
+            let sh = match side {
+                Shared::Left => MatRef::new(&shared, m, k),
+                Shared::Right => MatRef::new(&shared, m, k).t(),
+            };
+            let own = |i: usize| match side {
+                Shared::Left => MatRef::new(&others[i], k, widths[i]),
+                Shared::Right => MatRef::new(&others[i], k, widths[i]).t(),
+            };
+            let beta = |i: usize| if i == 1 { 0.5f32 } else { 0.0 };
+            let want: Vec<Vec<f32>> = (0..widths.len())
+                .map(|i| {
+                    let mut c = old[i].clone();
+                    let (a, b) = match side {
+                        Shared::Left => (sh, own(i)),
+                        Shared::Right => (own(i), sh),
+                    };
+                    gemm_packed(1.0, a, b, beta(i), &mut c);
+                    c
+                })
+                .collect();
+            for threads in 1..=4 {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = old.clone();
+                pool.install(|| {
+                    let mut parts: Vec<Part<f32>> = got
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(i, c)| Part::new(own(i), beta(i), c))
+                        .collect();
+                    gemm_par_group(1.0, sh, side, &mut parts);
+                });
+                for i in 0..widths.len() {
+                    assert_eq!(
+                        bits(&got[i]),
+                        bits(&want[i]),
+                        "{side:?} part {i}, {threads} threads"
+                    );
+                }
             }
         }
     }
