@@ -67,30 +67,22 @@ impl<T: Scalar> Workload<T> {
             .loss
     }
 
-    /// One HVP along the first direction; returns v·Hv.
-    pub fn hvp(&self) -> f64 {
-        let e = self
-            .model
+    /// One HVP along the first direction; returns it, one tensor per parameter. Nothing is
+    /// reduced inside the timed call (the PyTorch anchor times the product alone).
+    pub fn hvp(&self) -> Vec<Tensor<T>> {
+        self.model
             .evaluate(&self.x, &self.labels, &self.dirs[..1], self.bn, true)
-            .expect("valid workload");
-        e.hvps[0]
-            .iter()
-            .zip(&self.dirs[0])
-            .map(|(h, v)| h.dot(v))
-            .sum()
+            .expect("valid workload")
+            .hvps
+            .swap_remove(0)
     }
 
-    /// HVPs along all K directions in one batched pass; returns Σ_k v_k·Hv_k.
-    pub fn hvp_batched(&self) -> f64 {
-        let e = self
-            .model
+    /// HVPs along all K directions in one batched pass; returns them, per direction.
+    pub fn hvp_batched(&self) -> Vec<Vec<Tensor<T>>> {
+        self.model
             .evaluate(&self.x, &self.labels, &self.dirs, self.bn, true)
-            .expect("valid workload");
-        e.hvps
-            .iter()
-            .zip(&self.dirs)
-            .map(|(h, d)| h.iter().zip(d).map(|(a, b)| a.dot(b)).sum::<f64>())
-            .sum()
+            .expect("valid workload")
+            .hvps
     }
 }
 
