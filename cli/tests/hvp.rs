@@ -133,6 +133,13 @@ fn run_ok(args: &[String], env: &[(&str, &str)]) {
         "flatmin {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A success says what it wrote, in one line naming --out.
+    let target = args.iter().skip_while(|a| *a != "--out").nth(1).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with(&format!("wrote {target} (")) && stdout.lines().count() == 1,
+        "{stdout}"
+    );
 }
 
 /// Tensors as name -> (shape, bit patterns, dtype tag), for bitwise comparison.

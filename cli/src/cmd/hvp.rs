@@ -59,7 +59,14 @@ fn dispatch(args: &HvpArgs) -> Result<()> {
         DType::F32 => compute::<f32>(args)?,
         DType::F64 => compute::<f64>(args)?,
     };
-    write_safetensors(&args.out, &tensors).with_context(|| format!("--out {}", args.out.display()))
+    write_safetensors(&args.out, &tensors)
+        .with_context(|| format!("--out {}", args.out.display()))?;
+    println!(
+        "wrote {} ({} tensors: logits, loss, grad.NAME, hvp.NAME)",
+        args.out.display(),
+        tensors.len()
+    );
+    Ok(())
 }
 
 /// Refuses an output path that exists but is not a regular file: the atomic write renames a
