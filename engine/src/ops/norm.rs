@@ -164,6 +164,7 @@ impl<T: Scalar> BatchNorm2d<T> {
             n * c * hw,
             hw,
             || (),
+            #[inline(always)]
             |_, p, yo| {
                 let ch = p % c;
                 let (sc, sh) = (gv[ch] * s[ch], bv[ch] - gv[ch] * s[ch] * mu[ch]);
@@ -201,6 +202,7 @@ impl<T: Scalar> BatchNorm2d<T> {
             k * n * c * hw,
             hw,
             || (),
+            #[inline(always)]
             |_, tp, to| {
                 let (kk, vp) = (tp / (n * c), tp % (n * c));
                 let ch = vp % c;
@@ -393,6 +395,7 @@ impl<T: Scalar> Back<'_, T> {
             op.n * op.c * op.hw,
             op.hw,
             || (),
+            #[inline(always)]
             |_, vp, o| {
                 let ch = vp % op.c;
                 let (sy, syx) = sums[ch];
@@ -455,6 +458,7 @@ impl<T: Scalar> Back<'_, T> {
             self.k * n * c * hw,
             hw,
             || (),
+            #[inline(always)]
             |_, tp, o| {
                 let (kk, vp) = (tp / (n * c), tp % (n * c));
                 let ch = vp % c;
