@@ -224,11 +224,15 @@ fn accumulate<T: Scalar>(slot: &mut Option<Tensor<T>>, t: Tensor<T>) {
                 std::mem::swap(acc, &mut t);
             }
             let src = t.data();
-            crate::kernels::par::par_chunks(acc.data_mut(), |off, c| {
-                for (j, a) in c.iter_mut().enumerate() {
-                    *a = *a + src[off + j];
-                }
-            });
+            crate::kernels::par::par_chunks(
+                acc.data_mut(),
+                #[inline(always)]
+                |off, c| {
+                    for (j, a) in c.iter_mut().enumerate() {
+                        *a = *a + src[off + j];
+                    }
+                },
+            );
         }
     }
 }

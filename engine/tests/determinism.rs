@@ -1,4 +1,5 @@
-//! Same inputs give bit-identical values, gradients and HVPs with 1 and 2 threads.
+//! Same inputs give bit-identical values, gradients and HVPs with 1, 2 and 3 threads, and
+//! (for the ops without a convolution or GEMM) on every instruction-set path.
 
 use flatmin_engine::curvature::hvp;
 use flatmin_engine::{BnMode, Tensor};
@@ -75,6 +76,69 @@ fn one_and_two_threads_agree_bitwise() {
             bits(a),
             bits(c),
             "output {i} differs between 1 and 3 threads"
+        );
+    }
+}
+
+/// Loss, gradient and HVP bits of a graph of BatchNorm, ReLU, tanh, residual add, product and
+/// pooling only (the ops whose loops run through `kernels::cpu::vectorized`, no convolution
+/// or GEMM), as one FNV-1a digest.
+fn elementwise_digest() -> u64 {
+    let mut rng = StdRng::seed_from_u64(11);
+    let shapes: Vec<Vec<usize>> = vec![vec![20, 10, 12, 12], vec![10], vec![10]];
+    let params: Vec<Tensor<f32>> = shapes.iter().map(|s| Tensor::randn(s, &mut rng)).collect();
+    let dirs: Vec<Vec<Tensor<f32>>> = (0..2)
+        .map(|_| shapes.iter().map(|s| Tensor::randn(s, &mut rng)).collect())
+        .collect();
+    let labels: Vec<usize> = (0..20).map(|i| i % 10).collect();
+    let r = hvp(&params, &dirs, |t, v| {
+        let (h, _) = t.batch_norm2d(v[0], v[1], v[2], BnMode::Train, 1e-5)?;
+        let h = t.relu(h)?;
+        let h = t.add(h, v[0])?;
+        let g = t.tanh(h)?;
+        let h = t.mul(h, g)?;
+        let p = t.global_avg_pool(h)?;
+        t.cross_entropy(p, &labels)
+    })
+    .unwrap();
+    let mut bits = vec![r.loss.to_bits()];
+    for t in r.grad.iter().chain(r.hvp.iter().flatten()) {
+        bits.extend(t.data().iter().map(|x| x.to_bits()));
+    }
+    bits.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The elementwise, BatchNorm and reduction loops give the same bits on every instruction
+/// set path (this process's widest, and `FLATMIN_ISA=avx2` and `portable` in child
+/// processes): the vectorized builds keep each loop's operations and their order.
+#[test]
+fn elementwise_ops_agree_bitwise_across_instruction_sets() {
+    let here = elementwise_digest();
+    if std::env::var_os("FLATMIN_ISA").is_some() {
+        println!("DIGEST {here:016x}"); // the child: report and stop
+        return;
+    }
+    for isa in ["avx2", "portable"] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "elementwise_ops_agree_bitwise_across_instruction_sets",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("FLATMIN_ISA", isa)
+            .output()
+            .expect("rerun the test in a child process");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "child with FLATMIN_ISA={isa}:\n{stdout}"
+        );
+        let want = format!("DIGEST {here:016x}");
+        assert!(
+            stdout.contains(&want),
+            "FLATMIN_ISA={isa} gives other bits than this process ({want}):\n{stdout}"
         );
     }
 }

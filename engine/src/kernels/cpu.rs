@@ -75,6 +75,47 @@ pub fn isa() -> Isa {
     })
 }
 
+/// Runs `f` compiled for the widest vectors of [`isa`]: plain loops handed in (elementwise
+/// passes, reductions) are inlined into a copy of this function built for AVX-512 or
+/// AVX2+FMA, so they vectorize at that width, while the binary itself targets baseline
+/// x86-64. One definition of each loop serves every instruction set. Rust never contracts a
+/// multiply and an add into an FMA on its own, and the loops' order of operations is the
+/// source's, so the results are bit for bit those of the portable build.
+///
+/// The loop must be inlined into `f` for this to work: callers mark `f` and the closures
+/// it calls `#[inline(always)]` (without it, a closure may stay a separate function compiled
+/// for baseline x86-64, in another codegen unit).
+#[inline(always)]
+pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    match isa() {
+        // SAFETY: `isa` only reports instruction sets this machine runs.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { wide::avx512(f) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { wide::avx2(f) },
+        _ => f(),
+    }
+}
+
+/// The target-feature copies behind [`vectorized`].
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    /// `f()` built with AVX-512F (and the AVX2/FMA it implies).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+
+    /// `f()` built with AVX2 and FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+}
+
 /// Single-precision fused multiply-add throughput of one thread, in GFLOP/s (2 flops per
 /// lane and FMA), with the widest vectors of [`isa`], over at least `seconds` of work: the
 /// ceiling that GEMM figures are read against. `None` where no vector kernel is written.

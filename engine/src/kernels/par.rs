@@ -1,5 +1,7 @@
-//! Fixed-chunk parallel helpers.
+//! Fixed-chunk parallel helpers. Each task's loop runs through [`vectorized`], so the
+//! per-element closures handed in are built for the widest vectors the machine has.
 
+use super::cpu::vectorized;
 use rayon::prelude::*;
 
 /// Elements per task for elementwise loops (fixed, independent of the thread count).
@@ -8,27 +10,44 @@ pub const ELEMWISE_CHUNK: usize = 1 << 14;
 /// Applies `f(offset, chunk)` to fixed-size chunks of `out` in parallel.
 pub fn par_chunks<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync + Send) {
     if out.len() <= ELEMWISE_CHUNK {
-        f(0, out);
+        vectorized(
+            #[inline(always)]
+            || f(0, out),
+        );
         return;
     }
     out.par_chunks_mut(ELEMWISE_CHUNK)
         .enumerate()
-        .for_each(|(i, c)| f(i * ELEMWISE_CHUNK, c));
+        .for_each(|(i, c)| {
+            vectorized(
+                #[inline(always)]
+                || f(i * ELEMWISE_CHUNK, c),
+            )
+        });
 }
 
 /// `out[i] = f(i)` for every index, in parallel fixed chunks.
 pub fn par_fill<T: Send>(out: &mut [T], f: impl Fn(usize) -> T + Sync + Send) {
-    par_chunks(out, |off, c| {
-        for (j, o) in c.iter_mut().enumerate() {
-            *o = f(off + j);
-        }
-    });
+    par_chunks(
+        out,
+        #[inline(always)]
+        |off, c| {
+            for (j, o) in c.iter_mut().enumerate() {
+                *o = f(off + j);
+            }
+        },
+    );
 }
 
 /// `f(x_i)` for every element of `x`, as a new vector written once in parallel fixed chunks
 /// (no zero fill first: activation-sized buffers are not written twice).
 pub fn par_map<T: Copy + Send + Sync>(x: &[T], f: impl Fn(T) -> T + Sync + Send) -> Vec<T> {
-    par_map2(x, x, |a, _| f(a))
+    par_map2(
+        x,
+        x,
+        #[inline(always)]
+        |a, _| f(a),
+    )
 }
 
 /// `f(x_i, y_i)` for every pair of elements of the equal-length `x` and `y`, as [`par_map`].
@@ -40,24 +59,41 @@ pub fn par_map2<T: Copy + Send + Sync>(
     assert_eq!(x.len(), y.len(), "par_map2 operands differ in length");
     let n = x.len();
     let mut out: Vec<T> = Vec::with_capacity(n);
-    let fill = |off: usize, c: &mut [std::mem::MaybeUninit<T>]| {
-        for ((o, &a), &b) in c.iter_mut().zip(&x[off..]).zip(&y[off..]) {
-            o.write(f(a, b));
-        }
-    };
     let spare = &mut out.spare_capacity_mut()[..n];
     if n <= ELEMWISE_CHUNK {
-        fill(0, spare);
+        vectorized(
+            #[inline(always)]
+            || map2_into(spare, x, y, &f),
+        );
     } else {
         spare
             .par_chunks_mut(ELEMWISE_CHUNK)
             .enumerate()
-            .for_each(|(i, c)| fill(i * ELEMWISE_CHUNK, c));
+            .for_each(|(i, c)| {
+                let off = i * ELEMWISE_CHUNK;
+                vectorized(
+                    #[inline(always)]
+                    || map2_into(c, &x[off..], &y[off..], &f),
+                )
+            });
     }
-    // SAFETY: the chunks cover 0..n and `fill` writes every element of its chunk (the zipped
+    // SAFETY: the chunks cover 0..n and `map2_into` writes every element of its chunk (the zipped
     // operands are at least as long as the chunk, checked by the assert above).
     unsafe { out.set_len(n) };
     out
+}
+
+/// `out[i] = f(x_i, y_i)` for the first `out.len()` elements (the loop of [`par_map2`]).
+#[inline(always)]
+fn map2_into<T: Copy>(
+    out: &mut [std::mem::MaybeUninit<T>],
+    x: &[T],
+    y: &[T],
+    f: &impl Fn(T, T) -> T,
+) {
+    for ((o, &a), &b) in out.iter_mut().zip(x).zip(y) {
+        o.write(f(a, b));
+    }
 }
 
 /// A vector of `n` elements written only by `fill(index, block)` over the fixed blocks of
@@ -86,7 +122,12 @@ where
     let all = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<T>(), n) };
     all.par_chunks_mut(block.max(1))
         .enumerate()
-        .for_each_init(init, |s, (i, c)| fill(s, i, c));
+        .for_each_init(init, |s, (i, c)| {
+            vectorized(
+                #[inline(always)]
+                || fill(s, i, c),
+            )
+        });
     // SAFETY: every element was written above.
     unsafe { out.set_len(n) };
     out
@@ -102,6 +143,7 @@ pub fn par_from_fn<T: crate::scalar::Scalar>(
         n,
         ELEMWISE_CHUNK,
         || (),
+        #[inline(always)]
         |_, b, c| {
             for (j, o) in c.iter_mut().enumerate() {
                 *o = f(b * ELEMWISE_CHUNK + j);

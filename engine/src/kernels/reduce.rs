@@ -1,20 +1,28 @@
 //! Sums and dot products in a fixed order with [`LANES`] independent partial sums: the
 //! compiler can keep them in vector registers (a plain left fold is one long dependency
 //! chain), and the order depends only on the length, so results are bit-identical for any
-//! thread count.
+//! thread count. Each runs through [`vectorized`], so it is built for the widest vectors
+//! the machine has (the same operations in the same order: the same bits on every path).
+
+use super::cpu::vectorized;
 
 /// Independent partial sums per reduction.
 pub const LANES: usize = 8;
 
 /// Adds the partial sums pairwise: `((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))`.
+/// The partial sums pass through `black_box` first: seen together with the loop that
+/// accumulates them, this pairwise tree steers LLVM's SLP vectorizer into shuffling the
+/// accumulators one element at a time; cut off from it, the loop keeps each partial-sum
+/// array in one vector register. The sums and their order are unchanged.
 #[inline]
 fn combine<T: crate::Scalar>(a: [T; LANES]) -> T {
+    let a = std::hint::black_box(a);
     ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
 /// `Σ_i f(x_i, y_i)` over equal-length slices: element `i` goes to partial sum `i % LANES`
 /// (the tail after the last full group of [`LANES`] is added after combining).
-#[inline]
+#[inline(always)]
 fn sum_zip<T: crate::Scalar>(x: &[T], y: &[T], f: impl Fn(T, T) -> T) -> T {
     assert_eq!(x.len(), y.len(), "reduction operands differ in length");
     let mut acc = [T::zero(); LANES];
@@ -33,6 +41,15 @@ fn sum_zip<T: crate::Scalar>(x: &[T], y: &[T], f: impl Fn(T, T) -> T) -> T {
 /// `(Σ_i w_i, Σ_i (x_i − mu) w_i)` in one pass, each bit for bit [`sum`] and
 /// [`dot_centered`] (the same partial sums in the same order).
 pub fn sum_and_dot_centered<T: crate::Scalar>(x: &[T], mu: T, w: &[T]) -> (T, T) {
+    vectorized(
+        #[inline(always)]
+        || sum_and_dot_centered_body(x, mu, w),
+    )
+}
+
+/// The loop of [`sum_and_dot_centered`].
+#[inline(always)]
+fn sum_and_dot_centered_body<T: crate::Scalar>(x: &[T], mu: T, w: &[T]) -> (T, T) {
     assert_eq!(x.len(), w.len(), "reduction operands differ in length");
     let (mut s, mut d) = ([T::zero(); LANES], [T::zero(); LANES]);
     let (xc, wc) = (x.chunks_exact(LANES), w.chunks_exact(LANES));
@@ -52,22 +69,34 @@ pub fn sum_and_dot_centered<T: crate::Scalar>(x: &[T], mu: T, w: &[T]) -> (T, T)
 
 /// `Σ_i x_i`.
 pub fn sum<T: crate::Scalar>(x: &[T]) -> T {
-    sum_zip(x, x, |a, _| a)
+    vectorized(
+        #[inline(always)]
+        || sum_zip(x, x, |a, _| a),
+    )
 }
 
 /// `Σ_i x_i y_i`.
 pub fn dot<T: crate::Scalar>(x: &[T], y: &[T]) -> T {
-    sum_zip(x, y, |a, b| a * b)
+    vectorized(
+        #[inline(always)]
+        || sum_zip(x, y, |a, b| a * b),
+    )
 }
 
 /// `Σ_i (x_i − mu) w_i`.
 pub fn dot_centered<T: crate::Scalar>(x: &[T], mu: T, w: &[T]) -> T {
-    sum_zip(x, w, |a, b| (a - mu) * b)
+    vectorized(
+        #[inline(always)]
+        || sum_zip(x, w, |a, b| (a - mu) * b),
+    )
 }
 
 /// `Σ_i (x_i − mu)²`.
 pub fn sum_sq_centered<T: crate::Scalar>(x: &[T], mu: T) -> T {
-    sum_zip(x, x, |a, _| (a - mu) * (a - mu))
+    vectorized(
+        #[inline(always)]
+        || sum_zip(x, x, |a, _| (a - mu) * (a - mu)),
+    )
 }
 
 #[cfg(test)]

@@ -175,16 +175,32 @@ enum Order {
 /// chunk so the inner loop is tight (ReLU, the common case, gets its own loops).
 fn tabulate<T: Scalar>(f: Unary<T>, order: Order, xs: &[T]) -> Vec<T> {
     match (f, order) {
-        (Unary::Relu, Order::Value) => par_map(xs, |v| if v > T::zero() { v } else { T::zero() }),
+        (Unary::Relu, Order::Value) => par_map(
+            xs,
+            #[inline(always)]
+            |v| if v > T::zero() { v } else { T::zero() },
+        ),
         (Unary::Relu, Order::First) => par_map(xs, relu_d1),
-        (_, Order::Value) => par_map(xs, |v| f.f(v)),
-        (_, Order::First) => par_map(xs, |v| f.d1(v)),
-        (_, Order::Second) => par_map(xs, |v| f.d2(v)),
+        (_, Order::Value) => par_map(
+            xs,
+            #[inline(always)]
+            |v| f.f(v),
+        ),
+        (_, Order::First) => par_map(
+            xs,
+            #[inline(always)]
+            |v| f.d1(v),
+        ),
+        (_, Order::Second) => par_map(
+            xs,
+            #[inline(always)]
+            |v| f.d2(v),
+        ),
     }
 }
 
 /// ReLU's derivative: 1 above zero, 0 elsewhere.
-#[inline]
+#[inline(always)]
 fn relu_d1<T: Scalar>(v: T) -> T {
     if v > T::zero() {
         T::one()
@@ -198,21 +214,25 @@ fn relu_d1<T: Scalar>(v: T) -> T {
 pub(crate) fn scale_blocks<T: Scalar>(m: usize, k: usize, terms: &[(&[T], &[T])]) -> Vec<T> {
     let mut out = vec![T::zero(); k * m];
     for kk in 0..k {
-        par_chunks(&mut out[kk * m..(kk + 1) * m], |off, c| {
-            for (t, (a, b)) in terms.iter().enumerate() {
-                let a = &a[off..off + c.len()];
-                let b = &b[kk * m + off..kk * m + off + c.len()];
-                if t == 0 {
-                    for ((o, &ai), &bi) in c.iter_mut().zip(a).zip(b) {
-                        *o = ai * bi;
-                    }
-                } else {
-                    for ((o, &ai), &bi) in c.iter_mut().zip(a).zip(b) {
-                        *o = *o + ai * bi;
+        par_chunks(
+            &mut out[kk * m..(kk + 1) * m],
+            #[inline(always)]
+            |off, c| {
+                for (t, (a, b)) in terms.iter().enumerate() {
+                    let a = &a[off..off + c.len()];
+                    let b = &b[kk * m + off..kk * m + off + c.len()];
+                    if t == 0 {
+                        for ((o, &ai), &bi) in c.iter_mut().zip(a).zip(b) {
+                            *o = ai * bi;
+                        }
+                    } else {
+                        for ((o, &ai), &bi) in c.iter_mut().zip(a).zip(b) {
+                            *o = *o + ai * bi;
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
     }
     out
 }
@@ -300,8 +320,18 @@ impl<T: Scalar> Rule<T> for UnaryOp<T> {
         let k = tape.directions();
         // x̄ = φ'(x) ȳ in one pass (the table φ'(x) is built only when a tangent term needs it)
         let gx = match f {
-            Unary::Relu => par_map2(xs, g, |x, gy| relu_d1(x) * gy),
-            _ => par_map2(xs, g, |x, gy| f.d1(x) * gy),
+            Unary::Relu => par_map2(
+                xs,
+                g,
+                #[inline(always)]
+                |x, gy| relu_d1(x) * gy,
+            ),
+            _ => par_map2(
+                xs,
+                g,
+                #[inline(always)]
+                |x, gy| f.d1(x) * gy,
+            ),
         };
         let d1 = gdot.map(|_| tabulate(f, Order::First, xs));
         let xt = node.tangent.as_ref().filter(|_| f.has_curvature());

@@ -10,7 +10,7 @@
 
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
-use crate::kernels::par::par_from_fn;
+use crate::kernels::par::{par_from_fn, par_map2};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::{numel, Tensor};
@@ -42,6 +42,7 @@ impl Binary {
         }
     }
 
+    #[inline(always)]
     fn f<T: Scalar>(self, a: T, b: T) -> T {
         match self {
             Binary::Add => a + b,
@@ -165,10 +166,24 @@ impl<T: Scalar> Tape<T> {
         self.check_var(b)?;
         let bc = Broadcast::new(op.name(), self.value(a).shape(), self.value(b).shape())?;
         let (av, bv) = (self.value(a).data(), self.value(b).data());
-        let y = par_from_fn(numel(&bc.out), |i| {
-            let (ia, ib) = bc.map(i);
-            op.f(av[ia], bv[ib])
-        });
+        let y = if bc.same {
+            // One shape (the residual add): a plain loop over both operands, vectorized.
+            par_map2(
+                av,
+                bv,
+                #[inline(always)]
+                |x, y| op.f(x, y),
+            )
+        } else {
+            par_from_fn(
+                numel(&bc.out),
+                #[inline(always)]
+                |i| {
+                    let (ia, ib) = bc.map(i);
+                    op.f(av[ia], bv[ib])
+                },
+            )
+        };
         let y = Tensor::from_vec(&bc.out, y).expect("binary value");
         let (at, bt) = (self.tangent(a), self.tangent(b));
         let tangent = if at.is_none() && bt.is_none() {
@@ -176,19 +191,23 @@ impl<T: Scalar> Tape<T> {
         } else {
             let k = self.directions();
             let (m, na, nb) = (y.numel(), av.len(), bv.len());
-            let t = par_from_fn(k * m, |i| {
-                let (kk, e) = (i / m, i % m);
-                let (ia, ib) = bc.map(e);
-                let p = op.partials(av[ia], bv[ib]);
-                let mut v = T::zero();
-                if let Some(at) = at {
-                    v = v + p.a * at.data()[kk * na + ia];
-                }
-                if let Some(bt) = bt {
-                    v = v + p.b * bt.data()[kk * nb + ib];
-                }
-                v
-            });
+            let t = par_from_fn(
+                k * m,
+                #[inline(always)]
+                |i| {
+                    let (kk, e) = (i / m, i % m);
+                    let (ia, ib) = bc.map(e);
+                    let p = op.partials(av[ia], bv[ib]);
+                    let mut v = T::zero();
+                    if let Some(at) = at {
+                        v = v + p.a * at.data()[kk * na + ia];
+                    }
+                    if let Some(bt) = bt {
+                        v = v + p.b * bt.data()[kk * nb + ib];
+                    }
+                    v
+                },
+            );
             Some(Tensor::from_vec(&tangent_shape(k, &bc.out), t).expect("binary tangent"))
         };
         Ok(self.push(
@@ -277,21 +296,29 @@ impl<T: Scalar> Adjoint<'_, T> {
     fn same_shape(&self, shape: &[usize], want_dot: bool) -> (Tensor<T>, Option<Tensor<T>>) {
         let (g, av, bv, k) = (self.g, self.av, self.bv, self.k);
         let m = g.len();
-        let grad = par_from_fn(m, |i| g[i] * self.pick(&self.op.partials(av[i], bv[i])));
+        let grad = par_from_fn(
+            m,
+            #[inline(always)]
+            |i| g[i] * self.pick(&self.op.partials(av[i], bv[i])),
+        );
         let grad = Tensor::from_vec(shape, grad).expect("binary grad");
         let dot = want_dot.then(|| {
-            let d = par_from_fn(k * m, |j| {
-                let i = j % m;
-                let p = self.op.partials(av[i], bv[i]);
-                let at_j = |t: &Tensor<T>| t.data()[j];
-                self.dot_term(
-                    &p,
-                    g[i],
-                    self.gdot.map(at_j),
-                    self.at.map(at_j),
-                    self.bt.map(at_j),
-                )
-            });
+            let d = par_from_fn(
+                k * m,
+                #[inline(always)]
+                |j| {
+                    let i = j % m;
+                    let p = self.op.partials(av[i], bv[i]);
+                    let at_j = |t: &Tensor<T>| t.data()[j];
+                    self.dot_term(
+                        &p,
+                        g[i],
+                        self.gdot.map(at_j),
+                        self.at.map(at_j),
+                        self.bt.map(at_j),
+                    )
+                },
+            );
             Tensor::from_vec(&tangent_shape(k, shape), d).expect("binary grad tangent")
         });
         (grad, dot)

@@ -14,7 +14,8 @@
 
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
-use crate::kernels::par::par_build;
+use crate::kernels::cpu::vectorized;
+use crate::kernels::par::{par_build, SendPtr};
 use crate::kernels::reduce::{
     dot, dot_centered, sum as total, sum_and_dot_centered, sum_sq_centered,
 };
@@ -164,6 +165,7 @@ impl<T: Scalar> BatchNorm2d<T> {
             n * c * hw,
             hw,
             || (),
+            #[inline(always)]
             |_, p, yo| {
                 let ch = p % c;
                 let (sc, sh) = (gv[ch] * s[ch], bv[ch] - gv[ch] * s[ch] * mu[ch]);
@@ -201,6 +203,7 @@ impl<T: Scalar> BatchNorm2d<T> {
             k * n * c * hw,
             hw,
             || (),
+            #[inline(always)]
             |_, tp, to| {
                 let (kk, vp) = (tp / (n * c), tp % (n * c));
                 let ch = vp % c;
@@ -337,20 +340,49 @@ impl<T: Scalar> Back<'_, T> {
         p * hw..(p + 1) * hw
     }
 
-    /// Per channel: Sy = Σȳ and Syx = Σȳx̂ = s Σ ȳ (x − μ).
-    fn sums(&self) -> Vec<(T, T)> {
+    /// Channel `ch`'s Sy = Σȳ and Syx = Σȳx̂ = s Σ ȳ (x − μ).
+    fn channel_sums(&self, ch: usize) -> (T, T) {
         let (op, g, xv) = (self.op, self.g, self.xv);
-        (0..op.c)
+        let (sy, syx) = (0..op.n).fold((T::zero(), T::zero()), |(sy, syx), s| {
+            let r = self.vplane(g, s * op.c + ch);
+            let (a, b) = sum_and_dot_centered(&xv[r.clone()], op.mu[ch], &g[r]);
+            (sy + a, syx + b)
+        });
+        (sy, syx * op.s[ch])
+    }
+
+    /// Per channel, in parallel: [`Back::channel_sums`], then (with `want_gx`) that channel's
+    /// planes of x̄ right away, while its ȳ and x are still in cache. Gives the sums and x̄.
+    fn sums_and_grad_x(&self, want_gx: bool) -> (Vec<(T, T)>, Option<Vec<T>>) {
+        let op = self.op;
+        let len = if want_gx { op.n * op.c * op.hw } else { 0 };
+        let mut gx: Vec<T> = Vec::with_capacity(len);
+        if cfg!(debug_assertions) {
+            // NaN first, as `par_build`: a plane left unwritten fails the tests.
+            gx.spare_capacity_mut().iter_mut().for_each(|v| {
+                v.write(T::nan());
+            });
+        }
+        let out = SendPtr(gx.as_mut_ptr());
+        let sums: Vec<(T, T)> = (0..op.c)
             .into_par_iter()
             .map(|ch| {
-                let (sy, syx) = (0..op.n).fold((T::zero(), T::zero()), |(sy, syx), s| {
-                    let r = self.vplane(g, s * op.c + ch);
-                    let (a, b) = sum_and_dot_centered(&xv[r.clone()], op.mu[ch], &g[r]);
-                    (sy + a, syx + b)
-                });
-                (sy, syx * op.s[ch])
+                let sums_ch = self.channel_sums(ch);
+                for vp in (0..op.n).map(|s| s * op.c + ch).filter(|_| want_gx) {
+                    // SAFETY: plane `vp` lies within the capacity and only this channel's task
+                    // writes it; `T` is a plain float.
+                    let o = unsafe { out.slice(vp * op.hw, op.hw) };
+                    vectorized(
+                        #[inline(always)]
+                        || self.grad_x_plane(vp, sums_ch, o),
+                    );
+                }
+                sums_ch
             })
-            .collect()
+            .collect();
+        // SAFETY: every plane of every channel was written above (none when `len` is 0).
+        unsafe { gx.set_len(len) };
+        (sums, want_gx.then_some(gx))
     }
 
     /// For direction `kk`, channel `ch`: Sd = Σȳ˙, Sdx = Σȳ˙x̂, Syxd = Σȳx̂˙.
@@ -386,32 +418,26 @@ impl<T: Scalar> Back<'_, T> {
         (sd, sdx, syxd)
     }
 
-    /// train: x̄ = sγ ȳ − (s²γ Syx/m)(x − μ) − sγ Sy/m;  eval: x̄ = sγ ȳ.
-    fn grad_x(&self, sums: &[(T, T)]) -> Vec<T> {
+    /// Plane `vp` of x̄ into `o`: train: x̄ = sγ ȳ − (s²γ Syx/m)(x − μ) − sγ Sy/m;
+    /// eval: x̄ = sγ ȳ, with the channel's sums `(Sy, Syx)`.
+    #[inline(always)]
+    fn grad_x_plane(&self, vp: usize, (sy, syx): (T, T), o: &mut [T]) {
         let (op, g, xv, inv_m) = (self.op, self.g, self.xv, self.inv_m);
-        par_build(
-            op.n * op.c * op.hw,
-            op.hw,
-            || (),
-            |_, vp, o| {
-                let ch = vp % op.c;
-                let (sy, syx) = sums[ch];
-                let (s, mu, ga) = (op.s[ch], op.mu[ch], self.gam[ch]);
-                let r = self.vplane(g, vp);
-                let c_y = s * ga;
-                if op.train {
-                    let c_xc = -s * s * ga * syx * inv_m;
-                    let c0 = -s * ga * sy * inv_m;
-                    for ((oi, &gi), &xi) in o.iter_mut().zip(&g[r.clone()]).zip(&xv[r]) {
-                        *oi = c_y * gi + c_xc * (xi - mu) + c0;
-                    }
-                } else {
-                    for (oi, &gi) in o.iter_mut().zip(&g[r]) {
-                        *oi = c_y * gi;
-                    }
-                }
-            },
-        )
+        let ch = vp % op.c;
+        let (s, mu, ga) = (op.s[ch], op.mu[ch], self.gam[ch]);
+        let r = self.vplane(g, vp);
+        let c_y = s * ga;
+        if op.train {
+            let c_xc = -s * s * ga * syx * inv_m;
+            let c0 = -s * ga * sy * inv_m;
+            for ((oi, &gi), &xi) in o.iter_mut().zip(&g[r.clone()]).zip(&xv[r]) {
+                *oi = c_y * gi + c_xc * (xi - mu) + c0;
+            }
+        } else {
+            for (oi, &gi) in o.iter_mut().zip(&g[r]) {
+                *oi = c_y * gi;
+            }
+        }
     }
 
     /// The coefficients of x̄˙ for direction `kk`, channel `ch`.
@@ -455,6 +481,7 @@ impl<T: Scalar> Back<'_, T> {
             self.k * n * c * hw,
             hw,
             || (),
+            #[inline(always)]
             |_, tp, o| {
                 let (kk, vp) = (tp / (n * c), tp % (n * c));
                 let ch = vp % c;
@@ -505,7 +532,7 @@ impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
             g: gy.data(),
             gdot,
         };
-        let sums = back.sums();
+        let (sums, gx) = back.sums_and_grad_x(tape.needs_grad(self.x));
         let want_dot = gdot.is_some() || back.xt.is_some() || back.gt.is_some();
         let dsums: Vec<(T, T, T)> = if want_dot {
             (0..k * c)
@@ -515,8 +542,8 @@ impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
         } else {
             Vec::new()
         };
-        if tape.needs_grad(self.x) {
-            let gx = Tensor::from_vec(nx.value.shape(), back.grad_x(&sums)).expect("bn dx");
+        if let Some(gx) = gx {
+            let gx = Tensor::from_vec(nx.value.shape(), gx).expect("bn dx");
             let dot = want_dot.then(|| {
                 let d = back.grad_x_tangent(gx.data(), &sums, &dsums);
                 Tensor::from_vec(&tangent_shape(k, nx.value.shape()), d).expect("bn dx tangent")
