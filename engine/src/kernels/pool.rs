@@ -36,7 +36,10 @@ impl PoolGeom {
 /// Ties go to the first maximum in row-major window order (NaN propagates).
 pub fn max_plane<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32]) {
     if g.kh == 2 && g.kw == 2 && g.stride == 2 {
-        max_plane_2x2(g, x, y, arg)
+        super::cpu::vectorized(
+            #[inline(always)]
+            || max_plane_2x2(g, x, y, arg),
+        )
     } else {
         max_plane_any(g, x, y, arg)
     }
@@ -71,6 +74,7 @@ fn max_plane_any<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32])
 /// [`max_plane`] for the common 2x2 window with stride 2: the same values and indices. A
 /// window without NaN takes a branch-light compare chain (first maximum in row-major order);
 /// a window with a NaN goes through the generic rule.
+#[inline(always)]
 fn max_plane_2x2<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32]) {
     let (w, wo) = (g.w, g.wo());
     for oy in 0..g.ho() {
@@ -104,18 +108,13 @@ fn max_plane_2x2<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32])
                 args[ox] = (base + best.1) as u32;
                 continue;
             }
+            // Selects, not branches: which of four values is largest is a coin toss the
+            // branch predictor loses half the time.
             let (mut best, mut at) = (a, 0);
-            if b > best {
-                best = b;
-                at = 1;
-            }
-            if c > best {
-                best = c;
-                at = w;
-            }
-            if d > best {
-                best = d;
-                at = w + 1;
+            for (v, offset) in [(b, 1), (c, w), (d, w + 1)] {
+                let larger = v > best;
+                best = if larger { v } else { best };
+                at = if larger { offset } else { at };
             }
             ys[ox] = best;
             args[ox] = (base + at) as u32;
