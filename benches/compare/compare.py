@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 MODELS = {"mlp-s": "mlp_s", "cnn-s": "cnn_s", "resnet20": "resnet20"}
 
@@ -118,7 +119,6 @@ def train_rows(py, binary, threads, data):
     training and 2,000 test images after every epoch and the run folder's files). flatmin runs
     twice: as is, and with `--eval-every 10` (one evaluation, at the end, as the reference
     evaluates its test images once)."""
-    import time
     here = os.path.dirname(os.path.abspath(__file__))
     script = os.path.join(here, "..", "..", "tools", "torch_train_reference.py")
     t0 = time.perf_counter()
