@@ -220,3 +220,118 @@ fn record_checks_its_inputs() {
         .position(|n| n.layer == Layer::AdaptiveAvgPool2d);
     assert_eq!(tape.value(rec.vars[pool.unwrap()]).shape(), &[2, 4, 1, 1]);
 }
+
+/// Nets whose convolutions inference fuses with the activation and pooling after them, in
+/// part, or (where another layer reads the intermediate value) not at all.
+fn fusion_nets() -> Vec<(&'static str, Net)> {
+    let pad1 = ConvOptions {
+        padding: 1,
+        ..ConvOptions::default()
+    };
+    let head = |net: &mut Net, h: NodeId| {
+        let h = net.flatten(h).unwrap();
+        net.linear("fc", h, 3, true).unwrap();
+    };
+    let mut nets = Vec::new();
+    // cnn-s in small: conv → relu → max-pool, twice, then an MLP head.
+    let mut net = Net::new(&[3, 16, 16]);
+    let mut h = net.conv2d("c1", net.input(), 8, 3, pad1).unwrap();
+    h = net.relu(h).unwrap();
+    h = net.max_pool2d(h, 2, 2).unwrap();
+    h = net.conv2d("c2", h, 16, 3, pad1).unwrap();
+    h = net.relu(h).unwrap();
+    h = net.max_pool2d(h, 2, 2).unwrap();
+    head(&mut net, h);
+    nets.push(("conv-relu-maxpool", net));
+    // Another activation and average pooling; pooling without an activation, odd window.
+    let mut net = Net::new(&[3, 16, 16]);
+    h = net.conv2d("c1", net.input(), 8, 3, pad1).unwrap();
+    h = net.activation(h, Activation::Tanh).unwrap();
+    h = net.avg_pool2d(h, 2, 2).unwrap();
+    h = net.conv2d("c2", h, 8, 3, pad1).unwrap();
+    h = net.max_pool2d(h, 3, 2).unwrap();
+    head(&mut net, h);
+    nets.push(("conv-tanh-avgpool, conv-maxpool", net));
+    // The activation is read twice (only conv + relu fuse); a convolution read twice (none).
+    let mut net = Net::new(&[3, 16, 16]);
+    let a = net.conv2d("c1", net.input(), 8, 3, pad1).unwrap();
+    let r = net.relu(a).unwrap();
+    let p = net.max_pool2d(r, 2, 2).unwrap();
+    let b = net.conv2d("c2", r, 8, 3, pad1).unwrap();
+    let q = net.relu(b).unwrap();
+    let s = net.add(b, q).unwrap();
+    let s = net.max_pool2d(s, 2, 2).unwrap();
+    h = net.add(p, s).unwrap();
+    head(&mut net, h);
+    nets.push(("shared values", net));
+    nets.push(("every layer", every_layer()));
+    nets
+}
+
+/// `Net::infer`'s output (with its fused convolution epilogues) equals the recorded forward
+/// pass's output bit for bit, with batch and with running statistics, in f32 (where the
+/// implicit convolutions that fuse run) and f64.
+#[test]
+fn inference_gives_the_recorded_output_bit_for_bit() {
+    fn case<T: flatmin_engine::Scalar>(name: &str, net: &Net, theta: Vec<Tensor<T>>) {
+        let mut shape = vec![5];
+        shape.extend_from_slice(net.input_shape());
+        let x64 = Tensor::<f64>::randn(&shape, &mut StdRng::seed_from_u64(8));
+        let x = Tensor::from_vec(&shape, x64.data().iter().map(|&v| T::c(v)).collect()).unwrap();
+        let bns = net.batch_norms().len();
+        let (mean, var) = (vec![T::c(0.1); 3], vec![T::c(0.7); 3]);
+        let running = (0..bns)
+            .map(|_| RunningStats {
+                mean: &mean,
+                var: &var,
+            })
+            .collect();
+        for norm in [NormStats::Batch, NormStats::Running(running)] {
+            let mut tape = flatmin_engine::Tape::<T>::new(0);
+            let vars: Vec<_> = theta.iter().map(|p| tape.constant(p.clone())).collect();
+            let xv = tape.constant(x.clone());
+            let rec = net.record(&mut tape, &vars, xv, &norm).unwrap();
+            let refs: Vec<&Tensor<T>> = theta.iter().collect();
+            let (out, stats) = net.infer(&refs, &x, &norm).unwrap();
+            let want = tape.value(rec.output());
+            assert_eq!(out.shape(), want.shape(), "{name}");
+            let bits = |t: &Tensor<T>| {
+                t.data()
+                    .iter()
+                    .map(|v| v.to_f64().unwrap().to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&out), bits(want), "{name}");
+            assert_eq!(stats, rec.batch_stats, "{name}");
+        }
+    }
+    for (name, net) in fusion_nets() {
+        let theta = params(&net, 11);
+        let theta32 = theta
+            .iter()
+            .map(|t| {
+                Tensor::from_vec(t.shape(), t.data().iter().map(|&v| v as f32).collect()).unwrap()
+            })
+            .collect();
+        case::<f32>(name, &net, theta32);
+        case::<f64>(name, &net, theta);
+    }
+}
+
+#[test]
+fn infer_checks_its_inputs() {
+    let net = every_layer();
+    let theta = params(&net, 5);
+    let refs: Vec<&Tensor<f64>> = theta.iter().collect();
+    let err = net
+        .infer(&refs, &Tensor::zeros(&[2, 3, 8, 8]), &NormStats::Batch)
+        .unwrap_err();
+    assert!(err.to_string().contains("want [N, 2, 8, 8]"), "{err}");
+    let err = net
+        .infer(&refs[1..], &Tensor::zeros(&[2, 2, 8, 8]), &NormStats::Batch)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("9 parameter variables for 10"),
+        "{err}"
+    );
+}

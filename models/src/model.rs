@@ -425,6 +425,9 @@ impl<T: Scalar> Model<T> {
             }));
         }
         let k = dirs.len();
+        if !grad && k == 0 {
+            return self.infer_at(params, x, labels, bn);
+        }
         let mut tape = Tape::new(k);
         let mut vars = Vec::with_capacity(self.params.len());
         for (i, &p) in params.iter().enumerate() {
@@ -467,6 +470,28 @@ impl<T: Scalar> Model<T> {
             }
         }
         Ok(out)
+    }
+
+    /// [`Model::evaluate_at`] without gradients: the logits from [`Net::infer`] (no backward
+    /// state, fused convolution epilogues), the same values bit for bit.
+    fn infer_at(
+        &self,
+        params: &[&Tensor<T>],
+        x: &Tensor<T>,
+        labels: &[usize],
+        bn: BnUse,
+    ) -> Result<Evaluation<T>> {
+        let (logits, bn_stats) = self.net.infer(params, x, &self.norm_stats(bn))?;
+        let mut tape = Tape::new(0);
+        let lv = tape.constant(logits);
+        let loss = tape.loss(self.loss, lv, labels)?;
+        Ok(Evaluation {
+            logits: tape.value(lv).clone(),
+            loss: tape.value(loss).data()[0],
+            grads: Vec::new(),
+            hvps: Vec::new(),
+            bn_stats,
+        })
     }
 
     /// Elements (scalars) a training forward pass records on its tape for a batch of

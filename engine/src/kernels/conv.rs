@@ -214,18 +214,25 @@ pub fn compact_rows<T: Scalar>(
     out: &mut [T],
     bias: Option<&[T]>,
 ) {
-    let (wo, wp) = (g.wo(), padded_w(g));
     for (co, plane) in out.chunks_exact_mut(g.positions()).enumerate() {
-        let b = bias.map_or(T::zero(), |b| b[co]);
-        for (oy, row) in plane.chunks_exact_mut(wo).enumerate() {
-            let src = &tmp[co * ld + oy * wp..co * ld + oy * wp + wo];
-            if bias.is_some() {
-                for (o, &v) in row.iter_mut().zip(src) {
+        compact_plane(g, &tmp[co * ld..], plane, bias.map(|b| b[co]));
+    }
+}
+
+/// One channel of [`compact_rows`]: copies the channel's row of an implicit product (`row`,
+/// output rows at the padded pitch) into its `[ho, wo]` plane, adding `bias` when given.
+#[inline(always)]
+pub fn compact_plane<T: Scalar>(g: &ConvGeom, row: &[T], plane: &mut [T], bias: Option<T>) {
+    let (wo, wp) = (g.wo(), padded_w(g));
+    for (oy, out) in plane.chunks_exact_mut(wo).enumerate() {
+        let src = &row[oy * wp..oy * wp + wo];
+        match bias {
+            Some(b) => {
+                for (o, &v) in out.iter_mut().zip(src) {
                     *o = v + b;
                 }
-            } else {
-                row.copy_from_slice(src);
             }
+            None => out.copy_from_slice(src),
         }
     }
 }

@@ -38,9 +38,23 @@ pub fn max_plane<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32])
     if g.kh == 2 && g.kw == 2 && g.stride == 2 {
         super::cpu::vectorized(
             #[inline(always)]
-            || max_plane_2x2(g, x, y, arg),
+            || max_plane_2x2::<T, true>(g, x, y, arg),
         )
     } else {
+        max_plane_any(g, x, y, arg)
+    }
+}
+
+/// [`max_plane`]'s values without the argmax (inference): the same values, bit for bit;
+/// `arg` is scratch, used only by windows other than 2x2 with stride 2.
+pub fn max_plane_values<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut Vec<u32>) {
+    if g.kh == 2 && g.kw == 2 && g.stride == 2 {
+        super::cpu::vectorized(
+            #[inline(always)]
+            || max_plane_2x2::<T, false>(g, x, y, &mut []),
+        )
+    } else {
+        arg.resize(g.out_len(), 0);
         max_plane_any(g, x, y, arg)
     }
 }
@@ -71,18 +85,23 @@ fn max_plane_any<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32])
     }
 }
 
-/// [`max_plane`] for the common 2x2 window with stride 2: the same values and indices. A
-/// window without NaN takes a branch-light compare chain (first maximum in row-major order);
-/// a window with a NaN goes through the generic rule.
+/// [`max_plane`] for the common 2x2 window with stride 2: the same values and (with `ARG`)
+/// indices; without `ARG`, `arg` is not touched. A window without NaN takes a branch-light
+/// compare chain (first maximum in row-major order); a window with a NaN goes through the
+/// generic rule.
 #[inline(always)]
-fn max_plane_2x2<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32]) {
+fn max_plane_2x2<T: Scalar, const ARG: bool>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32]) {
     let (w, wo) = (g.w, g.wo());
     for oy in 0..g.ho() {
         let r0 = 2 * oy * w;
         let top = &x[r0..r0 + 2 * wo];
         let bottom = &x[r0 + w..r0 + w + 2 * wo];
         let ys = &mut y[oy * wo..(oy + 1) * wo];
-        let args = &mut arg[oy * wo..(oy + 1) * wo];
+        let args = if ARG {
+            &mut arg[oy * wo..(oy + 1) * wo]
+        } else {
+            &mut []
+        };
         for ox in 0..wo {
             let (a, b, c, d) = (
                 top[2 * ox],
@@ -105,7 +124,9 @@ fn max_plane_2x2<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32])
                     }
                 }
                 ys[ox] = best.0;
-                args[ox] = (base + best.1) as u32;
+                if ARG {
+                    args[ox] = (base + best.1) as u32;
+                }
                 continue;
             }
             // Selects, not branches: which of four values is largest is a coin toss the
@@ -117,7 +138,9 @@ fn max_plane_2x2<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32])
                 at = if larger { offset } else { at };
             }
             ys[ox] = best;
-            args[ox] = (base + at) as u32;
+            if ARG {
+                args[ox] = (base + at) as u32;
+            }
         }
     }
 }
@@ -162,7 +185,7 @@ mod tests {
     use super::*;
 
     /// The 2x2 fast path gives the generic loop's values and indices, ties, infinities and
-    /// NaNs included.
+    /// NaNs included, and so does the values-only path.
     #[test]
     fn max_2x2_matches_the_generic_window_loop() {
         let specials = [
@@ -193,11 +216,14 @@ mod tests {
             };
             let (mut y1, mut a1) = (vec![0.0; g.out_len()], vec![0u32; g.out_len()]);
             let (mut y2, mut a2) = (vec![0.0; g.out_len()], vec![0u32; g.out_len()]);
-            max_plane_2x2(&g, &x, &mut y1, &mut a1);
+            let mut y3 = vec![0.0; g.out_len()];
+            max_plane_2x2::<f64, true>(&g, &x, &mut y1, &mut a1);
             max_plane_any(&g, &x, &mut y2, &mut a2);
+            max_plane_values(&g, &x, &mut y3, &mut Vec::new());
             assert_eq!(a1, a2, "{h}x{w}");
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&y1), bits(&y2), "{h}x{w}");
+            assert_eq!(bits(&y3), bits(&y2), "values only, {h}x{w}");
         }
     }
 }

@@ -27,6 +27,7 @@
 //! assert_eq!(net.num_params(), 8 * 3 * 9 + 8 + 8 + 8 * 10 + 10);
 //! ```
 
+mod infer;
 mod record;
 mod shape;
 

@@ -11,6 +11,7 @@
 
 use super::{tangent_shape, Rule};
 use crate::error::Result;
+use crate::kernels::cpu::vectorized;
 use crate::kernels::par::{par_chunks, par_map, par_map2};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
@@ -43,13 +44,7 @@ impl<T: Scalar> Unary<T> {
     /// φ(x).
     pub fn f(self, x: T) -> T {
         match self {
-            Unary::Relu => {
-                if x > T::zero() {
-                    x
-                } else {
-                    T::zero()
-                }
-            }
+            Unary::Relu => relu_value(x),
             Unary::Tanh => x.tanh(),
             Unary::Sigmoid => sigmoid(x),
             Unary::Gelu => x * normal_cdf(x),
@@ -175,11 +170,7 @@ enum Order {
 /// chunk so the inner loop is tight (ReLU, the common case, gets its own loops).
 fn tabulate<T: Scalar>(f: Unary<T>, order: Order, xs: &[T]) -> Vec<T> {
     match (f, order) {
-        (Unary::Relu, Order::Value) => par_map(
-            xs,
-            #[inline(always)]
-            |v| if v > T::zero() { v } else { T::zero() },
-        ),
+        (Unary::Relu, Order::Value) => par_map(xs, relu_value),
         (Unary::Relu, Order::First) => par_map(xs, relu_d1),
         (_, Order::Value) => par_map(
             xs,
@@ -196,6 +187,31 @@ fn tabulate<T: Scalar>(f: Unary<T>, order: Order, xs: &[T]) -> Vec<T> {
             #[inline(always)]
             |v| f.d2(v),
         ),
+    }
+}
+
+/// `x[i] = φ(x[i])` on one task's slice (an inference epilogue's plane), at the machine's
+/// vector width: the values of [`tabulate`]'s `Order::Value`.
+pub(crate) fn apply_in_place<T: Scalar>(f: Unary<T>, xs: &mut [T]) {
+    match f {
+        Unary::Relu => vectorized(
+            #[inline(always)]
+            || xs.iter_mut().for_each(|v| *v = relu_value(*v)),
+        ),
+        _ => vectorized(
+            #[inline(always)]
+            || xs.iter_mut().for_each(|v| *v = f.f(*v)),
+        ),
+    }
+}
+
+/// ReLU: the input above zero, 0 elsewhere (what [`Unary::f`] gives, as a tight loop body).
+#[inline(always)]
+fn relu_value<T: Scalar>(v: T) -> T {
+    if v > T::zero() {
+        v
+    } else {
+        T::zero()
     }
 }
 

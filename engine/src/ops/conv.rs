@@ -14,13 +14,16 @@
 //! Samples run in parallel; the weight-gradient sum over samples uses fixed chunks reduced in
 //! order, so results do not depend on the thread count.
 
+use super::activation::{apply_in_place, Unary};
+use super::pool::PlanePool;
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
 use crate::kernels::conv::{
-    col2im_add, compact_rows, expand_rows, flip_weight, im2col, im2row, implicit_cols,
-    implicit_offsets, khwc_to_ckhw, pad_chw, pad_hwc, padded_chw_len, padded_hwc_len,
-    transposed_geom, zeroed_scratch, ConvGeom,
+    col2im_add, compact_plane, compact_rows, expand_rows, flip_weight, im2col, im2row,
+    implicit_cols, implicit_offsets, khwc_to_ckhw, pad_chw, pad_hwc, padded_chw_len,
+    padded_hwc_len, transposed_geom, zeroed_scratch, ConvGeom,
 };
+use crate::kernels::cpu::vectorized;
 use crate::kernels::gemm::{gemm, MatRef};
 use crate::kernels::par::{fixed_ranges, par_build, SendPtr};
 use crate::kernels::{nopack, rowdot};
@@ -186,11 +189,13 @@ fn emit<T: Scalar>(
     }
 }
 
-/// Scratch buffers of one implicit-product task: the padded input and the product at the
-/// padded row pitch.
+/// Scratch buffers of one implicit-product task: the padded input, the product at the
+/// padded row pitch, and (for an inference epilogue) one output plane and its pooling argmax.
 struct Scratch<T> {
     padded: Vec<T>,
     tmp: Vec<T>,
+    plane: Vec<T>,
+    arg: Vec<u32>,
 }
 
 impl<T> Default for Scratch<T> {
@@ -198,6 +203,8 @@ impl<T> Default for Scratch<T> {
         Scratch {
             padded: Vec::new(),
             tmp: Vec::new(),
+            plane: Vec::new(),
+            arg: Vec::new(),
         }
     }
 }
@@ -220,6 +227,18 @@ fn implicit_sample<T: Scalar>(
     out: &mut [T],
     bias: Option<&[T]>,
 ) {
+    let n = implicit_product(g, offs, terms, s);
+    compact_rows(g, &s.tmp, n, out, bias);
+}
+
+/// `Σ_t A_t ⊛ x_t` for one sample into `s.tmp` at the padded row pitch (`c_out` rows of the
+/// returned length; see [`implicit_sample`] for the arguments).
+fn implicit_product<T: Scalar>(
+    g: &ConvGeom,
+    offs: &[usize],
+    terms: &[(&[T], &[T])],
+    s: &mut Scratch<T>,
+) -> usize {
     let n = implicit_cols(g);
     s.tmp.resize(g.c_out * n, T::zero());
     zeroed_scratch(&mut s.padded, padded_chw_len(g));
@@ -245,7 +264,62 @@ fn implicit_sample<T: Scalar>(
     if terms.is_empty() {
         s.tmp.fill(T::zero());
     }
-    compact_rows(g, &s.tmp, n, out, bias);
+    n
+}
+
+/// What an inference pass applies to a convolution's output, plane by plane while the plane
+/// is in cache: an activation, then a pooling window (each optional). The values are those
+/// of the separate ops, bit for bit: the same bias add, the same activation, the same pooling.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Epilogue<T> {
+    /// The activation applied after the bias.
+    pub act: Option<Unary<T>>,
+    /// The pooling applied after the activation.
+    pub pool: Option<PlanePool>,
+}
+
+/// `epi(W ⊛ X + b)` over `n` CHW samples (`[n, c_out, ho', wo']`, the pooled size when the
+/// epilogue pools), or `None` when this convolution does not run as an implicit product here
+/// (the caller then records the ops one by one). Nothing is kept for a backward pass.
+pub(crate) fn conv_value_fused<T: Scalar>(
+    g: &ConvGeom,
+    n: usize,
+    xv: &[T],
+    wv: &[T],
+    bias: Option<&[T]>,
+    epi: Epilogue<T>,
+) -> Option<Tensor<T>> {
+    if !implicit::<T>(g) {
+        return None;
+    }
+    let offs = implicit_offsets(g);
+    let (ho, wo) = epi.pool.map_or((g.ho(), g.wo()), |p| p.out_hw());
+    let (il, plane_len) = (g.in_len(), ho * wo);
+    let y = per_sample(1, n, g.c_out * plane_len, |_, i, s, out| {
+        let ld = implicit_product(g, &offs, &[(wv, &xv[i * il..(i + 1) * il])], s);
+        s.plane.resize(g.positions(), T::zero());
+        let (tmp, scratch, arg) = (&s.tmp, &mut s.plane, &mut s.arg);
+        vectorized(
+            #[inline(always)]
+            || {
+                for (co, dst) in out.chunks_exact_mut(plane_len).enumerate() {
+                    let plane = if epi.pool.is_some() {
+                        &mut scratch[..]
+                    } else {
+                        &mut dst[..]
+                    };
+                    compact_plane(g, &tmp[co * ld..], plane, bias.map(|b| b[co]));
+                    if let Some(f) = epi.act {
+                        apply_in_place(f, plane);
+                    }
+                    if let Some(p) = epi.pool {
+                        p.apply(scratch, dst, arg);
+                    }
+                }
+            },
+        );
+    });
+    Some(Tensor::from_vec(&[n, g.c_out, ho, wo], y).expect("fused conv value"))
 }
 
 /// A `[dirs, n, block]` buffer whose block for direction `k` and sample `i` is written by
@@ -361,6 +435,71 @@ fn conv_tangent<T: Scalar>(
     out_t
 }
 
+/// The geometry of a convolution of an input of shape `xs` with a weight of shape `ws` (and
+/// a bias of shape `bs`), or the shape error that names the mismatch.
+fn conv_geom(
+    xs: &[usize],
+    ws: &[usize],
+    bs: Option<&[usize]>,
+    stride: usize,
+    pad: usize,
+) -> Result<ConvGeom> {
+    let bad = |detail: String| EngineError::Shape {
+        op: "conv2d",
+        detail,
+    };
+    if xs.len() != 4 || ws.len() != 4 {
+        return Err(bad(format!(
+            "need 4-D input and weight, got {xs:?} and {ws:?}"
+        )));
+    }
+    if xs[1] != ws[1] {
+        return Err(bad(format!("input channels {xs:?} vs weight {ws:?}")));
+    }
+    if stride == 0 || xs[2] + 2 * pad < ws[2] || xs[3] + 2 * pad < ws[3] {
+        return Err(bad(format!(
+            "kernel {ws:?} stride {stride} pad {pad} does not fit {xs:?}"
+        )));
+    }
+    if let Some(bs) = bs {
+        if bs != [ws[0]] {
+            return Err(bad(format!("bias {bs:?}, want [{}]", ws[0])));
+        }
+    }
+    Ok(ConvGeom {
+        c_in: xs[1],
+        h: xs[2],
+        w: xs[3],
+        c_out: ws[0],
+        kh: ws[2],
+        kw: ws[3],
+        stride,
+        pad,
+    })
+}
+
+/// `epi(conv2d(x, w, b))` for inference (see [`Epilogue`]), or `None` when this convolution
+/// does not run as an implicit product on this machine.
+pub(crate) fn conv2d_fused<T: Scalar>(
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    b: Option<&Tensor<T>>,
+    stride: usize,
+    pad: usize,
+    epi: Epilogue<T>,
+) -> Result<Option<Tensor<T>>> {
+    let g = conv_geom(x.shape(), w.shape(), b.map(|b| b.shape()), stride, pad)?;
+    let bias = b.map(|b| b.data());
+    Ok(conv_value_fused(
+        &g,
+        x.shape()[0],
+        x.data(),
+        w.data(),
+        bias,
+        epi,
+    ))
+}
+
 impl<T: Scalar> Tape<T> {
     /// 2-D convolution as PyTorch's `F.conv2d(x, w, b, stride, padding)` (square stride and
     /// padding, no dilation, no groups).
@@ -374,44 +513,11 @@ impl<T: Scalar> Tape<T> {
     ) -> Result<Var> {
         self.check_var(x)?;
         self.check_var(w)?;
-        let (xs, ws) = (self.value(x).shape(), self.value(w).shape());
-        let bad = |detail: String| EngineError::Shape {
-            op: "conv2d",
-            detail,
-        };
-        if xs.len() != 4 || ws.len() != 4 {
-            return Err(bad(format!(
-                "need 4-D input and weight, got {xs:?} and {ws:?}"
-            )));
-        }
-        if xs[1] != ws[1] {
-            return Err(bad(format!("input channels {xs:?} vs weight {ws:?}")));
-        }
-        if stride == 0 || xs[2] + 2 * pad < ws[2] || xs[3] + 2 * pad < ws[3] {
-            return Err(bad(format!(
-                "kernel {ws:?} stride {stride} pad {pad} does not fit {xs:?}"
-            )));
-        }
         if let Some(b) = b {
             self.check_var(b)?;
-            if self.value(b).shape() != [ws[0]] {
-                return Err(bad(format!(
-                    "bias {:?}, want [{}]",
-                    self.value(b).shape(),
-                    ws[0]
-                )));
-            }
         }
-        let g = ConvGeom {
-            c_in: xs[1],
-            h: xs[2],
-            w: xs[3],
-            c_out: ws[0],
-            kh: ws[2],
-            kw: ws[3],
-            stride,
-            pad,
-        };
+        let (xs, ws) = (self.value(x).shape(), self.value(w).shape());
+        let g = conv_geom(xs, ws, b.map(|b| self.value(b).shape()), stride, pad)?;
         let n = xs[0];
         let xv = self.value(x).data();
         let wv = self.value(w).data();

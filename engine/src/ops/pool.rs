@@ -8,7 +8,7 @@
 
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
-use crate::kernels::pool::{avg_plane, avg_plane_adjoint, max_plane, PoolGeom};
+use crate::kernels::pool::{avg_plane, avg_plane_adjoint, max_plane, max_plane_values, PoolGeom};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
@@ -24,6 +24,42 @@ pub(crate) struct MaxPool2d {
 pub(crate) struct AvgPool2d {
     x: usize,
     g: PoolGeom,
+}
+
+/// A pooling window over one plane, as an inference epilogue applies it (see
+/// `conv::Epilogue`): the values of [`Tape::max_pool2d`] and [`Tape::avg_pool2d`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum PlanePool {
+    /// Max pooling.
+    Max(PoolGeom),
+    /// Average pooling.
+    Avg(PoolGeom),
+}
+
+impl PlanePool {
+    /// The pooling of `kind` with a `kernel x kernel` window and `stride` over `[N, C, H, W]`
+    /// values of shape `s`, or the shape error the op itself would give.
+    pub(crate) fn new(max: bool, s: &[usize], kernel: usize, stride: usize) -> Result<Self> {
+        Ok(if max {
+            PlanePool::Max(geom("max_pool2d", s, kernel, kernel, stride)?)
+        } else {
+            PlanePool::Avg(geom("avg_pool2d", s, kernel, kernel, stride)?)
+        })
+    }
+
+    /// Output height and width.
+    pub(crate) fn out_hw(self) -> (usize, usize) {
+        let (PlanePool::Max(g) | PlanePool::Avg(g)) = self;
+        (g.ho(), g.wo())
+    }
+
+    /// Pools the plane `x` into `y`; `arg` is scratch for max pooling's argmax.
+    pub(crate) fn apply<T: Scalar>(self, x: &[T], y: &mut [T], arg: &mut Vec<u32>) {
+        match self {
+            PlanePool::Max(g) => max_plane_values(&g, x, y, arg),
+            PlanePool::Avg(g) => avg_plane(&g, x, y),
+        }
+    }
 }
 
 fn geom(op: &'static str, s: &[usize], kh: usize, kw: usize, stride: usize) -> Result<PoolGeom> {
