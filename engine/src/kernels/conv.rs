@@ -214,9 +214,14 @@ pub fn compact_rows<T: Scalar>(
     out: &mut [T],
     bias: Option<&[T]>,
 ) {
-    for (co, plane) in out.chunks_exact_mut(g.positions()).enumerate() {
-        compact_plane(g, &tmp[co * ld..], plane, bias.map(|b| b[co]));
-    }
+    super::cpu::vectorized(
+        #[inline(always)]
+        || {
+            for (co, plane) in out.chunks_exact_mut(g.positions()).enumerate() {
+                compact_plane(g, &tmp[co * ld..], plane, bias.map(|b| b[co]));
+            }
+        },
+    )
 }
 
 /// One channel of [`compact_rows`]: copies the channel's row of an implicit product (`row`,

@@ -8,6 +8,7 @@
 
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
+use crate::kernels::par::par_build;
 use crate::kernels::pool::{avg_plane, avg_plane_adjoint, max_plane, max_plane_values, PoolGeom};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
@@ -84,19 +85,23 @@ fn geom(op: &'static str, s: &[usize], kh: usize, kw: usize, stride: usize) -> R
     })
 }
 
-/// Applies a linear per-plane map `f(src_plane, dst_plane)` to every plane of `src`.
+/// Applies a linear per-plane map `f(plane, src_plane, dst_plane)` to every plane of `src`;
+/// `f` must write every element of its destination plane (no zero fill of the whole buffer
+/// first: a map that accumulates clears its plane while the plane is in cache).
 fn map_planes<T: Scalar>(
     src: &[T],
     in_len: usize,
     out_len: usize,
-    f: impl Fn(usize, &[T], &mut [T]) + Sync,
+    f: impl Fn(usize, &[T], &mut [T]) + Sync + Send,
 ) -> Vec<T> {
     let planes = src.len() / in_len;
-    let mut out = vec![T::zero(); planes * out_len];
-    out.par_chunks_mut(out_len)
-        .enumerate()
-        .for_each(|(p, o)| f(p, &src[p * in_len..(p + 1) * in_len], o));
-    out
+    par_build(
+        planes * out_len,
+        out_len,
+        || (),
+        #[inline(always)]
+        |_, p, o| f(p, &src[p * in_len..(p + 1) * in_len], o),
+    )
 }
 
 fn out_shape(s: &[usize], g: &PoolGeom) -> Vec<usize> {
@@ -194,6 +199,7 @@ impl<T: Scalar> Rule<T> for MaxPool2d {
         let planes = self.arg.len() / ol;
         let scatter = |src: &[T]| {
             map_planes(src, ol, il, |p, s, d| {
+                d.fill(T::zero());
                 let a = &self.arg[(p % planes) * ol..(p % planes + 1) * ol];
                 for (&v, &i) in s.iter().zip(a) {
                     d[i as usize] = d[i as usize] + v;
@@ -225,7 +231,12 @@ impl<T: Scalar> Rule<T> for AvgPool2d {
         let shape = tape.node(self.x).value.shape();
         let (il, ol) = (self.g.h * self.g.w, self.g.out_len());
         let g = self.g;
-        let adj = |src: &[T]| map_planes(src, ol, il, |_, s, d| avg_plane_adjoint(&g, s, d));
+        let adj = |src: &[T]| {
+            map_planes(src, ol, il, |_, s, d| {
+                d.fill(T::zero());
+                avg_plane_adjoint(&g, s, d)
+            })
+        };
         let gx = Tensor::from_vec(shape, adj(gy.data())).expect("pool grad");
         let k = tape.directions();
         let dot = gdot
