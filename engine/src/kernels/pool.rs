@@ -198,7 +198,24 @@ mod tests {
             f64::INFINITY,
         ];
         let mut state = 7u64;
-        for (h, w) in [(2, 2), (4, 6), (7, 9), (32, 32)] {
+        let sizes = [(2, 2), (4, 6), (7, 9), (32, 32), (5, 200)];
+        // With NaN (most windows take the generic rule) and without (the select chain, ties
+        // of equal values and of zeros of both signs).
+        let no_nan = [
+            0.5,
+            0.5,
+            0.0,
+            -0.0,
+            f64::NEG_INFINITY,
+            2.0,
+            -1.0,
+            f64::INFINITY,
+        ];
+        for (h, w, specials) in sizes
+            .iter()
+            .map(|&(h, w)| (h, w, &specials[..]))
+            .chain(sizes.iter().map(|&(h, w)| (h, w, &no_nan[..])))
+        {
             let x: Vec<f64> = (0..h * w)
                 .map(|_| {
                     state = state
