@@ -137,7 +137,7 @@ pub enum Outcome {
 }
 
 /// Evaluation batch size (no gradients; memory only).
-const EVAL_BATCH: usize = 100;
+const EVAL_BATCH: usize = 250;
 
 /// Purpose tags of the seeds derived from `--seed` for the optimizer's own draws and for
 /// fresh probe batches.
