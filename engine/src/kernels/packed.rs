@@ -349,29 +349,23 @@ unsafe fn pack_strips<T: Scalar>(
     kc: usize,
     width: usize,
 ) {
-    if src.rs == 1 {
-        // For one p, all the strips' elements are one contiguous run: read src in memory
-        // order (one run per p) and scatter each run into the strips, rather than one strip
-        // at a time (a stride of a whole row of src between reads).
-        for p in 0..kc {
-            let from = src.at(0, p);
-            for (s, r0) in (0..rows).step_by(width).enumerate() {
-                let live = width.min(rows - r0);
-                let to = dst.add(s * width * kc + p * width);
+    for (s, r0) in (0..rows).step_by(width).enumerate() {
+        let live = width.min(rows - r0);
+        let d = dst.add(s * width * kc);
+        if src.rs == 1 {
+            // The strip's elements for one p are contiguous: one copy per p.
+            for p in 0..kc {
+                let (from, to) = (src.at(r0, p), d.add(p * width));
                 for i in 0..live {
-                    *to.add(i) = *from.add(r0 + i);
+                    *to.add(i) = *from.add(i);
                 }
             }
-        }
-    } else {
-        for (s, r0) in (0..rows).step_by(width).enumerate() {
-            let live = width.min(rows - r0);
+        } else {
             // Walk the strip's rows side by side (one read stream per row, writes in order).
             let mut rows_at = [std::ptr::null::<T>(); MAX_WIDTH];
             for (i, r) in rows_at.iter_mut().enumerate().take(live) {
                 *r = src.at(r0 + i, 0);
             }
-            let d = dst.add(s * width * kc);
             if let (1, Some(pack_rows)) = (src.cs, kern.pack_rows) {
                 pack_rows(&rows_at[..live], kc, d, width);
             } else {
@@ -383,20 +377,12 @@ unsafe fn pack_strips<T: Scalar>(
                 }
             }
         }
-    }
-    zero_last_strip_tail(dst, rows, kc, width);
-}
-
-/// Zeros the part of the last strip below row `rows` (see [`pack_strips`]).
-unsafe fn zero_last_strip_tail<T: Scalar>(dst: *mut T, rows: usize, kc: usize, width: usize) {
-    let live = rows % width;
-    if live == 0 {
-        return;
-    }
-    let d = dst.add(rows / width * width * kc);
-    for p in 0..kc {
-        for i in live..width {
-            *d.add(p * width + i) = T::zero();
+        if live < width {
+            for p in 0..kc {
+                for i in live..width {
+                    *d.add(p * width + i) = T::zero();
+                }
+            }
         }
     }
 }
