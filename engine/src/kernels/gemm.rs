@@ -158,8 +158,11 @@ fn gemm_into<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: SendPt
 const PAR_MIN_WORK: usize = 1 << 18;
 /// Smallest output block edge of a parallel product.
 const PAR_BLOCK: usize = 64;
-/// Blocks per worker thread (some slack for load balance).
-const BLOCKS_PER_THREAD: usize = 2;
+/// Blocks per worker thread. One: every further block repacks a whole operand, and with two
+/// per thread on a 2-core Zen 5 the repacking and the uneven last tile cost more than the
+/// balance gained (SGEMM 1024 and the mlp-s shapes measured faster with one; see
+/// docs/performance.md, "SGEMM against the FMA peak").
+const BLOCKS_PER_THREAD: usize = 1;
 
 /// The grid `(row blocks, column blocks)` of a parallel product of shape `(m, k, n)` on
 /// `threads` threads. Blocks are at least `PAR_BLOCK` wide; every further row block repacks
@@ -473,10 +476,10 @@ mod tests {
     /// grid of both where it does not.
     #[test]
     fn split_grid_gives_every_thread_a_block_at_the_least_repacking() {
-        assert_eq!(split_grid((128, 3072, 256), 2), (2, 1));
-        assert_eq!(split_grid((1024, 1024, 1024), 2), (4, 1));
-        assert_eq!(split_grid((256, 128, 3072), 2), (1, 4));
-        assert_eq!(split_grid((128, 3072, 256), 4), (2, 4));
+        assert_eq!(split_grid((128, 3072, 256), 2), (1, 2));
+        assert_eq!(split_grid((1024, 1024, 1024), 2), (2, 1));
+        assert_eq!(split_grid((256, 128, 3072), 2), (1, 2));
+        assert_eq!(split_grid((128, 3072, 256), 4), (1, 4));
         assert_eq!(split_grid((128, 3072, 256), 16), (2, 4));
         assert_eq!(split_grid((1024, 1024, 1024), 16), (16, 1));
         assert_eq!(split_grid((100, 50, 40), 8), (1, 1));
