@@ -158,8 +158,11 @@ fn gemm_into<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: SendPt
 const PAR_MIN_WORK: usize = 1 << 18;
 /// Smallest output block edge of a parallel product.
 const PAR_BLOCK: usize = 64;
-/// Blocks per worker thread (some slack for load balance).
-const BLOCKS_PER_THREAD: usize = 2;
+/// Blocks per worker thread. One: every further block repacks a whole operand, and with two
+/// per thread on a 2-core Zen 5 the repacking and the uneven last tile cost more than the
+/// balance gained (SGEMM 1024 and the mlp-s shapes measured faster with one; see
+/// docs/performance.md, "SGEMM against the FMA peak").
+const BLOCKS_PER_THREAD: usize = 1;
 
 /// The grid `(row blocks, column blocks)` of a parallel product of shape `(m, k, n)` on
 /// `threads` threads. Blocks are at least `PAR_BLOCK` wide; every further row block repacks
@@ -270,7 +273,7 @@ pub fn gemm_par_group<T: Scalar>(alpha: T, shared: MatRef<T>, side: Shared, part
         Shared::Right => (stacked, other),
     };
     let (rb, cb) = grid((m, k, n), rayon::current_num_threads());
-    let (rows, cols) = (m.div_ceil(rb), n.div_ceil(cb));
+    let (rows, cols) = block_size((m, n), (rb, cb));
     let blocks: Vec<Job<T>> = jobs
         .iter()
         .flat_map(|&(job, _)| blocks_of(job, rows, cols))
@@ -306,6 +309,19 @@ fn blocks_of<T: Scalar>(job: Job<'_, T>, rows: usize, cols: usize) -> Vec<Job<'_
         }
     }
     out
+}
+
+/// The most rows and columns of one output block when `(m, n)` is split into a grid of
+/// `(rb, cb)` blocks: rounded up to whole tiles of the packed kernels
+/// ([`super::packed::TILE_MULTIPLE`]), so that only the last block of a row or column has
+/// edge tiles (which run a whole tile on a copy), not every block.
+fn block_size((m, n): (usize, usize), (rb, cb): (usize, usize)) -> (usize, usize) {
+    let (tile_rows, tile_cols) = super::packed::TILE_MULTIPLE;
+    let edge = |len: usize, blocks: usize, tile: usize| match blocks {
+        0 | 1 => len,
+        _ => len.div_ceil(blocks).next_multiple_of(tile),
+    };
+    (edge(m, rb, tile_rows), edge(n, cb, tile_cols))
 }
 
 /// The parallel grid `(row blocks, column blocks)` of a product of shape `(m, k, n)`, or
@@ -460,13 +476,25 @@ mod tests {
     /// grid of both where it does not.
     #[test]
     fn split_grid_gives_every_thread_a_block_at_the_least_repacking() {
-        assert_eq!(split_grid((128, 3072, 256), 2), (2, 1));
-        assert_eq!(split_grid((1024, 1024, 1024), 2), (4, 1));
-        assert_eq!(split_grid((256, 128, 3072), 2), (1, 4));
-        assert_eq!(split_grid((128, 3072, 256), 4), (2, 4));
+        assert_eq!(split_grid((128, 3072, 256), 2), (1, 2));
+        assert_eq!(split_grid((1024, 1024, 1024), 2), (2, 1));
+        assert_eq!(split_grid((256, 128, 3072), 2), (1, 2));
+        assert_eq!(split_grid((128, 3072, 256), 4), (1, 4));
         assert_eq!(split_grid((128, 3072, 256), 16), (2, 4));
         assert_eq!(split_grid((1024, 1024, 1024), 16), (16, 1));
         assert_eq!(split_grid((100, 50, 40), 8), (1, 1));
+    }
+
+    /// Blocks end on whole tiles of every kernel; the grid keeps its number of blocks.
+    #[test]
+    fn block_size_rounds_to_whole_tiles() {
+        assert_eq!(block_size((1024, 1024), (4, 1)), (264, 1024));
+        assert_eq!(block_size((128, 3072), (2, 4)), (72, 768));
+        assert_eq!(block_size((256, 3000), (1, 4)), (256, 768));
+        for (m, rb) in [(1024, 4), (130, 2), (1000, 7), (128, 2)] {
+            let (rows, _) = block_size((m, 1), (rb, 1));
+            assert_eq!(m.div_ceil(rows), rb, "{m} rows in {rb} blocks");
+        }
     }
 
     #[test]

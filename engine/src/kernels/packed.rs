@@ -70,6 +70,9 @@ struct Kernel<T> {
 /// `(i, p)` goes to `dst[p * width + i]`, for `p` in `0..kc`.
 type RowPacker<T> = unsafe fn(&[*const T], usize, *mut T, usize);
 
+/// Rows and columns that are whole tiles of every kernel (a multiple of every `mr` and of
+/// every `nr`): an output block of such a size needs no edge tiles.
+pub const TILE_MULTIPLE: (usize, usize) = (12, 32);
 /// Largest `mr * nr` of any kernel (the edge-tile scratch size).
 const MAX_TILE: usize = 12 * 32;
 /// Largest `mr` or `nr` of any kernel (the widest packed strip).
