@@ -102,7 +102,11 @@ fn max_plane_2x2<T: Scalar, const ARG: bool>(g: &PoolGeom, x: &[T], y: &mut [T],
         } else {
             &mut []
         };
+        let done = wide_2x2::rows::<T, ARG>(top, bottom, ys, args, r0, w);
         for ox in 0..wo {
+            if done.get(ox / wide_2x2::WINDOWS) == Some(&true) {
+                continue;
+            }
             let (a, b, c, d) = (
                 top[2 * ox],
                 top[2 * ox + 1],
@@ -142,6 +146,119 @@ fn max_plane_2x2<T: Scalar, const ARG: bool>(g: &PoolGeom, x: &[T], y: &mut [T],
                 args[ox] = (base + at) as u32;
             }
         }
+    }
+}
+
+/// The 2x2, stride-2 windows of one row pair in blocks of 16 with AVX-512 (f32 only): a
+/// select chain over the four corners of 16 windows at once, with [`max_plane_2x2`]'s order
+/// (first maximum in row-major order, `v > best`). A block holding a NaN is left to the
+/// caller's generic rule.
+mod wide_2x2 {
+    use crate::scalar::Scalar;
+
+    /// Windows per block.
+    pub(super) const WINDOWS: usize = 16;
+    /// Most blocks one call reports on (longer rows: the rest run the generic loop).
+    const MAX_BLOCKS: usize = 64;
+
+    /// Pools the full blocks of a row pair (`top`, `bottom`: `2 wo` values from the plane
+    /// offset `r0`, rows `w` apart) into `ys` (and `args`, with `ARG`); entry `b` of the
+    /// result is true where block `b` was written.
+    #[inline(always)]
+    pub(super) fn rows<T: Scalar, const ARG: bool>(
+        top: &[T],
+        bottom: &[T],
+        ys: &mut [T],
+        args: &mut [u32],
+        r0: usize,
+        w: usize,
+    ) -> [bool; MAX_BLOCKS] {
+        let mut done = [false; MAX_BLOCKS];
+        #[cfg(target_arch = "x86_64")]
+        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && crate::kernels::cpu::isa() == crate::kernels::cpu::Isa::Avx512
+        {
+            let blocks = (ys.len() / WINDOWS).min(MAX_BLOCKS);
+            // SAFETY: T is f32 (the TypeId test), so the casts keep type and length.
+            let (top, bottom, ys) = unsafe {
+                (
+                    std::slice::from_raw_parts(top.as_ptr().cast::<f32>(), top.len()),
+                    std::slice::from_raw_parts(bottom.as_ptr().cast::<f32>(), bottom.len()),
+                    std::slice::from_raw_parts_mut(ys.as_mut_ptr().cast::<f32>(), ys.len()),
+                )
+            };
+            for (b, flag) in done[..blocks].iter_mut().enumerate() {
+                let (o, i) = (b * WINDOWS, 2 * b * WINDOWS);
+                let args = if ARG {
+                    &mut args[o..o + WINDOWS]
+                } else {
+                    &mut [][..]
+                };
+                // SAFETY: the machine runs AVX-512 (`isa`); the slices hold the block.
+                *flag = unsafe {
+                    block::<ARG>(
+                        &top[i..i + 2 * WINDOWS],
+                        &bottom[i..i + 2 * WINDOWS],
+                        &mut ys[o..o + WINDOWS],
+                        args,
+                        (r0 + i) as u32,
+                        w as u32,
+                    )
+                };
+            }
+        }
+        let _ = (top, bottom, ys, args, r0, w);
+        done
+    }
+
+    /// One block of 16 windows: `top` and `bottom` hold 32 values each, `first` is the plane
+    /// offset of the first window's top-left value. False (nothing written) on a NaN.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block<const ARG: bool>(
+        top: &[f32],
+        bottom: &[f32],
+        ys: &mut [f32],
+        args: &mut [u32],
+        first: u32,
+        w: u32,
+    ) -> bool {
+        use std::arch::x86_64::*;
+        assert!(top.len() == 32 && bottom.len() == 32 && ys.len() == 16);
+        assert!(!ARG || args.len() == 16);
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        let (t0, t1) = (
+            _mm512_loadu_ps(top.as_ptr()),
+            _mm512_loadu_ps(top.as_ptr().add(16)),
+        );
+        let (b0, b1) = (
+            _mm512_loadu_ps(bottom.as_ptr()),
+            _mm512_loadu_ps(bottom.as_ptr().add(16)),
+        );
+        let a = _mm512_permutex2var_ps(t0, even, t1);
+        let corners = [
+            (_mm512_permutex2var_ps(t0, odd, t1), 1),
+            (_mm512_permutex2var_ps(b0, even, b1), w),
+            (_mm512_permutex2var_ps(b0, odd, b1), w + 1),
+        ];
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, corners[0].0)
+            | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(corners[1].0, corners[2].0);
+        if nan != 0 {
+            return false;
+        }
+        let (mut best, mut at) = (a, _mm512_setzero_si512());
+        for (v, off) in corners {
+            let larger = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best);
+            best = _mm512_mask_blend_ps(larger, best, v);
+            at = _mm512_mask_blend_epi32(larger, at, _mm512_set1_epi32(off as i32));
+        }
+        _mm512_storeu_ps(ys.as_mut_ptr(), best);
+        if ARG {
+            let base = _mm512_add_epi32(_mm512_set1_epi32(first as i32), even);
+            _mm512_storeu_si512(args.as_mut_ptr().cast(), _mm512_add_epi32(base, at));
+        }
+        true
     }
 }
 
@@ -198,7 +315,7 @@ mod tests {
             f64::INFINITY,
         ];
         let mut state = 7u64;
-        let sizes = [(2, 2), (4, 6), (7, 9), (32, 32), (5, 200)];
+        let sizes = [(2, 2), (4, 6), (7, 9), (32, 32), (5, 200), (2, 2100)];
         // With NaN (most windows take the generic rule) and without (the select chain, ties
         // of equal values and of zeros of both signs).
         let no_nan = [
@@ -231,16 +348,25 @@ mod tests {
                 kw: 2,
                 stride: 2,
             };
-            let (mut y1, mut a1) = (vec![0.0; g.out_len()], vec![0u32; g.out_len()]);
-            let (mut y2, mut a2) = (vec![0.0; g.out_len()], vec![0u32; g.out_len()]);
-            let mut y3 = vec![0.0; g.out_len()];
-            max_plane_2x2::<f64, true>(&g, &x, &mut y1, &mut a1);
-            max_plane_any(&g, &x, &mut y2, &mut a2);
-            max_plane_values(&g, &x, &mut y3, &mut Vec::new());
-            assert_eq!(a1, a2, "{h}x{w}");
-            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&y1), bits(&y2), "{h}x{w}");
-            assert_eq!(bits(&y3), bits(&y2), "values only, {h}x{w}");
+            let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+            agree(&g, &x, |v| v.to_bits());
+            agree(&g, &x32, |v| v.to_bits() as u64);
         }
+    }
+
+    /// The 2x2 path (with and without the argmax; f32 on AVX-512 runs the vector blocks)
+    /// gives the generic loop's values and indices on the plane `x`.
+    fn agree<T: Scalar>(g: &PoolGeom, x: &[T], bits: impl Fn(T) -> u64) {
+        let (h, w) = (g.h, g.w);
+        let (mut y1, mut a1) = (vec![T::zero(); g.out_len()], vec![0u32; g.out_len()]);
+        let (mut y2, mut a2) = (vec![T::zero(); g.out_len()], vec![0u32; g.out_len()]);
+        let mut y3 = vec![T::zero(); g.out_len()];
+        max_plane(g, x, &mut y1, &mut a1);
+        max_plane_any(g, x, &mut y2, &mut a2);
+        max_plane_values(g, x, &mut y3, &mut Vec::new());
+        assert_eq!(a1, a2, "{h}x{w}");
+        let all = |v: &[T]| v.iter().map(|&x| bits(x)).collect::<Vec<_>>();
+        assert_eq!(all(&y1), all(&y2), "{h}x{w}");
+        assert_eq!(all(&y3), all(&y2), "values only, {h}x{w}");
     }
 }
