@@ -149,7 +149,7 @@ fn max_plane_2x2<T: Scalar, const ARG: bool>(g: &PoolGeom, x: &[T], y: &mut [T],
     }
 }
 
-/// The 2x2, stride-2 windows of one row pair in blocks of 16 with AVX-512 (f32 only): a
+/// The 2x2, stride-2 windows of one row pair in blocks of up to 16 with AVX-512 (f32): a
 /// select chain over the four corners of 16 windows at once, with [`max_plane_2x2`]'s order
 /// (first maximum in row-major order, `v > best`). A block holding a NaN is left to the
 /// caller's generic rule.
@@ -161,9 +161,9 @@ mod wide_2x2 {
     /// Most blocks one call reports on (longer rows: the rest run the generic loop).
     const MAX_BLOCKS: usize = 64;
 
-    /// Pools the full blocks of a row pair (`top`, `bottom`: `2 wo` values from the plane
-    /// offset `r0`, rows `w` apart) into `ys` (and `args`, with `ARG`); entry `b` of the
-    /// result is true where block `b` was written.
+    /// Pools the blocks of a row pair (`top`, `bottom`: `2 wo` values from the plane offset
+    /// `r0`, rows `w` apart; the last block may be shorter) into `ys` (and `args`, with
+    /// `ARG`); entry `b` of the result is true where block `b` was written.
     #[inline(always)]
     pub(super) fn rows<T: Scalar, const ARG: bool>(
         top: &[T],
@@ -178,7 +178,7 @@ mod wide_2x2 {
         if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
             && crate::kernels::cpu::isa() == crate::kernels::cpu::Isa::Avx512
         {
-            let blocks = (ys.len() / WINDOWS).min(MAX_BLOCKS);
+            let blocks = ys.len().div_ceil(WINDOWS).min(MAX_BLOCKS);
             // SAFETY: T is f32 (the TypeId test), so the casts keep type and length.
             let (top, bottom, ys) = unsafe {
                 (
@@ -188,18 +188,19 @@ mod wide_2x2 {
                 )
             };
             for (b, flag) in done[..blocks].iter_mut().enumerate() {
-                let (o, i) = (b * WINDOWS, 2 * b * WINDOWS);
+                let o = b * WINDOWS;
+                let (n, i) = (WINDOWS.min(ys.len() - o), 2 * o);
                 let args = if ARG {
-                    &mut args[o..o + WINDOWS]
+                    &mut args[o..o + n]
                 } else {
                     &mut [][..]
                 };
                 // SAFETY: the machine runs AVX-512 (`isa`); the slices hold the block.
                 *flag = unsafe {
                     block::<ARG>(
-                        &top[i..i + 2 * WINDOWS],
-                        &bottom[i..i + 2 * WINDOWS],
-                        &mut ys[o..o + WINDOWS],
+                        &top[i..i + 2 * n],
+                        &bottom[i..i + 2 * n],
+                        &mut ys[o..o + n],
                         args,
                         (r0 + i) as u32,
                         w as u32,
@@ -211,8 +212,9 @@ mod wide_2x2 {
         done
     }
 
-    /// One block of 16 windows: `top` and `bottom` hold 32 values each, `first` is the plane
-    /// offset of the first window's top-left value. False (nothing written) on a NaN.
+    /// One block of `n` ≤ 16 windows (`n = ys.len()`): `top` and `bottom` hold `2 n` values
+    /// each (read through masks: nothing past them), `first` is the plane offset of the first
+    /// window's top-left value. False (nothing written) on a NaN.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn block<const ARG: bool>(
@@ -224,18 +226,22 @@ mod wide_2x2 {
         w: u32,
     ) -> bool {
         use std::arch::x86_64::*;
-        assert!(top.len() == 32 && bottom.len() == 32 && ys.len() == 16);
-        assert!(!ARG || args.len() == 16);
+        let n = ys.len();
+        assert!(n <= 16 && top.len() == 2 * n && bottom.len() == 2 * n);
+        assert!(!ARG || args.len() == n);
+        let lanes = |count: usize| ((1u32 << count.min(16)) - 1) as u16;
+        let (lo, hi, out) = (lanes(2 * n), lanes((2 * n).saturating_sub(16)), lanes(n));
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-        let (t0, t1) = (
-            _mm512_loadu_ps(top.as_ptr()),
-            _mm512_loadu_ps(top.as_ptr().add(16)),
-        );
-        let (b0, b1) = (
-            _mm512_loadu_ps(bottom.as_ptr()),
-            _mm512_loadu_ps(bottom.as_ptr().add(16)),
-        );
+        // Masked loads read only the block's own values.
+        let load = |row: &[f32]| {
+            let p = row.as_ptr();
+            (
+                _mm512_maskz_loadu_ps(lo, p),
+                _mm512_maskz_loadu_ps(hi, p.wrapping_add(16)),
+            )
+        };
+        let ((t0, t1), (b0, b1)) = (load(top), load(bottom));
         let a = _mm512_permutex2var_ps(t0, even, t1);
         let corners = [
             (_mm512_permutex2var_ps(t0, odd, t1), 1),
@@ -253,10 +259,11 @@ mod wide_2x2 {
             best = _mm512_mask_blend_ps(larger, best, v);
             at = _mm512_mask_blend_epi32(larger, at, _mm512_set1_epi32(off as i32));
         }
-        _mm512_storeu_ps(ys.as_mut_ptr(), best);
+        _mm512_mask_storeu_ps(ys.as_mut_ptr(), out, best);
         if ARG {
             let base = _mm512_add_epi32(_mm512_set1_epi32(first as i32), even);
-            _mm512_storeu_si512(args.as_mut_ptr().cast(), _mm512_add_epi32(base, at));
+            let idx = _mm512_add_epi32(base, at);
+            _mm512_mask_storeu_epi32(args.as_mut_ptr().cast(), out, idx);
         }
         true
     }
