@@ -1,6 +1,6 @@
 //! Recording a [`Net`] on a tape with the engine's ops.
 
-use super::{Layer, Net, NormStats};
+use super::{Activation, Layer, Net, NormStats};
 use crate::error::{EngineError, Result};
 use crate::ops::{BatchStats, BnMode, Loss};
 use crate::scalar::Scalar;
@@ -9,7 +9,9 @@ use crate::tape::{Tape, Var};
 /// A net recorded on a tape.
 #[derive(Clone, Debug)]
 pub struct Recorded<T> {
-    /// One variable per node, the input first and the output (logits) last.
+    /// One variable per node, the input first and the output (logits) last. A BatchNorm
+    /// whose only consumer is a ReLU is recorded as one op with it, and both nodes get its
+    /// variable, the ReLU's output (ReLU's derivative is the same read off either value).
     pub vars: Vec<Var>,
     /// With batch statistics: every BatchNorm layer's statistics, in node order.
     pub batch_stats: Vec<BatchStats<T>>,
@@ -60,6 +62,7 @@ impl Net {
         let mut vars: Vec<Var> = Vec::with_capacity(self.len());
         let mut batch_stats = Vec::new();
         let mut next_bn = 0;
+        let fused = bn_relu_pairs(self);
         for node in self.nodes() {
             let p = |k: usize| params[node.first_param + k];
             let input = |k: usize| vars[node.inputs[k].0];
@@ -81,10 +84,15 @@ impl Net {
                         },
                     };
                     next_bn += 1;
-                    let (y, stats) = tape.batch_norm2d(input(0), p(0), p(1), mode, *eps)?;
+                    let (y, stats) = if fused[vars.len()] {
+                        tape.batch_norm2d_relu(input(0), p(0), p(1), mode, *eps)?
+                    } else {
+                        tape.batch_norm2d(input(0), p(0), p(1), mode, *eps)?
+                    };
                     batch_stats.extend(stats);
                     y
                 }
+                Layer::Activation(_) if fused[node.inputs[0].0] => input(0),
                 Layer::Activation(f) => tape.unary(input(0), f.unary())?,
                 Layer::MaxPool2d { kernel, stride } => {
                     tape.max_pool2d(input(0), *kernel, *stride)?
@@ -127,4 +135,22 @@ fn dims(shape: &[usize]) -> String {
         .map(|d| d.to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Per node: true for a BatchNorm whose only consumer is a ReLU (recorded as one op with it,
+/// [`Tape::batch_norm2d_relu`]).
+fn bn_relu_pairs(net: &Net) -> Vec<bool> {
+    // Per node: how many inputs of later nodes read it, and whether the last reader is a ReLU.
+    let mut readers = vec![(0usize, false); net.len()];
+    for node in net.nodes() {
+        let relu = matches!(node.layer, Layer::Activation(Activation::Relu));
+        for i in &node.inputs {
+            readers[i.0] = (readers[i.0].0 + 1, relu);
+        }
+    }
+    net.nodes()
+        .iter()
+        .zip(readers)
+        .map(|(node, r)| matches!(node.layer, Layer::BatchNorm2d { .. }) && r == (1, true))
+        .collect()
 }

@@ -11,13 +11,20 @@
 //! Eval mode uses the running statistics: an affine map, x̂ = (x − μ_run) s, x̂˙ = s ẋ,
 //! x̄ = γ s ȳ, x̄˙ = s (γ̇ ȳ + γ ȳ˙), with the same β̄, γ̄ and their tangents.
 //! Channels run in parallel; each channel's sums run in a fixed order.
+//!
+//! With the ReLU epilogue ([`Tape::batch_norm2d_relu`]) the op's value is relu(y), in the same
+//! pass. Its rules are ReLU's composed with the above, ReLU's written once (activation.rs): the
+//! JVP is relu'·ẏ, and the backward masks ȳ and ȳ˙ by relu' (read off the stored output,
+//! relu(y) > 0 exactly when y > 0, so no extra state) before BN's own rules. With no tangents
+//! in play (the gradient), the mask is applied on the fly inside BN's passes over ȳ.
 
+use super::activation::{relu, relu_d1, relu_vjp};
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
 use crate::kernels::cpu::vectorized;
 use crate::kernels::par::{par_build, SendPtr};
 use crate::kernels::reduce::{
-    dot, dot_centered, sum as total, sum_and_dot_centered, sum_sq_centered,
+    dot, dot_centered, sum as total, sum_and_dot_centered_by, sum_sq_centered,
 };
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
@@ -52,6 +59,8 @@ pub(crate) struct BatchNorm2d<T> {
     gamma: usize,
     beta: usize,
     train: bool,
+    /// The ReLU epilogue: the op's value is relu(y).
+    relu: bool,
     /// Centre per channel (batch or running mean).
     mu: Vec<T>,
     /// Inverse standard deviation per channel.
@@ -157,7 +166,7 @@ impl<T: Scalar> BatchNorm2d<T> {
         &buf[p * self.hw..(p + 1) * self.hw]
     }
 
-    /// y = γ s x + (β − γ s μ), plane by plane.
+    /// y = γ s x + (β − γ s μ) (then relu(y) with the epilogue), plane by plane.
     fn value(&self, xv: &[T], gv: &[T], bv: &[T]) -> Vec<T> {
         let (n, c, hw) = (self.n, self.c, self.hw);
         let (mu, s) = (&self.mu, &self.s);
@@ -169,8 +178,11 @@ impl<T: Scalar> BatchNorm2d<T> {
             |_, p, yo| {
                 let ch = p % c;
                 let (sc, sh) = (gv[ch] * s[ch], bv[ch] - gv[ch] * s[ch] * mu[ch]);
-                for (o, &xi) in yo.iter_mut().zip(self.plane(xv, p)) {
-                    *o = sc * xi + sh;
+                let pairs = yo.iter_mut().zip(self.plane(xv, p));
+                if self.relu {
+                    pairs.for_each(|(o, &xi)| *o = relu(sc * xi + sh));
+                } else {
+                    pairs.for_each(|(o, &xi)| *o = sc * xi + sh);
                 }
             },
         )
@@ -195,8 +207,16 @@ impl<T: Scalar> BatchNorm2d<T> {
             .collect()
     }
 
-    /// ẏ = γ s ẋ + (γ̇ s − γ s² a) (x − μ) + (β̇ − γ s mean(ẋ)) per (k, channel).
-    fn tangent(&self, xv: &[T], gv: &[T], tangents: [Option<&Tensor<T>>; 3], k: usize) -> Vec<T> {
+    /// ẏ = γ s ẋ + (γ̇ s − γ s² a) (x − μ) + (β̇ − γ s mean(ẋ)) per (k, channel); with the
+    /// epilogue, times relu' read off the op's value `yv`.
+    fn tangent(
+        &self,
+        xv: &[T],
+        yv: &[T],
+        gv: &[T],
+        tangents: [Option<&Tensor<T>>; 3],
+        k: usize,
+    ) -> Vec<T> {
         let (n, c, hw) = (self.n, self.c, self.hw);
         let [xt, gt, bt] = tangents;
         par_build(
@@ -230,6 +250,11 @@ impl<T: Scalar> BatchNorm2d<T> {
                         for (o, &xi) in to.iter_mut().zip(self.plane(xv, vp)) {
                             *o = c_xc * (xi - mu) + c0;
                         }
+                    }
+                }
+                if self.relu {
+                    for (o, &yi) in to.iter_mut().zip(self.plane(yv, vp)) {
+                        *o = relu_d1(yi) * *o;
                     }
                 }
             },
@@ -269,6 +294,31 @@ impl<T: Scalar> Tape<T> {
         mode: BnMode<T>,
         eps: f64,
     ) -> Result<(Var, Option<BatchStats<T>>)> {
+        self.record_batch_norm2d([x, gamma, beta], mode, eps, false)
+    }
+
+    /// relu([`Tape::batch_norm2d`]) as one op: one pass over the activation each way instead
+    /// of two, and one value on the tape instead of two. The same values, gradients and
+    /// Hessian-vector products, bit for bit, as `batch_norm2d` followed by [`Tape::relu`].
+    pub fn batch_norm2d_relu(
+        &mut self,
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        mode: BnMode<T>,
+        eps: f64,
+    ) -> Result<(Var, Option<BatchStats<T>>)> {
+        self.record_batch_norm2d([x, gamma, beta], mode, eps, true)
+    }
+
+    /// Records batch normalization of `[x, gamma, beta]`, with the ReLU epilogue when `relu`.
+    fn record_batch_norm2d(
+        &mut self,
+        [x, gamma, beta]: [Var; 3],
+        mode: BnMode<T>,
+        eps: f64,
+        relu: bool,
+    ) -> Result<(Var, Option<BatchStats<T>>)> {
         let xs = self.bn_shape(x, gamma, beta)?;
         let xv = self.value(x).data();
         let norm = normalizer(xv, &xs, mode, eps)?;
@@ -277,6 +327,7 @@ impl<T: Scalar> Tape<T> {
             gamma: gamma.0,
             beta: beta.0,
             train: norm.train,
+            relu,
             mu: norm.mu,
             s: norm.s,
             tstats: Vec::new(),
@@ -295,7 +346,7 @@ impl<T: Scalar> Tape<T> {
             if let (true, Some(xt)) = (op.train, tangents[0]) {
                 op.tstats = op.tangent_stats(xv, xt.data(), k);
             }
-            let t = op.tangent(xv, gv, tangents, k);
+            let t = op.tangent(xv, y.data(), gv, tangents, k);
             Some(Tensor::from_vec(&tangent_shape(k, &xs), t).expect("bn tangent"))
         };
         Ok((
@@ -317,7 +368,9 @@ struct DotCoef<T> {
 }
 
 /// What the backward rule reads, gathered once: the op, ȳ, ȳ˙ and the inputs' values
-/// and tangents.
+/// and tangents. With the ReLU epilogue, `g` and `gdot` are either already masked by relu'
+/// (`mask` is `None`), or `mask` holds the op's value and [`Back::channel_sums`] and
+/// [`Back::grad_x_plane`] (the only readers of `g` then) mask on the fly.
 struct Back<'a, T> {
     op: &'a BatchNorm2d<T>,
     /// Number of tangent directions.
@@ -329,7 +382,9 @@ struct Back<'a, T> {
     gam: &'a [T],
     gt: Option<&'a Tensor<T>>,
     g: &'a [T],
-    gdot: Option<&'a Tensor<T>>,
+    /// The op's value, to mask `g` by relu' as it is read.
+    mask: Option<&'a [T]>,
+    gdot: Option<&'a [T]>,
 }
 
 impl<T: Scalar> Back<'_, T> {
@@ -345,7 +400,11 @@ impl<T: Scalar> Back<'_, T> {
         let (op, g, xv) = (self.op, self.g, self.xv);
         let (sy, syx) = (0..op.n).fold((T::zero(), T::zero()), |(sy, syx), s| {
             let r = self.vplane(g, s * op.c + ch);
-            let (a, b) = sum_and_dot_centered(&xv[r.clone()], op.mu[ch], &g[r]);
+            let (xp, gp) = (&xv[r.clone()], &g[r.clone()]);
+            let (a, b) = match self.mask {
+                None => sum_and_dot_centered_by(xp, op.mu[ch], gp, gp, |g, _| g),
+                Some(y) => sum_and_dot_centered_by(xp, op.mu[ch], gp, &y[r], masked),
+            };
             (sy + a, syx + b)
         });
         (sy, syx * op.s[ch])
@@ -393,7 +452,6 @@ impl<T: Scalar> Back<'_, T> {
         let tp = |s_: usize| (kk * n * c + s_ * c + ch) * hw..(kk * n * c + s_ * c + ch + 1) * hw;
         let (mut sd, mut sdx) = (T::zero(), T::zero());
         if let Some(gd) = self.gdot {
-            let gd = gd.data();
             sd = channel_sum(n, |s_| total(&gd[tp(s_)]));
             sdx = channel_sum(n, |s_| {
                 dot_centered(&xv[self.vplane(xv, s_ * c + ch)], mu, &gd[tp(s_)])
@@ -418,23 +476,43 @@ impl<T: Scalar> Back<'_, T> {
         (sd, sdx, syxd)
     }
 
-    /// Plane `vp` of x̄ into `o`: train: x̄ = sγ ȳ − (s²γ Syx/m)(x − μ) − sγ Sy/m;
-    /// eval: x̄ = sγ ȳ, with the channel's sums `(Sy, Syx)`.
+    /// Plane `vp` of x̄ into `o` (ȳ masked on the fly with [`Back::mask`]).
     #[inline(always)]
-    fn grad_x_plane(&self, vp: usize, (sy, syx): (T, T), o: &mut [T]) {
-        let (op, g, xv, inv_m) = (self.op, self.g, self.xv, self.inv_m);
+    fn grad_x_plane(&self, vp: usize, sums: (T, T), o: &mut [T]) {
+        let r = self.vplane(self.g, vp);
+        let gp = &self.g[r.clone()];
+        match self.mask {
+            None => self.grad_x_plane_by(vp, sums, o, gp, gp, |g, _| g),
+            Some(y) => self.grad_x_plane_by(vp, sums, o, gp, &y[r], masked),
+        }
+    }
+
+    /// Plane `vp` of x̄ into `o` from the weights f(ȳ, u): train: x̄ = sγ ȳ − (s²γ Syx/m)(x − μ)
+    /// − sγ Sy/m; eval: x̄ = sγ ȳ, with the channel's sums `(Sy, Syx)`.
+    #[inline(always)]
+    fn grad_x_plane_by(
+        &self,
+        vp: usize,
+        (sy, syx): (T, T),
+        o: &mut [T],
+        gp: &[T],
+        up: &[T],
+        f: impl Fn(T, T) -> T,
+    ) {
+        let (op, inv_m) = (self.op, self.inv_m);
         let ch = vp % op.c;
         let (s, mu, ga) = (op.s[ch], op.mu[ch], self.gam[ch]);
-        let r = self.vplane(g, vp);
+        let xp = &self.xv[self.vplane(self.xv, vp)];
         let c_y = s * ga;
+        let gu = gp.iter().zip(up).map(|(&g, &u)| f(g, u));
         if op.train {
             let c_xc = -s * s * ga * syx * inv_m;
             let c0 = -s * ga * sy * inv_m;
-            for ((oi, &gi), &xi) in o.iter_mut().zip(&g[r.clone()]).zip(&xv[r]) {
+            for ((oi, gi), &xi) in o.iter_mut().zip(gu).zip(xp) {
                 *oi = c_y * gi + c_xc * (xi - mu) + c0;
             }
         } else {
-            for (oi, &gi) in o.iter_mut().zip(&g[r]) {
+            for (oi, gi) in o.iter_mut().zip(gu) {
                 *oi = c_y * gi;
             }
         }
@@ -489,7 +567,7 @@ impl<T: Scalar> Back<'_, T> {
                 let cf = self.dot_coef(kk, ch, sums, dsums);
                 let r = self.vplane(g, vp);
                 let (xp, gp, gxp) = (&xv[r.clone()], &g[r.clone()], &gxd[r]);
-                let gdp = self.gdot.map(|t| &t.data()[tp * hw..(tp + 1) * hw]);
+                let gdp = self.gdot.map(|t| &t[tp * hw..(tp + 1) * hw]);
                 let xdp = self.xt.map(|t| &t.data()[tp * hw..(tp + 1) * hw]);
                 for i in 0..hw {
                     let mut v = cf.xbar * gxp[i] + cf.y * gp[i] + cf.xc * (xp[i] - mu) + cf.c0;
@@ -506,6 +584,12 @@ impl<T: Scalar> Back<'_, T> {
     }
 }
 
+/// ȳ masked by relu' read off the op's value `y`: ReLU's VJP, element by element.
+#[inline(always)]
+fn masked<T: Scalar>(g: T, y: T) -> T {
+    relu_d1(y) * g
+}
+
 impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
     fn inputs(&self) -> Vec<usize> {
         vec![self.x, self.gamma, self.beta]
@@ -514,26 +598,38 @@ impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
     fn backward(
         &self,
         tape: &Tape<T>,
-        _out: usize,
+        out: usize,
         gy: &Tensor<T>,
         gdot: Option<&Tensor<T>>,
         sink: &mut Sink<T>,
     ) {
         let (c, k) = (self.c, tape.directions());
         let nx = tape.node(self.x);
+        let (xt, gt) = (nx.tangent.as_ref(), tape.node(self.gamma).tangent.as_ref());
+        let want_dot = gdot.is_some() || xt.is_some() || gt.is_some();
+        let y = self.relu.then(|| tape.node(out).value.data());
+        // With tangents in play, ȳ and ȳ˙ are masked once by ReLU's own VJP; the gradient
+        // alone masks ȳ on the fly in its two passes.
+        let relu_masked = y
+            .filter(|_| want_dot)
+            .map(|y| relu_vjp(y, gy.data(), gdot.map(Tensor::data), k));
+        let (g, gdot) = match &relu_masked {
+            Some((g, gd)) => (g.as_slice(), gd.as_deref()),
+            None => (gy.data(), gdot.map(Tensor::data)),
+        };
         let back = Back {
             op: self,
             k,
             inv_m: T::one() / T::from_usize_lossy(self.n * self.hw),
             xv: nx.value.data(),
-            xt: nx.tangent.as_ref(),
+            xt,
             gam: tape.node(self.gamma).value.data(),
-            gt: tape.node(self.gamma).tangent.as_ref(),
-            g: gy.data(),
+            gt,
+            g,
+            mask: y.filter(|_| !want_dot),
             gdot,
         };
         let (sums, gx) = back.sums_and_grad_x(tape.needs_grad(self.x));
-        let want_dot = gdot.is_some() || back.xt.is_some() || back.gt.is_some();
         let dsums: Vec<(T, T, T)> = if want_dot {
             (0..k * c)
                 .into_par_iter()
