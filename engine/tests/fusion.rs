@@ -1,8 +1,9 @@
 //! Fused ops against the ops they fuse: BatchNorm with its ReLU epilogue
 //! (`Tape::batch_norm2d_relu`) gives the values, tangents, gradients and Hessian-vector
 //! products of `batch_norm2d` followed by `relu`, bit for bit, in train and eval mode, for the
-//! gradient alone (ȳ masked on the fly) and with tangent directions (ȳ, ȳ˙ masked first);
-//! `Net::record` fuses a BatchNorm with a ReLU only when the ReLU is its one consumer.
+//! gradient alone (ȳ masked on the fly) and with tangent directions (ȳ, ȳ˙ masked first); the
+//! same for the add (`Tape::add_relu`); `Net::record` fuses a BatchNorm or an add with a ReLU
+//! only when the ReLU is its one consumer.
 
 use flatmin_engine::net::{Activation, ConvOptions, Net, NormStats, RunningStats};
 use flatmin_engine::{BnMode, Result, Tape, Tensor, Var};
@@ -89,6 +90,23 @@ fn batch_norm_relu_fused_matches_the_two_ops_bit_for_bit() {
     }
 }
 
+/// The fused add and ReLU and the two ops agree bit for bit, one shape and broadcast.
+#[test]
+fn add_relu_fused_matches_the_two_ops_bit_for_bit() {
+    for (b_shape, seed) in [(vec![4, 3, 5, 7], 3), (vec![3, 1, 1], 4)] {
+        let theta = [randn(&[4, 3, 5, 7], seed), randn(&b_shape, seed + 10)];
+        for k in [0, 2] {
+            let fused = outcome(&theta, k, |t, v| t.add_relu(v[0], v[1]));
+            let apart = outcome(&theta, k, |t, v| {
+                let s = t.add(v[0], v[1])?;
+                t.relu(s)
+            });
+            assert_eq!(fused, apart, "{b_shape:?} k={k}");
+            assert!(fused[0].contains(&0), "{b_shape:?}");
+        }
+    }
+}
+
 /// conv → BN → ReLU → conv → BN → [ReLU, and the residual add reads the BN too] → add → ReLU
 /// → pool → linear, and the same by hand with every op apart.
 fn small_net() -> Net {
@@ -128,10 +146,10 @@ fn small_net_by_hand(t: &mut Tape<f32>, v: &[Var], x: Var, modes: [BnMode<f32>; 
     t.cross_entropy(z, &[0, 3, 1])
 }
 
-/// `Net::record` fuses exactly the first BN with its ReLU (the second BN has two readers), and
-/// the net's gradient and HVP are those of the ops recorded apart, bit for bit.
+/// `Net::record` fuses the first BN and the add with their ReLUs (not the second BN: it has
+/// two readers), and the net's gradient and HVP are those of the ops recorded apart, bit for bit.
 #[test]
-fn record_fuses_a_batch_norm_with_its_only_relu() {
+fn record_fuses_batch_norms_and_adds_with_their_only_relu() {
     let net = small_net();
     let theta: Vec<Tensor<f32>> = net
         .params()
@@ -170,6 +188,10 @@ fn record_fuses_a_batch_norm_with_its_only_relu() {
                 let rec = net.record(t, v, xv, &norm)?;
                 assert_eq!(rec.vars[2], rec.vars[3], "b1 and its ReLU share a value");
                 assert_ne!(rec.vars[5], rec.vars[6], "b2 has two readers");
+                assert_eq!(
+                    rec.vars[7], rec.vars[8],
+                    "the add and its ReLU share a value"
+                );
                 let loss = t.cross_entropy(rec.output(), &[0, 3, 1])?;
                 t.reshape(loss, &[1])
             });

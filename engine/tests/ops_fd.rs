@@ -199,6 +199,17 @@ fn batch_norm_relu_train_and_eval() {
 }
 
 #[test]
+fn add_relu_same_shape_and_broadcast() {
+    let a = randn(&[3, 2, 4], 66);
+    run("add_relu", &[a.clone(), randn(&[3, 2, 4], 67)], |t, v| {
+        t.add_relu(v[0], v[1])
+    });
+    run("add_relu-broadcast", &[a, randn(&[2, 1], 68)], |t, v| {
+        t.add_relu(v[0], v[1])
+    });
+}
+
+#[test]
 fn losses() {
     run("log_softmax", &[randn(&[3, 5], 70)], |t, v| {
         t.log_softmax(v[0])

@@ -9,9 +9,9 @@ use crate::tape::{Tape, Var};
 /// A net recorded on a tape.
 #[derive(Clone, Debug)]
 pub struct Recorded<T> {
-    /// One variable per node, the input first and the output (logits) last. A BatchNorm
-    /// whose only consumer is a ReLU is recorded as one op with it, and both nodes get its
-    /// variable, the ReLU's output (ReLU's derivative is the same read off either value).
+    /// One variable per node, the input first and the output (logits) last. A BatchNorm or
+    /// residual add whose only consumer is a ReLU is recorded as one op with it, and both nodes
+    /// get its variable, the ReLU's output (ReLU's derivative is the same read off either value).
     pub vars: Vec<Var>,
     /// With batch statistics: every BatchNorm layer's statistics, in node order.
     pub batch_stats: Vec<BatchStats<T>>,
@@ -62,7 +62,7 @@ impl Net {
         let mut vars: Vec<Var> = Vec::with_capacity(self.len());
         let mut batch_stats = Vec::new();
         let mut next_bn = 0;
-        let fused = bn_relu_pairs(self);
+        let fused = relu_epilogues(self);
         for node in self.nodes() {
             let p = |k: usize| params[node.first_param + k];
             let input = |k: usize| vars[node.inputs[k].0];
@@ -107,6 +107,7 @@ impl Net {
                 }
                 Layer::Flatten => tape.flatten(input(0))?,
                 Layer::Identity => input(0),
+                Layer::Add if fused[vars.len()] => tape.add_relu(input(0), input(1))?,
                 Layer::Add => tape.add(input(0), input(1))?,
             };
             vars.push(v);
@@ -137,9 +138,9 @@ fn dims(shape: &[usize]) -> String {
         .join(", ")
 }
 
-/// Per node: true for a BatchNorm whose only consumer is a ReLU (recorded as one op with it,
-/// [`Tape::batch_norm2d_relu`]).
-fn bn_relu_pairs(net: &Net) -> Vec<bool> {
+/// Per node: true for a BatchNorm or an add whose only consumer is a ReLU, recorded as one op
+/// with it ([`Tape::batch_norm2d_relu`], [`Tape::add_relu`]).
+fn relu_epilogues(net: &Net) -> Vec<bool> {
     // Per node: how many inputs of later nodes read it, and whether the last reader is a ReLU.
     let mut readers = vec![(0usize, false); net.len()];
     for node in net.nodes() {
@@ -151,6 +152,8 @@ fn bn_relu_pairs(net: &Net) -> Vec<bool> {
     net.nodes()
         .iter()
         .zip(readers)
-        .map(|(node, r)| matches!(node.layer, Layer::BatchNorm2d { .. }) && r == (1, true))
+        .map(|(node, r)| {
+            matches!(node.layer, Layer::BatchNorm2d { .. } | Layer::Add) && r == (1, true)
+        })
         .collect()
 }

@@ -7,7 +7,12 @@
 //! - tangent of VJP: ā˙ = Σ [ȳ˙ φ_a + ȳ (φ_aa ȧ + φ_ab ḃ)], b̄˙ = Σ [ȳ˙ φ_b + ȳ (φ_ab ȧ + φ_bb ḃ)]
 //!
 //! Each op only states φ and its partials; the rules above are written once.
+//!
+//! With the ReLU epilogue ([`Tape::add_relu`]) the value is relu(φ(a, b)) in the same pass; the
+//! JVP is relu'·ẏ and the backward masks ȳ and ȳ˙ by relu' (ReLU's own VJP, read off the stored
+//! output) before the rules above.
 
+use super::activation::{relu, relu_d1, relu_vjp};
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
 use crate::kernels::par::{par_from_fn, par_map2};
@@ -158,29 +163,52 @@ pub(crate) struct BinaryOp {
     b: usize,
     op: Binary,
     bc: Broadcast,
+    /// The ReLU epilogue: the op's value is relu(φ(a, b)).
+    relu: bool,
 }
 
 impl<T: Scalar> Tape<T> {
     fn binary(&mut self, a: Var, b: Var, op: Binary) -> Result<Var> {
+        self.binary_then(a, b, op, false)
+    }
+
+    /// φ(a, b), then ReLU when `relu`.
+    fn binary_then(&mut self, a: Var, b: Var, op: Binary, relu_after: bool) -> Result<Var> {
+        let f = |x: T, y: T| {
+            if relu_after {
+                relu(op.f(x, y))
+            } else {
+                op.f(x, y)
+            }
+        };
         self.check_var(a)?;
         self.check_var(b)?;
         let bc = Broadcast::new(op.name(), self.value(a).shape(), self.value(b).shape())?;
         let (av, bv) = (self.value(a).data(), self.value(b).data());
         let y = if bc.same {
             // One shape (the residual add): a plain loop over both operands, vectorized.
-            par_map2(
-                av,
-                bv,
-                #[inline(always)]
-                |x, y| op.f(x, y),
-            )
+            if relu_after {
+                par_map2(
+                    av,
+                    bv,
+                    #[inline(always)]
+                    |x, y| relu(op.f(x, y)),
+                )
+            } else {
+                par_map2(
+                    av,
+                    bv,
+                    #[inline(always)]
+                    |x, y| op.f(x, y),
+                )
+            }
         } else {
             par_from_fn(
                 numel(&bc.out),
                 #[inline(always)]
                 |i| {
                     let (ia, ib) = bc.map(i);
-                    op.f(av[ia], bv[ib])
+                    f(av[ia], bv[ib])
                 },
             )
         };
@@ -205,6 +233,9 @@ impl<T: Scalar> Tape<T> {
                     if let Some(bt) = bt {
                         v = v + p.b * bt.data()[kk * nb + ib];
                     }
+                    if relu_after {
+                        v = relu_d1(y.data()[e]) * v;
+                    }
                     v
                 },
             );
@@ -216,6 +247,7 @@ impl<T: Scalar> Tape<T> {
                 b: b.0,
                 op,
                 bc,
+                relu: relu_after,
             }),
             y,
             tangent,
@@ -226,6 +258,12 @@ impl<T: Scalar> Tape<T> {
     /// a + b (broadcasting; also the residual add).
     pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
         self.binary(a, b, Binary::Add)
+    }
+
+    /// relu(a + b) as one op (the residual add and its ReLU): the same values, gradients and
+    /// Hessian-vector products, bit for bit, as [`Tape::add`] followed by [`Tape::relu`].
+    pub fn add_relu(&mut self, a: Var, b: Var) -> Result<Var> {
+        self.binary_then(a, b, Binary::Add, true)
     }
 
     /// a − b (broadcasting).
@@ -378,11 +416,22 @@ impl<T: Scalar> Rule<T> for BinaryOp {
     fn backward(
         &self,
         tape: &Tape<T>,
-        _out: usize,
+        out: usize,
         gy: &Tensor<T>,
         gdot: Option<&Tensor<T>>,
         sink: &mut Sink<T>,
     ) {
+        // The ReLU epilogue: ȳ and ȳ˙ masked by ReLU's own VJP first.
+        let masked = self.relu.then(|| {
+            let (k, y) = (tape.directions(), &tape.node(out).value);
+            let (g, gd) = relu_vjp(y.data(), gy.data(), gdot.map(Tensor::data), k);
+            let gd = gd.map(|d| Tensor::from_vec(&tangent_shape(k, y.shape()), d).expect("shape"));
+            (Tensor::from_vec(y.shape(), g).expect("shape"), gd)
+        });
+        let (gy, gdot) = match &masked {
+            Some((g, gd)) => (g, gd.as_ref()),
+            None => (gy, gdot),
+        };
         let (na, nb) = (tape.node(self.a), tape.node(self.b));
         let (at, bt) = (na.tangent.as_ref(), nb.tangent.as_ref());
         let want_dot = gdot.is_some() || at.is_some() || bt.is_some();
