@@ -95,41 +95,114 @@ struct Normalizer<T> {
     stats: Option<BatchStats<T>>,
 }
 
-/// Batch mean, inverse standard deviation and statistics of `xv: [N, C, H·W]` (m ≥ 2 values).
-fn train_normalizer<T: Scalar>(xv: &[T], n: usize, c: usize, hw: usize, eps: T) -> Normalizer<T> {
+/// What the value needs besides x and the normalization: γ, β and the epilogue.
+struct Affine<'a, T> {
+    gamma: &'a [T],
+    beta: &'a [T],
+    /// The ReLU epilogue.
+    relu: bool,
+}
+
+impl<T: Scalar> Affine<'_, T> {
+    /// One plane of channel `ch` (centre `mu`, inverse standard deviation `s`) from its plane
+    /// `xp` of x: y = γ s x + (β − γ s μ), then relu(y) with the epilogue.
+    #[inline(always)]
+    fn plane(&self, ch: usize, mu: T, s: T, xp: &[T], yo: &mut [T]) {
+        let (g, b) = (self.gamma[ch], self.beta[ch]);
+        let (sc, sh) = (g * s, b - g * s * mu);
+        let pairs = yo.iter_mut().zip(xp);
+        if self.relu {
+            pairs.for_each(|(o, &xi)| *o = relu(sc * xi + sh));
+        } else {
+            pairs.for_each(|(o, &xi)| *o = sc * xi + sh);
+        }
+    }
+
+    /// The value of `xv: [N, C, H·W]` for per-channel `mu`, `s`, plane by plane in parallel.
+    fn planes(&self, xv: &[T], [n, c, hw]: [usize; 3], mu: &[T], s: &[T]) -> Vec<T> {
+        par_build(
+            n * c * hw,
+            hw,
+            || (),
+            #[inline(always)]
+            |_, p, yo| {
+                let ch = p % c;
+                self.plane(ch, mu[ch], s[ch], &xv[p * hw..(p + 1) * hw], yo);
+            },
+        )
+    }
+}
+
+/// A buffer of `len` elements to be written whole by disjoint tasks before its length is set;
+/// NaN first in debug builds, as `par_build`, so an element left unwritten fails the tests.
+fn scratch<T: Scalar>(len: usize) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    if cfg!(debug_assertions) {
+        v.spare_capacity_mut().iter_mut().for_each(|e| {
+            e.write(T::nan());
+        });
+    }
+    v
+}
+
+/// Batch mean, inverse standard deviation and statistics of `xv: [N, C, H·W]` (m ≥ 2 values),
+/// and the value: per channel in parallel, the statistics and then right away that channel's
+/// planes of y, while its x is still in cache.
+fn train_normalizer<T: Scalar>(
+    xv: &[T],
+    [n, c, hw]: [usize; 3],
+    eps: T,
+    affine: &Affine<T>,
+) -> (Normalizer<T>, Vec<T>) {
     let m = n * hw;
     let plane = |p: usize| &xv[p * hw..(p + 1) * hw];
     let inv_m = T::one() / T::from_usize_lossy(m);
-    let per: Vec<(T, T)> = (0..c)
+    let mut y = scratch(n * c * hw);
+    let out = SendPtr(y.as_mut_ptr());
+    let per: Vec<(T, T, T)> = (0..c)
         .into_par_iter()
         .map(|ch| {
             let mean = channel_sum(n, |s| total(plane(s * c + ch))) * inv_m;
-            let ss = channel_sum(n, |s| sum_sq_centered(plane(s * c + ch), mean));
-            (mean, ss * inv_m)
+            let var = channel_sum(n, |s| sum_sq_centered(plane(s * c + ch), mean)) * inv_m;
+            let sd_inv = T::one() / (var + eps).sqrt();
+            for p in (0..n).map(|s| s * c + ch) {
+                // SAFETY: plane `p` lies within the capacity and only this channel's task
+                // writes it; `T` is a plain float.
+                let o = unsafe { out.slice(p * hw, hw) };
+                vectorized(
+                    #[inline(always)]
+                    || affine.plane(ch, mean, sd_inv, plane(p), o),
+                );
+            }
+            (mean, var, sd_inv)
         })
         .collect();
+    // SAFETY: every plane of every channel was written above.
+    unsafe { y.set_len(n * c * hw) };
     let mu: Vec<T> = per.iter().map(|p| p.0).collect();
-    let s: Vec<T> = per.iter().map(|p| T::one() / (p.1 + eps).sqrt()).collect();
+    let s: Vec<T> = per.iter().map(|p| p.2).collect();
     let unb = T::from_usize_lossy(m) / T::from_usize_lossy(m - 1);
     let stats = BatchStats {
         mean: mu.clone(),
         var_unbiased: per.iter().map(|p| p.1 * unb).collect(),
     };
-    Normalizer {
+    let norm = Normalizer {
         train: true,
         mu,
         s,
         stats: Some(stats),
-    }
+    };
+    (norm, y)
 }
 
-/// The normalizer `mode` asks for, for `x` of shape `xs` with values `xv`.
+/// The normalizer `mode` asks for, for `x` of shape `xs` with values `xv`, and the value.
 fn normalizer<T: Scalar>(
     xv: &[T],
     xs: &[usize],
     mode: BnMode<T>,
     eps: f64,
-) -> Result<Normalizer<T>> {
+    affine: &Affine<T>,
+) -> Result<(Normalizer<T>, Vec<T>)> {
     let (n, c, hw) = (xs[0], xs[1], xs[2] * xs[3]);
     let eps = T::c(eps);
     match mode {
@@ -139,7 +212,7 @@ fn normalizer<T: Scalar>(
                     "train mode needs more than one value per channel, got {xs:?}"
                 )));
             }
-            Ok(train_normalizer(xv, n, c, hw, eps))
+            Ok(train_normalizer(xv, [n, c, hw], eps, affine))
         }
         BnMode::Eval { mean, var } => {
             if mean.len() != c || var.len() != c {
@@ -150,12 +223,14 @@ fn normalizer<T: Scalar>(
                 )));
             }
             let s: Vec<T> = var.iter().map(|&v| T::one() / (v + eps).sqrt()).collect();
-            Ok(Normalizer {
+            let y = affine.planes(xv, [n, c, hw], mean, &s);
+            let norm = Normalizer {
                 train: false,
                 mu: mean.to_vec(),
                 s,
                 stats: None,
-            })
+            };
+            Ok((norm, y))
         }
     }
 }
@@ -164,28 +239,6 @@ impl<T: Scalar> BatchNorm2d<T> {
     /// Plane `p` (one sample, one channel) of an `[.., H·W]` buffer.
     fn plane<'b>(&self, buf: &'b [T], p: usize) -> &'b [T] {
         &buf[p * self.hw..(p + 1) * self.hw]
-    }
-
-    /// y = γ s x + (β − γ s μ) (then relu(y) with the epilogue), plane by plane.
-    fn value(&self, xv: &[T], gv: &[T], bv: &[T]) -> Vec<T> {
-        let (n, c, hw) = (self.n, self.c, self.hw);
-        let (mu, s) = (&self.mu, &self.s);
-        par_build(
-            n * c * hw,
-            hw,
-            || (),
-            #[inline(always)]
-            |_, p, yo| {
-                let ch = p % c;
-                let (sc, sh) = (gv[ch] * s[ch], bv[ch] - gv[ch] * s[ch] * mu[ch]);
-                let pairs = yo.iter_mut().zip(self.plane(xv, p));
-                if self.relu {
-                    pairs.for_each(|(o, &xi)| *o = relu(sc * xi + sh));
-                } else {
-                    pairs.for_each(|(o, &xi)| *o = sc * xi + sh);
-                }
-            },
-        )
     }
 
     /// Train mode: (mean(ẋ_k), mean(x̂ ẋ_k)) per (k, channel) for input tangents `xtd`.
@@ -321,7 +374,13 @@ impl<T: Scalar> Tape<T> {
     ) -> Result<(Var, Option<BatchStats<T>>)> {
         let xs = self.bn_shape(x, gamma, beta)?;
         let xv = self.value(x).data();
-        let norm = normalizer(xv, &xs, mode, eps)?;
+        let (gv, bv) = (self.value(gamma).data(), self.value(beta).data());
+        let affine = Affine {
+            gamma: gv,
+            beta: bv,
+            relu,
+        };
+        let (norm, yv) = normalizer(xv, &xs, mode, eps, &affine)?;
         let mut op = BatchNorm2d {
             x: x.0,
             gamma: gamma.0,
@@ -335,9 +394,7 @@ impl<T: Scalar> Tape<T> {
             c: xs[1],
             hw: xs[2] * xs[3],
         };
-        let gv = self.value(gamma).data();
-        let bv = self.value(beta).data();
-        let y = Tensor::from_vec(&xs, op.value(xv, gv, bv)).expect("bn value");
+        let y = Tensor::from_vec(&xs, yv).expect("bn value");
         let k = self.directions();
         let tangents = [self.tangent(x), self.tangent(gamma), self.tangent(beta)];
         let tangent = if tangents.iter().all(Option::is_none) {
@@ -415,13 +472,7 @@ impl<T: Scalar> Back<'_, T> {
     fn sums_and_grad_x(&self, want_gx: bool) -> (Vec<(T, T)>, Option<Vec<T>>) {
         let op = self.op;
         let len = if want_gx { op.n * op.c * op.hw } else { 0 };
-        let mut gx: Vec<T> = Vec::with_capacity(len);
-        if cfg!(debug_assertions) {
-            // NaN first, as `par_build`: a plane left unwritten fails the tests.
-            gx.spare_capacity_mut().iter_mut().for_each(|v| {
-                v.write(T::nan());
-            });
-        }
+        let mut gx: Vec<T> = scratch(len);
         let out = SendPtr(gx.as_mut_ptr());
         let sums: Vec<(T, T)> = (0..op.c)
             .into_par_iter()
