@@ -84,11 +84,11 @@ impl Net {
                         },
                     };
                     next_bn += 1;
-                    let (y, stats) = if fused[vars.len()] {
-                        tape.batch_norm2d_relu(input(0), p(0), p(1), mode, *eps)?
-                    } else {
-                        tape.batch_norm2d(input(0), p(0), p(1), mode, *eps)?
+                    let bn = match fused[vars.len()] {
+                        true => Tape::batch_norm2d_relu,
+                        false => Tape::batch_norm2d,
                     };
+                    let (y, stats) = bn(tape, input(0), p(0), p(1), mode, *eps)?;
                     batch_stats.extend(stats);
                     y
                 }

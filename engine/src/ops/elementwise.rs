@@ -57,6 +57,17 @@ impl Binary {
         }
     }
 
+    /// φ(a, b), then ReLU when `relu_after`.
+    #[inline(always)]
+    fn f_then<T: Scalar>(self, a: T, b: T, relu_after: bool) -> T {
+        let y = self.f(a, b);
+        if relu_after {
+            relu(y)
+        } else {
+            y
+        }
+    }
+
     fn partials<T: Scalar>(self, a: T, b: T) -> Partials<T> {
         let (o, z) = (T::one(), T::zero());
         match self {
@@ -174,41 +185,25 @@ impl<T: Scalar> Tape<T> {
 
     /// φ(a, b), then ReLU when `relu`.
     fn binary_then(&mut self, a: Var, b: Var, op: Binary, relu_after: bool) -> Result<Var> {
-        let f = |x: T, y: T| {
-            if relu_after {
-                relu(op.f(x, y))
-            } else {
-                op.f(x, y)
-            }
-        };
         self.check_var(a)?;
         self.check_var(b)?;
         let bc = Broadcast::new(op.name(), self.value(a).shape(), self.value(b).shape())?;
         let (av, bv) = (self.value(a).data(), self.value(b).data());
         let y = if bc.same {
             // One shape (the residual add): a plain loop over both operands, vectorized.
-            if relu_after {
-                par_map2(
-                    av,
-                    bv,
-                    #[inline(always)]
-                    |x, y| relu(op.f(x, y)),
-                )
-            } else {
-                par_map2(
-                    av,
-                    bv,
-                    #[inline(always)]
-                    |x, y| op.f(x, y),
-                )
-            }
+            par_map2(
+                av,
+                bv,
+                #[inline(always)]
+                |x, y| op.f_then(x, y, relu_after),
+            )
         } else {
             par_from_fn(
                 numel(&bc.out),
                 #[inline(always)]
                 |i| {
                     let (ia, ib) = bc.map(i);
-                    f(av[ia], bv[ib])
+                    op.f_then(av[ia], bv[ib], relu_after)
                 },
             )
         };
