@@ -81,7 +81,7 @@ fn one_and_two_threads_agree_bitwise() {
 }
 
 /// Loss, gradient and HVP bits of a graph of BatchNorm, ReLU, tanh, residual add, product and
-/// pooling only (the ops whose loops run through `kernels::cpu::vectorized`, no convolution
+/// pooling (and BatchNorm and the add with their ReLU epilogues) only (the ops whose loops run through `kernels::cpu::vectorized`, no convolution
 /// or GEMM), as one FNV-1a digest.
 fn elementwise_digest() -> u64 {
     let mut rng = StdRng::seed_from_u64(11);
@@ -94,6 +94,8 @@ fn elementwise_digest() -> u64 {
     let r = hvp(&params, &dirs, |t, v| {
         let (h, _) = t.batch_norm2d(v[0], v[1], v[2], BnMode::Train, 1e-5)?;
         let h = t.relu(h)?;
+        let (f, _) = t.batch_norm2d_relu(v[0], v[1], v[2], BnMode::Train, 1e-5)?;
+        let h = t.add_relu(h, f)?;
         let h = t.add(h, v[0])?;
         let g = t.tanh(h)?;
         let h = t.mul(h, g)?;

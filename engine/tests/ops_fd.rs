@@ -176,6 +176,40 @@ fn batch_norm_train_and_eval() {
 }
 
 #[test]
+fn batch_norm_relu_train_and_eval() {
+    let x = randn(&[3, 2, 2, 3], 63);
+    let g = randn(&[2], 64);
+    let b = randn(&[2], 65);
+    run(
+        "batch_norm2d_relu-train",
+        &[x.clone(), g.clone(), b.clone()],
+        |t, v| {
+            Ok(t.batch_norm2d_relu(v[0], v[1], v[2], BnMode::Train, 1e-5)?
+                .0)
+        },
+    );
+    let (mean, var) = ([0.3, -0.2], [1.5, 0.7]);
+    let eval = BnMode::Eval {
+        mean: &mean,
+        var: &var,
+    };
+    run("batch_norm2d_relu-eval", &[x, g, b], |t, v| {
+        Ok(t.batch_norm2d_relu(v[0], v[1], v[2], eval, 1e-5)?.0)
+    });
+}
+
+#[test]
+fn add_relu_same_shape_and_broadcast() {
+    let a = randn(&[3, 2, 4], 66);
+    run("add_relu", &[a.clone(), randn(&[3, 2, 4], 67)], |t, v| {
+        t.add_relu(v[0], v[1])
+    });
+    run("add_relu-broadcast", &[a, randn(&[2, 1], 68)], |t, v| {
+        t.add_relu(v[0], v[1])
+    });
+}
+
+#[test]
 fn losses() {
     run("log_softmax", &[randn(&[3, 5], 70)], |t, v| {
         t.log_softmax(v[0])
@@ -194,8 +228,8 @@ fn losses() {
 
 #[test]
 fn composite_network() {
-    // conv -> bn(train) -> relu -> maxpool -> flatten -> linear -> tanh -> linear -> CE,
-    // with a residual add: checks that rules compose.
+    // conv -> [bn(train) -> relu] + bn_relu(train) -> maxpool -> flatten -> linear -> tanh ->
+    // linear -> CE, with a residual add: checks that rules compose.
     let theta = vec![
         randn(&[3, 2, 4, 4], 80),
         randn(&[3, 2, 3, 3], 81),
@@ -210,6 +244,8 @@ fn composite_network() {
         let c = t.conv2d(v[0], v[1], None, 1, 1)?;
         let (b, _) = t.batch_norm2d(c, v[2], v[3], BnMode::Train, 1e-5)?;
         let r = t.relu(b)?;
+        let (r_fused, _) = t.batch_norm2d_relu(c, v[2], v[3], BnMode::Train, 1e-5)?;
+        let r = t.add(r, r_fused)?;
         let r2 = t.add(r, c)?;
         let p = t.max_pool2d(r2, 2, 2)?;
         let f = t.flatten(p)?;

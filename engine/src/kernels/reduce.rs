@@ -43,27 +43,58 @@ fn sum_zip<T: crate::Scalar>(x: &[T], y: &[T], f: impl Fn(T, T) -> T) -> T {
 pub fn sum_and_dot_centered<T: crate::Scalar>(x: &[T], mu: T, w: &[T]) -> (T, T) {
     vectorized(
         #[inline(always)]
-        || sum_and_dot_centered_body(x, mu, w),
+        || sum_and_dot_centered_body(x, mu, w, w, |b, _| b),
     )
 }
 
-/// The loop of [`sum_and_dot_centered`].
+/// [`sum_and_dot_centered`] with the weights `w_i` replaced by `f(w_i, u_i)`, computed on the
+/// fly: bit for bit [`sum_and_dot_centered`] of the materialized weights, without writing them.
+pub fn sum_and_dot_centered_by<T: crate::Scalar>(
+    x: &[T],
+    mu: T,
+    w: &[T],
+    u: &[T],
+    f: impl Fn(T, T) -> T,
+) -> (T, T) {
+    vectorized(
+        #[inline(always)]
+        || sum_and_dot_centered_body(x, mu, w, u, f),
+    )
+}
+
+/// The loop of [`sum_and_dot_centered_by`]: weight `i` is `f(w_i, u_i)`.
 #[inline(always)]
-fn sum_and_dot_centered_body<T: crate::Scalar>(x: &[T], mu: T, w: &[T]) -> (T, T) {
-    assert_eq!(x.len(), w.len(), "reduction operands differ in length");
+fn sum_and_dot_centered_body<T: crate::Scalar>(
+    x: &[T],
+    mu: T,
+    w: &[T],
+    u: &[T],
+    f: impl Fn(T, T) -> T,
+) -> (T, T) {
+    assert!(
+        x.len() == w.len() && x.len() == u.len(),
+        "reduction operands differ in length"
+    );
     let (mut s, mut d) = ([T::zero(); LANES], [T::zero(); LANES]);
-    let (xc, wc) = (x.chunks_exact(LANES), w.chunks_exact(LANES));
-    let (xr, wr) = (xc.remainder(), wc.remainder());
-    for (a, b) in xc.zip(wc) {
+    let (xc, wc, uc) = (
+        x.chunks_exact(LANES),
+        w.chunks_exact(LANES),
+        u.chunks_exact(LANES),
+    );
+    let (xr, wr, ur) = (xc.remainder(), wc.remainder(), uc.remainder());
+    for ((a, b), c) in xc.zip(wc).zip(uc) {
         for l in 0..LANES {
-            s[l] = s[l] + b[l];
-            d[l] = d[l] + (a[l] - mu) * b[l];
+            let wl = f(b[l], c[l]);
+            s[l] = s[l] + wl;
+            d[l] = d[l] + (a[l] - mu) * wl;
         }
     }
     xr.iter()
         .zip(wr)
-        .fold((combine(s), combine(d)), |(s, d), (&a, &b)| {
-            (s + b, d + (a - mu) * b)
+        .zip(ur)
+        .fold((combine(s), combine(d)), |(s, d), ((&a, &b), &c)| {
+            let wl = f(b, c);
+            (s + wl, d + (a - mu) * wl)
         })
 }
 
@@ -121,6 +152,18 @@ mod tests {
             assert_eq!(
                 sum_and_dot_centered(&x, 1.0, &y),
                 (sum(&y), dot_centered(&x, 1.0, &y))
+            );
+            let relu_y: Vec<f64> = y.iter().map(|&b| b.max(0.0)).collect();
+            assert_eq!(
+                sum_and_dot_centered_by(&x, 1.0, &x, &y, |a, b| a * b.max(0.0)),
+                sum_and_dot_centered(
+                    &x,
+                    1.0,
+                    &x.iter()
+                        .zip(&relu_y)
+                        .map(|(a, b)| a * b)
+                        .collect::<Vec<_>>()
+                )
             );
             assert_eq!(
                 sum_sq_centered(&x, 2.0),

@@ -35,7 +35,7 @@ impl Net {
         let vars: Vec<Var> = params.iter().map(|&p| tape.constant(p.clone())).collect();
         let xv = tape.constant(x.clone());
         let readers = self.sole_readers();
-        let mut rec = Recording::new(self.len());
+        let mut rec = Recording::new(self);
         let mut fused: Vec<Option<Var>> = vec![None; self.len()];
         for (i, node) in self.nodes().iter().enumerate() {
             if let Some(v) = fused[i] {
@@ -71,23 +71,6 @@ impl Net {
             .value(*rec.vars.last().expect("a net has its input"))
             .clone();
         Ok((out, rec.batch_stats))
-    }
-
-    /// For each node, the one node that reads it, when exactly one does and it is not the
-    /// net's output (whose value is wanted).
-    fn sole_readers(&self) -> Vec<Option<usize>> {
-        let mut count = vec![0usize; self.len()];
-        let mut reader = vec![None; self.len()];
-        for (j, node) in self.nodes().iter().enumerate() {
-            for &i in &node.inputs {
-                count[i.0] += 1;
-                reader[i.0] = Some(j);
-            }
-        }
-        let output = self.output().0;
-        (0..self.len())
-            .map(|i| reader[i].filter(|_| count[i] == 1 && i != output))
-            .collect()
     }
 
     /// The fusion that starts at node `i`: a convolution followed by its sole reader when that
@@ -160,7 +143,7 @@ mod tests {
         net.add(d, s).unwrap();
         let mut tape = Tape::<f32>::new(0);
         let x = tape.constant(Tensor::zeros(&[2, 3, 8, 8]));
-        let mut rec = Recording::new(net.len());
+        let mut rec = Recording::new(&net);
         rec.vars.push(x);
         let readers = net.sole_readers();
         let f = net

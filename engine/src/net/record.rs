@@ -1,6 +1,6 @@
 //! Recording a [`Net`] on a tape with the engine's ops.
 
-use super::{Layer, Net, Node, NormStats};
+use super::{Activation, Layer, Net, Node, NormStats};
 use crate::error::{EngineError, Result};
 use crate::ops::{BatchStats, BnMode, Loss};
 use crate::scalar::Scalar;
@@ -23,20 +23,23 @@ impl<T> Recorded<T> {
 }
 
 /// The state of a recording in progress: one variable per node recorded so far, the batch
-/// statistics gathered, and the next BatchNorm layer's index.
+/// statistics gathered, the next BatchNorm layer's index, and which nodes take the ReLU that
+/// reads them as an epilogue ([`Net::relu_epilogues`]).
 pub(super) struct Recording<T> {
     pub(super) vars: Vec<Var>,
     pub(super) batch_stats: Vec<BatchStats<T>>,
     pub(super) next_bn: usize,
+    relu_epilogue: Vec<bool>,
 }
 
 impl<T> Recording<T> {
-    /// An empty recording of a net with `nodes` nodes.
-    pub(super) fn new(nodes: usize) -> Self {
+    /// An empty recording of `net`.
+    pub(super) fn new(net: &Net) -> Self {
         Recording {
-            vars: Vec::with_capacity(nodes),
+            vars: Vec::with_capacity(net.len()),
             batch_stats: Vec::new(),
             next_bn: 0,
+            relu_epilogue: net.relu_epilogues(),
         }
     }
 }
@@ -53,7 +56,7 @@ impl Net {
         norm: &NormStats<'_, T>,
     ) -> Result<Recorded<T>> {
         self.check_inputs(tape.value(x).shape(), params.len(), norm)?;
-        let mut rec = Recording::new(self.len());
+        let mut rec = Recording::new(self);
         for node in self.nodes() {
             let v = self.record_node(tape, node, params, x, norm, &mut rec)?;
             rec.vars.push(v);
@@ -109,6 +112,7 @@ impl Net {
     ) -> Result<Var> {
         let p = |k: usize| params[node.first_param + k];
         let input = |k: usize| rec.vars[node.inputs[k].0];
+        let with_relu = rec.relu_epilogue[rec.vars.len()];
         Ok(match &node.layer {
             Layer::Input => x,
             Layer::Linear { bias, .. } => tape.linear(input(0), p(0), bias.then(|| p(1)))?,
@@ -127,10 +131,15 @@ impl Net {
                     },
                 };
                 rec.next_bn += 1;
-                let (y, stats) = tape.batch_norm2d(input(0), p(0), p(1), mode, *eps)?;
+                let bn = match with_relu {
+                    true => Tape::batch_norm2d_relu,
+                    false => Tape::batch_norm2d,
+                };
+                let (y, stats) = bn(tape, input(0), p(0), p(1), mode, *eps)?;
                 rec.batch_stats.extend(stats);
                 y
             }
+            Layer::Activation(_) if rec.relu_epilogue[node.inputs[0].0] => input(0),
             Layer::Activation(f) => tape.unary(input(0), f.unary())?,
             Layer::MaxPool2d { kernel, stride } => tape.max_pool2d(input(0), *kernel, *stride)?,
             Layer::AvgPool2d { kernel, stride } => tape.avg_pool2d(input(0), *kernel, *stride)?,
@@ -141,8 +150,40 @@ impl Net {
             }
             Layer::Flatten => tape.flatten(input(0))?,
             Layer::Identity => input(0),
+            Layer::Add if with_relu => tape.add_relu(input(0), input(1))?,
             Layer::Add => tape.add(input(0), input(1))?,
         })
+    }
+
+    /// For each node, the one node that reads it, when exactly one does and it is not the
+    /// net's output (whose value is wanted).
+    pub(super) fn sole_readers(&self) -> Vec<Option<usize>> {
+        let mut count = vec![0usize; self.len()];
+        let mut reader = vec![None; self.len()];
+        for (j, node) in self.nodes().iter().enumerate() {
+            for &i in &node.inputs {
+                count[i.0] += 1;
+                reader[i.0] = Some(j);
+            }
+        }
+        let output = self.output().0;
+        (0..self.len())
+            .map(|i| reader[i].filter(|_| count[i] == 1 && i != output))
+            .collect()
+    }
+
+    /// Per node: true for a BatchNorm or an add whose only reader is a ReLU, recorded as one
+    /// op with it ([`Tape::batch_norm2d_relu`], [`Tape::add_relu`]; the ReLU node then takes
+    /// the same variable).
+    fn relu_epilogues(&self) -> Vec<bool> {
+        let relu = |j: usize| matches!(self.nodes()[j].layer, Layer::Activation(Activation::Relu));
+        self.nodes()
+            .iter()
+            .zip(self.sole_readers())
+            .map(|(node, r)| {
+                matches!(node.layer, Layer::BatchNorm2d { .. } | Layer::Add) && r.is_some_and(relu)
+            })
+            .collect()
     }
 
     /// Records the net and the objective `kind` of its logits against `labels`.

@@ -44,7 +44,7 @@ impl<T: Scalar> Unary<T> {
     /// φ(x).
     pub fn f(self, x: T) -> T {
         match self {
-            Unary::Relu => relu_value(x),
+            Unary::Relu => relu(x),
             Unary::Tanh => x.tanh(),
             Unary::Sigmoid => sigmoid(x),
             Unary::Gelu => x * normal_cdf(x),
@@ -170,7 +170,7 @@ enum Order {
 /// chunk so the inner loop is tight (ReLU, the common case, gets its own loops).
 fn tabulate<T: Scalar>(f: Unary<T>, order: Order, xs: &[T]) -> Vec<T> {
     match (f, order) {
-        (Unary::Relu, Order::Value) => par_map(xs, relu_value),
+        (Unary::Relu, Order::Value) => par_map(xs, relu),
         (Unary::Relu, Order::First) => par_map(xs, relu_d1),
         (_, Order::Value) => par_map(
             xs,
@@ -196,7 +196,7 @@ pub(crate) fn apply_in_place<T: Scalar>(f: Unary<T>, xs: &mut [T]) {
     match f {
         Unary::Relu => vectorized(
             #[inline(always)]
-            || xs.iter_mut().for_each(|v| *v = relu_value(*v)),
+            || xs.iter_mut().for_each(|v| *v = relu(*v)),
         ),
         _ => vectorized(
             #[inline(always)]
@@ -205,9 +205,9 @@ pub(crate) fn apply_in_place<T: Scalar>(f: Unary<T>, xs: &mut [T]) {
     }
 }
 
-/// ReLU: the input above zero, 0 elsewhere (what [`Unary::f`] gives, as a tight loop body).
+/// ReLU: `v` above zero, 0 elsewhere (NaN gives 0).
 #[inline(always)]
-fn relu_value<T: Scalar>(v: T) -> T {
+pub(crate) fn relu<T: Scalar>(v: T) -> T {
     if v > T::zero() {
         v
     } else {
@@ -215,14 +215,36 @@ fn relu_value<T: Scalar>(v: T) -> T {
     }
 }
 
-/// ReLU's derivative: 1 above zero, 0 elsewhere.
+/// ReLU's derivative: 1 above zero, 0 elsewhere. Also ReLU's derivative at its *input*
+/// read off its output (`relu(z) > 0` exactly when `z > 0`), which fused ops use.
 #[inline(always)]
-fn relu_d1<T: Scalar>(v: T) -> T {
+pub(crate) fn relu_d1<T: Scalar>(v: T) -> T {
     if v > T::zero() {
         T::one()
     } else {
         T::zero()
     }
+}
+
+/// ReLU's VJP and its tangent at input (or output) values `x`: x̄ = relu'(x) ȳ and, with
+/// `gdot: [K, m]`, x̄˙ = relu'(x) ȳ˙ (relu'' vanishes, so there is no curvature term).
+pub(crate) fn relu_vjp<T: Scalar>(
+    x: &[T],
+    g: &[T],
+    gdot: Option<&[T]>,
+    k: usize,
+) -> (Vec<T>, Option<Vec<T>>) {
+    let gx = par_map2(
+        x,
+        g,
+        #[inline(always)]
+        |x, gy| relu_d1(x) * gy,
+    );
+    let dot = gdot.map(|gd| {
+        let d1 = tabulate(Unary::Relu, Order::First, x);
+        scale_blocks(x.len(), k, &[(&d1, gd)])
+    });
+    (gx, dot)
 }
 
 /// `out[k][i] = Σ_terms a_t[i] · b_t[k][i]` over `[K, m]` blocks, where each term pairs a
@@ -334,21 +356,24 @@ impl<T: Scalar> Rule<T> for UnaryOp<T> {
         let g = gy.data();
         let m = xs.len();
         let k = tape.directions();
+        if f == Unary::Relu {
+            let (gx, dot) = relu_vjp(xs, g, gdot.map(Tensor::data), k);
+            let shape = node.value.shape();
+            let dot = dot.map(|d| Tensor::from_vec(&tangent_shape(k, shape), d).expect("shape"));
+            sink.add(
+                self.x,
+                Tensor::from_vec(shape, gx).expect("grad shape"),
+                dot,
+            );
+            return;
+        }
         // x̄ = φ'(x) ȳ in one pass (the table φ'(x) is built only when a tangent term needs it)
-        let gx = match f {
-            Unary::Relu => par_map2(
-                xs,
-                g,
-                #[inline(always)]
-                |x, gy| relu_d1(x) * gy,
-            ),
-            _ => par_map2(
-                xs,
-                g,
-                #[inline(always)]
-                |x, gy| f.d1(x) * gy,
-            ),
-        };
+        let gx = par_map2(
+            xs,
+            g,
+            #[inline(always)]
+            |x, gy| f.d1(x) * gy,
+        );
         let d1 = gdot.map(|_| tabulate(f, Order::First, xs));
         let xt = node.tangent.as_ref().filter(|_| f.has_curvature());
         // x̄˙ = φ'(x) ȳ˙ + (φ''(x) ȳ) ẋ

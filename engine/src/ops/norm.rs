@@ -11,13 +11,20 @@
 //! Eval mode uses the running statistics: an affine map, x̂ = (x − μ_run) s, x̂˙ = s ẋ,
 //! x̄ = γ s ȳ, x̄˙ = s (γ̇ ȳ + γ ȳ˙), with the same β̄, γ̄ and their tangents.
 //! Channels run in parallel; each channel's sums run in a fixed order.
+//!
+//! With the ReLU epilogue ([`Tape::batch_norm2d_relu`]) the op's value is relu(y), in the same
+//! pass. Its rules are ReLU's composed with the above, ReLU's written once (activation.rs): the
+//! JVP is relu'·ẏ, and the backward masks ȳ and ȳ˙ by relu' (read off the stored output,
+//! relu(y) > 0 exactly when y > 0, so no extra state) before BN's own rules. With no tangents
+//! in play (the gradient), the mask is applied on the fly inside BN's passes over ȳ.
 
+use super::activation::{relu, relu_d1, relu_vjp};
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
 use crate::kernels::cpu::vectorized;
 use crate::kernels::par::{par_build, SendPtr};
 use crate::kernels::reduce::{
-    dot, dot_centered, sum as total, sum_and_dot_centered, sum_sq_centered,
+    dot, dot_centered, sum as total, sum_and_dot_centered_by, sum_sq_centered,
 };
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
@@ -52,6 +59,8 @@ pub(crate) struct BatchNorm2d<T> {
     gamma: usize,
     beta: usize,
     train: bool,
+    /// The ReLU epilogue: the op's value is relu(y).
+    relu: bool,
     /// Centre per channel (batch or running mean).
     mu: Vec<T>,
     /// Inverse standard deviation per channel.
@@ -86,41 +95,114 @@ struct Normalizer<T> {
     stats: Option<BatchStats<T>>,
 }
 
-/// Batch mean, inverse standard deviation and statistics of `xv: [N, C, H·W]` (m ≥ 2 values).
-fn train_normalizer<T: Scalar>(xv: &[T], n: usize, c: usize, hw: usize, eps: T) -> Normalizer<T> {
+/// What the value needs besides x and the normalization: γ, β and the epilogue.
+struct Affine<'a, T> {
+    gamma: &'a [T],
+    beta: &'a [T],
+    /// The ReLU epilogue.
+    relu: bool,
+}
+
+impl<T: Scalar> Affine<'_, T> {
+    /// One plane of channel `ch` (centre `mu`, inverse standard deviation `s`) from its plane
+    /// `xp` of x: y = γ s x + (β − γ s μ), then relu(y) with the epilogue.
+    #[inline(always)]
+    fn plane(&self, ch: usize, mu: T, s: T, xp: &[T], yo: &mut [T]) {
+        let (g, b) = (self.gamma[ch], self.beta[ch]);
+        let (sc, sh) = (g * s, b - g * s * mu);
+        let pairs = yo.iter_mut().zip(xp);
+        if self.relu {
+            pairs.for_each(|(o, &xi)| *o = relu(sc * xi + sh));
+        } else {
+            pairs.for_each(|(o, &xi)| *o = sc * xi + sh);
+        }
+    }
+
+    /// The value of `xv: [N, C, H·W]` for per-channel `mu`, `s`, plane by plane in parallel.
+    fn planes(&self, xv: &[T], [n, c, hw]: [usize; 3], mu: &[T], s: &[T]) -> Vec<T> {
+        par_build(
+            n * c * hw,
+            hw,
+            || (),
+            #[inline(always)]
+            |_, p, yo| {
+                let ch = p % c;
+                self.plane(ch, mu[ch], s[ch], &xv[p * hw..(p + 1) * hw], yo);
+            },
+        )
+    }
+}
+
+/// A buffer of `len` elements to be written whole by disjoint tasks before its length is set;
+/// NaN first in debug builds, as `par_build`, so an element left unwritten fails the tests.
+fn scratch<T: Scalar>(len: usize) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    if cfg!(debug_assertions) {
+        v.spare_capacity_mut().iter_mut().for_each(|e| {
+            e.write(T::nan());
+        });
+    }
+    v
+}
+
+/// Batch mean, inverse standard deviation and statistics of `xv: [N, C, H·W]` (m ≥ 2 values),
+/// and the value: per channel in parallel, the statistics and then right away that channel's
+/// planes of y, while its x is still in cache.
+fn train_normalizer<T: Scalar>(
+    xv: &[T],
+    [n, c, hw]: [usize; 3],
+    eps: T,
+    affine: &Affine<T>,
+) -> (Normalizer<T>, Vec<T>) {
     let m = n * hw;
     let plane = |p: usize| &xv[p * hw..(p + 1) * hw];
     let inv_m = T::one() / T::from_usize_lossy(m);
-    let per: Vec<(T, T)> = (0..c)
+    let mut y = scratch(n * c * hw);
+    let out = SendPtr(y.as_mut_ptr());
+    let per: Vec<(T, T, T)> = (0..c)
         .into_par_iter()
         .map(|ch| {
             let mean = channel_sum(n, |s| total(plane(s * c + ch))) * inv_m;
-            let ss = channel_sum(n, |s| sum_sq_centered(plane(s * c + ch), mean));
-            (mean, ss * inv_m)
+            let var = channel_sum(n, |s| sum_sq_centered(plane(s * c + ch), mean)) * inv_m;
+            let sd_inv = T::one() / (var + eps).sqrt();
+            for p in (0..n).map(|s| s * c + ch) {
+                // SAFETY: plane `p` lies within the capacity and only this channel's task
+                // writes it; `T` is a plain float.
+                let o = unsafe { out.slice(p * hw, hw) };
+                vectorized(
+                    #[inline(always)]
+                    || affine.plane(ch, mean, sd_inv, plane(p), o),
+                );
+            }
+            (mean, var, sd_inv)
         })
         .collect();
+    // SAFETY: every plane of every channel was written above.
+    unsafe { y.set_len(n * c * hw) };
     let mu: Vec<T> = per.iter().map(|p| p.0).collect();
-    let s: Vec<T> = per.iter().map(|p| T::one() / (p.1 + eps).sqrt()).collect();
+    let s: Vec<T> = per.iter().map(|p| p.2).collect();
     let unb = T::from_usize_lossy(m) / T::from_usize_lossy(m - 1);
     let stats = BatchStats {
         mean: mu.clone(),
         var_unbiased: per.iter().map(|p| p.1 * unb).collect(),
     };
-    Normalizer {
+    let norm = Normalizer {
         train: true,
         mu,
         s,
         stats: Some(stats),
-    }
+    };
+    (norm, y)
 }
 
-/// The normalizer `mode` asks for, for `x` of shape `xs` with values `xv`.
+/// The normalizer `mode` asks for, for `x` of shape `xs` with values `xv`, and the value.
 fn normalizer<T: Scalar>(
     xv: &[T],
     xs: &[usize],
     mode: BnMode<T>,
     eps: f64,
-) -> Result<Normalizer<T>> {
+    affine: &Affine<T>,
+) -> Result<(Normalizer<T>, Vec<T>)> {
     let (n, c, hw) = (xs[0], xs[1], xs[2] * xs[3]);
     let eps = T::c(eps);
     match mode {
@@ -130,7 +212,7 @@ fn normalizer<T: Scalar>(
                     "train mode needs more than one value per channel, got {xs:?}"
                 )));
             }
-            Ok(train_normalizer(xv, n, c, hw, eps))
+            Ok(train_normalizer(xv, [n, c, hw], eps, affine))
         }
         BnMode::Eval { mean, var } => {
             if mean.len() != c || var.len() != c {
@@ -141,12 +223,14 @@ fn normalizer<T: Scalar>(
                 )));
             }
             let s: Vec<T> = var.iter().map(|&v| T::one() / (v + eps).sqrt()).collect();
-            Ok(Normalizer {
+            let y = affine.planes(xv, [n, c, hw], mean, &s);
+            let norm = Normalizer {
                 train: false,
                 mu: mean.to_vec(),
                 s,
                 stats: None,
-            })
+            };
+            Ok((norm, y))
         }
     }
 }
@@ -155,25 +239,6 @@ impl<T: Scalar> BatchNorm2d<T> {
     /// Plane `p` (one sample, one channel) of an `[.., H·W]` buffer.
     fn plane<'b>(&self, buf: &'b [T], p: usize) -> &'b [T] {
         &buf[p * self.hw..(p + 1) * self.hw]
-    }
-
-    /// y = γ s x + (β − γ s μ), plane by plane.
-    fn value(&self, xv: &[T], gv: &[T], bv: &[T]) -> Vec<T> {
-        let (n, c, hw) = (self.n, self.c, self.hw);
-        let (mu, s) = (&self.mu, &self.s);
-        par_build(
-            n * c * hw,
-            hw,
-            || (),
-            #[inline(always)]
-            |_, p, yo| {
-                let ch = p % c;
-                let (sc, sh) = (gv[ch] * s[ch], bv[ch] - gv[ch] * s[ch] * mu[ch]);
-                for (o, &xi) in yo.iter_mut().zip(self.plane(xv, p)) {
-                    *o = sc * xi + sh;
-                }
-            },
-        )
     }
 
     /// Train mode: (mean(ẋ_k), mean(x̂ ẋ_k)) per (k, channel) for input tangents `xtd`.
@@ -195,8 +260,16 @@ impl<T: Scalar> BatchNorm2d<T> {
             .collect()
     }
 
-    /// ẏ = γ s ẋ + (γ̇ s − γ s² a) (x − μ) + (β̇ − γ s mean(ẋ)) per (k, channel).
-    fn tangent(&self, xv: &[T], gv: &[T], tangents: [Option<&Tensor<T>>; 3], k: usize) -> Vec<T> {
+    /// ẏ = γ s ẋ + (γ̇ s − γ s² a) (x − μ) + (β̇ − γ s mean(ẋ)) per (k, channel); with the
+    /// epilogue, times relu' read off the op's value `yv`.
+    fn tangent(
+        &self,
+        xv: &[T],
+        yv: &[T],
+        gv: &[T],
+        tangents: [Option<&Tensor<T>>; 3],
+        k: usize,
+    ) -> Vec<T> {
         let (n, c, hw) = (self.n, self.c, self.hw);
         let [xt, gt, bt] = tangents;
         par_build(
@@ -230,6 +303,11 @@ impl<T: Scalar> BatchNorm2d<T> {
                         for (o, &xi) in to.iter_mut().zip(self.plane(xv, vp)) {
                             *o = c_xc * (xi - mu) + c0;
                         }
+                    }
+                }
+                if self.relu {
+                    for (o, &yi) in to.iter_mut().zip(self.plane(yv, vp)) {
+                        *o = relu_d1(yi) * *o;
                     }
                 }
             },
@@ -269,14 +347,46 @@ impl<T: Scalar> Tape<T> {
         mode: BnMode<T>,
         eps: f64,
     ) -> Result<(Var, Option<BatchStats<T>>)> {
+        self.record_batch_norm2d([x, gamma, beta], mode, eps, false)
+    }
+
+    /// relu([`Tape::batch_norm2d`]) as one op: one pass over the activation each way instead
+    /// of two, and one value on the tape instead of two. The same values, gradients and
+    /// Hessian-vector products, bit for bit, as `batch_norm2d` followed by [`Tape::relu`].
+    pub fn batch_norm2d_relu(
+        &mut self,
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        mode: BnMode<T>,
+        eps: f64,
+    ) -> Result<(Var, Option<BatchStats<T>>)> {
+        self.record_batch_norm2d([x, gamma, beta], mode, eps, true)
+    }
+
+    /// Records batch normalization of `[x, gamma, beta]`, with the ReLU epilogue when `relu`.
+    fn record_batch_norm2d(
+        &mut self,
+        [x, gamma, beta]: [Var; 3],
+        mode: BnMode<T>,
+        eps: f64,
+        relu: bool,
+    ) -> Result<(Var, Option<BatchStats<T>>)> {
         let xs = self.bn_shape(x, gamma, beta)?;
         let xv = self.value(x).data();
-        let norm = normalizer(xv, &xs, mode, eps)?;
+        let (gv, bv) = (self.value(gamma).data(), self.value(beta).data());
+        let affine = Affine {
+            gamma: gv,
+            beta: bv,
+            relu,
+        };
+        let (norm, yv) = normalizer(xv, &xs, mode, eps, &affine)?;
         let mut op = BatchNorm2d {
             x: x.0,
             gamma: gamma.0,
             beta: beta.0,
             train: norm.train,
+            relu,
             mu: norm.mu,
             s: norm.s,
             tstats: Vec::new(),
@@ -284,9 +394,7 @@ impl<T: Scalar> Tape<T> {
             c: xs[1],
             hw: xs[2] * xs[3],
         };
-        let gv = self.value(gamma).data();
-        let bv = self.value(beta).data();
-        let y = Tensor::from_vec(&xs, op.value(xv, gv, bv)).expect("bn value");
+        let y = Tensor::from_vec(&xs, yv).expect("bn value");
         let k = self.directions();
         let tangents = [self.tangent(x), self.tangent(gamma), self.tangent(beta)];
         let tangent = if tangents.iter().all(Option::is_none) {
@@ -295,7 +403,7 @@ impl<T: Scalar> Tape<T> {
             if let (true, Some(xt)) = (op.train, tangents[0]) {
                 op.tstats = op.tangent_stats(xv, xt.data(), k);
             }
-            let t = op.tangent(xv, gv, tangents, k);
+            let t = op.tangent(xv, y.data(), gv, tangents, k);
             Some(Tensor::from_vec(&tangent_shape(k, &xs), t).expect("bn tangent"))
         };
         Ok((
@@ -317,7 +425,9 @@ struct DotCoef<T> {
 }
 
 /// What the backward rule reads, gathered once: the op, ȳ, ȳ˙ and the inputs' values
-/// and tangents.
+/// and tangents. With the ReLU epilogue, `g` and `gdot` are either already masked by relu'
+/// (`mask` is `None`), or `mask` holds the op's value and [`Back::channel_sums`] and
+/// [`Back::grad_x_plane`] (the only readers of `g` then) mask on the fly.
 struct Back<'a, T> {
     op: &'a BatchNorm2d<T>,
     /// Number of tangent directions.
@@ -329,7 +439,9 @@ struct Back<'a, T> {
     gam: &'a [T],
     gt: Option<&'a Tensor<T>>,
     g: &'a [T],
-    gdot: Option<&'a Tensor<T>>,
+    /// The op's value, to mask `g` by relu' as it is read.
+    mask: Option<&'a [T]>,
+    gdot: Option<&'a [T]>,
 }
 
 impl<T: Scalar> Back<'_, T> {
@@ -345,7 +457,11 @@ impl<T: Scalar> Back<'_, T> {
         let (op, g, xv) = (self.op, self.g, self.xv);
         let (sy, syx) = (0..op.n).fold((T::zero(), T::zero()), |(sy, syx), s| {
             let r = self.vplane(g, s * op.c + ch);
-            let (a, b) = sum_and_dot_centered(&xv[r.clone()], op.mu[ch], &g[r]);
+            let (xp, gp) = (&xv[r.clone()], &g[r.clone()]);
+            let (a, b) = match self.mask {
+                None => sum_and_dot_centered_by(xp, op.mu[ch], gp, gp, |g, _| g),
+                Some(y) => sum_and_dot_centered_by(xp, op.mu[ch], gp, &y[r], masked),
+            };
             (sy + a, syx + b)
         });
         (sy, syx * op.s[ch])
@@ -356,13 +472,7 @@ impl<T: Scalar> Back<'_, T> {
     fn sums_and_grad_x(&self, want_gx: bool) -> (Vec<(T, T)>, Option<Vec<T>>) {
         let op = self.op;
         let len = if want_gx { op.n * op.c * op.hw } else { 0 };
-        let mut gx: Vec<T> = Vec::with_capacity(len);
-        if cfg!(debug_assertions) {
-            // NaN first, as `par_build`: a plane left unwritten fails the tests.
-            gx.spare_capacity_mut().iter_mut().for_each(|v| {
-                v.write(T::nan());
-            });
-        }
+        let mut gx: Vec<T> = scratch(len);
         let out = SendPtr(gx.as_mut_ptr());
         let sums: Vec<(T, T)> = (0..op.c)
             .into_par_iter()
@@ -393,7 +503,6 @@ impl<T: Scalar> Back<'_, T> {
         let tp = |s_: usize| (kk * n * c + s_ * c + ch) * hw..(kk * n * c + s_ * c + ch + 1) * hw;
         let (mut sd, mut sdx) = (T::zero(), T::zero());
         if let Some(gd) = self.gdot {
-            let gd = gd.data();
             sd = channel_sum(n, |s_| total(&gd[tp(s_)]));
             sdx = channel_sum(n, |s_| {
                 dot_centered(&xv[self.vplane(xv, s_ * c + ch)], mu, &gd[tp(s_)])
@@ -418,23 +527,43 @@ impl<T: Scalar> Back<'_, T> {
         (sd, sdx, syxd)
     }
 
-    /// Plane `vp` of x̄ into `o`: train: x̄ = sγ ȳ − (s²γ Syx/m)(x − μ) − sγ Sy/m;
-    /// eval: x̄ = sγ ȳ, with the channel's sums `(Sy, Syx)`.
+    /// Plane `vp` of x̄ into `o` (ȳ masked on the fly with [`Back::mask`]).
     #[inline(always)]
-    fn grad_x_plane(&self, vp: usize, (sy, syx): (T, T), o: &mut [T]) {
-        let (op, g, xv, inv_m) = (self.op, self.g, self.xv, self.inv_m);
+    fn grad_x_plane(&self, vp: usize, sums: (T, T), o: &mut [T]) {
+        let r = self.vplane(self.g, vp);
+        let gp = &self.g[r.clone()];
+        match self.mask {
+            None => self.grad_x_plane_by(vp, sums, o, gp, gp, |g, _| g),
+            Some(y) => self.grad_x_plane_by(vp, sums, o, gp, &y[r], masked),
+        }
+    }
+
+    /// Plane `vp` of x̄ into `o` from the weights f(ȳ, u): train: x̄ = sγ ȳ − (s²γ Syx/m)(x − μ)
+    /// − sγ Sy/m; eval: x̄ = sγ ȳ, with the channel's sums `(Sy, Syx)`.
+    #[inline(always)]
+    fn grad_x_plane_by(
+        &self,
+        vp: usize,
+        (sy, syx): (T, T),
+        o: &mut [T],
+        gp: &[T],
+        up: &[T],
+        f: impl Fn(T, T) -> T,
+    ) {
+        let (op, inv_m) = (self.op, self.inv_m);
         let ch = vp % op.c;
         let (s, mu, ga) = (op.s[ch], op.mu[ch], self.gam[ch]);
-        let r = self.vplane(g, vp);
+        let xp = &self.xv[self.vplane(self.xv, vp)];
         let c_y = s * ga;
+        let gu = gp.iter().zip(up).map(|(&g, &u)| f(g, u));
         if op.train {
             let c_xc = -s * s * ga * syx * inv_m;
             let c0 = -s * ga * sy * inv_m;
-            for ((oi, &gi), &xi) in o.iter_mut().zip(&g[r.clone()]).zip(&xv[r]) {
+            for ((oi, gi), &xi) in o.iter_mut().zip(gu).zip(xp) {
                 *oi = c_y * gi + c_xc * (xi - mu) + c0;
             }
         } else {
-            for (oi, &gi) in o.iter_mut().zip(&g[r]) {
+            for (oi, gi) in o.iter_mut().zip(gu) {
                 *oi = c_y * gi;
             }
         }
@@ -489,7 +618,7 @@ impl<T: Scalar> Back<'_, T> {
                 let cf = self.dot_coef(kk, ch, sums, dsums);
                 let r = self.vplane(g, vp);
                 let (xp, gp, gxp) = (&xv[r.clone()], &g[r.clone()], &gxd[r]);
-                let gdp = self.gdot.map(|t| &t.data()[tp * hw..(tp + 1) * hw]);
+                let gdp = self.gdot.map(|t| &t[tp * hw..(tp + 1) * hw]);
                 let xdp = self.xt.map(|t| &t.data()[tp * hw..(tp + 1) * hw]);
                 for i in 0..hw {
                     let mut v = cf.xbar * gxp[i] + cf.y * gp[i] + cf.xc * (xp[i] - mu) + cf.c0;
@@ -506,6 +635,12 @@ impl<T: Scalar> Back<'_, T> {
     }
 }
 
+/// ȳ masked by relu' read off the op's value `y`: ReLU's VJP, element by element.
+#[inline(always)]
+fn masked<T: Scalar>(g: T, y: T) -> T {
+    relu_d1(y) * g
+}
+
 impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
     fn inputs(&self) -> Vec<usize> {
         vec![self.x, self.gamma, self.beta]
@@ -514,26 +649,38 @@ impl<T: Scalar> Rule<T> for BatchNorm2d<T> {
     fn backward(
         &self,
         tape: &Tape<T>,
-        _out: usize,
+        out: usize,
         gy: &Tensor<T>,
         gdot: Option<&Tensor<T>>,
         sink: &mut Sink<T>,
     ) {
         let (c, k) = (self.c, tape.directions());
         let nx = tape.node(self.x);
+        let (xt, gt) = (nx.tangent.as_ref(), tape.node(self.gamma).tangent.as_ref());
+        let want_dot = gdot.is_some() || xt.is_some() || gt.is_some();
+        let y = self.relu.then(|| tape.node(out).value.data());
+        // With tangents in play, ȳ and ȳ˙ are masked once by ReLU's own VJP; the gradient
+        // alone masks ȳ on the fly in its two passes.
+        let relu_masked = y
+            .filter(|_| want_dot)
+            .map(|y| relu_vjp(y, gy.data(), gdot.map(Tensor::data), k));
+        let (g, gdot) = match &relu_masked {
+            Some((g, gd)) => (g.as_slice(), gd.as_deref()),
+            None => (gy.data(), gdot.map(Tensor::data)),
+        };
         let back = Back {
             op: self,
             k,
             inv_m: T::one() / T::from_usize_lossy(self.n * self.hw),
             xv: nx.value.data(),
-            xt: nx.tangent.as_ref(),
+            xt,
             gam: tape.node(self.gamma).value.data(),
-            gt: tape.node(self.gamma).tangent.as_ref(),
-            g: gy.data(),
+            gt,
+            g,
+            mask: y.filter(|_| !want_dot),
             gdot,
         };
         let (sums, gx) = back.sums_and_grad_x(tape.needs_grad(self.x));
-        let want_dot = gdot.is_some() || back.xt.is_some() || back.gt.is_some();
         let dsums: Vec<(T, T, T)> = if want_dot {
             (0..k * c)
                 .into_par_iter()

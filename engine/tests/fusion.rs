@@ -1,0 +1,206 @@
+//! Fused ops against the ops they fuse: BatchNorm with its ReLU epilogue
+//! (`Tape::batch_norm2d_relu`) gives the values, tangents, gradients and Hessian-vector
+//! products of `batch_norm2d` followed by `relu`, bit for bit, in train and eval mode, for the
+//! gradient alone (ȳ masked on the fly) and with tangent directions (ȳ, ȳ˙ masked first); the
+//! same for the add (`Tape::add_relu`); `Net::record` fuses a BatchNorm or an add with a ReLU
+//! only when the ReLU is its one consumer.
+
+use flatmin_engine::net::{Activation, ConvOptions, Net, NormStats, RunningStats};
+use flatmin_engine::{BnMode, Result, Tape, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor<f32> {
+    Tensor::randn(shape, &mut StdRng::seed_from_u64(seed))
+}
+
+/// The bits of a tensor, to compare results exactly.
+fn bits(t: &Tensor<f32>) -> Vec<u32> {
+    t.data().iter().map(|v| v.to_bits()).collect()
+}
+
+/// Everything a recording gives: output value and tangent, and per parameter its gradient
+/// and HVP, as bits.
+type Outcome = Vec<Vec<u32>>;
+
+/// Records `f` on a tape with `k` directions over the parameters `theta`, then a curved
+/// objective Σ w·y², and returns [`Outcome`].
+fn outcome(
+    theta: &[Tensor<f32>],
+    k: usize,
+    f: impl Fn(&mut Tape<f32>, &[Var]) -> Result<Var>,
+) -> Outcome {
+    let mut tape = Tape::<f32>::new(k);
+    let vars: Vec<Var> = theta
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut shape = vec![k];
+            shape.extend_from_slice(p.shape());
+            let dir = (k > 0).then(|| randn(&shape, 100 + i as u64));
+            tape.param(p.clone(), dir).unwrap()
+        })
+        .collect();
+    let y = f(&mut tape, &vars).unwrap();
+    let w = tape.constant(randn(tape.value(y).shape(), 99));
+    let sq = tape.square(y).unwrap();
+    let weighted = tape.mul(sq, w).unwrap();
+    let loss = tape.sum(weighted).unwrap();
+    let grads = tape.backward(loss).unwrap();
+    let mut out = vec![bits(tape.value(y))];
+    out.extend(tape.tangent(y).map(bits));
+    for &v in &vars {
+        out.push(bits(&grads.grad(&tape, v)));
+        out.push(bits(&grads.hvp(&tape, v)));
+    }
+    out
+}
+
+/// The fused op and BN then ReLU agree bit for bit, train and eval, gradient and HVP, with
+/// planes that are and are not a multiple of the vector width.
+#[test]
+fn batch_norm_relu_fused_matches_the_two_ops_bit_for_bit() {
+    let (mean, var) = ([0.3f32, -0.2, 0.1], [1.5f32, 0.7, 0.2]);
+    for (shape, seed) in [([4, 3, 5, 7], 1), ([2, 3, 16, 16], 2)] {
+        let theta = [
+            randn(&shape, seed),
+            randn(&[3], seed + 10),
+            randn(&[3], seed + 20),
+        ];
+        for mode in [
+            BnMode::Train,
+            BnMode::Eval {
+                mean: &mean,
+                var: &var,
+            },
+        ] {
+            for k in [0, 2] {
+                let fused = outcome(&theta, k, |t, v| {
+                    Ok(t.batch_norm2d_relu(v[0], v[1], v[2], mode, 1e-5)?.0)
+                });
+                let apart = outcome(&theta, k, |t, v| {
+                    let (y, _) = t.batch_norm2d(v[0], v[1], v[2], mode, 1e-5)?;
+                    t.relu(y)
+                });
+                assert_eq!(fused, apart, "{shape:?} {mode:?} k={k}");
+                // The ReLU did clip: the mask is not trivially all ones.
+                assert!(fused[0].contains(&0), "{shape:?} {mode:?}");
+            }
+        }
+    }
+}
+
+/// The fused add and ReLU and the two ops agree bit for bit, one shape and broadcast.
+#[test]
+fn add_relu_fused_matches_the_two_ops_bit_for_bit() {
+    for (b_shape, seed) in [(vec![4, 3, 5, 7], 3), (vec![3, 1, 1], 4)] {
+        let theta = [randn(&[4, 3, 5, 7], seed), randn(&b_shape, seed + 10)];
+        for k in [0, 2] {
+            let fused = outcome(&theta, k, |t, v| t.add_relu(v[0], v[1]));
+            let apart = outcome(&theta, k, |t, v| {
+                let s = t.add(v[0], v[1])?;
+                t.relu(s)
+            });
+            assert_eq!(fused, apart, "{b_shape:?} k={k}");
+            assert!(fused[0].contains(&0), "{b_shape:?}");
+        }
+    }
+}
+
+/// conv → BN → ReLU → conv → BN → [ReLU, and the residual add reads the BN too] → add → ReLU
+/// → pool → linear, and the same by hand with every op apart.
+fn small_net() -> Net {
+    let mut net = Net::new(&[2, 6, 6]);
+    let pad1 = ConvOptions {
+        padding: 1,
+        bias: false,
+        ..ConvOptions::default()
+    };
+    let mut h = net.conv2d("c1", net.input(), 3, 3, pad1).unwrap();
+    h = net.batch_norm2d("b1", h).unwrap();
+    h = net.relu(h).unwrap();
+    let c = net.conv2d("c2", h, 3, 3, pad1).unwrap();
+    let b = net.batch_norm2d("b2", c).unwrap();
+    let r = net.relu(b).unwrap();
+    h = net.add(r, b).unwrap();
+    h = net.activation(h, Activation::Relu).unwrap();
+    h = net.adaptive_avg_pool2d(h).unwrap();
+    h = net.flatten(h).unwrap();
+    net.linear("fc", h, 4, true).unwrap();
+    net
+}
+
+/// [`small_net`] recorded op by op, no fusion.
+fn small_net_by_hand(t: &mut Tape<f32>, v: &[Var], x: Var, modes: [BnMode<f32>; 2]) -> Result<Var> {
+    let c1 = t.conv2d(x, v[0], None, 1, 1)?;
+    let (b1, _) = t.batch_norm2d(c1, v[1], v[2], modes[0], 1e-5)?;
+    let r1 = t.relu(b1)?;
+    let c2 = t.conv2d(r1, v[3], None, 1, 1)?;
+    let (b2, _) = t.batch_norm2d(c2, v[4], v[5], modes[1], 1e-5)?;
+    let r2 = t.relu(b2)?;
+    let s = t.add(r2, b2)?;
+    let r3 = t.relu(s)?;
+    let p = t.global_avg_pool(r3)?;
+    let f = t.flatten(p)?;
+    let z = t.linear(f, v[6], Some(v[7]))?;
+    t.cross_entropy(z, &[0, 3, 1])
+}
+
+/// `Net::record` fuses the first BN and the add with their ReLUs (not the second BN: it has
+/// two readers), and the net's gradient and HVP are those of the ops recorded apart, bit for bit.
+#[test]
+fn record_fuses_batch_norms_and_adds_with_their_only_relu() {
+    let net = small_net();
+    let theta: Vec<Tensor<f32>> = net
+        .params()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| randn(&s.shape, 40 + i as u64))
+        .collect();
+    let x = randn(&[3, 2, 6, 6], 7);
+    let (m1, v1, m2, v2) = ([0.1f32, 0.0, -0.1], [0.5f32, 1.0, 2.0], [0.0; 3], [1.0; 3]);
+    let running = || {
+        NormStats::Running(vec![
+            RunningStats {
+                mean: &m1,
+                var: &v1,
+            },
+            RunningStats {
+                mean: &m2,
+                var: &v2,
+            },
+        ])
+    };
+    let eval = [
+        BnMode::Eval {
+            mean: &m1,
+            var: &v1,
+        },
+        BnMode::Eval {
+            mean: &m2,
+            var: &v2,
+        },
+    ];
+    for (norm, modes) in [(NormStats::Batch, [BnMode::Train; 2]), (running(), eval)] {
+        for k in [0, 2] {
+            let fused = outcome(&theta, k, |t, v| {
+                let xv = t.constant(x.clone());
+                let rec = net.record(t, v, xv, &norm)?;
+                assert_eq!(rec.vars[2], rec.vars[3], "b1 and its ReLU share a value");
+                assert_ne!(rec.vars[5], rec.vars[6], "b2 has two readers");
+                assert_eq!(
+                    rec.vars[7], rec.vars[8],
+                    "the add and its ReLU share a value"
+                );
+                let loss = t.cross_entropy(rec.output(), &[0, 3, 1])?;
+                t.reshape(loss, &[1])
+            });
+            let apart = outcome(&theta, k, |t, v| {
+                let xv = t.constant(x.clone());
+                let loss = small_net_by_hand(t, v, xv, modes)?;
+                t.reshape(loss, &[1])
+            });
+            assert_eq!(fused, apart, "k={k}");
+        }
+    }
+}
