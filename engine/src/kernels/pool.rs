@@ -213,8 +213,8 @@ mod wide_2x2 {
     }
 
     /// One block of `n` ≤ 16 windows (`n = ys.len()`): `top` and `bottom` hold `2 n` values
-    /// each (read through masks: nothing past them), `first` is the plane offset of the first
-    /// window's top-left value. False (nothing written) on a NaN.
+    /// each (nothing past them is read), `first` is the plane offset of the first window's
+    /// top-left value. False (nothing written) on a NaN.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn block<const ARG: bool>(
@@ -229,17 +229,19 @@ mod wide_2x2 {
         let n = ys.len();
         assert!(n <= 16 && top.len() == 2 * n && bottom.len() == 2 * n);
         assert!(!ARG || args.len() == n);
-        let lanes = |count: usize| ((1u32 << count.min(16)) - 1) as u16;
-        let (lo, hi, out) = (lanes(2 * n), lanes((2 * n).saturating_sub(16)), lanes(n));
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-        // Masked loads read only the block's own values.
+        // A shorter block goes through zero-padded copies: plain loads and stores only
+        // (masked stores cost far more than these copies on Zen 5).
         let load = |row: &[f32]| {
-            let p = row.as_ptr();
-            (
-                _mm512_maskz_loadu_ps(lo, p),
-                _mm512_maskz_loadu_ps(hi, p.wrapping_add(16)),
-            )
+            let mut full = [0f32; 32];
+            let p = if n == 16 {
+                row.as_ptr()
+            } else {
+                full[..2 * n].copy_from_slice(row);
+                full.as_ptr()
+            };
+            (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
         };
         let ((t0, t1), (b0, b1)) = (load(top), load(bottom));
         let a = _mm512_permutex2var_ps(t0, even, t1);
@@ -259,11 +261,20 @@ mod wide_2x2 {
             best = _mm512_mask_blend_ps(larger, best, v);
             at = _mm512_mask_blend_epi32(larger, at, _mm512_set1_epi32(off as i32));
         }
-        _mm512_mask_storeu_ps(ys.as_mut_ptr(), out, best);
-        if ARG {
-            let base = _mm512_add_epi32(_mm512_set1_epi32(first as i32), even);
-            let idx = _mm512_add_epi32(base, at);
-            _mm512_mask_storeu_epi32(args.as_mut_ptr().cast(), out, idx);
+        let idx = _mm512_add_epi32(_mm512_add_epi32(_mm512_set1_epi32(first as i32), even), at);
+        if n == 16 {
+            _mm512_storeu_ps(ys.as_mut_ptr(), best);
+            if ARG {
+                _mm512_storeu_si512(args.as_mut_ptr().cast(), idx);
+            }
+        } else {
+            let (mut v, mut i) = ([0f32; 16], [0u32; 16]);
+            _mm512_storeu_ps(v.as_mut_ptr(), best);
+            ys.copy_from_slice(&v[..n]);
+            if ARG {
+                _mm512_storeu_si512(i.as_mut_ptr().cast(), idx);
+                args.copy_from_slice(&i[..n]);
+            }
         }
         true
     }
