@@ -38,17 +38,9 @@ fn sum_zip<T: crate::Scalar>(x: &[T], y: &[T], f: impl Fn(T, T) -> T) -> T {
         .fold(combine(acc), |s, (&a, &b)| s + f(a, b))
 }
 
-/// `(Σ_i w_i, Σ_i (x_i − mu) w_i)` in one pass, each bit for bit [`sum`] and
-/// [`dot_centered`] (the same partial sums in the same order).
-pub fn sum_and_dot_centered<T: crate::Scalar>(x: &[T], mu: T, w: &[T]) -> (T, T) {
-    vectorized(
-        #[inline(always)]
-        || sum_and_dot_centered_body(x, mu, w, w, |b, _| b),
-    )
-}
-
-/// [`sum_and_dot_centered`] with the weights `w_i` replaced by `f(w_i, u_i)`, computed on the
-/// fly: bit for bit [`sum_and_dot_centered`] of the materialized weights, without writing them.
+/// `(Σ_i w'_i, Σ_i (x_i − mu) w'_i)` in one pass with the weights `w'_i = f(w_i, u_i)`
+/// computed on the fly: bit for bit [`sum`] and [`dot_centered`] of the materialized weights
+/// (the same partial sums in the same order), without writing them.
 pub fn sum_and_dot_centered_by<T: crate::Scalar>(
     x: &[T],
     mu: T,
@@ -150,20 +142,13 @@ mod tests {
                 x.iter().zip(&y).map(|(a, b)| (a - 1.0) * b).sum::<f64>()
             );
             assert_eq!(
-                sum_and_dot_centered(&x, 1.0, &y),
+                sum_and_dot_centered_by(&x, 1.0, &y, &y, |b, _| b),
                 (sum(&y), dot_centered(&x, 1.0, &y))
             );
-            let relu_y: Vec<f64> = y.iter().map(|&b| b.max(0.0)).collect();
+            let weights: Vec<f64> = x.iter().zip(&y).map(|(a, b)| a * b.max(0.0)).collect();
             assert_eq!(
                 sum_and_dot_centered_by(&x, 1.0, &x, &y, |a, b| a * b.max(0.0)),
-                sum_and_dot_centered(
-                    &x,
-                    1.0,
-                    &x.iter()
-                        .zip(&relu_y)
-                        .map(|(a, b)| a * b)
-                        .collect::<Vec<_>>()
-                )
+                (sum(&weights), dot_centered(&x, 1.0, &weights))
             );
             assert_eq!(
                 sum_sq_centered(&x, 2.0),
