@@ -103,10 +103,11 @@ fn max_plane_2x2<T: Scalar, const ARG: bool>(g: &PoolGeom, x: &[T], y: &mut [T],
             &mut []
         };
         let done = wide_2x2::rows::<T, ARG>(top, bottom, ys, args, r0, w);
-        for ox in 0..wo {
-            if done.get(ox / wide_2x2::WINDOWS) == Some(&true) {
-                continue;
-            }
+        // The windows of the blocks the wide path left (all of them where it does not run).
+        let left = (0..wo.div_ceil(wide_2x2::WINDOWS))
+            .filter(|&b| b >= 64 || done & (1 << b) == 0)
+            .flat_map(|b| b * wide_2x2::WINDOWS..((b + 1) * wide_2x2::WINDOWS).min(wo));
+        for ox in left {
             let (a, b, c, d) = (
                 top[2 * ox],
                 top[2 * ox + 1],
@@ -158,12 +159,13 @@ mod wide_2x2 {
 
     /// Windows per block.
     pub(super) const WINDOWS: usize = 16;
-    /// Most blocks one call reports on (longer rows: the rest run the generic loop).
+    /// Most blocks one call reports on (one bit each; longer rows: the rest run the generic
+    /// loop).
     const MAX_BLOCKS: usize = 64;
 
     /// Pools the blocks of a row pair (`top`, `bottom`: `2 wo` values from the plane offset
     /// `r0`, rows `w` apart; the last block may be shorter) into `ys` (and `args`, with
-    /// `ARG`); entry `b` of the result is true where block `b` was written.
+    /// `ARG`); bit `b` of the result is set where block `b` was written.
     #[inline(always)]
     pub(super) fn rows<T: Scalar, const ARG: bool>(
         top: &[T],
@@ -172,8 +174,8 @@ mod wide_2x2 {
         args: &mut [u32],
         r0: usize,
         w: usize,
-    ) -> [bool; MAX_BLOCKS] {
-        let mut done = [false; MAX_BLOCKS];
+    ) -> u64 {
+        let mut done = 0u64;
         #[cfg(target_arch = "x86_64")]
         if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
             && crate::kernels::cpu::isa() == crate::kernels::cpu::Isa::Avx512
@@ -187,7 +189,7 @@ mod wide_2x2 {
                     std::slice::from_raw_parts_mut(ys.as_mut_ptr().cast::<f32>(), ys.len()),
                 )
             };
-            for (b, flag) in done[..blocks].iter_mut().enumerate() {
+            for b in 0..blocks {
                 let o = b * WINDOWS;
                 let (n, i) = (WINDOWS.min(ys.len() - o), 2 * o);
                 let args = if ARG {
@@ -196,7 +198,7 @@ mod wide_2x2 {
                     &mut [][..]
                 };
                 // SAFETY: the machine runs AVX-512 (`isa`); the slices hold the block.
-                *flag = unsafe {
+                let written = unsafe {
                     block::<ARG>(
                         &top[i..i + 2 * n],
                         &bottom[i..i + 2 * n],
@@ -206,6 +208,7 @@ mod wide_2x2 {
                         w as u32,
                     )
                 };
+                done |= u64::from(written) << b;
             }
         }
         let _ = (top, bottom, ys, args, r0, w);
