@@ -40,7 +40,7 @@ mod tape;
 pub mod tensor;
 
 pub use error::{EngineError, Result};
-pub use ops::{BatchStats, BnMode, Loss, SampleHead, Unary};
+pub use ops::{BatchStats, BnMode, Loss, MaxPoolAfter, SampleHead, Unary};
 pub use scalar::{DType, Scalar};
 pub use tape::{Grads, Tape, Var};
 pub use tensor::Tensor;

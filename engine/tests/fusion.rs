@@ -2,11 +2,12 @@
 //! (`Tape::batch_norm2d_relu`) gives the values, tangents, gradients and Hessian-vector
 //! products of `batch_norm2d` followed by `relu`, bit for bit, in train and eval mode, for the
 //! gradient alone (ȳ masked on the fly) and with tangent directions (ȳ, ȳ˙ masked first); the
-//! same for the add (`Tape::add_relu`); `Net::record` fuses a BatchNorm or an add with a ReLU
-//! only when the ReLU is its one consumer.
+//! same for the add (`Tape::add_relu`) and for a convolution with its max pooling, with or
+//! without a ReLU between them (`Tape::conv2d_max_pool`); `Net::record` fuses only where each
+//! fused node has one consumer, and `Net::record_each_node` fuses nothing.
 
 use flatmin_engine::net::{Activation, ConvOptions, Net, NormStats, RunningStats};
-use flatmin_engine::{BnMode, Result, Tape, Tensor, Var};
+use flatmin_engine::{BnMode, MaxPoolAfter, Result, Tape, Tensor, Unary, Var};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -202,5 +203,113 @@ fn record_fuses_batch_norms_and_adds_with_their_only_relu() {
             });
             assert_eq!(fused, apart, "k={k}");
         }
+    }
+}
+
+/// The fused convolution and max pooling (with and without the ReLU between them) and the
+/// separate ops agree bit for bit: values, tangents, gradients and HVPs, with and without
+/// bias, 2x2 windows (the vector path) and overlapping 3x3 windows with stride 2, planes that
+/// are and are not a multiple of the window.
+#[test]
+fn conv_max_pool_fused_matches_the_separate_ops_bit_for_bit() {
+    // (input shape, output channels, pool kernel, pool stride)
+    let cases = [
+        ([2, 3, 12, 12], 8, 2, 2),
+        ([3, 2, 9, 11], 5, 3, 2),
+        ([1, 4, 7, 6], 16, 2, 2),
+    ];
+    for (i, &(xs, c_out, kernel, stride)) in cases.iter().enumerate() {
+        let seed = 200 + 10 * i as u64;
+        for bias in [false, true] {
+            let mut theta = vec![randn(&xs, seed), randn(&[c_out, xs[1], 3, 3], seed + 1)];
+            if bias {
+                theta.push(randn(&[c_out], seed + 2));
+            }
+            for relu in [false, true] {
+                let after = MaxPoolAfter {
+                    relu,
+                    kernel,
+                    stride,
+                };
+                for k in [0, 2] {
+                    // The shift makes the objective's gradient nonzero where the ReLU is off.
+                    let shift = Unary::AddScalar(0.5);
+                    let fused = outcome(&theta, k, |t, v| {
+                        let z = t.conv2d_max_pool(v[0], v[1], v.get(2).copied(), 1, 1, after)?;
+                        t.unary(z, shift)
+                    });
+                    let apart = outcome(&theta, k, |t, v| {
+                        let mut y = t.conv2d(v[0], v[1], v.get(2).copied(), 1, 1)?;
+                        if relu {
+                            y = t.relu(y)?;
+                        }
+                        let z = t.max_pool2d(y, kernel, stride)?;
+                        t.unary(z, shift)
+                    });
+                    assert_eq!(fused, apart, "case {i} bias {bias} relu {relu} k={k}");
+                }
+            }
+        }
+    }
+}
+
+/// conv → ReLU → max-pool and conv → max-pool → ReLU (cnn-s' order), a convolution read twice
+/// and a ReLU read twice: the net's values, gradients and HVPs from [`Net::record`] (which fuses
+/// the first two chains, not the others) and from [`Net::record_each_node`] (every node its own
+/// value) agree bit for bit.
+#[test]
+fn record_fuses_convolutions_with_their_max_pooling() {
+    let pad1 = ConvOptions {
+        padding: 1,
+        ..ConvOptions::default()
+    };
+    let mut net = Net::new(&[3, 12, 12]);
+    let c1 = net.conv2d("c1", net.input(), 8, 3, pad1).unwrap();
+    let r1 = net.relu(c1).unwrap();
+    let p1 = net.max_pool2d(r1, 2, 2).unwrap();
+    let c2 = net.conv2d("c2", p1, 8, 3, pad1).unwrap();
+    let p2 = net.max_pool2d(c2, 2, 2).unwrap();
+    let r2 = net.relu(p2).unwrap();
+    let c3 = net.conv2d("c3", r2, 8, 3, pad1).unwrap();
+    let p3 = net.max_pool2d(c3, 3, 3).unwrap();
+    let q3 = net.max_pool2d(c3, 3, 3).unwrap();
+    let c4 = net.conv2d("c4", r2, 8, 3, pad1).unwrap();
+    let r4 = net.relu(c4).unwrap();
+    let p4 = net.max_pool2d(r4, 3, 3).unwrap();
+    let q4 = net.max_pool2d(r4, 3, 3).unwrap();
+    let (s3, s4) = (net.add(p3, q3).unwrap(), net.add(p4, q4).unwrap());
+    let s = net.add(s3, s4).unwrap();
+    let f = net.flatten(s).unwrap();
+    net.linear("fc", f, 4, true).unwrap();
+    let theta: Vec<Tensor<f32>> = net
+        .params()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| randn(&s.shape, 300 + i as u64))
+        .collect();
+    let x = randn(&[3, 3, 12, 12], 8);
+    for k in [0, 2] {
+        let run = |fuse: bool| {
+            outcome(&theta, k, |t, v| {
+                let xv = t.constant(x.clone());
+                let rec = match fuse {
+                    true => net.record(t, v, xv, &NormStats::Batch)?,
+                    false => net.record_each_node(t, v, xv, &NormStats::Batch)?,
+                };
+                let shared = |a: flatmin_engine::net::NodeId, b: flatmin_engine::net::NodeId| {
+                    rec.vars[a.index()] == rec.vars[b.index()]
+                };
+                assert_eq!(shared(c1, p1) && shared(r1, p1), fuse, "c1 → relu → pool");
+                assert_eq!(shared(c2, p2), fuse, "c2 → pool");
+                assert!(!shared(c2, r2) && !shared(c3, p3), "c3 has two readers");
+                assert!(
+                    !shared(c4, r4) && !shared(r4, p4),
+                    "c4's ReLU has two readers"
+                );
+                let loss = t.cross_entropy(rec.output(), &[0, 3, 1])?;
+                t.reshape(loss, &[1])
+            })
+        };
+        assert_eq!(run(true), run(false), "k={k}");
     }
 }

@@ -2,7 +2,7 @@
 //! batched-vs-single HVP.
 
 use flatmin_engine::check::check_op;
-use flatmin_engine::{BnMode, Loss, Tensor, Unary};
+use flatmin_engine::{BnMode, Loss, MaxPoolAfter, Tensor, Unary};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -129,6 +129,30 @@ fn conv2d_variants() {
         run(&format!("conv2d-{i}"), &theta, |t, v| {
             t.conv2d(v[0], v[1], v.get(2).copied(), s, p)
         });
+    }
+}
+
+/// Convolution and max pooling as one op, with and without the ReLU between them, with 2x2
+/// windows and overlapping 3x3 windows of stride 2.
+#[test]
+fn conv2d_max_pool_fused() {
+    for (i, relu) in [false, true].into_iter().enumerate() {
+        for (j, (kernel, stride)) in [(2, 2), (3, 2)].into_iter().enumerate() {
+            let seed = 90 + 10 * i as u64 + 3 * j as u64;
+            let theta = [
+                randn(&[2, 2, 6, 5], seed),
+                randn(&[3, 2, 3, 3], seed + 1),
+                randn(&[3], seed + 2),
+            ];
+            let after = MaxPoolAfter {
+                relu,
+                kernel,
+                stride,
+            };
+            run(&format!("conv2d_max_pool-{i}-{j}"), &theta, |t, v| {
+                t.conv2d_max_pool(v[0], v[1], Some(v[2]), 1, 1, after)
+            });
+        }
     }
 }
 

@@ -35,7 +35,7 @@ impl Net {
         let vars: Vec<Var> = params.iter().map(|&p| tape.constant(p.clone())).collect();
         let xv = tape.constant(x.clone());
         let readers = self.sole_readers();
-        let mut rec = Recording::new(self);
+        let mut rec = Recording::new(self, true);
         let mut fused: Vec<Option<Var>> = vec![None; self.len()];
         for (i, node) in self.nodes().iter().enumerate() {
             if let Some(v) = fused[i] {
@@ -143,7 +143,7 @@ mod tests {
         net.add(d, s).unwrap();
         let mut tape = Tape::<f32>::new(0);
         let x = tape.constant(Tensor::zeros(&[2, 3, 8, 8]));
-        let mut rec = Recording::new(&net);
+        let mut rec = Recording::new(&net, true);
         rec.vars.push(x);
         let readers = net.sole_readers();
         let f = net

@@ -2,14 +2,16 @@
 
 use super::{Activation, Layer, Net, Node, NormStats};
 use crate::error::{EngineError, Result};
-use crate::ops::{BatchStats, BnMode, Loss};
+use crate::ops::{BatchStats, BnMode, Loss, MaxPoolAfter};
 use crate::scalar::Scalar;
 use crate::tape::{Tape, Var};
 
 /// A net recorded on a tape.
 #[derive(Clone, Debug)]
 pub struct Recorded<T> {
-    /// One variable per node, the input first and the output (logits) last.
+    /// One variable per node, the input first and the output (logits) last. Nodes that
+    /// [`Net::record`] records as one op share that op's variable (the last node's value);
+    /// [`Net::record_each_node`] gives every node its own value.
     pub vars: Vec<Var>,
     /// With batch statistics: every BatchNorm layer's statistics, in node order.
     pub batch_stats: Vec<BatchStats<T>>,
@@ -23,23 +25,41 @@ impl<T> Recorded<T> {
 }
 
 /// The state of a recording in progress: one variable per node recorded so far, the batch
-/// statistics gathered, the next BatchNorm layer's index, and which nodes take the ReLU that
-/// reads them as an epilogue ([`Net::relu_epilogues`]).
+/// statistics gathered, the next BatchNorm layer's index, which nodes take the ReLU that reads
+/// them as an epilogue ([`Net::relu_epilogues`]) and which convolutions their ReLU and max
+/// pooling ([`Net::pool_fusions`]).
 pub(super) struct Recording<T> {
     pub(super) vars: Vec<Var>,
     pub(super) batch_stats: Vec<BatchStats<T>>,
     pub(super) next_bn: usize,
     relu_epilogue: Vec<bool>,
+    pool_fusion: Vec<Option<usize>>,
+    fused_away: Vec<bool>,
 }
 
 impl<T> Recording<T> {
-    /// An empty recording of `net`.
-    pub(super) fn new(net: &Net) -> Self {
+    /// An empty recording of `net`, with the fusions or (`fuse` false) every node as its own op.
+    pub(super) fn new(net: &Net, fuse: bool) -> Self {
+        let (relu_epilogue, pool_fusion) = match fuse {
+            true => (net.relu_epilogues(), net.pool_fusions()),
+            false => (vec![false; net.len()], vec![None; net.len()]),
+        };
+        let mut fused_away = vec![false; net.len()];
+        for (conv, pool) in pool_fusion.iter().enumerate() {
+            // The pooling node and, up to the convolution, the ReLU before it.
+            let mut j = *pool;
+            while let Some(k) = j.filter(|&k| k != conv) {
+                fused_away[k] = true;
+                j = Some(net.nodes()[k].inputs[0].0);
+            }
+        }
         Recording {
             vars: Vec::with_capacity(net.len()),
             batch_stats: Vec::new(),
             next_bn: 0,
-            relu_epilogue: net.relu_epilogues(),
+            relu_epilogue,
+            pool_fusion,
+            fused_away,
         }
     }
 }
@@ -47,7 +67,11 @@ impl<T> Recording<T> {
 impl Net {
     /// Records the forward pass of `x: [N, ...input_shape]` on `tape`, with `params` the
     /// tape variables of the trainable parameters (in [`Net::params`] order) and `norm`
-    /// the statistics of the BatchNorm layers.
+    /// the statistics of the BatchNorm layers. Where a node's only reader continues it, the
+    /// two or three are one op with the same values and derivatives: a BatchNorm or an add
+    /// and its ReLU ([`Tape::batch_norm2d_relu`], [`Tape::add_relu`]), a convolution, its
+    /// max pooling and any ReLU between them ([`Tape::conv2d_max_pool`]); the nodes of one op
+    /// share its variable in [`Recorded::vars`].
     pub fn record<T: Scalar>(
         &self,
         tape: &mut Tape<T>,
@@ -55,8 +79,32 @@ impl Net {
         x: Var,
         norm: &NormStats<'_, T>,
     ) -> Result<Recorded<T>> {
+        self.record_with(tape, params, x, norm, true)
+    }
+
+    /// [`Net::record`] with every node recorded as its own op, so that every entry of
+    /// [`Recorded::vars`] holds its own node's value (for code that reads intermediate
+    /// values, e.g. the structural curvature).
+    pub fn record_each_node<T: Scalar>(
+        &self,
+        tape: &mut Tape<T>,
+        params: &[Var],
+        x: Var,
+        norm: &NormStats<'_, T>,
+    ) -> Result<Recorded<T>> {
+        self.record_with(tape, params, x, norm, false)
+    }
+
+    fn record_with<T: Scalar>(
+        &self,
+        tape: &mut Tape<T>,
+        params: &[Var],
+        x: Var,
+        norm: &NormStats<'_, T>,
+        fuse: bool,
+    ) -> Result<Recorded<T>> {
         self.check_inputs(tape.value(x).shape(), params.len(), norm)?;
-        let mut rec = Recording::new(self);
+        let mut rec = Recording::new(self, fuse);
         for node in self.nodes() {
             let v = self.record_node(tape, node, params, x, norm, &mut rec)?;
             rec.vars.push(v);
@@ -112,7 +160,11 @@ impl Net {
     ) -> Result<Var> {
         let p = |k: usize| params[node.first_param + k];
         let input = |k: usize| rec.vars[node.inputs[k].0];
-        let with_relu = rec.relu_epilogue[rec.vars.len()];
+        let at = rec.vars.len();
+        let with_relu = rec.relu_epilogue[at];
+        if rec.fused_away[at] {
+            return Ok(input(0));
+        }
         Ok(match &node.layer {
             Layer::Input => x,
             Layer::Linear { bias, .. } => tape.linear(input(0), p(0), bias.then(|| p(1)))?,
@@ -121,7 +173,23 @@ impl Net {
                 padding,
                 bias,
                 ..
-            } => tape.conv2d(input(0), p(0), bias.then(|| p(1)), *stride, *padding)?,
+            } => {
+                let b = bias.then(|| p(1));
+                match rec.pool_fusion[at].map(|k| &self.nodes()[k]) {
+                    Some(pool) => {
+                        let &Layer::MaxPool2d { kernel, stride: s } = &pool.layer else {
+                            unreachable!("pool fusions end at a max pooling")
+                        };
+                        let after = MaxPoolAfter {
+                            relu: pool.inputs[0].0 != at,
+                            kernel,
+                            stride: s,
+                        };
+                        tape.conv2d_max_pool(input(0), p(0), b, *stride, *padding, after)?
+                    }
+                    None => tape.conv2d(input(0), p(0), b, *stride, *padding)?,
+                }
+            }
             Layer::BatchNorm2d { eps, .. } => {
                 let mode = match norm {
                     NormStats::Batch => BnMode::Train,
@@ -182,6 +250,25 @@ impl Net {
             .zip(self.sole_readers())
             .map(|(node, r)| {
                 matches!(node.layer, Layer::BatchNorm2d { .. } | Layer::Add) && r.is_some_and(relu)
+            })
+            .collect()
+    }
+
+    /// Per node: for a convolution whose only reader is a max pooling, or a ReLU whose only
+    /// reader is a max pooling, that pooling node (they are recorded as one op).
+    fn pool_fusions(&self) -> Vec<Option<usize>> {
+        let readers = self.sole_readers();
+        let layer = |j: usize| &self.nodes()[j].layer;
+        let max_pool = |j: &usize| matches!(layer(*j), Layer::MaxPool2d { .. });
+        self.nodes()
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                let next = readers[i].filter(|_| matches!(node.layer, Layer::Conv2d { .. }))?;
+                match layer(next) {
+                    Layer::Activation(Activation::Relu) => readers[next].filter(max_pool),
+                    _ => Some(next).filter(max_pool),
+                }
             })
             .collect()
     }

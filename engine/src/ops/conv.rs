@@ -26,6 +26,7 @@ use crate::kernels::conv::{
 use crate::kernels::cpu::vectorized;
 use crate::kernels::gemm::{gemm, MatRef};
 use crate::kernels::par::{fixed_ranges, par_build, SendPtr};
+use crate::kernels::pool::max_plane;
 use crate::kernels::{nopack, rowdot};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
@@ -280,7 +281,9 @@ pub(crate) struct Epilogue<T> {
 
 /// `epi(W ⊛ X + b)` over `n` CHW samples (`[n, c_out, ho', wo']`, the pooled size when the
 /// epilogue pools), or `None` when this convolution does not run as an implicit product here
-/// (the caller then records the ops one by one). Nothing is kept for a backward pass.
+/// (the caller then records the ops one by one). With `keep_arg` and a max-pooling epilogue
+/// the second value holds each pooled element's argmax within its convolution output plane
+/// (as [`super::pool`]'s max pooling keeps it); otherwise it is empty. Nothing else is kept.
 pub(crate) fn conv_value_fused<T: Scalar>(
     g: &ConvGeom,
     n: usize,
@@ -288,17 +291,23 @@ pub(crate) fn conv_value_fused<T: Scalar>(
     wv: &[T],
     bias: Option<&[T]>,
     epi: Epilogue<T>,
-) -> Option<Tensor<T>> {
+    keep_arg: bool,
+) -> Option<(Tensor<T>, Vec<u32>)> {
     if !implicit::<T>(g) {
         return None;
     }
     let offs = implicit_offsets(g);
     let (ho, wo) = epi.pool.map_or((g.ho(), g.wo()), |p| p.out_hw());
     let (il, plane_len) = (g.in_len(), ho * wo);
+    let keep_arg = keep_arg && matches!(epi.pool, Some(PlanePool::Max(_)));
+    let mut args = vec![0u32; if keep_arg { n * g.c_out * plane_len } else { 0 }];
+    let args_out = SendPtr(args.as_mut_ptr());
     let y = per_sample(1, n, g.c_out * plane_len, |_, i, s, out| {
         let ld = implicit_product(g, &offs, &[(wv, &xv[i * il..(i + 1) * il])], s);
         s.plane.resize(g.positions(), T::zero());
         let (tmp, scratch, arg) = (&s.tmp, &mut s.plane, &mut s.arg);
+        // SAFETY: sample `i` owns its block of the argmax buffer (empty without `keep_arg`).
+        let mut kept = keep_arg.then(|| unsafe { args_out.slice(i * out.len(), out.len()) });
         vectorized(
             #[inline(always)]
             || {
@@ -312,14 +321,19 @@ pub(crate) fn conv_value_fused<T: Scalar>(
                     if let Some(f) = epi.act {
                         apply_in_place(f, plane);
                     }
-                    if let Some(p) = epi.pool {
-                        p.apply(scratch, dst, arg);
+                    match (epi.pool, kept.as_deref_mut()) {
+                        (Some(PlanePool::Max(pg)), Some(k)) => {
+                            max_plane(&pg, scratch, dst, &mut k[co * plane_len..][..plane_len])
+                        }
+                        (Some(p), _) => p.apply(scratch, dst, arg),
+                        (None, _) => {}
                     }
                 }
             },
         );
     });
-    Some(Tensor::from_vec(&[n, g.c_out, ho, wo], y).expect("fused conv value"))
+    let y = Tensor::from_vec(&[n, g.c_out, ho, wo], y).expect("fused conv value");
+    Some((y, args))
 }
 
 /// A `[dirs, n, block]` buffer whose block for direction `k` and sample `i` is written by
@@ -490,14 +504,7 @@ pub(crate) fn conv2d_fused<T: Scalar>(
 ) -> Result<Option<Tensor<T>>> {
     let g = conv_geom(x.shape(), w.shape(), b.map(|b| b.shape()), stride, pad)?;
     let bias = b.map(|b| b.data());
-    Ok(conv_value_fused(
-        &g,
-        x.shape()[0],
-        x.data(),
-        w.data(),
-        bias,
-        epi,
-    ))
+    Ok(conv_value_fused(&g, x.shape()[0], x.data(), w.data(), bias, epi, false).map(|(y, _)| y))
 }
 
 impl<T: Scalar> Tape<T> {
@@ -511,6 +518,22 @@ impl<T: Scalar> Tape<T> {
         stride: usize,
         pad: usize,
     ) -> Result<Var> {
+        let op = self.conv_op(x, w, b, stride, pad)?;
+        let (xv, wv, bias) = op.values(self);
+        let y = conv_value(&op.g, op.n, xv, wv, bias);
+        let tangent = self.conv_output_tangent(&op);
+        Ok(self.push(Op::Conv2d(op), y, tangent, false))
+    }
+
+    /// The checked op `conv2d(x, w, b, stride, pad)`, nothing computed yet.
+    pub(super) fn conv_op(
+        &self,
+        x: Var,
+        w: Var,
+        b: Option<Var>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Conv2d> {
         self.check_var(x)?;
         self.check_var(w)?;
         if let Some(b) = b {
@@ -518,31 +541,45 @@ impl<T: Scalar> Tape<T> {
         }
         let (xs, ws) = (self.value(x).shape(), self.value(w).shape());
         let g = conv_geom(xs, ws, b.map(|b| self.value(b).shape()), stride, pad)?;
-        let n = xs[0];
-        let xv = self.value(x).data();
-        let wv = self.value(w).data();
-        let bias = b.map(|b| self.value(b).data());
-        let y = conv_value(&g, n, xv, wv, bias);
-        let (xt, wt) = (self.tangent(x), self.tangent(w));
-        let bt = b.and_then(|b| self.tangent(b));
-        let tangent = if xt.is_none() && wt.is_none() && bt.is_none() {
-            None
-        } else {
-            let t = Tangents {
-                x: xt.map(|t| t.data()),
-                w: wt.map(|t| t.data()),
-                b: bt.map(|t| t.data()),
-            };
-            Some(conv_tangent(&g, n, self.directions(), xv, wv, t))
-        };
-        let op = Conv2d {
+        Ok(Conv2d {
             x: x.0,
             w: w.0,
             b: b.map(|b| b.0),
             g,
-            n,
+            n: xs[0],
+        })
+    }
+
+    /// The tangent `[K, n, c_out, ho, wo]` of a convolution's output at its inputs' tangents,
+    /// `None` when none has one.
+    pub(super) fn conv_output_tangent(&self, op: &Conv2d) -> Option<Tensor<T>> {
+        let tangent = |i: usize| self.node(i).tangent.as_ref().map(|t| t.data());
+        let t = Tangents {
+            x: tangent(op.x),
+            w: tangent(op.w),
+            b: op.b.and_then(tangent),
         };
-        Ok(self.push(Op::Conv2d(op), y, tangent, false))
+        if t.x.is_none() && t.w.is_none() && t.b.is_none() {
+            return None;
+        }
+        let (xv, wv, _) = op.values(self);
+        Some(conv_tangent(&op.g, op.n, self.directions(), xv, wv, t))
+    }
+}
+
+impl Conv2d {
+    /// The input, weight and bias values this op reads on `tape`.
+    pub(super) fn values<'a, T: Scalar>(
+        &self,
+        tape: &'a Tape<T>,
+    ) -> (&'a [T], &'a [T], Option<&'a [T]>) {
+        let value = |i: usize| tape.node(i).value.data();
+        (value(self.x), value(self.w), self.b.map(value))
+    }
+
+    /// The geometry and the batch size.
+    pub(super) fn shape(&self) -> (ConvGeom, usize) {
+        (self.g, self.n)
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub(crate) mod activation;
 pub(crate) mod conv;
+pub(crate) mod conv_pool;
 pub(crate) mod elementwise;
 pub(crate) mod loss;
 pub(crate) mod matmul;
@@ -18,6 +19,7 @@ use crate::tape::{Sink, Tape};
 use crate::tensor::Tensor;
 
 pub use activation::Unary;
+pub use conv_pool::MaxPoolAfter;
 pub use loss::{Loss, SampleHead};
 pub use norm::{BatchStats, BnMode};
 
@@ -44,6 +46,7 @@ pub(crate) enum Op<T> {
     Binary(elementwise::BinaryOp),
     Product(matmul::Product),
     Conv2d(conv::Conv2d),
+    ConvMaxPool(conv_pool::ConvMaxPool),
     MaxPool2d(pool::MaxPool2d),
     AvgPool2d(pool::AvgPool2d),
     BatchNorm2d(norm::BatchNorm2d<T>),
@@ -61,6 +64,7 @@ impl<T: Scalar> Op<T> {
             Op::Binary(o) => Some(o),
             Op::Product(o) => Some(o),
             Op::Conv2d(o) => Some(o),
+            Op::ConvMaxPool(o) => Some(o),
             Op::MaxPool2d(o) => Some(o),
             Op::AvgPool2d(o) => Some(o),
             Op::BatchNorm2d(o) => Some(o),

@@ -42,7 +42,7 @@ impl PlanePool {
     /// values of shape `s`, or the shape error the op itself would give.
     pub(crate) fn new(max: bool, s: &[usize], kernel: usize, stride: usize) -> Result<Self> {
         Ok(if max {
-            PlanePool::Max(geom("max_pool2d", s, kernel, kernel, stride)?)
+            PlanePool::Max(max_pool_geom(s, kernel, stride)?)
         } else {
             PlanePool::Avg(geom("avg_pool2d", s, kernel, kernel, stride)?)
         })
@@ -61,6 +61,12 @@ impl PlanePool {
             PlanePool::Avg(g) => avg_plane(&g, x, y),
         }
     }
+}
+
+/// The window of a `kernel x kernel` max pooling with `stride` over `[N, C, H, W]` values of
+/// shape `s`, or the shape error [`Tape::max_pool2d`] gives.
+pub(super) fn max_pool_geom(s: &[usize], kernel: usize, stride: usize) -> Result<PoolGeom> {
+    geom("max_pool2d", s, kernel, kernel, stride)
 }
 
 fn geom(op: &'static str, s: &[usize], kh: usize, kw: usize, stride: usize) -> Result<PoolGeom> {
@@ -88,7 +94,7 @@ fn geom(op: &'static str, s: &[usize], kh: usize, kw: usize, stride: usize) -> R
 /// Applies a linear per-plane map `f(plane, src_plane, dst_plane)` to every plane of `src`;
 /// `f` must write every element of its destination plane (no zero fill of the whole buffer
 /// first: a map that accumulates clears its plane while the plane is in cache).
-fn map_planes<T: Scalar>(
+pub(super) fn map_planes<T: Scalar>(
     src: &[T],
     in_len: usize,
     out_len: usize,

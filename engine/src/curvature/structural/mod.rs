@@ -443,7 +443,7 @@ impl<'a, T: Scalar> StructuralAccumulator<'a, T> {
         let running: Vec<RunningStats<'_, T>> = self.running.iter().flatten().copied().collect();
         let rec = self
             .net
-            .record(&mut tape, &pv, xv, &NormStats::Running(running))?;
+            .record_each_node(&mut tape, &pv, xv, &NormStats::Running(running))?;
         let values: Vec<&[T]> = rec.vars.iter().map(|&v| tape.value(v).data()).collect();
         let (net, plan, params) = (self.net, &self.plan, self.params);
         let running = &self.running;
