@@ -15,6 +15,7 @@
 //! order, so results do not depend on the thread count.
 
 use super::activation::{apply_in_place, Unary};
+use super::conv_stream::DenseGrad;
 use super::pool::PlanePool;
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
@@ -34,17 +35,17 @@ use crate::tensor::Tensor;
 use rayon::prelude::*;
 
 pub(crate) struct Conv2d {
-    x: usize,
-    w: usize,
-    b: Option<usize>,
-    g: ConvGeom,
-    n: usize,
+    pub(super) x: usize,
+    pub(super) w: usize,
+    pub(super) b: Option<usize>,
+    pub(super) g: ConvGeom,
+    pub(super) n: usize,
 }
 
 /// Element budget for the per-group partial weight gradients.
-const PARTIAL_BUDGET: usize = 1 << 25;
+pub(super) const PARTIAL_BUDGET: usize = 1 << 25;
 /// Most groups a weight-gradient reduction is split into.
-const MAX_GROUPS: usize = 16;
+pub(super) const MAX_GROUPS: usize = 16;
 /// Target number of GEMM columns (samples x positions) per chunk, so that packing is amortized.
 const TARGET_COLS: usize = 512;
 
@@ -213,7 +214,7 @@ impl<T> Default for Scratch<T> {
 /// True when the stride-1 convolution `g` runs as an implicit product on this machine: the
 /// packing-free kernel reads the rows of the column matrix straight out of the padded image
 /// (no im2col copy, no col2im scatter). Depends only on the shape and the CPU.
-fn implicit<T: Scalar>(g: &ConvGeom) -> bool {
+pub(super) fn implicit<T: Scalar>(g: &ConvGeom) -> bool {
     g.stride == 1 && nopack::accepts_type::<T>(g.c_out, implicit_cols(g))
 }
 
@@ -244,28 +245,44 @@ fn implicit_product<T: Scalar>(
     s.tmp.resize(g.c_out * n, T::zero());
     zeroed_scratch(&mut s.padded, padded_chw_len(g));
     for (t, &(a, x)) in terms.iter().enumerate() {
-        assert_eq!(a.len(), g.c_out * g.patch(), "implicit conv weight");
         pad_chw(g, x, &mut s.padded);
         let beta = if t == 0 { T::zero() } else { T::one() };
-        // SAFETY: `a` is c_out x patch row-major (checked above), every row offset plus `n`
-        // stays inside the padded image (`implicit_offsets`), `tmp` holds c_out rows of `n`.
-        let ran = unsafe {
-            nopack::try_gemm_rows(
-                g.c_out,
-                n,
-                T::one(),
-                (a.as_ptr(), g.patch(), 1),
-                (s.padded.as_ptr(), offs),
-                beta,
-                (s.tmp.as_mut_ptr(), n),
-            )
-        };
-        assert!(ran, "implicit convolution declined by the kernel");
+        product_of_padded(g, offs, a, &s.padded, beta, &mut s.tmp);
     }
     if terms.is_empty() {
         s.tmp.fill(T::zero());
     }
     n
+}
+
+/// `tmp = A ⊛ x + beta tmp` for one sample already in its zero-padded layout (`padded`,
+/// [`padded_chw_len`] long), `tmp` at the padded row pitch ([`implicit_cols`] columns per row
+/// of `c_out`); [`implicit`] must hold for `g`.
+pub(super) fn product_of_padded<T: Scalar>(
+    g: &ConvGeom,
+    offs: &[usize],
+    a: &[T],
+    padded: &[T],
+    beta: T,
+    tmp: &mut [T],
+) {
+    let n = implicit_cols(g);
+    assert_eq!(a.len(), g.c_out * g.patch(), "implicit conv weight");
+    assert!(padded.len() >= padded_chw_len(g) && tmp.len() >= g.c_out * n);
+    // SAFETY: `a` is c_out x patch row-major (checked above), every row offset plus `n` stays
+    // inside the padded image (`implicit_offsets`), `tmp` holds c_out rows of `n` (checked).
+    let ran = unsafe {
+        nopack::try_gemm_rows(
+            g.c_out,
+            n,
+            T::one(),
+            (a.as_ptr(), g.patch(), 1),
+            (padded.as_ptr(), offs),
+            beta,
+            (tmp.as_mut_ptr(), n),
+        )
+    };
+    assert!(ran, "implicit convolution declined by the kernel");
 }
 
 /// What an inference pass applies to a convolution's output, plane by plane while the plane
@@ -863,6 +880,11 @@ impl<T: Scalar> Rule<T> for Conv2d {
         let (xt, wt) = (nx.tangent.as_ref(), nw.tangent.as_ref());
         let wl = wv.len();
         let gyd = gy.data();
+        let any_tangent = gdot.is_some() || xt.is_some() || wt.is_some();
+        if !any_tangent && self.streams::<T>(tape.needs_grad(self.x)) {
+            self.grads_streamed(tape, &DenseGrad(gyd), sink);
+            return;
+        }
 
         if tape.needs_grad(self.x) {
             let want_dot = gdot.is_some() || wt.is_some();

@@ -17,9 +17,11 @@
 
 use super::activation::{relu_d1, Unary};
 use super::conv::{conv_value_fused, Conv2d, Epilogue};
+use super::conv_stream::OutputGrad;
 use super::pool::{map_planes, max_pool_geom, PlanePool};
 use super::{tangent_shape, Op, Rule};
 use crate::error::Result;
+use crate::kernels::conv::ConvGeom;
 use crate::kernels::pool::PoolGeom;
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
@@ -127,6 +129,53 @@ impl ConvMaxPool {
     }
 }
 
+/// `Ȳ = Sᵀ(Z̄)` sample by sample, for the streamed gradient: [`ConvMaxPool::spread`]'s
+/// values, scattered straight into the padded layout.
+struct PooledGrad<'a, T> {
+    op: &'a ConvMaxPool,
+    zbar: &'a [T],
+    z: &'a [T],
+}
+
+impl<T: Scalar> OutputGrad<T> for PooledGrad<'_, T> {
+    fn write_padded(&self, gt: &ConvGeom, i: usize, padded: &mut [T]) {
+        let (pool, pad) = (&self.op.pool, gt.pad);
+        let (ol, wo, wo_p) = (pool.out_len(), pool.w, pool.wo());
+        let (hp, wp) = (gt.h + 2 * pad, gt.w + 2 * pad);
+        padded.fill(T::zero());
+        for (co, plane) in padded.chunks_exact_mut(hp * wp).enumerate() {
+            let at = (i * gt.c_in + co) * ol..(i * gt.c_in + co + 1) * ol;
+            let arg = &self.op.arg[at.clone()];
+            // Each window's argmax as a padded index: its row within the window found by
+            // comparisons, not a division or a branch (which row wins is a coin toss).
+            let index = |oy: usize, a: u32| {
+                let r0 = oy * pool.stride;
+                let rel = a as usize - r0 * wo;
+                let mut dr = 0;
+                for t in 1..pool.kh {
+                    dr += usize::from(rel >= t * wo);
+                }
+                (r0 + dr + pad) * wp + rel - dr * wo + pad
+            };
+            let rows = arg.chunks_exact(wo_p).enumerate();
+            for ((oy, a), v) in rows.clone().zip(self.zbar[at.clone()].chunks_exact(wo_p)) {
+                for (&a, &v) in a.iter().zip(v) {
+                    let d = index(oy, a);
+                    plane[d] = plane[d] + v;
+                }
+            }
+            if self.op.relu {
+                for ((oy, a), z) in rows.zip(self.z[at].chunks_exact(wo_p)) {
+                    for (&a, &z) in a.iter().zip(z) {
+                        let d = index(oy, a);
+                        plane[d] = relu_d1(z) * plane[d];
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl<T: Scalar> Rule<T> for ConvMaxPool {
     fn inputs(&self) -> Vec<usize> {
         Rule::<T>::inputs(&self.conv)
@@ -141,6 +190,17 @@ impl<T: Scalar> Rule<T> for ConvMaxPool {
         sink: &mut Sink<T>,
     ) {
         let z = tape.node(out).value.data();
+        let tangents = [self.conv.x, self.conv.w].map(|i| tape.node(i).tangent.is_some());
+        let streams = self.conv.streams::<T>(tape.needs_grad(self.conv.x));
+        if gdot.is_none() && tangents == [false; 2] && streams {
+            let src = PooledGrad {
+                op: self,
+                zbar: gy.data(),
+                z,
+            };
+            self.conv.grads_streamed(tape, &src, sink);
+            return;
+        }
         let (g, n) = self.conv.shape();
         let shape = [n, g.c_out, g.ho(), g.wo()];
         let gyc = Tensor::from_vec(&shape, self.spread(gy.data(), z)).expect("fused grad");

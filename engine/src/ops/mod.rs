@@ -7,6 +7,7 @@
 pub(crate) mod activation;
 pub(crate) mod conv;
 pub(crate) mod conv_pool;
+pub(crate) mod conv_stream;
 pub(crate) mod elementwise;
 pub(crate) mod loss;
 pub(crate) mod matmul;
