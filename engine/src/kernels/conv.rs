@@ -582,4 +582,91 @@ mod tests {
             }
         }
     }
+
+    fn geom(
+        c_in: usize,
+        h: usize,
+        w: usize,
+        k: (usize, usize),
+        stride: usize,
+        pad: usize,
+    ) -> ConvGeom {
+        ConvGeom {
+            c_in,
+            h,
+            w,
+            c_out: 1,
+            kh: k.0,
+            kw: k.1,
+            stride,
+            pad,
+        }
+    }
+
+    /// The implicit column matrix (the phase layout read at [`implicit_offsets`], output
+    /// `(oy, ox)` at column `oy wq + ox`) is im2col's, for strides 1 to 3, square and
+    /// rectangular kernels, pads 0 to 2, odd and even sizes; the phase positions no output
+    /// reads stay as [`zeroed_scratch`] left them.
+    #[test]
+    fn phase_layout_reads_the_im2col_matrix() {
+        for g in [
+            geom(2, 7, 6, (3, 3), 1, 1),
+            geom(3, 9, 9, (3, 3), 2, 1),
+            geom(2, 10, 11, (1, 1), 2, 0),
+            geom(2, 11, 10, (5, 5), 2, 2),
+            geom(1, 8, 9, (2, 2), 2, 0),
+            geom(2, 13, 14, (3, 3), 3, 1),
+            geom(1, 12, 12, (1, 1), 3, 2),
+            geom(2, 9, 8, (3, 2), 2, 1),
+            geom(1, 16, 15, (5, 5), 3, 2),
+        ] {
+            let x: Vec<f64> = (0..g.in_len()).map(|i| i as f64 + 0.5).collect();
+            let (p, wo) = (g.positions(), g.wo());
+            let mut cols = vec![f64::NAN; g.patch() * p];
+            im2col(&g, &x, &mut cols, p, 0);
+            let mut padded = Vec::new();
+            zeroed_scratch(&mut padded, padded_chw_len(&g));
+            pad_chw(&g, &x, &mut padded);
+            let (offs, pitch) = (implicit_offsets(&g), Phases::of(&g).wq);
+            assert_eq!(offs.len(), g.patch());
+            for (r, &o) in offs.iter().enumerate() {
+                assert!(o + implicit_cols(&g) <= padded.len(), "{g:?} row {r}");
+                for l in 0..p {
+                    let got = padded[o + (l / wo) * pitch + l % wo];
+                    assert_eq!(got, cols[r * p + l], "{g:?} row {r} position {l}");
+                }
+            }
+            // Every input of a kept phase lands exactly once, the others nowhere.
+            let ph = Phases::of(&g);
+            let kept = |i: usize| {
+                let (y, xx) = ((i / g.w) % g.h, i % g.w);
+                (y + g.pad) % g.stride < ph.rows && (xx + g.pad) % g.stride < ph.cols
+            };
+            let want: f64 = (0..x.len()).filter(|&i| kept(i)).map(|i| x[i]).sum();
+            assert_eq!(padded.iter().sum::<f64>(), want, "{g:?}");
+        }
+    }
+
+    /// Stride 1 is the plain zero-padded CHW image, element for element.
+    #[test]
+    fn stride_one_phase_layout_is_the_padded_image() {
+        let g = geom(3, 5, 7, (3, 3), 1, 2);
+        let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
+        assert_eq!(padded_chw_len(&g), g.c_in * hp * wp);
+        assert_eq!(implicit_cols(&g), (g.ho() - 1) * wp + g.wo());
+        let x: Vec<f64> = (0..g.in_len()).map(|i| i as f64 + 1.0).collect();
+        let mut padded = vec![0.0; padded_chw_len(&g)];
+        pad_chw(&g, &x, &mut padded);
+        let mut want = vec![0.0; padded.len()];
+        for c in 0..g.c_in {
+            for y in 0..g.h {
+                for xx in 0..g.w {
+                    want[(c * hp + y + g.pad) * wp + xx + g.pad] = x[(c * g.h + y) * g.w + xx];
+                }
+            }
+        }
+        assert_eq!(padded, want);
+        let offs = implicit_offsets(&g);
+        assert_eq!(offs[g.kh * g.kw + g.kw + 2], (hp + 1) * wp + 2);
+    }
 }
