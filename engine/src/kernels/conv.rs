@@ -267,25 +267,59 @@ pub fn zeroed_scratch<T: Scalar>(buf: &mut Vec<T>, len: usize) {
 pub fn pad_chw<T: Scalar>(g: &ConvGeom, x: &[T], out: &mut [T]) {
     let p = Phases::of(g);
     let out = &mut out[..padded_chw_len(g)];
-    for (c, src) in x.chunks_exact(g.h * g.w).enumerate() {
-        for a in 0..p.rows {
-            let (y0, u0, ny) = phase_run(g.h, g.pad, p.s, a);
-            for b in 0..p.cols {
-                let (x0, v0, nx) = phase_run(g.w, g.pad, p.s, b);
-                let plane = &mut out[p.plane(c, a, b)..][..p.plane_len()];
-                for r in 0..ny {
-                    let from = &src[(y0 + r * p.s) * g.w + x0..];
-                    let to = &mut plane[(u0 + r) * p.wq + v0..][..nx];
-                    if p.s == 1 {
-                        to.copy_from_slice(&from[..nx]);
-                    } else {
-                        to.iter_mut()
-                            .zip(from.iter().step_by(p.s))
-                            .for_each(|(t, &f)| *t = f);
+    if p.s == 1 {
+        // One phase: the padded image, row by row.
+        let (wp, pad) = (p.wq, g.pad);
+        for (plane, src) in out
+            .chunks_exact_mut(p.plane_len())
+            .zip(x.chunks_exact(g.h * g.w))
+        {
+            let body = &mut plane[pad * wp..(pad + g.h) * wp];
+            for (row, s) in body.chunks_exact_mut(wp).zip(src.chunks_exact(g.w)) {
+                row[pad..pad + g.w].copy_from_slice(s);
+            }
+        }
+        return;
+    }
+    let mut planes = out.chunks_exact_mut(p.plane_len());
+    super::cpu::vectorized(
+        #[inline(always)]
+        || {
+            for src in x.chunks_exact(g.h * g.w) {
+                for a in 0..p.rows {
+                    let (y0, u0, ny) = phase_run(g.h, g.pad, p.s, a);
+                    for b in 0..p.cols {
+                        let (x0, v0, nx) = phase_run(g.w, g.pad, p.s, b);
+                        let plane = planes.next().expect("phase plane");
+                        if nx == 0 {
+                            continue;
+                        }
+                        let body = &mut plane[u0 * p.wq..(u0 + ny) * p.wq];
+                        for (r, row) in body.chunks_exact_mut(p.wq).enumerate() {
+                            let from = &src[(y0 + r * p.s) * g.w + x0..][..(nx - 1) * p.s + 1];
+                            every_nth(p.s, from, &mut row[v0..v0 + nx]);
+                        }
                     }
                 }
             }
+        },
+    )
+}
+
+/// `to[i] = from[s i]` for every element of `to` (`from` holds `(len - 1) s + 1`).
+#[inline(always)]
+fn every_nth<T: Scalar>(s: usize, from: &[T], to: &mut [T]) {
+    if s == 2 {
+        // A constant stride: the compiler de-interleaves whole vectors.
+        let (last, body) = to.split_last_mut().expect("a run of at least one");
+        for (t, f) in body.iter_mut().zip(from.chunks_exact(2)) {
+            *t = f[0];
         }
+        *last = from[from.len() - 1];
+        return;
+    }
+    for (i, t) in to.iter_mut().enumerate() {
+        *t = from[s * i];
     }
 }
 
@@ -619,6 +653,9 @@ mod tests {
             geom(1, 12, 12, (1, 1), 3, 2),
             geom(2, 9, 8, (3, 2), 2, 1),
             geom(1, 16, 15, (5, 5), 3, 2),
+            // Phases no input falls in (each input column is padding-phase 1).
+            geom(2, 5, 1, (1, 1), 2, 1),
+            geom(1, 1, 4, (1, 1), 2, 1),
         ] {
             let x: Vec<f64> = (0..g.in_len()).map(|i| i as f64 + 0.5).collect();
             let (p, wo) = (g.positions(), g.wo());

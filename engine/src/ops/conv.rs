@@ -1068,8 +1068,9 @@ mod tests {
     }
 
     /// (n, c_in, h, w, c_out, k, stride, pad): strides 2 and 3, kernels 1, 2, 3, 5, pads 0-2,
-    /// odd and even sizes, 1 to 64 output channels, one and several samples.
-    const CASES: [(usize, usize, usize, usize, usize, usize, usize, usize); 14] = [
+    /// odd and even sizes, 1 to 64 output channels, one and several samples (each large
+    /// enough for the implicit products: 16 columns or more).
+    const CASES: [(usize, usize, usize, usize, usize, usize, usize, usize); 15] = [
         (1, 3, 9, 9, 4, 3, 2, 1),
         (2, 4, 10, 11, 8, 3, 2, 1),
         (3, 2, 12, 12, 5, 1, 2, 0),
@@ -1084,6 +1085,8 @@ mod tests {
         (1, 3, 12, 12, 2, 1, 3, 2),
         (2, 2, 9, 9, 3, 3, 2, 0),
         (1, 2, 13, 14, 3, 2, 2, 2),
+        // One input column, in the padding phase that no 1x1 tap reads.
+        (2, 2, 40, 1, 3, 1, 2, 1),
     ];
 
     /// Value, tangent, input gradient and its tangent, weight gradient and its tangent of every
