@@ -245,9 +245,15 @@ impl Path {
         }
     }
 
-    /// The path of a weight gradient on this machine.
-    fn weight<T: Scalar>() -> Path {
-        if rowdot::accepts_type::<T>() {
+    /// The path of the weight gradient of `g` on this machine: implicit where [`rowdot`]
+    /// runs, except for strided kernels larger than 1x1. There the per-sample products are
+    /// short (resnet20's 3x3 stride-2 layers: 71 and 271 columns), the kernel's lane
+    /// reductions dominate, and one large packed GEMM over the im2row matrix was as fast or
+    /// faster (f32, 1 thread, batch 128: 2.9-3.1 against 1.9-2.1 ms for 32->64 on 16x16,
+    /// 3.0-3.3 against 3.0-3.2 ms for 16->32 on 32x32), while the 1x1 stride-2 shortcuts gain
+    /// (0.54-0.56 against 1.48-1.67 ms for 16->32 on 32x32).
+    fn weight<T: Scalar>(g: &ConvGeom) -> Path {
+        if rowdot::accepts_type::<T>() && (g.stride == 1 || g.kh * g.kw == 1) {
             Path::Implicit
         } else {
             Path::Lowered
@@ -723,11 +729,16 @@ struct WeightGradInputs<'a, T> {
 }
 
 impl Conv2d {
+    /// [`Conv2d::weight_grad_on`] on this machine's path for this shape (`Path::weight`).
+    fn weight_grad<T: Scalar>(&self, src: &WeightGradInputs<T>) -> Vec<T> {
+        self.weight_grad_on(src, Path::weight::<T>(&self.g))
+    }
+
     /// `W̄ = Σ_n Ȳ_n cols(X_n)ᵀ` and its `kd` tangents `W̄˙_k = Σ_n Ȳ˙_k cols(X_n)ᵀ +
     /// Ȳ_n cols(Ẋ_k)ᵀ`, `[1 + kd, c_out, c_in, kh, kw]`, summed in fixed groups reduced in
-    /// order (independent of the thread count): on `path`, without lowering (any stride,
-    /// where [`rowdot`] runs: `Path::weight`) or through the im2row matrix.
-    fn weight_grad<T: Scalar>(&self, src: &WeightGradInputs<T>, path: Path) -> Vec<T> {
+    /// order (independent of the thread count): on `path`, without lowering (where
+    /// [`rowdot`] runs) or through the im2row matrix.
+    fn weight_grad_on<T: Scalar>(&self, src: &WeightGradInputs<T>, path: Path) -> Vec<T> {
         let (g, n) = (self.g, self.n);
         let wl = g.c_out * g.patch();
         let groups = (PARTIAL_BUDGET / ((1 + src.kd) * wl).max(1)).clamp(1, MAX_GROUPS);
@@ -1020,7 +1031,7 @@ impl<T: Scalar> Rule<T> for Conv2d {
                 gyd,
                 gdot: gdot.map(|t| t.data()),
             };
-            let total = self.weight_grad(&src, Path::weight::<T>());
+            let total = self.weight_grad(&src);
             let gw = Tensor::from_vec(nw.value.shape(), total[..wl].to_vec()).expect("conv dw");
             let dot = want_dot.then(|| {
                 Tensor::from_vec(&tangent_shape(k, nw.value.shape()), total[wl..].to_vec())
@@ -1067,10 +1078,13 @@ mod tests {
         diff / scale.max(1e-30)
     }
 
-    /// (n, c_in, h, w, c_out, k, stride, pad): strides 2 and 3, kernels 1, 2, 3, 5, pads 0-2,
+    /// `(n, c_in, h, w, c_out, k, stride, pad)` of one case.
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+    /// Strides 2 and 3, kernels 1, 2, 3, 5, pads 0-2,
     /// odd and even sizes, 1 to 64 output channels, one and several samples (each large
     /// enough for the implicit products: 16 columns or more).
-    const CASES: [(usize, usize, usize, usize, usize, usize, usize, usize); 15] = [
+    const CASES: [Case; 15] = [
         (1, 3, 9, 9, 4, 3, 2, 1),
         (2, 4, 10, 11, 8, 3, 2, 1),
         (3, 2, 12, 12, 5, 1, 2, 0),
@@ -1162,7 +1176,7 @@ mod tests {
                 gyd: &gy,
                 gdot: Some(&gd),
             };
-            let wg = |p| op.weight_grad(&src, p);
+            let wg = |p| op.weight_grad_on(&src, p);
             check(
                 "weight gradient and its tangent",
                 &wg(Path::Implicit),
