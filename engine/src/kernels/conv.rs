@@ -169,14 +169,17 @@ pub struct Phases {
 
 impl Phases {
     /// The phase layout of `g`'s input.
+    #[inline]
     pub fn of(g: &ConvGeom) -> Phases {
         let s = g.stride;
+        // No division for stride 1: this runs once per output plane in `compact_plane`.
+        let per_phase = |n: usize| if s == 1 { n } else { n.div_ceil(s) };
         Phases {
             s,
             rows: s.min(g.kh),
             cols: s.min(g.kw),
-            hq: (g.h + 2 * g.pad).div_ceil(s),
-            wq: (g.w + 2 * g.pad).div_ceil(s),
+            hq: per_phase(g.h + 2 * g.pad),
+            wq: per_phase(g.w + 2 * g.pad),
         }
     }
 
@@ -455,16 +458,39 @@ pub fn write_phase<T: Scalar>(
         ny.min(gt.ho().saturating_sub(u0)),
         nx.min(gt.wo().saturating_sub(v0)),
     );
-    for (c, plane) in dx[..g.in_len()].chunks_exact_mut(g.h * g.w).enumerate() {
-        let row = &tmp[c * ld..];
-        for r in 0..ny {
-            let from = &row[(u0 + r) * pitch + v0..][..nx];
-            let to = &mut plane[(y0 + r * s) * g.w + x0..];
-            to.iter_mut()
-                .step_by(s)
-                .zip(from)
-                .for_each(|(t, &f)| *t = f);
+    if nx == 0 {
+        return;
+    }
+    super::cpu::vectorized(
+        #[inline(always)]
+        || {
+            for (c, plane) in dx[..g.in_len()].chunks_exact_mut(g.h * g.w).enumerate() {
+                let row = &tmp[c * ld..];
+                for r in 0..ny {
+                    let from = &row[(u0 + r) * pitch + v0..][..nx];
+                    let to = &mut plane[(y0 + r * s) * g.w + x0..][..(nx - 1) * s + 1];
+                    to_every_nth(s, from, to);
+                }
+            }
+        },
+    )
+}
+
+/// `to[s i] = from[i]` for every element of `from` (`to` holds `(len - 1) s + 1`); the
+/// elements between are left as they are.
+#[inline(always)]
+fn to_every_nth<T: Scalar>(s: usize, from: &[T], to: &mut [T]) {
+    if s == 2 {
+        // A constant stride: the compiler interleaves whole vectors.
+        let (last, body) = from.split_last().expect("a run of at least one");
+        for (t, &f) in to.chunks_exact_mut(2).zip(body) {
+            t[0] = f;
         }
+        to[to.len() - 1] = *last;
+        return;
+    }
+    for (i, &f) in from.iter().enumerate() {
+        to[s * i] = f;
     }
 }
 
