@@ -264,6 +264,25 @@ fn fusion_nets() -> Vec<(&'static str, Net)> {
     h = net.add(p, s).unwrap();
     head(&mut net, h);
     nets.push(("shared values", net));
+    // Strided convolutions (implicit through phase planes on AVX-512 machines) with an
+    // epilogue: 3x3 stride 2 → relu → max-pool; 1x1 stride 2 → tanh.
+    let mut net = Net::new(&[3, 20, 20]);
+    let s3 = ConvOptions {
+        stride: 2,
+        padding: 1,
+        ..ConvOptions::default()
+    };
+    h = net.conv2d("c1", net.input(), 8, 3, s3).unwrap();
+    h = net.relu(h).unwrap();
+    h = net.max_pool2d(h, 2, 2).unwrap();
+    let s1 = ConvOptions {
+        stride: 2,
+        ..ConvOptions::default()
+    };
+    h = net.conv2d("c2", h, 4, 1, s1).unwrap();
+    h = net.activation(h, Activation::Tanh).unwrap();
+    head(&mut net, h);
+    nets.push(("strided conv-relu-maxpool, strided 1x1-tanh", net));
     nets.push(("every layer", every_layer()));
     nets
 }

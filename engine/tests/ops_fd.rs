@@ -156,6 +156,34 @@ fn conv2d_max_pool_fused() {
     }
 }
 
+/// Strided convolutions large enough to run as implicit products through phase planes on
+/// AVX-512 machines (forward columns and the per-phase input-gradient columns all >= 16;
+/// elsewhere they are lowered and checked the same way): strides 2 and 3, kernels 1, 2, 3, 5,
+/// pads 0-2, odd and even sizes.
+#[test]
+fn conv2d_strided_variants() {
+    // (n, cin, h, w, cout, k, stride, pad, bias)
+    let cases = [
+        (2, 2, 9, 9, 3, 3, 2, 1, true),
+        (1, 3, 10, 11, 2, 1, 2, 0, false),
+        (1, 2, 14, 13, 2, 5, 3, 2, true),
+        (2, 2, 11, 12, 3, 2, 3, 1, false),
+        (1, 2, 12, 13, 2, 3, 2, 2, false),
+    ];
+    for (i, &(n, cin, h, w, cout, k, s, p, bias)) in cases.iter().enumerate() {
+        let mut theta = vec![
+            randn(&[n, cin, h, w], 120 + i as u64),
+            randn(&[cout, cin, k, k], 130 + i as u64),
+        ];
+        if bias {
+            theta.push(randn(&[cout], 140 + i as u64));
+        }
+        run(&format!("conv2d-strided-{i}"), &theta, |t, v| {
+            t.conv2d(v[0], v[1], v.get(2).copied(), s, p)
+        });
+    }
+}
+
 #[test]
 fn pooling() {
     run("max_pool2d", &[randn(&[2, 3, 4, 6], 50)], |t, v| {

@@ -1,4 +1,6 @@
-//! im2col / col2im for 2-D convolution over one sample (CHW layout, zero padding).
+//! Layouts for 2-D convolution over one sample (CHW layout, zero padding): im2col / col2im
+//! and im2row for the lowered products, and the phase layout ([`Phases`]) and row offsets of
+//! the implicit ones.
 
 use crate::scalar::Scalar;
 
@@ -142,35 +144,106 @@ pub fn col2im_add<T: Scalar>(g: &ConvGeom, cols: &[T], ld: usize, col0: usize, d
     }
 }
 
-/// Padded width of a stride-1 implicit convolution's input: `w + 2 pad`.
-fn padded_w(g: &ConvGeom) -> usize {
-    g.w + 2 * g.pad
+/// The phase layout of a convolution's zero-padded input, in which a convolution of any
+/// stride is an implicit product (see [`implicit_offsets`]). For stride `s`, each channel's
+/// padded image `Xpad` (`(h + 2 pad) x (w + 2 pad)`) is split into the phase planes
+/// `P_ab[y][x] = Xpad[s y + a][s x + b]`, each `hq x wq` with `hq = ceil((h + 2 pad) / s)` and
+/// `wq = ceil((w + 2 pad) / s)` (entries past the padded image are zero), for the phases some
+/// tap reads (`a < min(s, kh)`, `b < min(s, kw)`), channel by channel, then by `a`, then `b`.
+/// Tap `(c, ki, kj)` reads plane `(ki % s, kj % s)` from row `ki / s`, column `kj / s`, and
+/// output position `(oy, ox)` is column `oy wq + ox` of the product. Stride 1 is one phase:
+/// the padded image itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Phases {
+    /// The stride.
+    pub s: usize,
+    /// Phase rows kept: `min(s, kh)`.
+    pub rows: usize,
+    /// Phase columns kept: `min(s, kw)`.
+    pub cols: usize,
+    /// Height of a phase plane.
+    pub hq: usize,
+    /// Width of a phase plane: the row pitch of the planes and of an implicit product.
+    pub wq: usize,
 }
 
-/// Length of one sample as a zero-padded CHW image: `c_in (h + 2 pad) (w + 2 pad)`.
+impl Phases {
+    /// The phase layout of `g`'s input.
+    #[inline]
+    pub fn of(g: &ConvGeom) -> Phases {
+        let s = g.stride;
+        // No division for stride 1: this runs once per output plane in `compact_plane`.
+        let per_phase = |n: usize| if s == 1 { n } else { n.div_ceil(s) };
+        Phases {
+            s,
+            rows: s.min(g.kh),
+            cols: s.min(g.kw),
+            hq: per_phase(g.h + 2 * g.pad),
+            wq: per_phase(g.w + 2 * g.pad),
+        }
+    }
+
+    /// Elements of one phase plane.
+    fn plane_len(&self) -> usize {
+        self.hq * self.wq
+    }
+
+    /// Where phase plane `(a, b)` of channel `c` starts.
+    fn plane(&self, c: usize, a: usize, b: usize) -> usize {
+        ((c * self.rows + a) * self.cols + b) * self.plane_len()
+    }
+
+    /// Where tap `(c, ki, kj)` reads its first element.
+    fn tap(&self, c: usize, ki: usize, kj: usize) -> usize {
+        let s = self.s;
+        self.plane(c, ki % s, kj % s) + (ki / s) * self.wq + kj / s
+    }
+}
+
+/// The elements of a line of `len` inputs, zero-padded by `pad` at its start, that fall in
+/// phase `b` of stride `s` (padded index `≡ b mod s`): `(first input index, its index in the
+/// phase line, count)`; the next ones are `s` inputs and one phase index apart.
+pub fn phase_run(len: usize, pad: usize, s: usize, b: usize) -> (usize, usize, usize) {
+    let first = (b + s - pad % s) % s;
+    let count = if first < len {
+        (len - first).div_ceil(s)
+    } else {
+        0
+    };
+    (first, (first + pad) / s, count)
+}
+
+/// Length of one sample in the phase layout ([`Phases`]): `c_in` channels of `min(s, kh) x
+/// min(s, kw)` planes of `hq x wq`; for stride 1, `c_in (h + 2 pad) (w + 2 pad)`.
 pub fn padded_chw_len(g: &ConvGeom) -> usize {
-    g.c_in * (g.h + 2 * g.pad) * padded_w(g)
+    let p = Phases::of(g);
+    g.c_in * p.rows * p.cols * p.plane_len()
 }
 
-/// Columns of a stride-1 implicit convolution over one sample: the output positions laid out
-/// at the padded row pitch, `(ho - 1)(w + 2 pad) + wo` (the `wp - wo` columns between output
-/// rows are computed and dropped by [`compact_rows`]).
+/// Columns of an implicit convolution over one sample: the output positions laid out at the
+/// phase pitch `wq` ([`Phases`]; `w + 2 pad` for stride 1), `(ho - 1) wq + wo` (the `wq - wo`
+/// columns between output rows are computed and dropped by [`compact_rows`]).
 pub fn implicit_cols(g: &ConvGeom) -> usize {
-    (g.ho() - 1) * padded_w(g) + g.wo()
+    (g.ho() - 1) * Phases::of(g).wq + g.wo()
 }
 
-/// Row offsets of the implicit column matrix of a stride-1 convolution, in the `(c, ki, kj)`
-/// order of [`im2col`]: row `(c, ki, kj)` is the padded CHW image (see [`pad_chw`]) read from
-/// `(c (h + 2 pad) + ki)(w + 2 pad) + kj` for [`implicit_cols`] elements, which is the same
-/// matrix as [`im2col`]'s at the padded row pitch. Every row ends inside the image.
+/// Row offsets of the implicit column matrix of a convolution, in the `(c, ki, kj)` order of
+/// [`im2col`]: row `(c, ki, kj)` is the phase layout (see [`pad_chw`]) read from
+/// [`Phases`]' tap offset for [`implicit_cols`] elements, which is the same matrix as
+/// [`im2col`]'s at the phase pitch (for stride 1, offset `(c (h + 2 pad) + ki)(w + 2 pad) +
+/// kj` in the padded image). Every row ends inside the layout.
 pub fn implicit_offsets(g: &ConvGeom) -> Vec<usize> {
-    debug_assert_eq!(g.stride, 1, "implicit convolution needs stride 1");
-    let (hp, wp) = (g.h + 2 * g.pad, padded_w(g));
+    tap_offsets(g, 0, 0)
+}
+
+/// [`implicit_offsets`] for the taps `ki >= ki0`, `kj >= kj0` only (same order).
+pub fn tap_offsets(g: &ConvGeom, ki0: usize, kj0: usize) -> Vec<usize> {
+    let p = Phases::of(g);
     let mut offs = Vec::with_capacity(g.patch());
     for c in 0..g.c_in {
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                offs.push((c * hp + ki) * wp + kj);
+        for ki in ki0..g.kh {
+            for kj in kj0..g.kw {
+                offs.push(p.tap(c, ki, kj));
             }
         }
     }
@@ -190,22 +263,71 @@ pub fn zeroed_scratch<T: Scalar>(buf: &mut Vec<T>, len: usize) {
     }
 }
 
-/// Writes the CHW sample `x` into the interior of the zero-padded CHW image `out`
-/// ([`padded_chw_len`] long, from [`zeroed_scratch`]): only the interior is written, so the
-/// zero borders stay as they are when the buffer is reused for the same geometry.
+/// Writes the CHW sample `x` into the interior of its phase layout `out` ([`Phases`],
+/// [`padded_chw_len`] long, from [`zeroed_scratch`]; for stride 1 the zero-padded CHW image):
+/// only the interior is written, so the zero borders stay as they are when the buffer is
+/// reused for the same geometry.
 pub fn pad_chw<T: Scalar>(g: &ConvGeom, x: &[T], out: &mut [T]) {
-    let (hp, wp, p) = (g.h + 2 * g.pad, padded_w(g), g.pad);
+    let p = Phases::of(g);
     let out = &mut out[..padded_chw_len(g)];
-    for (plane, src) in out.chunks_exact_mut(hp * wp).zip(x.chunks_exact(g.h * g.w)) {
-        let body = &mut plane[p * wp..(p + g.h) * wp];
-        for (row, s) in body.chunks_exact_mut(wp).zip(src.chunks_exact(g.w)) {
-            row[p..p + g.w].copy_from_slice(s);
+    if p.s == 1 {
+        // One phase: the padded image, row by row.
+        let (wp, pad) = (p.wq, g.pad);
+        for (plane, src) in out
+            .chunks_exact_mut(p.plane_len())
+            .zip(x.chunks_exact(g.h * g.w))
+        {
+            let body = &mut plane[pad * wp..(pad + g.h) * wp];
+            for (row, s) in body.chunks_exact_mut(wp).zip(src.chunks_exact(g.w)) {
+                row[pad..pad + g.w].copy_from_slice(s);
+            }
         }
+        return;
+    }
+    let mut planes = out.chunks_exact_mut(p.plane_len());
+    super::cpu::vectorized(
+        #[inline(always)]
+        || {
+            for src in x.chunks_exact(g.h * g.w) {
+                for a in 0..p.rows {
+                    let (y0, u0, ny) = phase_run(g.h, g.pad, p.s, a);
+                    for b in 0..p.cols {
+                        let (x0, v0, nx) = phase_run(g.w, g.pad, p.s, b);
+                        let plane = planes.next().expect("phase plane");
+                        if nx == 0 {
+                            continue;
+                        }
+                        let body = &mut plane[u0 * p.wq..(u0 + ny) * p.wq];
+                        for (r, row) in body.chunks_exact_mut(p.wq).enumerate() {
+                            let from = &src[(y0 + r * p.s) * g.w + x0..][..(nx - 1) * p.s + 1];
+                            every_nth(p.s, from, &mut row[v0..v0 + nx]);
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// `to[i] = from[s i]` for every element of `to` (`from` holds `(len - 1) s + 1`).
+#[inline(always)]
+fn every_nth<T: Scalar>(s: usize, from: &[T], to: &mut [T]) {
+    if s == 2 {
+        // A constant stride: the compiler de-interleaves whole vectors.
+        let (last, body) = to.split_last_mut().expect("a run of at least one");
+        for (t, f) in body.iter_mut().zip(from.chunks_exact(2)) {
+            *t = f[0];
+        }
+        *last = from[from.len() - 1];
+        return;
+    }
+    for (i, t) in to.iter_mut().enumerate() {
+        *t = from[s * i];
     }
 }
 
 /// Copies the `c_out` rows of an implicit product (`tmp`, rows `ld` apart, output rows at
-/// the padded pitch `w + 2 pad`) into the `[c_out, ho, wo]` sample `out`, adding `bias[c]` per
+/// the phase pitch `wq` of [`Phases`], `w + 2 pad` for stride 1) into the `[c_out, ho, wo]` sample `out`, adding `bias[c]` per
 /// channel when given; every element of `out` is written.
 pub fn compact_rows<T: Scalar>(
     g: &ConvGeom,
@@ -225,10 +347,10 @@ pub fn compact_rows<T: Scalar>(
 }
 
 /// One channel of [`compact_rows`]: copies the channel's row of an implicit product (`row`,
-/// output rows at the padded pitch) into its `[ho, wo]` plane, adding `bias` when given.
+/// output rows at the phase pitch) into its `[ho, wo]` plane, adding `bias` when given.
 #[inline(always)]
 pub fn compact_plane<T: Scalar>(g: &ConvGeom, row: &[T], plane: &mut [T], bias: Option<T>) {
-    let (wo, wp) = (g.wo(), padded_w(g));
+    let (wo, wp) = (g.wo(), Phases::of(g).wq);
     for (oy, out) in plane.chunks_exact_mut(wo).enumerate() {
         let src = &row[oy * wp..oy * wp + wo];
         match bias {
@@ -242,12 +364,12 @@ pub fn compact_plane<T: Scalar>(g: &ConvGeom, row: &[T], plane: &mut [T], bias: 
     }
 }
 
-/// The inverse of [`compact_rows`]: lays the `[c_out, ho, wo]` sample `src` out at the padded
-/// row pitch in `out` (`c_out` rows of [`implicit_cols`], from [`zeroed_scratch`]), leaving
+/// The inverse of [`compact_rows`]: lays the `[c_out, ho, wo]` sample `src` out at the phase
+/// pitch in `out` (`c_out` rows of [`implicit_cols`], from [`zeroed_scratch`]), leaving
 /// the zeros between output rows, so that a product over the implicit columns counts each
 /// position once.
 pub fn expand_rows<T: Scalar>(g: &ConvGeom, src: &[T], out: &mut [T]) {
-    let (wo, wp, nc) = (g.wo(), padded_w(g), implicit_cols(g));
+    let (wo, wp, nc) = (g.wo(), Phases::of(g).wq, implicit_cols(g));
     for (row, plane) in out[..g.c_out * nc]
         .chunks_exact_mut(nc)
         .zip(src.chunks_exact(g.positions()))
@@ -260,21 +382,116 @@ pub fn expand_rows<T: Scalar>(g: &ConvGeom, src: &[T], out: &mut [T]) {
 
 /// The weight of the input gradient of a stride-1 convolution as a convolution of the output
 /// gradient: `[c_in, c_out, kh, kw]` with `out[c, co, ki, kj] = w[co, c, kh-1-ki, kw-1-kj]`,
-/// from one `[c_out, c_in, kh, kw]` weight `w`.
+/// from one `[c_out, c_in, kh, kw]` weight `w` ([`flip_phase`] of the one phase).
 pub fn flip_weight<T: Scalar>(g: &ConvGeom, w: &[T]) -> Vec<T> {
-    let (kh, kw) = (g.kh, g.kw);
-    let mut out = Vec::with_capacity(w.len());
+    debug_assert_eq!(g.stride, 1, "flip_weight is for stride 1");
+    flip_phase(g, w, (0, 0))
+}
+
+/// Taps of a kernel dimension of size `k` whose index is `a` modulo the stride `s`:
+/// `ceil((k - a) / s)`, none for `a >= k`.
+pub fn phase_taps(k: usize, s: usize, a: usize) -> usize {
+    k.saturating_sub(a).div_ceil(s)
+}
+
+/// The weight of phase `(a, b)` of the input gradient of the convolution `g` as a stride-1
+/// convolution of the output gradient: `[c_in, c_out, ka, kb]` (`ka`, `kb` from
+/// [`phase_taps`]) with `out[c, co, i, j] = w[co, c, s (ka-1-i) + a, s (kb-1-j) + b]`, from one
+/// `[c_out, c_in, kh, kw]` weight `w`: the taps of that phase, flipped. For stride 1 and
+/// phase `(0, 0)`, the whole weight flipped.
+pub fn flip_phase<T: Scalar>(g: &ConvGeom, w: &[T], (a, b): (usize, usize)) -> Vec<T> {
+    let (kh, kw, s) = (g.kh, g.kw, g.stride);
+    let (ka, kb) = (phase_taps(kh, s, a), phase_taps(kw, s, b));
+    let mut out = Vec::with_capacity(g.c_in * g.c_out * ka * kb);
     for c in 0..g.c_in {
         for co in 0..g.c_out {
             let base = (co * g.c_in + c) * kh * kw;
-            for ki in 0..kh {
-                for kj in 0..kw {
-                    out.push(w[base + (kh - 1 - ki) * kw + (kw - 1 - kj)]);
+            for i in 0..ka {
+                for j in 0..kb {
+                    out.push(w[base + (s * (ka - 1 - i) + a) * kw + s * (kb - 1 - j) + b]);
                 }
             }
         }
     }
     out
+}
+
+/// The geometry under which each phase of a strided convolution's input gradient is a
+/// stride-1 convolution of the output gradient: `c_out` input channels of `ho x wo`, kernel
+/// `kq = ceil(kh / s)`, padding `kq - 1` (the full correlation, whose `ho + kq - 1` output
+/// rows hold every phase row a tap reaches), `c_in` outputs. Phase `(a, b)` (see
+/// [`Phases`]) is `X̄pad[s u + a][s v + b] = Σ W[co, c, s i + a, s j + b] Ȳ[co, u - i, v - j]`:
+/// the taps [`tap_offsets`]`(gt, kq - ka, kq - kb)` with weight [`flip_phase`], written back
+/// by [`write_phase`]. `None` unless the stride is above 1 and the kernel square.
+pub fn phase_transposed_geom(g: &ConvGeom) -> Option<ConvGeom> {
+    let kq = g.kh.div_ceil(g.stride);
+    (g.stride > 1 && g.kh == g.kw).then(|| ConvGeom {
+        c_in: g.c_out,
+        h: g.ho(),
+        w: g.wo(),
+        c_out: g.c_in,
+        kh: kq,
+        kw: kq,
+        stride: 1,
+        pad: kq - 1,
+    })
+}
+
+/// Writes phase `(a, b)` of the input gradient of the strided convolution `g`, the `c_in`
+/// rows of an implicit product over `gt` from [`phase_transposed_geom`] (rows `ld` apart,
+/// phase position `(u, v)` at column `u (wo + 2 pad_t) + v`), into the CHW sample gradient
+/// `dx`: input `(y, x)` with `y + pad = s u + a` and `x + pad = s v + b` gets `(u, v)` where
+/// the product has it; the other inputs of the phase are left as they are (no tap reaches
+/// them: their gradient is zero).
+pub fn write_phase<T: Scalar>(
+    g: &ConvGeom,
+    gt: &ConvGeom,
+    (a, b): (usize, usize),
+    tmp: &[T],
+    ld: usize,
+    dx: &mut [T],
+) {
+    let (s, pitch) = (g.stride, Phases::of(gt).wq);
+    let (y0, u0, ny) = phase_run(g.h, g.pad, s, a);
+    let (x0, v0, nx) = phase_run(g.w, g.pad, s, b);
+    let (ny, nx) = (
+        ny.min(gt.ho().saturating_sub(u0)),
+        nx.min(gt.wo().saturating_sub(v0)),
+    );
+    if nx == 0 {
+        return;
+    }
+    super::cpu::vectorized(
+        #[inline(always)]
+        || {
+            for (c, plane) in dx[..g.in_len()].chunks_exact_mut(g.h * g.w).enumerate() {
+                let row = &tmp[c * ld..];
+                for r in 0..ny {
+                    let from = &row[(u0 + r) * pitch + v0..][..nx];
+                    let to = &mut plane[(y0 + r * s) * g.w + x0..][..(nx - 1) * s + 1];
+                    to_every_nth(s, from, to);
+                }
+            }
+        },
+    )
+}
+
+/// `to[s i] = from[i]` for every element of `from` (`to` holds `(len - 1) s + 1`); the
+/// elements between are left as they are.
+#[inline(always)]
+fn to_every_nth<T: Scalar>(s: usize, from: &[T], to: &mut [T]) {
+    if s == 2 {
+        // A constant stride: the compiler interleaves whole vectors.
+        let (last, body) = from.split_last().expect("a run of at least one");
+        for (t, &f) in to.chunks_exact_mut(2).zip(body) {
+            t[0] = f;
+        }
+        to[to.len() - 1] = *last;
+        return;
+    }
+    for (i, &f) in from.iter().enumerate() {
+        to[s * i] = f;
+    }
 }
 
 /// The geometry of a stride-1 convolution's input gradient as a convolution of the output
@@ -424,5 +641,95 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn geom(
+        c_in: usize,
+        h: usize,
+        w: usize,
+        k: (usize, usize),
+        stride: usize,
+        pad: usize,
+    ) -> ConvGeom {
+        ConvGeom {
+            c_in,
+            h,
+            w,
+            c_out: 1,
+            kh: k.0,
+            kw: k.1,
+            stride,
+            pad,
+        }
+    }
+
+    /// The implicit column matrix (the phase layout read at [`implicit_offsets`], output
+    /// `(oy, ox)` at column `oy wq + ox`) is im2col's, for strides 1 to 3, square and
+    /// rectangular kernels, pads 0 to 2, odd and even sizes; the phase positions no output
+    /// reads stay as [`zeroed_scratch`] left them.
+    #[test]
+    fn phase_layout_reads_the_im2col_matrix() {
+        for g in [
+            geom(2, 7, 6, (3, 3), 1, 1),
+            geom(3, 9, 9, (3, 3), 2, 1),
+            geom(2, 10, 11, (1, 1), 2, 0),
+            geom(2, 11, 10, (5, 5), 2, 2),
+            geom(1, 8, 9, (2, 2), 2, 0),
+            geom(2, 13, 14, (3, 3), 3, 1),
+            geom(1, 12, 12, (1, 1), 3, 2),
+            geom(2, 9, 8, (3, 2), 2, 1),
+            geom(1, 16, 15, (5, 5), 3, 2),
+            // Phases no input falls in (each input column is padding-phase 1).
+            geom(2, 5, 1, (1, 1), 2, 1),
+            geom(1, 1, 4, (1, 1), 2, 1),
+        ] {
+            let x: Vec<f64> = (0..g.in_len()).map(|i| i as f64 + 0.5).collect();
+            let (p, wo) = (g.positions(), g.wo());
+            let mut cols = vec![f64::NAN; g.patch() * p];
+            im2col(&g, &x, &mut cols, p, 0);
+            let mut padded = Vec::new();
+            zeroed_scratch(&mut padded, padded_chw_len(&g));
+            pad_chw(&g, &x, &mut padded);
+            let (offs, pitch) = (implicit_offsets(&g), Phases::of(&g).wq);
+            assert_eq!(offs.len(), g.patch());
+            for (r, &o) in offs.iter().enumerate() {
+                assert!(o + implicit_cols(&g) <= padded.len(), "{g:?} row {r}");
+                for l in 0..p {
+                    let got = padded[o + (l / wo) * pitch + l % wo];
+                    assert_eq!(got, cols[r * p + l], "{g:?} row {r} position {l}");
+                }
+            }
+            // Every input of a kept phase lands exactly once, the others nowhere.
+            let ph = Phases::of(&g);
+            let kept = |i: usize| {
+                let (y, xx) = ((i / g.w) % g.h, i % g.w);
+                (y + g.pad) % g.stride < ph.rows && (xx + g.pad) % g.stride < ph.cols
+            };
+            let want: f64 = (0..x.len()).filter(|&i| kept(i)).map(|i| x[i]).sum();
+            assert_eq!(padded.iter().sum::<f64>(), want, "{g:?}");
+        }
+    }
+
+    /// Stride 1 is the plain zero-padded CHW image, element for element.
+    #[test]
+    fn stride_one_phase_layout_is_the_padded_image() {
+        let g = geom(3, 5, 7, (3, 3), 1, 2);
+        let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
+        assert_eq!(padded_chw_len(&g), g.c_in * hp * wp);
+        assert_eq!(implicit_cols(&g), (g.ho() - 1) * wp + g.wo());
+        let x: Vec<f64> = (0..g.in_len()).map(|i| i as f64 + 1.0).collect();
+        let mut padded = vec![0.0; padded_chw_len(&g)];
+        pad_chw(&g, &x, &mut padded);
+        let mut want = vec![0.0; padded.len()];
+        for c in 0..g.c_in {
+            for y in 0..g.h {
+                for xx in 0..g.w {
+                    want[(c * hp + y + g.pad) * wp + xx + g.pad] = x[(c * g.h + y) * g.w + xx];
+                }
+            }
+        }
+        assert_eq!(padded, want);
+        let offs = implicit_offsets(&g);
+        assert_eq!(offs[g.kh * g.kw + g.kw + 2], (hp + 1) * wp + 2);
     }
 }

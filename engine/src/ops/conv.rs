@@ -1,8 +1,15 @@
 //! 2-D convolution (NCHW input, `[C_out, C_in, kh, kw]` weight, optional bias, stride, zero
-//! padding). Stride-1 convolutions on AVX-512 machines run as implicit products that read
-//! the column matrix straight out of a zero-padded copy of each sample (no lowering; the input
-//! gradient as a convolution of Ȳ with the flipped weight); the rest are lowered to
-//! im2col + GEMM. The formulas below are written with the column matrix cols(X) either way.
+//! padding). On AVX-512 machines convolutions run as implicit products that read the column
+//! matrix straight out of a zero-padded copy of each sample (no lowering): for stride 1 the
+//! padded image, for stride `s > 1` its `s x s` phase planes `P_ab[y][x] = Xpad[s y + a][s x + b]`
+//! (see `kernels::conv::Phases`), in which every tap is again a contiguous run, so the value,
+//! its tangent and the weight gradient use the same kernels with another layout and offset
+//! list. The input gradient is a convolution of Ȳ with the flipped weight: for stride 1 one
+//! product, for stride `s` one stride-1 product per phase of X̄ with the taps of that phase
+//! (`ki % s == a`, `kj % s == b`), written back interleaved. The shapes the kernels decline
+//! (more than 64 output rows, fewer than 16 columns, a non-square strided kernel) and other
+//! machines are lowered to im2col + GEMM. The formulas below are written with the column
+//! matrix cols(X) either way.
 //!
 //! Convolution Y = W ⊛ X + b is bilinear in (W, X) and affine in b:
 //! - value: Y_n = W cols(X_n) + b
@@ -20,9 +27,10 @@ use super::pool::PlanePool;
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
 use crate::kernels::conv::{
-    col2im_add, compact_plane, compact_rows, expand_rows, flip_weight, im2col, im2row,
+    col2im_add, compact_plane, compact_rows, expand_rows, flip_phase, flip_weight, im2col, im2row,
     implicit_cols, implicit_offsets, khwc_to_ckhw, pad_chw, pad_hwc, padded_chw_len,
-    padded_hwc_len, transposed_geom, zeroed_scratch, ConvGeom,
+    padded_hwc_len, phase_taps, phase_transposed_geom, tap_offsets, transposed_geom, write_phase,
+    zeroed_scratch, ConvGeom, Phases,
 };
 use crate::kernels::cpu::vectorized;
 use crate::kernels::gemm::{gemm, MatRef};
@@ -211,16 +219,54 @@ impl<T> Default for Scratch<T> {
     }
 }
 
-/// True when the stride-1 convolution `g` runs as an implicit product on this machine: the
+/// True when the convolution `g` runs as an implicit product on this machine: the
 /// packing-free kernel reads the rows of the column matrix straight out of the padded image
-/// (no im2col copy, no col2im scatter). Depends only on the shape and the CPU.
+/// (its phase planes for a stride above 1, see [`Phases`]; no im2col copy, no col2im
+/// scatter). Depends only on the shape and the CPU.
 pub(super) fn implicit<T: Scalar>(g: &ConvGeom) -> bool {
-    g.stride == 1 && nopack::accepts_type::<T>(g.c_out, implicit_cols(g))
+    nopack::accepts_type::<T>(g.c_out, implicit_cols(g))
+}
+
+/// How a convolution's value, tangent or weight gradient is computed: as implicit products
+/// out of the padded input, or through the lowered (im2col / im2row) matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// Implicit products ([`nopack`] for values, [`rowdot`] for weight gradients).
+    Implicit,
+    /// Lowered matrices and the general GEMM.
+    Lowered,
+}
+
+impl Path {
+    /// The path of the value and tangent of `g` on this machine.
+    fn value<T: Scalar>(g: &ConvGeom) -> Path {
+        if implicit::<T>(g) {
+            Path::Implicit
+        } else {
+            Path::Lowered
+        }
+    }
+
+    /// The path of the weight gradient of `g` on this machine: implicit where [`rowdot`]
+    /// runs, except for strided kernels larger than 1x1. There the per-sample products are
+    /// short (resnet20's 3x3 stride-2 layers: 71 and 271 columns), the kernel's lane
+    /// reductions dominate, and one large packed GEMM over the im2row matrix was as fast or
+    /// faster (f32, 1 thread, batch 128: 2.9-3.1 against 1.9-2.1 ms for 32->64 on 16x16,
+    /// 3.0-3.3 against 3.0-3.2 ms for 16->32 on 32x32), while the 1x1 stride-2 shortcuts gain
+    /// (0.54-0.56 against 1.48-1.67 ms for 16->32 on 32x32).
+    fn weight<T: Scalar>(g: &ConvGeom) -> Path {
+        if rowdot::accepts_type::<T>() && (g.stride == 1 || g.kh * g.kw == 1) {
+            Path::Implicit
+        } else {
+            Path::Lowered
+        }
+    }
 }
 
 /// Writes `Σ_t A_t ⊛ x_t (+ bias)` for one sample into `out` (`[c_out, ho, wo]`, every
-/// element written), each `A_t` a row-major `c_out x patch` weight and `x_t` a CHW sample;
-/// `offs` from [`implicit_offsets`], and [`implicit`] must hold for `g`.
+/// element written), each `A_t` a row-major `c_out x offs.len()` weight and `x_t` a CHW
+/// sample; `offs` from [`implicit_offsets`] (or a subset of its taps, [`tap_offsets`]), and
+/// [`implicit`] must hold for `g`.
 fn implicit_sample<T: Scalar>(
     g: &ConvGeom,
     offs: &[usize],
@@ -267,16 +313,16 @@ pub(super) fn product_of_padded<T: Scalar>(
     tmp: &mut [T],
 ) {
     let n = implicit_cols(g);
-    assert_eq!(a.len(), g.c_out * g.patch(), "implicit conv weight");
+    assert_eq!(a.len(), g.c_out * offs.len(), "implicit conv weight");
     assert!(padded.len() >= padded_chw_len(g) && tmp.len() >= g.c_out * n);
-    // SAFETY: `a` is c_out x patch row-major (checked above), every row offset plus `n` stays
-    // inside the padded image (`implicit_offsets`), `tmp` holds c_out rows of `n` (checked).
+    // SAFETY: `a` is c_out x offs.len() row-major (checked above), every row offset plus `n`
+    // stays inside the padded image (`tap_offsets`), `tmp` holds c_out rows of `n` (checked).
     let ran = unsafe {
         nopack::try_gemm_rows(
             g.c_out,
             n,
             T::one(),
-            (a.as_ptr(), g.patch(), 1),
+            (a.as_ptr(), offs.len(), 1),
             (padded.as_ptr(), offs),
             beta,
             (tmp.as_mut_ptr(), n),
@@ -377,8 +423,10 @@ fn channel_sums<T: Scalar>(g: &[T], c: usize, positions: usize) -> Vec<T> {
     s
 }
 
-/// The value `W ⊛ X + b` of a convolution over `n` samples, `[n, c_out, ho, wo]`.
+/// The value `W ⊛ X + b` of a convolution over `n` samples, `[n, c_out, ho, wo]`, on `path`
+/// (`Path::Implicit` only where [`implicit`] holds).
 fn conv_value<T: Scalar>(
+    path: Path,
     g: &ConvGeom,
     n: usize,
     xv: &[T],
@@ -387,7 +435,7 @@ fn conv_value<T: Scalar>(
 ) -> Tensor<T> {
     let shape = [n, g.c_out, g.ho(), g.wo()];
     let il = g.in_len();
-    if implicit::<T>(g) {
+    if path == Path::Implicit {
         let offs = implicit_offsets(g);
         let y = per_sample(1, n, g.out_len(), |_, i, s, out| {
             implicit_sample(g, &offs, &[(wv, &xv[i * il..(i + 1) * il])], s, out, bias);
@@ -414,8 +462,10 @@ struct Tangents<'a, T> {
     b: Option<&'a [T]>,
 }
 
-/// The tangent `Ẏ_k = Ẇ_k ⊛ X + W ⊛ Ẋ_k + ḃ_k` of a convolution, `[k, n, c_out, ho, wo]`.
+/// The tangent `Ẏ_k = Ẇ_k ⊛ X + W ⊛ Ẋ_k + ḃ_k` of a convolution, `[k, n, c_out, ho, wo]`,
+/// on `path` (as [`conv_value`]).
 fn conv_tangent<T: Scalar>(
+    path: Path,
     g: &ConvGeom,
     n: usize,
     k: usize,
@@ -426,7 +476,7 @@ fn conv_tangent<T: Scalar>(
     let shape = [k, n, g.c_out, g.ho(), g.wo()];
     let (il, wl, in_all, out_all) = (g.in_len(), wv.len(), n * g.in_len(), n * g.out_len());
     let bias_k = |kk: usize| t.b.map(|b| &b[kk * g.c_out..(kk + 1) * g.c_out]);
-    if implicit::<T>(g) {
+    if path == Path::Implicit {
         let offs = implicit_offsets(g);
         let d = per_sample(k, n, g.out_len(), |kk, i, s, out| {
             let mut terms = Vec::with_capacity(2);
@@ -537,7 +587,7 @@ impl<T: Scalar> Tape<T> {
     ) -> Result<Var> {
         let op = self.conv_op(x, w, b, stride, pad)?;
         let (xv, wv, bias) = op.values(self);
-        let y = conv_value(&op.g, op.n, xv, wv, bias);
+        let y = conv_value(Path::value::<T>(&op.g), &op.g, op.n, xv, wv, bias);
         let tangent = self.conv_output_tangent(&op);
         Ok(self.push(Op::Conv2d(op), y, tangent, false))
     }
@@ -580,7 +630,16 @@ impl<T: Scalar> Tape<T> {
             return None;
         }
         let (xv, wv, _) = op.values(self);
-        Some(conv_tangent(&op.g, op.n, self.directions(), xv, wv, t))
+        let path = Path::value::<T>(&op.g);
+        Some(conv_tangent(
+            path,
+            &op.g,
+            op.n,
+            self.directions(),
+            xv,
+            wv,
+            t,
+        ))
     }
 }
 
@@ -652,6 +711,75 @@ fn input_grad_implicit<T: Scalar>(
     (gx, dot)
 }
 
+/// One phase of a strided convolution's input gradient (see [`phase_transposed_geom`]): its
+/// `(a, b)`, the offsets of its taps in the padded output gradient, and its flipped weight
+/// and the flipped weight tangents.
+struct PhaseTaps<T> {
+    ab: (usize, usize),
+    offs: Vec<usize>,
+    w: Vec<T>,
+    wt: Vec<Vec<T>>,
+}
+
+impl<T: Scalar> PhaseTaps<T> {
+    /// The phases of `g` that some tap reads (`gt` from [`phase_transposed_geom`]), with the
+    /// weight `wv` and its `k` tangents `wt` when given.
+    fn all(g: &ConvGeom, gt: &ConvGeom, wv: &[T], wt: Option<&[T]>, k: usize) -> Vec<Self> {
+        let (p, kq, wl) = (Phases::of(g), gt.kh, wv.len());
+        let phases = (0..p.rows).flat_map(|a| (0..p.cols).map(move |b| (a, b)));
+        phases
+            .map(|ab| {
+                let (ka, kb) = (phase_taps(g.kh, p.s, ab.0), phase_taps(g.kw, p.s, ab.1));
+                let wt = wt.map_or_else(Vec::new, |wt| {
+                    (0..k)
+                        .map(|kk| flip_phase(g, &wt[kk * wl..(kk + 1) * wl], ab))
+                        .collect()
+                });
+                PhaseTaps {
+                    ab,
+                    offs: tap_offsets(gt, kq - ka, kq - kb),
+                    w: flip_phase(g, wv, ab),
+                    wt,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Which weight a term of [`phase_sample`] multiplies.
+#[derive(Clone, Copy)]
+enum PhaseWeight {
+    /// The flipped weight of the phase.
+    Value,
+    /// The flipped weight tangent of the phase in one direction.
+    Tangent(usize),
+}
+
+/// One sample of a strided convolution's input gradient (or of its tangent), `out`
+/// (`[c_in, h, w]`, every element written): `Σ_t W_t ⊛ Ȳ_t` for the terms `(W_t, Ȳ_t)`, one
+/// implicit product over `gt` per phase, each written back into its phase of `out`.
+fn phase_sample<T: Scalar>(
+    g: &ConvGeom,
+    gt: &ConvGeom,
+    phases: &[PhaseTaps<T>],
+    terms: &[(PhaseWeight, &[T])],
+    s: &mut Scratch<T>,
+    out: &mut [T],
+) {
+    out.fill(T::zero());
+    for ph in phases {
+        let t: Vec<(&[T], &[T])> = terms
+            .iter()
+            .map(|&(w, y)| match w {
+                PhaseWeight::Value => (&ph.w[..], y),
+                PhaseWeight::Tangent(kk) => (&ph.wt[kk][..], y),
+            })
+            .collect();
+        let ld = implicit_product(gt, &ph.offs, &t, s);
+        write_phase(g, gt, ph.ab, &s.tmp, ld, out);
+    }
+}
+
 /// What a convolution's weight gradient reads: the input and output gradient, and their
 /// tangents for the `kd` directions of the gradient's tangent (0: none wanted).
 struct WeightGradInputs<'a, T> {
@@ -663,15 +791,20 @@ struct WeightGradInputs<'a, T> {
 }
 
 impl Conv2d {
+    /// [`Conv2d::weight_grad_on`] on this machine's path for this shape (`Path::weight`).
+    fn weight_grad<T: Scalar>(&self, src: &WeightGradInputs<T>) -> Vec<T> {
+        self.weight_grad_on(src, Path::weight::<T>(&self.g))
+    }
+
     /// `W̄ = Σ_n Ȳ_n cols(X_n)ᵀ` and its `kd` tangents `W̄˙_k = Σ_n Ȳ˙_k cols(X_n)ᵀ +
     /// Ȳ_n cols(Ẋ_k)ᵀ`, `[1 + kd, c_out, c_in, kh, kw]`, summed in fixed groups reduced in
-    /// order (independent of the thread count): without lowering for stride 1 where
-    /// [`rowdot`] runs, else through the im2row matrix.
-    fn weight_grad<T: Scalar>(&self, src: &WeightGradInputs<T>) -> Vec<T> {
+    /// order (independent of the thread count): on `path`, without lowering (where
+    /// [`rowdot`] runs) or through the im2row matrix.
+    fn weight_grad_on<T: Scalar>(&self, src: &WeightGradInputs<T>, path: Path) -> Vec<T> {
         let (g, n) = (self.g, self.n);
         let wl = g.c_out * g.patch();
         let groups = (PARTIAL_BUDGET / ((1 + src.kd) * wl).max(1)).clamp(1, MAX_GROUPS);
-        let implicit_w = g.stride == 1 && rowdot::accepts_type::<T>();
+        let implicit_w = path == Path::Implicit;
         let partials: Vec<Vec<T>> = if implicit_w {
             let offs = implicit_offsets(&g);
             fixed_ranges(n, groups)
@@ -700,9 +833,9 @@ impl Conv2d {
     }
 
     /// The weight gradient (and its `kd` tangents, `[1 + kd, c_out, c_in, kh, kw]`) summed
-    /// over `samples` of a stride-1 convolution, without lowering: each product reads the
-    /// rows of the column matrix out of the padded image ([`rowdot`]) against the output
-    /// gradient laid out at the padded row pitch.
+    /// over `samples`, without lowering: each product reads the rows of the column matrix out
+    /// of the padded image (phase planes for stride > 1; [`rowdot`]) against the output
+    /// gradient laid out at the padded row pitch (the phase pitch).
     fn weight_grad_implicit<T: Scalar>(
         &self,
         src: &WeightGradInputs<T>,
@@ -767,7 +900,7 @@ impl Conv2d {
 
     /// The weight gradient (and its `kd` tangents) summed over the chunks `parts`, with the
     /// patch in `(ki, kj, c)` order: `Σ Ȳ rows(X)` with rows(X) the im2row matrix (cols(X)ᵀ
-    /// permuted so the GEMM packs contiguous runs); the path for strided convolutions.
+    /// permuted so the GEMM packs contiguous runs); the path for machines without [`rowdot`].
     fn weight_grad_lowered<T: Scalar>(&self, src: &WeightGradInputs<T>, parts: &[Chunk]) -> Vec<T> {
         let (g, n) = (self.g, self.n);
         let (pl, patch, wl) = (g.positions(), g.patch(), g.c_out * g.patch());
@@ -799,9 +932,65 @@ impl Conv2d {
         acc
     }
 
+    /// The input gradient (and with `want_dot` its tangents) of a convolution that
+    /// [`input_grad_implicit`] does not take: through its phases
+    /// ([`Conv2d::input_grad_phases`]) where the stride is above 1 and the phase products run
+    /// on this machine, else through the lowered column matrix.
+    fn input_grad_strided<T: Scalar>(
+        &self,
+        k: usize,
+        wv: &[T],
+        wt: Option<&[T]>,
+        gyd: &[T],
+        gdot: Option<&[T]>,
+        want_dot: bool,
+    ) -> (Vec<T>, Option<Vec<T>>) {
+        match phase_transposed_geom(&self.g).filter(implicit::<T>) {
+            Some(gt) => self.input_grad_phases(&gt, k, wv, wt, gyd, gdot),
+            None => self.input_grad_lowered(k, wv, wt, gyd, gdot, want_dot),
+        }
+    }
+
+    /// The input gradient `X̄` of a strided convolution as one implicit product per phase of
+    /// the padded input (see [`phase_transposed_geom`]): phase `(a, b)` is the stride-1 full
+    /// correlation of Ȳ with the flipped taps `ki % s == a`, `kj % s == b`, written back
+    /// interleaved ([`write_phase`]); inputs no tap reads get zero. With `wt` or `gd` also the
+    /// tangents `X̄˙_k` (the same products of `Ẇ_k` with Ȳ and of W with Ȳ˙_k). `gt` must
+    /// pass [`implicit`]; no scatter-add, every element written once.
+    fn input_grad_phases<T: Scalar>(
+        &self,
+        gt: &ConvGeom,
+        k: usize,
+        wv: &[T],
+        wt: Option<&[T]>,
+        gyd: &[T],
+        gd: Option<&[T]>,
+    ) -> (Vec<T>, Option<Vec<T>>) {
+        let (g, n) = (self.g, self.n);
+        let (il, ol) = (g.in_len(), g.out_len());
+        let phases = PhaseTaps::all(&g, gt, wv, wt, k);
+        let gy = |i: usize| &gyd[i * ol..(i + 1) * ol];
+        let gx = per_sample(1, n, il, |_, i, s, out| {
+            phase_sample(&g, gt, &phases, &[(PhaseWeight::Value, gy(i))], s, out);
+        });
+        let dot = (gd.is_some() || wt.is_some()).then(|| {
+            per_sample(k, n, il, |kk, i, s, out| {
+                let mut terms = Vec::with_capacity(2);
+                if wt.is_some() {
+                    terms.push((PhaseWeight::Tangent(kk), gy(i)));
+                }
+                if let Some(gd) = gd {
+                    terms.push((PhaseWeight::Value, &gd[(kk * n + i) * ol..][..ol]));
+                }
+                phase_sample(&g, gt, &phases, &terms, s, out);
+            })
+        });
+        (gx, dot)
+    }
+
     /// The input gradient `X̄ = col2im(Wᵀ Ȳ)` through the lowered column matrix, and with
-    /// `want_dot` its tangents `X̄˙_k = col2im(Ẇ_kᵀ Ȳ + Wᵀ Ȳ˙_k)`: the path for strided
-    /// convolutions and machines without the packing-free kernel.
+    /// `want_dot` its tangents `X̄˙_k = col2im(Ẇ_kᵀ Ȳ + Wᵀ Ȳ˙_k)`: the path for the shapes and
+    /// machines the implicit products do not take.
     fn input_grad_lowered<T: Scalar>(
         &self,
         k: usize,
@@ -891,7 +1080,7 @@ impl<T: Scalar> Rule<T> for Conv2d {
             let gd = gdot.map(|t| t.data());
             let (gx, dot) = match transposed_geom(&g).filter(implicit::<T>) {
                 Some(gt) => input_grad_implicit(&gt, n, k, wv, wt.map(|t| t.data()), gyd, gd),
-                None => self.input_grad_lowered(k, wv, wt.map(|t| t.data()), gyd, gd, want_dot),
+                None => self.input_grad_strided(k, wv, wt.map(|t| t.data()), gyd, gd, want_dot),
             };
             let shape = nx.value.shape();
             let gx = Tensor::from_vec(shape, gx).expect("conv dx");
@@ -930,5 +1119,187 @@ impl<T: Scalar> Rule<T> for Conv2d {
             });
             sink.add(b, gb, dot);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The implicit products of strided convolutions (phase planes) against the lowered path.
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn rand_vec<T: Scalar>(len: usize, rng: &mut StdRng) -> Vec<T> {
+        (0..len).map(|_| T::c(rng.gen_range(-1.0..1.0))).collect()
+    }
+
+    /// Largest difference between `got` and `want`, relative to the largest `|want|`.
+    fn rel_diff<T: Scalar>(got: &[T], want: &[T]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        let scale = want
+            .iter()
+            .fold(0.0f64, |m, v| m.max(v.to_f64().unwrap().abs()));
+        let diff = got.iter().zip(want).fold(0.0f64, |m, (a, b)| {
+            m.max((a.to_f64().unwrap() - b.to_f64().unwrap()).abs())
+        });
+        diff / scale.max(1e-30)
+    }
+
+    /// `(n, c_in, h, w, c_out, k, stride, pad)` of one case.
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+    /// Strides 2 and 3, kernels 1, 2, 3, 5, pads 0-2,
+    /// odd and even sizes, 1 to 64 output channels, one and several samples (each large
+    /// enough for the implicit products: 16 columns or more).
+    const CASES: [Case; 15] = [
+        (1, 3, 9, 9, 4, 3, 2, 1),
+        (2, 4, 10, 11, 8, 3, 2, 1),
+        (3, 2, 12, 12, 5, 1, 2, 0),
+        (2, 3, 13, 12, 1, 5, 2, 2),
+        (2, 2, 11, 10, 6, 2, 2, 0),
+        (2, 3, 14, 13, 7, 3, 3, 1),
+        (1, 2, 16, 15, 3, 5, 3, 2),
+        (2, 2, 15, 16, 4, 2, 3, 1),
+        (1, 2, 16, 16, 64, 3, 2, 1),
+        (2, 16, 16, 16, 32, 3, 2, 1),
+        (2, 16, 32, 32, 32, 1, 2, 0),
+        (1, 3, 12, 12, 2, 1, 3, 2),
+        (2, 2, 9, 9, 3, 3, 2, 0),
+        (1, 2, 13, 14, 3, 2, 2, 2),
+        // One input column, in the padding phase that no 1x1 tap reads.
+        (2, 2, 40, 1, 3, 1, 2, 1),
+    ];
+
+    /// Value, tangent, input gradient and its tangent, weight gradient and its tangent of every
+    /// case in [`CASES`], implicit (phase planes) against lowered, within `tol` of the largest
+    /// element.
+    fn strided_matches_lowered<T: Scalar>(tol: f64) {
+        if !nopack::accepts_type::<T>(1, nopack::MIN_COLS) || !rowdot::accepts_type::<T>() {
+            eprintln!("no packing-free kernels on this machine: nothing to compare");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(11);
+        let k = 2;
+        for (idx, &(n, c_in, h, w, c_out, kk, stride, pad)) in CASES.iter().enumerate() {
+            let g = conv_geom(&[n, c_in, h, w], &[c_out, c_in, kk, kk], None, stride, pad).unwrap();
+            let gt = phase_transposed_geom(&g).filter(implicit::<T>);
+            assert!(
+                implicit::<T>(&g) && gt.is_some(),
+                "case {idx} {g:?} not implicit"
+            );
+            let (il, ol, wl) = (g.in_len(), g.out_len(), c_out * g.patch());
+            let (xv, wv, bv) = (
+                rand_vec::<T>(n * il, &mut rng),
+                rand_vec::<T>(wl, &mut rng),
+                rand_vec::<T>(c_out, &mut rng),
+            );
+            let (xt, wt, bt) = (
+                rand_vec::<T>(k * n * il, &mut rng),
+                rand_vec::<T>(k * wl, &mut rng),
+                rand_vec::<T>(k * c_out, &mut rng),
+            );
+            let (gy, gd) = (
+                rand_vec::<T>(n * ol, &mut rng),
+                rand_vec::<T>(k * n * ol, &mut rng),
+            );
+            let check = |what: &str, got: &[T], want: &[T]| {
+                let d = rel_diff(got, want);
+                assert!(d <= tol, "case {idx} {g:?}: {what} differs by {d:.2e}");
+            };
+            let value = |p| conv_value(p, &g, n, &xv, &wv, Some(&bv));
+            check(
+                "value",
+                value(Path::Implicit).data(),
+                value(Path::Lowered).data(),
+            );
+            let tangent = |p| {
+                let t = Tangents {
+                    x: Some(&xt[..]),
+                    w: Some(&wt[..]),
+                    b: Some(&bt[..]),
+                };
+                conv_tangent(p, &g, n, k, &xv, &wv, t)
+            };
+            check(
+                "tangent",
+                tangent(Path::Implicit).data(),
+                tangent(Path::Lowered).data(),
+            );
+            let op = Conv2d {
+                x: 0,
+                w: 1,
+                b: None,
+                g,
+                n,
+            };
+            let (gx, gxd) = op.input_grad_phases(&gt.unwrap(), k, &wv, Some(&wt), &gy, Some(&gd));
+            let (lx, lxd) = op.input_grad_lowered(k, &wv, Some(&wt), &gy, Some(&gd), true);
+            check("input gradient", &gx, &lx);
+            check("input gradient tangent", &gxd.unwrap(), &lxd.unwrap());
+            let src = WeightGradInputs {
+                kd: k,
+                xv: &xv,
+                xt: Some(&xt),
+                gyd: &gy,
+                gdot: Some(&gd),
+            };
+            let wg = |p| op.weight_grad_on(&src, p);
+            check(
+                "weight gradient and its tangent",
+                &wg(Path::Implicit),
+                &wg(Path::Lowered),
+            );
+        }
+    }
+
+    /// Non-square kernels with a stride: value and tangent run implicit (the input gradient
+    /// and the weight gradient are lowered), against the lowered path.
+    #[test]
+    fn rectangular_strided_value_matches_lowered() {
+        if !nopack::accepts_type::<f64>(1, nopack::MIN_COLS) {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(12);
+        for (c_in, h, w, c_out, kh, kw, stride, pad) in [
+            (3, 11, 12, 4, 3, 2, 2, 1),
+            (2, 13, 10, 5, 1, 3, 2, 0),
+            (2, 14, 15, 3, 5, 2, 3, 2),
+        ] {
+            let n = 2;
+            let g = conv_geom(&[n, c_in, h, w], &[c_out, c_in, kh, kw], None, stride, pad).unwrap();
+            assert!(
+                implicit::<f64>(&g) && phase_transposed_geom(&g).is_none(),
+                "{g:?}"
+            );
+            let (il, wl) = (g.in_len(), c_out * g.patch());
+            let (xv, wv) = (rand_vec(n * il, &mut rng), rand_vec(wl, &mut rng));
+            let (xt, wt) = (rand_vec(n * il, &mut rng), rand_vec(wl, &mut rng));
+            let value = |p| conv_value::<f64>(p, &g, n, &xv, &wv, None);
+            let d = rel_diff(value(Path::Implicit).data(), value(Path::Lowered).data());
+            assert!(d <= 1e-12, "{g:?}: value differs by {d:.2e}");
+            let tangent = |p| {
+                let t = Tangents {
+                    x: Some(&xt[..]),
+                    w: Some(&wt[..]),
+                    b: None,
+                };
+                conv_tangent::<f64>(p, &g, n, 1, &xv, &wv, t)
+            };
+            let d = rel_diff(
+                tangent(Path::Implicit).data(),
+                tangent(Path::Lowered).data(),
+            );
+            assert!(d <= 1e-12, "{g:?}: tangent differs by {d:.2e}");
+        }
+    }
+
+    #[test]
+    fn strided_implicit_matches_lowered_f64() {
+        strided_matches_lowered::<f64>(1e-12);
+    }
+
+    #[test]
+    fn strided_implicit_matches_lowered_f32() {
+        strided_matches_lowered::<f32>(2e-5);
     }
 }
