@@ -4,13 +4,10 @@
 //! input, weight and bias gradients take their own passes. Both give the same bits, for plain
 //! convolutions and for a convolution fused with its max pooling.
 
-use flatmin_engine::{MaxPoolAfter, Result, Tape, Tensor, Var};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
+mod tape_support;
 
-fn randn(shape: &[usize], seed: u64) -> Tensor<f32> {
-    Tensor::randn(shape, &mut StdRng::seed_from_u64(seed))
-}
+use flatmin_engine::{MaxPoolAfter, Result, Tape, Tensor, Var};
+use tape_support::{bits, params, randn};
 
 /// The gradients (as bits) of Σ c·f(θ) for random weights c, on a tape with `k` directions.
 fn gradient_bits(
@@ -19,31 +16,13 @@ fn gradient_bits(
     f: impl Fn(&mut Tape<f32>, &[Var]) -> Result<Var>,
 ) -> Vec<Vec<u32>> {
     let mut tape = Tape::<f32>::new(k);
-    let vars: Vec<Var> = theta
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let mut shape = vec![k];
-            shape.extend_from_slice(p.shape());
-            let dir = (k > 0).then(|| randn(&shape, 50 + i as u64));
-            tape.param(p.clone(), dir).unwrap()
-        })
-        .collect();
+    let vars = params(&mut tape, theta, 50);
     let y = f(&mut tape, &vars).unwrap();
     let c = tape.constant(randn(tape.value(y).shape(), 7));
     let weighted = tape.mul(y, c).unwrap();
     let loss = tape.sum(weighted).unwrap();
     let grads = tape.backward(loss).unwrap();
-    vars.iter()
-        .map(|&v| {
-            grads
-                .grad(&tape, v)
-                .data()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect()
-        })
-        .collect()
+    vars.iter().map(|&v| bits(&grads.grad(&tape, v))).collect()
 }
 
 /// (input shape, output channels, kernel, bias, max pooling after it)

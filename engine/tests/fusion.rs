@@ -6,19 +6,11 @@
 //! without a ReLU between them (`Tape::conv2d_max_pool`); `Net::record` fuses only where each
 //! fused node has one consumer, and `Net::record_each_node` fuses nothing.
 
+mod tape_support;
+
 use flatmin_engine::net::{Activation, ConvOptions, Net, NormStats, RunningStats};
 use flatmin_engine::{BnMode, MaxPoolAfter, Result, Tape, Tensor, Unary, Var};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-
-fn randn(shape: &[usize], seed: u64) -> Tensor<f32> {
-    Tensor::randn(shape, &mut StdRng::seed_from_u64(seed))
-}
-
-/// The bits of a tensor, to compare results exactly.
-fn bits(t: &Tensor<f32>) -> Vec<u32> {
-    t.data().iter().map(|v| v.to_bits()).collect()
-}
+use tape_support::{bits, params, randn};
 
 /// Everything a recording gives: output value and tangent, and per parameter its gradient
 /// and HVP, as bits.
@@ -32,16 +24,7 @@ fn outcome(
     f: impl Fn(&mut Tape<f32>, &[Var]) -> Result<Var>,
 ) -> Outcome {
     let mut tape = Tape::<f32>::new(k);
-    let vars: Vec<Var> = theta
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let mut shape = vec![k];
-            shape.extend_from_slice(p.shape());
-            let dir = (k > 0).then(|| randn(&shape, 100 + i as u64));
-            tape.param(p.clone(), dir).unwrap()
-        })
-        .collect();
+    let vars = params(&mut tape, theta, 100);
     let y = f(&mut tape, &vars).unwrap();
     let w = tape.constant(randn(tape.value(y).shape(), 99));
     let sq = tape.square(y).unwrap();
