@@ -19,9 +19,10 @@ type LossFn<'a, T> = dyn Fn(&mut Tape<T>, &[Var]) -> Result<Var, EngineError> + 
 pub struct Workload<T> {
     /// The model (PyTorch-default initialization, seed 0).
     pub model: Model<T>,
-    /// Input batch `[N, 3, 32, 32]` (standard normal, like the reference scripts' `randn`).
+    /// Input batch `[N, ...the net's input shape]` (standard normal, like the reference
+    /// scripts' `randn`; `[N, 3, 32, 32]` for the presets).
     pub x: Tensor<T>,
-    /// Labels `i % 10`.
+    /// Labels `i % classes` (the net's output width).
     pub labels: Vec<usize>,
     /// K random directions, one tensor per parameter each.
     pub dirs: Vec<Vec<Tensor<T>>>,
@@ -30,12 +31,22 @@ pub struct Workload<T> {
 }
 
 impl<T: Scalar> Workload<T> {
-    /// Builds the workload for `model` (a preset name) at `batch` with `k` directions.
+    /// Builds the workload for `model` (a preset name or network file) at `batch` with `k`
+    /// directions.
     pub fn new(model: &str, batch: usize, k: usize) -> flatmin_models::Result<Self> {
         let model = Model::<T>::named(model, 0)?;
         let mut rng = StdRng::seed_from_u64(0);
-        let x = Tensor::randn(&[batch, 3, 32, 32], &mut rng);
-        let labels = (0..batch).map(|i| i % 10).collect();
+        let net = model.net();
+        let mut shape = vec![batch];
+        shape.extend_from_slice(net.input_shape());
+        let x = Tensor::randn(&shape, &mut rng);
+        let classes = net
+            .node(net.output())
+            .shape
+            .iter()
+            .product::<usize>()
+            .max(1);
+        let labels = (0..batch).map(|i| i % classes).collect();
         let dirs = (0..k)
             .map(|_| {
                 model

@@ -191,3 +191,39 @@ fn a_network_file_is_benchmarked_like_a_preset() {
     let t = json(&["trace", "--model", net, "--batch", "4", "--reps", "1"]);
     assert!(t["trace"].as_f64().unwrap().is_finite(), "{t}");
 }
+
+/// A network whose input is not an image of CIFAR's shape, with 3 classes: the benchmark feeds
+/// it inputs of its own shape and labels below its width (it panicked on CIFAR-shaped inputs).
+#[test]
+fn a_network_file_of_another_input_shape_is_benchmarked() {
+    let dir = std::env::temp_dir().join(format!("flatmin-bench-shape-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let net = dir.join("net.json");
+    std::fs::write(
+        &net,
+        r#"{"flatmin_network": 1, "input": [4, 6, 6], "layers": [
+            {"name": "conv", "type": "Conv2d", "in_channels": 4, "out_channels": 8,
+             "kernel_size": 3, "padding": 1},
+            {"name": "pool", "type": "MaxPool2d", "kernel_size": 2},
+            {"name": "relu", "type": "ReLU"},
+            {"name": "flatten", "type": "Flatten"},
+            {"name": "fc", "type": "Linear", "in_features": 72, "out_features": 3}]}"#,
+    )
+    .unwrap();
+    let net = net.to_str().unwrap();
+    for task in ["grad", "hvp", "hvp-batched", "trace"] {
+        let v = json(&[
+            task,
+            "--model",
+            net,
+            "--batch",
+            "5",
+            "--reps",
+            "1",
+            "--vectors",
+            "2",
+        ]);
+        assert!(v["median_ms"].as_f64().unwrap() > 0.0, "{task}: {v}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
