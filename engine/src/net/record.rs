@@ -41,7 +41,10 @@ impl<T> Recording<T> {
     /// An empty recording of `net`, with the fusions or (`fuse` false) every node as its own op.
     pub(super) fn new(net: &Net, fuse: bool) -> Self {
         let (relu_epilogue, pool_fusion) = match fuse {
-            true => (net.relu_epilogues(), net.pool_fusions()),
+            true => {
+                let readers = net.sole_readers();
+                (net.relu_epilogues(&readers), net.pool_fusions(&readers))
+            }
             false => (vec![false; net.len()], vec![None; net.len()]),
         };
         let mut fused_away = vec![false; net.len()];
@@ -243,11 +246,11 @@ impl Net {
     /// Per node: true for a BatchNorm or an add whose only reader is a ReLU, recorded as one
     /// op with it ([`Tape::batch_norm2d_relu`], [`Tape::add_relu`]; the ReLU node then takes
     /// the same variable).
-    fn relu_epilogues(&self) -> Vec<bool> {
+    fn relu_epilogues(&self, readers: &[Option<usize>]) -> Vec<bool> {
         let relu = |j: usize| matches!(self.nodes()[j].layer, Layer::Activation(Activation::Relu));
         self.nodes()
             .iter()
-            .zip(self.sole_readers())
+            .zip(readers)
             .map(|(node, r)| {
                 matches!(node.layer, Layer::BatchNorm2d { .. } | Layer::Add) && r.is_some_and(relu)
             })
@@ -256,8 +259,7 @@ impl Net {
 
     /// Per node: for a convolution whose only reader is a max pooling, or a ReLU whose only
     /// reader is a max pooling, that pooling node (they are recorded as one op).
-    fn pool_fusions(&self) -> Vec<Option<usize>> {
-        let readers = self.sole_readers();
+    fn pool_fusions(&self, readers: &[Option<usize>]) -> Vec<Option<usize>> {
         let layer = |j: usize| &self.nodes()[j].layer;
         let max_pool = |j: &usize| matches!(layer(*j), Layer::MaxPool2d { .. });
         self.nodes()

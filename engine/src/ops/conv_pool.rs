@@ -107,25 +107,59 @@ impl ConvMaxPool {
         })
     }
 
-    /// `Sᵀ(src)`: per pooled plane (of `Z̄` or its tangents), the values added at their
-    /// argmax in a zeroed plane of the convolution's output (then, with the ReLU, masked by
-    /// `relu'(Z)`).
+    /// `Sᵀ(src)`: per pooled plane (of `Z̄` or its tangents), the full-size plane of the
+    /// convolution's output [`ConvMaxPool::spread_plane`] gives.
     fn spread<T: Scalar>(&self, src: &[T], z: &[T]) -> Vec<T> {
         let (il, ol) = (self.pool.h * self.pool.w, self.pool.out_len());
         let planes = self.arg.len() / ol;
         map_planes(src, ol, il, |p, s, d| {
             let at = (p % planes) * ol..(p % planes + 1) * ol;
-            let (arg, z) = (&self.arg[at.clone()], &z[at]);
-            d.fill(T::zero());
-            for (&v, &i) in s.iter().zip(arg) {
-                d[i as usize] = d[i as usize] + v;
+            self.spread_plane(at, s, z, d, 0, self.pool.w);
+        })
+    }
+
+    /// One plane of `Sᵀ(zbar)`: `zbar` (a pooled plane, whose argmax and pooled values are
+    /// at `at`) added at each window's argmax in the zeroed `plane`, then, with the ReLU,
+    /// masked by `relu'(Z)`. `plane` holds the convolution's output plane with `pad` zero rows
+    /// and columns around it and row pitch `pitch` (no padding: the plain plane).
+    fn spread_plane<T: Scalar>(
+        &self,
+        at: std::ops::Range<usize>,
+        zbar: &[T],
+        z: &[T],
+        plane: &mut [T],
+        pad: usize,
+        pitch: usize,
+    ) {
+        let (pool, wo_p) = (&self.pool, self.pool.wo());
+        let wo = pool.w;
+        // Each window's argmax as an index into `plane`: its row within the window found by
+        // comparisons, not a division or a branch (which row wins is a coin toss).
+        let index = |oy: usize, a: u32| {
+            let r0 = oy * pool.stride;
+            let rel = a as usize - r0 * wo;
+            let mut dr = 0;
+            for t in 1..pool.kh {
+                dr += usize::from(rel >= t * wo);
             }
-            if self.relu {
-                for (&zv, &i) in z.iter().zip(arg) {
-                    d[i as usize] = relu_d1(zv) * d[i as usize];
+            (r0 + dr + pad) * pitch + rel - dr * wo + pad
+        };
+        plane.fill(T::zero());
+        let rows = self.arg[at.clone()].chunks_exact(wo_p).enumerate();
+        for ((oy, a), v) in rows.clone().zip(zbar.chunks_exact(wo_p)) {
+            for (&a, &v) in a.iter().zip(v) {
+                let d = index(oy, a);
+                plane[d] = plane[d] + v;
+            }
+        }
+        if self.relu {
+            for ((oy, a), z) in rows.zip(z[at].chunks_exact(wo_p)) {
+                for (&a, &z) in a.iter().zip(z) {
+                    let d = index(oy, a);
+                    plane[d] = relu_d1(z) * plane[d];
                 }
             }
-        })
+        }
     }
 }
 
@@ -139,39 +173,12 @@ struct PooledGrad<'a, T> {
 
 impl<T: Scalar> OutputGrad<T> for PooledGrad<'_, T> {
     fn write_padded(&self, gt: &ConvGeom, i: usize, padded: &mut [T]) {
-        let (pool, pad) = (&self.op.pool, gt.pad);
-        let (ol, wo, wo_p) = (pool.out_len(), pool.w, pool.wo());
+        let (ol, pad) = (self.op.pool.out_len(), gt.pad);
         let (hp, wp) = (gt.h + 2 * pad, gt.w + 2 * pad);
-        padded.fill(T::zero());
         for (co, plane) in padded.chunks_exact_mut(hp * wp).enumerate() {
             let at = (i * gt.c_in + co) * ol..(i * gt.c_in + co + 1) * ol;
-            let arg = &self.op.arg[at.clone()];
-            // Each window's argmax as a padded index: its row within the window found by
-            // comparisons, not a division or a branch (which row wins is a coin toss).
-            let index = |oy: usize, a: u32| {
-                let r0 = oy * pool.stride;
-                let rel = a as usize - r0 * wo;
-                let mut dr = 0;
-                for t in 1..pool.kh {
-                    dr += usize::from(rel >= t * wo);
-                }
-                (r0 + dr + pad) * wp + rel - dr * wo + pad
-            };
-            let rows = arg.chunks_exact(wo_p).enumerate();
-            for ((oy, a), v) in rows.clone().zip(self.zbar[at.clone()].chunks_exact(wo_p)) {
-                for (&a, &v) in a.iter().zip(v) {
-                    let d = index(oy, a);
-                    plane[d] = plane[d] + v;
-                }
-            }
-            if self.op.relu {
-                for ((oy, a), z) in rows.zip(self.z[at].chunks_exact(wo_p)) {
-                    for (&a, &z) in a.iter().zip(z) {
-                        let d = index(oy, a);
-                        plane[d] = relu_d1(z) * plane[d];
-                    }
-                }
-            }
+            let zbar = &self.zbar[at.clone()];
+            self.op.spread_plane(at, zbar, self.z, plane, pad, wp);
         }
     }
 }
