@@ -1,13 +1,36 @@
-//! Sums and dot products in a fixed order with [`LANES`] independent partial sums: the
-//! compiler can keep them in vector registers (a plain left fold is one long dependency
-//! chain), and the order depends only on the length, so results are bit-identical for any
-//! thread count. Each runs through [`vectorized`], so it is built for the widest vectors
-//! the machine has (the same operations in the same order: the same bits on every path).
+//! Sums and dot products in a fixed order with independent partial sums: the compiler keeps
+//! them in vector registers (a plain left fold is one long dependency chain), and the order
+//! depends only on the length, so results are bit-identical for any thread count. Each runs
+//! through [`vectorized`], so it is built for the widest vectors the machine has (the same
+//! operations in the same order: the same bits on every path).
+//!
+//! The order, for `n` elements: element `i` goes to partial sum `i % WIDE` while whole groups
+//! of [`WIDE`] remain; those [`WIDE`] sums fold to [`LANES`] ([`narrow`]); the whole groups
+//! of [`LANES`] left go to partial sum `i % LANES`; the [`LANES`] sums combine pairwise
+//! ([`combine`]), and the last `n % LANES` elements are added one by one.
 
 use super::cpu::vectorized;
 
-/// Independent partial sums per reduction.
+/// Independent partial sums over the groups of [`WIDE`] elements: enough independent chains
+/// of additions to keep every adder busy (with [`LANES`] alone, a reduction is bound by the
+/// latency of one vector addition per step).
+pub const WIDE: usize = 64;
+
+/// Independent partial sums over the groups of `LANES` elements after the last whole group
+/// of [`WIDE`].
 pub const LANES: usize = 8;
+
+/// Folds [`WIDE`] partial sums to [`LANES`]: partial sum `l` becomes
+/// `((w_l + w_{l+8}) + (w_{l+16} + w_{l+24})) + ((w_{l+32} + w_{l+40}) + (w_{l+48} + w_{l+56}))`.
+/// The sums pass through `black_box` first, as in [`combine`].
+#[inline]
+fn narrow<T: crate::Scalar>(w: [T; WIDE]) -> [T; LANES] {
+    let w = std::hint::black_box(w);
+    std::array::from_fn(|l| {
+        let p = |j: usize| w[l + LANES * j];
+        ((p(0) + p(1)) + (p(2) + p(3))) + ((p(4) + p(5)) + (p(6) + p(7)))
+    })
+}
 
 /// Adds the partial sums pairwise: `((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))`.
 /// The partial sums pass through `black_box` first: seen together with the loop that
@@ -20,22 +43,63 @@ fn combine<T: crate::Scalar>(a: [T; LANES]) -> T {
     ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
-/// `Σ_i f(x_i, y_i)` over equal-length slices: element `i` goes to partial sum `i % LANES`
-/// (the tail after the last full group of [`LANES`] is added after combining).
+/// `K` sums at once, `Σ_i f(x_i, y_i, z_i)[j]` for `j < K`, over equal-length slices, each in
+/// the order of the module header.
 #[inline(always)]
-fn sum_zip<T: crate::Scalar>(x: &[T], y: &[T], f: impl Fn(T, T) -> T) -> T {
-    assert_eq!(x.len(), y.len(), "reduction operands differ in length");
-    let mut acc = [T::zero(); LANES];
-    let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
-    let (xr, yr) = (xc.remainder(), yc.remainder());
-    for (a, b) in xc.zip(yc) {
-        for l in 0..LANES {
-            acc[l] = acc[l] + f(a[l], b[l]);
+fn sums<T: crate::Scalar, const K: usize>(
+    x: &[T],
+    y: &[T],
+    z: &[T],
+    f: impl Fn(T, T, T) -> [T; K],
+) -> [T; K] {
+    assert!(
+        x.len() == y.len() && x.len() == z.len(),
+        "reduction operands differ in length"
+    );
+    let mut wide = [[T::zero(); WIDE]; K];
+    let (xw, yw, zw) = (
+        x.chunks_exact(WIDE),
+        y.chunks_exact(WIDE),
+        z.chunks_exact(WIDE),
+    );
+    let (xn, yn, zn) = (xw.remainder(), yw.remainder(), zw.remainder());
+    for ((a, b), c) in xw.zip(yw).zip(zw) {
+        for l in 0..WIDE {
+            let v = f(a[l], b[l], c[l]);
+            for (acc, v) in wide.iter_mut().zip(v) {
+                acc[l] = acc[l] + v;
+            }
         }
     }
-    xr.iter()
-        .zip(yr)
-        .fold(combine(acc), |s, (&a, &b)| s + f(a, b))
+    let mut lanes = wide.map(narrow);
+    let (xc, yc, zc) = (
+        xn.chunks_exact(LANES),
+        yn.chunks_exact(LANES),
+        zn.chunks_exact(LANES),
+    );
+    let (xr, yr, zr) = (xc.remainder(), yc.remainder(), zc.remainder());
+    for ((a, b), c) in xc.zip(yc).zip(zc) {
+        for l in 0..LANES {
+            let v = f(a[l], b[l], c[l]);
+            for (acc, v) in lanes.iter_mut().zip(v) {
+                acc[l] = acc[l] + v;
+            }
+        }
+    }
+    let mut total = lanes.map(combine);
+    for ((&a, &b), &c) in xr.iter().zip(yr).zip(zr) {
+        for (t, v) in total.iter_mut().zip(f(a, b, c)) {
+            *t = *t + v;
+        }
+    }
+    total
+}
+
+/// `Σ_i f(x_i, y_i)` over equal-length slices, in the order of the module header.
+#[inline(always)]
+fn sum_zip<T: crate::Scalar>(x: &[T], y: &[T], f: impl Fn(T, T) -> T) -> T {
+    let [s] = sums(x, y, y, |a, b, _| [f(a, b)]);
+    s
 }
 
 /// `(Σ_i w'_i, Σ_i (x_i − mu) w'_i)` in one pass with the weights `w'_i = f(w_i, u_i)`
@@ -48,46 +112,16 @@ pub fn sum_and_dot_centered_by<T: crate::Scalar>(
     u: &[T],
     f: impl Fn(T, T) -> T,
 ) -> (T, T) {
-    vectorized(
+    let [s, d] = vectorized(
         #[inline(always)]
-        || sum_and_dot_centered_body(x, mu, w, u, f),
-    )
-}
-
-/// The loop of [`sum_and_dot_centered_by`]: weight `i` is `f(w_i, u_i)`.
-#[inline(always)]
-fn sum_and_dot_centered_body<T: crate::Scalar>(
-    x: &[T],
-    mu: T,
-    w: &[T],
-    u: &[T],
-    f: impl Fn(T, T) -> T,
-) -> (T, T) {
-    assert!(
-        x.len() == w.len() && x.len() == u.len(),
-        "reduction operands differ in length"
+        || {
+            sums(x, w, u, |a, b, c| {
+                let wl = f(b, c);
+                [wl, (a - mu) * wl]
+            })
+        },
     );
-    let (mut s, mut d) = ([T::zero(); LANES], [T::zero(); LANES]);
-    let (xc, wc, uc) = (
-        x.chunks_exact(LANES),
-        w.chunks_exact(LANES),
-        u.chunks_exact(LANES),
-    );
-    let (xr, wr, ur) = (xc.remainder(), wc.remainder(), uc.remainder());
-    for ((a, b), c) in xc.zip(wc).zip(uc) {
-        for l in 0..LANES {
-            let wl = f(b[l], c[l]);
-            s[l] = s[l] + wl;
-            d[l] = d[l] + (a[l] - mu) * wl;
-        }
-    }
-    xr.iter()
-        .zip(wr)
-        .zip(ur)
-        .fold((combine(s), combine(d)), |(s, d), ((&a, &b), &c)| {
-            let wl = f(b, c);
-            (s + wl, d + (a - mu) * wl)
-        })
+    (s, d)
 }
 
 /// `Σ_i x_i`.
@@ -125,6 +159,75 @@ pub fn sum_sq_centered<T: crate::Scalar>(x: &[T], mu: T) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The order of the module header, spelled out index by index.
+    fn documented_sum(v: &[f64]) -> f64 {
+        let n = v.len();
+        let whole_wide = n / WIDE * WIDE;
+        let whole_lanes = whole_wide + (n - whole_wide) / LANES * LANES;
+        let mut wide = [0.0; WIDE];
+        for i in 0..whole_wide {
+            wide[i % WIDE] += v[i];
+        }
+        let mut lanes: [f64; LANES] = std::array::from_fn(|l| {
+            let p = |j: usize| wide[l + LANES * j];
+            ((p(0) + p(1)) + (p(2) + p(3))) + ((p(4) + p(5)) + (p(6) + p(7)))
+        });
+        for i in whole_wide..whole_lanes {
+            lanes[i % LANES] += v[i];
+        }
+        let l = lanes;
+        let combined = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+        v[whole_lanes..].iter().fold(combined, |t, &e| t + e)
+    }
+
+    /// Every reduction takes its terms in the documented order, bit for bit, on lengths
+    /// around both group sizes; values of mixed magnitude make another order show (checked:
+    /// a left fold differs).
+    #[test]
+    fn follow_the_documented_order() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let unit = (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+            unit * 10f64.powi((state % 7) as i32 - 3)
+        };
+        let mut some_order_differs = false;
+        for n in [
+            0usize, 1, 7, 8, 9, 63, 64, 65, 71, 72, 127, 128, 200, 1000, 1088,
+        ] {
+            let x: Vec<f64> = (0..n).map(|_| next()).collect();
+            let y: Vec<f64> = (0..n).map(|_| next()).collect();
+            let mu = 0.25;
+            let prod: Vec<f64> = x.iter().zip(&y).map(|(a, b)| a * b).collect();
+            let centered: Vec<f64> = x.iter().zip(&y).map(|(a, b)| (a - mu) * b).collect();
+            let squares: Vec<f64> = x.iter().map(|a| (a - mu) * (a - mu)).collect();
+            assert_eq!(
+                sum(&x).to_bits(),
+                documented_sum(&x).to_bits(),
+                "sum, n {n}"
+            );
+            assert_eq!(dot(&x, &y).to_bits(), documented_sum(&prod).to_bits());
+            assert_eq!(
+                dot_centered(&x, mu, &y).to_bits(),
+                documented_sum(&centered).to_bits()
+            );
+            assert_eq!(
+                sum_sq_centered(&x, mu).to_bits(),
+                documented_sum(&squares).to_bits()
+            );
+            let (s, d) = sum_and_dot_centered_by(&x, mu, &y, &y, |w, _| w);
+            assert_eq!(s.to_bits(), documented_sum(&y).to_bits());
+            assert_eq!(d.to_bits(), documented_sum(&centered).to_bits());
+            some_order_differs |= x.iter().sum::<f64>() != documented_sum(&x);
+        }
+        assert!(
+            some_order_differs,
+            "the values do not tell one order from another"
+        );
+    }
 
     #[test]
     fn agree_with_exact_sums() {
