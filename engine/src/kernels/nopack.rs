@@ -5,15 +5,19 @@
 //! `matrixmultiply` copies ("packs") both operands before its kernel runs. When `m` is small,
 //! each packed element of `B` is used only `m` times, so packing costs about as much as the
 //! multiply-adds (the profiles of the 16-channel ResNet layers show it). Here a register tile
-//! of 8 rows by 32 (f32) or 16 (f64) columns of `C` is accumulated straight from `B`'s rows,
+//! of rows by two vectors of columns of `C` (AVX-512: 8 rows by 32 f32 or 16 f64 columns;
+//! AVX2+FMA: 6 rows by 16 f32 or 8 f64 columns) is accumulated straight from `B`'s rows,
 //! with one broadcast element of `A` per row and step: no copies at all. Every row tile of a
-//! column strip reads the same `k` short runs of `B` (from L1 when they fit, else from L2; the
-//! resnet20 profile puts the kernel at about 60% of peak). It needs AVX-512F; elsewhere
-//! (or under `FLATMIN_ISA=avx2`) [`try_gemm`] declines and the packed kernels run.
+//! column strip reads the same `k` short runs of `B` (from L1 when they fit, else from L2).
+//! Without AVX2 and FMA (or under `FLATMIN_ISA=portable`) [`try_gemm`] declines and the
+//! general GEMM runs.
 //!
 //! Every element of `C` is one fused multiply-add chain over `p = 0..k` in order, whatever
-//! tile it falls in, so results depend only on the operands.
+//! tile it falls in and whichever instruction set runs, so results depend only on the
+//! operands: the AVX2 and AVX-512 kernels give the same bits.
 
+#[cfg(target_arch = "x86_64")]
+use super::cpu::Isa;
 use crate::scalar::Scalar;
 
 /// Largest `m` for which [`try_gemm`] runs this kernel; above it, packing pays for itself.
@@ -92,7 +96,7 @@ fn accepts(m: usize, n: usize) -> bool {
 
 #[cfg(target_arch = "x86_64")]
 fn has_kernel() -> bool {
-    super::cpu::isa() == super::cpu::Isa::Avx512
+    super::cpu::isa() >= Isa::Avx2
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -142,29 +146,33 @@ pub unsafe fn try_gemm_rows<T: Scalar>(
 
 #[cfg(target_arch = "x86_64")]
 unsafe fn dispatch<T: Scalar>(m: usize, n: usize, ops: Operands<T>) -> bool {
+    dispatch_with(super::cpu::isa(), m, n, ops)
+}
+
+/// [`dispatch`] with the kernel of instruction set `isa` (which the machine must run).
+#[cfg(target_arch = "x86_64")]
+unsafe fn dispatch_with<T: Scalar>(isa: Isa, m: usize, n: usize, ops: Operands<T>) -> bool {
     use std::any::TypeId;
-    if !has_kernel() {
-        return false;
+    macro_rules! run {
+        ($module:ident, $strips:ident, $t:ty) => {{
+            // SAFETY: T is exactly the type named by the TypeId test.
+            let ops = std::mem::transmute_copy::<Operands<T>, Operands<$t>>(&ops);
+            if ops.boff.is_null() {
+                $module::$strips::<false>(m, n, ops);
+            } else {
+                $module::$strips::<true>(m, n, ops);
+            }
+            true
+        }};
     }
-    // SAFETY (both casts): T is exactly the type named by the TypeId test.
-    if TypeId::of::<T>() == TypeId::of::<f32>() {
-        let ops = std::mem::transmute_copy::<Operands<T>, Operands<f32>>(&ops);
-        if ops.boff.is_null() {
-            avx512::f32_strips::<false>(m, n, ops);
-        } else {
-            avx512::f32_strips::<true>(m, n, ops);
-        }
-        true
-    } else if TypeId::of::<T>() == TypeId::of::<f64>() {
-        let ops = std::mem::transmute_copy::<Operands<T>, Operands<f64>>(&ops);
-        if ops.boff.is_null() {
-            avx512::f64_strips::<false>(m, n, ops);
-        } else {
-            avx512::f64_strips::<true>(m, n, ops);
-        }
-        true
-    } else {
-        false
+    let f32_type = TypeId::of::<T>() == TypeId::of::<f32>();
+    let f64_type = TypeId::of::<T>() == TypeId::of::<f64>();
+    match isa {
+        Isa::Avx512 if f32_type => run!(avx512, f32_strips, f32),
+        Isa::Avx512 if f64_type => run!(avx512, f64_strips, f64),
+        Isa::Avx2 if f32_type => run!(avx2, f32_strips, f32),
+        Isa::Avx2 if f64_type => run!(avx2, f64_strips, f64),
+        _ => false,
     }
 }
 
@@ -173,118 +181,260 @@ unsafe fn dispatch<T: Scalar>(_m: usize, _n: usize, _ops: Operands<T>) -> bool {
     false
 }
 
+/// The kernel, written once for every instruction set: `$rows` rows by two vectors of
+/// `$lanes` columns per register tile, then tiles of 4, 2 and 1 rows; full column strips
+/// with plain loads and stores, the last strip masked (`$mask_of` lanes). Each element of
+/// `C` is `alpha · (FMA chain over p in order) (+ beta · C)`, whatever the tile or the
+/// instruction set, so every instruction set gives the same bits.
+#[cfg(target_arch = "x86_64")]
+macro_rules! kernel {
+    ($feature:literal, $strips:ident, $rows_fn:ident, $tile:ident, $t:ty, $lanes:expr, $rows:expr,
+     $mask:ty, $mask_of:ident, $zero:ident, $set1:ident, $loadu:ident, $load_masked:ident,
+     $storeu:ident, $store_masked:ident, $fmadd:ident, $mul:ident) => {
+        /// Every column strip and row tile of the product.
+        #[target_feature(enable = $feature)]
+        pub(super) unsafe fn $strips<const TABLE: bool>(m: usize, n: usize, o: Operands<$t>) {
+            let mut j = 0;
+            while j < n {
+                let cols = (n - j).min(2 * $lanes);
+                if cols == 2 * $lanes {
+                    $rows_fn::<TABLE, true>(m, j, [$mask_of($lanes); 2], o);
+                } else {
+                    let masks = [$mask_of(cols), $mask_of(cols.saturating_sub($lanes))];
+                    $rows_fn::<TABLE, false>(m, j, masks, o);
+                }
+                j += 2 * $lanes;
+            }
+        }
+
+        /// Every row tile of the column strip at `j`.
+        #[target_feature(enable = $feature)]
+        #[inline]
+        unsafe fn $rows_fn<const TABLE: bool, const FULL: bool>(
+            m: usize,
+            j: usize,
+            masks: [$mask; 2],
+            o: Operands<$t>,
+        ) {
+            let mut i = 0;
+            while i + $rows <= m {
+                $tile::<$rows, TABLE, FULL>(i, j, masks, o);
+                i += $rows;
+            }
+            if i + 4 <= m {
+                $tile::<4, TABLE, FULL>(i, j, masks, o);
+                i += 4;
+            }
+            if i + 2 <= m {
+                $tile::<2, TABLE, FULL>(i, j, masks, o);
+                i += 2;
+            }
+            if i < m {
+                $tile::<1, TABLE, FULL>(i, j, masks, o);
+            }
+        }
+
+        /// Rows `i..i+R`, columns `j..` (under `masks`, one per vector, unless `FULL`).
+        #[target_feature(enable = $feature)]
+        #[inline]
+        unsafe fn $tile<const R: usize, const TABLE: bool, const FULL: bool>(
+            i: usize,
+            j: usize,
+            masks: [$mask; 2],
+            o: Operands<$t>,
+        ) {
+            let load = |p: *const $t, v: usize| {
+                if FULL {
+                    $loadu(p)
+                } else {
+                    $load_masked(p, masks[v])
+                }
+            };
+            let mut acc = [[$zero(); 2]; R];
+            let a = o.a.add(i * o.rsa);
+            let b = o.b.add(j);
+            for p in 0..o.k {
+                let bp = if TABLE {
+                    b.add(*o.boff.add(p))
+                } else {
+                    b.add(p * o.ldb)
+                };
+                let b0 = load(bp, 0);
+                let b1 = load(bp.wrapping_add($lanes), 1);
+                let ap = a.add(p * o.csa);
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let av = $set1(*ap.add(r * o.rsa));
+                    acc_r[0] = $fmadd(av, b0, acc_r[0]);
+                    acc_r[1] = $fmadd(av, b1, acc_r[1]);
+                }
+            }
+            let (alpha, beta) = ($set1(o.alpha), $set1(o.beta));
+            for (r, acc_r) in acc.iter().enumerate() {
+                let cp = o.c.add((i + r) * o.ldc + j);
+                for (v, &x) in acc_r.iter().enumerate() {
+                    let dst = cp.wrapping_add(v * $lanes);
+                    let mut y = $mul(alpha, x);
+                    if o.beta != 0.0 {
+                        y = $fmadd(beta, load(dst, v), y);
+                    }
+                    if FULL {
+                        $storeu(dst, y);
+                    } else {
+                        $store_masked(dst, masks[v], y);
+                    }
+                }
+            }
+        }
+    };
+}
+
 /// AVX-512 tiles: up to 8 rows by two 64-byte vectors of columns (16 of the 32 vector
-/// registers hold accumulators); the last strip of columns is masked.
+/// registers hold accumulators).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::Operands;
     use std::arch::x86_64::*;
 
-    macro_rules! kernel {
-        ($strips:ident, $tile:ident, $t:ty, $lanes:expr, $mask:ty, $zero:ident, $set1:ident,
-         $load:ident, $store:ident, $fmadd:ident, $mul:ident) => {
-            /// Every column strip and row tile of the product.
-            #[target_feature(enable = "avx512f")]
-            pub(super) unsafe fn $strips<const TABLE: bool>(m: usize, n: usize, o: Operands<$t>) {
-                let mut j = 0;
-                while j < n {
-                    let cols = (n - j).min(2 * $lanes);
-                    let lane_mask = |c: usize| -> $mask {
-                        if c >= $lanes {
-                            <$mask>::MAX
-                        } else {
-                            ((1u32 << c) - 1) as $mask
-                        }
-                    };
-                    let masks = [lane_mask(cols), lane_mask(cols.saturating_sub($lanes))];
-                    let mut i = 0;
-                    while i + 8 <= m {
-                        $tile::<8, TABLE>(i, j, masks, o);
-                        i += 8;
-                    }
-                    if i + 4 <= m {
-                        $tile::<4, TABLE>(i, j, masks, o);
-                        i += 4;
-                    }
-                    if i + 2 <= m {
-                        $tile::<2, TABLE>(i, j, masks, o);
-                        i += 2;
-                    }
-                    if i < m {
-                        $tile::<1, TABLE>(i, j, masks, o);
-                    }
-                    j += 2 * $lanes;
-                }
-            }
+    /// The first `c` of 16 lanes.
+    #[inline(always)]
+    fn mask16(c: usize) -> __mmask16 {
+        if c >= 16 {
+            __mmask16::MAX
+        } else {
+            ((1u32 << c) - 1) as __mmask16
+        }
+    }
 
-            /// Rows `i..i+R`, columns `j..` under `masks` (one per vector).
-            #[target_feature(enable = "avx512f")]
-            #[inline]
-            unsafe fn $tile<const R: usize, const TABLE: bool>(
-                i: usize,
-                j: usize,
-                masks: [$mask; 2],
-                o: Operands<$t>,
-            ) {
-                let mut acc = [[$zero(); 2]; R];
-                let a = o.a.add(i * o.rsa);
-                let b = o.b.add(j);
-                for p in 0..o.k {
-                    let bp = if TABLE {
-                        b.add(*o.boff.add(p))
-                    } else {
-                        b.add(p * o.ldb)
-                    };
-                    let b0 = $load($zero(), masks[0], bp);
-                    let b1 = $load($zero(), masks[1], bp.wrapping_add($lanes));
-                    let ap = a.add(p * o.csa);
-                    for (r, acc_r) in acc.iter_mut().enumerate() {
-                        let av = $set1(*ap.add(r * o.rsa));
-                        acc_r[0] = $fmadd(av, b0, acc_r[0]);
-                        acc_r[1] = $fmadd(av, b1, acc_r[1]);
-                    }
-                }
-                let (alpha, beta) = ($set1(o.alpha), $set1(o.beta));
-                for (r, acc_r) in acc.iter().enumerate() {
-                    let cp = o.c.add((i + r) * o.ldc + j);
-                    for (v, (&x, &mask)) in acc_r.iter().zip(&masks).enumerate() {
-                        let dst = cp.wrapping_add(v * $lanes);
-                        let mut y = $mul(alpha, x);
-                        if o.beta != 0.0 {
-                            y = $fmadd(beta, $load($zero(), mask, dst), y);
-                        }
-                        $store(dst, mask, y);
-                    }
-                }
-            }
-        };
+    /// The first `c` of 8 lanes.
+    #[inline(always)]
+    fn mask8(c: usize) -> __mmask8 {
+        mask16(c.min(8)) as __mmask8
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load_f32(p: *const f32, k: __mmask16) -> __m512 {
+        _mm512_mask_loadu_ps(_mm512_setzero_ps(), k, p)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load_f64(p: *const f64, k: __mmask8) -> __m512d {
+        _mm512_mask_loadu_pd(_mm512_setzero_pd(), k, p)
     }
 
     kernel!(
+        "avx512f",
         f32_strips,
+        f32_rows,
         f32_tile,
         f32,
         16,
+        8,
         __mmask16,
+        mask16,
         _mm512_setzero_ps,
         _mm512_set1_ps,
-        _mm512_mask_loadu_ps,
+        _mm512_loadu_ps,
+        load_f32,
+        _mm512_storeu_ps,
         _mm512_mask_storeu_ps,
         _mm512_fmadd_ps,
         _mm512_mul_ps
     );
     kernel!(
+        "avx512f",
         f64_strips,
+        f64_rows,
         f64_tile,
         f64,
         8,
+        8,
         __mmask8,
+        mask8,
         _mm512_setzero_pd,
         _mm512_set1_pd,
-        _mm512_mask_loadu_pd,
+        _mm512_loadu_pd,
+        load_f64,
+        _mm512_storeu_pd,
         _mm512_mask_storeu_pd,
         _mm512_fmadd_pd,
         _mm512_mul_pd
+    );
+}
+
+/// AVX2 tiles: up to 6 rows by two 32-byte vectors of columns (12 of the 16 vector registers
+/// hold accumulators, two the rows of `B`, one the broadcast element of `A`).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::Operands;
+    use std::arch::x86_64::*;
+
+    /// The first `c` of 8 single-precision lanes, as a vector mask.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn mask_f32(c: usize) -> __m256i {
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(c.min(8) as i32), lane)
+    }
+
+    /// The first `c` of 4 double-precision lanes, as a vector mask.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn mask_f64(c: usize) -> __m256i {
+        let lane = _mm256_setr_epi64x(0, 1, 2, 3);
+        _mm256_cmpgt_epi64(_mm256_set1_epi64x(c.min(4) as i64), lane)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn store_f32(p: *mut f32, k: __m256i, v: __m256) {
+        _mm256_maskstore_ps(p, k, v)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn store_f64(p: *mut f64, k: __m256i, v: __m256d) {
+        _mm256_maskstore_pd(p, k, v)
+    }
+
+    kernel!(
+        "avx2,fma",
+        f32_strips,
+        f32_rows,
+        f32_tile,
+        f32,
+        8,
+        6,
+        __m256i,
+        mask_f32,
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_maskload_ps,
+        _mm256_storeu_ps,
+        store_f32,
+        _mm256_fmadd_ps,
+        _mm256_mul_ps
+    );
+    kernel!(
+        "avx2,fma",
+        f64_strips,
+        f64_rows,
+        f64_tile,
+        f64,
+        4,
+        6,
+        __m256i,
+        mask_f64,
+        _mm256_setzero_pd,
+        _mm256_set1_pd,
+        _mm256_loadu_pd,
+        _mm256_maskload_pd,
+        _mm256_storeu_pd,
+        store_f64,
+        _mm256_fmadd_pd,
+        _mm256_mul_pd
     );
 }
 
@@ -420,6 +570,76 @@ mod tests {
                 assert_eq!(accepts_type::<f32>(m, n), has_kernel());
                 if ran {
                     assert_eq!(got, want, "m={m} n={n} k={k} beta={beta}");
+                }
+            }
+        }
+    }
+
+    /// The AVX2 and AVX-512 kernels give the same bits on every tile shape and tail (plain
+    /// and offset rows, beta 0 and not, f32 and f64), where the machine runs both; where it
+    /// runs AVX2 only, the AVX2 kernel is checked against the naive product above.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn instruction_sets_agree_bit_for_bit() {
+        use crate::kernels::cpu::detected;
+        if detected() < Isa::Avx512 {
+            println!("SKIPPED: this machine has no AVX-512 to compare the AVX2 kernel against");
+            return;
+        }
+        fn both<T: Scalar>(m: usize, n: usize, k: usize, beta: T, table: bool, seed: u64) {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut next = || T::c(rng.gen_range(-1.0..1.0));
+            let ldb = n + 5;
+            let buf: Vec<T> = (0..ldb * k + 4 * k).map(|_| next()).collect();
+            let offsets: Vec<usize> = (0..k).map(|p| (p * 7 + 3) % (ldb * k - n)).collect();
+            let a: Vec<T> = (0..m * k).map(|_| next()).collect();
+            let c0: Vec<T> = (0..m * n).map(|_| next()).collect();
+            let run = |isa: Isa| {
+                let mut c = c0.clone();
+                let ops = Operands {
+                    k,
+                    alpha: T::c(1.5),
+                    a: a.as_ptr(),
+                    rsa: k,
+                    csa: 1,
+                    b: buf.as_ptr(),
+                    ldb,
+                    boff: if table {
+                        offsets.as_ptr()
+                    } else {
+                        std::ptr::null()
+                    },
+                    beta,
+                    c: c.as_mut_ptr(),
+                    ldc: n,
+                };
+                // SAFETY: a is m x k, every row of b (strided or offset) holds n elements,
+                // c is m x n; the machine runs both instruction sets (checked above).
+                assert!(unsafe { dispatch_with(isa, m, n, ops) });
+                c
+            };
+            let (wide, narrow) = (run(Isa::Avx512), run(Isa::Avx2));
+            let bits = |v: &[T]| {
+                v.iter()
+                    .map(|x| x.to_f64().map(f64::to_bits))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                bits(&wide),
+                bits(&narrow),
+                "m={m} n={n} k={k} table={table}"
+            );
+        }
+        for &m in &[1, 2, 3, 5, 6, 7, 8, 12, 13, 16, 64] {
+            for &n in &[16, 17, 24, 33, 47, 64, 100] {
+                for (i, &k) in [1usize, 9, 144].iter().enumerate() {
+                    let seed = (m * 1000 + n * 10 + i) as u64;
+                    for table in [false, true] {
+                        both::<f32>(m, n, k, 0.0, table, seed);
+                        both::<f32>(m, n, k, 0.5, table, seed);
+                        both::<f64>(m, n, k, 0.0, table, seed);
+                        both::<f64>(m, n, k, 0.5, table, seed);
+                    }
                 }
             }
         }
