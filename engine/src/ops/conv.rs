@@ -1,15 +1,15 @@
 //! 2-D convolution (NCHW input, `[C_out, C_in, kh, kw]` weight, optional bias, stride, zero
-//! padding). On AVX-512 machines convolutions run as implicit products that read the column
-//! matrix straight out of a zero-padded copy of each sample (no lowering): for stride 1 the
-//! padded image, for stride `s > 1` its `s x s` phase planes `P_ab[y][x] = Xpad[s y + a][s x + b]`
-//! (see `kernels::conv::Phases`), in which every tap is again a contiguous run, so the value,
-//! its tangent and the weight gradient use the same kernels with another layout and offset
-//! list. The input gradient is a convolution of Ȳ with the flipped weight: for stride 1 one
-//! product, for stride `s` one stride-1 product per phase of X̄ with the taps of that phase
-//! (`ki % s == a`, `kj % s == b`), written back interleaved. The shapes the kernels decline
-//! (more than 64 output rows, fewer than 16 columns, a non-square strided kernel) and other
-//! machines are lowered to im2col + GEMM. The formulas below are written with the column
-//! matrix cols(X) either way.
+//! padding). On AVX-512 and AVX2+FMA machines convolutions run as implicit products that read
+//! the column matrix straight out of a zero-padded copy of each sample (no lowering): for
+//! stride 1 the padded image, for stride `s > 1` its `s x s` phase planes
+//! `P_ab[y][x] = Xpad[s y + a][s x + b]` (see `kernels::conv::Phases`), in which every tap is
+//! again a contiguous run, so the value, its tangent and the weight gradient use the same
+//! kernels with another layout and offset list. The input gradient is a convolution of Ȳ
+//! with the flipped weight: for stride 1 one product, for stride `s` one stride-1 product per
+//! phase of X̄ with the taps of that phase (`ki % s == a`, `kj % s == b`), written back
+//! interleaved. The shapes the kernels decline (more than 64 output rows, fewer than 16
+//! columns, a non-square strided kernel) and other machines are lowered to im2col + GEMM. The
+//! formulas below are written with the column matrix cols(X) either way.
 //!
 //! Convolution Y = W ⊛ X + b is bilinear in (W, X) and affine in b:
 //! - value: Y_n = W cols(X_n) + b
