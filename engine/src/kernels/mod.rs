@@ -7,6 +7,8 @@
 pub mod conv;
 pub mod cpu;
 pub mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod masked;
 pub mod nopack;
 pub mod packed;
 pub mod par;

@@ -292,36 +292,9 @@ macro_rules! kernel {
 /// registers hold accumulators).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::super::masked::avx512::{load_f32, load_f64, mask16, mask8};
     use super::Operands;
     use std::arch::x86_64::*;
-
-    /// The first `c` of 16 lanes.
-    #[inline(always)]
-    fn mask16(c: usize) -> __mmask16 {
-        if c >= 16 {
-            __mmask16::MAX
-        } else {
-            ((1u32 << c) - 1) as __mmask16
-        }
-    }
-
-    /// The first `c` of 8 lanes.
-    #[inline(always)]
-    fn mask8(c: usize) -> __mmask8 {
-        mask16(c.min(8)) as __mmask8
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn load_f32(p: *const f32, k: __mmask16) -> __m512 {
-        _mm512_mask_loadu_ps(_mm512_setzero_ps(), k, p)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn load_f64(p: *const f64, k: __mmask8) -> __m512d {
-        _mm512_mask_loadu_pd(_mm512_setzero_pd(), k, p)
-    }
 
     kernel!(
         "avx512f",
@@ -367,36 +340,9 @@ mod avx512 {
 /// hold accumulators, two the rows of `B`, one the broadcast element of `A`).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::super::masked::avx2::{mask_f32, mask_f64, store_f32, store_f64};
     use super::Operands;
     use std::arch::x86_64::*;
-
-    /// The first `c` of 8 single-precision lanes, as a vector mask.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn mask_f32(c: usize) -> __m256i {
-        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(c.min(8) as i32), lane)
-    }
-
-    /// The first `c` of 4 double-precision lanes, as a vector mask.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn mask_f64(c: usize) -> __m256i {
-        let lane = _mm256_setr_epi64x(0, 1, 2, 3);
-        _mm256_cmpgt_epi64(_mm256_set1_epi64x(c.min(4) as i64), lane)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn store_f32(p: *mut f32, k: __m256i, v: __m256) {
-        _mm256_maskstore_ps(p, k, v)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn store_f64(p: *mut f64, k: __m256i, v: __m256d) {
-        _mm256_maskstore_pd(p, k, v)
-    }
 
     kernel!(
         "avx2,fma",

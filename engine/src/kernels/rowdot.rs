@@ -272,32 +272,9 @@ macro_rules! kernel {
 /// AVX-512: tiles of 4 x 4 (16 of the 32 vector registers hold sums), masks as `k` registers.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::super::masked::avx512::{load_f32, load_f64, mask16, mask8};
     use super::{Operands, Strip};
     use std::arch::x86_64::*;
-
-    /// The first `c` of 16 lanes.
-    #[inline(always)]
-    fn mask16(c: usize) -> __mmask16 {
-        ((1u32 << c.min(16)) - 1) as __mmask16
-    }
-
-    /// The first `c` of 8 lanes.
-    #[inline(always)]
-    fn mask8(c: usize) -> __mmask8 {
-        mask16(c.min(8)) as __mmask8
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn load_f32(p: *const f32, k: __mmask16) -> __m512 {
-        _mm512_mask_loadu_ps(_mm512_setzero_ps(), k, p)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn load_f64(p: *const f64, k: __mmask8) -> __m512d {
-        _mm512_mask_loadu_pd(_mm512_setzero_pd(), k, p)
-    }
 
     kernel!(
         "avx512f",
@@ -340,24 +317,9 @@ mod avx512 {
 /// `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))` (f32) or `(l0 + l2) + (l1 + l3)` (f64).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::super::masked::avx2::{mask_f32, mask_f64};
     use super::{Operands, Strip};
     use std::arch::x86_64::*;
-
-    /// The first `c` of 8 single-precision lanes, as a vector mask.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn mask_f32(c: usize) -> __m256i {
-        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(c.min(8) as i32), lane)
-    }
-
-    /// The first `c` of 4 double-precision lanes, as a vector mask.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn mask_f64(c: usize) -> __m256i {
-        let lane = _mm256_setr_epi64x(0, 1, 2, 3);
-        _mm256_cmpgt_epi64(_mm256_set1_epi64x(c.min(4) as i64), lane)
-    }
 
     /// The sum of the 8 lanes of `v`.
     #[target_feature(enable = "avx2,fma")]
