@@ -57,42 +57,38 @@ fn sums<T: crate::Scalar, const K: usize>(
         "reduction operands differ in length"
     );
     let mut wide = [[T::zero(); WIDE]; K];
-    let (xw, yw, zw) = (
-        x.chunks_exact(WIDE),
-        y.chunks_exact(WIDE),
-        z.chunks_exact(WIDE),
-    );
-    let (xn, yn, zn) = (xw.remainder(), yw.remainder(), zw.remainder());
-    for ((a, b), c) in xw.zip(yw).zip(zw) {
-        for l in 0..WIDE {
-            let v = f(a[l], b[l], c[l]);
-            for (acc, v) in wide.iter_mut().zip(v) {
-                acc[l] = acc[l] + v;
-            }
-        }
-    }
+    let [x, y, z] = add_groups([x, y, z], &f, &mut wide);
     let mut lanes = wide.map(narrow);
-    let (xc, yc, zc) = (
-        xn.chunks_exact(LANES),
-        yn.chunks_exact(LANES),
-        zn.chunks_exact(LANES),
-    );
-    let (xr, yr, zr) = (xc.remainder(), yc.remainder(), zc.remainder());
-    for ((a, b), c) in xc.zip(yc).zip(zc) {
-        for l in 0..LANES {
-            let v = f(a[l], b[l], c[l]);
-            for (acc, v) in lanes.iter_mut().zip(v) {
-                acc[l] = acc[l] + v;
-            }
-        }
-    }
+    let [x, y, z] = add_groups([x, y, z], &f, &mut lanes);
     let mut total = lanes.map(combine);
-    for ((&a, &b), &c) in xr.iter().zip(yr).zip(zr) {
+    for ((&a, &b), &c) in x.iter().zip(y).zip(z) {
         for (t, v) in total.iter_mut().zip(f(a, b, c)) {
             *t = *t + v;
         }
     }
     total
+}
+
+/// Adds `f` of the whole groups of `W` elements of `x, y, z` (equal lengths) into the partial
+/// sums `acc` (element `i` of a group to partial sum `i`, group after group); gives the
+/// elements after the last whole group.
+#[inline(always)]
+fn add_groups<'a, T: crate::Scalar, const W: usize, const K: usize>(
+    [x, y, z]: [&'a [T]; 3],
+    f: &impl Fn(T, T, T) -> [T; K],
+    acc: &mut [[T; W]; K],
+) -> [&'a [T]; 3] {
+    let (xg, yg, zg) = (x.chunks_exact(W), y.chunks_exact(W), z.chunks_exact(W));
+    let rest = [xg.remainder(), yg.remainder(), zg.remainder()];
+    for ((a, b), c) in xg.zip(yg).zip(zg) {
+        for l in 0..W {
+            let v = f(a[l], b[l], c[l]);
+            for (acc, v) in acc.iter_mut().zip(v) {
+                acc[l] = acc[l] + v;
+            }
+        }
+    }
+    rest
 }
 
 /// `Σ_i f(x_i, y_i)` over equal-length slices, in the order of the module header.
