@@ -88,11 +88,12 @@ fn max_plane_any<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32])
 /// [`max_plane`] for the common 2x2 window with stride 2: the same values and (with `ARG`)
 /// indices; without `ARG`, `arg` is not touched. A window without NaN takes a branch-light
 /// compare chain (first maximum in row-major order); a window with a NaN goes through the
-/// generic rule.
+/// generic rule. Whole planes of groups of 16 windows go to the vector path where it runs
+/// ([`wide_2x2::plane`]); the rows it leaves run row pair by row pair.
 #[inline(always)]
 fn max_plane_2x2<T: Scalar, const ARG: bool>(g: &PoolGeom, x: &[T], y: &mut [T], arg: &mut [u32]) {
     let (w, wo) = (g.w, g.wo());
-    for oy in 0..g.ho() {
+    for oy in wide_2x2::plane::<T, ARG>(g, x, y, arg)..g.ho() {
         let r0 = 2 * oy * w;
         let top = &x[r0..r0 + 2 * wo];
         let bottom = &x[r0 + w..r0 + w + 2 * wo];
@@ -108,52 +109,51 @@ fn max_plane_2x2<T: Scalar, const ARG: bool>(g: &PoolGeom, x: &[T], y: &mut [T],
             .filter(|&b| b >= 64 || done & (1 << b) == 0)
             .flat_map(|b| b * wide_2x2::WINDOWS..((b + 1) * wide_2x2::WINDOWS).min(wo));
         for ox in left {
-            let (a, b, c, d) = (
-                top[2 * ox],
-                top[2 * ox + 1],
-                bottom[2 * ox],
-                bottom[2 * ox + 1],
-            );
-            let base = r0 + 2 * ox;
-            if a.is_nan() || b.is_nan() || c.is_nan() || d.is_nan() {
-                // The generic rule: rows in order, a NaN wins and ends its row.
-                let mut best = (T::neg_infinity(), 0);
-                for row in [[(a, 0), (b, 1)], [(c, w), (d, w + 1)]] {
-                    for (v, at) in row {
-                        if v > best.0 || v.is_nan() {
-                            best = (v, at);
-                            if v.is_nan() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                ys[ox] = best.0;
-                if ARG {
-                    args[ox] = (base + best.1) as u32;
-                }
-                continue;
-            }
-            // Selects, not branches: which of four values is largest is a coin toss the
-            // branch predictor loses half the time.
-            let (mut best, mut at) = (a, 0);
-            for (v, offset) in [(b, 1), (c, w), (d, w + 1)] {
-                let larger = v > best;
-                best = if larger { v } else { best };
-                at = if larger { offset } else { at };
-            }
+            let (best, at) = window_2x2(x, r0 + 2 * ox, w);
             ys[ox] = best;
             if ARG {
-                args[ox] = (base + at) as u32;
+                args[ox] = (r0 + 2 * ox + at) as u32;
             }
         }
     }
 }
 
-/// The 2x2, stride-2 windows of one row pair in blocks of up to 16 with AVX-512 (f32): a
-/// select chain over the four corners of 16 windows at once, with [`max_plane_2x2`]'s order
-/// (first maximum in row-major order, `v > best`). A block holding a NaN is left to the
-/// caller's generic rule.
+/// The maximum of the 2x2 window whose top-left value is `x[base]` (rows `w` apart) and its
+/// offset from `base`: the first maximum in row-major order, or the generic rule where the
+/// window holds a NaN (rows in order, a NaN wins and ends its row).
+#[inline(always)]
+fn window_2x2<T: Scalar>(x: &[T], base: usize, w: usize) -> (T, usize) {
+    let (a, b, c, d) = (x[base], x[base + 1], x[base + w], x[base + w + 1]);
+    if a.is_nan() || b.is_nan() || c.is_nan() || d.is_nan() {
+        let mut best = (T::neg_infinity(), 0);
+        for row in [[(a, 0), (b, 1)], [(c, w), (d, w + 1)]] {
+            for (v, at) in row {
+                if v > best.0 || v.is_nan() {
+                    best = (v, at);
+                    if v.is_nan() {
+                        break;
+                    }
+                }
+            }
+        }
+        return best;
+    }
+    // Selects, not branches: which of four values is largest is a coin toss the branch
+    // predictor loses half the time.
+    let (mut best, mut at) = (a, 0);
+    for (v, offset) in [(b, 1), (c, w), (d, w + 1)] {
+        let larger = v > best;
+        best = if larger { v } else { best };
+        at = if larger { offset } else { at };
+    }
+    (best, at)
+}
+
+/// The 2x2, stride-2 windows in blocks of up to 16 with AVX-512 (f32): a select chain over
+/// the four corners of 16 windows at once, with [`max_plane_2x2`]'s order (first maximum in
+/// row-major order, `v > best`). Whole planes go in groups of 16 windows where the output
+/// rows hold a multiple of 16 windows (one row per group) or exactly 8 (two rows per group);
+/// otherwise row pair by row pair. A block holding a NaN is left to the scalar rule.
 mod wide_2x2 {
     use crate::scalar::Scalar;
 
@@ -215,6 +215,140 @@ mod wide_2x2 {
         done
     }
 
+    /// Pools every window of the first output rows of the plane in groups of 16 where the
+    /// vector path runs (f32 with AVX-512) and the plane's layout suits it: output rows of a
+    /// multiple of 16 windows (a group is 16 windows of one row) or of 8 (a group is two
+    /// rows; an odd last row is left). Returns how many output rows it pooled (0 where it
+    /// does not run); [`max_plane_2x2`] pools the rest.
+    #[inline(always)]
+    pub(super) fn plane<T: Scalar, const ARG: bool>(
+        g: &super::PoolGeom,
+        x: &[T],
+        y: &mut [T],
+        arg: &mut [u32],
+    ) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && crate::kernels::cpu::isa() == crate::kernels::cpu::Isa::Avx512
+        {
+            let (w, wo, ho) = (g.w, g.wo(), g.ho());
+            // The distance from a group's first 8 windows' top-left corners to its last 8's.
+            let (rows, delta) = if wo % WINDOWS == 0 {
+                (ho, WINDOWS)
+            } else if 2 * wo == WINDOWS {
+                (ho / 2 * 2, 2 * w)
+            } else {
+                return 0;
+            };
+            assert!(x.len() >= g.h * w && y.len() >= rows * wo && (!ARG || arg.len() >= rows * wo));
+            // SAFETY: T is f32 (the TypeId test), so the casts keep type and length; the
+            // machine runs AVX-512 (`isa`); the lengths are checked above.
+            unsafe {
+                let x = std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len());
+                let y = std::slice::from_raw_parts_mut(y.as_mut_ptr().cast::<f32>(), y.len());
+                groups::<ARG>(x, y, arg, (w, wo, rows), delta);
+            }
+            return rows;
+        }
+        let _ = (g, x, y, arg);
+        0
+    }
+
+    /// The `rows·wo/16` groups of [`plane`]: group `i` holds output windows `16i..16i+16` in
+    /// row-major order, its first 8 top-left corners at `first, first+2, ..` and its last 8
+    /// at `first+delta, first+delta+2, ..`.
+    ///
+    /// # Safety
+    /// The machine runs AVX-512F; `x` holds a plane `w` wide of at least `2·rows` rows (plus
+    /// one where `delta = 2w`: the layout [`plane`] picks), `y` (and `arg`, with `ARG`) at
+    /// least `rows·wo` windows.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn groups<const ARG: bool>(
+        x: &[f32],
+        y: &mut [f32],
+        arg: &mut [u32],
+        (w, wo, rows): (usize, usize, usize),
+        delta: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let (even, _) = lane_offsets();
+        // Offsets of the corners from `first`: the last 8 lanes start `delta` on.
+        let offsets =
+            _mm512_mask_add_epi32(even, 0xff00, even, _mm512_set1_epi32(delta as i32 - 16));
+        for o in (0..rows * wo).step_by(WINDOWS) {
+            let first = 2 * (o / wo) * w + 2 * (o % wo);
+            let p = x.as_ptr().add(first);
+            let q = p.add(delta);
+            let corners = [
+                (_mm512_loadu_ps(p), _mm512_loadu_ps(q)),
+                (_mm512_loadu_ps(p.add(w)), _mm512_loadu_ps(q.add(w))),
+            ];
+            match select(corners, w) {
+                Some((best, at)) => {
+                    _mm512_storeu_ps(y.as_mut_ptr().add(o), best);
+                    if ARG {
+                        let base = _mm512_set1_epi32(first as i32);
+                        let idx = _mm512_add_epi32(_mm512_add_epi32(base, offsets), at);
+                        _mm512_storeu_si512(arg.as_mut_ptr().add(o).cast(), idx);
+                    }
+                }
+                None => {
+                    for i in o..o + WINDOWS {
+                        let base = 2 * (i / wo) * w + 2 * (i % wo);
+                        let (best, at) = super::window_2x2(x, base, w);
+                        y[i] = best;
+                        if ARG {
+                            arg[i] = (base + at) as u32;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lane indices `0, 2, .., 30` and `1, 3, .., 31`: the top-left and top-right corners of
+    /// 16 windows in a run of 32 values.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn lane_offsets() -> (std::arch::x86_64::__m512i, std::arch::x86_64::__m512i) {
+        use std::arch::x86_64::*;
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        (even, _mm512_add_epi32(even, _mm512_set1_epi32(1)))
+    }
+
+    /// The select chain over 16 windows whose top rows are the 32 values `top` (two
+    /// vectors) and bottom rows `bottom` (`[top, bottom]`; rows `w` apart): each window's
+    /// maximum and its corner's offset (0, 1, `w` or `w + 1`), or `None` where a window holds
+    /// a NaN.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn select(
+        [(t0, t1), (b0, b1)]: [(std::arch::x86_64::__m512, std::arch::x86_64::__m512); 2],
+        w: usize,
+    ) -> Option<(std::arch::x86_64::__m512, std::arch::x86_64::__m512i)> {
+        use std::arch::x86_64::*;
+        let (even, odd) = lane_offsets();
+        let a = _mm512_permutex2var_ps(t0, even, t1);
+        let corners = [
+            (_mm512_permutex2var_ps(t0, odd, t1), 1),
+            (_mm512_permutex2var_ps(b0, even, b1), w),
+            (_mm512_permutex2var_ps(b0, odd, b1), w + 1),
+        ];
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, corners[0].0)
+            | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(corners[1].0, corners[2].0);
+        if nan != 0 {
+            return None;
+        }
+        let (mut best, mut at) = (a, _mm512_setzero_si512());
+        for (v, off) in corners {
+            let larger = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best);
+            best = _mm512_mask_blend_ps(larger, best, v);
+            at = _mm512_mask_blend_epi32(larger, at, _mm512_set1_epi32(off as i32));
+        }
+        Some((best, at))
+    }
+
     /// One block of `n` ≤ 16 windows (`n = ys.len()`): `top` and `bottom` hold `2 n` values
     /// each (nothing past them is read), `first` is the plane offset of the first window's
     /// top-left value. False (nothing written) on a NaN.
@@ -232,8 +366,6 @@ mod wide_2x2 {
         let n = ys.len();
         assert!(n <= 16 && top.len() == 2 * n && bottom.len() == 2 * n);
         assert!(!ARG || args.len() == n);
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
         // A shorter block goes through zero-padded copies: plain loads and stores only
         // (masked stores cost far more than these copies on Zen 5).
         let load = |row: &[f32]| {
@@ -246,25 +378,13 @@ mod wide_2x2 {
             };
             (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
         };
-        let ((t0, t1), (b0, b1)) = (load(top), load(bottom));
-        let a = _mm512_permutex2var_ps(t0, even, t1);
-        let corners = [
-            (_mm512_permutex2var_ps(t0, odd, t1), 1),
-            (_mm512_permutex2var_ps(b0, even, b1), w),
-            (_mm512_permutex2var_ps(b0, odd, b1), w + 1),
-        ];
-        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, corners[0].0)
-            | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(corners[1].0, corners[2].0);
-        if nan != 0 {
+        let Some((best, at)) = select([load(top), load(bottom)], w as usize) else {
             return false;
-        }
-        let (mut best, mut at) = (a, _mm512_setzero_si512());
-        for (v, off) in corners {
-            let larger = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best);
-            best = _mm512_mask_blend_ps(larger, best, v);
-            at = _mm512_mask_blend_epi32(larger, at, _mm512_set1_epi32(off as i32));
-        }
-        let idx = _mm512_add_epi32(_mm512_add_epi32(_mm512_set1_epi32(first as i32), even), at);
+        };
+        let idx = _mm512_add_epi32(
+            _mm512_add_epi32(_mm512_set1_epi32(first as i32), lane_offsets().0),
+            at,
+        );
         if n == 16 {
             _mm512_storeu_ps(ys.as_mut_ptr(), best);
             if ARG {
@@ -323,7 +443,8 @@ mod tests {
     use super::*;
 
     /// The 2x2 fast path gives the generic loop's values and indices, ties, infinities and
-    /// NaNs included, and so does the values-only path.
+    /// NaNs included, and so does the values-only path, on planes that go in groups of 16
+    /// windows and on planes that go row pair by row pair.
     #[test]
     fn max_2x2_matches_the_generic_window_loop() {
         let specials = [
@@ -336,7 +457,19 @@ mod tests {
             f64::INFINITY,
         ];
         let mut state = 7u64;
-        let sizes = [(2, 2), (4, 6), (7, 9), (32, 32), (5, 200), (2, 2100)];
+        // Whole planes in groups (32x32, 6x64; two rows a group: 16x16, 18x17 with an odd last
+        // row), row pairs (the rest).
+        let sizes = [
+            (2, 2),
+            (4, 6),
+            (7, 9),
+            (32, 32),
+            (6, 64),
+            (16, 16),
+            (18, 17),
+            (5, 200),
+            (2, 2100),
+        ];
         // With NaN (most windows take the generic rule) and without (the select chain, ties
         // of equal values and of zeros of both signs).
         let no_nan = [
