@@ -403,8 +403,34 @@ mod wide_2x2 {
     }
 }
 
-/// Average pooling of one plane (linear; also the adjoint's partner of [`avg_plane_adjoint`]).
+/// Average pooling of one plane (linear; also the adjoint's partner of [`avg_plane_adjoint`]):
+/// each window summed from zero in row-major order, then scaled. Square windows of 2, 3 or 4
+/// with the stride of the window (disjoint windows, e.g. the input pooling of the `mlp`
+/// presets) run row by row at the vector width, with the same sums.
 pub fn avg_plane<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T]) {
+    let disjoint = |k: usize| (g.kh, g.kw, g.stride) == (k, k, k);
+    if disjoint(2) {
+        super::cpu::vectorized(
+            #[inline(always)]
+            || avg_plane_disjoint::<T, 2>(g, x, y),
+        )
+    } else if disjoint(3) {
+        super::cpu::vectorized(
+            #[inline(always)]
+            || avg_plane_disjoint::<T, 3>(g, x, y),
+        )
+    } else if disjoint(4) {
+        super::cpu::vectorized(
+            #[inline(always)]
+            || avg_plane_disjoint::<T, 4>(g, x, y),
+        )
+    } else {
+        avg_plane_any(g, x, y)
+    }
+}
+
+/// [`avg_plane`] for any window.
+fn avg_plane_any<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T]) {
     let wo = g.wo();
     let inv = T::one() / T::from_usize_lossy(g.kh * g.kw);
     for oy in 0..g.ho() {
@@ -417,6 +443,30 @@ pub fn avg_plane<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T]) {
                 }
             }
             y[oy * wo + ox] = s * inv;
+        }
+    }
+}
+
+/// [`avg_plane`] for `K x K` windows with stride `K`: a row of outputs at a time, each
+/// window's `K` values of an input row added in order (`K` a constant, so the compiler
+/// loads the row's windows as whole vectors and deinterleaves them), row after row; the
+/// operations on each output are [`avg_plane_any`]'s.
+#[inline(always)]
+fn avg_plane_disjoint<T: Scalar, const K: usize>(g: &PoolGeom, x: &[T], y: &mut [T]) {
+    let (w, wo) = (g.w, g.wo());
+    let inv = T::one() / T::from_usize_lossy(K * K);
+    for (oy, ys) in y[..g.ho() * wo].chunks_exact_mut(wo).enumerate() {
+        ys.fill(T::zero());
+        for ki in 0..K {
+            let row = &x[(oy * K + ki) * w..][..wo * K];
+            for (s, window) in ys.iter_mut().zip(row.chunks_exact(K)) {
+                for &v in window {
+                    *s = *s + v;
+                }
+            }
+        }
+        for s in ys.iter_mut() {
+            *s = *s * inv;
         }
     }
 }
@@ -505,6 +555,45 @@ mod tests {
             let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
             agree(&g, &x, |v| v.to_bits());
             agree(&g, &x32, |v| v.to_bits() as u64);
+        }
+    }
+
+    /// Average pooling over disjoint square windows (the row-wise path) gives the generic
+    /// loop's values bit for bit, on planes that are and are not a multiple of the window.
+    #[test]
+    fn disjoint_average_pooling_matches_the_generic_window_loop() {
+        let mut state = 11u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f64 / (1u64 << 24) as f64 - 0.5) * 3.0
+        };
+        for k in 1..=5 {
+            for (h, w) in [(8, 8), (32, 32), (9, 14), (k, 3 * k + 1)] {
+                if h < k || w < k {
+                    continue;
+                }
+                let g = PoolGeom {
+                    h,
+                    w,
+                    kh: k,
+                    kw: k,
+                    stride: k,
+                };
+                let x: Vec<f64> = (0..h * w).map(|_| next()).collect();
+                let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+                let (mut y, mut want) = (vec![0.0; g.out_len()], vec![0.0; g.out_len()]);
+                avg_plane(&g, &x, &mut y);
+                avg_plane_any(&g, &x, &mut want);
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y), bits(&want), "f64 {k} {h}x{w}");
+                let (mut y, mut want) = (vec![0f32; g.out_len()], vec![0f32; g.out_len()]);
+                avg_plane(&g, &x32, &mut y);
+                avg_plane_any(&g, &x32, &mut want);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y), bits(&want), "f32 {k} {h}x{w}");
+            }
         }
     }
 
