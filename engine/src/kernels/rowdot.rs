@@ -118,11 +118,12 @@ unsafe fn dispatch<T: Scalar>(_m: usize, _n: usize, _ops: Operands<T>) {
 
 /// Fewest rows of `B` (columns of `C`) for which [`Strip`] copies `A`: the copy costs
 /// about `tile columns / n` of the tiles' loads of `A`, and saves a split cache line on
-/// most of them. Measured per shape with AVX-512 on Zen 5 (`docs/performance.md`): cnn-s
+/// most of them. Measured per shape with AVX-512 (`docs/performance.md`): on Zen 5, cnn-s
 /// conv1's 27 columns lose 11% with the copy, resnet20 stage 1's 144 break even, 288 and
-/// more gain 5-8%. The AVX2 kernel uses the same bound.
+/// more gain 5-8%; on Ice Lake, where a split load costs more, the 144 columns gain 15-22%.
+/// The AVX2 kernel uses the same bound.
 #[cfg(target_arch = "x86_64")]
-const COPY_MIN_COLS: usize = 192;
+const COPY_MIN_COLS: usize = 128;
 
 /// The rows of `A` that one strip of register tiles reads, every segment: where the
 /// product has at least [`COPY_MIN_COLS`] columns and `A`'s rows are not all aligned to the
