@@ -408,24 +408,12 @@ mod wide_2x2 {
 /// with the stride of the window (disjoint windows, e.g. the input pooling of the `mlp`
 /// presets) run row by row at the vector width, with the same sums.
 pub fn avg_plane<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T]) {
-    let disjoint = |k: usize| (g.kh, g.kw, g.stride) == (k, k, k);
-    if disjoint(2) {
-        super::cpu::vectorized(
-            #[inline(always)]
-            || avg_plane_disjoint::<T, 2>(g, x, y),
-        )
-    } else if disjoint(3) {
-        super::cpu::vectorized(
-            #[inline(always)]
-            || avg_plane_disjoint::<T, 3>(g, x, y),
-        )
-    } else if disjoint(4) {
-        super::cpu::vectorized(
-            #[inline(always)]
-            || avg_plane_disjoint::<T, 4>(g, x, y),
-        )
-    } else {
-        avg_plane_any(g, x, y)
+    let disjoint = (g.kh == g.kw && g.kw == g.stride).then_some(g.kh);
+    match disjoint {
+        Some(2) => avg_plane_disjoint::<T, 2>(g, x, y),
+        Some(3) => avg_plane_disjoint::<T, 3>(g, x, y),
+        Some(4) => avg_plane_disjoint::<T, 4>(g, x, y),
+        _ => avg_plane_any(g, x, y),
     }
 }
 
@@ -451,8 +439,16 @@ fn avg_plane_any<T: Scalar>(g: &PoolGeom, x: &[T], y: &mut [T]) {
 /// window's `K` values of an input row added in order (`K` a constant, so the compiler
 /// loads the row's windows as whole vectors and deinterleaves them), row after row; the
 /// operations on each output are [`avg_plane_any`]'s.
-#[inline(always)]
 fn avg_plane_disjoint<T: Scalar, const K: usize>(g: &PoolGeom, x: &[T], y: &mut [T]) {
+    super::cpu::vectorized(
+        #[inline(always)]
+        || avg_rows_disjoint::<T, K>(g, x, y),
+    )
+}
+
+/// [`avg_plane_disjoint`]'s loop, inlined into the vector-width copy.
+#[inline(always)]
+fn avg_rows_disjoint<T: Scalar, const K: usize>(g: &PoolGeom, x: &[T], y: &mut [T]) {
     let (w, wo) = (g.w, g.wo());
     let inv = T::one() / T::from_usize_lossy(K * K);
     for (oy, ys) in y[..g.ho() * wo].chunks_exact_mut(wo).enumerate() {
