@@ -1,5 +1,6 @@
 //! Pooling over one plane (H x W), no padding.
 
+use crate::ops::activation::relu_d1;
 use crate::scalar::Scalar;
 
 /// Shape of a pooling window over one plane.
@@ -307,6 +308,118 @@ mod wide_2x2 {
         }
     }
 
+    /// [`super::max_plane_adjoint`] of 2x2, stride-2 windows into the zeroed `out`, 16
+    /// windows at a time, where the vector path runs (f32 with AVX-512): each window's
+    /// element `relu'(relu_at) · (0 + src)` (the scalar rule's operations: the add into the
+    /// zero, then the mask) is placed at the corner its argmax names, the window's other three
+    /// corners get zeros, and each pair of input rows is written whole. Returns false, having
+    /// written nothing, where it does not run.
+    #[inline(always)]
+    pub(super) fn adjoint<T: Scalar>(
+        g: &super::PoolGeom,
+        arg: &[u32],
+        src: &[T],
+        relu_at: Option<&[T]>,
+        out: &mut [T],
+        (pad, pitch): (usize, usize),
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && crate::kernels::cpu::isa() == crate::kernels::cpu::Isa::Avx512
+            && (g.kh, g.kw, g.stride) == (2, 2, 2)
+        {
+            let (ho, wo) = (g.ho(), g.wo());
+            let len = ho * wo;
+            assert!(arg.len() >= len && src.len() >= len && relu_at.is_none_or(|z| z.len() >= len));
+            assert!(pitch >= g.w + 2 * pad && out.len() >= (2 * ho + pad) * pitch);
+            // SAFETY: T is f32 (the TypeId test), so the casts keep type and length; the
+            // machine runs AVX-512 (`isa`); the lengths are checked above.
+            unsafe {
+                let f32s = |v: &[T]| std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), len);
+                let out = std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len());
+                let relu_at = relu_at.map(f32s);
+                adjoint_rows(
+                    g.w,
+                    (ho, wo),
+                    &arg[..len],
+                    f32s(src),
+                    relu_at,
+                    out,
+                    (pad, pitch),
+                );
+            }
+            return true;
+        }
+        let _ = (g, arg, src, relu_at, out, pad, pitch);
+        false
+    }
+
+    /// [`adjoint`]'s loop: output row `oy`'s windows in blocks of 16 (the last one masked)
+    /// write input rows `2 oy` and `2 oy + 1` from column `0` to `2 wo`.
+    ///
+    /// # Safety
+    /// The machine runs AVX-512F; `arg`, `src` (and `relu_at`) hold `ho·wo` windows of a plane
+    /// `w` wide, every `arg` inside its window; `out` holds `2 ho` rows at `pitch` after `pad`
+    /// rows, each with `pad + 2 wo` elements.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn adjoint_rows(
+        w: usize,
+        (ho, wo): (usize, usize),
+        arg: &[u32],
+        src: &[f32],
+        relu_at: Option<&[f32]>,
+        out: &mut [f32],
+        (pad, pitch): (usize, usize),
+    ) {
+        use crate::kernels::masked::avx512::mask16;
+        use std::arch::x86_64::*;
+        let (even, _) = lane_offsets();
+        let first_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let second_half = _mm512_add_epi32(first_half, _mm512_set1_epi32(8));
+        let (zero, one) = (_mm512_setzero_ps(), _mm512_set1_ps(1.0));
+        let corner = |c: usize| _mm512_set1_epi32(c as i32);
+        let corners = [[corner(0), corner(1)], [corner(w), corner(w + 1)]];
+        for oy in 0..ho {
+            for ox in (0..wo).step_by(WINDOWS) {
+                let n = (wo - ox).min(WINDOWS);
+                let m = mask16(n);
+                let i = oy * wo + ox;
+                let a = _mm512_maskz_loadu_epi32(m, arg.as_ptr().add(i).cast());
+                let mut v = _mm512_add_ps(zero, _mm512_maskz_loadu_ps(m, src.as_ptr().add(i)));
+                if let Some(z) = relu_at {
+                    let z = _mm512_maskz_loadu_ps(m, z.as_ptr().add(i));
+                    let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(z, zero);
+                    v = _mm512_mul_ps(_mm512_maskz_mov_ps(positive, one), v);
+                }
+                // Each window's argmax relative to its top-left corner: 0, 1, w or w + 1.
+                let top_left =
+                    _mm512_add_epi32(_mm512_set1_epi32((2 * (oy * w + ox)) as i32), even);
+                let at = _mm512_sub_epi32(a, top_left);
+                for (dr, [left, right]) in corners.iter().enumerate() {
+                    let l = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(at, *left), v);
+                    let r = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(at, *right), v);
+                    let p = out
+                        .as_mut_ptr()
+                        .add((2 * oy + dr + pad) * pitch + pad + 2 * ox);
+                    let (lo, hi) = (
+                        _mm512_permutex2var_ps(l, first_half, r),
+                        _mm512_permutex2var_ps(l, second_half, r),
+                    );
+                    if n == WINDOWS {
+                        _mm512_storeu_ps(p, lo);
+                        _mm512_storeu_ps(p.add(16), hi);
+                    } else {
+                        _mm512_mask_storeu_ps(p, mask16(2 * n), lo);
+                        if n > 8 {
+                            _mm512_mask_storeu_ps(p.add(16), mask16(2 * n - 16), hi);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Lane indices `0, 2, .., 30` and `1, 3, .., 31`: the top-left and top-right corners of
     /// 16 windows in a run of 32 values.
     #[cfg(target_arch = "x86_64")]
@@ -400,6 +513,65 @@ mod wide_2x2 {
             }
         }
         true
+    }
+}
+
+/// The adjoint of max pooling for one plane: `out` is zeroed, each window's `src` value is
+/// added at its argmax `arg` (windows in row-major order), then, with `relu_at` (the pooled
+/// values of a ReLU before the pooling), each argmax element is multiplied by ReLU's
+/// derivative at its window's value. `out` holds the input plane (`g.h x g.w`) with `pad`
+/// zero rows and columns around it and row pitch `pitch` (`(0, g.w)`: the plain plane).
+/// Disjoint 2x2 windows run 16 at a time where the vector path runs (f32 with AVX-512),
+/// with the same operations on every element ([`wide_2x2::adjoint`]).
+pub fn max_plane_adjoint<T: Scalar>(
+    g: &PoolGeom,
+    arg: &[u32],
+    src: &[T],
+    relu_at: Option<&[T]>,
+    out: &mut [T],
+    (pad, pitch): (usize, usize),
+) {
+    out.fill(T::zero());
+    if !wide_2x2::adjoint(g, arg, src, relu_at, out, (pad, pitch)) {
+        max_plane_adjoint_any(g, arg, src, relu_at, out, (pad, pitch));
+    }
+}
+
+/// [`max_plane_adjoint`] for any window, into the zeroed `out`.
+fn max_plane_adjoint_any<T: Scalar>(
+    g: &PoolGeom,
+    arg: &[u32],
+    src: &[T],
+    relu_at: Option<&[T]>,
+    out: &mut [T],
+    (pad, pitch): (usize, usize),
+) {
+    let (w, wo) = (g.w, g.wo());
+    // Each window's argmax as an index into `out`: its row within the window found by
+    // comparisons, not a division or a branch (which row wins is a coin toss).
+    let index = |oy: usize, a: u32| {
+        let r0 = oy * g.stride;
+        let rel = a as usize - r0 * w;
+        let mut dr = 0;
+        for t in 1..g.kh {
+            dr += usize::from(rel >= t * w);
+        }
+        (r0 + dr + pad) * pitch + rel - dr * w + pad
+    };
+    let rows = arg[..g.out_len()].chunks_exact(wo).enumerate();
+    for ((oy, a), v) in rows.clone().zip(src.chunks_exact(wo)) {
+        for (&a, &v) in a.iter().zip(v) {
+            let d = index(oy, a);
+            out[d] = out[d] + v;
+        }
+    }
+    if let Some(z) = relu_at {
+        for ((oy, a), z) in rows.zip(z.chunks_exact(wo)) {
+            for (&a, &z) in a.iter().zip(z) {
+                let d = index(oy, a);
+                out[d] = relu_d1(z) * out[d];
+            }
+        }
     }
 }
 
@@ -589,6 +761,68 @@ mod tests {
                 avg_plane_any(&g, &x32, &mut want);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&y), bits(&want), "f32 {k} {h}x{w}");
+            }
+        }
+    }
+
+    /// The adjoint of 2x2 max pooling (f32 on AVX-512: the vector path) gives the generic
+    /// scatter's bits, with and without the ReLU mask, into plain and padded planes: rows of
+    /// 16 windows, 8, and tails, odd edges left zero, NaN, infinities and signed zeros in the
+    /// values and the mask.
+    #[test]
+    fn max_2x2_adjoint_matches_the_generic_scatter() {
+        let specials = [
+            0.5f32,
+            -0.0,
+            0.0,
+            f32::NAN,
+            f32::INFINITY,
+            -2.0,
+            1.5,
+            f32::NEG_INFINITY,
+        ];
+        let mut state = 5u64;
+        let mut pick = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            specials[(state >> 33) as usize % specials.len()]
+        };
+        let sizes = [
+            (2, 2),
+            (32, 32),
+            (16, 16),
+            (18, 17),
+            (6, 64),
+            (7, 9),
+            (4, 70),
+            (3, 37),
+        ];
+        for (h, w) in sizes {
+            let g = PoolGeom {
+                h,
+                w,
+                kh: 2,
+                kw: 2,
+                stride: 2,
+            };
+            let x: Vec<f32> = (0..h * w).map(|_| pick()).collect();
+            let (mut z, mut arg) = (vec![0f32; g.out_len()], vec![0u32; g.out_len()]);
+            max_plane_any(&g, &x, &mut z, &mut arg);
+            let src: Vec<f32> = (0..g.out_len()).map(|_| pick()).collect();
+            for (pad, extra) in [(0, 0), (1, 0), (2, 3)] {
+                let pitch = w + 2 * pad + extra;
+                let len = (h + 2 * pad) * pitch;
+                for relu_at in [None, Some(&z[..])] {
+                    let mut got = vec![7f32; len];
+                    max_plane_adjoint(&g, &arg, &src, relu_at, &mut got, (pad, pitch));
+                    let mut want = vec![0f32; len];
+                    max_plane_adjoint_any(&g, &arg, &src, relu_at, &mut want, (pad, pitch));
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    let case =
+                        format!("{h}x{w} pad {pad} pitch {pitch} relu {}", relu_at.is_some());
+                    assert_eq!(bits(&got), bits(&want), "{case}");
+                }
             }
         }
     }

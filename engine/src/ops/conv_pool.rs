@@ -22,7 +22,7 @@ use super::pool::{map_planes, max_pool_geom, PlanePool};
 use super::{tangent_shape, Op, Rule};
 use crate::error::Result;
 use crate::kernels::conv::ConvGeom;
-use crate::kernels::pool::PoolGeom;
+use crate::kernels::pool::{max_plane_adjoint, PoolGeom};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
@@ -118,10 +118,10 @@ impl ConvMaxPool {
         })
     }
 
-    /// One plane of `Sᵀ(zbar)`: `zbar` (a pooled plane, whose argmax and pooled values are
-    /// at `at`) added at each window's argmax in the zeroed `plane`, then, with the ReLU,
-    /// masked by `relu'(Z)`. `plane` holds the convolution's output plane with `pad` zero rows
-    /// and columns around it and row pitch `pitch` (no padding: the plain plane).
+    /// One plane of `Sᵀ(zbar)` into `plane` ([`max_plane_adjoint`]): `zbar` (a pooled plane,
+    /// whose argmax and pooled values are at `at`) at each window's argmax, then, with the
+    /// ReLU, masked by `relu'(Z)`. `plane` holds the convolution's output plane with `pad`
+    /// zero rows and columns around it and row pitch `pitch` (no padding: the plain plane).
     fn spread_plane<T: Scalar>(
         &self,
         at: std::ops::Range<usize>,
@@ -131,35 +131,15 @@ impl ConvMaxPool {
         pad: usize,
         pitch: usize,
     ) {
-        let (pool, wo_p) = (&self.pool, self.pool.wo());
-        let wo = pool.w;
-        // Each window's argmax as an index into `plane`: its row within the window found by
-        // comparisons, not a division or a branch (which row wins is a coin toss).
-        let index = |oy: usize, a: u32| {
-            let r0 = oy * pool.stride;
-            let rel = a as usize - r0 * wo;
-            let mut dr = 0;
-            for t in 1..pool.kh {
-                dr += usize::from(rel >= t * wo);
-            }
-            (r0 + dr + pad) * pitch + rel - dr * wo + pad
-        };
-        plane.fill(T::zero());
-        let rows = self.arg[at.clone()].chunks_exact(wo_p).enumerate();
-        for ((oy, a), v) in rows.clone().zip(zbar.chunks_exact(wo_p)) {
-            for (&a, &v) in a.iter().zip(v) {
-                let d = index(oy, a);
-                plane[d] = plane[d] + v;
-            }
-        }
-        if self.relu {
-            for ((oy, a), z) in rows.zip(z[at].chunks_exact(wo_p)) {
-                for (&a, &z) in a.iter().zip(z) {
-                    let d = index(oy, a);
-                    plane[d] = relu_d1(z) * plane[d];
-                }
-            }
-        }
+        let relu_at = self.relu.then(|| &z[at.clone()]);
+        max_plane_adjoint(
+            &self.pool,
+            &self.arg[at],
+            zbar,
+            relu_at,
+            plane,
+            (pad, pitch),
+        );
     }
 }
 

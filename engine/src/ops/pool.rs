@@ -9,7 +9,9 @@
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
 use crate::kernels::par::par_build;
-use crate::kernels::pool::{avg_plane, avg_plane_adjoint, max_plane, max_plane_values, PoolGeom};
+use crate::kernels::pool::{
+    avg_plane, avg_plane_adjoint, max_plane, max_plane_adjoint, max_plane_values, PoolGeom,
+};
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
@@ -205,11 +207,8 @@ impl<T: Scalar> Rule<T> for MaxPool2d {
         let planes = self.arg.len() / ol;
         let scatter = |src: &[T]| {
             map_planes(src, ol, il, |p, s, d| {
-                d.fill(T::zero());
                 let a = &self.arg[(p % planes) * ol..(p % planes + 1) * ol];
-                for (&v, &i) in s.iter().zip(a) {
-                    d[i as usize] = d[i as usize] + v;
-                }
+                max_plane_adjoint(&self.g, a, s, None, d, (0, self.g.w));
             })
         };
         let g = Tensor::from_vec(shape, scatter(gy.data())).expect("pool grad");
