@@ -34,9 +34,10 @@ use crate::kernels::conv::{
 };
 use crate::kernels::cpu::vectorized;
 use crate::kernels::gemm::{gemm, MatRef};
+use crate::kernels::nopack::{self, PackedA};
 use crate::kernels::par::{fixed_ranges, par_build, SendPtr};
 use crate::kernels::pool::max_plane;
-use crate::kernels::{nopack, rowdot};
+use crate::kernels::rowdot;
 use crate::scalar::Scalar;
 use crate::tape::{Sink, Tape, Var};
 use crate::tensor::Tensor;
@@ -270,7 +271,7 @@ impl Path {
 fn implicit_sample<T: Scalar>(
     g: &ConvGeom,
     offs: &[usize],
-    terms: &[(&[T], &[T])],
+    terms: &[(&PackedA<T>, &[T])],
     s: &mut Scratch<T>,
     out: &mut [T],
     bias: Option<&[T]>,
@@ -284,7 +285,7 @@ fn implicit_sample<T: Scalar>(
 fn implicit_product<T: Scalar>(
     g: &ConvGeom,
     offs: &[usize],
-    terms: &[(&[T], &[T])],
+    terms: &[(&PackedA<T>, &[T])],
     s: &mut Scratch<T>,
 ) -> usize {
     let n = implicit_cols(g);
@@ -301,28 +302,33 @@ fn implicit_product<T: Scalar>(
     n
 }
 
+/// The weight `w` (`c_out x taps`, row-major) of an implicit product over `g` ([`implicit`]
+/// must hold), packed once for every sample's product.
+pub(super) fn packed_weight<T: Scalar>(g: &ConvGeom, taps: usize, w: &[T]) -> PackedA<T> {
+    PackedA::new(g.c_out, taps, w).expect("an implicit convolution has the packing-free kernel")
+}
+
 /// `tmp = A ⊛ x + beta tmp` for one sample already in its zero-padded layout (`padded`,
 /// [`padded_chw_len`] long), `tmp` at the padded row pitch ([`implicit_cols`] columns per row
-/// of `c_out`); [`implicit`] must hold for `g`.
+/// of `c_out`), `A` the packed `c_out x offs.len()` weight; [`implicit`] must hold for `g`.
 pub(super) fn product_of_padded<T: Scalar>(
     g: &ConvGeom,
     offs: &[usize],
-    a: &[T],
+    a: &PackedA<T>,
     padded: &[T],
     beta: T,
     tmp: &mut [T],
 ) {
     let n = implicit_cols(g);
-    assert_eq!(a.len(), g.c_out * offs.len(), "implicit conv weight");
+    assert_eq!(a.rows(), g.c_out, "implicit conv weight");
     assert!(padded.len() >= padded_chw_len(g) && tmp.len() >= g.c_out * n);
-    // SAFETY: `a` is c_out x offs.len() row-major (checked above), every row offset plus `n`
-    // stays inside the padded image (`tap_offsets`), `tmp` holds c_out rows of `n` (checked).
+    // SAFETY: every row offset plus `n` stays inside the padded image (`tap_offsets`), `tmp`
+    // holds c_out rows of `n` (checked above); the kernel checks `a` against `offs`.
     let ran = unsafe {
-        nopack::try_gemm_rows(
-            g.c_out,
+        nopack::try_gemm_rows_packed(
             n,
             T::one(),
-            (a.as_ptr(), offs.len(), 1),
+            a,
             (padded.as_ptr(), offs),
             beta,
             (tmp.as_mut_ptr(), n),
@@ -360,13 +366,14 @@ pub(crate) fn conv_value_fused<T: Scalar>(
         return None;
     }
     let offs = implicit_offsets(g);
+    let wp = packed_weight(g, offs.len(), wv);
     let (ho, wo) = epi.pool.map_or((g.ho(), g.wo()), |p| p.out_hw());
     let (il, plane_len) = (g.in_len(), ho * wo);
     let keep_arg = keep_arg && matches!(epi.pool, Some(PlanePool::Max(_)));
     let mut args = vec![0u32; if keep_arg { n * g.c_out * plane_len } else { 0 }];
     let args_out = SendPtr(args.as_mut_ptr());
     let y = per_sample(1, n, g.c_out * plane_len, |_, i, s, out| {
-        let ld = implicit_product(g, &offs, &[(wv, &xv[i * il..(i + 1) * il])], s);
+        let ld = implicit_product(g, &offs, &[(&wp, &xv[i * il..(i + 1) * il])], s);
         s.plane.resize(g.positions(), T::zero());
         let (tmp, scratch, arg) = (&s.tmp, &mut s.plane, &mut s.arg);
         // SAFETY: sample `i` owns its block of the argmax buffer (empty without `keep_arg`).
@@ -437,8 +444,9 @@ fn conv_value<T: Scalar>(
     let il = g.in_len();
     if path == Path::Implicit {
         let offs = implicit_offsets(g);
+        let wp = packed_weight(g, offs.len(), wv);
         let y = per_sample(1, n, g.out_len(), |_, i, s, out| {
-            implicit_sample(g, &offs, &[(wv, &xv[i * il..(i + 1) * il])], s, out, bias);
+            implicit_sample(g, &offs, &[(&wp, &xv[i * il..(i + 1) * il])], s, out, bias);
         });
         return Tensor::from_vec(&shape, y).expect("conv value");
     }
@@ -478,13 +486,17 @@ fn conv_tangent<T: Scalar>(
     let bias_k = |kk: usize| t.b.map(|b| &b[kk * g.c_out..(kk + 1) * g.c_out]);
     if path == Path::Implicit {
         let offs = implicit_offsets(g);
+        let pack = |w: &[T]| packed_weight(g, offs.len(), w);
+        let wp = pack(wv);
+        let wtp: Vec<PackedA<T>> =
+            t.w.map_or_else(Vec::new, |wt| wt.chunks(wl).map(pack).collect());
         let d = per_sample(k, n, g.out_len(), |kk, i, s, out| {
             let mut terms = Vec::with_capacity(2);
-            if let Some(wt) = t.w {
-                terms.push((&wt[kk * wl..(kk + 1) * wl], &xv[i * il..(i + 1) * il]));
+            if let Some(w) = wtp.get(kk) {
+                terms.push((w, &xv[i * il..(i + 1) * il]));
             }
             if let Some(xt) = t.x {
-                terms.push((wv, &xt[kk * in_all + i * il..][..il]));
+                terms.push((&wp, &xt[kk * in_all + i * il..][..il]));
             }
             implicit_sample(g, &offs, &terms, s, out, bias_k(kk));
         });
@@ -680,7 +692,8 @@ fn input_grad_implicit<T: Scalar>(
     };
     let (il, ol, wl) = (gt.in_len(), gt.out_len(), wv.len());
     let offs = implicit_offsets(gt);
-    let wf = flip_weight(&fwd, wv);
+    let pack = |w: &[T]| packed_weight(gt, offs.len(), &flip_weight(&fwd, w));
+    let wf = pack(wv);
     let gx = per_sample(1, n, ol, |_, i, s, out| {
         implicit_sample(
             gt,
@@ -692,18 +705,14 @@ fn input_grad_implicit<T: Scalar>(
         );
     });
     let dot = (gd.is_some() || wt.is_some()).then(|| {
-        let wtf: Vec<Vec<T>> = wt.map_or_else(Vec::new, |wt| {
-            (0..k)
-                .map(|kk| flip_weight(&fwd, &wt[kk * wl..(kk + 1) * wl]))
-                .collect()
-        });
+        let wtf: Vec<PackedA<T>> = wt.map_or_else(Vec::new, |wt| wt.chunks(wl).map(pack).collect());
         per_sample(k, n, ol, |kk, i, s, out| {
             let mut terms = Vec::with_capacity(2);
             if let Some(w) = wtf.get(kk) {
-                terms.push((&w[..], &gyd[i * il..(i + 1) * il]));
+                terms.push((w, &gyd[i * il..(i + 1) * il]));
             }
             if let Some(gd) = gd {
-                terms.push((&wf[..], &gd[(kk * n + i) * il..][..il]));
+                terms.push((&wf, &gd[(kk * n + i) * il..][..il]));
             }
             implicit_sample(gt, &offs, &terms, s, out, None);
         })
@@ -717,8 +726,8 @@ fn input_grad_implicit<T: Scalar>(
 struct PhaseTaps<T> {
     ab: (usize, usize),
     offs: Vec<usize>,
-    w: Vec<T>,
-    wt: Vec<Vec<T>>,
+    w: PackedA<T>,
+    wt: Vec<PackedA<T>>,
 }
 
 impl<T: Scalar> PhaseTaps<T> {
@@ -730,16 +739,14 @@ impl<T: Scalar> PhaseTaps<T> {
         phases
             .map(|ab| {
                 let (ka, kb) = (phase_taps(g.kh, p.s, ab.0), phase_taps(g.kw, p.s, ab.1));
-                let wt = wt.map_or_else(Vec::new, |wt| {
-                    (0..k)
-                        .map(|kk| flip_phase(g, &wt[kk * wl..(kk + 1) * wl], ab))
-                        .collect()
-                });
+                let offs = tap_offsets(gt, kq - ka, kq - kb);
+                let pack = |w: &[T]| packed_weight(gt, offs.len(), &flip_phase(g, w, ab));
+                let wt = wt.map_or_else(Vec::new, |wt| wt[..k * wl].chunks(wl).map(pack).collect());
                 PhaseTaps {
                     ab,
-                    offs: tap_offsets(gt, kq - ka, kq - kb),
-                    w: flip_phase(g, wv, ab),
+                    w: pack(wv),
                     wt,
+                    offs,
                 }
             })
             .collect()
@@ -768,11 +775,11 @@ fn phase_sample<T: Scalar>(
 ) {
     out.fill(T::zero());
     for ph in phases {
-        let t: Vec<(&[T], &[T])> = terms
+        let t: Vec<(&PackedA<T>, &[T])> = terms
             .iter()
             .map(|&(w, y)| match w {
-                PhaseWeight::Value => (&ph.w[..], y),
-                PhaseWeight::Tangent(kk) => (&ph.wt[kk][..], y),
+                PhaseWeight::Value => (&ph.w, y),
+                PhaseWeight::Tangent(kk) => (&ph.wt[kk], y),
             })
             .collect();
         let ld = implicit_product(gt, &ph.offs, &t, s);

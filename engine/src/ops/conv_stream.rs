@@ -15,11 +15,12 @@
 //! The products, their operands and the order of every sum are those of `conv`'s separate
 //! input, weight and bias gradients, so the results are theirs, bit for bit.
 
-use super::conv::{implicit, product_of_padded, Conv2d, MAX_GROUPS, PARTIAL_BUDGET};
+use super::conv::{implicit, packed_weight, product_of_padded, Conv2d, MAX_GROUPS, PARTIAL_BUDGET};
 use crate::kernels::conv::{
     compact_plane, compact_rows, flip_weight, implicit_cols, implicit_offsets, pad_chw,
     padded_chw_len, transposed_geom, zeroed_scratch, ConvGeom,
 };
+use crate::kernels::nopack::PackedA;
 use crate::kernels::par::{fixed_ranges, SendPtr};
 use crate::kernels::reduce::sum;
 use crate::kernels::rowdot;
@@ -99,14 +100,13 @@ impl Conv2d {
         let mut gx = vec![T::zero(); if want.x { n * g.in_len() } else { 0 }];
         let gxp = SendPtr(gx.as_mut_ptr());
         let groups = (PARTIAL_BUDGET / wl.max(1)).clamp(1, MAX_GROUPS);
-        let wf = if want.x {
-            flip_weight(&g, wv)
-        } else {
-            Vec::new()
-        };
+        let wf = want.x.then(|| {
+            let gt = transposed_geom(&g).expect("a same convolution has a transposed geometry");
+            packed_weight(&gt, implicit_offsets(&gt).len(), &flip_weight(&g, wv))
+        });
         let parts: Vec<GroupOut<T>> = fixed_ranges(n, groups)
             .par_iter()
-            .map(|r| self.stream_group(r.clone(), want, xv, &wf, src, gxp))
+            .map(|r| self.stream_group(r.clone(), want, xv, wf.as_ref(), src, gxp))
             .collect();
         if want.x {
             let gx = Tensor::from_vec(tape.node(self.x).value.shape(), gx).expect("conv dx");
@@ -136,7 +136,7 @@ impl Conv2d {
         r: std::ops::Range<usize>,
         want: Wanted,
         xv: &[T],
-        wf: &[T],
+        wf: Option<&PackedA<T>>,
         src: &impl OutputGrad<T>,
         gx: SendPtr<T>,
     ) -> GroupOut<T> {
@@ -170,7 +170,7 @@ impl Conv2d {
             for (s, &i) in batch.iter().enumerate() {
                 let py = &mut buf.y[s * ylen..(s + 1) * ylen];
                 src.write_padded(&gt, i, py);
-                if want.x {
+                if let Some(wf) = wf {
                     // SAFETY: sample `i` belongs to this group only.
                     let dst = unsafe { gx.slice(i * il, il) };
                     buf.tmp.resize(gt.c_out * implicit_cols(&gt), T::zero());
