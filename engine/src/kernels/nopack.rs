@@ -156,7 +156,7 @@ pub unsafe fn try_gemm_rows<T: Scalar>(
 }
 
 /// A left operand `A` (`m x k`) copied once into the layout the register tiles of this
-/// machine's kernel read: the tile of `r` rows from row `i` ([`tile_plan`]) holds its `k`
+/// machine's kernel read: the tile of `r` rows from row `i` (see `tile_plan`) holds its `k`
 /// steps' `r` elements contiguously from `i·k` on, so each step's elements lie at fixed
 /// offsets from one pointer. A convolution packs its weight once and runs every sample's
 /// product on it ([`try_gemm_rows_packed`]); the products' bits are those of the unpacked `A`.

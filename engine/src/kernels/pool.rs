@@ -522,7 +522,7 @@ mod wide_2x2 {
 /// derivative at its window's value. `out` holds the input plane (`g.h x g.w`) with `pad`
 /// zero rows and columns around it and row pitch `pitch` (`(0, g.w)`: the plain plane).
 /// Disjoint 2x2 windows run 16 at a time where the vector path runs (f32 with AVX-512),
-/// with the same operations on every element ([`wide_2x2::adjoint`]).
+/// with the same operations on every element.
 pub fn max_plane_adjoint<T: Scalar>(
     g: &PoolGeom,
     arg: &[u32],
