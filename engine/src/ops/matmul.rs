@@ -505,6 +505,20 @@ impl Product {
         d: &mut [T],
     ) {
         let (m, kd, n) = (self.m, self.kd, self.n);
+        let beta = if accumulate { T::one() } else { T::zero() };
+        if self.trans_b && n <= kd {
+            // Ȳᵀ Ȧ_k → [n, kd] for each k: one product per direction sharing Ȳᵀ, each written
+            // in place in `d`. Every part packs Ȳᵀ (`n x m`) again, which costs less than the
+            // sample-major copy of Ȧ (`m x kd` per direction) when `n ≤ kd`; the sums are the
+            // same (tiny-tanh basis trace: 8% less time on one thread).
+            let mut parts: Vec<Part<T>> = d
+                .chunks_mut(n * kd)
+                .zip(at.data().chunks(m * kd))
+                .map(|(out, a_k)| Part::new(MatRef::new(a_k, m, kd), beta, out))
+                .collect();
+            gemm_par_group(T::one(), g.t(), Shared::Left, &mut parts);
+            return;
+        }
         let at_sm = sample_major(at.data(), k, m, kd);
         let atm = MatRef::new(&at_sm, m, k * kd);
         if self.trans_b {
@@ -514,7 +528,6 @@ impl Product {
             });
         } else {
             // [K·kd, m] × Ȳ → [K, kd, n] directly.
-            let beta = if accumulate { T::one() } else { T::zero() };
             gemm_par(T::one(), atm.t(), g, beta, d);
         }
     }
