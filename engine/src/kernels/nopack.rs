@@ -160,6 +160,7 @@ pub unsafe fn try_gemm_rows<T: Scalar>(
 /// steps' `r` elements contiguously from `i·k` on, so each step's elements lie at fixed
 /// offsets from one pointer. A convolution packs its weight once and runs every sample's
 /// product on it ([`try_gemm_rows_packed`]); the products' bits are those of the unpacked `A`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub struct PackedA<T> {
     m: usize,
     k: usize,
@@ -249,24 +250,29 @@ pub unsafe fn try_gemm_rows_packed<T: Scalar>(
     if a.k == 0 || !accepts(a.m, n) {
         return false;
     }
-    let ops = Operands {
-        k: a.k,
-        alpha,
-        a: a.data.as_ptr(),
-        rsa: a.k,
-        csa: 0,
-        b,
-        ldb: 0,
-        boff: offsets.as_ptr(),
-        packed: true,
-        beta,
-        c,
-        ldc,
-    };
     #[cfg(target_arch = "x86_64")]
-    return dispatch_with(a.isa, a.m, n, ops);
+    {
+        let ops = Operands {
+            k: a.k,
+            alpha,
+            a: a.data.as_ptr(),
+            rsa: a.k,
+            csa: 0,
+            b,
+            ldb: 0,
+            boff: offsets.as_ptr(),
+            packed: true,
+            beta,
+            c,
+            ldc,
+        };
+        dispatch_with(a.isa, a.m, n, ops)
+    }
     #[cfg(not(target_arch = "x86_64"))]
-    false
+    {
+        let _ = (alpha, b, beta, c, ldc);
+        false
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
