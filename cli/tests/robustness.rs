@@ -351,31 +351,41 @@ fn kill9_during_a_checkpoint_write_keeps_the_previous_checkpoint() {
     let ckdir = dir.join("r/checkpoints");
     let last = ckdir.join("last.safetensors");
     let mut child = spawn(&args, &dir);
-    // Wait for a first complete checkpoint, then for the temporary file of the next write.
-    let t0 = Instant::now();
-    let mut before: Option<Vec<u8>> = None;
-    let mut killed_in_write = false;
-    while t0.elapsed() < Duration::from_secs(120) {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        let writing = std::fs::read_dir(&ckdir)
+    let writing = || {
+        std::fs::read_dir(&ckdir)
             .map(|it| {
                 it.flatten()
                     .any(|e| e.file_name().to_string_lossy().contains(".tmp-"))
             })
-            .unwrap_or(false);
-        match (&before, writing) {
-            (None, false) if last.exists() => before = std::fs::read(&last).ok(),
-            (Some(_), true) => {
-                signal(&child, "-KILL");
-                killed_in_write = true;
-                break;
+            .unwrap_or(false)
+    };
+    // Wait for a first complete checkpoint, then for the temporary file of a later write.
+    // The process is stopped first, so that the checkpoint read as "before" is the one on
+    // disk at the kill (a whole write could otherwise finish between two polls); where the
+    // write finished before the stop took hold, the run continues and the next one is caught.
+    let t0 = Instant::now();
+    let mut before: Option<Vec<u8>> = None;
+    let mut seen_complete = false;
+    while t0.elapsed() < Duration::from_secs(120) {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        match (seen_complete, writing()) {
+            (false, false) => seen_complete = last.exists(),
+            (true, true) => {
+                signal(&child, "-STOP");
+                if writing() {
+                    before = Some(std::fs::read(&last).expect("the complete checkpoint reads"));
+                    signal(&child, "-KILL");
+                    break;
+                }
+                signal(&child, "-CONT");
             }
             _ => {}
         }
         std::thread::sleep(Duration::from_micros(200));
     }
+    let killed_in_write = before.is_some();
     let _ = child.wait();
     assert!(
         killed_in_write,
