@@ -288,11 +288,12 @@ unsafe fn dispatch_with<T: Scalar>(isa: Isa, m: usize, n: usize, ops: Operands<T
         ($module:ident, $strips:ident, $t:ty) => {{
             // SAFETY: T is exactly the type named by the TypeId test.
             let ops = std::mem::transmute_copy::<Operands<T>, Operands<$t>>(&ops);
+            // Packed `A` only comes with an offset table (`try_gemm_rows_packed`).
             match (ops.boff.is_null(), ops.packed) {
                 (true, false) => $module::$strips::<false, false>(m, n, ops),
-                (true, true) => $module::$strips::<false, true>(m, n, ops),
                 (false, false) => $module::$strips::<true, false>(m, n, ops),
                 (false, true) => $module::$strips::<true, true>(m, n, ops),
+                (true, true) => unreachable!("a packed operand without an offset table"),
             }
             true
         }};

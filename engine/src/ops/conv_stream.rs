@@ -102,7 +102,7 @@ impl Conv2d {
         let groups = (PARTIAL_BUDGET / wl.max(1)).clamp(1, MAX_GROUPS);
         let wf = want.x.then(|| {
             let gt = transposed_geom(&g).expect("a same convolution has a transposed geometry");
-            packed_weight(&gt, implicit_offsets(&gt).len(), &flip_weight(&g, wv))
+            packed_weight(&gt, gt.patch(), &flip_weight(&g, wv))
         });
         let parts: Vec<GroupOut<T>> = fixed_ranges(n, groups)
             .par_iter()
