@@ -3,7 +3,8 @@
 //! Sum with scale s (s = 1 for sum, 1/M for mean), y = s Σ x:
 //! - JVP: ẏ = s Σ ẋ;  VJP: x̄ = s ȳ (broadcast);  tangent of VJP: x̄˙ = s ȳ˙ (broadcast).
 //!
-//! Reshape is linear and moves no data meaningfully: all four rules are the same reshape.
+//! Reshape is linear and moves no data: all four rules are the same reshape, which shares the
+//! buffer.
 
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
@@ -65,11 +66,12 @@ impl<T: Scalar> Tape<T> {
                 detail: format!("{:?} to {shape:?}", xv.shape()),
             });
         }
-        let y = Tensor::from_vec(shape, xv.data().to_vec())?;
+        // The buffers are shared, not copied (a later write copies on write).
+        let y = xv.clone().reshape(shape)?;
         let k = self.directions();
         let tangent = self
             .tangent(x)
-            .map(|t| Tensor::from_vec(&tangent_shape(k, shape), t.data().to_vec()))
+            .map(|t| t.clone().reshape(&tangent_shape(k, shape)))
             .transpose()?;
         Ok(self.push(Op::Reshape(Reshape { x: x.0 }), y, tangent, false))
     }
@@ -128,9 +130,11 @@ impl<T: Scalar> Rule<T> for Reshape {
     ) {
         let shape = tape.node(self.x).value.shape();
         let k = tape.directions();
-        let g = Tensor::from_vec(shape, gy.data().to_vec()).expect("reshape back");
+        let g = gy.clone().reshape(shape).expect("reshape back");
         let dot = gdot.map(|d| {
-            Tensor::from_vec(&tangent_shape(k, shape), d.data().to_vec()).expect("reshape back")
+            d.clone()
+                .reshape(&tangent_shape(k, shape))
+                .expect("reshape back")
         });
         sink.add(self.x, g, dot);
     }
