@@ -2,11 +2,13 @@
 //! AVX2+FMA: `C (m x n, row-major) = alpha A (m x k) B (k x n) + beta C`, any strides for `A`
 //! and `B` (transposes cost nothing but a different packing order).
 //!
-//! The structure is the classic five loops: the columns of `C` in blocks of `nc`, the inner
-//! dimension in blocks of `kc` (a `kc x nc` block of `B` is packed into strips `nr` columns
-//! wide), the rows in blocks of `mc` (packed into strips `mr` rows tall), then every
-//! `mr x nr` tile of `C` is one call of the microkernel, which keeps the whole tile in vector
-//! registers (`mr` rows by two vectors) while it walks the two packed strips. Edge tiles run
+//! The structure is the classic five loops: the rows of `C` in blocks of `mc`, the inner
+//! dimension in blocks of `kc` (an `mc x kc` block of `A` is packed into strips `mr` rows
+//! tall, and stays in L3), the columns in blocks of `nc` (a `kc x nc` block of `B` is packed
+//! into strips `nr` columns wide, and stays in L2), then every `mr x nr` tile of `C` is one
+//! call of the microkernel, which keeps the whole tile in vector registers (`mr` rows by two
+//! vectors) while it walks the two packed strips. A strip of `A` (the broadcast operand, the
+//! smaller strip) stays in L1 while the strips of `B` stream past it from L2. Edge tiles run
 //! the same microkernel on a copy of their part of `C`, so every element of `C` sees exactly
 //! the same operations wherever it falls: for each `kc` block in order, one fused
 //! multiply-add chain over that block, then `alpha * sum + beta * C` (`beta` = 1 after the
@@ -56,10 +58,16 @@ type Tile<T> = unsafe fn(usize, *const T, *const T, *mut T, usize, T, T);
 
 /// A microkernel with the block sizes it is tuned for.
 struct Kernel<T> {
+    /// Rows of a tile (the strip of `A`).
     mr: usize,
+    /// Columns of a tile (the strip of `B`).
     nr: usize,
+    /// The inner dimension's block: a strip of `A` (`mr x kc`) fits in L1 beside a few strips
+    /// of `B` streaming through.
     kc: usize,
+    /// Rows of `A` packed at once (an L3 block; `B`'s block is packed again for each).
     mc: usize,
+    /// Columns of `B` packed at once: a `kc x nc` block that stays in L2.
     nc: usize,
     tile: Tile<T>,
     /// Packs rows that are contiguous along `p` with vector transposes (see [`RowPacker`]).
@@ -139,8 +147,8 @@ fn kernel_for<T: Scalar>(isa: Isa) -> Option<Kernel<T>> {
             mr: 12,
             nr: 32,
             kc: 384,
-            mc: 288,
-            nc: 2048,
+            mc: 3072,
+            nc: 384,
             tile: x86::avx512_f32,
             pack_rows: Some(x86::pack_rows_f32),
         },
@@ -149,8 +157,8 @@ fn kernel_for<T: Scalar>(isa: Isa) -> Option<Kernel<T>> {
             mr: 6,
             nr: 16,
             kc: 256,
-            mc: 72,
-            nc: 2048,
+            mc: 3072,
+            nc: 512,
             tile: x86::avx2_f32,
             pack_rows: Some(x86::pack_rows_f32),
         },
@@ -162,8 +170,8 @@ fn kernel_for<T: Scalar>(isa: Isa) -> Option<Kernel<T>> {
             mr: 12,
             nr: 16,
             kc: 384,
-            mc: 144,
-            nc: 1024,
+            mc: 3072,
+            nc: 192,
             tile: x86::avx512_f64,
             pack_rows: Some(x86::pack_rows_f64),
         },
@@ -172,8 +180,8 @@ fn kernel_for<T: Scalar>(isa: Isa) -> Option<Kernel<T>> {
             mr: 6,
             nr: 8,
             kc: 256,
-            mc: 72,
-            nc: 1024,
+            mc: 3072,
+            nc: 256,
             tile: x86::avx2_f64,
             pack_rows: Some(x86::pack_rows_f64),
         },
@@ -237,29 +245,23 @@ unsafe fn run<T: Scalar>(
     with_buffer::<T, _>(a_len + b_len + 64, |ap| {
         let bp = ap.add(a_len);
         let bp = bp.add(bp.align_offset(64));
-        for jc in (0..n).step_by(kern.nc) {
-            let nc = kern.nc.min(n - jc);
+        for ic in (0..m).step_by(kern.mc) {
+            let mc = kern.mc.min(m - ic);
             for pc in (0..k).step_by(kern.kc) {
                 let kc = kern.kc.min(k - pc);
-                // B's block as strips of nr columns: the transpose's rows are B's columns.
-                let b_block = Strided {
-                    ptr: b.at(pc, jc),
-                    ..b
+                let a_block = Strided {
+                    ptr: a.at(ic, pc),
+                    ..a
                 };
-                pack_strips(kern, bp, b_block.t(), nc, kc, nr);
-                for ic in (0..m).step_by(kern.mc) {
-                    let mc = kern.mc.min(m - ic);
-                    pack_strips(
-                        kern,
-                        ap,
-                        Strided {
-                            ptr: a.at(ic, pc),
-                            ..a
-                        },
-                        mc,
-                        kc,
-                        mr,
-                    );
+                pack_strips(kern, ap, a_block, mc, kc, mr);
+                for jc in (0..n).step_by(kern.nc) {
+                    let nc = kern.nc.min(n - jc);
+                    // B's block as strips of nr columns: the transpose's rows are B's columns.
+                    let b_block = Strided {
+                        ptr: b.at(pc, jc),
+                        ..b
+                    };
+                    pack_strips(kern, bp, b_block.t(), nc, kc, nr);
                     let block = Block {
                         kc,
                         ap,
@@ -288,16 +290,16 @@ struct Block<T> {
 }
 
 impl<T: Scalar> Block<T> {
-    /// Every tile of the block: column strips outside (a strip of `B` stays in L1 while the
-    /// strips of `A` stream past it), row strips inside.
+    /// Every tile of the block: row strips outside (a strip of `A` stays in L1 while the
+    /// strips of `B` stream past it from L2), column strips inside.
     unsafe fn tiles(&self, kern: &Kernel<T>, mc: usize, nc: usize) {
         let (mr, nr, kc) = (kern.mr, kern.nr, self.kc);
-        for (js, j0) in (0..nc).step_by(nr).enumerate() {
-            let cols = nr.min(nc - j0);
-            let b_strip = self.bp.add(js * nr * kc);
-            for (is, i0) in (0..mc).step_by(mr).enumerate() {
-                let rows = mr.min(mc - i0);
-                let a_strip = self.ap.add(is * mr * kc);
+        for (is, i0) in (0..mc).step_by(mr).enumerate() {
+            let rows = mr.min(mc - i0);
+            let a_strip = self.ap.add(is * mr * kc);
+            for (js, j0) in (0..nc).step_by(nr).enumerate() {
+                let cols = nr.min(nc - j0);
+                let b_strip = self.bp.add(js * nr * kc);
                 let c_tile = self.c.add(i0 * self.ldc + j0);
                 if rows == mr && cols == nr {
                     (kern.tile)(
@@ -722,6 +724,7 @@ mod tests {
             (150, 300, 70),
             (73, 513, 2100),
             (290, 40, 45),
+            (3100, 5, 40),
         ];
         for isa in runnable() {
             for &s in &shapes {
