@@ -183,18 +183,34 @@ impl<T: Scalar> Tensor<T> {
         }
     }
 
-    /// Slice `i` along the leading dimension, as a new tensor.
+    /// Slice `i` along the leading dimension, as a new tensor (sharing the buffer, copied on
+    /// a later write, when the leading dimension is 1).
     pub fn index0(&self, i: usize) -> Tensor<T> {
         let inner = numel(&self.shape[1..]);
+        if self.shape[0] == 1 && i == 0 {
+            return Tensor {
+                shape: self.shape[1..].to_vec(),
+                data: Arc::clone(&self.data),
+            };
+        }
         Tensor {
             shape: self.shape[1..].to_vec(),
             data: Arc::new(self.data[i * inner..(i + 1) * inner].to_vec()),
         }
     }
 
-    /// Stacks equally shaped tensors along a new leading dimension.
+    /// Stacks equally shaped tensors along a new leading dimension (one part: its buffer is
+    /// shared, not copied).
     pub fn stack(parts: &[Tensor<T>]) -> Result<Tensor<T>> {
         let inner = parts.first().map(|p| p.shape.clone()).unwrap_or_default();
+        if let [only] = parts {
+            let mut shape = vec![1];
+            shape.extend_from_slice(&inner);
+            return Ok(Tensor {
+                shape,
+                data: Arc::clone(&only.data),
+            });
+        }
         let mut data = Vec::with_capacity(parts.len() * numel(&inner));
         for p in parts {
             if p.shape != inner {
@@ -235,5 +251,28 @@ mod tests {
         assert!(a.clone().reshape(&[2, 2]).is_err());
         assert_eq!(a.clone().into_vec(), vec![1.0, 2.0, 3.0]);
         assert_eq!(a.data(), &[1.0, 2.0, 3.0]);
+    }
+
+    /// Stacking one part and taking the only slice of a leading 1 share the buffer and keep
+    /// their values when either side is written; two parts and other slices copy.
+    #[test]
+    fn single_stacks_and_slices_share_until_written() {
+        let a = Tensor::from_vec(&[2], vec![1.0f64, 2.0]).unwrap();
+        let mut one = Tensor::stack(std::slice::from_ref(&a)).unwrap();
+        assert_eq!(one.shape(), &[1, 2]);
+        assert!(std::ptr::eq(a.data().as_ptr(), one.data().as_ptr()));
+        let mut back = one.index0(0);
+        assert_eq!(back.shape(), &[2]);
+        assert!(std::ptr::eq(a.data().as_ptr(), back.data().as_ptr()));
+        one.data_mut()[0] = 5.0;
+        back.data_mut()[1] = 7.0;
+        assert_eq!(a.data(), &[1.0, 2.0]);
+        assert_eq!(one.data(), &[5.0, 2.0]);
+        assert_eq!(back.data(), &[1.0, 7.0]);
+        let two = Tensor::stack(&[a.clone(), back]).unwrap();
+        assert_eq!(two.shape(), &[2, 2]);
+        assert_eq!(two.data(), &[1.0, 2.0, 1.0, 7.0]);
+        assert_eq!(two.index0(1).data(), &[1.0, 7.0]);
+        assert!(Tensor::stack(&[a, Tensor::zeros(&[3])]).is_err());
     }
 }
