@@ -26,6 +26,9 @@ pub struct Workload<T> {
     pub labels: Vec<usize>,
     /// K random directions, one tensor per parameter each.
     pub dirs: Vec<Vec<Tensor<T>>>,
+    /// The same directions stacked per parameter (`[K, ...parameter]`, as the PyTorch
+    /// anchor `torch.stack`s them before timing its vmap).
+    pub stacked: Vec<Tensor<T>>,
     /// BatchNorm mode: train for networks with BatchNorm (as the reference benchmarks).
     pub bn: BnUse,
 }
@@ -47,7 +50,7 @@ impl<T: Scalar> Workload<T> {
             .product::<usize>()
             .max(1);
         let labels = (0..batch).map(|i| i % classes).collect();
-        let dirs = (0..k)
+        let dirs: Vec<Vec<Tensor<T>>> = (0..k)
             .map(|_| {
                 model
                     .params()
@@ -56,6 +59,9 @@ impl<T: Scalar> Workload<T> {
                     .collect()
             })
             .collect();
+        let stacked = (0..model.params().len())
+            .map(|i| Tensor::stack(&dirs.iter().map(|d| d[i].clone()).collect::<Vec<_>>()))
+            .collect::<Result<Vec<_>, _>>()?;
         let bn = if model.net().has_batch_norm() {
             BnUse::Train
         } else {
@@ -66,6 +72,7 @@ impl<T: Scalar> Workload<T> {
             x,
             labels,
             dirs,
+            stacked,
             bn,
         })
     }
@@ -88,12 +95,13 @@ impl<T: Scalar> Workload<T> {
             .swap_remove(0)
     }
 
-    /// HVPs along all K directions in one batched pass; returns them, per direction.
-    pub fn hvp_batched(&self) -> Vec<Vec<Tensor<T>>> {
+    /// HVPs along all K directions in one batched pass, from the stacked directions; returns
+    /// them stacked per parameter (`[K, ...parameter]`, as the anchor's vmap does).
+    pub fn hvp_batched(&self) -> Vec<Tensor<T>> {
         self.model
-            .evaluate(&self.x, &self.labels, &self.dirs, self.bn, true)
+            .evaluate_stacked(&self.x, &self.labels, self.stacked.clone(), self.bn)
             .expect("valid workload")
-            .hvps
+            .1
     }
 }
 

@@ -409,6 +409,53 @@ impl<T: Scalar> Model<T> {
         bn: BnUse,
         grad: bool,
     ) -> Result<Evaluation<T>> {
+        self.check_params(params)?;
+        let k = dirs.len();
+        if !grad && k == 0 {
+            return self.infer_at(params, x, labels, bn);
+        }
+        let tangents = (k > 0)
+            .then(|| {
+                (0..params.len())
+                    .map(|i| Tensor::stack(&dirs.iter().map(|d| d[i].clone()).collect::<Vec<_>>()))
+                    .collect::<std::result::Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        let (mut out, stacked) =
+            self.record_and_differentiate(params, x, labels, tangents, bn, grad)?;
+        out.hvps = (0..k)
+            .map(|kk| stacked.iter().map(|h| h.index0(kk)).collect())
+            .collect();
+        Ok(out)
+    }
+
+    /// [`Model::evaluate`] with the `K` directions already stacked per parameter, as the
+    /// engine carries them (`tangents[i]` shaped `[K, ...parameter i]`, e.g. `torch.stack`ed
+    /// directions), at this model's parameters. Returns the evaluation (gradient included,
+    /// `hvps` left empty) and the HVPs stacked the same way (`[K, ...parameter i]` each), so
+    /// nothing is copied to split or join the directions.
+    pub fn evaluate_stacked(
+        &self,
+        x: &Tensor<T>,
+        labels: &[usize],
+        tangents: Vec<Tensor<T>>,
+        bn: BnUse,
+    ) -> Result<(Evaluation<T>, Vec<Tensor<T>>)> {
+        if tangents.len() != self.params.len() {
+            return Err(ModelError::Engine(flatmin_engine::EngineError::Shape {
+                op: "evaluate_stacked",
+                detail: format!(
+                    "{} stacked tangents for the model's {} parameters",
+                    tangents.len(),
+                    self.params.len()
+                ),
+            }));
+        }
+        self.record_and_differentiate(&self.params(), x, labels, Some(tangents), bn, true)
+    }
+
+    /// An error unless `params` has one tensor per trainable parameter, shaped like it.
+    fn check_params(&self, params: &[&Tensor<T>]) -> Result<()> {
         if params.len() != self.params.len()
             || params
                 .iter()
@@ -424,19 +471,30 @@ impl<T: Scalar> Model<T> {
                 ),
             }));
         }
-        let k = dirs.len();
-        if !grad && k == 0 {
-            return self.infer_at(params, x, labels, bn);
-        }
+        Ok(())
+    }
+
+    /// One recorded pass at `params` with `tangents` (per parameter, `[K, ...]`; `None`: no
+    /// directions) and, when `grad` or tangents are given, its backward pass: the evaluation
+    /// (without `hvps`) and the stacked HVPs per parameter (empty without tangents).
+    fn record_and_differentiate(
+        &self,
+        params: &[&Tensor<T>],
+        x: &Tensor<T>,
+        labels: &[usize],
+        tangents: Option<Vec<Tensor<T>>>,
+        bn: BnUse,
+        grad: bool,
+    ) -> Result<(Evaluation<T>, Vec<Tensor<T>>)> {
+        let k = tangents
+            .as_ref()
+            .and_then(|t| t.first())
+            .map_or(0, |t| t.shape().first().copied().unwrap_or(0));
         let mut tape = Tape::new(k);
-        let mut vars = Vec::with_capacity(self.params.len());
-        for (i, &p) in params.iter().enumerate() {
-            let tangent = if k == 0 {
-                None
-            } else {
-                let parts: Vec<Tensor<T>> = dirs.iter().map(|d| d[i].clone()).collect();
-                Some(Tensor::stack(&parts)?)
-            };
+        let mut tangents = tangents.map(Vec::into_iter);
+        let mut vars = Vec::with_capacity(params.len());
+        for &p in params {
+            let tangent = tangents.as_mut().and_then(Iterator::next);
             vars.push(if grad || k > 0 {
                 tape.param(p.clone(), tangent)?
             } else {
@@ -453,23 +511,20 @@ impl<T: Scalar> Model<T> {
             hvps: Vec::new(),
             bn_stats,
         };
+        let mut stacked = Vec::new();
         if grad || k > 0 {
             let mut g = tape.backward(loss)?;
-            out.hvps = (0..k).map(|_| Vec::with_capacity(vars.len())).collect();
             for &v in &vars {
                 out.grads.push(
                     g.take_grad(v)
                         .unwrap_or_else(|| Tensor::zeros(tape.value(v).shape())),
                 );
                 if k > 0 {
-                    let h = g.take_hvp(v).unwrap_or_else(|| g.hvp(&tape, v));
-                    for (kk, slot) in out.hvps.iter_mut().enumerate() {
-                        slot.push(h.index0(kk));
-                    }
+                    stacked.push(g.take_hvp(v).unwrap_or_else(|| g.hvp(&tape, v)));
                 }
             }
         }
-        Ok(out)
+        Ok((out, stacked))
     }
 
     /// [`Model::evaluate_at`] without gradients: the logits from [`Net::infer`] (no backward

@@ -177,3 +177,58 @@ fn save_refuses_to_replace_a_folder_or_link() {
     assert!(leftovers.is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Stacked directions in, stacked HVPs out: the same gradient and HVPs, bit for bit, as the
+/// per-direction form (BatchNorm in train mode, three directions); a tangent list that does
+/// not match the parameters is an error, not a panic.
+#[test]
+fn stacked_directions_give_the_per_direction_hvps_bit_for_bit() {
+    let model = Model::<f64>::named("resnet20", 3).unwrap();
+    let mut rng = StdRng::seed_from_u64(11);
+    let x = Tensor::randn(&[2, 3, 32, 32], &mut rng);
+    let labels = [1, 7];
+    let dirs: Vec<Vec<Tensor<f64>>> = (0..3)
+        .map(|_| {
+            let params = model.params();
+            params
+                .iter()
+                .map(|p| Tensor::randn(p.shape(), &mut rng))
+                .collect()
+        })
+        .collect();
+    let stacked: Vec<Tensor<f64>> = (0..model.params().len())
+        .map(|i| Tensor::stack(&dirs.iter().map(|d| d[i].clone()).collect::<Vec<_>>()).unwrap())
+        .collect();
+    let each = model
+        .evaluate(&x, &labels, &dirs, BnUse::Train, true)
+        .unwrap();
+    let (all, hvps) = model
+        .evaluate_stacked(&x, &labels, stacked.clone(), BnUse::Train)
+        .unwrap();
+    let bits = |t: &Tensor<f64>| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(all.loss.to_bits(), each.loss.to_bits());
+    assert!(all.hvps.is_empty());
+    for (a, b) in all.grads.iter().zip(&each.grads) {
+        assert_eq!(bits(a), bits(b));
+    }
+    assert_eq!(hvps.len(), stacked.len());
+    for (i, h) in hvps.iter().enumerate() {
+        assert_eq!(h.shape()[0], 3);
+        for (k, per_direction) in each.hvps.iter().enumerate() {
+            assert_eq!(
+                bits(&h.index0(k)),
+                bits(&per_direction[i]),
+                "parameter {i}, direction {k}"
+            );
+        }
+    }
+    let short = stacked[1..].to_vec();
+    assert!(model
+        .evaluate_stacked(&x, &labels, short, BnUse::Train)
+        .is_err());
+    let mut wrong_k = stacked;
+    wrong_k[0] = Tensor::stack(&[dirs[0][0].clone(), dirs[1][0].clone()]).unwrap();
+    assert!(model
+        .evaluate_stacked(&x, &labels, wrong_k, BnUse::Train)
+        .is_err());
+}
