@@ -245,16 +245,7 @@ impl<T: Scalar> Model<T> {
 
     /// Replaces the trainable parameters (same count and shapes, checked).
     pub fn set_params(&mut self, params: Vec<Tensor<T>>) -> Result<()> {
-        if params.len() != self.params.len() {
-            return Err(ModelError::Engine(flatmin_engine::EngineError::Shape {
-                op: "set_params",
-                detail: format!(
-                    "{} tensors for {} parameters",
-                    params.len(),
-                    self.params.len()
-                ),
-            }));
-        }
+        self.check_count("set_params", "tensors", params.len())?;
         for (slot, p) in self.params_mut().into_iter().zip(params) {
             if slot.shape() != p.shape() {
                 return Err(ModelError::Engine(flatmin_engine::EngineError::Shape {
@@ -282,16 +273,7 @@ impl<T: Scalar> Model<T> {
         x: Var,
         bn: BnUse,
     ) -> Result<(Var, Vec<BatchStats<T>>)> {
-        if params.len() != self.params.len() {
-            return Err(ModelError::Engine(flatmin_engine::EngineError::Shape {
-                op: "forward",
-                detail: format!(
-                    "{} parameter variables for {} parameters",
-                    params.len(),
-                    self.params.len()
-                ),
-            }));
-        }
+        self.check_count("forward", "parameter variables", params.len())?;
         let rec = self.net.record(tape, params, x, &self.norm_stats(bn))?;
         Ok((rec.output(), rec.batch_stats))
     }
@@ -441,37 +423,38 @@ impl<T: Scalar> Model<T> {
         tangents: Vec<Tensor<T>>,
         bn: BnUse,
     ) -> Result<(Evaluation<T>, Vec<Tensor<T>>)> {
-        if tangents.len() != self.params.len() {
-            return Err(ModelError::Engine(flatmin_engine::EngineError::Shape {
-                op: "evaluate_stacked",
-                detail: format!(
-                    "{} stacked tangents for the model's {} parameters",
-                    tangents.len(),
-                    self.params.len()
-                ),
-            }));
-        }
+        self.check_count("evaluate_stacked", "stacked tangents", tangents.len())?;
         self.record_and_differentiate(&self.params(), x, labels, Some(tangents), bn, true)
     }
 
     /// An error unless `params` has one tensor per trainable parameter, shaped like it.
     fn check_params(&self, params: &[&Tensor<T>]) -> Result<()> {
-        if params.len() != self.params.len()
-            || params
-                .iter()
-                .zip(self.params())
-                .any(|(a, b)| a.shape() != b.shape())
+        self.check_count("evaluate_at", "parameter tensors", params.len())?;
+        if let Some((got, want)) = params
+            .iter()
+            .zip(self.params())
+            .find(|(a, b)| a.shape() != b.shape())
         {
             return Err(ModelError::Engine(flatmin_engine::EngineError::Shape {
                 op: "evaluate_at",
-                detail: format!(
-                    "{} parameter tensors do not match the model's {}",
-                    params.len(),
-                    self.params.len()
-                ),
+                detail: format!("{:?} for {:?}", got.shape(), want.shape()),
             }));
         }
         Ok(())
+    }
+
+    /// An error naming `op` unless `got` (of `what`) is one per trainable parameter.
+    fn check_count(&self, op: &'static str, what: &str, got: usize) -> Result<()> {
+        if got == self.params.len() {
+            return Ok(());
+        }
+        Err(ModelError::Engine(flatmin_engine::EngineError::Shape {
+            op,
+            detail: format!(
+                "{got} {what} for the model's {} parameters",
+                self.params.len()
+            ),
+        }))
     }
 
     /// One recorded pass at `params` with `tangents` (per parameter, `[K, ...]`; `None`: no
