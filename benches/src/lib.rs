@@ -59,9 +59,7 @@ impl<T: Scalar> Workload<T> {
                     .collect()
             })
             .collect();
-        let stacked = (0..model.params().len())
-            .map(|i| Tensor::stack(&dirs.iter().map(|d| d[i].clone()).collect::<Vec<_>>()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let stacked = model.stack_directions(&dirs)?;
         let bn = if model.net().has_batch_norm() {
             BnUse::Train
         } else {

@@ -396,19 +396,28 @@ impl<T: Scalar> Model<T> {
         if !grad && k == 0 {
             return self.infer_at(params, x, labels, bn);
         }
-        let tangents = (k > 0)
-            .then(|| {
-                (0..params.len())
-                    .map(|i| Tensor::stack(&dirs.iter().map(|d| d[i].clone()).collect::<Vec<_>>()))
-                    .collect::<std::result::Result<Vec<_>, _>>()
-            })
-            .transpose()?;
+        let tangents = (k > 0).then(|| self.stack_directions(dirs)).transpose()?;
         let (mut out, stacked) =
             self.record_and_differentiate(params, x, labels, tangents, bn, grad)?;
         out.hvps = (0..k)
             .map(|kk| stacked.iter().map(|h| h.index0(kk)).collect())
             .collect();
         Ok(out)
+    }
+
+    /// The `K` directions `dirs[k][i]` stacked per parameter, `[K, ...parameter i]` (the form
+    /// [`Model::evaluate_stacked`] takes); an error when a direction does not have one tensor
+    /// per trainable parameter or the shapes differ.
+    pub fn stack_directions(&self, dirs: &[Vec<Tensor<T>>]) -> Result<Vec<Tensor<T>>> {
+        for d in dirs {
+            self.check_count("stack_directions", "direction tensors", d.len())?;
+        }
+        (0..self.params.len())
+            .map(|i| {
+                let parts: Vec<Tensor<T>> = dirs.iter().map(|d| d[i].clone()).collect();
+                Ok(Tensor::stack(&parts)?)
+            })
+            .collect()
     }
 
     /// [`Model::evaluate`] with the `K` directions already stacked per parameter, as the

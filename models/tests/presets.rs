@@ -179,8 +179,8 @@ fn save_refuses_to_replace_a_folder_or_link() {
 }
 
 /// Stacked directions in, stacked HVPs out: the same gradient and HVPs, bit for bit, as the
-/// per-direction form (BatchNorm in train mode, three directions); a tangent list that does
-/// not match the parameters is an error, not a panic.
+/// per-direction form (BatchNorm in train mode, three directions); a tangent list or a
+/// direction that does not match the parameters is an error, not a panic.
 #[test]
 fn stacked_directions_give_the_per_direction_hvps_bit_for_bit() {
     let model = Model::<f64>::named("resnet20", 3).unwrap();
@@ -222,6 +222,20 @@ fn stacked_directions_give_the_per_direction_hvps_bit_for_bit() {
             );
         }
     }
+    assert_eq!(
+        model
+            .stack_directions(&dirs)
+            .unwrap()
+            .iter()
+            .map(bits)
+            .collect::<Vec<_>>(),
+        stacked.iter().map(bits).collect::<Vec<_>>()
+    );
+    let mut short_direction = dirs.clone();
+    short_direction[1].pop();
+    assert!(model
+        .evaluate(&x, &labels, &short_direction, BnUse::Train, true)
+        .is_err());
     let short = stacked[1..].to_vec();
     assert!(model
         .evaluate_stacked(&x, &labels, short, BnUse::Train)
