@@ -15,6 +15,11 @@
 //! first block). Results depend only on the operands and the machine's instruction set, never
 //! on how [`super::gemm::gemm_par`] splits the output among threads.
 //!
+//! Packing reads each strip along whichever direction is contiguous: rows contiguous along
+//! the inner dimension go through in-register transposes ([`RowPacker`]); strips whose
+//! elements for one step are side by side (a plain `B`, a transposed `A`) are copied a
+//! vector at a time, masked at the edges, zeros written in the same stores ([`RunPacker`]).
+//!
 //! [`try_gemm`] declines (returns `false`) where no kernel applies: a CPU without AVX2+FMA,
 //! `FLATMIN_ISA=portable`, or an element type other than `f32`/`f64`. Then `matrixmultiply`
 //! runs, and it is also the reference the tests compare against.
@@ -72,11 +77,19 @@ struct Kernel<T> {
     tile: Tile<T>,
     /// Packs rows that are contiguous along `p` with vector transposes (see [`RowPacker`]).
     pack_rows: Option<RowPacker<T>>,
+    /// Packs strips whose elements for one `p` are contiguous with vector copies (see
+    /// [`RunPacker`]).
+    pack_runs: Option<RunPacker<T>>,
 }
 
 /// Packs `rows.len()` rows, each contiguous along `p`, into a strip `width` wide: element
 /// `(i, p)` goes to `dst[p * width + i]`, for `p` in `0..kc`.
 type RowPacker<T> = unsafe fn(&[*const T], usize, *mut T, usize);
+
+/// Packs a strip whose `live` elements for each `p` are contiguous: for `p` in `0..kc`, the
+/// run at `src + p * stride` goes to `dst[p * width..]`, followed by zeros up to `width`
+/// (arguments `src, stride, kc, live, dst, width`).
+type RunPacker<T> = unsafe fn(*const T, usize, usize, usize, *mut T, usize);
 
 /// Rows and columns that are whole tiles of every kernel (a multiple of every `mr` and of
 /// every `nr`): an output block of such a size needs no edge tiles.
@@ -151,6 +164,7 @@ fn kernel_for<T: Scalar>(isa: Isa) -> Option<Kernel<T>> {
             nc: 384,
             tile: x86::avx512_f32,
             pack_rows: Some(x86::pack_rows_f32),
+            pack_runs: Some(x86::pack_runs_f32_avx512),
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => Kernel::<f32> {
@@ -161,6 +175,7 @@ fn kernel_for<T: Scalar>(isa: Isa) -> Option<Kernel<T>> {
             nc: 512,
             tile: x86::avx2_f32,
             pack_rows: Some(x86::pack_rows_f32),
+            pack_runs: Some(x86::pack_runs_f32_avx2),
         },
         _ => return None,
     };
@@ -174,6 +189,7 @@ fn kernel_for<T: Scalar>(isa: Isa) -> Option<Kernel<T>> {
             nc: 192,
             tile: x86::avx512_f64,
             pack_rows: Some(x86::pack_rows_f64),
+            pack_runs: Some(x86::pack_runs_f64_avx512),
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => Kernel::<f64> {
@@ -184,6 +200,7 @@ fn kernel_for<T: Scalar>(isa: Isa) -> Option<Kernel<T>> {
             nc: 256,
             tile: x86::avx2_f64,
             pack_rows: Some(x86::pack_rows_f64),
+            pack_runs: Some(x86::pack_runs_f64_avx2),
         },
         _ => return None,
     };
@@ -356,6 +373,10 @@ unsafe fn pack_strips<T: Scalar>(
         let d = dst.add(s * width * kc);
         if src.rs == 1 {
             // The strip's elements for one p are contiguous: one copy per p.
+            if let Some(pack_runs) = kern.pack_runs {
+                pack_runs(src.at(r0, 0), src.cs, kc, live, d, width);
+                continue;
+            }
             for p in 0..kc {
                 let (from, to) = (src.at(r0, p), d.add(p * width));
                 for i in 0..live {
@@ -559,6 +580,110 @@ mod x86 {
         (4, transpose4x8_f32)
     );
     row_packer!(pack_rows_f64, f64, 4, (4, transpose4_f64));
+
+    macro_rules! run_packer {
+        ($name:ident, $feature:literal, $t:ty, $lanes:expr, $mask_ty:ty, $mask:path,
+         $loadu:ident, $storeu:ident, $load_masked:path, $store_masked:ident) => {
+            /// [`super::RunPacker`]: whole vectors where the runs fill the strip's vectors,
+            /// else masked loads of the first `live` lanes (zeros beyond). A row's last
+            /// vector may spill past `width` into the next row's start, which that row then
+            /// overwrites; only the last row stores under a mask.
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn $name(
+                src: *const $t,
+                stride: usize,
+                kc: usize,
+                live: usize,
+                dst: *mut $t,
+                width: usize,
+            ) {
+                const MAX_VECTORS: usize = super::MAX_WIDTH.div_ceil($lanes);
+                let vectors = width.div_ceil($lanes);
+                assert!(
+                    vectors <= MAX_VECTORS && live <= width,
+                    "strip wider than a kernel's"
+                );
+                if live == width && width % $lanes == 0 {
+                    for p in 0..kc {
+                        let (from, to) = (src.add(p * stride), dst.add(p * width));
+                        for v in 0..vectors {
+                            $storeu(to.add(v * $lanes), $loadu(from.add(v * $lanes)));
+                        }
+                    }
+                    return;
+                }
+                assert!(
+                    vectors * $lanes - width <= width,
+                    "a spill must land in the next row"
+                );
+                let lanes = |v: usize, len: usize| $mask(len.saturating_sub(v * $lanes));
+                let loads: [$mask_ty; MAX_VECTORS] = std::array::from_fn(|v| lanes(v, live));
+                let last: [$mask_ty; MAX_VECTORS] = std::array::from_fn(|v| lanes(v, width));
+                for p in 0..kc {
+                    // Wrapping: a vector wholly past the run is never read (its mask is empty).
+                    let (from, to) = (src.wrapping_add(p * stride), dst.add(p * width));
+                    for v in 0..vectors {
+                        let x = $load_masked(from.wrapping_add(v * $lanes), loads[v]);
+                        if p + 1 < kc {
+                            $storeu(to.add(v * $lanes), x);
+                        } else {
+                            $store_masked(to.add(v * $lanes), last[v], x);
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    use super::super::masked::{avx2, avx512};
+    run_packer!(
+        pack_runs_f32_avx2,
+        "avx2,fma",
+        f32,
+        8,
+        __m256i,
+        avx2::mask_f32,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_maskload_ps,
+        _mm256_maskstore_ps
+    );
+    run_packer!(
+        pack_runs_f64_avx2,
+        "avx2,fma",
+        f64,
+        4,
+        __m256i,
+        avx2::mask_f64,
+        _mm256_loadu_pd,
+        _mm256_storeu_pd,
+        _mm256_maskload_pd,
+        _mm256_maskstore_pd
+    );
+    run_packer!(
+        pack_runs_f32_avx512,
+        "avx512f",
+        f32,
+        16,
+        __mmask16,
+        avx512::mask16,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        avx512::load_f32,
+        _mm512_mask_storeu_ps
+    );
+    run_packer!(
+        pack_runs_f64_avx512,
+        "avx512f",
+        f64,
+        8,
+        __mmask8,
+        avx512::mask8,
+        _mm512_loadu_pd,
+        _mm512_storeu_pd,
+        avx512::load_f64,
+        _mm512_mask_storeu_pd
+    );
 
     microkernel!(
         avx512_f32,
@@ -770,6 +895,47 @@ mod tests {
                 }
             }
             assert_eq!(bits(&pieces), bits(&whole), "{isa:?} blocks");
+        }
+    }
+
+    /// Every kernel's run packer, at both strip widths and every `live`, writes each row's
+    /// run then zeros up to `width`, and nothing past the strip's `kc * width` elements.
+    fn check_run_packer<T: Scalar>(isa: Isa) {
+        let kern = kernel_for::<T>(isa).expect("a kernel");
+        let pack = kern.pack_runs.expect("a run packer");
+        let stride = 41;
+        let src: Vec<T> = (0..6 * stride).map(|i| T::c(i as f64 + 1.0)).collect();
+        for width in [kern.mr, kern.nr] {
+            for live in 1..=width {
+                for kc in [1, 2, 5] {
+                    let sentinel = T::c(-7.0);
+                    let mut dst = vec![sentinel; kc * width + 64];
+                    unsafe { pack(src.as_ptr(), stride, kc, live, dst.as_mut_ptr(), width) };
+                    for p in 0..kc {
+                        for i in 0..width {
+                            let want = if i < live {
+                                src[p * stride + i]
+                            } else {
+                                T::zero()
+                            };
+                            assert_eq!(dst[p * width + i], want, "{isa:?} w{width} live{live}");
+                        }
+                    }
+                    let past = dst[kc * width..].iter().all(|&x| x == sentinel);
+                    assert!(
+                        past,
+                        "{isa:?} width {width} live {live} kc {kc}: wrote past"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn run_packers_copy_runs_pad_with_zeros_and_stay_in_the_strip() {
+        for isa in runnable() {
+            check_run_packer::<f32>(isa);
+            check_run_packer::<f64>(isa);
         }
     }
 
