@@ -143,7 +143,8 @@ impl<T: Scalar> Workload<T> {
         })
     }
 
-    /// Runs `f` on the Hessian operator of the batch's loss, `k` directions per pass.
+    /// Runs `f` on the Hessian operator of the batch's loss, `k` directions per pass and as
+    /// many passes at once as the measurements run ([`flatmin_models::measure::hvp_config`]).
     fn with_hessian<R>(
         &self,
         k: usize,
@@ -162,8 +163,11 @@ impl<T: Scalar> Workload<T> {
         };
         let loss: Box<LossFn<'_, T>> = Box::new(loss);
         let params = self.model.params_cloned();
-        let h =
+        let mut h =
             Hessian::from_fn(&params, loss, HvpConfig::with_directions(k)).expect("valid workload");
+        // As the measurements batch them: `k` per pass, passes at once as memory allows.
+        let config = flatmin_models::measure::hvp_config(&h, Some(k)).expect("valid workload");
+        h.set_config(config).expect("valid workload");
         f(&h)
     }
 }

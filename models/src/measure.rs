@@ -33,10 +33,13 @@ use thiserror::Error;
 /// [`TraceMethod::Auto`] takes basis HVPs up to this many parameters (when structure does
 /// not apply), Hutchinson above.
 pub const AUTO_BASIS_MAX_DIM: usize = 20_000;
-/// Tangent memory one HVP pass may use when [`TraceOptions::directions`] is not given.
+/// Tangent memory the HVP passes running at once may use together (see [`hvp_config`]).
 pub const DIRECTION_BYTES: usize = 512 << 20;
 /// Most directions per pass chosen automatically.
 pub const MAX_AUTO_DIRECTIONS: usize = 64;
+/// Most HVP passes run at once, where [`DIRECTION_BYTES`] holds them: a small model's pass
+/// cannot keep even two cores busy on its own (its products are too small to split).
+pub const MAX_AUTO_CONCURRENT_PASSES: usize = 4;
 
 /// How the trace is obtained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -476,16 +479,32 @@ pub fn hessian<'a, T: Scalar>(
     });
     let mut h =
         Hessian::new(params, loss, HvpConfig::with_directions(1)).map_err(curv("Hessian"))?;
+    let config = hvp_config(&h, directions)?;
+    let k = config.directions_per_pass;
+    h.set_config(config).map_err(curv("directions"))?;
+    Ok((h, k))
+}
+
+/// How the measurements batch HVPs for `h`: `directions` per pass (`None`: as many as fit in
+/// [`DIRECTION_BYTES`], at most [`MAX_AUTO_DIRECTIONS`]), and as many passes at once as the
+/// rest of [`DIRECTION_BYTES`] holds, at most [`MAX_AUTO_CONCURRENT_PASSES`]. Both depend
+/// on the model and the batch only, never on the thread count, and the results do not depend
+/// on the passes run at once: the same bits on any machine.
+pub fn hvp_config<T: Scalar, L: BatchLoss<T>>(
+    h: &Hessian<'_, T, L>,
+    directions: Option<usize>,
+) -> Result<HvpConfig> {
+    let per_direction = h.bytes_per_direction().map_err(curv("Hessian"))?;
     let k = match directions {
         Some(k) => k,
-        None => h
-            .directions_for_budget(DIRECTION_BYTES)
-            .map_err(curv("Hessian"))?
-            .min(MAX_AUTO_DIRECTIONS),
+        None => (DIRECTION_BYTES / per_direction).clamp(1, MAX_AUTO_DIRECTIONS),
     };
-    h.set_config(HvpConfig::with_directions(k))
-        .map_err(curv("directions"))?;
-    Ok((h, k))
+    let concurrent =
+        (DIRECTION_BYTES / (k * per_direction).max(1)).clamp(1, MAX_AUTO_CONCURRENT_PASSES);
+    Ok(HvpConfig {
+        directions_per_pass: k,
+        concurrent_passes: concurrent,
+    })
 }
 
 /// The Hessian trace of `model`'s mean loss ([`Model::loss_fn`]) over `batches`, by the policy of
@@ -909,6 +928,9 @@ fn hutch<T: Scalar, L: BatchLoss<T>>(
         min_probes: opts.probes.unwrap_or(10.min(max_probes)),
         max_probes,
         rel_tol: if opts.probes.is_some() { 0.0 } else { opts.tol },
+        // The stopping rule looks after every pass's worth of probes, whatever the passes
+        // run at once (a fixed number of probes is taken in one round anyway).
+        probes_per_round: Some(h.config().directions_per_pass),
         ..HutchinsonOptions::default()
     };
     let r = hutchinson(h, &hopts).map_err(curv("hutchinson"))?;

@@ -293,3 +293,36 @@ fn progress_callbacks_leave_the_results_bit_identical() {
     assert_eq!(with, spectrum::density(&model, &data, &density).unwrap());
     assert_eq!(seen.load(Ordering::SeqCst), with.slq.hvps);
 }
+
+/// A small model's HVP passes run several at once (chosen from the model and batch, never
+/// the thread count), and the basis trace is bit for bit the one of one pass at a time, on
+/// one thread and on three.
+#[test]
+fn concurrent_passes_leave_the_trace_bit_identical_for_any_thread_count() {
+    use flatmin_engine::curvature::{exact_trace, HvpConfig};
+    use flatmin_models::measure::{hessian, MAX_AUTO_DIRECTIONS};
+    let (m, b) = (tiny(), batches(4));
+    let params = m.params_cloned();
+    let (mut h, k) = hessian(&m, &params, &b, BnUse::Eval, None).unwrap();
+    let concurrent = h.config().concurrent_passes;
+    assert_eq!(k, MAX_AUTO_DIRECTIONS);
+    assert!(
+        concurrent > 1,
+        "tiny-tanh should run passes at once, got {concurrent}"
+    );
+    h.set_config(HvpConfig::with_directions(k)).unwrap();
+    let one_at_a_time = exact_trace(&h).unwrap().trace;
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let r = pool.install(|| trace(&m, &b, &opts(TraceMethod::Basis)).unwrap());
+        assert_eq!(r.directions, Some(k));
+        assert_eq!(
+            r.trace.unwrap().to_bits(),
+            one_at_a_time.to_bits(),
+            "{threads} threads"
+        );
+    }
+}

@@ -123,7 +123,8 @@ pub struct MeasureArgs {
     #[arg(long, value_enum)]
     pub loss: Option<LossFn>,
     /// HVP directions per forward-over-reverse pass [default: as many as fit in 512 MiB,
-    /// at most 64].
+    /// at most 64]. Where the memory holds them, up to 4 passes run at once (for small
+    /// models, whose single pass cannot keep the cores busy); the results are the same.
     #[arg(long, value_name = "K")]
     pub directions: Option<usize>,
     /// Seed of the subset, the synthetic data and the random probes [default: the run's,

@@ -392,12 +392,22 @@ impl<'a, T: Scalar, L: BatchLoss<T>> Hessian<'a, T, L> {
     }
 
     /// A number of directions per pass that keeps one pass's tangent storage within about
-    /// `bytes`, clamped to `1..=256`. The estimate counts, per direction, one tangent of
-    /// every recorded value in the forward pass and one in the backward pass, plus the input
-    /// and output tangents; it divides `bytes` among the concurrent passes.
+    /// `bytes`, clamped to `1..=256`, by [`Hessian::bytes_per_direction`]; it divides `bytes`
+    /// among the concurrent passes.
     ///
     /// Cost: one forward recording of batch 0 without tangents (no backward pass).
     pub fn directions_for_budget(&self, bytes: usize) -> CurvatureResult<usize> {
+        let share = bytes / self.config.concurrent_passes.max(1);
+        Ok((share / self.bytes_per_direction()?).clamp(1, 256))
+    }
+
+    /// The tangent memory one direction takes in a pass, in bytes (at least 1): one tangent of
+    /// every recorded value that depends on the parameters in the forward pass and one in the
+    /// backward pass, plus the input and output tangents (the estimate behind
+    /// [`Hessian::directions_for_budget`]).
+    ///
+    /// Cost: one forward recording of batch 0 without tangents (no backward pass).
+    pub fn bytes_per_direction(&self) -> CurvatureResult<usize> {
         let mut tape = Tape::<T>::new(0);
         let vars = self
             .params
@@ -405,13 +415,14 @@ impl<'a, T: Scalar, L: BatchLoss<T>> Hessian<'a, T, L> {
             .map(|p| tape.param(p.clone(), None))
             .collect::<Result<Vec<_>>>()?;
         self.loss.record(0, &mut tape, &vars)?;
+        // Constants (the images, the labels) carry no tangent and no adjoint.
         let recorded: usize = (0..tape.len())
+            .filter(|&i| tape.needs_grad(i))
             .map(|i| tape.value(Var(i)).numel())
             .sum::<usize>();
         let per_dir = std::mem::size_of::<T>() * (2 * recorded + 2 * self.layout.dim)
             + std::mem::size_of::<f64>() * 2 * self.layout.dim;
-        let share = bytes / self.config.concurrent_passes.max(1);
-        Ok((share / per_dir.max(1)).clamp(1, 256))
+        Ok(per_dir.max(1))
     }
 
     /// Dataset-level loss and flat gradient.
