@@ -2,6 +2,7 @@
 //! [`super::packed`] (AVX-512 or AVX2+FMA, chosen at run time), the packing-free kernel of
 //! [`super::nopack`] for few-row products, and `matrixmultiply` where neither applies.
 
+use super::packed::{with_packed_lhs, PackedLhs, Strided};
 use super::par::SendPtr;
 use crate::scalar::Scalar;
 use rayon::prelude::*;
@@ -114,23 +115,42 @@ pub fn gemm_packed<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: 
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm inner dimensions");
     assert!(c.len() >= m * n, "gemm output too small");
-    gemm_into(alpha, a, b, beta, SendPtr(c.as_mut_ptr()), n);
+    gemm_into(alpha, a, b, beta, SendPtr(c.as_mut_ptr()), n, None);
 }
 
-/// Writes `alpha*a*b + beta*C` into the row-major block at `c` with row stride `ldc`.
-fn gemm_into<T: Scalar>(alpha: T, a: MatRef<T>, b: MatRef<T>, beta: T, c: SendPtr<T>, ldc: usize) {
+/// The packed kernels' view of `x`.
+fn strided<T>(x: MatRef<T>) -> Strided<T> {
+    Strided {
+        ptr: x.data.as_ptr(),
+        rs: x.rs,
+        cs: x.cs,
+    }
+}
+
+/// Writes `alpha*a*b + beta*C` into the row-major block at `c` with row stride `ldc`; with
+/// `packed`, that is `a` packed already.
+fn gemm_into<T: Scalar>(
+    alpha: T,
+    a: MatRef<T>,
+    b: MatRef<T>,
+    beta: T,
+    c: SendPtr<T>,
+    ldc: usize,
+    packed: Option<&PackedLhs<T>>,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;
     }
-    let view = |x: MatRef<T>| super::packed::Strided {
-        ptr: x.data.as_ptr(),
-        rs: x.rs,
-        cs: x.cs,
-    };
+    if let Some(packed) = packed {
+        // SAFETY: as below; `packed` holds exactly `a` (the caller packed this view).
+        unsafe { super::packed::gemm_packed_lhs(packed, n, alpha, strided(b), beta, (c.0, ldc)) };
+        return;
+    }
     // SAFETY: the views were bounds-checked when built; the caller guarantees c covers
     // m rows of ldc elements (n <= ldc) and that no one else touches that block.
-    if unsafe { super::packed::try_gemm(m, k, n, alpha, view(a), view(b), beta, (c.0, ldc)) } {
+    if unsafe { super::packed::try_gemm(m, k, n, alpha, strided(a), strided(b), beta, (c.0, ldc)) }
+    {
         return;
     }
     // SAFETY: as above.
@@ -239,9 +259,11 @@ struct Job<'a, T> {
 /// with [`Shared::Left`] `c_i = alpha a b_i + beta_i c_i` (the parts' columns side by side),
 /// with [`Shared::Right`] `c_i = alpha a_i b + beta_i c_i` (their rows stacked). The grid of
 /// the combined shape is chosen as in [`gemm_par`], and no block straddles two parts, so
-/// each part is written in place; every block packs the shared operand once for all the
-/// columns (rows) of its part it covers. Results are bit-identical to [`gemm_packed`] of
-/// each part alone, for any thread count.
+/// each part is written in place. Where every block reads all of a shared left operand
+/// (blocks split by columns only), it is packed once for all of them, each thread packing
+/// some of its blocks ([`super::packed::PackedLhs`]); otherwise every block packs what it
+/// reads. Results are bit-identical to [`gemm_packed`] of each part alone, for any thread
+/// count.
 pub fn gemm_par_group<T: Scalar>(alpha: T, shared: MatRef<T>, side: Shared, parts: &mut [Part<T>]) {
     let jobs: Vec<(Job<T>, usize)> = parts
         .iter_mut()
@@ -278,11 +300,21 @@ pub fn gemm_par_group<T: Scalar>(alpha: T, shared: MatRef<T>, side: Shared, part
         .iter()
         .flat_map(|&(job, _)| blocks_of(job, rows, cols))
         .collect();
-    let run = |j: &Job<T>| gemm_into(alpha, j.a, j.b, j.beta, j.c, j.ldc);
-    if blocks.len() < 2 || rb * cb < 2 {
-        blocks.iter().for_each(run);
+    let run_all = |packed: Option<&PackedLhs<T>>| {
+        let run = |j: &Job<T>| gemm_into(alpha, j.a, j.b, j.beta, j.c, j.ldc, packed);
+        if blocks.len() < 2 || rb * cb < 2 {
+            blocks.iter().for_each(run);
+        } else {
+            blocks.par_iter().for_each(run);
+        }
+    };
+    // Where every block reads all of a shared left operand (blocks split by columns, or
+    // several parts), it is packed once, by all threads, instead of once per block.
+    if side == Shared::Left && rb == 1 && blocks.len() > 1 {
+        // SAFETY: `shared` was bounds-checked when built.
+        unsafe { with_packed_lhs(shared.rows, shared.cols, strided(shared), run_all) }
     } else {
-        blocks.par_iter().for_each(run);
+        run_all(None)
     }
 }
 

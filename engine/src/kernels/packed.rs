@@ -40,6 +40,10 @@ pub struct Strided<T> {
     pub cs: usize,
 }
 
+// SAFETY: a read-only view of `T`s; sharing it is sharing `&[T]`.
+unsafe impl<T: Sync> Send for Strided<T> {}
+unsafe impl<T: Sync> Sync for Strided<T> {}
+
 impl<T> Strided<T> {
     /// The element `(i, j)`.
     unsafe fn at(self, i: usize, j: usize) -> *const T {
@@ -148,8 +152,110 @@ pub unsafe fn gemm_with<T: Scalar>(
     let Some(kernel) = kernel_for::<T>(isa) else {
         return false;
     };
-    run(&kernel, m, k, n, alpha, a, b, beta, c, ldc);
+    run(&kernel, m, k, n, alpha, Lhs::Strided(a), b, beta, c, ldc);
     true
+}
+
+/// A left operand `A` (`m x k`) packed once, every `mc x kc` block of it, for several
+/// products that share it (the column blocks of one product, the parts of a group): they
+/// then skip packing `A`. The packed values, and so the results, are those the products
+/// would pack themselves.
+pub struct PackedLhs<T> {
+    ptr: *const T,
+    m: usize,
+    k: usize,
+    isa: Isa,
+}
+
+// SAFETY: the packed buffer is written before the value exists and only read after.
+unsafe impl<T: Sync> Send for PackedLhs<T> {}
+unsafe impl<T: Sync> Sync for PackedLhs<T> {}
+
+impl<T: Scalar> PackedLhs<T> {
+    /// Where block `(ic, pc)` starts: the blocks of rows `ic..` follow every block of the
+    /// rows above (`ic * k` elements), those of columns `pc..` follow the same rows' blocks
+    /// of the columns to the left.
+    fn offset(kern: &Kernel<T>, (m, k): (usize, usize), ic: usize, pc: usize) -> usize {
+        let rows = kern.mc.min(m - ic).div_ceil(kern.mr) * kern.mr;
+        ic * k + rows * pc
+    }
+
+    /// The packed block `(ic, pc)`.
+    ///
+    /// # Safety
+    /// `ic` and `pc` must start blocks of `kern`, the kernel it was packed with.
+    unsafe fn block(&self, kern: &Kernel<T>, ic: usize, pc: usize) -> *const T {
+        self.ptr.add(Self::offset(kern, (self.m, self.k), ic, pc))
+    }
+}
+
+/// Runs `f` with `a` (`m x k`) packed by the machine's kernel, its blocks packed in parallel
+/// ([`PackedLhs`]), or with `None` where no kernel runs.
+///
+/// # Safety
+/// `a` must cover `m x k` elements at its strides.
+pub unsafe fn with_packed_lhs<T: Scalar, R>(
+    m: usize,
+    k: usize,
+    a: Strided<T>,
+    f: impl FnOnce(Option<&PackedLhs<T>>) -> R,
+) -> R {
+    use rayon::prelude::*;
+    let isa = isa();
+    let Some(kern) = kernel_for::<T>(isa).filter(|_| m > 0 && k > 0) else {
+        return f(None);
+    };
+    let last = (m - 1) / kern.mc * kern.mc;
+    let len = PackedLhs::offset(&kern, (m, k), last, k);
+    let blocks: Vec<(usize, usize)> = (0..m)
+        .step_by(kern.mc)
+        .flat_map(|ic| (0..k).step_by(kern.kc).map(move |pc| (ic, pc)))
+        .collect();
+    with_buffer::<T, _>(len, |buf| {
+        let dst = super::par::SendPtr(buf);
+        blocks.par_iter().for_each(|&(ic, pc)| {
+            let (mc, kc) = (kern.mc.min(m - ic), kern.kc.min(k - pc));
+            let src = Strided {
+                ptr: a.at(ic, pc),
+                ..a
+            };
+            let at = dst.at(PackedLhs::offset(&kern, (m, k), ic, pc));
+            pack_strips(&kern, at.0, src, mc, kc, kern.mr);
+        });
+        let packed = PackedLhs {
+            ptr: buf,
+            m,
+            k,
+            isa,
+        };
+        f(Some(&packed))
+    })
+}
+
+/// [`try_gemm`] with `A` packed already: `C (a.m x n) = alpha A B + beta C`.
+///
+/// # Safety
+/// As [`try_gemm`] for `B` and `C`; `b` has `a.k` rows.
+pub unsafe fn gemm_packed_lhs<T: Scalar>(
+    a: &PackedLhs<T>,
+    n: usize,
+    alpha: T,
+    b: Strided<T>,
+    beta: T,
+    (c, ldc): (*mut T, usize),
+) {
+    let kern = kernel_for::<T>(a.isa).expect("packed with this kernel");
+    if n > 0 {
+        run(&kern, a.m, a.k, n, alpha, Lhs::Packed(a), b, beta, c, ldc);
+    }
+}
+
+/// The left operand of [`run`]: strided (packed block by block as the loops reach it) or
+/// packed already.
+#[derive(Clone, Copy)]
+enum Lhs<'a, T> {
+    Strided(Strided<T>),
+    Packed(&'a PackedLhs<T>),
 }
 
 /// The kernel for instruction set `isa` and element type `T`, if one is written.
@@ -249,7 +355,7 @@ unsafe fn run<T: Scalar>(
     k: usize,
     n: usize,
     alpha: T,
-    a: Strided<T>,
+    a: Lhs<T>,
     b: Strided<T>,
     beta: T,
     c: *mut T,
@@ -257,7 +363,10 @@ unsafe fn run<T: Scalar>(
 ) {
     let (mr, nr) = (kern.mr, kern.nr);
     let kc_max = kern.kc.min(k);
-    let a_len = kc_max * kern.mc.min(m.div_ceil(mr) * mr);
+    let a_len = match a {
+        Lhs::Strided(_) => kc_max * kern.mc.min(m.div_ceil(mr) * mr),
+        Lhs::Packed(_) => 0,
+    };
     let b_len = kc_max * kern.nc.min(n.div_ceil(nr) * nr);
     with_buffer::<T, _>(a_len + b_len + 64, |ap| {
         let bp = ap.add(a_len);
@@ -266,11 +375,17 @@ unsafe fn run<T: Scalar>(
             let mc = kern.mc.min(m - ic);
             for pc in (0..k).step_by(kern.kc) {
                 let kc = kern.kc.min(k - pc);
-                let a_block = Strided {
-                    ptr: a.at(ic, pc),
-                    ..a
+                let a_strips = match a {
+                    Lhs::Strided(a) => {
+                        let a_block = Strided {
+                            ptr: a.at(ic, pc),
+                            ..a
+                        };
+                        pack_strips(kern, ap, a_block, mc, kc, mr);
+                        ap.cast_const()
+                    }
+                    Lhs::Packed(packed) => packed.block(kern, ic, pc),
                 };
-                pack_strips(kern, ap, a_block, mc, kc, mr);
                 for jc in (0..n).step_by(kern.nc) {
                     let nc = kern.nc.min(n - jc);
                     // B's block as strips of nr columns: the transpose's rows are B's columns.
@@ -281,7 +396,7 @@ unsafe fn run<T: Scalar>(
                     pack_strips(kern, bp, b_block.t(), nc, kc, nr);
                     let block = Block {
                         kc,
-                        ap,
+                        ap: a_strips,
                         bp,
                         c: c.add(ic * ldc + jc),
                         ldc,
@@ -936,6 +1051,42 @@ mod tests {
         for isa in runnable() {
             check_run_packer::<f32>(isa);
             check_run_packer::<f64>(isa);
+        }
+    }
+
+    /// A left operand packed once gives every product the bits of packing it inside, over
+    /// several row blocks (`mc`), inner blocks (`kc`) and row tails, plain and transposed.
+    #[test]
+    fn prepacked_left_operand_gives_the_same_bits() {
+        let mut rng = StdRng::seed_from_u64(0x243f_6a88_85a3_08d3);
+        for (m, k, n) in [(3100, 800, 40), (13, 5, 70), (3100, 5, 33)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let at = transpose(&a, m, k);
+            let sb = Strided {
+                ptr: b.as_ptr(),
+                rs: n,
+                cs: 1,
+            };
+            for (data, rs, cs) in [(&a, k, 1), (&at, 1, m)] {
+                let sa = Strided {
+                    ptr: data.as_ptr(),
+                    rs,
+                    cs,
+                };
+                let mut want = vec![0.5f32; m * n];
+                let mut got = want.clone();
+                unsafe {
+                    // Without a kernel (FLATMIN_ISA=portable) neither packs: both decline.
+                    let ran = try_gemm(m, k, n, 1.5, sa, sb, 0.25, (want.as_mut_ptr(), n));
+                    with_packed_lhs(m, k, sa, |packed| match packed {
+                        Some(p) => gemm_packed_lhs(p, n, 1.5, sb, 0.25, (got.as_mut_ptr(), n)),
+                        None => assert!(!ran, "packed inside but not once"),
+                    });
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{m}x{k}x{n} a strides {rs},{cs}");
+            }
         }
     }
 
