@@ -254,4 +254,18 @@ fn layout_round_trip_and_bad_inputs() {
         k_small >= 1 && k_small < k_big && k_big <= 256,
         "{k_small} {k_big}"
     );
+    // Constants carry no tangent: a large one recorded beside the loss costs no budget.
+    let with_constant = Hessian::from_fn(
+        &mlp.params,
+        |t, v| {
+            t.constant(flatmin_engine::Tensor::zeros(&[100_000]));
+            mlp.loss(t, v)
+        },
+        HvpConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        with_constant.bytes_per_direction().unwrap(),
+        h.bytes_per_direction().unwrap()
+    );
 }
