@@ -83,7 +83,7 @@ struct Kernel<T> {
     pack_rows: Option<RowPacker<T>>,
     /// Packs strips whose elements for one `p` are contiguous with vector copies (see
     /// [`RunPacker`]).
-    pack_runs: Option<RunPacker<T>>,
+    pack_runs: RunPacker<T>,
 }
 
 /// Packs `rows.len()` rows, each contiguous along `p`, into a strip `width` wide: element
@@ -270,7 +270,7 @@ fn kernel_for<T: Scalar>(isa: Isa) -> Option<Kernel<T>> {
             nc: 384,
             tile: x86::avx512_f32,
             pack_rows: Some(x86::pack_rows_f32),
-            pack_runs: Some(x86::pack_runs_f32_avx512),
+            pack_runs: x86::pack_runs_f32_avx512,
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => Kernel::<f32> {
@@ -281,7 +281,7 @@ fn kernel_for<T: Scalar>(isa: Isa) -> Option<Kernel<T>> {
             nc: 512,
             tile: x86::avx2_f32,
             pack_rows: Some(x86::pack_rows_f32),
-            pack_runs: Some(x86::pack_runs_f32_avx2),
+            pack_runs: x86::pack_runs_f32_avx2,
         },
         _ => return None,
     };
@@ -295,7 +295,7 @@ fn kernel_for<T: Scalar>(isa: Isa) -> Option<Kernel<T>> {
             nc: 192,
             tile: x86::avx512_f64,
             pack_rows: Some(x86::pack_rows_f64),
-            pack_runs: Some(x86::pack_runs_f64_avx512),
+            pack_runs: x86::pack_runs_f64_avx512,
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => Kernel::<f64> {
@@ -306,7 +306,7 @@ fn kernel_for<T: Scalar>(isa: Isa) -> Option<Kernel<T>> {
             nc: 256,
             tile: x86::avx2_f64,
             pack_rows: Some(x86::pack_rows_f64),
-            pack_runs: Some(x86::pack_runs_f64_avx2),
+            pack_runs: x86::pack_runs_f64_avx2,
         },
         _ => return None,
     };
@@ -487,31 +487,22 @@ unsafe fn pack_strips<T: Scalar>(
         let live = width.min(rows - r0);
         let d = dst.add(s * width * kc);
         if src.rs == 1 {
-            // The strip's elements for one p are contiguous: one copy per p.
-            if let Some(pack_runs) = kern.pack_runs {
-                pack_runs(src.at(r0, 0), src.cs, kc, live, d, width);
-                continue;
-            }
-            for p in 0..kc {
-                let (from, to) = (src.at(r0, p), d.add(p * width));
-                for i in 0..live {
-                    *to.add(i) = *from.add(i);
-                }
-            }
+            // The strip's elements for one p are contiguous: vector copies, zeros included.
+            (kern.pack_runs)(src.at(r0, 0), src.cs, kc, live, d, width);
+            continue;
+        }
+        // Walk the strip's rows side by side (one read stream per row, writes in order).
+        let mut rows_at = [std::ptr::null::<T>(); MAX_WIDTH];
+        for (i, r) in rows_at.iter_mut().enumerate().take(live) {
+            *r = src.at(r0 + i, 0);
+        }
+        if let (1, Some(pack_rows)) = (src.cs, kern.pack_rows) {
+            pack_rows(&rows_at[..live], kc, d, width);
         } else {
-            // Walk the strip's rows side by side (one read stream per row, writes in order).
-            let mut rows_at = [std::ptr::null::<T>(); MAX_WIDTH];
-            for (i, r) in rows_at.iter_mut().enumerate().take(live) {
-                *r = src.at(r0 + i, 0);
-            }
-            if let (1, Some(pack_rows)) = (src.cs, kern.pack_rows) {
-                pack_rows(&rows_at[..live], kc, d, width);
-            } else {
-                for p in 0..kc {
-                    let out = d.add(p * width);
-                    for (i, r) in rows_at.iter().enumerate().take(live) {
-                        *out.add(i) = *r.add(p * src.cs);
-                    }
+            for p in 0..kc {
+                let out = d.add(p * width);
+                for (i, r) in rows_at.iter().enumerate().take(live) {
+                    *out.add(i) = *r.add(p * src.cs);
                 }
             }
         }
@@ -1017,7 +1008,7 @@ mod tests {
     /// run then zeros up to `width`, and nothing past the strip's `kc * width` elements.
     fn check_run_packer<T: Scalar>(isa: Isa) {
         let kern = kernel_for::<T>(isa).expect("a kernel");
-        let pack = kern.pack_runs.expect("a run packer");
+        let pack = kern.pack_runs;
         let stride = 41;
         let src: Vec<T> = (0..6 * stride).map(|i| T::c(i as f64 + 1.0)).collect();
         for width in [kern.mr, kern.nr] {
