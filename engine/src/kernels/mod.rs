@@ -10,6 +10,7 @@ pub mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod masked;
 pub mod nopack;
+pub mod outer;
 pub mod packed;
 pub mod par;
 pub mod pool;

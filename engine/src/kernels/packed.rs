@@ -330,7 +330,7 @@ static POOL: Mutex<Vec<Vec<u64>>> = Mutex::new(Vec::new());
 const POOL_MAX: usize = 64;
 
 /// Runs `f` on a 64-byte aligned scratch buffer of at least `elems` elements of `T`.
-fn with_buffer<T, R>(elems: usize, f: impl FnOnce(*mut T) -> R) -> R {
+pub(crate) fn with_buffer<T, R>(elems: usize, f: impl FnOnce(*mut T) -> R) -> R {
     let words = (elems * std::mem::size_of::<T>()).div_ceil(8) + 8;
     let pool = || POOL.lock().unwrap_or_else(|e| e.into_inner());
     let mut buf = pool().pop().unwrap_or_default();
@@ -469,6 +469,32 @@ impl<T: Scalar> Block<T> {
                 *c_tile.add(i * self.ldc + j) = scratch[i * nr + j];
             }
         }
+    }
+}
+
+/// Packs `rows.len()` rows of `kc` contiguous elements into a strip `width` wide, with the
+/// vector transposes of [`RowPacker`] (element `(i, p)` to `dst[p * width + i]`).
+///
+/// # Safety
+/// Every row must be readable for `kc` elements, `dst` writable for `kc * width`, and
+/// `rows.len() <= width`; the machine must have AVX, and `T` must be `f32` or `f64`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn pack_rows_into<T: Scalar>(
+    rows: &[*const T],
+    kc: usize,
+    dst: *mut T,
+    width: usize,
+) {
+    let id = TypeId::of::<T>();
+    // SAFETY (both casts): T is exactly the type named by the TypeId test.
+    if id == TypeId::of::<f32>() {
+        let rows = std::slice::from_raw_parts(rows.as_ptr().cast::<*const f32>(), rows.len());
+        x86::pack_rows_f32(rows, kc, dst.cast(), width);
+    } else if id == TypeId::of::<f64>() {
+        let rows = std::slice::from_raw_parts(rows.as_ptr().cast::<*const f64>(), rows.len());
+        x86::pack_rows_f64(rows, kc, dst.cast(), width);
+    } else {
+        unreachable!("pack_rows_into runs for f32 and f64 only");
     }
 }
 

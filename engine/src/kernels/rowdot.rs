@@ -19,6 +19,10 @@
 //! bit for bit those of reading `A` in place. (Blocking the inner dimension for L1, with the
 //! tiles' unreduced sums kept in memory between blocks, was measured and was slower on every
 //! shape: `docs/performance.md`.)
+//!
+//! Where the rows of `C` fill whole vectors and there are enough columns, the entry point
+//! hands the product to [`super::outer`], which puts the rows of `C` along the lanes and
+//! needs no lane reductions (faster on those shapes); this kernel takes the rest.
 
 use crate::scalar::Scalar;
 
@@ -48,7 +52,9 @@ pub fn accepts_type<T: Scalar>() -> bool {
     typed && cfg!(target_arch = "x86_64") && super::cpu::isa() >= super::cpu::Isa::Avx2
 }
 
-/// `C (m x n) += Σ_s A_s (m x k) B_sᵀ` over `segs` segments (consecutive samples), with
+/// `C (m x n) += Σ_s A_s (m x k) B_sᵀ` over `segs` segments (consecutive samples), by
+/// [`super::outer`] where it accepts the shape (output channels that fill its vectors, at
+/// least [`super::outer::MIN_COLS`] columns), else by this module's kernel; with
 /// row `i` of `A_s` the `k` contiguous elements at `a + s·a_seg + i·lda`, row `j` of `B_s`
 /// (`n = offsets.len()`) the `k` contiguous elements at `b + s·b_seg + offsets[j]`, and `C`
 /// row-major with row stride `ldc`. Each register tile keeps its lane-wise sums across the
@@ -68,6 +74,9 @@ pub unsafe fn try_gemm_abt_rows<T: Scalar>(
         return false;
     }
     if m == 0 || k == 0 || segs == 0 || offsets.is_empty() {
+        return true;
+    }
+    if super::outer::try_gemm((m, k, segs), (a, lda, a_seg), (b, offsets, b_seg), (c, ldc)) {
         return true;
     }
     let ops = Operands {
