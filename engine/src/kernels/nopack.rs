@@ -202,8 +202,8 @@ impl<T: Scalar> PackedA<T> {
 }
 
 /// The register tiles of an `m`-row product of `T` over packed `A` on `isa`, as `(first row,
-/// rows)` in the order the kernel runs them: tiles of the packed height, then of the plain
-/// height, then 4, 2 and 1 rows (the loop of the kernel's rows function).
+/// rows)` in the order the kernel runs them: [`packed_tiles`] tiles of the packed height, then
+/// tiles of the plain height, then 4, 2 and 1 rows (the loop of the kernel's rows function).
 #[cfg(target_arch = "x86_64")]
 fn tile_plan<T: Scalar>(isa: Isa, m: usize) -> Vec<(usize, usize)> {
     let f32_type = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
@@ -212,15 +212,11 @@ fn tile_plan<T: Scalar>(isa: Isa, m: usize) -> Vec<(usize, usize)> {
         Isa::Avx512 => avx512::F64_ROWS,
         _ => avx2::ROWS,
     };
-    let mut tiles = Vec::new();
-    let mut i = 0;
-    for (r, repeat) in [
-        (packed, true),
-        (plain, true),
-        (4, false),
-        (2, false),
-        (1, false),
-    ] {
+    let mut tiles: Vec<(usize, usize)> = (0..packed_tiles(m, packed, plain))
+        .map(|t| (t * packed, packed))
+        .collect();
+    let mut i = tiles.len() * packed;
+    for (r, repeat) in [(plain, true), (4, false), (2, false), (1, false)] {
         while i + r <= m {
             tiles.push((i, r));
             i += r;
@@ -230,6 +226,25 @@ fn tile_plan<T: Scalar>(isa: Isa, m: usize) -> Vec<(usize, usize)> {
         }
     }
     tiles
+}
+
+/// How many tiles of `packed` rows an `m`-row product over packed `A` starts with (the rest
+/// goes to tiles of `plain`, 4, 2 and 1 rows): as many as fit, less one where that turns a
+/// tail of fewer than `plain` rows into whole `plain`-row tiles (64 rows with tiles of 12
+/// and 8: 12 x 4 + 8 x 2, not 12 x 5 + 4, whose 4-row tile has a third of the multiply-adds
+/// per load).
+const fn packed_tiles(m: usize, packed: usize, plain: usize) -> usize {
+    let (whole, tail) = (m / packed, m % packed);
+    if packed > plain
+        && whole > 0
+        && tail > 0
+        && tail < plain
+        && (packed + tail).is_multiple_of(plain)
+    {
+        whole - 1
+    } else {
+        whole
+    }
 }
 
 /// [`try_gemm_rows`] with `A` packed ([`PackedA`]): `C = alpha A B + beta C` with row `p` of
@@ -356,7 +371,7 @@ macro_rules! kernel {
         ) {
             let mut i = 0;
             if PACKED {
-                while i + $packed_rows <= m {
+                for _ in 0..super::packed_tiles(m, $packed_rows, $rows) {
                     $tile::<{ $packed_rows }, TABLE, FULL, PACKED>(i, j, masks, o);
                     i += $packed_rows;
                 }
