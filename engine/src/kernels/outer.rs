@@ -11,9 +11,9 @@
 //! vector loads and `rows` broadcasts per `2 x rows` multiply-adds), where the lane-wise dot
 //! products of [`super::rowdot`] load a vector of both operands per multiply-add and reduce
 //! every accumulator across its lanes at the end. On an Intel Xeon Ice Lake-SP (f32, one
-//! thread) it is 1.2-1.45x faster on the weight gradients of cnn-s's conv2 and of resnet20's
-//! 32- and 64-channel stages, and no faster on cnn-s's conv1 (27 columns: a quarter of its
-//! last tile is padding), hence [`MIN_COLS`].
+//! thread) it is 1.3-1.5x faster on the weight gradients of cnn-s's conv2 and of resnet20's
+//! 32- and 64-channel stages (1.07-1.19x with AVX2), and no faster on cnn-s's conv1 (27
+//! columns: a quarter of its last tile is padding), hence [`MIN_COLS`].
 //!
 //! Segments run one after the other, every tile of one before the next (its strips stay in
 //! L1), and each tile's sums carry over from segment to segment in a scratch block: every
