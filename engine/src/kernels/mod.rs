@@ -4,6 +4,8 @@
 //! only on the problem's shape, never on the number of threads, so results are bit-identical
 //! for any thread count.
 
+#[cfg(test)]
+mod abt_case;
 pub mod conv;
 pub mod cpu;
 pub mod gemm;

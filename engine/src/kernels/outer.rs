@@ -229,87 +229,48 @@ mod x86 {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use crate::kernels::abt_case::Case;
+    use rand::{rngs::StdRng, SeedableRng};
 
-    /// One product: `segs` blocks of `m` rows of `A` (`lda`, `a_seg` apart), a buffer `B`
-    /// read through `offsets` (`b_seg` apart), and a non-zero `C`.
-    struct Case {
-        dims: (usize, usize, usize, usize),
-        lda: usize,
-        a_seg: usize,
-        b_seg: usize,
-        a: Vec<f64>,
-        b: Vec<f64>,
-        offsets: Vec<usize>,
-        c0: Vec<f64>,
+    /// `C0 + Σ_s A_s B_sᵀ` by the kernel of `isa` (which the machine runs) in `T`.
+    fn run_case<T: Scalar>(case: &Case, isa: Isa) -> Vec<T> {
+        let (m, n, k, segs) = case.dims;
+        let (a, b, mut c) = case.operands::<T>();
+        let kern = kernel_for::<T>(isa).expect("a kernel for f32 and f64");
+        assert!(
+            fits(&kern, m, n),
+            "test shape {:?} the kernel takes",
+            case.dims
+        );
+        // SAFETY: every row of A and B lies inside its buffer and C is m x n.
+        unsafe {
+            run(
+                &kern,
+                (m, k, segs),
+                (a.as_ptr(), case.lda, case.a_seg),
+                (b.as_ptr(), &case.offsets, case.b_seg),
+                (c.as_mut_ptr(), n),
+            )
+        };
+        c
     }
 
-    impl Case {
-        fn random(rng: &mut StdRng, (m, n, k, segs): (usize, usize, usize, usize)) -> Case {
-            let (lda, a_seg, b_seg) = (k + 3, m * (k + 3) + 7, k + 2 * n + 5);
-            let mut draw =
-                |len: usize| -> Vec<f64> { (0..len).map(|_| rng.gen_range(-1.0..1.0)).collect() };
-            let (a, b, c0) = (draw(segs * a_seg), draw(segs * b_seg), draw(m * n));
-            let offsets = (0..n).map(|_| rng.gen_range(0..=2 * n + 5)).collect();
-            Case {
-                dims: (m, n, k, segs),
-                lda,
-                a_seg,
-                b_seg,
-                a,
-                b,
-                offsets,
-                c0,
-            }
-        }
-
-        /// `C0 + Σ_s A_s B_sᵀ` by the kernel of `isa` (which the machine runs) in `T`.
-        fn run<T: Scalar>(&self, isa: Isa) -> Vec<T> {
-            let (m, n, k, segs) = self.dims;
-            let (a, b) = (cast::<T>(&self.a), cast::<T>(&self.b));
-            let mut c = cast::<T>(&self.c0);
-            let kern = kernel_for::<T>(isa).expect("a kernel for f32 and f64");
-            assert!(
-                fits(&kern, m, n),
-                "test shape {:?} the kernel takes",
-                self.dims
-            );
-            // SAFETY: every row of A and B lies inside its buffer and C is m x n.
-            unsafe {
-                run(
-                    &kern,
-                    (m, k, segs),
-                    (a.as_ptr(), self.lda, self.a_seg),
-                    (b.as_ptr(), &self.offsets, self.b_seg),
-                    (c.as_mut_ptr(), n),
-                )
-            };
-            c
-        }
-
-        /// The documented order without tiles: element `(i, j)` is one fused multiply-add
-        /// chain from zero over the segments and positions in order, then added to `C0`.
-        fn chained<T: Scalar>(&self) -> Vec<T> {
-            let (_, n, k, segs) = self.dims;
-            let (a, b) = (cast::<T>(&self.a), cast::<T>(&self.b));
-            let mut c = cast::<T>(&self.c0);
-            for (e, ce) in c.iter_mut().enumerate() {
-                let (i, j) = (e / n, e % n);
-                let mut sum = T::zero();
-                for s in 0..segs {
-                    for q in 0..k {
-                        let x = a[s * self.a_seg + i * self.lda + q];
-                        sum = x.mul_add(b[s * self.b_seg + self.offsets[j] + q], sum);
-                    }
+    /// The documented order without tiles: element `(i, j)` is one fused multiply-add chain
+    /// from zero over the segments and positions in order, then added to `C0`.
+    fn chained<T: Scalar>(case: &Case) -> Vec<T> {
+        let (_, n, k, segs) = case.dims;
+        let (a, b, mut c) = case.operands::<T>();
+        for (e, ce) in c.iter_mut().enumerate() {
+            let mut sum = T::zero();
+            for s in 0..segs {
+                for q in 0..k {
+                    let (x, y) = case.term((&a, &b), (e / n, e % n), s, q);
+                    sum = x.mul_add(y, sum);
                 }
-                *ce = *ce + sum;
             }
-            c
+            *ce = *ce + sum;
         }
-    }
-
-    fn cast<T: Scalar>(v: &[f64]) -> Vec<T> {
-        v.iter().map(|&x| T::c(x)).collect()
+        c
     }
 
     /// The instruction sets this machine runs a kernel for.
@@ -322,28 +283,41 @@ mod tests {
     }
 
     /// Shapes every kernel takes (`m` a multiple of 32): every tail of the last tile's rows
-    /// (`n` from 64 to 76 and 288), short and long `k`, one to seven segments.
+    /// (`n` from 64 to 76), short and long `k`, one to three segments, and the weight
+    /// gradients of cnn-s's conv2 and resnet20's 32- and 64-channel stages at their samples
+    /// per call.
     fn cases(rng: &mut StdRng) -> Vec<Case> {
-        let mut dims: Vec<(usize, usize, usize, usize)> =
-            (64..=76).map(|n| (32, n, 5 + n % 7, 1 + n % 3)).collect();
-        dims.extend([(64, 288, 286, 7), (32, 144, 1086, 1), (96, 100, 1, 2)]);
-        dims.into_iter().map(|d| Case::random(rng, d)).collect()
+        let mut cases: Vec<Case> = (64..=76)
+            .map(|n| (32, n, 5 + n % 7, 1 + n % 3))
+            .chain([(32, 144, 1086, 1), (96, 100, 1, 2)])
+            .map(|d| Case::random(rng, d))
+            .collect();
+        for conv in [(64, 32, 16, 7), (32, 32, 16, 7), (64, 64, 8, 8)] {
+            cases.push(Case::conv(rng, conv));
+        }
+        cases
     }
 
     /// Every shape, by the kernel of every instruction set the machine runs, in f32 and
     /// f64, gives bit for bit the documented chain order: a change in the order of the
-    /// roundings (sums split per segment, rows of `B` mixed up across tiles, a tail row's
-    /// sum kept) fails here, and so the AVX2 and AVX-512 kernels agree bit for bit.
+    /// roundings (sums split per segment, segments in another order, rows of `B` mixed up
+    /// across tiles) fails here, and so the AVX2 and AVX-512 kernels agree bit for bit.
     #[test]
     fn equals_one_chain_per_element_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(21);
         for case in cases(&mut rng) {
-            let want32: Vec<u32> = case.chained::<f32>().iter().map(|x| x.to_bits()).collect();
-            let want64: Vec<u64> = case.chained::<f64>().iter().map(|x| x.to_bits()).collect();
+            let want32: Vec<u32> = chained::<f32>(&case).iter().map(|x| x.to_bits()).collect();
+            let want64: Vec<u64> = chained::<f64>(&case).iter().map(|x| x.to_bits()).collect();
             for isa in runnable() {
-                let got32: Vec<u32> = case.run::<f32>(isa).iter().map(|x| x.to_bits()).collect();
+                let got32: Vec<u32> = run_case::<f32>(&case, isa)
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect();
                 assert!(got32 == want32, "{isa:?} f32 {:?}", case.dims);
-                let got64: Vec<u64> = case.run::<f64>(isa).iter().map(|x| x.to_bits()).collect();
+                let got64: Vec<u64> = run_case::<f64>(&case, isa)
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect();
                 assert!(got64 == want64, "{isa:?} f64 {:?}", case.dims);
             }
         }
@@ -355,22 +329,13 @@ mod tests {
     fn matches_the_naive_product() {
         let mut rng = StdRng::seed_from_u64(22);
         for case in cases(&mut rng) {
-            let (m, n, k, segs) = case.dims;
+            let want = case.exact();
             for isa in runnable() {
-                let got = case.run::<f64>(isa);
-                for (e, x) in got.iter().enumerate() {
-                    let (i, j) = (e / n, e % n);
-                    let sum: f64 = (0..segs)
-                        .flat_map(|s| (0..k).map(move |q| (s, q)))
-                        .map(|(s, q)| {
-                            case.a[s * case.a_seg + i * case.lda + q]
-                                * case.b[s * case.b_seg + case.offsets[j] + q]
-                        })
-                        .sum();
-                    let want = case.c0[e] + sum;
+                for (x, y) in run_case::<f64>(&case, isa).iter().zip(&want) {
                     assert!(
-                        (x - want).abs() <= 1e-12 * (1.0 + want.abs()),
-                        "{isa:?} {m}x{n}x{k}: {x} vs {want}"
+                        (x - y).abs() <= 1e-12 * (1.0 + y.abs()),
+                        "{isa:?} {:?}: {x} vs {y}",
+                        case.dims
                     );
                 }
             }

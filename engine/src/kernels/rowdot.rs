@@ -387,121 +387,57 @@ mod avx2 {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use crate::kernels::abt_case::Case;
+    use rand::{rngs::StdRng, SeedableRng};
 
-    /// One product's operands: `segs` blocks of `m` rows of `A` (`lda`, `a_seg` apart) and
-    /// of a buffer `B` read through `offsets` (`b_seg` apart), with a non-zero `C`.
-    struct Case {
-        dims: (usize, usize, usize, usize),
-        lda: usize,
-        a_seg: usize,
-        b_seg: usize,
-        a: Vec<f64>,
-        b: Vec<f64>,
-        offsets: Vec<usize>,
-        c0: Vec<f64>,
+    /// `C0 + A Bᵀ` by the kernel of `isa` (which this machine runs), in `T`.
+    fn run<T: Scalar>(case: &Case, isa: Isa) -> Vec<T> {
+        let (m, n, k, segs) = case.dims;
+        let (a, b, mut c) = case.operands::<T>();
+        let ops = Operands {
+            k,
+            segs,
+            a: a.as_ptr(),
+            lda: case.lda,
+            a_seg: case.a_seg,
+            b: b.as_ptr(),
+            boff: case.offsets.as_ptr(),
+            b_seg: case.b_seg,
+            c: c.as_mut_ptr(),
+            ldc: n,
+        };
+        // SAFETY: every row of A and B lies inside its buffer, C is m x n, and the machine
+        // runs `isa` (`runnable`).
+        unsafe { dispatch_with(isa, m, n, ops) };
+        c
     }
 
-    impl Case {
-        /// Random operands, rows of `A` with a little padding and random offsets into `B`.
-        fn random(rng: &mut StdRng, (m, n, k, segs): (usize, usize, usize, usize)) -> Case {
-            let (lda, a_seg) = (k + 2, m * (k + 2) + 5);
-            let b_seg = k + 3 * n + 1;
-            let mut draw =
-                |len: usize| -> Vec<f64> { (0..len).map(|_| rng.gen_range(-1.0..1.0)).collect() };
-            let (a, b, c0) = (draw(segs * a_seg), draw(segs * b_seg), draw(m * n));
-            let offsets = (0..n).map(|_| rng.gen_range(0..=3 * n)).collect();
-            Case {
-                dims: (m, n, k, segs),
-                lda,
-                a_seg,
-                b_seg,
-                a,
-                b,
-                offsets,
-                c0,
-            }
-        }
-
-        /// A convolution's weight gradient: `A` the output gradient at the padded pitch
-        /// (`k = (h - 1)·(w + 2) + w`), `B` padded `c_in x (h + 2) x (w + 2)` images read at
-        /// the offsets of the 3x3 taps.
-        fn conv(rng: &mut StdRng, (c_out, c_in, h, segs): (usize, usize, usize, usize)) -> Case {
-            let wp = h + 2;
-            let k = (h - 1) * wp + h;
-            let plane = wp * wp;
-            let offsets: Vec<usize> = (0..c_in * 9)
-                .map(|e| (e / 9) * plane + (e % 9 / 3) * wp + e % 3)
-                .collect();
-            let mut case = Case::random(rng, (c_out, c_in * 9, k, segs));
-            (case.lda, case.a_seg, case.b_seg) = (k, c_out * k, c_in * plane + 2);
-            case.a.truncate(segs * case.a_seg);
-            case.b = (0..segs * case.b_seg)
-                .map(|_| rng.gen_range(-1.0..1.0))
-                .collect();
-            case.offsets = offsets;
-            case
-        }
-
-        /// `C0 + A Bᵀ` by the kernel of `isa` (which this machine runs), in `T`.
-        fn run<T: Scalar>(&self, isa: Isa) -> Vec<T> {
-            let (m, n, k, segs) = self.dims;
-            let (a, b) = (cast::<T>(&self.a), cast::<T>(&self.b));
-            let mut c = cast::<T>(&self.c0);
-            let ops = Operands {
-                k,
-                segs,
-                a: a.as_ptr(),
-                lda: self.lda,
-                a_seg: self.a_seg,
-                b: b.as_ptr(),
-                boff: self.offsets.as_ptr(),
-                b_seg: self.b_seg,
-                c: c.as_mut_ptr(),
-                ldc: n,
-            };
-            // SAFETY: every row of A and B lies inside its buffer, C is m x n, and the
-            // machine runs `isa` (`runnable`).
-            unsafe { dispatch_with(isa, m, n, ops) };
-            c
-        }
-
-        /// The kernel's order of operations without blocks or tiles: lane `l` of element
-        /// `(i, j)` sums `a·b` over the segments in order and, within one, over `q ≡ l` (mod
-        /// lanes) in order, one fused multiply-add each (zeros past `k`); the lanes are then
-        /// reduced by the kernel's own reduction and added to `C0`.
-        fn lanewise<T: Scalar>(&self, vector_bytes: usize, reduce: fn(&[T]) -> T) -> Vec<T> {
-            let (_, n, k, segs) = self.dims;
-            let (a, b) = (cast::<T>(&self.a), cast::<T>(&self.b));
-            let lanes = vector_bytes / std::mem::size_of::<T>();
-            let mut c = cast::<T>(&self.c0);
-            for (e, ce) in c.iter_mut().enumerate() {
-                let (i, j) = (e / n, e % n);
-                let mut acc = vec![T::zero(); lanes];
-                for s in 0..segs {
-                    let ar = &a[s * self.a_seg + i * self.lda..];
-                    let br = &b[s * self.b_seg + self.offsets[j]..];
-                    for q0 in (0..k).step_by(lanes) {
-                        for (l, x) in acc.iter_mut().enumerate() {
-                            let q = q0 + l;
-                            let (av, bv) = if q < k {
-                                (ar[q], br[q])
-                            } else {
-                                (T::zero(), T::zero())
-                            };
-                            *x = av.mul_add(bv, *x);
-                        }
+    /// The kernel's order of operations without blocks or tiles: lane `l` of element `(i, j)`
+    /// sums `a·b` over the segments in order and, within one, over `q ≡ l` (mod lanes) in
+    /// order, one fused multiply-add each (zeros past `k`); the lanes are then reduced by the
+    /// kernel's own reduction and added to `C0`.
+    fn lanewise<T: Scalar>(case: &Case, vector_bytes: usize, reduce: fn(&[T]) -> T) -> Vec<T> {
+        let (_, n, k, segs) = case.dims;
+        let (a, b, mut c) = case.operands::<T>();
+        let lanes = vector_bytes / std::mem::size_of::<T>();
+        for (e, ce) in c.iter_mut().enumerate() {
+            let mut acc = vec![T::zero(); lanes];
+            for s in 0..segs {
+                for q0 in (0..k).step_by(lanes) {
+                    for (l, x) in acc.iter_mut().enumerate() {
+                        let q = q0 + l;
+                        let (av, bv) = if q < k {
+                            case.term((&a, &b), (e / n, e % n), s, q)
+                        } else {
+                            (T::zero(), T::zero())
+                        };
+                        *x = av.mul_add(bv, *x);
                     }
                 }
-                *ce = *ce + reduce(&acc);
             }
-            c
+            *ce = *ce + reduce(&acc);
         }
-    }
-
-    /// `v` converted to `T`.
-    fn cast<T: Scalar>(v: &[f64]) -> Vec<T> {
-        v.iter().map(|&x| T::c(x)).collect()
+        c
     }
 
     /// The shapes of the tests: every tile shape and tail of `k`, products wide enough for
@@ -568,29 +504,16 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(11);
         for case in cases(&mut rng) {
             let (m, n, k, segs) = case.dims;
-            let want: Vec<f64> = (0..m * n)
-                .map(|e| {
-                    let (i, j) = (e / n, e % n);
-                    let term = |s: usize, q: usize| {
-                        case.a[s * case.a_seg + i * case.lda + q]
-                            * case.b[s * case.b_seg + case.offsets[j] + q]
-                    };
-                    case.c0[e]
-                        + (0..segs)
-                            .flat_map(|s| (0..k).map(move |q| (s, q)))
-                            .map(|(s, q)| term(s, q))
-                            .sum::<f64>()
-                })
-                .collect();
+            let want = case.exact();
             for isa in runnable() {
-                let c = case.run::<f64>(isa);
+                let c = run::<f64>(&case, isa);
                 for (x, y) in c.iter().zip(&want) {
                     assert!(
                         (x - y).abs() <= 1e-12 * (1.0 + y.abs()),
                         "{isa:?} f64 {m}x{n}x{k}: {x} vs {y}"
                     );
                 }
-                let c32 = case.run::<f32>(isa);
+                let c32 = run::<f32>(&case, isa);
                 for (x, y) in c32.iter().zip(&want) {
                     let tol = 1e-5 * (1.0 + (segs * k) as f64).sqrt() * (1.0 + y.abs());
                     assert!(
@@ -627,15 +550,15 @@ mod tests {
             for case in &cases {
                 let bits32 = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 let bits64 = |v: Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                let got32 = bits32(case.run::<f32>(isa));
+                let got32 = bits32(run::<f32>(case, isa));
                 assert!(
-                    got32 == bits32(case.lanewise(bytes, r32)),
+                    got32 == bits32(lanewise(case, bytes, r32)),
                     "{isa:?} f32 {:?}",
                     case.dims
                 );
-                let got64 = bits64(case.run::<f64>(isa));
+                let got64 = bits64(run::<f64>(case, isa));
                 assert!(
-                    got64 == bits64(case.lanewise(bytes, r64)),
+                    got64 == bits64(lanewise(case, bytes, r64)),
                     "{isa:?} f64 {:?}",
                     case.dims
                 );
