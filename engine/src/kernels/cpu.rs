@@ -52,6 +52,16 @@ pub fn detected() -> Isa {
     Isa::Portable
 }
 
+/// The instruction sets with hand-written kernels (AVX2+FMA, AVX-512) that this machine runs,
+/// whatever `FLATMIN_ISA` says: the kernels' tests run each of them side by side.
+#[cfg(test)]
+pub(crate) fn vector_isas() -> Vec<Isa> {
+    [Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|&i| i <= detected())
+        .collect()
+}
+
 /// The instruction set the kernels use: [`detected`], capped by `FLATMIN_ISA` when set.
 /// An unrecognized `FLATMIN_ISA` is reported once on stderr and ignored.
 pub fn isa() -> Isa {

@@ -230,6 +230,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::kernels::abt_case::Case;
+    use crate::kernels::cpu::vector_isas;
     use rand::{rngs::StdRng, SeedableRng};
 
     /// `C0 + Σ_s A_s B_sᵀ` by the kernel of `isa` (which the machine runs) in `T`.
@@ -273,15 +274,6 @@ mod tests {
         c
     }
 
-    /// The instruction sets this machine runs a kernel for.
-    fn runnable() -> Vec<Isa> {
-        let have = crate::kernels::cpu::detected();
-        [Isa::Avx2, Isa::Avx512]
-            .into_iter()
-            .filter(|&i| i <= have)
-            .collect()
-    }
-
     /// Shapes every kernel takes (`m` a multiple of 32): every tail of the last tile's rows
     /// (`n` from 64 to 76), short and long `k`, one to three segments, and the weight
     /// gradients of cnn-s's conv2 and resnet20's 32- and 64-channel stages at their samples
@@ -308,7 +300,7 @@ mod tests {
         for case in cases(&mut rng) {
             let want32: Vec<u32> = chained::<f32>(&case).iter().map(|x| x.to_bits()).collect();
             let want64: Vec<u64> = chained::<f64>(&case).iter().map(|x| x.to_bits()).collect();
-            for isa in runnable() {
+            for isa in vector_isas() {
                 let got32: Vec<u32> = run_case::<f32>(&case, isa)
                     .iter()
                     .map(|x| x.to_bits())
@@ -330,7 +322,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(22);
         for case in cases(&mut rng) {
             let want = case.exact();
-            for isa in runnable() {
+            for isa in vector_isas() {
                 for (x, y) in run_case::<f64>(&case, isa).iter().zip(&want) {
                     assert!(
                         (x - y).abs() <= 1e-12 * (1.0 + y.abs()),

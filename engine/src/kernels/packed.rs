@@ -874,16 +874,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::cpu::detected;
+    use crate::kernels::cpu::{detected, vector_isas};
     use rand::{rngs::StdRng, Rng, SeedableRng};
-
-    /// The instruction sets with a kernel that this machine can run.
-    fn runnable() -> Vec<Isa> {
-        [Isa::Avx2, Isa::Avx512]
-            .into_iter()
-            .filter(|&i| i <= detected())
-            .collect()
-    }
 
     /// `alpha A B + beta C` by `matrixmultiply` (the reference) and by the kernel of `isa`,
     /// for `A` given plain or transposed and `B` plain or transposed.
@@ -983,7 +975,7 @@ mod tests {
             (290, 40, 45),
             (3100, 5, 40),
         ];
-        for isa in runnable() {
+        for isa in vector_isas() {
             for &s in &shapes {
                 check::<f64>(isa, s, 1e-14, &mut rng);
                 check::<f32>(isa, s, 1e-6, &mut rng);
@@ -1017,7 +1009,7 @@ mod tests {
             let ran = unsafe { gemm_with(isa, rows, k, cols, 1.0, sa, sb, 0.0, c) };
             assert!(ran);
         };
-        for isa in runnable() {
+        for isa in vector_isas() {
             let mut whole = vec![0f32; m * n];
             product(isa, (0, m), (0, n), &mut whole);
             let mut pieces = vec![0f32; m * n];
@@ -1065,7 +1057,7 @@ mod tests {
 
     #[test]
     fn run_packers_copy_runs_pad_with_zeros_and_stay_in_the_strip() {
-        for isa in runnable() {
+        for isa in vector_isas() {
             check_run_packer::<f32>(isa);
             check_run_packer::<f64>(isa);
         }

@@ -388,6 +388,7 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::kernels::abt_case::Case;
+    use crate::kernels::cpu::vector_isas;
     use rand::{rngs::StdRng, SeedableRng};
 
     /// `C0 + A Bᵀ` by the kernel of `isa` (which this machine runs), in `T`.
@@ -469,15 +470,6 @@ mod tests {
         cases
     }
 
-    /// The instruction sets this machine runs a kernel for.
-    fn runnable() -> Vec<Isa> {
-        let have = crate::kernels::cpu::detected();
-        [Isa::Avx2, Isa::Avx512]
-            .into_iter()
-            .filter(|&i| i <= have)
-            .collect()
-    }
-
     /// The entry point runs the kernel exactly where [`accepts_type`] says so.
     #[test]
     fn runs_where_it_accepts_the_type() {
@@ -505,7 +497,7 @@ mod tests {
         for case in cases(&mut rng) {
             let (m, n, k, segs) = case.dims;
             let want = case.exact();
-            for isa in runnable() {
+            for isa in vector_isas() {
                 let c = run::<f64>(&case, isa);
                 for (x, y) in c.iter().zip(&want) {
                     assert!(
@@ -542,7 +534,7 @@ mod tests {
         let narrow64: fn(&[f64]) -> f64 = |l| unsafe { avx2::sum_f64(_mm256_loadu_pd(l.as_ptr())) };
         let mut rng = StdRng::seed_from_u64(12);
         let cases = cases(&mut rng);
-        for isa in runnable() {
+        for isa in vector_isas() {
             let (bytes, r32, r64) = match isa {
                 Isa::Avx512 => (64, wide32, wide64),
                 _ => (32, narrow32, narrow64),
