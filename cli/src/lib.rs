@@ -3,6 +3,8 @@
 //! command line and usable from Rust.
 #![warn(missing_docs)]
 
+#[macro_use]
+mod words;
 pub mod data;
 pub mod fetch;
 pub mod plot;

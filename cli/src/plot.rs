@@ -165,49 +165,19 @@ impl Metric {
     }
 }
 
-/// The words of [`XAxis::parse`].
-const XAXIS_NAMES: [&str; 4] = ["step", "epoch", "grad_queries", "grad_samples"];
-
-/// The horizontal axis.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum XAxis {
-    /// Optimizer steps completed.
-    Step,
-    /// Epochs completed (fractional between evaluations).
-    Epoch,
-    /// Cumulative gradient evaluations (`grad_queries` of the records; records without it
-    /// are left out).
-    GradQueries,
-    /// Cumulative per-sample gradient evaluations (`grad_samples` of the records; records
-    /// without it are left out).
-    GradSamples,
-}
-
-impl XAxis {
-    /// Parses `step`, `epoch`, `grad_queries` or `grad_samples`.
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "step" => Ok(XAxis::Step),
-            "epoch" => Ok(XAxis::Epoch),
-            "grad_queries" => Ok(XAxis::GradQueries),
-            "grad_samples" => Ok(XAxis::GradSamples),
-            other => {
-                let hint = crate::suggest::did_you_mean(other, XAXIS_NAMES.iter());
-                bail!(
-                    "--x: unknown axis '{other}' (step, epoch, grad_queries or grad_samples){hint}"
-                )
-            }
-        }
-    }
-
-    /// `"step"`, `"epoch"`, `"grad_queries"` or `"grad_samples"`.
-    pub fn name(self) -> &'static str {
-        match self {
-            XAxis::Step => "step",
-            XAxis::Epoch => "epoch",
-            XAxis::GradQueries => "grad_queries",
-            XAxis::GradSamples => "grad_samples",
-        }
+word_enum! {
+    /// The horizontal axis (`--x`).
+    XAxis, "axis" {
+        /// Optimizer steps completed.
+        Step => "step",
+        /// Epochs completed (fractional between evaluations).
+        Epoch => "epoch",
+        /// Cumulative gradient evaluations (`grad_queries` of the records; records without it
+        /// are left out).
+        GradQueries => "grad_queries",
+        /// Cumulative per-sample gradient evaluations (`grad_samples` of the records; records
+        /// without it are left out).
+        GradSamples => "grad_samples",
     }
 }
 

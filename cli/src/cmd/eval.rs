@@ -10,10 +10,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use flatmin::data::{resolve, sized_subset, warn_if_synthetic_fallback};
 use flatmin::train::{
-    count_correct, evaluate, training_subset, DType, LossFn, RunDir, TrainConfig,
+    evaluate, evaluate_in_chunks, training_subset, DType, LossFn, RunDir, TrainConfig,
 };
 use flatmin_datasets::{Batch, Element};
-use flatmin_engine::{Scalar, Tensor};
+use flatmin_engine::Scalar;
 use flatmin_models::{BnUse, Model};
 use std::path::{Path, PathBuf};
 
@@ -299,22 +299,6 @@ fn eval_images(args: &EvalArgs, cfg: Option<&TrainConfig>, seed: u64) -> Result<
 /// Mean loss and accuracy with BatchNorm on the statistics of each chunk of
 /// [`EVAL_BATCH`] images.
 fn evaluate_batch_stats<T: Scalar + Element>(model: &Model<T>, data: &Batch) -> Result<Outcome> {
-    let (mut loss, mut correct) = (0.0, 0usize);
-    for start in (0..data.len()).step_by(EVAL_BATCH) {
-        let end = (start + EVAL_BATCH).min(data.len());
-        let pixels = data.pixels[start * 3072..end * 3072].to_vec();
-        let x = Tensor::from_vec(&[end - start, 3, 32, 32], T::from_pixels(pixels))?;
-        let labels: Vec<usize> = data.labels[start..end]
-            .iter()
-            .map(|&l| usize::from(l))
-            .collect();
-        let e = model.evaluate(&x, &labels, &[], BnUse::Train, false)?;
-        loss += e.loss.to_f64().unwrap_or(f64::NAN) * (end - start) as f64;
-        correct += count_correct(&e.logits, &labels);
-    }
-    let n = data.len().max(1) as f64;
-    Ok(Outcome {
-        loss: loss / n,
-        acc: correct as f64 / n,
-    })
+    let (loss, acc) = evaluate_in_chunks(model, data, BnUse::Train, EVAL_BATCH)?;
+    Ok(Outcome { loss, acc })
 }

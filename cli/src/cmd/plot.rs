@@ -18,11 +18,9 @@ pub struct PlotArgs {
     /// (per step), trace_norm, trace (with --trace-every), or an optimizer extra [default: test_acc and loss].
     #[arg(long = "metric", value_name = "NAME", help_heading = "Panels")]
     pub metrics: Vec<String>,
-    /// Horizontal axis: step, epoch, grad_queries (cumulative gradient evaluations, logged
-    /// by runs of this version) or grad_samples (cumulative per-sample gradient evaluations:
-    /// each evaluation counts the samples of its batch).
-    #[arg(long, value_name = "AXIS", default_value = "step", value_parser = ["step", "epoch", "grad_queries", "grad_samples"], help_heading = "Panels")]
-    pub x: String,
+    /// Horizontal axis.
+    #[arg(long, value_name = "AXIS", value_enum, default_value_t = XAxis::Step, help_heading = "Panels")]
+    pub x: XAxis,
     /// Output image, .png or .svg [default: RUN/plot.png for one run, plot.png for several].
     #[arg(long, value_name = "FILE", help_heading = "Image")]
     pub out: Option<PathBuf>,
@@ -52,7 +50,7 @@ pub struct PlotArgs {
 pub fn run(args: &PlotArgs) -> Result<()> {
     let opts = PlotOptions {
         metrics: args.metrics.clone(),
-        x: XAxis::parse(&args.x)?,
+        x: args.x,
         smooth: args.smooth,
         title: args.title.clone(),
         log_y: args.log_y,

@@ -6,73 +6,8 @@
 //! and `--help` lists them. [`TrainConfig::optimizer_spec`] gives the chosen optimizer with
 //! exactly the hyperparameters it uses.
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use std::fmt;
-use std::str::FromStr;
-
-/// Defines a setting with a fixed set of words: serde and clap use the words, `name()` and
-/// `Display` give the word, `FromStr` parses it (the error lists the choices).
-macro_rules! word_enum {
-    (
-        $(#[$meta:meta])*
-        $name:ident, $what:literal {
-            $( $(#[$vmeta:meta])* $var:ident => $word:literal, )+
-        }
-    ) => {
-        $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
-        pub enum $name {
-            $( $(#[$vmeta])* #[serde(rename = $word)] #[value(name = $word)] $var, )+
-        }
-
-        impl $name {
-            /// Every choice, in the order `--help` lists them.
-            pub const ALL: &'static [$name] = &[$($name::$var),+];
-
-            /// The word of this choice (as in `config.json` and on the command line).
-            pub fn name(self) -> &'static str {
-                match self {
-                    $( $name::$var => $word, )+
-                }
-            }
-
-            /// The words of all choices, comma-separated.
-            pub fn choices() -> String {
-                Self::ALL.iter().map(|v| v.name()).collect::<Vec<_>>().join(", ")
-            }
-        }
-
-        /// Reads the word as `FromStr` does, so a misspelt word in a configuration file gets
-        /// the same error (the choices and a suggestion) as on the command line.
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-                let word = String::deserialize(d)?;
-                word.parse().map_err(serde::de::Error::custom)
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.name())
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = anyhow::Error;
-            fn from_str(s: &str) -> Result<Self> {
-                Self::ALL
-                    .iter()
-                    .copied()
-                    .find(|v| v.name() == s)
-                    .ok_or_else(|| {
-                        let hint = crate::suggest::did_you_mean(s, Self::ALL.iter().map(|v| v.name()));
-                        anyhow!("unknown {} '{s}' (one of {}){hint}", $what, Self::choices())
-                    })
-            }
-        }
-    };
-}
 
 word_enum! {
     /// The optimizer of a run (`--optimizer`).

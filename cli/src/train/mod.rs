@@ -1303,18 +1303,30 @@ pub fn count_correct<T: Scalar>(logits: &Tensor<T>, labels: &[usize]) -> usize {
 }
 
 /// Mean loss (the model's objective) and accuracy of `model` on `data` (BatchNorm in eval
-/// mode).
+/// mode), [`EVAL_BATCH`] images per forward pass.
 pub fn evaluate<T: Scalar + Element>(model: &Model<T>, data: &Batch) -> Result<(f64, f64)> {
+    evaluate_in_chunks(model, data, BnUse::Eval, EVAL_BATCH)
+}
+
+/// Mean loss (the model's objective) and accuracy of `model` on `data`, `chunk` images per
+/// forward pass, BatchNorm as `bn` says (with [`BnUse::Train`], on each chunk's own
+/// statistics, so the chunk size is part of the result).
+pub fn evaluate_in_chunks<T: Scalar + Element>(
+    model: &Model<T>,
+    data: &Batch,
+    bn: BnUse,
+    chunk: usize,
+) -> Result<(f64, f64)> {
     let (mut loss, mut correct) = (0.0, 0usize);
-    for start in (0..data.len()).step_by(EVAL_BATCH) {
-        let end = (start + EVAL_BATCH).min(data.len());
+    for start in (0..data.len()).step_by(chunk) {
+        let end = (start + chunk).min(data.len());
         let pixels = data.pixels[start * 3072..end * 3072].to_vec();
         let x = Tensor::from_vec(&[end - start, 3, 32, 32], T::from_pixels(pixels))?;
         let labels: Vec<usize> = data.labels[start..end]
             .iter()
-            .map(|&l| l as usize)
+            .map(|&l| usize::from(l))
             .collect();
-        let e = model.evaluate(&x, &labels, &[], BnUse::Eval, false)?;
+        let e = model.evaluate(&x, &labels, &[], bn, false)?;
         loss += e.loss.to_f64().unwrap_or(f64::NAN) * (end - start) as f64;
         correct += count_correct(&e.logits, &labels);
     }
