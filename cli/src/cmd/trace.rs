@@ -725,7 +725,6 @@ fn make_batches<T: Scalar + Element>(
 
 fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
     let model = load_model::<T>(s)?;
-    let params = model.params_cloned();
     let names: Vec<String> = model.param_names().iter().map(|n| n.to_string()).collect();
     let selected = match &r.per_layer {
         Some(filters) => select_tensors(&names, filters)?,
@@ -738,8 +737,22 @@ fn measure<T: Scalar + Element>(r: &Request, s: &Setup) -> Result<()> {
         _ => traced(r, s, &model, &batches, &selected)?,
     };
     let compute_s = started.elapsed().as_secs_f64();
-    let has_bn = model.net().has_batch_norm();
-    report(r, s, &params, &selected, has_bn, &found, compute_s)
+    Report {
+        r,
+        s,
+        numels: model.params().iter().map(|p| p.numel()).collect(),
+        shown: found
+            .blocks
+            .iter()
+            .flatten()
+            .filter(|b| selected.contains(&b.index))
+            .collect(),
+        has_bn: model.net().has_batch_norm(),
+        f: &found,
+        compute_s,
+    }
+    .print();
+    Ok(())
 }
 
 /// The library's trace method for a trace `--method`.
@@ -1268,141 +1281,173 @@ fn plot_density(nodes: &[f64], weights: &[f64], out: &Path) -> Result<()> {
     render(&fig, out, format)
 }
 
-/// Prints the human report (stdout, or stderr with --json) and the JSON object (the last
-/// line of stdout).
-#[allow(clippy::too_many_arguments)]
-fn report<T: Scalar>(
-    r: &Request,
-    s: &Setup,
-    params: &[Tensor<T>],
-    selected: &[usize],
+/// What `flatmin trace` found, with what it needs to report it.
+struct Report<'a> {
+    r: &'a Request<'a>,
+    s: &'a Setup,
+    /// Elements of each parameter tensor, in the model's order.
+    numels: Vec<usize>,
+    /// The measured tensors `--per-layer` asked for (all of them without the flag).
+    shown: Vec<&'a TensorTrace>,
     has_bn: bool,
-    f: &Found,
+    f: &'a Found,
     compute_s: f64,
-) -> Result<()> {
-    let args = r.common;
-    let d: usize = params.iter().map(|p| p.numel()).sum();
-    let batches = s.images.len().div_ceil(args.batch);
-    let bn_note = if has_bn { "" } else { " (no BatchNorm layers)" };
-    let mut out = Vec::new();
-    let images = match &s.split {
-        Some(split) => format!("{} {split} images of {}", s.images.len(), s.data_origin),
-        None => format!("{} images of {}", s.images.len(), s.data_origin),
-    };
-    out.push(format!(
-        "{}: {d} parameters, {images}, {batches} batch(es) of at most {}, BatchNorm {}{bn_note}, {}, loss {}",
-        s.model,
-        args.batch,
-        s.bn.name(),
-        s.dtype,
-        s.loss
-    ));
-    let exact = matches!(f.method, Method::Structural | Method::Basis);
-    let kind = if exact {
-        "exact"
-    } else if f.method == Method::Lanczos {
-        "eigenvalues"
-    } else {
-        "estimate"
-    };
-    out.push(format!(
-        "method: {} ({kind}){}",
-        f.method.name(),
-        f.note
-            .as_ref()
-            .map(|n| format!("; {}: {n}", r.method.name()))
-            .unwrap_or_default()
-    ));
-    if let Some(t) = f.trace {
-        let se = f
-            .std_error
-            .map(|e| format!(" ± {e:.3e} (s.e.)"))
-            .unwrap_or_default();
-        out.push(format!(
-            "trace {t:.6e}{se}   normalized tr/d {:.6e}",
-            t / d as f64
-        ));
+}
+
+impl Report<'_> {
+    /// Prints the human report (stdout, or stderr with --json) and the JSON object (the last
+    /// line of stdout).
+    fn print(&self) {
+        let human = self.human();
+        if self.r.common.json {
+            eprintln!("{human}");
+            println!("{}", self.json());
+        } else {
+            println!("{human}");
+        }
     }
-    out.extend(f.lines.iter().cloned());
-    // The measured tensors `--per-layer` asked for (all of them without the flag).
-    let shown: Vec<&TensorTrace> = f
-        .blocks
-        .iter()
-        .flatten()
-        .filter(|b| selected.contains(&b.index))
-        .collect();
-    let share_of = f
-        .trace
-        .or(f.extra.get("selected_trace").and_then(Value::as_f64));
-    if let Some(total) = share_of.filter(|_| !shown.is_empty()) {
+
+    /// Parameters in all.
+    fn params(&self) -> usize {
+        self.numels.iter().sum()
+    }
+
+    fn batches(&self) -> usize {
+        self.s.images.len().div_ceil(self.r.common.batch)
+    }
+
+    /// Whether the method is exact (structural or basis).
+    fn exact(&self) -> bool {
+        matches!(self.f.method, Method::Structural | Method::Basis)
+    }
+
+    /// The report's lines: the setup, the method, the trace, the method's own lines and the
+    /// per-tensor table.
+    fn human(&self) -> String {
+        let (r, s, f, d) = (self.r, self.s, self.f, self.params());
+        let bn_note = if self.has_bn {
+            ""
+        } else {
+            " (no BatchNorm layers)"
+        };
+        let images = match &s.split {
+            Some(split) => format!("{} {split} images of {}", s.images.len(), s.data_origin),
+            None => format!("{} images of {}", s.images.len(), s.data_origin),
+        };
+        let mut out = vec![format!(
+            "{}: {d} parameters, {images}, {} batch(es) of at most {}, BatchNorm {}{bn_note}, {}, loss {}",
+            s.model,
+            self.batches(),
+            r.common.batch,
+            s.bn.name(),
+            s.dtype,
+            s.loss
+        )];
+        let kind = if self.exact() {
+            "exact"
+        } else if f.method == Method::Lanczos {
+            "eigenvalues"
+        } else {
+            "estimate"
+        };
+        out.push(format!(
+            "method: {} ({kind}){}",
+            f.method.name(),
+            f.note
+                .as_ref()
+                .map(|n| format!("; {}: {n}", r.method.name()))
+                .unwrap_or_default()
+        ));
+        if let Some(t) = f.trace {
+            let se = f
+                .std_error
+                .map(|e| format!(" ± {e:.3e} (s.e.)"))
+                .unwrap_or_default();
+            out.push(format!(
+                "trace {t:.6e}{se}   normalized tr/d {:.6e}",
+                t / d as f64
+            ));
+        }
+        out.extend(f.lines.iter().cloned());
+        self.tensor_table(&mut out);
+        out.push(format!("time {:.3} s", self.compute_s));
+        out.join("\n")
+    }
+
+    /// The shown tensors' traces and their shares of the trace (or of the selected tensors'
+    /// trace), when there is a total to share.
+    fn tensor_table(&self, out: &mut Vec<String>) {
+        let f = self.f;
+        let share_of = f
+            .trace
+            .or(f.extra.get("selected_trace").and_then(Value::as_f64));
+        let Some(total) = share_of.filter(|_| !self.shown.is_empty()) else {
+            return;
+        };
         out.push(format!(
             "{:<30} {:>10} {:>14} {:>12} {:>8}",
             "parameter tensor", "numel", "trace", "tr/numel", "share"
         ));
-        for b in &shown {
-            let numel = params[b.index].numel();
+        for b in &self.shown {
+            let numel = self.numels[b.index];
             let se = b
                 .std_error
                 .map(|e| format!(" ±{e:.1e}"))
                 .unwrap_or_default();
+            let share = if total != 0.0 {
+                100.0 * b.trace / total
+            } else {
+                0.0
+            };
             out.push(format!(
-                "{:<30} {numel:>10} {:>14.6e} {:>12.4e} {:>7.2}%{se}",
-                b.name,
-                b.trace,
-                b.normalized,
-                if total != 0.0 {
-                    100.0 * b.trace / total
-                } else {
-                    0.0
-                }
+                "{:<30} {numel:>10} {:>14.6e} {:>12.4e} {share:>7.2}%{se}",
+                b.name, b.trace, b.normalized
             ));
         }
     }
-    out.push(format!("time {compute_s:.3} s"));
-    let human = out.join("\n");
-    if !args.json {
-        println!("{human}");
-        return Ok(());
-    }
-    eprintln!("{human}");
-    let mut obj = json!({
-        "model": s.model,
-        "weights": s.weights.display().to_string(),
-        "run": s.run.as_ref().map(|p| p.display().to_string()),
-        "data": s.data_origin,
-        "synthetic": s.synthetic,
-        "split": s.split,
-        "samples": s.images.len(),
-        "batch_size": args.batch,
-        "batches": batches,
-        "bn_mode": s.bn.name(),
-        "loss_fn": s.loss.name(),
-        "batch_norm_layers": has_bn,
-        "dtype": s.dtype,
-        "seed": s.seed,
-        "method": f.method.name(),
-        "requested_method": r.method.name(),
-        "method_note": f.note,
-        "exact": exact,
-        "num_params": d,
-        "trace": f.trace,
-        "normalized_trace": f.trace.map(|t| t / d as f64),
-        "std_error": f.std_error,
-        "normalized_std_error": f.std_error.map(|e| e / d as f64),
-        "seconds": compute_s,
-    });
-    if let Value::Object(map) = &mut obj {
-        if r.per_layer.is_some() {
-            let layers: serde_json::Map<String, Value> = shown
-                .iter()
-                .map(|b| (b.name.clone(), b.to_json()))
-                .collect();
-            map.insert("layers".into(), Value::Object(layers));
+
+    /// The JSON object of the report.
+    fn json(&self) -> Value {
+        let (r, s, f, d) = (self.r, self.s, self.f, self.params());
+        let mut obj = json!({
+            "model": s.model,
+            "weights": s.weights.display().to_string(),
+            "run": s.run.as_ref().map(|p| p.display().to_string()),
+            "data": s.data_origin,
+            "synthetic": s.synthetic,
+            "split": s.split,
+            "samples": s.images.len(),
+            "batch_size": r.common.batch,
+            "batches": self.batches(),
+            "bn_mode": s.bn.name(),
+            "loss_fn": s.loss.name(),
+            "batch_norm_layers": self.has_bn,
+            "dtype": s.dtype,
+            "seed": s.seed,
+            "method": f.method.name(),
+            "requested_method": r.method.name(),
+            "method_note": f.note,
+            "exact": self.exact(),
+            "num_params": d,
+            "trace": f.trace,
+            "normalized_trace": f.trace.map(|t| t / d as f64),
+            "std_error": f.std_error,
+            "normalized_std_error": f.std_error.map(|e| e / d as f64),
+            "seconds": self.compute_s,
+        });
+        if let Value::Object(map) = &mut obj {
+            if r.per_layer.is_some() {
+                let layers: serde_json::Map<String, Value> = self
+                    .shown
+                    .iter()
+                    .map(|b| (b.name.clone(), b.to_json()))
+                    .collect();
+                map.insert("layers".into(), Value::Object(layers));
+            }
+            for (k, v) in &f.extra {
+                map.insert(k.clone(), v.clone());
+            }
         }
-        for (k, v) in &f.extra {
-            map.insert(k.clone(), v.clone());
-        }
+        obj
     }
-    println!("{obj}");
-    Ok(())
 }
