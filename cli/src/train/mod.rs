@@ -25,7 +25,7 @@ pub use run_dir::{
 
 use crate::data::{sized_subset, DataSource};
 use anyhow::{bail, Context, Result};
-use flatmin_datasets::{Augment, Batch, Element, Loader};
+use flatmin_datasets::{Augment, Batch, Element, Loader, MiniBatch};
 use flatmin_engine::{Scalar, Tensor};
 use flatmin_models::io::{RawData, RawTensor};
 use flatmin_models::model::float_raw;
@@ -684,73 +684,7 @@ impl<T: Scalar + Element> Trainer<T> {
             let epoch = index + 1;
             let batches = self.loader.epoch_from::<T>(index, self.step % bpe);
             for mb in batches {
-                let t0 = Instant::now();
-                let n = mb.len();
-                let x = Tensor::from_vec(&mb.shape(), mb.x)?;
-                let lr = self.sched.at(self.step);
-                let (info, correct, samples) = match self.train_step(&x, &mb.labels, lr) {
-                    Ok(r) => r,
-                    Err(e) => match e.downcast_ref::<OptimError>() {
-                        Some(OptimError::NonFinite(what))
-                            if self.cfg.on_nonfinite == NonFinitePolicy::SkipStep =>
-                        {
-                            // The batch is consumed; parameters and optimizer state stay.
-                            self.step += 1;
-                            let mut rec = Record::skipped(
-                                epoch,
-                                self.step,
-                                lr,
-                                what,
-                                started.elapsed().as_secs_f64(),
-                            );
-                            rec.extra.insert("skipped".into(), 1.0);
-                            self.append(&rec)?;
-                            obs.on_step(&rec);
-                            continue;
-                        }
-                        Some(OptimError::NonFinite(what)) => {
-                            let kept = kept_checkpoint(self.run.last_checkpoint());
-                            bail!(
-                                "training diverged: non-finite {what} at step {} (epoch {}); stopped, {kept}; lower --lr or use --on-nonfinite skip-step",
-                                self.step + 1,
-                                epoch
-                            );
-                        }
-                        _ => return Err(e),
-                    },
-                };
-                if let Some(i) = self.params.iter().position(|p| !p.all_finite()) {
-                    bail!(
-                        "training diverged: parameter '{}' became non-finite at step {} (epoch {}); stopped, {}; lower --lr",
-                        self.model.param_names()[i],
-                        self.step + 1,
-                        epoch,
-                        kept_checkpoint(self.run.last_checkpoint())
-                    );
-                }
-                self.step += 1;
-                self.grad_queries += info.grad_evals as u64;
-                self.grad_samples += samples as u64;
-                let s = &mut self.epoch_sums;
-                s.0 += info.loss * n as f64;
-                s.1 += correct as u64;
-                s.2 += n as u64;
-                let rec = Record::train(
-                    epoch,
-                    self.step,
-                    lr,
-                    &info,
-                    correct as f64 / n as f64,
-                    n as f64 / t0.elapsed().as_secs_f64(),
-                    started.elapsed().as_secs_f64(),
-                )
-                .with_grad_counts(self.grad_queries, self.grad_samples);
-                self.append(&rec)?;
-                obs.on_step(&rec);
-                let every = self.cfg.trace_every;
-                if every > 0 && (self.step.is_multiple_of(every) || self.step == total) {
-                    self.log_trace(epoch, &started)?;
-                }
+                self.step_on(obs, mb, (epoch, total), &started)?;
                 // A step that ends the epoch stops only after the epoch's evaluation and
                 // checkpoint (below), so a resumed run never skips them.
                 if !self.step.is_multiple_of(bpe) && stop(self.step) {
@@ -759,25 +693,7 @@ impl<T: Scalar + Element> Trainer<T> {
                     return Ok(Outcome::Stopped { step: self.step });
                 }
             }
-            // End of epoch: evaluate, checkpoint.
-            if epoch.is_multiple_of(self.cfg.eval_every) || epoch == self.cfg.epochs {
-                let (test_loss, test_acc) = self.evaluate_test()?;
-                let (train_loss, train_acc) = self.evaluate_train()?;
-                let s = self.epoch_sums;
-                let rec = Record::eval(
-                    epoch,
-                    self.step,
-                    (train_loss, train_acc),
-                    (s.0 / s.2.max(1) as f64, s.1 as f64 / s.2.max(1) as f64),
-                    (test_loss, test_acc),
-                    started.elapsed().as_secs_f64(),
-                )
-                .with_grad_counts(self.grad_queries, self.grad_samples);
-                self.append(&rec)?;
-                self.keep_if_best(&rec)?;
-                obs.on_eval(&rec);
-            }
-            self.epoch_sums = (0.0, 0, 0);
+            self.end_epoch(obs, epoch, &started)?;
             let keep =
                 self.cfg.checkpoint_every > 0 && epoch.is_multiple_of(self.cfg.checkpoint_every);
             let path = self.checkpoint(keep.then_some(epoch))?;
@@ -792,6 +708,111 @@ impl<T: Scalar + Element> Trainer<T> {
         }
         self.write_summary()?;
         Ok(Outcome::Finished)
+    }
+
+    /// One optimizer step on `mb` in `epoch` (of `total` steps): its record, and a trace
+    /// record every `--trace-every` steps. A non-finite step under `--on-nonfinite
+    /// skip-step` consumes the batch and leaves parameters and optimizer state as they were;
+    /// otherwise a non-finite loss, gradient or parameter stops the run with an error.
+    fn step_on(
+        &mut self,
+        obs: &mut dyn Observer,
+        mb: MiniBatch<T>,
+        (epoch, total): (usize, usize),
+        started: &Instant,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        let n = mb.len();
+        let x = Tensor::from_vec(&mb.shape(), mb.x)?;
+        let lr = self.sched.at(self.step);
+        let (info, correct, samples) = match self.train_step(&x, &mb.labels, lr) {
+            Ok(r) => r,
+            Err(e) => match e.downcast_ref::<OptimError>() {
+                Some(OptimError::NonFinite(what))
+                    if self.cfg.on_nonfinite == NonFinitePolicy::SkipStep =>
+                {
+                    // The batch is consumed; parameters and optimizer state stay.
+                    self.step += 1;
+                    let mut rec = Record::skipped(
+                        epoch,
+                        self.step,
+                        lr,
+                        what,
+                        started.elapsed().as_secs_f64(),
+                    );
+                    rec.extra.insert("skipped".into(), 1.0);
+                    self.append(&rec)?;
+                    obs.on_step(&rec);
+                    return Ok(());
+                }
+                Some(OptimError::NonFinite(what)) => {
+                    let kept = kept_checkpoint(self.run.last_checkpoint());
+                    bail!(
+                        "training diverged: non-finite {what} at step {} (epoch {}); stopped, {kept}; lower --lr or use --on-nonfinite skip-step",
+                        self.step + 1,
+                        epoch
+                    );
+                }
+                _ => return Err(e),
+            },
+        };
+        if let Some(i) = self.params.iter().position(|p| !p.all_finite()) {
+            bail!(
+                "training diverged: parameter '{}' became non-finite at step {} (epoch {}); stopped, {}; lower --lr",
+                self.model.param_names()[i],
+                self.step + 1,
+                epoch,
+                kept_checkpoint(self.run.last_checkpoint())
+            );
+        }
+        self.step += 1;
+        self.grad_queries += info.grad_evals as u64;
+        self.grad_samples += samples as u64;
+        let s = &mut self.epoch_sums;
+        s.0 += info.loss * n as f64;
+        s.1 += correct as u64;
+        s.2 += n as u64;
+        let rec = Record::train(
+            epoch,
+            self.step,
+            lr,
+            &info,
+            correct as f64 / n as f64,
+            n as f64 / t0.elapsed().as_secs_f64(),
+            started.elapsed().as_secs_f64(),
+        )
+        .with_grad_counts(self.grad_queries, self.grad_samples);
+        self.append(&rec)?;
+        obs.on_step(&rec);
+        let every = self.cfg.trace_every;
+        if every > 0 && (self.step.is_multiple_of(every) || self.step == total) {
+            self.log_trace(epoch, started)?;
+        }
+        Ok(())
+    }
+
+    /// The end of `epoch`'s steps: on evaluation epochs, the test and training evaluation and
+    /// its record (and the best checkpoint); then the epoch's running sums start again.
+    fn end_epoch(&mut self, obs: &mut dyn Observer, epoch: usize, started: &Instant) -> Result<()> {
+        if epoch.is_multiple_of(self.cfg.eval_every) || epoch == self.cfg.epochs {
+            let (test_loss, test_acc) = self.evaluate_test()?;
+            let (train_loss, train_acc) = self.evaluate_train()?;
+            let s = self.epoch_sums;
+            let rec = Record::eval(
+                epoch,
+                self.step,
+                (train_loss, train_acc),
+                (s.0 / s.2.max(1) as f64, s.1 as f64 / s.2.max(1) as f64),
+                (test_loss, test_acc),
+                started.elapsed().as_secs_f64(),
+            )
+            .with_grad_counts(self.grad_queries, self.grad_samples);
+            self.append(&rec)?;
+            self.keep_if_best(&rec)?;
+            obs.on_eval(&rec);
+        }
+        self.epoch_sums = (0.0, 0, 0);
+        Ok(())
     }
 
     /// Measures the Hessian trace of the mean cross-entropy on the trace subset at the
