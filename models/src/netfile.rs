@@ -148,6 +148,9 @@ struct Args<'a> {
     name: &'a str,
 }
 
+/// A layer read from a file and the keys its entry may have.
+type LayerAndKeys = std::result::Result<(Layer, &'static [&'static str]), LayerError>;
+
 impl Args<'_> {
     fn fail(&self, detail: String) -> LayerError {
         (Some(self.name.to_string()), detail)
@@ -212,7 +215,7 @@ impl Args<'_> {
     }
 
     /// The layer and the keys it takes.
-    fn layer(&self) -> std::result::Result<(Layer, &'static [&'static str]), LayerError> {
+    fn layer(&self) -> LayerAndKeys {
         Ok(match self.kind {
             "Linear" => (
                 Layer::Linear {
@@ -222,54 +225,8 @@ impl Args<'_> {
                 },
                 &["in_features", "out_features", "bias"],
             ),
-            "Conv2d" => {
-                self.only("dilation", &json!(1))?;
-                self.only("groups", &json!(1))?;
-                self.only("padding_mode", &json!("zeros"))?;
-                (
-                    Layer::Conv2d {
-                        in_channels: self.size("in_channels", None)?,
-                        out_channels: self.size("out_channels", None)?,
-                        kernel: self.size("kernel_size", None)?,
-                        stride: self.size("stride", Some(1))?,
-                        padding: self.size("padding", Some(0))?,
-                        bias: self.flag("bias", true)?,
-                    },
-                    &[
-                        "in_channels",
-                        "out_channels",
-                        "kernel_size",
-                        "stride",
-                        "padding",
-                        "bias",
-                        "dilation",
-                        "groups",
-                        "padding_mode",
-                    ],
-                )
-            }
-            "BatchNorm2d" => {
-                self.only("affine", &json!(true))?;
-                self.only("track_running_stats", &json!(true))?;
-                let momentum = match self.obj.get("momentum") {
-                    Some(Value::Null) => None,
-                    _ => Some(self.number("momentum", BN_MOMENTUM)?),
-                };
-                (
-                    Layer::BatchNorm2d {
-                        features: self.size("num_features", None)?,
-                        eps: self.number("eps", BN_EPS)?,
-                        momentum,
-                    },
-                    &[
-                        "num_features",
-                        "eps",
-                        "momentum",
-                        "affine",
-                        "track_running_stats",
-                    ],
-                )
-            }
+            "Conv2d" => self.conv2d()?,
+            "BatchNorm2d" => self.batch_norm2d()?,
             "GELU" => {
                 self.only("approximate", &json!("none"))?;
                 (Layer::Activation(Activation::Gelu), &["approximate"])
@@ -286,32 +243,7 @@ impl Args<'_> {
                     .expect("listed above");
                 (Layer::Activation(act), &["inplace"])
             }
-            "MaxPool2d" | "AvgPool2d" => {
-                self.only("padding", &json!(0))?;
-                self.only("dilation", &json!(1))?;
-                self.only("ceil_mode", &json!(false))?;
-                let kernel = self.size("kernel_size", None)?;
-                let stride = match self.obj.get("stride") {
-                    None | Some(Value::Null) => kernel,
-                    Some(_) => self.size("stride", None)?,
-                };
-                let layer = if self.kind == "MaxPool2d" {
-                    Layer::MaxPool2d { kernel, stride }
-                } else {
-                    Layer::AvgPool2d { kernel, stride }
-                };
-                (
-                    layer,
-                    &[
-                        "kernel_size",
-                        "stride",
-                        "padding",
-                        "dilation",
-                        "ceil_mode",
-                        "count_include_pad",
-                    ],
-                )
-            }
+            "MaxPool2d" | "AvgPool2d" => self.pool2d()?,
             "AdaptiveAvgPool2d" => {
                 self.only("output_size", &json!(1))?;
                 (Layer::AdaptiveAvgPool2d, &["output_size"])
@@ -329,6 +261,87 @@ impl Args<'_> {
                 )))
             }
         })
+    }
+
+    /// A `Conv2d` (dilation 1, one group, zero padding only) and the keys it takes.
+    fn conv2d(&self) -> LayerAndKeys {
+        self.only("dilation", &json!(1))?;
+        self.only("groups", &json!(1))?;
+        self.only("padding_mode", &json!("zeros"))?;
+        Ok((
+            Layer::Conv2d {
+                in_channels: self.size("in_channels", None)?,
+                out_channels: self.size("out_channels", None)?,
+                kernel: self.size("kernel_size", None)?,
+                stride: self.size("stride", Some(1))?,
+                padding: self.size("padding", Some(0))?,
+                bias: self.flag("bias", true)?,
+            },
+            &[
+                "in_channels",
+                "out_channels",
+                "kernel_size",
+                "stride",
+                "padding",
+                "bias",
+                "dilation",
+                "groups",
+                "padding_mode",
+            ],
+        ))
+    }
+
+    /// A `BatchNorm2d` (affine, with running statistics) and the keys it takes.
+    fn batch_norm2d(&self) -> LayerAndKeys {
+        self.only("affine", &json!(true))?;
+        self.only("track_running_stats", &json!(true))?;
+        let momentum = match self.obj.get("momentum") {
+            Some(Value::Null) => None,
+            _ => Some(self.number("momentum", BN_MOMENTUM)?),
+        };
+        Ok((
+            Layer::BatchNorm2d {
+                features: self.size("num_features", None)?,
+                eps: self.number("eps", BN_EPS)?,
+                momentum,
+            },
+            &[
+                "num_features",
+                "eps",
+                "momentum",
+                "affine",
+                "track_running_stats",
+            ],
+        ))
+    }
+
+    /// A `MaxPool2d` or `AvgPool2d` (no padding or dilation, floor mode) and the keys it
+    /// takes.
+    fn pool2d(&self) -> LayerAndKeys {
+        self.only("padding", &json!(0))?;
+        self.only("dilation", &json!(1))?;
+        self.only("ceil_mode", &json!(false))?;
+        let kernel = self.size("kernel_size", None)?;
+        let stride = match self.obj.get("stride") {
+            None | Some(Value::Null) => kernel,
+            Some(_) => self.size("stride", None)?,
+        };
+        let layer = if self.kind == "MaxPool2d" {
+            Layer::MaxPool2d { kernel, stride }
+        } else {
+            Layer::AvgPool2d { kernel, stride }
+        };
+        Ok((
+            layer,
+            &[
+                "kernel_size",
+                "stride",
+                "padding",
+                "dilation",
+                "ceil_mode",
+                "count_include_pad",
+            ],
+        ))
     }
 
     /// The nodes the layer reads: `input`/`inputs` by name, else the previous node.

@@ -156,6 +156,92 @@ impl<T: Scalar> Sa<T> {
     }
 }
 
+/// What the perturbed half of a phase-1 step found: the direction `v` to descend along (none
+/// when the probe gradient vanished even at the shifted point), and the step's figures (zero
+/// where it did not get so far).
+struct Perturbed<T> {
+    v: Option<Vec<Tensor<T>>>,
+    /// Gradient evaluations beyond the step's own.
+    evals: usize,
+    probe_norm: f64,
+    pert_grad_norm: f64,
+    v_norm: f64,
+    v_cos: f64,
+    sign: f64,
+    /// 1: the probe gradient was zero and was taken again at a shifted point (Remark 2);
+    /// 2: it was zero there too, and the step descends along `g` alone.
+    fix: f64,
+}
+
+impl<T> Default for Perturbed<T> {
+    fn default() -> Self {
+        Perturbed {
+            v: None,
+            evals: 0,
+            probe_norm: 0.0,
+            pert_grad_norm: 0.0,
+            v_norm: 0.0,
+            v_cos: 0.0,
+            sign: 0.0,
+            fix: 0.0,
+        }
+    }
+}
+
+impl<T: Scalar> Sa<T> {
+    /// The perturbation of a phase-1 step at `params` (gradient `g`, norm `gn`), as in the
+    /// module header: the probe gradient's direction `n_t`, a step of `σ_t ρ` along it, and
+    /// `v_t`, the probe gradient there, projected off `g` when [`SaConfig::project`] says so.
+    fn perturbed_gradient(
+        &mut self,
+        params: &[Tensor<T>],
+        oracle: &mut dyn Oracle<T>,
+        g: &[Tensor<T>],
+        gn: f64,
+    ) -> Result<Perturbed<T>> {
+        let mut p = Perturbed::default();
+        let (probe, reuse) = self.cfg.probe.resolve(oracle, &mut self.rng)?;
+        let mut gs = if reuse {
+            g.to_vec()
+        } else {
+            p.evals += 1;
+            eval_probe(oracle, params, &probe)?.1
+        };
+        let mut ns = norm(&gs);
+        if ns == 0.0 {
+            // Remark 2: take the direction at a slightly shifted point.
+            p.fix = 1.0;
+            let xi = self.rng.sphere(params);
+            let shifted_x = shifted(params, &xi, self.cfg.xi);
+            gs = eval_probe(oracle, &shifted_x, &probe)?.1;
+            p.evals += 1;
+            ns = norm(&gs);
+        }
+        p.probe_norm = ns;
+        if !(ns > 0.0 && ns.is_finite()) {
+            p.fix = 2.0;
+            return Ok(p);
+        }
+        p.sign = if self.cfg.random_sign {
+            self.rng.sign()
+        } else {
+            1.0
+        };
+        let dir = scaled(&gs, 1.0 / ns);
+        let xp = shifted(params, &dir, p.sign * self.cfg.rho);
+        let (_, h) = eval_probe(oracle, &xp, &probe)?;
+        p.evals += 1;
+        p.pert_grad_norm = norm(&h);
+        let v = if self.cfg.project { proj_out(g, &h) } else { h };
+        p.v_norm = norm(&v);
+        if p.v_norm > 0.0 && gn > 0.0 {
+            p.v_cos = dot(&v, g) / (p.v_norm * gn);
+        }
+        p.v = Some(v);
+        Ok(p)
+    }
+}
+
 impl<T: Scalar> Optimizer<T> for Sa<T> {
     fn name(&self) -> &'static str {
         "sa"
@@ -182,70 +268,28 @@ impl<T: Scalar> Optimizer<T> for Sa<T> {
         }
         let open = self.cfg.eps0.is_none_or(|e| gn <= e);
         let eta_prime = self.cfg.eta_prime.at(lr);
-        let (mut probe_norm, mut pert_grad_norm, mut v_norm, mut v_cos, mut sign, mut fix) =
-            (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
-        let mut perturbed = false;
-        if open {
-            let (probe, reuse) = self.cfg.probe.resolve(oracle, &mut self.rng)?;
-            let mut gs = if reuse {
-                g.clone()
-            } else {
-                evals += 1;
-                eval_probe(oracle, params, &probe)?.1
-            };
-            let mut ns = norm(&gs);
-            if ns == 0.0 {
-                // Remark 2: take the direction at a slightly shifted point.
-                fix = 1.0;
-                let xi = self.rng.sphere(params);
-                let shifted_x = shifted(params, &xi, self.cfg.xi);
-                gs = eval_probe(oracle, &shifted_x, &probe)?.1;
-                evals += 1;
-                ns = norm(&gs);
-            }
-            probe_norm = ns;
-            if ns > 0.0 && ns.is_finite() {
-                sign = if self.cfg.random_sign {
-                    self.rng.sign()
-                } else {
-                    1.0
-                };
-                let dir = scaled(&gs, 1.0 / ns);
-                let xp = shifted(params, &dir, sign * self.cfg.rho);
-                let (_, h) = eval_probe(oracle, &xp, &probe)?;
-                evals += 1;
-                pert_grad_norm = norm(&h);
-                let v = if self.cfg.project {
-                    proj_out(&g, &h)
-                } else {
-                    h
-                };
-                v_norm = norm(&v);
-                if v_norm > 0.0 && gn > 0.0 {
-                    v_cos = dot(&v, &g) / (v_norm * gn);
-                }
-                descend(&mut self.sgd, params, &g, Some((&v, eta_prime)), lr);
-                perturbed = true;
-            } else {
-                fix = 2.0;
-            }
-        }
-        if !perturbed {
-            descend(&mut self.sgd, params, &g, None, lr);
-        }
+        let p = if open {
+            self.perturbed_gradient(params, oracle, &g, gn)?
+        } else {
+            Perturbed::default()
+        };
+        evals += p.evals;
+        let perturbed = p.v.is_some();
+        let v = p.v.as_deref().map(|v| (v, eta_prime));
+        descend(&mut self.sgd, params, &g, v, lr);
         let mut extra = vec![
             ("phase".to_string(), 1.0),
             ("gate".to_string(), f64::from(u8::from(open))),
-            ("sign".to_string(), sign),
-            ("probe_grad_norm".to_string(), probe_norm),
+            ("sign".to_string(), p.sign),
+            ("probe_grad_norm".to_string(), p.probe_norm),
             (
                 "pert_norm".to_string(),
                 if perturbed { self.cfg.rho } else { 0.0 },
             ),
-            ("perturbed_grad_norm".to_string(), pert_grad_norm),
-            ("v_norm".to_string(), v_norm),
-            ("v_cos_grad".to_string(), v_cos),
-            ("zero_grad_fix".to_string(), fix),
+            ("perturbed_grad_norm".to_string(), p.pert_grad_norm),
+            ("v_norm".to_string(), p.v_norm),
+            ("v_cos_grad".to_string(), p.v_cos),
+            ("zero_grad_fix".to_string(), p.fix),
             ("eta_prime".to_string(), eta_prime),
         ];
         self.iters.after_step(params, &mut extra);

@@ -826,10 +826,52 @@ fn md_cell(column: &str, value: &str) -> String {
     }
 }
 
+/// The sweep's table: a row per run, its settings then its outcome.
+struct SummaryTable {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+    /// The runs' folders, in the rows' order.
+    dirs: Vec<PathBuf>,
+    /// Whether any run logged a trace.
+    any_trace: bool,
+}
+
 /// Writes `summary.csv`, `summary.md` and `sweep.png` from the finished runs.
 fn summarize(args: &SweepArgs, jobs: &[Job], runs: &Path) -> Result<()> {
-    let keys: Vec<String> = jobs[0].settings.iter().map(|(k, _)| k.clone()).collect();
-    let mut header: Vec<String> = keys.clone();
+    let table = summary_table(jobs, runs)?;
+    let csv = std::iter::once(table.header.join(","))
+        .chain(table.rows.iter().map(|r| r.join(",")))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    let csv_path = args.out.join("summary.csv");
+    std::fs::write(&csv_path, csv).with_context(|| csv_path.display().to_string())?;
+    let header = &table.header;
+    let mut md = format!(
+        "| {} |\n|{}\n",
+        header.join(" | "),
+        " --- |".repeat(header.len())
+    );
+    for r in &table.rows {
+        let cells: Vec<String> = header.iter().zip(r).map(|(h, v)| md_cell(h, v)).collect();
+        md.push_str(&format!("| {} |\n", cells.join(" | ")));
+    }
+    let md_path = args.out.join("summary.md");
+    std::fs::write(&md_path, &md).with_context(|| md_path.display().to_string())?;
+    print!("{md}");
+    let png = plot_sweep(args, &table)?;
+    println!(
+        "wrote {}, {}, {}",
+        csv_path.display(),
+        md_path.display(),
+        png.display()
+    );
+    Ok(())
+}
+
+/// Reads every finished run's records into the sweep's table.
+fn summary_table(jobs: &[Job], runs: &Path) -> Result<SummaryTable> {
+    let mut header: Vec<String> = jobs[0].settings.iter().map(|(k, _)| k.clone()).collect();
     header.extend(
         [
             "final_test_acc",
@@ -844,14 +886,17 @@ fn summarize(args: &SweepArgs, jobs: &[Job], runs: &Path) -> Result<()> {
         .map(String::from),
     );
     let f = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_default();
-    let mut rows = Vec::new();
-    let mut dirs = Vec::new();
-    let mut any_trace = false;
+    let mut table = SummaryTable {
+        header,
+        rows: Vec::new(),
+        dirs: Vec::new(),
+        any_trace: false,
+    };
     for job in jobs {
         let dir = runs.join(&job.name);
         let recs = RunDir::open(&dir)?.records()?;
         let s = summarize_records(&recs);
-        any_trace |= s.final_trace_norm.is_some();
+        table.any_trace |= s.final_trace_norm.is_some();
         let mut row: Vec<String> = job.settings.iter().map(|(_, v)| v.clone()).collect();
         row.extend([
             f(s.final_test_acc),
@@ -863,38 +908,25 @@ fn summarize(args: &SweepArgs, jobs: &[Job], runs: &Path) -> Result<()> {
             s.steps.to_string(),
             format!("runs/{}", job.name),
         ]);
-        rows.push(row);
-        dirs.push(dir);
+        table.rows.push(row);
+        table.dirs.push(dir);
     }
-    let csv = std::iter::once(header.join(","))
-        .chain(rows.iter().map(|r| r.join(",")))
-        .collect::<Vec<_>>()
-        .join("\n")
-        + "\n";
-    let csv_path = args.out.join("summary.csv");
-    std::fs::write(&csv_path, csv).with_context(|| csv_path.display().to_string())?;
-    let mut md = format!(
-        "| {} |\n|{}\n",
-        header.join(" | "),
-        " --- |".repeat(header.len())
-    );
-    for r in &rows {
-        let cells: Vec<String> = header.iter().zip(r).map(|(h, v)| md_cell(h, v)).collect();
-        md.push_str(&format!("| {} |\n", cells.join(" | ")));
-    }
-    let md_path = args.out.join("summary.md");
-    std::fs::write(&md_path, &md).with_context(|| md_path.display().to_string())?;
-    print!("{md}");
+    Ok(table)
+}
+
+/// Draws `sweep.png`: `--metric` (default: test accuracy, and the trace norm when a run
+/// logged one) against gradient evaluations when every run logged them, else steps.
+fn plot_sweep(args: &SweepArgs, table: &SummaryTable) -> Result<PathBuf> {
     let metrics = if args.metrics.is_empty() {
         let mut m = vec!["test_acc".to_string()];
-        if any_trace {
+        if table.any_trace {
             m.push("trace_norm".into());
         }
         m
     } else {
         args.metrics.clone()
     };
-    let all_queries = dirs.iter().all(|d| {
+    let all_queries = table.dirs.iter().all(|d| {
         RunDir::open(d)
             .and_then(|r| r.records())
             .map(|recs| recs.iter().any(|r| r.grad_queries.is_some()))
@@ -911,12 +943,6 @@ fn summarize(args: &SweepArgs, jobs: &[Job], runs: &Path) -> Result<()> {
         ..PlotOptions::default()
     };
     let png = args.out.join("sweep.png");
-    plot_runs(&dirs, &opts, &png)?;
-    println!(
-        "wrote {}, {}, {}",
-        csv_path.display(),
-        md_path.display(),
-        png.display()
-    );
-    Ok(())
+    plot_runs(&table.dirs, &opts, &png)?;
+    Ok(png)
 }

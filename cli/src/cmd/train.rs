@@ -224,22 +224,7 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// The recipe: `--config FILE` (or the defaults) overridden by the given flags.
     pub fn config(&self) -> Result<TrainConfig> {
-        let mut c = match &self.config {
-            Some(path) => {
-                let text = flatmin_engine::fsread::read_regular_to_string(
-                    path,
-                    flatmin::train::MAX_CONFIG_BYTES,
-                )
-                .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
-                TrainConfig::from_json(&text).map_err(|e| {
-                    anyhow::anyhow!(
-                        "--config {}: not a flatmin run configuration: {e}",
-                        path.display()
-                    )
-                })?
-            }
-            None => TrainConfig::default(),
-        };
+        let mut c = self.base_config()?;
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
         }
@@ -298,12 +283,6 @@ impl TrainArgs {
         if self.eps0.is_some() {
             c.eps0 = self.eps0;
         }
-        if self.no_project {
-            c.project = false;
-        }
-        if self.project {
-            c.project = true;
-        }
         for flag in self.optimizer_flags() {
             if !c.optimizer.takes(flag) {
                 let opts: Vec<&str> = Optimizer::taking(flag).iter().map(|o| o.name()).collect();
@@ -314,18 +293,7 @@ impl TrainArgs {
                 );
             }
         }
-        if self.no_nesterov {
-            c.nesterov = false;
-        }
-        if self.nesterov {
-            c.nesterov = true;
-        }
-        if self.no_augment {
-            c.augment = false;
-        }
-        if self.augment {
-            c.augment = true;
-        }
+        self.apply_switches(&mut c);
         if self.optimizer == Some(Optimizer::AdamW) && self.lr.is_none() {
             c.lr = 1e-3;
         }
@@ -333,6 +301,39 @@ impl TrainArgs {
             c.nesterov = false;
         }
         Ok(c)
+    }
+
+    /// The recipe of `--config FILE`, or the defaults.
+    fn base_config(&self) -> Result<TrainConfig> {
+        let Some(path) = &self.config else {
+            return Ok(TrainConfig::default());
+        };
+        let text =
+            flatmin_engine::fsread::read_regular_to_string(path, flatmin::train::MAX_CONFIG_BYTES)
+                .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+        TrainConfig::from_json(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "--config {}: not a flatmin run configuration: {e}",
+                path.display()
+            )
+        })
+    }
+
+    /// The on/off switch pairs (`--project`/`--no-project`, `--nesterov`/`--no-nesterov`,
+    /// `--augment`/`--no-augment`): the one given overrides the recipe.
+    fn apply_switches(&self, c: &mut TrainConfig) {
+        for (on, off, field) in [
+            (self.project, self.no_project, &mut c.project),
+            (self.nesterov, self.no_nesterov, &mut c.nesterov),
+            (self.augment, self.no_augment, &mut c.augment),
+        ] {
+            if off {
+                *field = false;
+            }
+            if on {
+                *field = true;
+            }
+        }
     }
 
     /// Optimizer-specific flags given on the command line.
