@@ -19,9 +19,10 @@ use std::path::{Path, PathBuf};
 
 /// Seed offset of the trainer's test subset (`TrainConfig::test_size`).
 const TEST_SUBSET_SEED: u64 = 0x7e57;
-/// Images per forward pass (with `--bn-mode train`, the BatchNorm statistics are those of
-/// each such chunk).
-const EVAL_BATCH: usize = 500;
+/// Images per forward pass with `--bn-mode train`, whose BatchNorm statistics are those of
+/// each such chunk (so the size is part of the result; `--bn-mode eval` runs the trainer's
+/// evaluation, [`flatmin::train::evaluate`]).
+const BATCH_STATS_CHUNK: usize = 500;
 
 /// Arguments of `flatmin eval`.
 #[derive(Debug, Args)]
@@ -297,8 +298,8 @@ fn eval_images(args: &EvalArgs, cfg: Option<&TrainConfig>, seed: u64) -> Result<
 }
 
 /// Mean loss and accuracy with BatchNorm on the statistics of each chunk of
-/// [`EVAL_BATCH`] images.
+/// [`BATCH_STATS_CHUNK`] images.
 fn evaluate_batch_stats<T: Scalar + Element>(model: &Model<T>, data: &Batch) -> Result<Outcome> {
-    let (loss, acc) = evaluate_in_chunks(model, data, BnUse::Train, EVAL_BATCH)?;
+    let (loss, acc) = evaluate_in_chunks(model, data, BnUse::Train, BATCH_STATS_CHUNK)?;
     Ok(Outcome { loss, acc })
 }

@@ -834,6 +834,8 @@ struct SummaryTable {
     dirs: Vec<PathBuf>,
     /// Whether any run logged a trace.
     any_trace: bool,
+    /// Whether every run logged its gradient evaluations (`grad_queries`).
+    all_queries: bool,
 }
 
 /// Writes `summary.csv`, `summary.md` and `sweep.png` from the finished runs.
@@ -891,12 +893,14 @@ fn summary_table(jobs: &[Job], runs: &Path) -> Result<SummaryTable> {
         rows: Vec::new(),
         dirs: Vec::new(),
         any_trace: false,
+        all_queries: true,
     };
     for job in jobs {
         let dir = runs.join(&job.name);
         let recs = RunDir::open(&dir)?.records()?;
         let s = summarize_records(&recs);
         table.any_trace |= s.final_trace_norm.is_some();
+        table.all_queries &= recs.iter().any(|r| r.grad_queries.is_some());
         let mut row: Vec<String> = job.settings.iter().map(|(_, v)| v.clone()).collect();
         row.extend([
             f(s.final_test_acc),
@@ -926,15 +930,9 @@ fn plot_sweep(args: &SweepArgs, table: &SummaryTable) -> Result<PathBuf> {
     } else {
         args.metrics.clone()
     };
-    let all_queries = table.dirs.iter().all(|d| {
-        RunDir::open(d)
-            .and_then(|r| r.records())
-            .map(|recs| recs.iter().any(|r| r.grad_queries.is_some()))
-            .unwrap_or(false)
-    });
     let opts = PlotOptions {
         metrics,
-        x: if all_queries {
+        x: if table.all_queries {
             XAxis::GradQueries
         } else {
             XAxis::Step
