@@ -350,9 +350,14 @@ pub fn compact_rows<T: Scalar>(
 /// output rows at the phase pitch) into its `[ho, wo]` plane, adding `bias` when given.
 #[inline(always)]
 pub fn compact_plane<T: Scalar>(g: &ConvGeom, row: &[T], plane: &mut [T], bias: Option<T>) {
-    let (wo, wp) = (g.wo(), Phases::of(g).wq);
+    copy_plane(g.wo(), Phases::of(g).wq, row, plane, bias);
+}
+
+/// [`compact_plane`] from rows `pitch` apart (`wo` elements of each copied).
+#[inline(always)]
+pub fn copy_plane<T: Scalar>(wo: usize, pitch: usize, row: &[T], plane: &mut [T], bias: Option<T>) {
     for (oy, out) in plane.chunks_exact_mut(wo).enumerate() {
-        let src = &row[oy * wp..oy * wp + wo];
+        let src = &row[oy * pitch..oy * pitch + wo];
         match bias {
             Some(b) => {
                 for (o, &v) in out.iter_mut().zip(src) {

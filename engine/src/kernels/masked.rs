@@ -19,6 +19,18 @@ pub(crate) mod avx512 {
         mask16(c.min(8)) as __mmask8
     }
 
+    /// The lanes whose bits are set in `bits` (16 lanes).
+    #[inline(always)]
+    pub(crate) fn bits16(bits: u32) -> __mmask16 {
+        bits as __mmask16
+    }
+
+    /// The lanes whose bits are set in `bits` (8 lanes).
+    #[inline(always)]
+    pub(crate) fn bits8(bits: u32) -> __mmask8 {
+        bits as __mmask8
+    }
+
     /// The lanes of `k` from `p`, zeros elsewhere.
     #[target_feature(enable = "avx512f")]
     #[inline]
@@ -52,6 +64,24 @@ pub(crate) mod avx2 {
     pub(crate) unsafe fn mask_f64(c: usize) -> __m256i {
         let lane = _mm256_setr_epi64x(0, 1, 2, 3);
         _mm256_cmpgt_epi64(_mm256_set1_epi64x(c.min(4) as i64), lane)
+    }
+
+    /// The single-precision lanes whose bits are set in `bits` (8 lanes).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(crate) unsafe fn bits_f32(bits: u32) -> __m256i {
+        let lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        let set = _mm256_and_si256(_mm256_set1_epi32(bits as i32), lane);
+        _mm256_cmpeq_epi32(set, lane)
+    }
+
+    /// The double-precision lanes whose bits are set in `bits` (4 lanes).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(crate) unsafe fn bits_f64(bits: u32) -> __m256i {
+        let lane = _mm256_setr_epi64x(1, 2, 4, 8);
+        let set = _mm256_and_si256(_mm256_set1_epi64x(i64::from(bits)), lane);
+        _mm256_cmpeq_epi64(set, lane)
     }
 
     /// The lanes of `k` of `v` stored to `p` (the argument order of the kernel macros).

@@ -27,14 +27,14 @@ use super::pool::PlanePool;
 use super::{tangent_shape, Op, Rule};
 use crate::error::{EngineError, Result};
 use crate::kernels::conv::{
-    col2im_add, compact_plane, compact_rows, expand_rows, flip_phase, flip_weight, im2col, im2row,
+    col2im_add, compact_rows, copy_plane, expand_rows, flip_phase, flip_weight, im2col, im2row,
     implicit_cols, implicit_offsets, khwc_to_ckhw, pad_chw, pad_hwc, padded_chw_len,
     padded_hwc_len, phase_taps, phase_transposed_geom, tap_offsets, transposed_geom, write_phase,
     zeroed_scratch, ConvGeom, Phases,
 };
 use crate::kernels::cpu::vectorized;
 use crate::kernels::gemm::{gemm, MatRef};
-use crate::kernels::nopack::{self, PackedA};
+use crate::kernels::nopack::{self, CompactTaps, PackedA};
 use crate::kernels::par::{fixed_ranges, par_build, SendPtr};
 use crate::kernels::pool::max_plane;
 use crate::kernels::rowdot;
@@ -264,20 +264,113 @@ impl Path {
     }
 }
 
+/// How the implicit products of one convolution read each sample.
+pub(super) enum SampleTaps {
+    /// Straight from the compact sample, the padding masked off ("same" stride-1
+    /// convolutions: no padded copy, and the product is already the compact output).
+    Compact(CompactTaps),
+    /// Out of the sample's zero-padded copy (phase planes for a stride above 1), at these
+    /// row offsets ([`implicit_offsets`]), the product compacted afterwards.
+    Padded(Vec<usize>),
+}
+
+impl SampleTaps {
+    /// The way `g`'s products read their samples on this machine ([`implicit`] must hold):
+    /// compact wherever the kernel takes it. Depends only on the shape and the CPU.
+    pub(super) fn of<T: Scalar>(g: &ConvGeom) -> Self {
+        let compact =
+            (g.stride == 1 && g.kh == g.kw && nopack::accepts_type::<T>(g.c_out, g.h * g.w))
+                .then(|| CompactTaps::new(g.c_in, g.h, g.w, g.kh, g.pad))
+                .flatten();
+        match compact {
+            Some(taps) => SampleTaps::Compact(taps),
+            None => SampleTaps::Padded(implicit_offsets(g)),
+        }
+    }
+}
+
 /// Writes `Σ_t A_t ⊛ x_t (+ bias)` for one sample into `out` (`[c_out, ho, wo]`, every
-/// element written), each `A_t` a row-major `c_out x offs.len()` weight and `x_t` a CHW
-/// sample; `offs` from [`implicit_offsets`] (or a subset of its taps, [`tap_offsets`]), and
-/// [`implicit`] must hold for `g`.
+/// element written), each `A_t` a row-major `c_out x g.patch()` weight packed by
+/// [`packed_weight`] and `x_t` a CHW sample; `taps` from [`SampleTaps::of`] for `g`.
 fn implicit_sample<T: Scalar>(
     g: &ConvGeom,
-    offs: &[usize],
+    taps: &SampleTaps,
     terms: &[(&PackedA<T>, &[T])],
     s: &mut Scratch<T>,
     out: &mut [T],
     bias: Option<&[T]>,
 ) {
+    let offs = match taps {
+        SampleTaps::Padded(offs) => offs,
+        SampleTaps::Compact(taps) => return compact_sample(g, taps, terms, out, bias),
+    };
     let n = implicit_product(g, offs, terms, s);
     compact_rows(g, &s.tmp, n, out, bias);
+}
+
+/// [`implicit_sample`] over compact taps: each term's product straight into `out`, then the
+/// bias (the same sums in the same order as over the padded copy, so the same bits).
+pub(super) fn compact_sample<T: Scalar>(
+    g: &ConvGeom,
+    taps: &CompactTaps,
+    terms: &[(&PackedA<T>, &[T])],
+    out: &mut [T],
+    bias: Option<&[T]>,
+) {
+    let positions = taps.positions();
+    assert!(out.len() >= g.c_out * positions, "compact conv output");
+    for (t, &(a, x)) in terms.iter().enumerate() {
+        assert!(
+            x.len() >= g.in_len() && a.rows() == g.c_out,
+            "compact conv operands"
+        );
+        let beta = if t == 0 { T::zero() } else { T::one() };
+        // SAFETY: `x` covers the sample's c_in·h·w elements and `out` c_out rows of
+        // `positions` (checked above); the kernel checks `a` against the taps.
+        let ran = unsafe {
+            nopack::try_gemm_compact_packed(
+                T::one(),
+                a,
+                taps,
+                x.as_ptr(),
+                beta,
+                (out.as_mut_ptr(), positions),
+            )
+        };
+        assert!(ran, "compact convolution declined by the kernel");
+    }
+    if terms.is_empty() {
+        out.fill(T::zero());
+    }
+    if let Some(bias) = bias {
+        vectorized(
+            #[inline(always)]
+            || {
+                for (plane, &b) in out.chunks_exact_mut(positions).zip(bias) {
+                    plane.iter_mut().for_each(|v| *v = *v + b);
+                }
+            },
+        );
+    }
+}
+
+/// `A ⊛ x` for one sample into `s.tmp`, read through `taps`: returns the length of each
+/// output channel's row there and the pitch of its output rows (`wo` when compact).
+fn sample_product<T: Scalar>(
+    g: &ConvGeom,
+    taps: &SampleTaps,
+    a: &PackedA<T>,
+    x: &[T],
+    s: &mut Scratch<T>,
+) -> (usize, usize) {
+    match taps {
+        SampleTaps::Compact(taps) => {
+            s.tmp.resize(g.c_out * taps.positions(), T::zero());
+            compact_sample(g, taps, &[(a, x)], &mut s.tmp, None);
+            (taps.positions(), g.wo())
+        }
+        SampleTaps::Padded(offs) => (implicit_product(g, offs, &[(a, x)], s), Phases::of(g).wq),
+    }
 }
 
 /// `Σ_t A_t ⊛ x_t` for one sample into `s.tmp` at the padded row pitch (`c_out` rows of the
@@ -365,15 +458,15 @@ pub(crate) fn conv_value_fused<T: Scalar>(
     if !implicit::<T>(g) {
         return None;
     }
-    let offs = implicit_offsets(g);
-    let wp = packed_weight(g, offs.len(), wv);
+    let taps = SampleTaps::of::<T>(g);
+    let wp = packed_weight(g, g.patch(), wv);
     let (ho, wo) = epi.pool.map_or((g.ho(), g.wo()), |p| p.out_hw());
     let (il, plane_len) = (g.in_len(), ho * wo);
     let keep_arg = keep_arg && matches!(epi.pool, Some(PlanePool::Max(_)));
     let mut args = vec![0u32; if keep_arg { n * g.c_out * plane_len } else { 0 }];
     let args_out = SendPtr(args.as_mut_ptr());
     let y = per_sample(1, n, g.c_out * plane_len, |_, i, s, out| {
-        let ld = implicit_product(g, &offs, &[(&wp, &xv[i * il..(i + 1) * il])], s);
+        let (ld, pitch) = sample_product(g, &taps, &wp, &xv[i * il..(i + 1) * il], s);
         s.plane.resize(g.positions(), T::zero());
         let (tmp, scratch, arg) = (&s.tmp, &mut s.plane, &mut s.arg);
         // SAFETY: sample `i` owns its block of the argmax buffer (empty without `keep_arg`).
@@ -387,7 +480,7 @@ pub(crate) fn conv_value_fused<T: Scalar>(
                     } else {
                         &mut dst[..]
                     };
-                    compact_plane(g, &tmp[co * ld..], plane, bias.map(|b| b[co]));
+                    copy_plane(g.wo(), pitch, &tmp[co * ld..], plane, bias.map(|b| b[co]));
                     if let Some(f) = epi.act {
                         apply_in_place(f, plane);
                     }
@@ -443,10 +536,10 @@ fn conv_value<T: Scalar>(
     let shape = [n, g.c_out, g.ho(), g.wo()];
     let il = g.in_len();
     if path == Path::Implicit {
-        let offs = implicit_offsets(g);
-        let wp = packed_weight(g, offs.len(), wv);
+        let taps = SampleTaps::of::<T>(g);
+        let wp = packed_weight(g, g.patch(), wv);
         let y = per_sample(1, n, g.out_len(), |_, i, s, out| {
-            implicit_sample(g, &offs, &[(&wp, &xv[i * il..(i + 1) * il])], s, out, bias);
+            implicit_sample(g, &taps, &[(&wp, &xv[i * il..(i + 1) * il])], s, out, bias);
         });
         return Tensor::from_vec(&shape, y).expect("conv value");
     }
@@ -485,8 +578,8 @@ fn conv_tangent<T: Scalar>(
     let (il, wl, in_all, out_all) = (g.in_len(), wv.len(), n * g.in_len(), n * g.out_len());
     let bias_k = |kk: usize| t.b.map(|b| &b[kk * g.c_out..(kk + 1) * g.c_out]);
     if path == Path::Implicit {
-        let offs = implicit_offsets(g);
-        let pack = |w: &[T]| packed_weight(g, offs.len(), w);
+        let taps = SampleTaps::of::<T>(g);
+        let pack = |w: &[T]| packed_weight(g, g.patch(), w);
         let wp = pack(wv);
         let wtp: Vec<PackedA<T>> =
             t.w.map_or_else(Vec::new, |wt| wt.chunks(wl).map(pack).collect());
@@ -498,7 +591,7 @@ fn conv_tangent<T: Scalar>(
             if let Some(xt) = t.x {
                 terms.push((&wp, &xt[kk * in_all + i * il..][..il]));
             }
-            implicit_sample(g, &offs, &terms, s, out, bias_k(kk));
+            implicit_sample(g, &taps, &terms, s, out, bias_k(kk));
         });
         return Tensor::from_vec(&shape, d).expect("conv tangent");
     }
@@ -691,13 +784,13 @@ fn input_grad_implicit<T: Scalar>(
         ..*gt
     };
     let (il, ol, wl) = (gt.in_len(), gt.out_len(), wv.len());
-    let offs = implicit_offsets(gt);
-    let pack = |w: &[T]| packed_weight(gt, offs.len(), &flip_weight(&fwd, w));
+    let taps = SampleTaps::of::<T>(gt);
+    let pack = |w: &[T]| packed_weight(gt, gt.patch(), &flip_weight(&fwd, w));
     let wf = pack(wv);
     let gx = per_sample(1, n, ol, |_, i, s, out| {
         implicit_sample(
             gt,
-            &offs,
+            &taps,
             &[(&wf, &gyd[i * il..(i + 1) * il])],
             s,
             out,
@@ -714,7 +807,7 @@ fn input_grad_implicit<T: Scalar>(
             if let Some(gd) = gd {
                 terms.push((&wf, &gd[(kk * n + i) * il..][..il]));
             }
-            implicit_sample(gt, &offs, &terms, s, out, None);
+            implicit_sample(gt, &taps, &terms, s, out, None);
         })
     });
     (gx, dot)

@@ -2,8 +2,10 @@
 //! samples, when no tangents are in play. Each sample's output gradient `Ȳ_n` is written once
 //! into a zero-padded buffer (`[c_out, h + 2 pad, w + 2 pad]`), and that one buffer serves both
 //! products:
-//! - `X̄_n = W̃ ⊛ Ȳ_n`, the input gradient as a convolution of the padded `Ȳ_n` with the flipped
-//!   weight (the transposed convolution has the same padding and so the same layout);
+//! - `X̄_n = W̃ ⊛ Ȳ_n`, the input gradient as a convolution of `Ȳ_n` with the flipped weight
+//!   (the transposed convolution has the same padding and so the same layout), read from the
+//!   compact `Ȳ_n` in place where it exists and the kernel takes compact taps, else from the
+//!   padded buffer;
 //! - `W̄ = Σ_n Ȳ_n cols(X_n)ᵀ`: read from `pad` rows and columns in, with the padded image's row
 //!   stride, the buffer is `Ȳ_n` at the padded row pitch, zeros in the gaps, as the weight
 //!   gradient's kernel wants it;
@@ -15,7 +17,10 @@
 //! The products, their operands and the order of every sum are those of `conv`'s separate
 //! input, weight and bias gradients, so the results are theirs, bit for bit.
 
-use super::conv::{implicit, packed_weight, product_of_padded, Conv2d, MAX_GROUPS, PARTIAL_BUDGET};
+use super::conv::{
+    compact_sample, implicit, packed_weight, product_of_padded, Conv2d, SampleTaps, MAX_GROUPS,
+    PARTIAL_BUDGET,
+};
 use crate::kernels::conv::{
     compact_plane, compact_rows, flip_weight, implicit_cols, implicit_offsets, pad_chw,
     padded_chw_len, transposed_geom, zeroed_scratch, ConvGeom,
@@ -34,6 +39,12 @@ pub(super) trait OutputGrad<T>: Sync {
     /// Writes every element of sample `i`'s `Ȳ` into the interior of `padded`, the padded
     /// layout of the transposed convolution `gt` (its border is zero and must stay zero).
     fn write_padded(&self, gt: &ConvGeom, i: usize, padded: &mut [T]);
+
+    /// Sample `i`'s `Ȳ` as a compact CHW block, where one exists (the input gradient's
+    /// product then reads it in place, [`SampleTaps::Compact`]).
+    fn compact(&self, _gt: &ConvGeom, _i: usize) -> Option<&[T]> {
+        None
+    }
 }
 
 /// `Ȳ` as a full-size `[n, c_out, ho, wo]` buffer.
@@ -43,6 +54,11 @@ impl<T: Scalar> OutputGrad<T> for DenseGrad<'_, T> {
     fn write_padded(&self, gt: &ConvGeom, i: usize, padded: &mut [T]) {
         let len = gt.in_len();
         pad_chw(gt, &self.0[i * len..(i + 1) * len], padded);
+    }
+
+    fn compact(&self, gt: &ConvGeom, i: usize) -> Option<&[T]> {
+        let len = gt.in_len();
+        Some(&self.0[i * len..(i + 1) * len])
     }
 }
 
@@ -102,7 +118,8 @@ impl Conv2d {
         let groups = (PARTIAL_BUDGET / wl.max(1)).clamp(1, MAX_GROUPS);
         let wf = want.x.then(|| {
             let gt = transposed_geom(&g).expect("a same convolution has a transposed geometry");
-            packed_weight(&gt, gt.patch(), &flip_weight(&g, wv))
+            let w = packed_weight(&gt, gt.patch(), &flip_weight(&g, wv));
+            (w, SampleTaps::of::<T>(&gt))
         });
         let parts: Vec<GroupOut<T>> = fixed_ranges(n, groups)
             .par_iter()
@@ -136,7 +153,7 @@ impl Conv2d {
         r: std::ops::Range<usize>,
         want: Wanted,
         xv: &[T],
-        wf: Option<&PackedA<T>>,
+        wf: Option<&(PackedA<T>, SampleTaps)>,
         src: &impl OutputGrad<T>,
         gx: SendPtr<T>,
     ) -> GroupOut<T> {
@@ -170,12 +187,19 @@ impl Conv2d {
             for (s, &i) in batch.iter().enumerate() {
                 let py = &mut buf.y[s * ylen..(s + 1) * ylen];
                 src.write_padded(&gt, i, py);
-                if let Some(wf) = wf {
+                if let Some((wf, taps)) = wf {
                     // SAFETY: sample `i` belongs to this group only.
                     let dst = unsafe { gx.slice(i * il, il) };
-                    buf.tmp.resize(gt.c_out * implicit_cols(&gt), T::zero());
-                    product_of_padded(&gt, &offs_t, wf, py, T::zero(), &mut buf.tmp);
-                    compact_rows(&gt, &buf.tmp, implicit_cols(&gt), dst, None);
+                    match (taps, src.compact(&gt, i)) {
+                        (SampleTaps::Compact(taps), Some(gy)) => {
+                            compact_sample(&gt, taps, &[(wf, gy)], dst, None)
+                        }
+                        _ => {
+                            buf.tmp.resize(gt.c_out * implicit_cols(&gt), T::zero());
+                            product_of_padded(&gt, &offs_t, wf, py, T::zero(), &mut buf.tmp);
+                            compact_rows(&gt, &buf.tmp, implicit_cols(&gt), dst, None);
+                        }
+                    }
                 }
                 if want.b {
                     buf.plane.resize(g.positions(), T::zero());
