@@ -303,9 +303,9 @@ const MAX_TAPS: usize = MAX_SIDE * MAX_SIDE;
 
 /// The taps of a "same" stride-1 convolution (a square `k x k` kernel, `k = 2 pad + 1`, so the
 /// output has the input's `h x w` positions) read straight from a compact CHW sample, without
-/// a zero-padded copy: position `q` of the output reads the input at `q + ki·w + kj - (pad·w
-/// + pad)` for tap `(ki, kj)`, and the lanes whose tap falls outside the image (the padding)
-/// are masked off, so they load as the zeros the padded copy would hold. Each element of the
+/// a zero-padded copy: position `q` of the output reads the input at
+/// `q + ki·w + kj - pad·w - pad` for tap `(ki, kj)`, and the lanes whose tap falls outside the
+/// image (the padding) are masked off, so they load as the zeros the padded copy would hold. Each element of the
 /// product is the same fused multiply-add chain as over the padded copy, with the same bits.
 pub struct CompactTaps {
     h: usize,
