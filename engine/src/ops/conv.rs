@@ -276,10 +276,11 @@ pub(super) enum SampleTaps {
 
 impl SampleTaps {
     /// The way `g`'s products read their samples on this machine ([`implicit`] must hold):
-    /// compact wherever the kernel takes it. Depends only on the shape and the CPU.
+    /// compact wherever that pays ([`nopack::compact_taps_pay`]). Depends only on the shape and
+    /// the CPU; both ways give the same bits.
     pub(super) fn of<T: Scalar>(g: &ConvGeom) -> Self {
         let compact =
-            (g.stride == 1 && g.kh == g.kw && nopack::accepts_type::<T>(g.c_out, g.h * g.w))
+            (g.stride == 1 && g.kh == g.kw && nopack::compact_taps_pay::<T>(g.c_out, g.h * g.w))
                 .then(|| CompactTaps::new(g.c_in, g.h, g.w, g.kh, g.pad))
                 .flatten();
         match compact {
