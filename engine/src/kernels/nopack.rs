@@ -204,6 +204,34 @@ impl<T: Scalar> PackedA<T> {
     pub fn rows(&self) -> usize {
         self.m
     }
+
+    /// The kernel's operands for `C = alpha A B + beta C` with row `p` of `B` at
+    /// `b + offsets[p]`, read through the masks of `compact` taps when not null.
+    #[cfg(target_arch = "x86_64")]
+    fn operands(
+        &self,
+        alpha: T,
+        (b, offsets): (*const T, &[usize]),
+        compact: *const CompactTaps,
+        beta: T,
+        (c, ldc): (*mut T, usize),
+    ) -> Operands<T> {
+        Operands {
+            k: self.k,
+            alpha,
+            a: self.data.as_ptr(),
+            rsa: self.k,
+            csa: 0,
+            b,
+            ldb: 0,
+            boff: offsets.as_ptr(),
+            packed: true,
+            compact,
+            beta,
+            c,
+            ldc,
+        }
+    }
 }
 
 /// The register tiles of an `m`-row product of `T` over packed `A` on `isa`, as `(first row,
@@ -272,21 +300,7 @@ pub unsafe fn try_gemm_rows_packed<T: Scalar>(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let ops = Operands {
-            k: a.k,
-            alpha,
-            a: a.data.as_ptr(),
-            rsa: a.k,
-            csa: 0,
-            b,
-            ldb: 0,
-            boff: offsets.as_ptr(),
-            packed: true,
-            compact: std::ptr::null(),
-            beta,
-            c,
-            ldc,
-        };
+        let ops = a.operands(alpha, (b, offsets), std::ptr::null(), beta, (c, ldc));
         dispatch_with(a.isa, a.m, n, ops)
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -438,21 +452,8 @@ pub unsafe fn try_gemm_compact_packed<T: Scalar>(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let ops = Operands {
-            k: a.k,
-            alpha,
-            a: a.data.as_ptr(),
-            rsa: a.k,
-            csa: 0,
-            b: x.wrapping_sub(taps.pad * taps.w + taps.pad),
-            ldb: 0,
-            boff: taps.offsets.as_ptr(),
-            packed: true,
-            compact: taps,
-            beta,
-            c,
-            ldc,
-        };
+        let b = x.wrapping_sub(taps.pad * taps.w + taps.pad);
+        let ops = a.operands(alpha, (b, &taps.offsets), taps, beta, (c, ldc));
         dispatch_with(a.isa, a.m, n, ops)
     }
     #[cfg(not(target_arch = "x86_64"))]
