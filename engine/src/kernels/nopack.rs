@@ -1083,6 +1083,90 @@ mod tests {
         assert!(!ran, "15 columns is below MIN_COLS");
     }
 
+    /// One case of [`compact_taps_match_the_padded_copy`]: `m` rows over `c_in` channels of
+    /// `h x w` with a `side x side` kernel, on `isa`.
+    fn compact_case<T: Scalar>(
+        isa: Isa,
+        m: usize,
+        (c_in, h, w, side): (usize, usize, usize, usize),
+    ) {
+        use crate::kernels::conv::{implicit_offsets, pad_chw, padded_chw_len, ConvGeom};
+        let pad = side / 2;
+        let g = ConvGeom {
+            c_in,
+            h,
+            w,
+            c_out: m,
+            kh: side,
+            kw: side,
+            stride: 1,
+            pad,
+        };
+        let mut rng = StdRng::seed_from_u64((m * 1000 + h * 10 + side) as u64);
+        let mut next = || T::c(rng.gen_range(-1.0..1.0));
+        let x: Vec<T> = (0..c_in * h * w).map(|_| next()).collect();
+        let a: Vec<T> = (0..m * g.patch()).map(|_| next()).collect();
+        let (positions, wp) = (h * w, w + 2 * pad);
+        let c0: Vec<T> = (0..m * positions).map(|_| next()).collect();
+        let packed = PackedA::for_isa(isa, m, g.patch(), &a);
+        let taps = CompactTaps::new(c_in, h, w, side, pad).expect("same taps");
+        let mut padded = vec![T::zero(); padded_chw_len(&g)];
+        pad_chw(&g, &x, &mut padded);
+        let offs = implicit_offsets(&g);
+        let ld = (h - 1) * wp + w;
+        for beta in [T::zero(), T::c(0.5)] {
+            // Over the padded copy at the padded pitch, then compacted.
+            let mut tmp = vec![T::zero(); m * ld];
+            for (r, row) in c0.chunks(positions).enumerate() {
+                for (y, src) in row.chunks(w).enumerate() {
+                    tmp[r * ld + y * wp..][..w].copy_from_slice(src);
+                }
+            }
+            let mut got = c0.clone();
+            let op = |b: *const T, offs: &[usize], compact: *const CompactTaps, c: *mut T, ldc| {
+                Operands {
+                    k: g.patch(),
+                    alpha: T::c(1.5),
+                    a: packed.data.as_ptr(),
+                    rsa: g.patch(),
+                    csa: 0,
+                    b,
+                    ldb: 0,
+                    boff: offs.as_ptr(),
+                    packed: true,
+                    compact,
+                    beta,
+                    c,
+                    ldc,
+                }
+            };
+            let shifted = x.as_ptr().wrapping_sub(pad * w + pad);
+            // SAFETY: the operands cover their shapes; `isa` runs on this machine.
+            unsafe {
+                let p = op(
+                    padded.as_ptr(),
+                    &offs,
+                    std::ptr::null(),
+                    tmp.as_mut_ptr(),
+                    ld,
+                );
+                assert!(dispatch_with(isa, m, ld, p));
+                let c = op(shifted, &taps.offsets, &taps, got.as_mut_ptr(), positions);
+                assert!(dispatch_with(isa, m, positions, c));
+            }
+            let bits = |v: &[T]| {
+                v.iter()
+                    .map(|x| x.to_f64().map(f64::to_bits))
+                    .collect::<Vec<_>>()
+            };
+            let want: Vec<T> = (0..m * positions)
+                .map(|q| tmp[(q / positions) * ld + (q % positions / w) * wp + q % w])
+                .collect();
+            let case = format!("{isa:?} m={m} c_in={c_in} {h}x{w} side {side}");
+            assert_eq!(bits(&got), bits(&want), "{case}");
+        }
+    }
+
     /// Compact taps give the bits of the product over the zero-padded copy (which the other
     /// tests check against naive products) on every vector instruction set, in f32 and f64,
     /// for kernels of 1 to 7 taps a side, rows of every tile height, strips with every tail,
@@ -1090,85 +1174,7 @@ mod tests {
     /// border mask reads a neighbouring nonzero input and fails it).
     #[test]
     fn compact_taps_match_the_padded_copy() {
-        use crate::kernels::conv::{implicit_offsets, pad_chw, padded_chw_len, ConvGeom};
         use crate::kernels::cpu::vector_isas;
-        fn each<T: Scalar>(isa: Isa, m: usize, (c_in, h, w, side): (usize, usize, usize, usize)) {
-            let pad = side / 2;
-            let g = ConvGeom {
-                c_in,
-                h,
-                w,
-                c_out: m,
-                kh: side,
-                kw: side,
-                stride: 1,
-                pad,
-            };
-            let mut rng = StdRng::seed_from_u64((m * 1000 + h * 10 + side) as u64);
-            let mut next = || T::c(rng.gen_range(-1.0..1.0));
-            let x: Vec<T> = (0..c_in * h * w).map(|_| next()).collect();
-            let a: Vec<T> = (0..m * g.patch()).map(|_| next()).collect();
-            let (positions, wp) = (h * w, w + 2 * pad);
-            let c0: Vec<T> = (0..m * positions).map(|_| next()).collect();
-            let packed = PackedA::for_isa(isa, m, g.patch(), &a);
-            let taps = CompactTaps::new(c_in, h, w, side, pad).expect("same taps");
-            let mut padded = vec![T::zero(); padded_chw_len(&g)];
-            pad_chw(&g, &x, &mut padded);
-            let offs = implicit_offsets(&g);
-            let ld = (h - 1) * wp + w;
-            for beta in [T::zero(), T::c(0.5)] {
-                // Over the padded copy at the padded pitch, then compacted.
-                let mut tmp = vec![T::zero(); m * ld];
-                for (r, row) in c0.chunks(positions).enumerate() {
-                    for (y, src) in row.chunks(w).enumerate() {
-                        tmp[r * ld + y * wp..][..w].copy_from_slice(src);
-                    }
-                }
-                let mut got = c0.clone();
-                let op =
-                    |b: *const T, offs: &[usize], compact: *const CompactTaps, c: *mut T, ldc| {
-                        Operands {
-                            k: g.patch(),
-                            alpha: T::c(1.5),
-                            a: packed.data.as_ptr(),
-                            rsa: g.patch(),
-                            csa: 0,
-                            b,
-                            ldb: 0,
-                            boff: offs.as_ptr(),
-                            packed: true,
-                            compact,
-                            beta,
-                            c,
-                            ldc,
-                        }
-                    };
-                let shifted = x.as_ptr().wrapping_sub(pad * w + pad);
-                // SAFETY: the operands cover their shapes; `isa` runs on this machine.
-                unsafe {
-                    let p = op(
-                        padded.as_ptr(),
-                        &offs,
-                        std::ptr::null(),
-                        tmp.as_mut_ptr(),
-                        ld,
-                    );
-                    assert!(dispatch_with(isa, m, ld, p));
-                    let c = op(shifted, &taps.offsets, &taps, got.as_mut_ptr(), positions);
-                    assert!(dispatch_with(isa, m, positions, c));
-                }
-                let bits = |v: &[T]| {
-                    v.iter()
-                        .map(|x| x.to_f64().map(f64::to_bits))
-                        .collect::<Vec<_>>()
-                };
-                let want: Vec<T> = (0..m * positions)
-                    .map(|q| tmp[(q / positions) * ld + (q % positions / w) * wp + q % w])
-                    .collect();
-                let case = format!("{isa:?} m={m} c_in={c_in} {h}x{w} side {side}");
-                assert_eq!(bits(&got), bits(&want), "{case}");
-            }
-        }
         let isas = vector_isas();
         if isas.is_empty() {
             println!("SKIPPED: this machine has no AVX2 kernel for compact taps");
@@ -1187,8 +1193,8 @@ mod tests {
         for isa in isas {
             for m in [1, 5, 12, 16, 20, 64] {
                 for shape in shapes {
-                    each::<f32>(isa, m, shape);
-                    each::<f64>(isa, m, shape);
+                    compact_case::<f32>(isa, m, shape);
+                    compact_case::<f64>(isa, m, shape);
                 }
             }
         }
