@@ -8,7 +8,7 @@
 //! (`k x k`, `k = 2 pad + 1`: every 3x3 of cnn-s and resnet20) makes no padded copy for its
 //! value, tangent and input gradient: the kernel reads the compact sample with the padding's
 //! lanes masked off (`nopack::CompactTaps`) and writes the compact output, the same bits with
-//! neither the copy nor the compaction, and without the padded pitch's wasted columns (9%
+//! neither the copy nor the compaction, and without the padded pitch's wasted columns (10%
 //! fewer at 16x16, 18% at 8x8). The input gradient is a convolution of Ȳ
 //! with the flipped weight: for stride 1 one product, for stride `s` one stride-1 product per
 //! phase of X̄ with the taps of that phase (`ki % s == a`, `kj % s == b`), written back

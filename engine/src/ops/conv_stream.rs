@@ -52,13 +52,19 @@ pub(super) struct DenseGrad<'a, T>(pub(super) &'a [T]);
 
 impl<T: Scalar> OutputGrad<T> for DenseGrad<'_, T> {
     fn write_padded(&self, gt: &ConvGeom, i: usize, padded: &mut [T]) {
-        let len = gt.in_len();
-        pad_chw(gt, &self.0[i * len..(i + 1) * len], padded);
+        pad_chw(gt, self.sample(gt, i), padded);
     }
 
     fn compact(&self, gt: &ConvGeom, i: usize) -> Option<&[T]> {
+        Some(self.sample(gt, i))
+    }
+}
+
+impl<T> DenseGrad<'_, T> {
+    /// Sample `i`'s block of `Ȳ` (`gt`'s input: `[c_out, ho, wo]` of the forward convolution).
+    fn sample(&self, gt: &ConvGeom, i: usize) -> &[T] {
         let len = gt.in_len();
-        Some(&self.0[i * len..(i + 1) * len])
+        &self.0[i * len..(i + 1) * len]
     }
 }
 
